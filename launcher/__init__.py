@@ -1,0 +1,1 @@
+"""The Ray controller and the ``ringleader`` command line."""

@@ -1,0 +1,5 @@
+"""``python -m launcher`` is the ``ringleader`` command."""
+
+from launcher.cli import main
+
+raise SystemExit(main())

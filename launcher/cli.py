@@ -1,0 +1,54 @@
+"""The ``ringleader`` command line.
+
+    ringleader plan --topology g6e-64x --gpus 512 --ring 64 --compare
+    ringleader run clusters/recipes/demo.yaml            # embedded local Ray
+    ray job submit --working-dir . -- python -m launcher run clusters/recipes/demo.yaml
+
+Each subcommand lives in its own module with ``add_arguments(parser)`` and
+``run(args) -> int``. Bad input raises ``ConfigError``: one line on stderr,
+exit status 2, nothing started and no file written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from topology.errors import ConfigError
+
+COMMANDS = {
+    "plan": ("launcher.cmd_plan", "place ranks on a topology and print the plan"),
+    "profile": ("launcher.cmd_profile", "measure the bandwidth between the hosts of a Ray cluster"),
+    "run": ("launcher.cmd_run", "run a recipe's stages on Ray (or --dry-run to size them)"),
+    "clusters": ("launcher.cmd_clusters", "render cluster-launcher and KubeRay configs for a recipe"),
+    "viz": ("launcher.cmd_viz", "draw a topology and a plan's rings (HTML, PNG or SVG)"),
+    "niah": ("launcher.cmd_niah", "needle-in-a-haystack evaluation of a model"),
+}
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser; only ``command``'s module is imported, so each command starts fast."""
+    parser = argparse.ArgumentParser(prog="ringleader", description="Topology-aware launcher for long-context training on Ray.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (module_name, help_text) in COMMANDS.items():
+        cmd = sub.add_parser(name, help=help_text, description=help_text)
+        if name == command:
+            module = importlib.import_module(module_name)
+            module.add_arguments(cmd)
+            cmd.set_defaults(_run=module.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    command = next((a for a in argv if not a.startswith("-")), None)
+    args = build_parser(command if command in COMMANDS else None).parse_args(argv)
+    try:
+        return int(args._run(args) or 0)
+    except ConfigError as exc:
+        print(f"ringleader: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("ringleader: interrupted", file=sys.stderr)
+        return 130

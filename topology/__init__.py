@@ -1,0 +1,1 @@
+"""Cluster topology model, measured profiles and the hierarchical ring planner."""

@@ -1,0 +1,358 @@
+"""The cluster as a networkx graph: hosts, GPUs, PCIe switches, NICs, switches.
+
+Every source of topology (hand-written YAML, generated presets, measured
+profiles) loads into one ``Topology``; the planner, cost model, launcher and
+visualiser read only this class.
+
+Nodes carry ``kind`` (one of ``NODE_KINDS``) and, for parts inside a server,
+``host`` (the host node's id) and ``index`` (the local ordinal: a GPU's index
+is its CUDA device ordinal). Host nodes may carry ``node_id``, ``ip``,
+``labels`` (Ray's) and ``leaf`` (the switch they hang from). Links carry
+``bw_gbps`` (GB/s per direction) and ``lat_us`` (microseconds).
+
+The saved form (YAML or JSON, same dict) is::
+
+    version: 1
+    name: g6e-4x
+    gpu: {name: L40S, tflops_bf16: 362, memory_gb: 48, hbm_gbps: 864}
+    nodes: [{id: h00, kind: host}, {id: h00/gpu0, kind: gpu, host: h00, index: 0}, ...]
+    links: [{a: h00/gpu0, b: h00/pcie0, bw_gbps: 25.0, lat_us: 1.0}, ...]
+
+Host nodes are containers: they have no links; their parts do.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Any, Iterable
+
+import networkx as nx
+import yaml
+
+from topology.errors import ConfigError
+
+FORMAT_VERSION = 1
+NODE_KINDS = ("host", "gpu", "socket", "pcie", "nic", "leaf", "spine")
+NODE_ATTRS = ("kind", "host", "index", "ip", "node_id", "labels", "leaf")
+
+
+@dataclass(frozen=True)
+class GpuSpec:
+    """What the cost model needs to know about one accelerator."""
+
+    name: str = "L40S"
+    tflops_bf16: float = 362.0
+    """Dense BF16 tensor-core peak, TFLOPS."""
+    memory_gb: float = 48.0
+    hbm_gbps: float = 864.0
+
+
+@dataclass
+class Topology:
+    """A cluster graph plus the GPU type its GPUs are.
+
+    Build one with ``add_host_part``/``add_node``/``add_link`` (the preset
+    generators do), or with ``Topology.from_dict``/``load``/``from_measured``.
+    """
+
+    name: str = "cluster"
+    gpu: GpuSpec = field(default_factory=GpuSpec)
+    graph: nx.Graph = field(default_factory=nx.Graph)
+
+    # ----------------------------------------------------------------- build
+    def add_node(self, node: str, kind: str, **attrs: Any) -> str:
+        if kind not in NODE_KINDS:
+            raise ConfigError(f"node {node!r}: kind {kind!r} is not one of {', '.join(NODE_KINDS)}")
+        if node in self.graph:
+            raise ConfigError(f"node {node!r} is defined twice; give every node a unique id")
+        self.graph.add_node(node, kind=kind, **{k: v for k, v in attrs.items() if v is not None})
+        self._invalidate()
+        return node
+
+    def add_link(self, a: str, b: str, bw_gbps: float, lat_us: float = 1.0) -> None:
+        for end in (a, b):
+            if end not in self.graph:
+                raise ConfigError(f"link {a!r} - {b!r}: unknown endpoint {end!r}; define the node first")
+        _check_positive(f"link {a!r} - {b!r}: bw_gbps", bw_gbps)
+        _check_positive(f"link {a!r} - {b!r}: lat_us", lat_us, allow_zero=True)
+        self.graph.add_edge(a, b, bw_gbps=float(bw_gbps), lat_us=float(lat_us))
+        self._invalidate()
+
+    def _invalidate(self) -> None:
+        for name in ("hosts", "_tree", "_gpus_by_host"):
+            self.__dict__.pop(name, None)
+
+    # ----------------------------------------------------------------- query
+    def kind(self, node: str) -> str:
+        return self.graph.nodes[node]["kind"]
+
+    def nodes_of_kind(self, kind: str) -> list[str]:
+        return [n for n, k in self.graph.nodes(data="kind") if k == kind]
+
+    @cached_property
+    def hosts(self) -> list[str]:
+        """Host ids in the order they were listed (for a Ray cluster: Ray's order)."""
+        return self.nodes_of_kind("host")
+
+    @cached_property
+    def _gpus_by_host(self) -> dict[str, list[str]]:
+        by_host: dict[str, list[str]] = {h: [] for h in self.hosts}
+        for n, data in self.graph.nodes(data=True):
+            if data["kind"] == "gpu":
+                by_host[data["host"]].append(n)
+        for gpus in by_host.values():
+            gpus.sort(key=lambda g: self.graph.nodes[g]["index"])
+        return by_host
+
+    def gpus(self, host: str | None = None) -> list[str]:
+        """GPU ids of one host by CUDA index, or of the whole cluster host by host."""
+        if host is not None:
+            return list(self._gpus_by_host[host])
+        return [g for h in self.hosts for g in self._gpus_by_host[h]]
+
+    @property
+    def num_gpus(self) -> int:
+        return sum(len(g) for g in self._gpus_by_host.values())
+
+    def host_of(self, node: str) -> str:
+        data = self.graph.nodes[node]
+        return node if data["kind"] == "host" else data["host"]
+
+    def gpu_id(self, host: str, index: int) -> str:
+        """The GPU node of ``host`` with CUDA ordinal ``index``."""
+        for g in self._gpus_by_host.get(host, ()):
+            if self.graph.nodes[g]["index"] == index:
+                return g
+        raise ConfigError(f"host {host!r} has no GPU with index {index}")
+
+    def nics(self, host: str) -> list[str]:
+        return [n for n in self.nodes_of_kind("nic") if self.graph.nodes[n]["host"] == host]
+
+    def leaf_of(self, host: str) -> str | None:
+        """The switch a host hangs from: its ``leaf`` attribute, else its NIC's leaf neighbour."""
+        data = self.graph.nodes[host]
+        if data.get("leaf"):
+            return data["leaf"]
+        for nic in self.nics(host):
+            for nb in self.graph.neighbors(nic):
+                if self.kind(nb) == "leaf":
+                    return nb
+        return None
+
+    # ------------------------------------------------------------- bandwidth
+    @cached_property
+    def _tree(self) -> nx.Graph:
+        # The widest path between two nodes is their path in a maximum spanning
+        # tree (a classic bottleneck-path result), so one tree answers all pairs.
+        return nx.maximum_spanning_tree(self.graph, weight="bw_gbps", algorithm="kruskal")
+
+    def path(self, a: str, b: str) -> list[tuple[str, str]]:
+        """Links a single flow from ``a`` to ``b`` crosses, as (u, v) pairs.
+
+        A direct link wins (measured matrices are direct NIC-to-NIC links);
+        otherwise the widest path, unique and deterministic on the spanning tree.
+        """
+        if a == b:
+            return []
+        if self.graph.has_edge(a, b):
+            return [(a, b)]
+        ha, hb = self.host_of(a), self.host_of(b)
+        if ha != hb and self.kind(ha) == "host" and self.kind(hb) == "host":
+            na, nb = self.nics(ha), self.nics(hb)
+            if na and nb and self.graph.has_edge(na[0], nb[0]):  # measured: hosts talk directly
+                return self.path(a, na[0]) + [(na[0], nb[0])] + self.path(nb[0], b)
+        try:
+            nodes = nx.shortest_path(self._tree, a, b)
+        except (nx.NetworkXNoPath, nx.NodeNotFound) as exc:
+            raise ConfigError(f"no network path from {a!r} to {b!r}; link them in the topology") from exc
+        return list(zip(nodes, nodes[1:]))
+
+    def link(self, u: str, v: str) -> dict[str, float]:
+        return self.graph.edges[u, v]
+
+    def bandwidth(self, a: str, b: str) -> float:
+        """GB/s one flow gets from ``a`` to ``b`` alone on the network (its slowest link)."""
+        hops = self.path(a, b)
+        return min((self.link(u, v)["bw_gbps"] for u, v in hops), default=math.inf)
+
+    def latency(self, a: str, b: str) -> float:
+        return sum(self.link(u, v)["lat_us"] for u, v in self.path(a, b))
+
+    def host_endpoint(self, host: str) -> str:
+        """The node that stands for ``host`` on host-to-host paths: its first NIC."""
+        nics = self.nics(host)
+        if not nics:
+            raise ConfigError(f"host {host!r} has no NIC; add a nic node linked to its switch")
+        return nics[0]
+
+    def host_bandwidth(self, a: str, b: str) -> float:
+        return self.bandwidth(self.host_endpoint(a), self.host_endpoint(b))
+
+    def host_bandwidth_matrix(self, hosts: Iterable[str] | None = None) -> list[list[float]]:
+        hs = list(hosts) if hosts is not None else self.hosts
+        return [[0.0 if a == b else self.host_bandwidth(a, b) for b in hs] for a in hs]
+
+    # ----------------------------------------------------------- (de)serialise
+    def to_dict(self) -> dict[str, Any]:
+        nodes = []
+        for n, data in self.graph.nodes(data=True):
+            entry = {"id": n}
+            entry.update({k: data[k] for k in NODE_ATTRS if k in data})
+            nodes.append(entry)
+        links = [{"a": u, "b": v, "bw_gbps": d["bw_gbps"], "lat_us": d["lat_us"]} for u, v, d in self.graph.edges(data=True)]
+        return {"version": FORMAT_VERSION, "name": self.name, "gpu": asdict(self.gpu), "nodes": nodes, "links": links}
+
+    @classmethod
+    def from_dict(cls, data: Any, source: str = "topology") -> "Topology":
+        if not isinstance(data, dict):
+            raise ConfigError(f"{source}: expected a mapping with 'nodes' and 'links', got {type(data).__name__}")
+        if data.get("format") == MEASURED_FORMAT:
+            return cls.from_measured(data, source)
+        version = data.get("version", FORMAT_VERSION)
+        if version != FORMAT_VERSION:
+            raise ConfigError(f"{source}: version {version} is not supported; this ringleader reads version {FORMAT_VERSION}")
+        for key in ("nodes", "links"):
+            if not isinstance(data.get(key), list):
+                raise ConfigError(f"{source}: '{key}' is missing or not a list; see topology/model.py for the format")
+        gpu = data.get("gpu") or {}
+        try:
+            spec = GpuSpec(**gpu)
+        except TypeError as exc:
+            raise ConfigError(f"{source}: gpu: {exc}; known fields are {', '.join(GpuSpec.__dataclass_fields__)}") from None
+        topo = cls(name=str(data.get("name", "cluster")), gpu=spec)
+        for i, node in enumerate(data["nodes"]):
+            if not isinstance(node, dict) or "id" not in node or "kind" not in node:
+                raise ConfigError(f"{source}: nodes[{i}] needs 'id' and 'kind'")
+            unknown = set(node) - {"id", *NODE_ATTRS}
+            if unknown:
+                raise ConfigError(f"{source}: nodes[{i}] ({node['id']}): unknown field(s) {', '.join(sorted(unknown))}")
+            topo.add_node(str(node["id"]), **{k: v for k, v in node.items() if k != "id"})
+        for i, link in enumerate(data["links"]):
+            if not isinstance(link, dict) or "a" not in link or "b" not in link:
+                raise ConfigError(f"{source}: links[{i}] needs endpoints 'a' and 'b'")
+            if "bw_gbps" not in link:
+                raise ConfigError(f"{source}: links[{i}] ({link['a']} - {link['b']}): bw_gbps is missing; give GB/s per direction")
+            topo.add_link(str(link["a"]), str(link["b"]), link["bw_gbps"], link.get("lat_us", 1.0))
+        for n, d in topo.graph.nodes(data=True):
+            if d["kind"] not in ("host", "leaf", "spine") and d.get("host") not in topo.graph:
+                raise ConfigError(f"{source}: node {n!r} ({d['kind']}) needs 'host' naming a host node")
+        return topo
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write as JSON (``.json``) or YAML (anything else), atomically."""
+        write_atomic(path, dump_text(self.to_dict(), path))
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "Topology":
+        return cls.from_dict(load_data(path), source=str(path))
+
+    # --------------------------------------------------------------- measured
+    @classmethod
+    def from_measured(cls, data: dict[str, Any], source: str = "measured topology") -> "Topology":
+        """Build the graph from a profile (see ``MEASURED_FORMAT``).
+
+        Each host gets one NIC; measured host pairs become direct NIC-NIC links,
+        so a flow's bandwidth is what was measured for that pair. GPUs link to
+        each other by the measured copy matrix (or, without one, through the
+        NIC only), and to the NIC by a link that never limits.
+        """
+        hosts = data.get("hosts")
+        if not isinstance(hosts, list) or not hosts:
+            raise ConfigError(f"{source}: 'hosts' is missing or empty")
+        n = len(hosts)
+        bw = _square(data.get("host_bw_gbps"), n, f"{source}: host_bw_gbps")
+        lat = _square(data.get("host_lat_us"), n, f"{source}: host_lat_us") if data.get("host_lat_us") else None
+        gpu_bw = data.get("gpu_bw_gbps") or {}
+        spec = GpuSpec(**(data.get("gpu") or {}))
+        topo = cls(name=str(data.get("name", "measured")), gpu=spec)
+        names = []
+        for i, h in enumerate(hosts):
+            name = str(h.get("name", f"h{i:02d}"))
+            names.append(name)
+            topo.add_node(name, "host", node_id=h.get("node_id"), ip=h.get("ip"), labels=h.get("labels") or None, leaf=h.get("leaf"))
+            nic = topo.add_node(f"{name}/nic0", "nic", host=name, index=0)
+            fastest = max([x for x in bw[i] if x] + [1.0])
+            gpus = [topo.add_node(f"{name}/gpu{g}", "gpu", host=name, index=g) for g in range(int(h.get("gpus", 0)))]
+            matrix = gpu_bw.get(name)
+            if matrix is not None:
+                m = _square(matrix, len(gpus), f"{source}: gpu_bw_gbps[{name}]")
+                fastest = max([fastest] + [x for row in m for x in row if x])
+                for a in range(len(gpus)):
+                    for b in range(a + 1, len(gpus)):
+                        topo.add_link(gpus[a], gpus[b], min(m[a][b], m[b][a]), 1.0)
+            for g in gpus:
+                topo.add_link(g, nic, 1e3 * fastest, 0.0)
+        for i in range(n):
+            for j in range(i + 1, n):
+                b = min(bw[i][j], bw[j][i])
+                if b <= 0:
+                    raise ConfigError(f"{source}: host_bw_gbps[{i}][{j}] is {b}; every measured pair needs a positive bandwidth")
+                topo.add_link(f"{names[i]}/nic0", f"{names[j]}/nic0", b, (lat[i][j] + lat[j][i]) / 2 if lat else 1.0)
+        return topo
+
+
+MEASURED_FORMAT = "ringleader/measured-topology"
+"""Profiles (written by ``topology.profile``) look like::
+
+    format: ringleader/measured-topology
+    version: 1
+    name: ray-cluster
+    gpu: {name: L40S, ...}                 # optional
+    hosts: [{name, node_id, ip, labels, gpus, leaf}]   # leaf: inferred or from labels
+    host_bw_gbps: [[0, 48.1, ...], ...]   # n x n, GB/s per direction, median
+    host_lat_us: [[0, 12.0, ...], ...]    # optional
+    gpu_bw_gbps: {host_name: [[...]]}     # optional, per host
+    meta: {...}                            # free-form: transfer size, repeats, rounds
+"""
+
+
+# ------------------------------------------------------------------ file helpers
+def load_data(path: str | os.PathLike) -> Any:
+    """Read a YAML or JSON file with a one-line ConfigError on any problem."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{p}: file not found; check the path")
+    try:
+        text = p.read_text()
+        return json.loads(text) if p.suffix == ".json" else yaml.safe_load(text)
+    except (yaml.YAMLError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConfigError(f"{p}: not valid {'JSON' if p.suffix == '.json' else 'YAML'} ({first})") from None
+
+
+def dump_text(data: Any, path: str | os.PathLike) -> str:
+    if str(path).endswith(".json"):
+        return json.dumps(data, indent=1) + "\n"
+    return yaml.safe_dump(data, sort_keys=False, width=120)
+
+
+def write_atomic(path: str | os.PathLike, content: str | bytes) -> None:
+    """Write to a temporary file beside ``path`` and rename: readers never see half a file."""
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(content.encode() if isinstance(content, str) else content)
+        os.replace(tmp, p)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _check_positive(what: str, value: Any, allow_zero: bool = False) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if not ok or value < 0 or (value == 0 and not allow_zero):
+        raise ConfigError(f"{what} is {value!r}; it must be a {'non-negative' if allow_zero else 'positive'} number")
+
+
+def _square(matrix: Any, n: int, what: str) -> list[list[float]]:
+    if not isinstance(matrix, list) or len(matrix) != n or any(not isinstance(r, list) or len(r) != n for r in matrix):
+        raise ConfigError(f"{what} must be a {n} x {n} matrix")
+    return [[float(x or 0.0) for x in row] for row in matrix]
