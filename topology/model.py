@@ -85,7 +85,7 @@ class Topology:
         self._invalidate()
 
     def _invalidate(self) -> None:
-        for name in ("hosts", "_tree", "_gpus_by_host"):
+        for name in ("hosts", "_tree", "_rooted", "_gpus_by_host", "_parts_by_host"):
             self.__dict__.pop(name, None)
 
     # ----------------------------------------------------------------- query
@@ -132,7 +132,19 @@ class Topology:
         raise ConfigError(f"host {host!r} has no GPU with index {index}")
 
     def nics(self, host: str) -> list[str]:
-        return [n for n in self.nodes_of_kind("nic") if self.graph.nodes[n]["host"] == host]
+        return [n for n in self._parts_by_host.get(host, ()) if self.graph.nodes[n]["kind"] == "nic"]
+
+    def parts(self, host: str) -> list[str]:
+        """Every node inside ``host`` (GPUs, NICs, PCIe switches, sockets), in insertion order."""
+        return list(self._parts_by_host.get(host, ()))
+
+    @cached_property
+    def _parts_by_host(self) -> dict[str, list[str]]:
+        by_host: dict[str, list[str]] = {}
+        for n, host in self.graph.nodes(data="host"):
+            if host is not None and self.graph.nodes[n]["kind"] != "host":
+                by_host.setdefault(host, []).append(n)
+        return by_host
 
     def leaf_of(self, host: str) -> str | None:
         """The switch a host hangs from: its ``leaf`` attribute, else its NIC's leaf neighbour."""
@@ -162,16 +174,37 @@ class Topology:
             return []
         if self.graph.has_edge(a, b):
             return [(a, b)]
-        ha, hb = self.host_of(a), self.host_of(b)
-        if ha != hb and self.kind(ha) == "host" and self.kind(hb) == "host":
+        for end in (a, b):
+            if end not in self.graph:
+                raise ConfigError(f"{end!r} is not a node of topology {self.name!r}")
+        ha, hb = self.graph.nodes[a].get("host"), self.graph.nodes[b].get("host")  # switches have none
+        if ha and hb and ha != hb:
             na, nb = self.nics(ha), self.nics(hb)
             if na and nb and self.graph.has_edge(na[0], nb[0]):  # measured: hosts talk directly
                 return self.path(a, na[0]) + [(na[0], nb[0])] + self.path(nb[0], b)
-        try:
-            nodes = nx.shortest_path(self._tree, a, b)
-        except (nx.NetworkXNoPath, nx.NodeNotFound) as exc:
-            raise ConfigError(f"no network path from {a!r} to {b!r}; link them in the topology") from exc
+        parent, depth = self._rooted
+        up, down = [a], [b]
+        while up[-1] != down[-1]:  # climb to the lowest common ancestor: O(depth), not O(graph)
+            side = up if depth.get(up[-1], -1) >= depth.get(down[-1], -1) else down
+            step = parent.get(side[-1])
+            if step is None:
+                raise ConfigError(f"no network path from {a!r} to {b!r}; link them in the topology")
+            side.append(step)
+        nodes = up + down[-2::-1]
         return list(zip(nodes, nodes[1:]))
+
+    @cached_property
+    def _rooted(self) -> tuple[dict[str, str | None], dict[str, int]]:
+        """Parent and depth of every node in the spanning tree, one root per component."""
+        parent: dict[str, str | None] = {}
+        depth: dict[str, int] = {}
+        for root in self._tree.nodes:
+            if root in depth:
+                continue
+            parent[root], depth[root] = None, 0
+            for u, v in nx.bfs_edges(self._tree, root):
+                parent[v], depth[v] = u, depth[u] + 1
+        return parent, depth
 
     def link(self, u: str, v: str) -> dict[str, float]:
         return self.graph.edges[u, v]
@@ -340,6 +373,9 @@ def write_atomic(path: str | os.PathLike, content: str | bytes) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(content.encode() if isinstance(content, str) else content)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; a saved file should read like any other
         os.replace(tmp, p)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

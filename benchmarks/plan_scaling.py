@@ -1,0 +1,52 @@
+"""How long planning takes as clusters grow (targets on a 2-core machine: 512 GPUs < 0.5 s, 16384 < 20 s).
+
+    python benchmarks/plan_scaling.py
+    python benchmarks/plan_scaling.py --sizes 512 4096 16384 --ring 64 --repeats 3
+
+Each size is a 2:1 leaf-spine of 8-GPU hosts, 8 hosts per leaf. The time
+covers ``make_plan`` end to end (host choice, ring order, in-host order and
+the cost model with its bound) on a fresh topology, so no path cache is warm;
+the naive baseline, which skips the search but pays the same cost model, is
+timed beside it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+from topology.planner import make_plan
+from topology.presets import leaf_spine
+
+TARGETS = {512: 0.5, 16384: 20.0}
+
+
+def time_plan(gpus: int, ring: int, strategy: str, repeats: int) -> tuple[float, dict]:
+    best, cost = float("inf"), {}
+    for _ in range(repeats):
+        topo = leaf_spine(hosts=gpus // 8, hosts_per_leaf=8, oversubscription=2.0)
+        start = time.perf_counter()
+        plan = make_plan(topo, gpus, ring, strategy=strategy)
+        best = min(best, time.perf_counter() - start)
+        cost = plan.cost
+    return best, cost
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[512, 4096, 16384])
+    parser.add_argument("--ring", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    print(f"{'GPUs':>6}  {'aware s':>8}  {'naive s':>8}  {'aware/naive':>11}  {'target s':>8}  {'slowest hop':>11}  {'bound':>7}")
+    for gpus in args.sizes:
+        aware, cost = time_plan(gpus, args.ring, "aware", args.repeats)
+        naive, _ = time_plan(gpus, args.ring, "naive", args.repeats)
+        target = TARGETS.get(gpus)
+        verdict = "-" if target is None else f"{target:g} {'ok' if aware < target else 'MISSED'}"
+        print(f"{gpus:>6}  {aware:>8.3f}  {naive:>8.3f}  {aware / naive:>11.2f}  {verdict:>8}  "
+              f"{cost['slowest_hop_gbps']:>9.2f}GB/s  {cost['bound_hop_gbps']:>5.2f}GB/s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,106 @@
+"""The cost model: bytes and FLOPs of a ring step, link sharing, overlap, gradients and the bound."""
+
+import dataclasses
+import json
+import math
+
+import pytest
+
+from topology.cost import LLAMA3_8B, FlowModel, estimate, ring_bandwidth_bound
+from topology.model import Topology
+from topology.planner import make_plan
+from topology.presets import leaf_spine, load_topology
+
+
+def test_kv_bytes_per_token_are_gqa_aware():
+    """Llama-3-8B in bf16 sends 2 x 8 KV heads x 128 x 2 bytes = 4 KiB per token."""
+    topo = load_topology("l40s-host")
+    plan = make_plan(topo, 8, 8, seq_len=8 * 16384)
+    assert plan.cost["ring_bytes_fwd"] == 16384 * 4096
+    mha = dataclasses.replace(LLAMA3_8B, n_kv_heads=32)
+    assert estimate(plan, topo, mha).ring_bytes_fwd == 4 * plan.cost["ring_bytes_fwd"]
+    uly = make_plan(topo, 8, 8, ulysses=2, seq_len=8 * 16384)  # ring of 4 over 32K tokens, 4 KV heads
+    assert uly.cost["ring_bytes_fwd"] == 32768 * 4096 // 2
+
+
+def test_overlap_threshold_matches_the_closed_form():
+    """Comm hides when c >= n_kv * bytes * F / (2 * a * n_q * B)."""
+    topo = load_topology("l40s-host")
+    probe = make_plan(topo, 8, 8, seq_len=16 * 1024)
+    rate = topo.gpu.tflops_bf16 * 1e12 * probe.cost["efficiency"]
+    c_star = 8 * 2 * rate / (2 * 0.5 * 32 * probe.cost["slowest_hop_gbps"] * 1e9)
+    for c, hidden in [(int(2 * c_star) // 2 * 2, True), (int(c_star / 2) // 2 * 2, False)]:
+        cost = make_plan(topo, 8, 8, seq_len=8 * c).cost
+        assert cost["hidden"] is hidden
+        assert cost["ring_step_fwd_s"] == max(cost["ring_comm_fwd_s"], cost["ring_compute_fwd_s"])
+
+
+def test_backward_moves_3x_bytes_for_2_5x_flops():
+    c = make_plan(load_topology("g6e-4x"), 32, 32).cost
+    assert math.isclose(c["ring_compute_bwd_s"], 2.5 * c["ring_compute_fwd_s"], rel_tol=1e-8)
+    lat = 3 * c["ring_comm_fwd_s"] - c["ring_comm_bwd_s"]  # both carry the same latency once
+    assert 0 < lat < 1e-4 and c["ring_comm_bwd_s"] > 2.9 * c["ring_comm_fwd_s"]
+
+
+def _two_host_line():
+    topo = Topology(name="line")
+    for h in ("a", "b"):
+        topo.add_node(h, "host")
+        for g in range(2):
+            topo.add_node(f"{h}/gpu{g}", "gpu", host=h, index=g)
+        topo.add_node(f"{h}/nic0", "nic", host=h, index=0)
+        for g in range(2):
+            topo.add_link(f"{h}/gpu{g}", f"{h}/nic0", 100.0)
+    topo.add_link("a/nic0", "b/nic0", 10.0, 5.0)
+    return topo
+
+
+def test_flows_in_the_same_direction_share_a_link():
+    flows = FlowModel(_two_host_line())
+    assert flows.bandwidths([("a/gpu0", "b/gpu0")]) == [(10.0, 7.0)]
+    assert [r for r, _ in flows.bandwidths([("a/gpu0", "b/gpu0"), ("a/gpu1", "b/gpu1")])] == [5.0, 5.0]
+    assert [r for r, _ in flows.bandwidths([("a/gpu0", "b/gpu0"), ("b/gpu1", "a/gpu1")])] == [10.0, 10.0]
+
+
+def test_gradient_traffic_scales_with_zero_stage():
+    topo = load_topology("g6e-4x")
+    plan = make_plan(topo, 32, 8)
+    z3, z2 = estimate(plan, topo, zero_stage=3), estimate(plan, topo, zero_stage=2)
+    assert math.isclose(z3.dp_allreduce_s / z2.dp_allreduce_s, 1.5)
+    # Hosts in one run each: NCCL's rank-order ring crosses each NIC once per direction at 50 GB/s,
+    # but the slowest link of that ring is the 20 GB/s socket link.
+    assert math.isclose(z3.dp_allreduce_s, 3 * LLAMA3_8B.params * 2 * 31 / 32 / 20e9)
+    assert math.isclose(z3.tokens_per_s, plan.dp * plan.seq_len / z3.step_time_s)
+
+
+@pytest.mark.parametrize("build,rings,size,expect", [
+    (lambda: load_topology("l40s-host"), 1, 8, 20.0),           # a ring over both sockets crosses their link
+    (lambda: load_topology("l40s-host"), 2, 4, 25.0),           # one ring per socket
+    (lambda: load_topology("leafspine-64x-2to1"), 8, 64, 12.5),  # one ring per leaf, one per NIC
+    (lambda: load_topology("leafspine-64x-2to1-degraded"), 8, 64, 3.125),  # every host needed, the bad cable too
+    (lambda: load_topology("leafspine-64x-2to1-degraded"), 4, 64, 12.5),
+    (lambda: leaf_spine(hosts=16, hosts_per_leaf=2, oversubscription=4.0), 4, 32, 6.25),  # leaf uplinks bind
+    (lambda: leaf_spine(hosts=16, hosts_per_leaf=2, oversubscription=4.0), 1, 16, 12.5),  # one leaf holds it
+])
+def test_bound_on_known_cases(build, rings, size, expect):
+    topo = build()
+    assert ring_bandwidth_bound(topo, rings, size) == pytest.approx(expect, rel=1e-6)
+    plan = make_plan(topo, rings * size, size)
+    assert plan.cost["slowest_hop_gbps"] == pytest.approx(expect, rel=1e-6)  # and the planner reaches it
+
+
+def test_no_strategy_beats_the_bound_and_aware_reaches_it():
+    topo = leaf_spine(hosts=32, hosts_per_leaf=8, oversubscription=4.0)
+    flows = FlowModel(topo)
+    for ring in (8, 16, 64, 128):
+        plans = [make_plan(topo, 256, ring, strategy=s, seed=3, flows=flows) for s in ("aware", "naive", "random")]
+        for p in plans:
+            assert p.cost["slowest_hop_gbps"] <= p.cost["bound_hop_gbps"] * (1 + 1e-9)
+        assert plans[0].cost["ring_step_fwd_s"] <= 1.05 * plans[0].cost["bound_ring_step_s"]
+
+
+def test_report_is_plain_json():
+    plan = make_plan(load_topology("leafspine-64x-2to1"), 64, 64)
+    text = json.dumps(plan.cost, allow_nan=False)
+    assert json.loads(text)["model"] == "Llama-3-8B"
+    assert make_plan(load_topology("l40s-host"), 8, 1).cost["slowest_hop_gbps"] is None  # rings of one

@@ -1,0 +1,109 @@
+"""The topology graph: both ways in give one model, save/load round-trips, paths and bad input."""
+
+import json
+import random
+
+import networkx as nx
+import pytest
+
+from topology.errors import ConfigError
+from topology.model import MEASURED_FORMAT, Topology
+from topology.presets import leaf_spine, load_topology
+
+
+def measured(bw, gpus=1, leaves=None):
+    n = len(bw)
+    return {
+        "format": MEASURED_FORMAT, "version": 1, "name": "lab",
+        "hosts": [{"name": f"10.0.0.{i}", "gpus": gpus, "ip": f"10.0.0.{i}", "leaf": leaves[i] if leaves else None}
+                  for i in range(n)],
+        "host_bw_gbps": bw,
+        "host_lat_us": [[0 if i == j else 10 + i + j for j in range(n)] for i in range(n)],
+    }
+
+
+@pytest.mark.parametrize("suffix", [".yaml", ".json"])
+def test_preset_round_trips_exactly(tmp_path, suffix):
+    topo = load_topology("g6e-4x")
+    path = tmp_path / f"t{suffix}"
+    topo.save(path)
+    again = Topology.load(path)
+    assert again.to_dict() == topo.to_dict()
+    assert again.hosts == topo.hosts  # Ray's order survives
+    assert again.host_bandwidth_matrix() == topo.host_bandwidth_matrix()
+
+
+def test_measured_form_loads_into_the_same_model_and_round_trips(tmp_path):
+    bw = [[0, 40, 10], [38, 0, 12], [10, 12, 0]]
+    data = measured(bw, gpus=2, leaves=["a", "a", "b"])
+    data["gpu_bw_gbps"] = {"10.0.0.0": [[0, 20], [20, 0]]}
+    path = tmp_path / "profile.json"
+    path.write_text(json.dumps(data))
+    topo = load_topology(str(path))
+    assert topo.hosts == ["10.0.0.0", "10.0.0.1", "10.0.0.2"]
+    assert topo.host_bandwidth("10.0.0.0", "10.0.0.1") == 38  # the slower direction of the pair
+    assert topo.bandwidth("10.0.0.0/gpu0", "10.0.0.0/gpu1") == 20
+    assert topo.latency("10.0.0.1/nic0", "10.0.0.2/nic0") == 13
+    assert topo.leaf_of("10.0.0.2") == "b"
+    topo.save(tmp_path / "graph.yaml")
+    assert Topology.load(tmp_path / "graph.yaml").to_dict() == topo.to_dict()
+
+
+def test_fast_paths_match_networkx_on_the_spanning_tree():
+    topo = leaf_spine(hosts=24, hosts_per_leaf=8, degraded={3: 1.0})
+    nodes = sorted(n for n, kind in topo.graph.nodes(data="kind") if kind != "host")  # hosts are containers
+    rng = random.Random(1)
+    for _ in range(300):
+        a, b = rng.sample(nodes, 2)
+        if topo.graph.has_edge(a, b):
+            continue
+        expect = nx.shortest_path(topo._tree, a, b)
+        assert topo.path(a, b) == list(zip(expect, expect[1:]))
+
+
+def test_bandwidth_is_the_slowest_link_on_the_path():
+    topo = load_topology("leafspine-64x-2to1")
+    assert topo.bandwidth("h00/gpu0", "h00/gpu1") == 25.0  # same PCIe switch
+    assert topo.bandwidth("h00/gpu0", "h00/gpu4") == 20.0  # across the sockets
+    assert topo.bandwidth("h00/gpu0", "h63/gpu0") == 12.5  # the NIC
+    assert topo.leaf_of("h63") == "leaf7" and topo.path("h00/gpu0", "h00/gpu0") == []
+
+
+BAD = [
+    ({"nodes": [{"id": "a", "kind": "gpu", "host": "h"}, {"id": "h", "kind": "host"}],
+      "links": [{"a": "a", "b": "ghost", "bw_gbps": 1}]}, "unknown endpoint 'ghost'"),
+    ({"nodes": [{"id": "h", "kind": "host"}, {"id": "x", "kind": "nic", "host": "h"}, {"id": "y", "kind": "leaf"}],
+      "links": [{"a": "x", "b": "y", "bw_gbps": -3}]}, "bw_gbps is -3"),
+    ({"nodes": [{"id": "h", "kind": "host"}, {"id": "x", "kind": "nic", "host": "h"}, {"id": "y", "kind": "leaf"}],
+      "links": [{"a": "x", "b": "y"}]}, "bw_gbps is missing"),
+    ({"nodes": [{"id": "h", "kind": "router"}], "links": []}, "kind 'router'"),
+    ({"nodes": [{"id": "x", "kind": "gpu"}], "links": []}, "needs 'host'"),
+    ({**measured([[0, 1], [1, 0]]), "host_bw_gbps": [[0, 1, 1], [1, 0, 1]]}, "2 x 2 matrix"),
+    (measured([[0, 0], [0, 0]]), "positive bandwidth"),
+]
+
+
+@pytest.mark.parametrize("data,match", BAD, ids=[m for _, m in BAD])
+def test_bad_topologies_raise_one_line(tmp_path, data, match):
+    path = tmp_path / "bad.yaml"
+    path.write_text(json.dumps(data))  # JSON is YAML
+    with pytest.raises(ConfigError, match=match) as info:
+        load_topology(str(path))
+    assert "\n" not in str(info.value)
+
+
+def test_malformed_yaml_and_missing_file(tmp_path):
+    path = tmp_path / "broken.yaml"
+    path.write_text("nodes: [\n  - {id: a\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_topology(str(path))
+    with pytest.raises(ConfigError, match="file not found"):
+        load_topology(str(tmp_path / "absent.yaml"))
+
+
+def test_save_is_atomic_and_readable(tmp_path):
+    topo = load_topology("l40s-host")
+    path = tmp_path / "t.yaml"
+    topo.save(path)
+    assert [p.name for p in tmp_path.iterdir()] == ["t.yaml"]  # no temporary left behind
+    assert path.stat().st_mode & 0o044  # group/others can read it, like any written file
