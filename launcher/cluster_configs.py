@@ -1,0 +1,344 @@
+"""Cluster configs sized for a recipe: Ray cluster launcher (AWS, local) and KubeRay.
+
+A recipe says how many GPUs each stage needs; this module turns that into
+the configs that bring such a cluster up and let it autoscale between
+stages::
+
+    ringleader clusters render clusters/recipes/llama3-8b-4194k.yaml --provider aws -o clusters/aws-g6e.yaml
+    ray up clusters/aws-g6e.yaml                      # from the repository root
+    kubectl apply -f clusters/kuberay.yaml            # KubeRay >= 1.5
+
+Every renderer is a pure function of (recipe, options), so the checked-in
+files are reproducible, and every config passes Ray's own checks before it
+is written: cluster-launcher YAML through ``prepare_config`` +
+``validate_config``, the RayCluster through the KubeRay adapter of Ray's
+autoscaler plus a structural check of the fields KubeRay documents.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import yaml
+
+from launcher.cluster_validate import validate
+from launcher.recipe import Recipe
+from topology.errors import ConfigError
+
+RAY_VERSION = "2.60.0"
+"""The Ray the cluster runs; it must equal the Ray of the machine that submits jobs."""
+LEAF_LABEL = "ringleader.io/leaf"
+"""Ray node label naming the switch (rack) a host hangs from; the profiler groups hosts by it."""
+GPU_LABEL = "ringleader.io/gpu-type"
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass(frozen=True)
+class InstanceType:
+    """A cloud machine that carries one host's GPUs."""
+
+    name: str
+    gpus: int
+    cpus: int
+    memory_gib: int
+    efa_cards: int
+    """Network cards that each take one EFA interface (the instance's full bandwidth needs all)."""
+
+
+AWS_INSTANCES = {"L40S": InstanceType("g6e.48xlarge", gpus=8, cpus=192, memory_gib=1536, efa_cards=4)}
+
+
+@dataclass(frozen=True)
+class Sizing:
+    """Hosts per stage of a recipe: what every provider renders from."""
+
+    recipe: str
+    gpu_type: str
+    gpus_per_host: int
+    stage_hosts: dict[str, int]
+    """Stage name -> hosts it needs (ceil(gpus / gpus_per_host)), in stage order."""
+
+    @classmethod
+    def from_recipe(cls, recipe: Recipe, gpus_per_host: int) -> "Sizing":
+        if gpus_per_host < 1:
+            raise ConfigError(f"gpus per host is {gpus_per_host}; it must be >= 1")
+        hosts = {s.name: math.ceil(s.gpus / gpus_per_host) for s in recipe.stages}
+        return cls(recipe=recipe.name, gpu_type=recipe.gpu_type, gpus_per_host=gpus_per_host, stage_hosts=hosts)
+
+    @property
+    def max_hosts(self) -> int:
+        return max(self.stage_hosts.values())
+
+    @property
+    def upscaling_speed(self) -> float:
+        """Largest growth from one stage to the next, so each stage's hosts are requested in one go
+        (a cluster placement group fills best when all its instances launch together)."""
+        counts = list(self.stage_hosts.values())
+        return float(max([1] + [b / a for a, b in zip(counts, counts[1:])]))
+
+    def metadata(self) -> dict[str, Any]:
+        return {"recipe": self.recipe, "gpu_type": self.gpu_type, "gpus_per_host": self.gpus_per_host, "stage_hosts": dict(self.stage_hosts)}
+
+
+@dataclass
+class ClusterOptions:
+    """Site settings the recipe does not know; the defaults render the checked-in files."""
+
+    region: str = "us-east-1"
+    availability_zone: str = "us-east-1a"
+    """One zone: a cluster placement group cannot span zones."""
+    subnet_id: str = "subnet-REPLACE-ME"
+    security_group_id: str = "sg-REPLACE-ME"
+    image_id: str = "resolve:ssm:/aws/service/deeplearning/ami/x86_64/base-oss-nvidia-driver-gpu-ubuntu-22.04/latest/ami-id"
+    """EC2 resolves this SSM name to the current Deep Learning Base AMI (driver, CUDA, EFA, aws-ofi-nccl)."""
+    head_instance_type: str = "m7i.8xlarge"
+    idle_timeout_minutes: float = 5.0
+    """Hosts idle this long (between stages, after the run) are given back."""
+    namespace: str = "default"
+    container_image: str = f"rayproject/ray:{RAY_VERSION}-py311-gpu"
+    hosts_per_leaf: int = 8
+    """Hosts under one switch; KubeRay gets one worker group per leaf so every pod carries its leaf label."""
+    local_max_hosts: int = 4
+    """Fake hosts the local autoscaler may start (each a Ray node with 8 fake GPUs on this machine)."""
+
+
+# ------------------------------------------------------------------ renderers
+def render_aws(recipe: Recipe, opts: ClusterOptions) -> dict[str, Any]:
+    """Ray cluster-launcher config for AWS: a CPU head and autoscaling GPU hosts.
+
+    Workers sit in one cluster placement group (one spine block, full
+    bisection) with an EFA interface on every network card, so the NCCL
+    rings the planner lays out get the instance's full 400 Gbps.
+    """
+    inst = _instance(recipe.gpu_type)
+    size = Sizing.from_recipe(recipe, inst.gpus)
+    name = f"ringleader-{recipe.name}"
+    efa = [
+        {"DeviceIndex": 0 if card == 0 else 1, "NetworkCardIndex": card, "InterfaceType": "efa",
+         "SubnetId": opts.subnet_id, "Groups": [opts.security_group_id], "DeleteOnTermination": True}
+        for card in range(inst.efa_cards)
+    ]
+    disk = [{"DeviceName": "/dev/sda1", "Ebs": {"VolumeSize": 1000, "VolumeType": "gp3", "Throughput": 1000, "Iops": 16000}}]
+    return {
+        "cluster_name": name,
+        "max_workers": size.max_hosts,
+        "upscaling_speed": size.upscaling_speed,
+        "idle_timeout_minutes": opts.idle_timeout_minutes,
+        "provider": {"type": "aws", "region": opts.region, "availability_zone": opts.availability_zone, "cache_stopped_nodes": False},
+        "auth": {"ssh_user": "ubuntu"},
+        "available_node_types": {
+            "ray.head.default": {
+                "resources": {},  # Ray fills CPU/memory from the instance type at `ray up`
+                "node_config": {"InstanceType": opts.head_instance_type, "ImageId": opts.image_id,
+                                "SubnetIds": [opts.subnet_id], "SecurityGroupIds": [opts.security_group_id],
+                                "BlockDeviceMappings": [{"DeviceName": "/dev/sda1", "Ebs": {"VolumeSize": 200, "VolumeType": "gp3"}}]},
+                "min_workers": 0,
+                "max_workers": 0,
+            },
+            f"ray.worker.{inst.name}": {
+                "resources": {"CPU": inst.cpus, "GPU": inst.gpus},
+                "labels": {GPU_LABEL: recipe.gpu_type, "ringleader.io/placement-group": name},
+                "node_config": {"InstanceType": inst.name, "ImageId": opts.image_id, "Placement": {"GroupName": name},
+                                "NetworkInterfaces": efa, "BlockDeviceMappings": disk},
+                "min_workers": 0,
+                "max_workers": size.max_hosts,
+            },
+        },
+        "head_node_type": "ray.head.default",
+        "file_mounts": {"~/ringleader": "."},
+        "rsync_exclude": [".git", "runs", "**/__pycache__"],
+        "initialization_commands": [],
+        "setup_commands": [
+            "test -d ~/venv || python3 -m venv ~/venv",
+            "grep -q 'venv/bin/activate' ~/.bashrc || echo 'source ~/venv/bin/activate' >> ~/.bashrc",
+            f"~/venv/bin/pip install -q 'ray[default]=={RAY_VERSION}' boto3",
+            "~/venv/bin/pip install -q -e ~/ringleader",
+            "~/venv/bin/pip install -q --no-build-isolation ring-flash-attn flash-attn || echo 'flash-attn unavailable: ring attention uses torch kernels'",
+        ],
+        "head_setup_commands": [],
+        "worker_setup_commands": [],
+        "head_start_ray_commands": [
+            "ray stop",
+            "ulimit -n 65536; ray start --head --port=6379 --object-manager-port=8076 --autoscaling-config=~/ray_bootstrap_config.yaml --dashboard-host=0.0.0.0",
+        ],
+        "worker_start_ray_commands": [
+            "ray stop",
+            # libfabric's EFA provider carries NCCL's inter-host traffic (through aws-ofi-nccl).
+            "ulimit -n 65536; FI_PROVIDER=efa ray start --address=$RAY_HEAD_IP:6379 --object-manager-port=8076",
+        ],
+        "metadata": {"ringleader": size.metadata()},
+    }
+
+
+def render_local(recipe: Recipe, opts: ClusterOptions) -> dict[str, Any]:
+    """A real autoscaler on one machine (``RAY_FAKE_CLUSTER=1 ray start --head --autoscaling-config=...``).
+
+    The fake provider starts each "host" as another Ray node on this machine
+    with 8 fake GPUs of the recipe's type, so autoscaling, placement groups
+    and host loss can be rehearsed without a cloud. Ray's monitor reads this
+    file as written (the fake provider ships no defaults to merge), so every
+    key the autoscaler looks up is spelled out.
+    """
+    return {
+        "cluster_name": "ringleader-local",
+        "max_workers": opts.local_max_hosts,
+        "upscaling_speed": 1.0,
+        "idle_timeout_minutes": 1,
+        "provider": {"type": "fake_multinode", "use_node_id_as_ip": True, "disable_node_updaters": True, "disable_launch_config_check": True},
+        "available_node_types": {
+            "ray.head.default": {"resources": {"CPU": 4, "GPU": 0}, "node_config": {}, "max_workers": 0},
+            f"{recipe.gpu_type.lower()}-8x": {
+                # A small object store per fake host: they all share this machine's memory.
+                "resources": {"CPU": 8, "GPU": 8, "object_store_memory": 200_000_000},
+                "node_config": {},
+                "min_workers": 0,
+                "max_workers": opts.local_max_hosts,
+            },
+        },
+        "head_node_type": "ray.head.default",
+        "auth": {},
+        "docker": {},
+        **{key: [] for key in ("initialization_commands", "setup_commands", "head_setup_commands", "worker_setup_commands",
+                               "head_start_ray_commands", "worker_start_ray_commands")},
+        "file_mounts": {},
+        "cluster_synced_files": [],
+        "file_mounts_sync_continuously": False,
+        "rsync_exclude": [],
+        "rsync_filter": [],
+    }
+
+
+def render_kuberay(recipe: Recipe, opts: ClusterOptions) -> dict[str, Any]:
+    """A RayCluster (ray.io/v1) with in-tree autoscaling, one worker group per leaf switch.
+
+    Kubernetes cannot hand a node's rack label to a pod, so each leaf gets its
+    own group: a nodeSelector keeps its pods on that leaf's machines and the
+    group's ``labels`` (KubeRay >= 1.5) become Ray node labels, which the
+    profiler reads as the host's switch.
+    """
+    inst = _instance(recipe.gpu_type)
+    size = Sizing.from_recipe(recipe, inst.gpus)
+    if opts.hosts_per_leaf < 1:
+        raise ConfigError(f"hosts per leaf is {opts.hosts_per_leaf}; it must be >= 1")
+    leaves = math.ceil(size.max_hosts / opts.hosts_per_leaf)
+    install = " ".join(f"'{d}'" for d in _runtime_dependencies())
+    start = f"ulimit -n 65536; pip install -q {install} && $KUBERAY_GEN_RAY_START_CMD"
+    shm = {"name": "dshm", "emptyDir": {"medium": "Memory"}}
+
+    def container(name: str, resources: dict[str, Any]) -> dict[str, Any]:
+        return {
+            "name": name, "image": opts.container_image,
+            # KubeRay >= 1.1 keeps this command and exports its generated `ray start` as KUBERAY_GEN_RAY_START_CMD.
+            "command": ["/bin/bash", "-lc", "--"], "args": [start],
+            "env": [{"name": "FI_PROVIDER", "value": "efa"},
+                    {"name": "RINGLEADER_K8S_NODE", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}}],
+            "resources": {"limits": resources, "requests": resources},
+            "volumeMounts": [{"name": "dshm", "mountPath": "/dev/shm"}],
+        }
+
+    worker_resources = {"cpu": str(inst.cpus - 8), "memory": f"{inst.memory_gib - 96}Gi", "nvidia.com/gpu": inst.gpus,
+                        "vpc.amazonaws.com/efa": inst.efa_cards}
+    groups = []
+    for i in range(leaves):
+        leaf = f"leaf{i}"
+        hosts = min(opts.hosts_per_leaf, size.max_hosts - i * opts.hosts_per_leaf)
+        groups.append({
+            "groupName": f"{inst.name.replace('.', '-')}-{leaf}",
+            "replicas": 0, "minReplicas": 0, "maxReplicas": hosts,
+            "rayStartParams": {},
+            "labels": {LEAF_LABEL: leaf, GPU_LABEL: recipe.gpu_type},
+            "template": {
+                "metadata": {"labels": {LEAF_LABEL: leaf}},
+                "spec": {
+                    "nodeSelector": {"node.kubernetes.io/instance-type": inst.name, LEAF_LABEL: leaf},
+                    "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
+                    "containers": [container("ray-worker", worker_resources)],
+                    "volumes": [shm],
+                },
+            },
+        })
+    return {
+        "apiVersion": "ray.io/v1",
+        "kind": "RayCluster",
+        "metadata": {"name": f"ringleader-{recipe.name}", "namespace": opts.namespace,
+                     "labels": {"app.kubernetes.io/name": "ringleader"},
+                     "annotations": {"ray.io/overwrite-container-cmd": "true"}},
+        "spec": {
+            "rayVersion": RAY_VERSION,
+            "enableInTreeAutoscaling": True,
+            "autoscalerOptions": {"upscalingMode": "Default", "idleTimeoutSeconds": int(opts.idle_timeout_minutes * 60)},
+            "headGroupSpec": {
+                "serviceType": "ClusterIP",
+                "rayStartParams": {"dashboard-host": "0.0.0.0"},
+                "template": {"spec": {"containers": [container("ray-head", {"cpu": "8", "memory": "32Gi"})], "volumes": [shm]}},
+            },
+            "workerGroupSpecs": groups,
+        },
+    }
+
+
+RENDERERS: dict[str, Callable[[Recipe, ClusterOptions], dict[str, Any]]] = {
+    "aws": render_aws,
+    "kuberay": render_kuberay,
+    "local": render_local,
+}
+
+CHECKED_IN = {
+    "clusters/aws-g6e.yaml": ("clusters/recipes/llama3-8b-4194k.yaml", "aws"),
+    "clusters/kuberay.yaml": ("clusters/recipes/llama3-8b-4194k.yaml", "kuberay"),
+    "clusters/local-autoscaling.yaml": ("clusters/recipes/llama3-8b-4194k.yaml", "local"),
+}
+"""Rendered files the repository keeps -> (recipe, provider) they come from, with default options."""
+
+
+def render(recipe: Recipe, provider: str, opts: ClusterOptions | None = None) -> dict[str, Any]:
+    if provider not in RENDERERS:
+        raise ConfigError(f"provider {provider!r} is not one of {', '.join(RENDERERS)}")
+    config = RENDERERS[provider](recipe, opts or ClusterOptions())
+    validate(config)
+    return config
+
+
+def to_yaml(config: dict[str, Any], recipe_path: str, provider: str) -> str:
+    """The file text: for cloud configs a header saying how it was made and how to use it, then the config."""
+    body = yaml.dump(config, Dumper=_PlainDumper, sort_keys=False, width=200)
+    if provider not in _USAGE:
+        return body
+    header = [f"# Rendered by `ringleader clusters render {recipe_path} --provider {provider}`; edit the recipe, not this file."]
+    return "\n".join(header + _USAGE[provider]) + "\n" + body
+
+
+class _PlainDumper(yaml.SafeDumper):
+    """Writes shared sub-dicts out in full: people read these files, not anchors (&id001)."""
+
+    def ignore_aliases(self, data: Any) -> bool:
+        return True
+
+
+_USAGE = {
+    "aws": ["# The placement group must exist first (one zone, strategy cluster):",
+            "#   aws ec2 create-placement-group --strategy cluster --group-name <cluster_name>",
+            "# Replace SubnetId/Groups (or render with --subnet/--security-group), then from the repository root:",
+            "#   ray up clusters/aws-g6e.yaml && ray job submit --address http://<head>:8265 --working-dir . -- python -m launcher run <recipe>"],
+    "kuberay": ["# Needs KubeRay >= 1.5 (group labels), the NVIDIA and EFA device plugins, and GPU nodes labelled by switch:",
+                f"#   kubectl label node <node> {LEAF_LABEL}=leaf0",
+                "#   kubectl apply -f clusters/kuberay.yaml"],
+}
+"""Header lines per provider; the local config is used as is by tests and carries none."""
+
+
+def _instance(gpu_type: str) -> InstanceType:
+    if gpu_type not in AWS_INSTANCES:
+        raise ConfigError(f"gpu_type {gpu_type!r} has no known host type; known: {', '.join(AWS_INSTANCES)}")
+    return AWS_INSTANCES[gpu_type]
+
+
+def _runtime_dependencies() -> list[str]:
+    """The project's dependencies (pyproject.toml) that the Ray image lacks."""
+    import tomllib
+
+    deps = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    return [d for d in deps if not d.startswith("ray")]

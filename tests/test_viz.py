@@ -1,0 +1,148 @@
+"""The visualiser's HTML and images, read back as XML/bytes (the browser test renders them)."""
+
+from __future__ import annotations
+
+import json
+import re
+import xml.etree.ElementTree as ET
+
+import pytest
+
+from launcher.cli import main
+from topology.errors import ConfigError
+from topology.plan import Plan, RankPlacement
+from topology.planner import make_plan
+from topology.presets import load_topology
+from topology.viz import render_html, render_image, save
+from topology.viz_layout import cycle_hops
+
+SVG = "{http://www.w3.org/2000/svg}"
+
+
+def _svg(page: str, svg_id: str) -> ET.Element:
+    m = re.search(rf'<svg id="{svg_id}".*?</svg>', page, re.S)
+    assert m, f"no svg#{svg_id}"
+    return ET.fromstring(m.group(0))
+
+
+def _groups(root: ET.Element, cls: str) -> list[ET.Element]:
+    return [g for g in root.iter(f"{SVG}g") if cls in (g.get("class") or "").split()]
+
+
+@pytest.mark.parametrize("preset, cp", [("l40s-host", 8), ("g6e-4x", 32), ("leafspine-64x-2to1", 32)])
+def test_page_has_one_box_per_host_and_one_cycle_per_ring(preset, cp):
+    topo = load_topology(preset)
+    plan = make_plan(topo, topo.num_gpus, cp)
+    page = render_html(topo, plan)
+    root = _svg(page, "topology")
+    assert len(_groups(root, "host")) == len(topo.hosts)
+    rings = _groups(root, "ring")
+    assert sorted(int(g.get("data-ring")) for g in rings) == list(range(len(plan.groups.ring_groups)))
+    gpus = _groups(root, "gpu")
+    assert sorted(int(g.get("data-rank")) for g in gpus) == list(range(plan.world_size))
+    assert len(_groups(root, "dp")) == (len(plan.groups.dp_groups) if plan.dp > 1 else 0)
+    # Offline: nothing fetched (the SVG namespace is a name, not a download).
+    assert not re.search(r'(src|href)=["\']https?:|url\(\s*["\']?https?:|@import', page)
+    # Readable at 512 GPUs: rings drawn host to host, every host's GPU segments kept for expanding.
+    level = re.search(r'<div id="viz" data-level="(\w+)"', page)
+    assert level.group(1) == ("gpus" if topo.num_gpus <= 64 else "hosts")
+
+
+def test_tooltips_carry_the_figures():
+    topo = load_topology("g6e-4x")
+    plan = make_plan(topo, 32, 32)
+    root = _svg(render_html(topo, plan), "topology")
+    rank5 = next(g for g in _groups(root, "gpu") if g.get("data-rank") == "5")
+    info = next(g for g in plan.placements if g.rank == 5)
+    tip = rank5.find(f"{SVG}title").text
+    assert f"{info.host}/gpu{info.gpu}" in tip and "rank 5, ring 0" in tip and "DP group" in tip
+    links = [p for p in root.iter(f"{SVG}path") if "link" in (p.get("class") or "").split()]
+    assert links and all(re.search(r"\d+(\.\d)? GB/s, \d+(\.\d)? µs", p.find(f"{SVG}title").text) for p in links)
+    # The ring's tooltip names its slowest hop, which must be the topology's own figure.
+    gpus = [topo.gpu_id(plan.placements[r].host, plan.placements[r].gpu) for r in plan.groups.ring_groups[0]]
+    slowest = min(h.bw for h in cycle_hops(topo, gpus))
+    ring_tip = _groups(root, "ring")[0].find(f"{SVG}title").text
+    assert f"slowest hop {slowest:.1f} GB/s" in ring_tip
+
+
+def test_heatmap_shows_host_pairs_and_the_degraded_host():
+    topo = load_topology("leafspine-64x-2to1-degraded")
+    heat = _svg(render_html(topo), "heatmap")
+    cells = [c for c in heat.iter(f"{SVG}rect") if c.get("class") == "cell"]
+    assert len(cells) == 64 * 64
+    tips = {(c.get("data-a"), c.get("data-b")): c.find(f"{SVG}title").text for c in cells}
+    assert "3.1 GB/s" in tips[("h13", "h14")]  # its cable runs at a quarter of 12.5 GB/s
+    assert "12.5 GB/s" in tips[("h12", "h14")]
+
+
+def test_plan_for_another_topology_is_refused():
+    small = load_topology("g6e-4x")
+    plan = make_plan(load_topology("g6e-64x"), 32, 32, hosts=["h40", "h41", "h42", "h43"])
+    with pytest.raises(ConfigError, match="host 'h4[0-3]', which topology 'g6e-4x' does not have"):
+        render_html(small, plan)
+    bad_gpu = Plan("naive", 1, 2, 1, 64, [RankPlacement(0, "h00", 0), RankPlacement(1, "h00", 9)])
+    with pytest.raises(ConfigError, match="GPU 9 of host 'h00'"):
+        render_html(small, bad_gpu)
+
+
+def test_images_are_written_as_png_and_svg(tmp_path):
+    topo = load_topology("g6e-4x")
+    plan = make_plan(topo, 32, 32)
+    render_image(topo, plan, tmp_path / "rings.png")
+    assert (tmp_path / "rings.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    save(topo, plan, tmp_path / "rings.svg", show_dp=True)
+    assert b"<svg" in (tmp_path / "rings.svg").read_bytes()[:2000]
+    with pytest.raises(ConfigError, match=r"\.html, \.png or \.svg"):
+        save(topo, plan, tmp_path / "rings.pdf")
+
+
+@pytest.mark.parametrize("case", ["missing-topology", "malformed-plan", "missing-plan", "mismatched-plan", "bad-suffix"])
+def test_cli_bad_input_exits_2_and_writes_nothing(case, tmp_path, capsys):
+    plan_path = tmp_path / "plan.json"
+    topology = "g6e-4x"
+    if case == "missing-topology":
+        topology = str(tmp_path / "nope.yaml")
+        make_plan(load_topology("g6e-4x"), 32, 32).save(plan_path)
+    elif case == "malformed-plan":
+        plan_path.write_text("{not json")
+    elif case == "mismatched-plan":
+        data = make_plan(load_topology("g6e-4x"), 32, 32).to_dict()
+        data["placements"][3]["host"] = "h99"
+        plan_path.write_text(json.dumps(data))
+    elif case == "bad-suffix":
+        make_plan(load_topology("g6e-4x"), 32, 32).save(plan_path)
+    out = tmp_path / ("out.txt" if case == "bad-suffix" else "out.html")
+    args = ["viz", topology, "-o", str(out), "--plan", str(tmp_path / "none.json" if case == "missing-plan" else plan_path)]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("ringleader: error:") and "\n" not in err
+    assert not out.exists() and not list(tmp_path.glob(".out*"))
+
+
+def test_cli_writes_html_for_a_preset_without_plan(tmp_path, capsys):
+    out = tmp_path / "topo.html"
+    assert main(["viz", "leafspine-64x-4to1", "-o", str(out)]) == 0
+    page = out.read_text()
+    assert page.count('<g class="host"') == 64 and page.count('<g class="leaf"') == 8
+    assert "64 hosts, 512 GPUs" in capsys.readouterr().out
+
+
+def test_measured_profile_draws_direct_host_links_and_never_limiting_ties():
+    from topology.model import MEASURED_FORMAT, Topology
+
+    profile = {
+        "format": MEASURED_FORMAT, "version": 1, "name": "ray-cluster",
+        "hosts": [{"name": "10.0.0.1", "gpus": 2, "leaf": "rack-a"}, {"name": "10.0.0.2", "gpus": 2, "leaf": "rack-a"},
+                  {"name": "10.0.0.3", "gpus": 2, "leaf": "rack-b"}],
+        "host_bw_gbps": [[0, 40.0, 9.5], [40.0, 0, 9.5], [9.5, 9.5, 0]],
+        "host_lat_us": [[0, 5, 30], [5, 0, 30], [30, 30, 0]],
+    }
+    topo = Topology.from_measured(profile)
+    plan = Plan("naive", 1, 6, 1, 96, [RankPlacement(i, f"10.0.0.{i // 2 + 1}", i % 2) for i in range(6)])
+    root = _svg(render_html(topo, plan), "topology")
+    tips = [p.find(f"{SVG}title").text for p in root.iter(f"{SVG}path") if "link" in (p.get("class") or "").split()]
+    assert any(t.startswith("10.0.0.1/nic0 — 10.0.0.3/nic0: 9.5 GB/s, 30.0 µs") for t in tips)
+    assert sum("never limits" in t for t in tips) == 6  # each GPU's tie to its NIC stands for "no bottleneck"
+    assert sorted(g.get("data-leaf") for g in _groups(root, "leaf")) == ["rack-a", "rack-b"]
+    ring = _groups(root, "ring")[0].find(f"{SVG}title").text
+    assert "slowest hop 9.5 GB/s" in ring

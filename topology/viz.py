@@ -1,0 +1,341 @@
+"""Draw a topology and a plan's rings: one offline HTML page, or a PNG/SVG for reports.
+
+    ringleader viz g6e-4x --plan plan.json -o rings.html
+    ringleader viz leafspine-64x-2to1 --plan plan.json --dp -o rings.png
+
+The page shows hosts grouped under their leaf switches with their GPUs and
+PCIe parts, links coloured and sized by bandwidth, each ring as its own
+coloured cycle, data-parallel groups on demand and a host-to-host bandwidth
+heatmap. Everything hoverable carries its figures in an SVG ``<title>``.
+Above 64 GPUs rings are drawn host to host (a host's GPU-level segments
+appear when it is clicked), so 512 GPUs stay readable.
+
+Stable hooks for tests and scripts: ``g.host[data-host]``, ``g.gpu[data-rank]``,
+``g.ring[data-ring]``, ``g.dp[data-dp]``, ``rect.cell`` in ``svg#heatmap``.
+"""
+
+from __future__ import annotations
+
+import html
+import io
+import os
+from pathlib import Path
+
+from topology.errors import ConfigError
+from topology.model import Topology, write_atomic
+from topology.plan import Plan
+from topology.viz_layout import (
+    Layout, RankInfo, cycle_hops, group_colours, host_cycle, host_matrix, layout, rank_table, switch_point, uplink_route,
+)
+
+TEMPLATE = Path(__file__).with_name("viz_template.html")
+_PART_LABEL = {"pcie": "sw", "socket": "cpu", "nic": "nic"}
+DIRECT_LINK_HOSTS = 16
+"""Measured host-to-host links are drawn up to this many hosts; beyond, the heatmap shows them."""
+
+
+def render_html(topo: Topology, plan: Plan | None = None, show_dp: bool = False) -> str:
+    """The self-contained page (inline SVG, CSS and JS; no network needed to view it)."""
+    lay = layout(topo)
+    ranks = rank_table(topo, plan) if plan else []
+    groups = _groups(topo, plan, ranks)
+    svg = _topology_svg(topo, lay, ranks, groups)
+    heat_svg, heat_note = _heatmap_svg(topo, lay)
+    title = f"{topo.name}: {len(topo.hosts)} hosts, {topo.num_gpus} GPUs"
+    if plan:
+        title += f" · plan {plan.strategy} (dp {plan.dp} × ring {plan.ring} × ulysses {plan.ulysses}, {plan.seq_len:,} tokens)"
+    level = "gpus" if lay.detail else "hosts"
+    page = TEMPLATE.read_text()
+    for key, value in {
+        "TITLE": html.escape(title), "FIGURES": _figures(plan), "BW_LEGEND": _bw_legend(lay),
+        "GROUP_LEGEND": _group_legend(groups), "VIZ_CLASS": f"level-{level}" + (" show-dp" if show_dp else ""),
+        "TOPOLOGY_SVG": svg, "HEATMAP_SVG": heat_svg,
+        "HEATMAP_NOTE": html.escape(heat_note),
+    }.items():
+        page = page.replace(f"<!--{key}-->", value)
+    return page.replace('<div id="viz" class=', f'<div id="viz" data-level="{level}" class=', 1)
+
+
+def render_image(topo: Topology, plan: Plan | None, path: str | os.PathLike, show_dp: bool = False) -> None:
+    """A static PNG or SVG (by suffix) of the same drawing, via matplotlib, written atomically."""
+    from topology.viz_image import draw
+
+    suffix = Path(path).suffix.lower()
+    if suffix not in (".png", ".svg"):
+        raise ConfigError(f"{path}: image output must end in .png or .svg")
+    buf = io.BytesIO()
+    draw(topo, plan, buf, fmt=suffix[1:], show_dp=show_dp)
+    write_atomic(path, buf.getvalue())
+
+
+def save(topo: Topology, plan: Plan | None, path: str | os.PathLike, show_dp: bool = False) -> None:
+    """Write the drawing to ``path``: ``.html`` page or ``.png``/``.svg`` image, atomically."""
+    suffix = Path(path).suffix.lower()
+    if suffix == ".html":
+        write_atomic(path, render_html(topo, plan, show_dp))
+    elif suffix in (".png", ".svg"):
+        render_image(topo, plan, path, show_dp)
+    else:
+        raise ConfigError(f"{path}: output must end in .html, .png or .svg")
+
+
+# ------------------------------------------------------------------ groups
+class Group:
+    """A ring or a DP group as drawn: its GPUs in order, their hops and the hosts visited."""
+
+    def __init__(self, kind: str, index: int, ranks: list[int], infos: list[RankInfo], topo: Topology, colour: str):
+        self.kind, self.index, self.ranks, self.colour = kind, index, ranks, colour
+        self.gpus = [infos[r].gpu for r in ranks]
+        self.hops = cycle_hops(topo, self.gpus)
+        self.hosts = host_cycle(topo, self.gpus)
+        self.slowest = min(self.hops, key=lambda h: h.bw) if self.hops else None
+
+    def summary(self) -> str:
+        name = "ring" if self.kind == "ring" else "DP group"
+        text = f"{name} {self.index}: ranks {_span(self.ranks)} on {len(self.hosts)} host(s) ({' '.join(self.hosts[:8])}{' …' if len(self.hosts) > 8 else ''})"
+        if self.slowest:
+            s = self.slowest
+            text += f"\nslowest hop {s.bw:.1f} GB/s, {s.lat:.1f} µs ({s.src} → {s.dst})"
+        return text
+
+
+def _groups(topo: Topology, plan: Plan | None, ranks: list[RankInfo]) -> dict[str, list[Group]]:
+    if plan is None:
+        return {"ring": [], "dp": []}
+    g = plan.groups
+    rc, dc = group_colours(len(g.ring_groups)), group_colours(len(g.dp_groups))
+    return {
+        "ring": [Group("ring", i, r, ranks, topo, rc[i]) for i, r in enumerate(g.ring_groups)],
+        "dp": [Group("dp", i, r, ranks, topo, dc[i]) for i, r in enumerate(g.dp_groups)] if plan.dp > 1 else [],
+    }
+
+
+# ------------------------------------------------------------------ topology
+def _topology_svg(topo: Topology, lay: Layout, ranks: list[RankInfo], groups: dict[str, list[Group]]) -> str:
+    by_gpu = {r.gpu: r for r in ranks}
+    rings_on: dict[str, set[int]] = {}
+    for grp in groups["ring"]:
+        for gpu in grp.gpus:
+            rings_on.setdefault(topo.host_of(gpu), set()).add(grp.index)
+    # Small clusters are drawn larger; every drawing shrinks to the window if it must.
+    scale = min(3.0, max(1.0, 1100.0 / lay.width))
+    out = [f'<svg id="topology" xmlns="http://www.w3.org/2000/svg" width="100%" style="max-width:{lay.width * scale:.0f}px" '
+           f'viewBox="0 0 {lay.width:.0f} {lay.height:.0f}">']
+    out += _network_links(topo, lay)
+    for leaf, bar in lay.leaves.items():
+        if not leaf:
+            continue  # hosts under no switch: no bar to draw
+        out.append(f'<g class="leaf" data-leaf="{_a(leaf)}"><title>{_t(f"leaf switch {leaf}: {len(lay.leaf_hosts[leaf])} hosts")}</title>'
+                   f'<rect class="leaf-bar" x="{bar.x:.1f}" y="{bar.y:.1f}" width="{bar.w:.1f}" height="{bar.h:.1f}" rx="2"/>'
+                   f'<text class="leaf-name" x="{bar.x:.1f}" y="{bar.y + bar.h + 13:.1f}">{_t(leaf)}</text></g>')
+    for s in topo.nodes_of_kind("spine"):
+        x, y = lay.points[s]
+        out.append(f'<g class="switch"><title>{_t(f"spine switch {s}")}</title><rect class="spine" x="{x - 24:.1f}" y="{y - 9:.1f}" width="48" height="18" rx="3"/>'
+                   f'<text class="switch-name" x="{x - 24:.1f}" y="{y - 13:.1f}">{_t(s)}</text></g>')
+    for h, box in lay.hosts.items():
+        out += _host_svg(topo, lay, h, box, by_gpu, rings_on.get(h, set()))
+    for kind in ("ring", "dp"):
+        out.append(f'<g class="{kind}s">')
+        out += [_group_svg(topo, lay, grp) for grp in groups[kind]]
+        out.append("</g>")
+    out.append("</svg>")
+    return "\n".join(out)
+
+
+def _host_svg(topo: Topology, lay: Layout, h: str, box, by_gpu: dict[str, RankInfo], rings: set[int]) -> list[str]:
+    data = topo.graph.nodes[h]
+    gpus = topo.gpus(h)
+    host_ranks = sorted(by_gpu[g].rank for g in gpus if g in by_gpu)
+    tip = [f"host {h}", f"leaf {topo.leaf_of(h) or '-'}", f"{len(gpus)} GPUs"]
+    tip += [f"{k} {data[k]}" for k in ("ip", "node_id") if data.get(k)]
+    if host_ranks:
+        tip.append(f"ranks {_span(host_ranks)}; {len(rings)} ring(s): {', '.join(map(str, sorted(rings)))}")
+    out = [f'<g class="host" data-host="{_a(h)}" data-rings="{len(rings)}">',
+           f'<rect class="host-box" x="{box.x:.1f}" y="{box.y:.1f}" width="{box.w:.1f}" height="{box.h:.1f}" rx="4"><title>{_t(chr(10).join(tip))}</title></rect>',
+           f'<text class="host-name" x="{box.x + 5:.1f}" y="{box.y + 11:.1f}">{_t(h)}</text>']
+    if rings:
+        out.append(f'<text class="badge" x="{box.x + box.w - 5:.1f}" y="{box.y + 11:.1f}" text-anchor="end">{len(rings)} ring{"s" if len(rings) > 1 else ""}</text>')
+    for u, v, d in topo.graph.edges(data=True):
+        if topo.graph.nodes[u].get("host") == h and topo.graph.nodes[v].get("host") == h:
+            out.append(_link(lay, u, v, d, _curve(lay.points[u], lay.points[v], 0.25 if topo.kind(u) == topo.kind(v) == "gpu" else 0.0, 14)))
+    for n, nd in topo.graph.nodes(data=True):
+        if nd.get("host") == h and nd["kind"] != "gpu":
+            x, y = lay.points[n]
+            out.append(f'<g class="part {nd["kind"]}"><title>{_t(n + " (" + nd["kind"] + ")")}</title>'
+                       f'<rect x="{x - 8:.1f}" y="{y - 4:.1f}" width="16" height="8" rx="1.5"/>'
+                       f'<text x="{x:.1f}" y="{y + 0.3:.1f}">{_PART_LABEL.get(nd["kind"], nd["kind"])}</text></g>')
+    for g in gpus:
+        x, y = lay.points[g]
+        info = by_gpu.get(g)
+        attrs = f' data-rank="{info.rank}" data-ring="{info.ring}" data-dp="{info.dp}"' if info else ""
+        tip = f"{g}: host {h}, CUDA index {topo.graph.nodes[g]['index']}, {topo.gpu.name}"
+        if info:
+            tip += f"\nrank {info.rank}, ring {info.ring} (position {info.ring_pos}), DP group {info.dp}, ulysses group {info.ulysses}"
+        out.append(f'<g class="gpu{" placed" if info else ""}" data-gpu="{_a(g)}"{attrs}><title>{_t(tip)}</title>'
+                   f'<rect x="{x - 8:.1f}" y="{y - 8:.1f}" width="16" height="16" rx="2"/>'
+                   f'<text x="{x:.1f}" y="{y:.1f}">{info.rank if info else ""}</text></g>')
+    out.append("</g>")
+    return out
+
+
+def _network_links(topo: Topology, lay: Layout) -> list[str]:
+    """Host-to-switch, switch-to-switch and (measured) host-to-host links."""
+    out = ['<g class="links">']
+    for u, v, d in topo.graph.edges(data=True):
+        hu, hv = topo.graph.nodes[u].get("host"), topo.graph.nodes[v].get("host")
+        if hu and hu == hv:
+            continue  # drawn inside the host
+        if hu and hv:
+            if len(topo.hosts) <= DIRECT_LINK_HOSTS:
+                out.append(_link(lay, u, v, d, _curve(lay.points[u], lay.points[v], -0.2, 60)))
+            continue
+        part, switch = (u, v) if hu else (v, u)
+        if hu or hv:
+            out.append(_link(lay, part, switch, d, _polyline(uplink_route(lay, topo.host_of(part), part, switch)), "uplink"))
+        else:
+            a, b = switch_point(lay, u), switch_point(lay, v)
+            if a and b:
+                out.append(_link(lay, u, v, d, _polyline([a, b])))
+    out.append("</g>")
+    return out
+
+
+def _polyline(points: list[tuple[float, float]]) -> str:
+    return "M" + " L".join(f"{x:.1f},{y:.1f}" for x, y in points)
+
+
+def _link(lay: Layout, u: str, v: str, d: dict, path: str, kind: str = "") -> str:
+    bw = d["bw_gbps"]
+    unbounded = bw >= lay.bw_cap
+    tip = f"{u} — {v}: " + ("not a bottleneck (stands for a path that never limits)" if unbounded else f"{bw:.1f} GB/s, {d['lat_us']:.1f} µs")
+    cls = " ".join(c for c in ("link", kind, "unbounded" if unbounded else "") if c)
+    return (f'<path class="{cls}" data-bw="{bw:g}" d="{path}" '
+            f'stroke="{lay.colour(bw)}" stroke-width="{lay.stroke(bw)}"><title>{_t(tip)}</title></path>')
+
+
+def _group_svg(topo: Topology, lay: Layout, grp: Group) -> str:
+    k = grp.kind
+    parts = [f'<g class="{k}" data-{k}="{grp.index}" data-hosts="{len(grp.hosts)}" style="--c:{grp.colour}"><title>{_t(grp.summary())}</title>']
+    if len(grp.hosts) > 1:
+        pts = [lay.hosts[h].anchor(grp.index) for h in grp.hosts]
+        d = f"M{pts[0][0]:.1f},{pts[0][1]:.1f} " + " ".join(_curve(a, b, 0.12, 40, move=False) for a, b in zip(pts, pts[1:] + pts[:1]))
+        parts.append(f'<path class="{k}-hosts" d="{d}"/>')
+    local: dict[str, list[str]] = {}
+    cross = []
+    for hop in grp.hops:
+        ha, hb = topo.host_of(hop.src), topo.host_of(hop.dst)
+        seg = _curve(lay.points[hop.src], lay.points[hop.dst], 0.45, 16 if ha == hb else 50)
+        (local.setdefault(ha, []) if ha == hb else cross).append(seg)
+    for h, segs in local.items():
+        parts.append(f'<path class="{k}-local" data-local-host="{_a(h)}" d="{" ".join(segs)}"/>')
+    if cross:
+        parts.append(f'<path class="{k}-cross" d="{" ".join(cross)}"/>')
+    parts.append("</g>")
+    return "".join(parts)
+
+
+def _curve(a: tuple[float, float], b: tuple[float, float], bend: float, cap: float, move: bool = True) -> str:
+    """A quadratic curve from a to b bowed sideways by ``bend`` x its length (at most ``cap``),
+    so a hop and its way back, or hops along one row of GPUs, do not lie on top of each other."""
+    (x1, y1), (x2, y2) = a, b
+    dx, dy = x2 - x1, y2 - y1
+    dist = (dx * dx + dy * dy) ** 0.5 or 1.0
+    off = max(-cap, min(cap, bend * dist))
+    cx, cy = (x1 + x2) / 2 - dy / dist * off, (y1 + y2) / 2 + dx / dist * off
+    head = f"M{x1:.1f},{y1:.1f} " if move else ""
+    return f"{head}Q{cx:.1f},{cy:.1f} {x2:.1f},{y2:.1f}"
+
+
+# ------------------------------------------------------------------ heatmap
+def _heatmap_svg(topo: Topology, lay: Layout) -> tuple[str, str]:
+    hosts = [h for leaf in lay.leaf_hosts.values() for h in leaf]
+    if not hosts:
+        return "", "no hosts"
+    single = len(hosts) == 1
+    names = topo.gpus(hosts[0]) if single else hosts
+    note = (f"GPU to GPU inside {hosts[0]} (one host)" if single else "host to host, hosts in drawing order") + \
+        ": the bandwidth one flow gets alone (its slowest link); hover a cell for GB/s and latency."
+    m = host_matrix(topo, hosts)
+    n = len(names)
+    cell = max(6.0, min(18.0, 640.0 / n))
+    left = 8 + 6 * max(len(s) for s in names)
+    size = left + n * cell + 10
+    out = [f'<svg id="heatmap" xmlns="http://www.w3.org/2000/svg" width="{size:.0f}" height="{size:.0f}" viewBox="0 0 {size:.0f} {size:.0f}">']
+    for i, name in enumerate(names):
+        y = left + i * cell
+        out.append(f'<text class="heat-label" x="{left - 3:.1f}" y="{y + cell * 0.7:.1f}" text-anchor="end">{_t(name)}</text>')
+        out.append(f'<text class="heat-label" transform="translate({left + i * cell + cell * 0.7:.1f},{left - 3:.1f}) rotate(-90)">{_t(name)}</text>')
+        for j in range(n):
+            bw, lat = m[i][j]
+            fill = "#eeeeee" if i == j else lay.colour(bw)
+            tip = f"{names[i]}" if i == j else f"{names[i]} → {names[j]}: {bw:.1f} GB/s, {lat:.1f} µs"
+            out.append(f'<rect class="cell" data-a="{_a(names[i])}" data-b="{_a(names[j])}" x="{left + j * cell:.1f}" y="{y:.1f}" '
+                       f'width="{cell:.1f}" height="{cell:.1f}" fill="{fill}"><title>{_t(tip)}</title></rect>')
+    out.append("</svg>")
+    return "\n".join(out), note
+
+
+# ------------------------------------------------------------------ side panel
+def _bw_legend(lay: Layout) -> str:
+    ticks = lay.ticks()
+    stops = "".join(f'<stop offset="{i / max(1, len(ticks) - 1):.2f}" stop-color="{lay.colour(t)}"/>' for i, t in enumerate(ticks))
+    labels = "".join(f'<text x="{8 + 250 * i / max(1, len(ticks) - 1):.0f}" y="34" font-size="10" text-anchor="middle">{t:g}</text>' for i, t in enumerate(ticks))
+    widths = "".join(f'<line x1="{8 + 250 * i / max(1, len(ticks) - 1) - 8:.0f}" x2="{8 + 250 * i / max(1, len(ticks) - 1) + 8:.0f}" y1="46" y2="46" '
+                     f'stroke="{lay.colour(t)}" stroke-width="{lay.stroke(t)}"/>' for i, t in enumerate(ticks))
+    return (f'<svg id="bw-legend" width="270" height="54"><defs><linearGradient id="bwgrad">{stops}</linearGradient></defs>'
+            f'<rect x="8" y="4" width="250" height="16" fill="url(#bwgrad)"/>{labels}{widths}</svg>'
+            f'<div class="note">dark = slow, orange = fast (log scale); dashed grey = never limits</div>')
+
+
+def _group_legend(groups: dict[str, list[Group]]) -> str:
+    out = []
+    for kind, title in (("ring", "Rings"), ("dp", "Data-parallel groups")):
+        if not groups[kind]:
+            continue
+        out.append(f"<h2>{title} ({len(groups[kind])})</h2><ul class=\"ring-keys\">")
+        for g in groups[kind]:
+            hop = f", slowest {g.slowest.bw:.1f} GB/s" if g.slowest else ""
+            out.append(f'<li class="ring-key" data-kind="{kind}" data-index="{g.index}"><span class="swatch" style="background:{g.colour}"></span>'
+                       f'{"ring" if kind == "ring" else "DP"} {g.index}: {len(g.ranks)} ranks, {len(g.hosts)} host(s){hop}</li>')
+        out.append("</ul>")
+    return "\n".join(out)
+
+
+KEY_FIGURES = ("step_time_s", "tokens_per_s", "mfu", "slowest_hop_gbps", "hidden", "bound_step_s", "efficiency",
+               "dp_allreduce_s", "inter_host_hops", "cross_switch_hops")
+"""Cost figures shown in the header; the rest of ``Plan.cost`` folds under "all figures"."""
+
+
+def _figures(plan: Plan | None) -> str:
+    if plan is None:
+        return '<span class="note">no plan: topology only (give --plan to draw rings)</span>'
+    shown = [k for k in KEY_FIGURES if k in plan.cost] or list(plan.cost)
+    rest = [k for k in plan.cost if k not in shown]
+    out = "".join(_figure(k, plan.cost[k]) for k in shown)
+    if rest:
+        out += f'<details><summary>all figures</summary>{"".join(_figure(k, plan.cost[k]) for k in rest)}</details>'
+    return out or '<span class="note">plan has no cost figures</span>'
+
+
+def _figure(key: str, value: object) -> str:
+    if isinstance(value, bool):
+        text = "yes" if value else "no"
+    elif isinstance(value, float):
+        text = f"{value:.3g}"
+    else:
+        text = str(value)
+    return f"<span><b>{_t(key.replace('_', ' '))}</b> {_t(text)}</span>"
+
+
+def _span(ranks: list[int]) -> str:
+    if ranks and ranks == list(range(ranks[0], ranks[0] + len(ranks))):
+        return f"{ranks[0]}–{ranks[-1]}" if len(ranks) > 1 else str(ranks[0])
+    return ", ".join(map(str, ranks[:12])) + (" …" if len(ranks) > 12 else "")
+
+
+def _t(text: str) -> str:
+    return html.escape(str(text), quote=False)
+
+
+def _a(text: str) -> str:
+    return html.escape(str(text), quote=True)
