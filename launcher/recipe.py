@@ -15,7 +15,8 @@ whole before anything starts; each error names the stage and field::
 (NTK-aware from the named stage, default the previous one, or the base model
 for the first) or ``{rule: scaling-law}`` (critical-dimension law from the
 base model's theta and length). ``batch`` and ``ulysses`` may be ``auto``:
-the sizing step picks them for the cluster. Relative data and model paths
+the sizing step picks them for the cluster. ``ring: N`` may stand in for
+``batch: gpus/N`` (``ring: auto`` = ``batch: auto``). Relative data and model paths
 are relative to the recipe file.
 """
 
@@ -68,6 +69,9 @@ class RecipeStage:
     """Run needle-in-a-haystack at the end of the stage with these settings."""
     published_tokens: int | None = None
     """Total tokens as published, checked by the dry run against seq_len x batch x accumulation x steps."""
+    train_batch_size: int | None = None
+    """Sequences per optimizer step (DeepSpeed's key) = batch x grad_accum. With ``batch: auto``
+    the sizing keeps it and sets grad_accum; without it the written grad_accum stays."""
 
 
 @dataclass
@@ -103,6 +107,9 @@ class Recipe:
             t = s.rope_theta
             if isinstance(t, ThetaRule) and t.rule == "ntk":
                 base_t, base_l = (thetas[t.base_stage], lengths[t.base_stage]) if t.base_stage else (prev_theta, prev_len)
+                if s.seq_len < base_l:  # the rule stretches context; below 1x it yields no real theta
+                    raise ConfigError(f"{self.source}: stage {s.name!r}: rope_theta rule ntk scales up from {base_l} tokens, "
+                                      f"but seq_len is {s.seq_len}; give a number or raise seq_len (model.base_len sets the start)")
                 theta = ntk_theta(base_t, base_l, s.seq_len, self.model.head_dim, t.alpha)
             elif isinstance(t, ThetaRule):
                 theta = scaling_law_theta(self.model.base_theta, self.model.base_len, s.seq_len)
@@ -133,11 +140,13 @@ class Recipe:
         return out
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "Recipe":
-        return cls.from_dict(load_data(path), base_dir=Path(path).resolve().parent, source=str(path))
+    def load(cls, path: str | os.PathLike, check_paths: bool = True) -> "Recipe":
+        """Read and validate a recipe; ``check_paths=False`` (dry runs) skips the data-exists check,
+        since data usually lives on the cluster's shared filesystem, not where the dry run is."""
+        return cls.from_dict(load_data(path), base_dir=Path(path).resolve().parent, source=str(path), check_paths=check_paths)
 
     @classmethod
-    def from_dict(cls, data: Any, base_dir: Path | None = None, source: str = "recipe") -> "Recipe":
+    def from_dict(cls, data: Any, base_dir: Path | None = None, source: str = "recipe", check_paths: bool = True) -> "Recipe":
         if not isinstance(data, dict):
             raise ConfigError(f"{source}: expected a mapping at the top level")
         base_dir = base_dir or Path.cwd()
@@ -150,10 +159,10 @@ class Recipe:
             model.path = str(base_dir / model.path)
         elif model.path and (model.path.startswith((".", "/")) and not Path(model.path).exists()):
             raise ConfigError(f"{source}: model.path {model.path!r} does not exist; give a local directory or a hub name")
-        recipe_data = _data(data["data"], base_dir, f"{source}: data")
+        recipe_data = _data(data["data"], base_dir, f"{source}: data", check_paths)
         if not isinstance(data["stages"], list) or not data["stages"]:
             raise ConfigError(f"{source}: 'stages' must be a non-empty list")
-        stages = [_stage(s, i, base_dir, source) for i, s in enumerate(data["stages"])]
+        stages = [_stage(s, i, base_dir, source, check_paths) for i, s in enumerate(data["stages"])]
         recipe = cls(
             name=str(data["name"]), model=model, data=recipe_data, stages=stages,
             deepspeed=data.get("deepspeed") or {}, run_dir=str(data.get("run_dir", "runs")),
@@ -178,15 +187,17 @@ class Recipe:
             self.stage_configs(self.run_dir)  # each StageConfig checks its own shape
 
 
-def _stage(raw: Any, i: int, base_dir: Path, source: str) -> RecipeStage:
+def _stage(raw: Any, i: int, base_dir: Path, source: str, check_paths: bool = True) -> RecipeStage:
     where = f"{source}: stages[{i}]"
     if not isinstance(raw, dict):
         raise ConfigError(f"{where}: expected a mapping")
     where = f"{source}: stage {raw.get('name', i)!r}"
-    _no_unknown(raw, {f.name for f in fields(RecipeStage)}, where)
+    _no_unknown(raw, {f.name for f in fields(RecipeStage)} | {"ring"}, where)
     raw = dict(raw)
     raw.setdefault("name", str(i))
     raw["name"] = str(raw["name"])
+    if "ring" in raw:  # ring size is the other face of batch: ring = gpus / batch
+        raw["batch"] = _batch_from_ring(raw.pop("ring"), raw.get("batch"), raw.get("gpus"), where)
     for key in ("seq_len", "rope_theta", "batch", "steps", "gpus"):
         if key not in raw:
             raise ConfigError(f"{where}: '{key}' is missing")
@@ -201,28 +212,41 @@ def _stage(raw: Any, i: int, base_dir: Path, source: str) -> RecipeStage:
         raw["rope_theta"] = rule
     elif not isinstance(theta, (int, float)) or isinstance(theta, bool) or theta <= 0:
         raise ConfigError(f"{where}: rope_theta is {theta!r}; give a positive number or {{rule: ntk|scaling-law}}")
-    for key in ("seq_len", "steps", "gpus", "grad_accum", "checkpoint_every", "batch", "ulysses", "min_gpus"):
+    for key in ("seq_len", "steps", "gpus", "grad_accum", "checkpoint_every", "batch", "ulysses", "min_gpus", "train_batch_size"):
         value = raw.get(key)
         if value is None or (key in ("batch", "ulysses") and value == AUTO):
             continue
         if not isinstance(value, int) or isinstance(value, bool) or value < (0 if key == "checkpoint_every" else 1):
             raise ConfigError(f"{where}: {key} is {value!r}; it must be a whole number >= {0 if key == 'checkpoint_every' else 1}" + (" or 'auto'" if key in ("batch", "ulysses") else ""))
     if raw.get("data") is not None:
-        raw["data"] = _data(raw["data"], base_dir, f"{where}: data")
+        raw["data"] = _data(raw["data"], base_dir, f"{where}: data", check_paths)
     if "lr" in raw:
         raw["lr"] = float(raw["lr"])
     stage = RecipeStage(**raw)
     if stage.min_gpus is not None and stage.min_gpus > stage.gpus:
         raise ConfigError(f"{where}: min_gpus ({stage.min_gpus}) exceeds gpus ({stage.gpus})")
+    tbs = stage.train_batch_size
+    if tbs is not None and stage.batch != AUTO and tbs != stage.batch * stage.grad_accum:
+        raise ConfigError(f"{where}: train_batch_size ({tbs}) != batch ({stage.batch}) x grad_accum ({stage.grad_accum}); fix one or write batch: auto")
     return stage
 
 
-def _data(raw: Any, base_dir: Path, where: str) -> DataConfig:
+def _batch_from_ring(ring: Any, batch: Any, gpus: Any, where: str) -> int | str:
+    if batch is not None:
+        raise ConfigError(f"{where}: give 'batch' or 'ring', not both (ring size = gpus / batch)")
+    if ring == AUTO:
+        return AUTO
+    if not isinstance(ring, int) or isinstance(ring, bool) or ring < 1 or not isinstance(gpus, int) or gpus % ring:
+        raise ConfigError(f"{where}: ring is {ring!r}; it must be 'auto' or a whole number that divides gpus ({gpus})")
+    return gpus // ring
+
+
+def _data(raw: Any, base_dir: Path, where: str, check_paths: bool = True) -> DataConfig:
     cfg = _build(DataConfig, raw, where)
     path = Path(cfg.path)
     if not path.is_absolute():
         path = base_dir / path
-    if not path.exists():
+    if check_paths and not path.exists():
         raise ConfigError(f"{where}.path {cfg.path!r} does not exist (looked at {path}); point it at a directory or file of documents")
     cfg.path = str(path)
     return cfg
