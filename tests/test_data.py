@@ -1,0 +1,130 @@
+"""Packing, upsampling, chat masking and the sample order of the stage's data."""
+
+import json
+import random
+from collections import Counter
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from stage_helpers import CHAT, CORPUS
+from topology.errors import ConfigError
+from trainer.config import DataConfig
+from trainer.data import build_dataset, read_documents, sample_index, upsample_factor
+from trainer.tokenizer import EOT, byte_tokenizer
+
+TOK = byte_tokenizer()
+
+
+def _docs(tmp_path, texts):
+    for i, t in enumerate(texts):
+        (tmp_path / f"{i:02d}.txt").write_text(t)
+    return DataConfig(path=str(tmp_path))
+
+
+def test_samples_are_shifted_pieces_of_eos_separated_documents(tmp_path):
+    rng = random.Random(0)
+    texts = ["".join(rng.choice("abcdefgh ") for _ in range(n)) for n in (180, 250, 120)]
+    ds = build_dataset(_docs(tmp_path, texts), TOK, seq_len=64, seed=1)
+    stream = ds.tokens
+    assert int((stream == TOK.eos_token_id).sum()) == 3 and int((stream == TOK.bos_token_id).sum()) == 3
+    assert len(ds) == len(stream) // 65
+    seen = set()
+    for i in range(len(ds)):
+        s = ds[i]
+        assert s["input_ids"].shape == s["labels"].shape == (64,)
+        assert s["labels"][:-1].tolist() == s["input_ids"][1:].tolist()
+        start = next(j for j in range(0, len(stream), 65) if stream[j:j + 64].tolist() == s["input_ids"].tolist())
+        assert int(stream[start + 64]) == int(s["labels"][-1])
+        seen.add(start)
+    assert len(seen) == len(ds)  # one epoch is a permutation of the pieces
+
+
+def test_same_seed_same_samples_other_seed_other_order(tmp_path):
+    cfg = _docs(tmp_path, [f"document {i} " * (10 + i) for i in range(30)])
+    a, b, c = (build_dataset(cfg, TOK, 32, seed=s) for s in (0, 0, 1))
+    assert all(a[i]["input_ids"].equal(b[i]["input_ids"]) for i in range(3 * len(a)))
+    assert any(not a[i]["input_ids"].equal(c[i]["input_ids"]) for i in range(len(a)))
+    # past one epoch indices wrap around in a new order of the same pieces
+    first = sorted(a[i]["input_ids"].tolist() for i in range(len(a)))
+    second = [a[len(a) + i]["input_ids"].tolist() for i in range(len(a))]
+    assert sorted(second) == first and second != [a[i]["input_ids"].tolist() for i in range(len(a))]
+
+
+def test_long_documents_are_upsampled(tmp_path):
+    assert [upsample_factor(n, 100) for n in (50, 100, 101, 250, 10_000)] == [1, 1, 2, 3, 4]
+    texts = ["L" * 1000] + ["s" * 50] * 5  # 1002 tokens with BOS/EOS: ceil(1002/300) = 4 copies
+    cfg = _docs(tmp_path, texts)
+    up = build_dataset(DataConfig(path=cfg.path, long_doc_tokens=300), TOK, 32)
+    flat = build_dataset(DataConfig(path=cfg.path, long_doc_tokens=300, upsample_long=False), TOK, 32)
+    assert Counter(up.tokens.tolist())[ord("L")] == 4 * 1000
+    assert Counter(flat.tokens.tolist())[ord("L")] == 1000
+    assert Counter(up.tokens.tolist())[ord("s")] == Counter(flat.tokens.tolist())[ord("s")] == 250
+
+
+def test_jsonl_and_parquet_documents(tmp_path):
+    (tmp_path / "a.jsonl").write_text("\n".join(json.dumps({"text": t, "meta": 1}) for t in ["one", "two"]) + "\n")
+    pq.write_table(pa.table({"text": ["three", "four"]}), tmp_path / "b.parquet")
+    (tmp_path / "c.txt").write_text("five")
+    (tmp_path / "notes.md").write_text("ignored: not a document type")
+    assert read_documents(tmp_path) == ["one", "two", "three", "four", "five"]
+
+
+def test_chat_labels_cover_exactly_the_assistant_replies():
+    ds = build_dataset(DataConfig(path=str(CHAT), kind="chat"), TOK, seq_len=4096)
+    convs = read_documents(CHAT, "chat")
+    replies = [m["content"] + EOT for c in convs for m in c if m["role"] == "assistant"]
+    stream, learn = ds.tokens.tolist(), ds.learn.tolist()
+    learned, run = [], []
+    for tok, flag in zip(stream, learn):
+        if flag:
+            run.append(tok)
+        elif run:
+            learned.append(TOK.decode(run)), run.clear()
+    if run:
+        learned.append(TOK.decode(run))
+    assert sorted(learned) == sorted(replies)
+    sample = ds[0]
+    masked = sample["labels"] == -100
+    assert 0 < int(masked.sum()) < 4096
+    assert sample["labels"][~masked].tolist() == sample["input_ids"][1:][~masked[:-1]].tolist() + (
+        [] if masked[-1] else [int(sample["labels"][-1])])
+
+
+def test_sample_index_gives_every_split_of_a_global_batch_the_same_samples():
+    def batch(step, dp, accum):
+        return sorted(sample_index(step, m, r, dp, accum) for m in range(accum) for r in range(dp))
+    for step in range(3):
+        assert batch(step, 1, 8) == batch(step, 2, 4) == batch(step, 8, 1) == list(range(8 * step, 8 * step + 8))
+
+
+def test_demo_corpus_packs_for_the_demo_stages():
+    docs = read_documents(CORPUS)
+    sizes = [len(d.encode()) + 2 for d in docs]  # bytes + BOS + EOS
+    assert sum(sizes) > 40_000 and any(n > 4096 for n in sizes)  # some documents get upsampled
+    ds = build_dataset(DataConfig(path=str(CORPUS)), TOK, seq_len=1024)
+    assert len(ds.tokens) == sum(n * upsample_factor(n, 4096) for n in sizes) > sum(sizes)
+    assert len(ds) >= 64
+
+
+@pytest.mark.parametrize("setup,kind,message", [
+    (lambda d: None, "pretrain", "holds no pretrain documents"),
+    (lambda d: (d / "x.jsonl").write_text('{"body": "no text field"}\n'), "pretrain", r"x.jsonl:1: record has no 'text' field"),
+    (lambda d: (d / "x.jsonl").write_text('{"text": \n'), "pretrain", r"x.jsonl:1: not valid JSON"),
+    (lambda d: (d / "x.jsonl").write_text('{"messages": "hello"}\n'), "chat", "messages must be a non-empty list"),
+    (lambda d: pq.write_table(pa.table({"body": ["x"]}), d / "x.parquet"), "pretrain", "no 'text' column"),
+])
+def test_bad_data_is_a_one_line_config_error(tmp_path, setup, kind, message):
+    setup(tmp_path)
+    with pytest.raises(ConfigError, match=message) as err:
+        build_dataset(DataConfig(path=str(tmp_path), kind=kind), TOK, 16)
+    assert "\n" not in str(err.value)
+
+
+def test_missing_path_and_too_little_data(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        read_documents(tmp_path / "nope")
+    # one pass too short for a sample: passes repeat until one fits
+    ds = build_dataset(_docs(tmp_path, ["tiny"]), TOK, seq_len=64)
+    assert len(ds) == 1 and ds[0]["input_ids"][:5].tolist() == [TOK.bos_token_id] + list(b"tiny")

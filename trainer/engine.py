@@ -1,0 +1,112 @@
+"""The process group and the DeepSpeed engine of one stage.
+
+DeepSpeed's data-parallel group is the whole world: every rank, context
+parallel or not, holds the same parameters, so ZeRO partitions them (and the
+optimizer state) over all ``W`` ranks and averages gradients over all of
+them; ``trainer.loss.loss_scale`` makes that average the right one.
+
+On CPU (tests, laptops) DeepSpeed's CPU accelerator runs over gloo
+(``DS_ACCELERATOR=cpu``) in fp32, ZeRO-3 included; on CUDA the stage runs
+NCCL and bf16.
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime
+import logging
+import os
+from types import SimpleNamespace
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from topology.errors import ConfigError
+from trainer.config import StageConfig
+
+log = logging.getLogger(__name__)
+
+
+def init_process_group(timeout_s: float = 1800.0) -> torch.device:
+    """Join (or reuse) the default process group from torchrun's variables; returns this rank's device.
+
+    NCCL when CUDA is present, gloo otherwise. The GPU is ``cuda:LOCAL_RANK``
+    when the process sees all of its host's GPUs (torchrun), ``cuda:0`` when
+    it sees only its own (Ray sets CUDA_VISIBLE_DEVICES per worker).
+    """
+    # DeepSpeed reads LOCAL_RANK even when the group already exists.
+    needed = ("LOCAL_RANK",) if dist.is_initialized() else ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+    missing = [v for v in needed if v not in os.environ]
+    if missing:
+        raise ConfigError(f"environment variable(s) {', '.join(missing)} not set; start ranks with torchrun or the ringleader launcher")
+    cuda = torch.cuda.is_available()
+    device = torch.device("cpu")
+    if cuda:
+        visible, local = torch.cuda.device_count(), int(os.environ.get("LOCAL_RANK", "0"))
+        if visible > 1 and local >= visible:
+            raise ConfigError(f"LOCAL_RANK is {local} but this process sees {visible} GPUs; start one rank per GPU")
+        device = torch.device("cuda", 0 if visible == 1 else local)
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(seconds=timeout_s),
+                                device_id=device if cuda else None)
+    return device
+
+
+def agree(error: str | None) -> None:
+    """Collective: if any rank has an error, every rank raises the first one.
+
+    Input is checked rank by rank (each host sees its own files); without
+    this a rank that finds nothing wrong would wait forever in its first
+    collective for the ranks that stopped.
+    """
+    errors: list[str | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(errors, error)
+    failed = [(rank, message) for rank, message in enumerate(errors) if message is not None]
+    if failed:
+        rank, message = failed[0]
+        same = len(failed) == len(errors) and all(m == message for _, m in failed)
+        raise ConfigError(message if same else f"rank {rank}: {message}")
+
+
+def deepspeed_config(cfg: StageConfig, cuda: bool) -> dict[str, Any]:
+    """The stage's DeepSpeed JSON config: the recipe's keys plus batch, accumulation, lr and precision.
+
+    One sequence per rank per micro-step (a ring shares it); DeepSpeed
+    derives ``train_batch_size`` as micro x accumulation x world.
+    """
+    ds = copy.deepcopy(cfg.deepspeed)
+    ds.pop("train_batch_size", None)
+    ds["train_micro_batch_size_per_gpu"] = 1
+    ds["gradient_accumulation_steps"] = cfg.grad_accum
+    optimizer = ds.setdefault("optimizer", {"type": "AdamW", "params": {}})
+    optimizer.setdefault("params", {})["lr"] = cfg.lr
+    if cuda:
+        if not ds.get("fp16", {}).get("enabled"):
+            ds["bf16"] = {**ds.get("bf16", {}), "enabled": True}
+    else:
+        ds["bf16"] = {"enabled": False}
+        ds["fp16"] = {"enabled": False}
+        if optimizer["type"].lower() in ("adam", "adamw"):
+            # torch's AdamW: DeepSpeed's CPU FusedAdam would need a C++ build at first use.
+            optimizer["params"]["torch_adam"] = True
+    return ds
+
+
+def make_engine(model: torch.nn.Module, ds_config: dict[str, Any], device: torch.device) -> Any:
+    """``deepspeed.initialize`` on an existing process group and device; returns the engine.
+
+    DeepSpeed picks ``cuda:LOCAL_RANK`` unless told the device (``args.device_rank``),
+    which is wrong for a process that sees only its own GPU.
+    """
+    import deepspeed
+
+    args = SimpleNamespace(device_rank=device.index) if device.type == "cuda" else None
+    engine, *_ = deepspeed.initialize(args=args, model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
+                                      config=ds_config, dist_init_required=False)
+    return engine
+
+
+def zero_stage(ds_config: dict[str, Any]) -> int:
+    return int(ds_config.get("zero_optimization", {}).get("stage", 0))

@@ -1,0 +1,147 @@
+"""Build the stage's HF Llama: from the previous stage, from a pretrained model, or tiny and random.
+
+Each stage of progressive training changes two settings of the model it
+starts from: RoPE theta (``config.rope_parameters``) and the context length
+(``max_position_embeddings``). Both are written into the config *before* the
+model is built, because HF Llama computes its rotary inverse frequencies
+``1 / theta^(2i/d)`` once, at construction, into a non-persistent buffer: a
+checkpoint never carries them, so the new theta takes effect on load.
+
+The model is built whole on each rank (16 GB in bf16 for Llama-3-8B: eight
+ranks fit a g6e.48xlarge's host memory and, briefly, an L40S);
+``deepspeed.initialize`` then partitions it for ZeRO-3.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from huggingface_hub.errors import StrictDataclassError
+from transformers import (AutoConfig, AutoModelForCausalLM, LlamaConfig, PreTrainedConfig, PreTrainedModel,
+                          PreTrainedTokenizerBase)
+
+from topology.errors import ConfigError
+from trainer.config import ModelConfig
+
+log = logging.getLogger(__name__)
+
+
+def set_rope(config: Any, rope_theta: float, seq_len: int) -> None:
+    """Write a stage's theta and context length into an HF config (in place).
+
+    The stage's theta replaces any earlier RoPE scaling (e.g. ``llama3``
+    frequency scaling): progressive training extends context by theta alone.
+    """
+    old = dict(getattr(config, "rope_parameters", None) or {})
+    if old.get("rope_type", "default") != "default":
+        log.info("replacing rope_type %r with plain RoPE at theta %.4g", old.get("rope_type"), rope_theta)
+    config.rope_parameters = {"rope_type": "default", "rope_theta": float(rope_theta)}
+    config.max_position_embeddings = int(seq_len)
+
+
+def resolve_source(model_cfg: ModelConfig, init_from: str | None) -> str | None:
+    """Directory or hub name the weights come from (None: a random tiny model); checks local paths."""
+    if init_from is not None:
+        if not (Path(init_from) / "config.json").is_file():
+            raise ConfigError(f"init_from {init_from!r} holds no HF model (no config.json); run the previous stage first or fix the path")
+        return init_from
+    if model_cfg.path is None:
+        return None
+    path = Path(model_cfg.path).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise ConfigError(f"model.path {model_cfg.path!r} has no config.json; point it at an HF model directory")
+        return str(path)
+    if model_cfg.path.startswith((".", "/", "~")):
+        raise ConfigError(f"model.path {model_cfg.path!r} does not exist; give a local directory or a hub name")
+    return model_cfg.path
+
+
+def build_model(model_cfg: ModelConfig, rope_theta: float, seq_len: int, init_from: str | None = None,
+                tokenizer: PreTrainedTokenizerBase | None = None, seed: int = 0,
+                dtype: torch.dtype = torch.float32) -> PreTrainedModel:
+    """The model a stage trains.
+
+    Parameters
+    ----------
+    model_cfg
+        ``path`` (local directory or hub name) or ``tiny`` (LlamaConfig keyword arguments).
+    rope_theta, seq_len
+        The stage's RoPE theta and sequence length, written into the config.
+    init_from
+        The previous stage's HF directory; takes precedence over ``model_cfg``.
+    tokenizer
+        Fills a tiny config's missing ``vocab_size`` and its bos/eos/pad ids.
+    seed
+        Seeds the random weights of a tiny model.
+    dtype
+        Parameter dtype (bf16 on CUDA; fp32 on CPU).
+
+    Raises
+    ------
+    ConfigError
+        A missing path, a model that cannot be loaded, or a tiny vocabulary
+        smaller than the tokenizer's.
+    """
+    source = resolve_source(model_cfg, init_from)
+    config = load_config(model_cfg, init_from, tokenizer)
+    set_rope(config, rope_theta, seq_len)
+    if source is None:
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    else:
+        try:
+            model = AutoModelForCausalLM.from_pretrained(source, config=config, dtype=dtype)
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"cannot load model {source!r} ({_first_line(exc)}); give a local HF directory or a cached hub name") from None
+    if tokenizer is not None:
+        _check_vocab(model.get_input_embeddings().num_embeddings, tokenizer)
+    return model
+
+
+def load_config(model_cfg: ModelConfig, init_from: str | None = None,
+                tokenizer: PreTrainedTokenizerBase | None = None) -> PreTrainedConfig:
+    """The HF config the stage's model is built from (before the stage's RoPE settings).
+
+    Cheap (no weights), so a stage reads it to check its shape before starting.
+    """
+    source = resolve_source(model_cfg, init_from)
+    if source is None:
+        return _tiny_config(model_cfg.tiny or {}, tokenizer)
+    try:
+        return AutoConfig.from_pretrained(source)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"cannot load model config {source!r} ({_first_line(exc)}); give a local HF directory or a cached hub name") from None
+
+
+def _first_line(exc: BaseException) -> str:
+    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+
+
+def _check_vocab(vocab_size: int, tokenizer: PreTrainedTokenizerBase) -> None:
+    if vocab_size < len(tokenizer):
+        raise ConfigError(f"model vocabulary ({vocab_size}) is smaller than the tokenizer's ({len(tokenizer)}); "
+                          "raise vocab_size or use the model's own tokenizer")
+
+
+def _tiny_config(kwargs: dict[str, Any], tokenizer: PreTrainedTokenizerBase | None) -> LlamaConfig:
+    kwargs = dict(kwargs)
+    if tokenizer is not None:
+        kwargs.setdefault("vocab_size", len(tokenizer))
+        kwargs.setdefault("bos_token_id", tokenizer.bos_token_id)
+        kwargs.setdefault("eos_token_id", tokenizer.eos_token_id)
+        kwargs.setdefault("pad_token_id", tokenizer.pad_token_id)
+        _check_vocab(kwargs["vocab_size"], tokenizer)
+    try:
+        return LlamaConfig(**kwargs)
+    except (TypeError, ValueError, StrictDataclassError) as exc:
+        reason = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+        raise ConfigError(f"model.tiny is not a valid LlamaConfig ({reason})") from None
+
+
+def rotary_inv_freq(model: PreTrainedModel) -> torch.Tensor:
+    """The rotary inverse frequencies the model actually uses (for checks)."""
+    return model.model.rotary_emb.inv_freq

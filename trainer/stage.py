@@ -1,0 +1,203 @@
+"""Run one stage of progressive long-context training on this process group.
+
+Every rank runs the same code: it joins the process group from torchrun's
+variables (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT), builds
+its parallel groups from the plan, and trains the stage's model with zigzag
+ring attention inside HF Llama and DeepSpeed ZeRO, resuming from the stage's
+newest checkpoint if there is one. At the end ``<output_dir>/hf`` holds the
+model with the stage's RoPE theta, for the next stage's ``init_from``.
+
+One machine, 4 processes (4 GPUs, or gloo on CPU)::
+
+    torchrun --nproc_per_node 4 -m trainer.stage --config stage.json --plan plan.json
+
+Several machines (same files on shared storage), on each host::
+
+    torchrun --nnodes 4 --nproc_per_node 8 --rdzv-backend c10d --rdzv-endpoint HEAD:29400 \\
+        -m trainer.stage --config stage.json --plan plan.json
+
+The ringleader launcher does the same from Ray workers, with ranks in the
+plan's order. Bad input ends every rank with one line
+``ringleader: error: ...`` and exit status 2, before any group is created.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+
+from topology.errors import ConfigError
+from topology.plan import Plan
+from trainer import checkpoint
+from trainer.config import StageConfig
+from trainer.data import build_dataset, sample_index
+from trainer.engine import agree, deepspeed_config, init_process_group, make_engine, zero_stage
+from trainer.groups import ParallelGroups
+from trainer.loss import ShardLoss, loss_scale
+from trainer.modeling import build_model, load_config
+from trainer.progress import StepReporter
+from trainer.tokenizer import load_tokenizer
+from trainer.ulysses import kv_heads_for_ulysses
+from trainer.zigzag import check_seq_len, local_indices, shard
+
+log = logging.getLogger("trainer.stage")
+
+
+@dataclass
+class StageResult:
+    """What a finished stage hands on."""
+
+    hf_dir: str
+    """The HF model (and tokenizer) the next stage starts from."""
+    final_loss: float
+    """Mean token loss of the last optimizer step (nan if the stage had no step left to run)."""
+    steps: int
+    tokens: int
+    resumed_from: int | None
+    """Optimizer step of the checkpoint this run resumed from (None: a fresh start)."""
+
+
+def check_inputs(cfg: StageConfig, plan: Plan, world_size: int) -> None:
+    """Raise ConfigError for a stage that cannot run on this plan and process group."""
+    if plan.world_size != world_size:
+        raise ConfigError(f"plan world_size ({plan.world_size}) != process group size ({world_size}); re-plan for {world_size} GPUs")
+    if (plan.dp, plan.cp, plan.ulysses) != (cfg.batch, cfg.cp, cfg.ulysses):
+        raise ConfigError(f"plan shape dp={plan.dp} cp={plan.cp} ulysses={plan.ulysses} does not match stage {cfg.name!r} "
+                          f"(batch={cfg.batch}, ring size={cfg.cp}, ulysses={cfg.ulysses}); re-plan the stage")
+    check_seq_len(cfg.seq_len, cfg.cp)
+    config = load_config(cfg.model, cfg.init_from)
+    kv_heads_for_ulysses(config.num_attention_heads, config.num_key_value_heads or config.num_attention_heads, cfg.ulysses)
+
+
+def run_stage(cfg: StageConfig, plan: Plan, on_metrics: Callable[[dict[str, Any]], None] | None = None) -> StageResult:
+    """Train one stage on the default process group (joined from torchrun's variables if needed).
+
+    Parameters
+    ----------
+    cfg
+        The stage, every value resolved.
+    plan
+        Rank placement and parallel shape; its world size must be the process group's.
+    on_metrics
+        Called on every rank after each optimizer step with that step's
+        metrics dict (see ``trainer.progress.StepReporter``).
+
+    Raises
+    ------
+    ConfigError
+        On every rank alike, before any parallel group exists, when the
+        input is wrong on any rank (paths, plan shape, sequence length, data).
+    """
+    device = init_process_group()
+    rank, world = dist.get_rank(), dist.get_world_size()
+    try:
+        check_inputs(cfg, plan, world)
+        tokenizer = load_tokenizer(cfg.model, cfg.init_from)
+        dataset = build_dataset(cfg.data, tokenizer, cfg.seq_len, cfg.seed)
+        error = None
+    except ConfigError as exc:
+        error = str(exc)
+    agree(error)
+    groups = ParallelGroups.from_plan(plan)
+    cuda = device.type == "cuda"
+    ds_config = deepspeed_config(cfg, cuda)
+    Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
+
+    model = build_model(cfg.model, cfg.rope_theta, cfg.seq_len, cfg.init_from, tokenizer=tokenizer, seed=cfg.seed,
+                        dtype=torch.bfloat16 if cuda else torch.float32)
+    model.set_attn_implementation(_attention(groups))
+    model.config.use_cache = False
+    if cfg.activation_checkpointing:
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    engine = make_engine(ShardLoss(model), ds_config, device)
+
+    first_step, tokens = checkpoint.resume(engine, cfg.output_dir)
+    if rank == 0:
+        log.info("stage %s: %d ranks (dp %d x ring %d x ulysses %d), seq_len %d, theta %.4g, ZeRO-%d, attention %s, %s",
+                 cfg.name, world, plan.dp, plan.ring, plan.ulysses, cfg.seq_len, cfg.rope_theta, zero_stage(ds_config),
+                 model.config._attn_implementation, f"resuming at step {first_step}" if first_step else "fresh start")
+    reporter = StepReporter(cfg.name, cfg.steps, first_step, cfg.tokens_per_step, cfg.output_dir, rank, on_metrics)
+    positions = local_indices(cfg.seq_len, groups)[None].to(device)
+    loss = float("nan")
+    try:
+        for step in range(first_step, cfg.steps):
+            loss = _train_step(engine, dataset, groups, cfg, plan.dp, step, positions, device)
+            reporter.step(step + 1, loss, float(engine.get_lr()[0]))
+            tokens = (step + 1) * cfg.tokens_per_step
+            last = step + 1 == cfg.steps
+            if last or (cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0):
+                checkpoint.save(engine, cfg.output_dir, step + 1, tokens)
+    finally:
+        reporter.close()
+    hf_dir = checkpoint.export_hf(model, tokenizer, cfg.output_dir)
+    return StageResult(str(hf_dir), loss, cfg.steps, tokens, first_step or None)
+
+
+def _attention(groups: ParallelGroups) -> str:
+    """Ring attention when a sequence spans ranks; torch's SDPA when it does not."""
+    if len(groups.cp_ranks) == 1:
+        return "sdpa"
+    from trainer.hf_attention import register_ring_attention
+
+    return register_ring_attention(groups)
+
+
+def _train_step(engine: Any, dataset: Any, groups: ParallelGroups, cfg: StageConfig, dp: int, step: int,
+                positions: torch.Tensor, device: torch.device) -> float:
+    """One optimizer step (``grad_accum`` micro-steps); returns the global batch's mean token loss."""
+    micro = []
+    for m in range(cfg.grad_accum):
+        sample = dataset[sample_index(step, m, groups.dp_rank, dp, cfg.grad_accum)]
+        micro.append({k: shard(v[None], groups).to(device) for k, v in sample.items()})
+    # Labelled tokens of the whole global batch: every rank's shards of every micro-step.
+    count = torch.tensor(float(sum(int((b["labels"] != -100).sum()) for b in micro)), device=device)
+    dist.all_reduce(count)
+    scale = loss_scale(dist.get_world_size(), cfg.grad_accum, int(count.item()))
+    total = torch.zeros((), device=device)
+    for batch in micro:
+        loss_sum, _ = engine(batch["input_ids"], positions, batch["labels"])
+        engine.backward(loss_sum * scale)
+        engine.step()
+        total += loss_sum.detach().float()
+    dist.all_reduce(total)
+    return float(total.item() / max(count.item(), 1.0))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m trainer.stage", description="Run one training stage on this process group.")
+    parser.add_argument("--config", required=True, help="stage config (JSON, StageConfig.save)")
+    parser.add_argument("--plan", required=True, help="plan (JSON or YAML, Plan.save)")
+    args = parser.parse_args(argv)
+    rank = int(os.environ.get("RANK", "0"))
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format=f"[rank {rank}] %(message)s", force=True)
+    owns_group = not dist.is_initialized()
+    try:
+        init_process_group()
+        try:
+            cfg, plan, error = StageConfig.load(args.config), Plan.load(args.plan), None
+        except ConfigError as exc:
+            cfg = plan = None
+            error = str(exc)
+        agree(error)
+        result = run_stage(cfg, plan)
+        if dist.get_rank() == 0:
+            print(f"stage {cfg.name} done: {asdict(result)}", flush=True)
+        return 0
+    except ConfigError as exc:
+        print(f"ringleader: error: {exc}", file=sys.stderr, flush=True)
+        return 2
+    finally:
+        if owns_group and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
