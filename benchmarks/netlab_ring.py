@@ -1,0 +1,185 @@
+"""Ring attention's traffic on a real (emulated) network: topology-aware rank order vs naive.
+
+    sudo python benchmarks/netlab_ring.py                # builds the lab, measures, tears it down
+    sudo python benchmarks/netlab_ring.py --hosts 8 --per-leaf 4 --kv-tokens 1024
+
+Builds tests/netlab.py's lab (default 6 hosts, 2 leaves of 3 interleaved in
+address order, 400 Mbit/s host links, 200 Mbit/s uplinks, h4 degraded to
+300 Mbit/s), profiles it with ``ringleader profile``, plans rings of one
+leaf's size with the ``aware`` and the ``naive`` strategy on the measured
+topology, and runs each: one process per rank on its planned host, every
+ring passing a K/V-sized block (what one rank holds of ``--kv-tokens``
+tokens of Llama-3-8B in bf16) to its next rank, all rings at once, over
+torch.distributed gloo. Prints the measured step time of both orders, their
+ratio, and the cost model's prediction for each (``topology.cost.estimate``,
+on the measured topology and on the lab's declared one) with its error.
+
+Inside an existing lab (the head's namespace) the measuring half runs alone::
+
+    ip netns exec rlab-...-h0 python -m benchmarks.netlab_ring --address 198.18.0.1:6379 --profile topo.json --json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from topology.cost import estimate  # noqa: E402
+from topology.model import Topology, load_data  # noqa: E402
+from topology.plan import Plan, RankPlacement  # noqa: E402
+from topology.planner import make_plan  # noqa: E402
+
+def run_ring(plan: Plan, steps: int, timeout_s: float = 120.0) -> list[float]:
+    """Seconds of each ring step with every ring of ``plan`` running, one process per rank on its planned node.
+
+    Each rank sends ``plan.cost["ring_bytes_fwd"]`` bytes per step, as one
+    forward ring step of one layer does.
+    """
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    from topology.profile import HostProbe
+
+    ranks = [HostProbe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(p.node_id, soft=False)).remote(p.ip, timeout_s)
+             for p in plan.placements]
+    try:
+        port = ray.get(ranks[0].listen.remote(), timeout=timeout_s)
+        master = (plan.placements[0].ip, port)
+        ray.get([r.join.remote(i, master, "gloo", plan.world_size) for i, r in enumerate(ranks)], timeout=timeout_s)
+        ring_of = {rank: ring for ring in plan.groups.ring_groups for rank in ring}
+        nbytes = plan.cost["ring_bytes_fwd"]
+        times = ray.get([r.ring.remote(ring_of[i], nbytes, steps) for i, r in enumerate(ranks)], timeout=timeout_s)
+        ray.get([r.leave.remote() for r in ranks], timeout=timeout_s)
+    finally:
+        for r in ranks:
+            ray.kill(r)
+    return [max(per_rank[s] for per_rank in times) for s in range(steps)]
+
+
+def on_declared(plan: Plan, declared: Topology) -> float:
+    """Predicted forward ring comm time of ``plan`` on the lab's declared leaf-spine topology (hosts matched by IP)."""
+    by_ip = {str(ip): h for ip, h in zip(_lab_ips(declared), declared.hosts)}
+    placements = [RankPlacement(p.rank, by_ip[p.ip], p.gpu) for p in plan.placements]
+    mapped = Plan(plan.strategy, plan.dp, plan.cp, plan.ulysses, plan.seq_len, placements, topology=declared.name)
+    return estimate(mapped, declared).ring_comm_fwd_s
+
+
+def _lab_ips(declared: Topology) -> list[str]:
+    from tests.netlab import SUBNET
+
+    return [str(SUBNET.network_address + i + 1) for i in range(len(declared.hosts))]
+
+
+def measure(measured: dict[str, Any], kv_tokens: int, steps: int, declared: Topology | None) -> dict[str, Any]:
+    """Plan both orders on the measured topology, run them, and compare with the predictions."""
+    topo = Topology.from_measured(measured)
+    leaves = {}
+    for h in topo.hosts:
+        leaves.setdefault(topo.leaf_of(h), []).append(h)
+    per_host = len(topo.gpus(topo.hosts[0]))
+    cp = min(len(v) for v in leaves.values()) * per_host
+    world = cp * (topo.num_gpus // cp)
+    out: dict[str, Any] = {"cp": cp, "world_size": world, "kv_tokens": kv_tokens, "steps": steps}
+    for strategy in ("aware", "naive"):
+        plan = make_plan(topo, world, cp, seq_len=kv_tokens * cp, strategy=strategy)
+        times = run_ring(plan, steps)
+        rings = [[plan.placements[r].host for r in ring] for ring in plan.groups.ring_groups]
+        out[strategy] = {
+            "rings": rings,
+            "ring_leaves": [sorted({topo.leaf_of(h) for h in ring}) for ring in rings],
+            "bytes": plan.cost["ring_bytes_fwd"],
+            "step_s": statistics.median(times),
+            "step_times_s": times,
+            "predicted_s": plan.cost["ring_comm_fwd_s"],
+            "predicted_declared_s": on_declared(plan, declared) if declared is not None else None,
+        }
+    out["speedup"] = out["naive"]["step_s"] / out["aware"]["step_s"]
+    return out
+
+
+def report(res: dict[str, Any]) -> str:
+    lines = [f"ring of {res['cp']} ranks x {res['world_size'] // res['cp']} rings, {res['aware']['bytes'] / 2**20:.2f} MiB per hop"
+             f" ({res['kv_tokens']} tokens of Llama-3-8B K/V), median of {res['steps']} steps"]
+    lines.append(f"{'order':<6} {'measured':>10} {'model(measured topo)':>21} {'error':>7} {'model(declared)':>16} {'error':>7}  rings")
+    for s in ("aware", "naive"):
+        r = res[s]
+        decl = r["predicted_declared_s"]
+        err = lambda p: f"{100 * (p - r['step_s']) / r['step_s']:+6.0f}%"  # noqa: E731
+        lines.append(f"{s:<6} {1e3 * r['step_s']:8.1f}ms {1e3 * r['predicted_s']:19.1f}ms {err(r['predicted_s'])}"
+                     + (f" {1e3 * decl:14.1f}ms {err(decl)}" if decl is not None else f" {'-':>16} {'':>7}")
+                     + "  " + " | ".join(",".join(ring) for ring in r["rings"]))
+    lines.append(f"aware is {res['speedup']:.2f}x faster than naive (measured); "
+                 f"model says {res['naive']['predicted_s'] / res['aware']['predicted_s']:.2f}x")
+    return "\n".join(lines)
+
+
+def inside(args: argparse.Namespace) -> int:
+    """The measuring half: a driver on a lab host, connected to its Ray cluster."""
+    import ray
+
+    ray.init(address=args.address, logging_level="warning")
+    try:
+        if args.profile:
+            measured = load_data(args.profile)
+        else:
+            from topology.profile import profile_cluster
+
+            measured = profile_cluster(transfer_mb=2, repeats=3)
+        declared = Topology.load(args.declared) if args.declared else None
+        res = measure(measured, args.kv_tokens, args.steps, declared)
+    finally:
+        ray.shutdown()
+    print(json.dumps(res) if args.json else report(res))
+    return 0
+
+
+def outside(args: argparse.Namespace) -> int:
+    """Build a lab, profile it, run the measuring half in the head's namespace, tear down."""
+    from tests.netlab import LabUnavailable, NetLab, lab_topology
+
+    declared = lab_topology(args.hosts, args.per_leaf, args.host_mbit, args.uplink_mbit, {"h4": args.host_mbit * 0.75} if args.hosts > 4 else None)
+    try:
+        lab = NetLab(declared)
+    except LabUnavailable as exc:
+        print(f"netlab_ring: {exc}", file=sys.stderr)
+        return 2
+    with lab, tempfile.TemporaryDirectory(prefix="rlab-bench-") as tmp:
+        print(f"lab: {len(lab.hosts)} hosts, {args.host_mbit:g} Mbit/s host links, {args.uplink_mbit:g} Mbit/s uplinks", flush=True)
+        profile, decl = Path(tmp) / "topology.json", Path(tmp) / "declared.yaml"
+        declared.save(decl)
+        prof = lab.run(["python", "-m", "launcher", "profile", "--address", lab.address, "-o", str(profile),
+                        "--transfer-mb", "2", "--repeats", "3", "--cache-dir", tmp])
+        print(prof.stdout, flush=True)
+        done = lab.run(["python", "-m", "benchmarks.netlab_ring", "--address", lab.address, "--profile", str(profile),
+                        "--declared", str(decl), "--kv-tokens", str(args.kv_tokens), "--steps", str(args.steps)])
+        print(done.stdout)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--address", help="run inside an existing lab: its Ray GCS address")
+    parser.add_argument("--profile", help="with --address: measured topology to plan on (default: profile now)")
+    parser.add_argument("--declared", help="with --address: the lab's node/link topology, for the second prediction")
+    parser.add_argument("--json", action="store_true", help="with --address: print the figures as JSON")
+    parser.add_argument("--hosts", type=int, default=6)
+    parser.add_argument("--per-leaf", type=int, default=3)
+    parser.add_argument("--host-mbit", type=float, default=400.0)
+    parser.add_argument("--uplink-mbit", type=float, default=200.0)
+    parser.add_argument("--kv-tokens", type=int, default=512, help="tokens per rank whose K/V block travels each step (4 KiB each)")
+    parser.add_argument("--steps", type=int, default=5)
+    args = parser.parse_args(argv)
+    return inside(args) if args.address else outside(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,113 @@
+"""``ringleader profile``: measure the network of a Ray cluster and write its topology.
+
+    ringleader profile --address 10.0.0.1:6379 -o topology.json
+    ringleader profile --transfer-mb 16 --repeats 3 --reprofile --heatmap bandwidth.png   # RAY_ADDRESS or a local `ray start`
+
+The output is the measured topology (topology/model.py's MEASURED_FORMAT):
+``ringleader plan --topology topology.json`` places ranks on it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import logging
+import os
+import sys
+
+from launcher.cmd_run import check_reachable
+from launcher.controller import default_profile_cache
+from topology.errors import ConfigError
+from topology.model import Topology, dump_text, write_atomic
+from topology.profile import ProfileError, profile_cluster
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--address", help="the head's GCS host:port (default: RAY_ADDRESS, else a Ray started on this machine)")
+    parser.add_argument("-o", "--output", default="topology.json", metavar="FILE", help="measured topology, JSON or YAML by suffix (default topology.json)")
+    parser.add_argument("--transfer-mb", type=float, default=64.0, metavar="MB", help="size of each timed message, MiB (default 64)")
+    parser.add_argument("--repeats", type=int, default=5, help="timed messages per direction; the median is kept (default 5)")
+    parser.add_argument("--reprofile", action="store_true", help="measure even if a profile of these nodes is cached")
+    parser.add_argument("--cache-dir", default=None, metavar="DIR", help=f"profile cache (default {default_profile_cache()})")
+    parser.add_argument("--timeout", type=float, default=300.0, metavar="S", help="longest wait for one measurement step (default 300)")
+    parser.add_argument("--heatmap", metavar="FILE.png", help="also draw the bandwidth matrix (PNG, SVG or PDF)")
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.transfer_mb <= 0 or args.repeats < 1 or args.timeout <= 0:
+        raise ConfigError("--transfer-mb, --repeats and --timeout must be positive")
+    if args.heatmap and os.path.splitext(args.heatmap)[1].lower() not in (".png", ".svg", ".pdf"):
+        raise ConfigError(f"--heatmap {args.heatmap}: give a .png, .svg or .pdf file name")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s ringleader: %(message)s", datefmt="%H:%M:%S", stream=sys.stdout)
+    import ray
+
+    import topology
+
+    address = args.address or os.environ.get("RAY_ADDRESS") or "auto"
+    if address != "auto":
+        check_reachable(address)
+    try:
+        # The probe actors must import this same topology package on every node.
+        ray.init(address=address, runtime_env={"py_modules": [topology]}, logging_level=logging.WARNING)
+    except ConnectionError as exc:
+        raise ConfigError(f"no Ray cluster to profile at {address!r} ({exc}); start one with `ray start --head` or pass --address") from None
+    try:
+        data = profile_cluster(args.transfer_mb, args.repeats, args.cache_dir or default_profile_cache(), args.reprofile, args.timeout)
+    except ProfileError as exc:
+        print(f"ringleader: error: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        ray.shutdown()
+    topo = Topology.from_measured(data, source="profile")
+    write_atomic(args.output, dump_text(data, args.output))
+    print(summary(data))
+    print(f"wrote {args.output} ({len(topo.hosts)} hosts, {topo.num_gpus} GPUs)")
+    if args.heatmap:
+        write_atomic(args.heatmap, heatmap(data, os.path.splitext(args.heatmap)[1][1:].lower()))
+        print(f"wrote {args.heatmap}")
+    return 0
+
+
+def summary(data: dict) -> str:
+    """Hosts with their leaf and GPUs, then the bandwidth matrix in GB/s (row sends to column)."""
+    hosts, bw, meta = data["hosts"], data["host_bw_gbps"], data["meta"]
+    lines = [f"{len(hosts)} hosts, {len(meta['rounds'])} rounds, {meta['duration_s']:.1f} s, {meta['backend']},"
+             f" {meta['transfer_bytes'] / 2**20:g} MiB x {meta['repeats']}; leaves {meta['leaf_source']}"]
+    width = max([len(h["name"]) for h in hosts] + [8])
+    lines.append(f"{'host':<{width}}  {'leaf':<8} gpus  " + " ".join(f"{i:>7}" for i in range(len(hosts))) + "   GB/s")
+    for i, h in enumerate(hosts):
+        row = " ".join("      -" if i == j else f"{bw[i][j]:7.3g}" for j in range(len(hosts)))
+        lines.append(f"{h['name']:<{width}}  {str(h.get('leaf')):<8} {h['gpus']:>4}  {row}   [{i}]")
+    return "\n".join(lines)
+
+
+def heatmap(data: dict, fmt: str = "png") -> bytes:
+    """The bandwidth matrix drawn as a heatmap, hosts labelled with their leaf."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    hosts, bw = data["hosts"], data["host_bw_gbps"]
+    n = len(hosts)
+    fig, ax = plt.subplots(figsize=(2 + 0.6 * n, 1.5 + 0.6 * n))
+    image = ax.imshow(bw, cmap="viridis")
+    labels = [f"{h['name']} ({h.get('leaf')})" for h in hosts]
+    ax.set_xticks(range(n), labels, rotation=60, ha="right", fontsize=8)
+    ax.set_yticks(range(n), labels, fontsize=8)
+    if n <= 16:
+        top = max(max(row) for row in bw) or 1.0
+        for i in range(n):
+            for j in range(n):
+                if i != j:
+                    ax.text(j, i, f"{bw[i][j]:.3g}", ha="center", va="center", fontsize=7,
+                            color="black" if bw[i][j] > 0.6 * top else "white")
+    ax.set_xlabel("to")
+    ax.set_ylabel("from")
+    ax.set_title(f"{data.get('name', 'cluster')}: measured bandwidth, GB/s")
+    fig.colorbar(image, ax=ax, label="GB/s")
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format=fmt, dpi=120)
+    plt.close(fig)
+    return buf.getvalue()
