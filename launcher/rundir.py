@@ -1,0 +1,111 @@
+"""The run directory: everything one ``ringleader run`` leaves behind.
+
+Layout (stage directories are the stages' ``output_dir``, so the trainer
+writes its checkpoints and metrics into the same place)::
+
+    RUN_DIR/
+      recipe.yaml                   the recipe as submitted
+      stage0-NAME/
+        topology.json               what the plan was made on (measured profile)
+        topology.html               the topology and the plan's rings, drawn
+        plan.json                   rank -> (host, gpu), groups, predicted cost
+        stage.json                  the resolved StageConfig the ranks ran
+        metrics.jsonl               one JSON object per step (rank 0) and per retry (controller)
+        checkpoints/                resumable DeepSpeed checkpoints
+        hf/                         the stage's model, input of the next stage
+        done.json                   written last: the stage finished
+
+A run directory on shared storage is what lets ranks on several hosts write
+one checkpoint and the next stage read it. Every file but the appended
+metrics.jsonl is written atomically (temporary name, then rename).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from topology.errors import ConfigError
+from topology.model import write_atomic
+
+
+def default_run_dir(base: str | Path, recipe_name: str) -> Path:
+    """``BASE/NAME-YYYYmmdd-HHMMSS``: a fresh directory per run unless one is given."""
+    return Path(base) / f"{recipe_name}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+@dataclass(frozen=True)
+class RunDir:
+    """Paths of one run; ``create`` makes the root and copies the recipe in."""
+
+    root: Path
+
+    @classmethod
+    def create(cls, root: str | Path, recipe_path: str | Path) -> "RunDir":
+        rd = cls(Path(root).resolve())
+        try:
+            rd.root.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(f"run directory {rd.root} cannot be created ({exc.strerror}); pass a writable --run-dir") from None
+        copy = rd.root / "recipe.yaml"
+        if Path(recipe_path).resolve() != copy:
+            write_atomic(copy, Path(recipe_path).read_bytes())
+        return rd
+
+    # Stage files live in the stage's output_dir (see Recipe.stage_configs).
+    @staticmethod
+    def topology_json(stage_dir: str | Path) -> Path:
+        return Path(stage_dir) / "topology.json"
+
+    @staticmethod
+    def topology_html(stage_dir: str | Path) -> Path:
+        return Path(stage_dir) / "topology.html"
+
+    @staticmethod
+    def plan_json(stage_dir: str | Path) -> Path:
+        return Path(stage_dir) / "plan.json"
+
+    @staticmethod
+    def stage_json(stage_dir: str | Path) -> Path:
+        return Path(stage_dir) / "stage.json"
+
+    @staticmethod
+    def metrics(stage_dir: str | Path) -> Path:
+        return Path(stage_dir) / "metrics.jsonl"
+
+    @staticmethod
+    def done(stage_dir: str | Path) -> Path:
+        return Path(stage_dir) / "done.json"
+
+
+def append_event(stage_dir: str | Path, event: dict[str, Any]) -> None:
+    """Add one JSON line to the stage's metrics.jsonl.
+
+    The controller writes only while no rank runs (retries happen after the
+    group is torn down), so it never interleaves with rank 0's lines.
+    """
+    path = RunDir.metrics(stage_dir)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        f.write(json.dumps({"time": time.time(), **event}) + "\n")
+
+
+def read_metrics(stage_dir: str | Path) -> list[dict[str, Any]]:
+    """Every line of the stage's metrics.jsonl (steps and events)."""
+    path = RunDir.metrics(stage_dir)
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def mark_done(stage_dir: str | Path, result: dict[str, Any]) -> None:
+    write_atomic(RunDir.done(stage_dir), json.dumps(result, indent=1) + "\n")
+
+
+def finished(stage_dir: str | Path) -> dict[str, Any] | None:
+    """The stage's result if it completed in an earlier run of this run directory."""
+    path = RunDir.done(stage_dir)
+    return json.loads(path.read_text()) if path.exists() else None

@@ -1,0 +1,131 @@
+"""Recipe loading: the whole recipe is checked before anything starts, each error names stage and field."""
+
+from __future__ import annotations
+
+import copy
+import math
+from pathlib import Path
+
+import pytest
+import yaml
+
+from launcher.recipe import Recipe, ThetaRule
+from topology.errors import ConfigError
+from trainer.rope import ntk_theta, scaling_law_theta
+
+DEMO = Path(__file__).resolve().parents[1] / "clusters" / "recipes" / "demo.yaml"
+
+BASE = {
+    "name": "t",
+    "model": {"tiny": {"hidden_size": 64}, "base_theta": 10000, "base_len": 128, "head_dim": 16},
+    "data": {"path": "corpus"},
+    "stages": [
+        {"name": "a", "seq_len": 256, "rope_theta": {"rule": "ntk"}, "batch": 1, "gpus": 2, "steps": 2},
+        {"name": "b", "seq_len": 1024, "rope_theta": {"rule": "ntk"}, "batch": 2, "gpus": 4, "steps": 2},
+    ],
+}
+
+
+def load(tmp_path: Path, **changes) -> Recipe:
+    """BASE with top-level ``changes``; ``stage0``/``stage1`` keys update one stage."""
+    (tmp_path / "corpus").mkdir(exist_ok=True)
+    data = copy.deepcopy(BASE)
+    for key, value in changes.items():
+        if key[:5] == "stage" and key[5:].isdigit():
+            data["stages"][int(key[5:])].update(value)
+        else:
+            data[key] = value
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return Recipe.load(path)
+
+
+def fails(tmp_path: Path, pattern: str, **changes) -> str:
+    with pytest.raises(ConfigError, match=pattern) as info:
+        load(tmp_path, **changes)
+    message = str(info.value)
+    assert "\n" not in message
+    return message
+
+
+def test_demo_recipe_chains_its_stages(tmp_path):
+    recipe = Recipe.load(DEMO)
+    configs = recipe.stage_configs(tmp_path)
+    assert [c.gpus for c in configs] == [2, 4]
+    assert configs[0].init_from is None
+    assert configs[1].init_from == str(tmp_path / "stage0-256" / "hf")
+    assert Path(recipe.data.path).is_dir()  # relative to the recipe file, not the working directory
+    assert configs[0].rope_theta < configs[1].rope_theta
+
+
+def test_theta_rules(tmp_path):
+    recipe = load(tmp_path, stages=[
+        {"name": "a", "seq_len": 256, "rope_theta": {"rule": "ntk"}, "batch": 1, "gpus": 2, "steps": 1},
+        {"name": "b", "seq_len": 1024, "rope_theta": {"rule": "ntk", "alpha": 2}, "batch": 1, "gpus": 2, "steps": 1},
+        {"name": "c", "seq_len": 2048, "rope_theta": {"rule": "ntk", "from": "a"}, "batch": 1, "gpus": 2, "steps": 1},
+        {"name": "d", "seq_len": 4096, "rope_theta": {"rule": "scaling-law"}, "batch": 1, "gpus": 2, "steps": 1},
+        {"name": "e", "seq_len": 4096, "rope_theta": 123456.0, "batch": 1, "gpus": 2, "steps": 1},
+    ])
+    t = recipe.resolve_theta()
+    a = ntk_theta(10000, 128, 256, 16)  # first stage scales from the base model
+    assert math.isclose(t["a"], a)
+    assert math.isclose(t["b"], ntk_theta(a, 256, 1024, 16, alpha=2))  # default: from the previous stage
+    assert math.isclose(t["c"], ntk_theta(a, 256, 2048, 16))  # from a named earlier stage
+    assert math.isclose(t["d"], scaling_law_theta(10000, 128, 4096))  # always from the base model
+    assert t["e"] == 123456.0
+    assert isinstance(recipe.stage("c").rope_theta, ThetaRule)
+
+
+@pytest.mark.parametrize("where, change, pattern", [
+    ("top", {"epochs": 3}, r"unknown key\(s\) epochs"),
+    ("stage1", {"seqlen": 10}, r"stage 'b': unknown key\(s\) seqlen"),
+    ("model", {"tiny": {}, "layers": 2}, r"model: unknown key\(s\) layers"),
+])
+def test_unknown_keys_are_named(tmp_path, where, change, pattern):
+    if where == "model":
+        fails(tmp_path, pattern, model=change)
+    elif where == "top":
+        fails(tmp_path, pattern, **change)
+    else:
+        fails(tmp_path, pattern, **{where: change})
+
+
+@pytest.mark.parametrize("stage, pattern", [
+    ({"gpus": 0}, r"stage 'b': gpus is 0"),
+    ({"steps": "many"}, r"stage 'b': steps is 'many'"),
+    ({"batch": 3}, r"stage 'b': batch \(3\) must divide gpus \(4\)"),
+    ({"seq_len": 1002}, r"stage 'b': seq_len \(1002\) must be divisible by 2 \* ring size \(4\)"),
+    ({"ulysses": 4}, r"stage 'b': ulysses \(4\) must divide the ring size"),
+    ({"min_gpus": 8}, r"stage 'b': min_gpus \(8\) exceeds gpus \(4\)"),
+    ({"rope_theta": -5}, r"stage 'b': rope_theta is -5"),
+    ({"rope_theta": {"rule": "yarn"}}, r"stage 'b': rope_theta.rule is 'yarn'"),
+    ({"rope_theta": {"rule": "ntk", "from": "z"}}, r"stage 'b': rope_theta.from names 'z'"),
+    ({"name": "a"}, r"stage names must be unique"),
+])
+def test_bad_stage_values_name_stage_and_field(tmp_path, stage, pattern):
+    fails(tmp_path, pattern, stage1=stage)
+
+
+def test_theta_from_a_later_stage_is_refused(tmp_path):
+    fails(tmp_path, r"stage 'a': rope_theta.from names 'b'", stage0={"rope_theta": {"rule": "ntk", "from": "b"}})
+
+
+def test_ntk_rule_cannot_shrink_context(tmp_path):
+    message = fails(tmp_path, r"stage 'a': rope_theta rule ntk scales up from 128 tokens, but seq_len is 64", stage0={"seq_len": 64})
+    assert "base_len" in message
+
+
+def test_missing_paths(tmp_path):
+    fails(tmp_path, r"data.path 'nowhere' does not exist", data={"path": "nowhere"})
+    fails(tmp_path, r"model.path './no-such-model' does not exist", model={"path": "./no-such-model"})
+    fails(tmp_path, r"give exactly one of 'path'", model={"path": "x/y", "tiny": {}})
+
+
+def test_not_a_mapping(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text("- just\n- a list\n")
+    with pytest.raises(ConfigError, match="expected a mapping"):
+        Recipe.load(path)
+    path.write_text("name: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        Recipe.load(path)
