@@ -44,6 +44,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--reprofile", action="store_true", help="measure the network again even if a profile of these nodes is cached")
     parser.add_argument("--profile-cache", metavar="DIR", help="where measured profiles are kept, keyed by node ids "
                         "(default: ~/.cache/ringleader/profiles)")
+    parser.add_argument("--profile-mb", type=float, default=64.0, metavar="MIB",
+                        help="size of each timed message between two hosts (default: %(default)s; smaller on slow links)")
+    parser.add_argument("--profile-repeats", type=int, default=5, metavar="N", help="timed messages per host pair; the median counts (default: %(default)s)")
     parser.add_argument("--dry-run", action="store_true", help="size the stages and print the plan; start nothing")
     parser.add_argument("--topology", help="with --dry-run: a topology preset name or file instead of the live cluster")
     parser.add_argument("--strategy", default="aware", choices=("aware", "naive", "random"), help="placement strategy (default: aware)")
@@ -65,7 +68,10 @@ def run(args: argparse.Namespace) -> int:
         run_dir=args.run_dir or default_run_dir(recipe.run_dir, recipe.name), reprofile=args.reprofile,
         resource_timeout_s=args.resource_timeout, strategy=args.strategy,
         profile_cache=Path(args.profile_cache) if args.profile_cache else None,
+        profile_transfer_mb=args.profile_mb, profile_repeats=args.profile_repeats,
     )
+    if not args.profile_mb > 0 or args.profile_repeats < 1:
+        raise ConfigError(f"--profile-mb ({args.profile_mb}) must be positive and --profile-repeats ({args.profile_repeats}) at least 1")
     import ray
 
     connect(args.address, recipe)

@@ -56,6 +56,9 @@ class StageProgress:
             self._bar = tqdm(total=steps, initial=start_step, desc=f"stage {stage}", unit="step", file=self.stream, dynamic_ncols=True)
 
     def update(self, m: dict[str, Any]) -> None:
+        if "event" in m:  # not a step: a stage-end evaluation, say
+            self.note(f"[{self.stage}] " + " ".join(f"{k} {v}" for k, v in m.items() if k not in ("event", "stage")) + f" ({m['event']})")
+            return
         if self._bar is not None:
             self._bar.set_postfix(loss=f"{m['loss']:.4f}", tok_s=f"{m.get('tokens_per_s', 0):,.0f}", refresh=False)
             self._bar.update(max(m["step"] - self._bar.n, 0))

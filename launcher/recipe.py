@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import copy
 import os
-from dataclasses import dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -133,7 +133,7 @@ class Recipe:
                 name=s.name, seq_len=s.seq_len, rope_theta=thetas[s.name], batch=int(s.batch), steps=s.steps,
                 gpus=s.gpus, model=self.model, data=s.data or self.data, output_dir=str(stage_dir),
                 grad_accum=s.grad_accum, lr=s.lr, ulysses=int(s.ulysses), checkpoint_every=s.checkpoint_every,
-                init_from=prev_hf, deepspeed=copy.deepcopy(deepspeed), seed=self.seed,
+                init_from=prev_hf, deepspeed=copy.deepcopy(deepspeed), seed=self.seed, niah=s.niah,
             )
             out.append(cfg)
             prev_hf = str(stage_dir / "hf")
@@ -222,6 +222,8 @@ def _stage(raw: Any, i: int, base_dir: Path, source: str, check_paths: bool = Tr
         raw["data"] = _data(raw["data"], base_dir, f"{where}: data", check_paths)
     if "lr" in raw:
         raw["lr"] = float(raw["lr"])
+    if raw.get("niah") is not None:
+        raw["niah"] = _niah(raw["niah"], base_dir, f"{where}: niah")
     stage = RecipeStage(**raw)
     if stage.min_gpus is not None and stage.min_gpus > stage.gpus:
         raise ConfigError(f"{where}: min_gpus ({stage.min_gpus}) exceeds gpus ({stage.gpus})")
@@ -239,6 +241,15 @@ def _batch_from_ring(ring: Any, batch: Any, gpus: Any, where: str) -> int | str:
     if not isinstance(ring, int) or isinstance(ring, bool) or ring < 1 or not isinstance(gpus, int) or gpus % ring:
         raise ConfigError(f"{where}: ring is {ring!r}; it must be 'auto' or a whole number that divides gpus ({gpus})")
     return gpus // ring
+
+
+def _niah(raw: Any, base_dir: Path, where: str) -> dict[str, Any]:
+    """Validate a stage's ``niah:`` now, so a typo fails before any rank trains."""
+    from trainer.niah import NiahConfig  # imports torch: only for recipes that ask for NIAH
+
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: expected a mapping of NiahConfig fields (max_len, min_len, ...)")
+    return asdict(NiahConfig.from_dict(raw, source=where, base_dir=base_dir))
 
 
 def _data(raw: Any, base_dir: Path, where: str, check_paths: bool = True) -> DataConfig:

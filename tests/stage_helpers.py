@@ -50,7 +50,7 @@ def run_stage_ranks(rank: int, world: int, cfgs: list[dict], plans: list[dict], 
 
         def on_metrics(m: dict) -> None:
             seen.append(m)
-            if (i, m["step"]) == kill_at:
+            if (i, m.get("step")) == kill_at:
                 os.kill(os.getpid(), signal.SIGKILL)
 
         result = run_stage(StageConfig.from_dict(cfg), Plan.from_dict(plan), on_metrics=on_metrics)

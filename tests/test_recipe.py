@@ -101,6 +101,8 @@ def test_unknown_keys_are_named(tmp_path, where, change, pattern):
     ({"rope_theta": {"rule": "yarn"}}, r"stage 'b': rope_theta.rule is 'yarn'"),
     ({"rope_theta": {"rule": "ntk", "from": "z"}}, r"stage 'b': rope_theta.from names 'z'"),
     ({"name": "a"}, r"stage names must be unique"),
+    ({"niah": {"max_lenght": 4096}}, r"stage 'b': niah: unknown key\(s\) max_lenght"),
+    ({"niah": {"depth_interval": 1.5}}, r"depth interval 1.5 is outside \(0, 1\]"),
 ])
 def test_bad_stage_values_name_stage_and_field(tmp_path, stage, pattern):
     fails(tmp_path, pattern, stage1=stage)

@@ -48,8 +48,10 @@ def test_model_and_data_settings(recipe):
     assert (recipe.model.base_theta, recipe.model.base_len, recipe.model.head_dim) == (500_000, 8192, 128)
     assert recipe.data.kind == "pretrain" and recipe.data.upsample_long
     assert recipe.stages[-1].data.kind == "chat"
-    assert recipe.stages[-1].niah == {"max_len": 4194200, "min_len": 100, "len_interval": 260000,
-                                      "depth_interval": 0.2, "digits": 8, "haystack": "/data/haystack"}
+    written = {"max_len": 4194200, "min_len": 100, "len_interval": 260000, "depth_interval": 0.2, "digits": 8,
+               "haystack": "/data/haystack"}
+    niah = recipe.stages[-1].niah  # validated at load and completed with NiahConfig's defaults
+    assert {k: niah[k] for k in written} == written and niah["shard_above"] == 131_072
 
 
 def test_data_paths_are_checked_unless_asked_not_to():

@@ -56,7 +56,9 @@ def test_two_stages_chain_on_two_ranks(tmp_path):
     recipe = Recipe.from_dict({
         "name": "chain", "model": MODEL, "data": {"path": str(CORPUS)},
         "stages": [{"name": "256", "seq_len": 256, "rope_theta": {"rule": "ntk"}, "batch": 1, "steps": 2, "gpus": 2, "lr": 1e-3},
-                   {"name": "1k", "seq_len": 1024, "rope_theta": {"rule": "ntk"}, "batch": 1, "steps": 2, "gpus": 2, "lr": 1e-3}],
+                   {"name": "1k", "seq_len": 1024, "rope_theta": {"rule": "ntk"}, "batch": 1, "steps": 2, "gpus": 2, "lr": 1e-3,
+                    # Stage-end NIAH on the stage's own ranks: 600-token contexts run sharded over the ring.
+                    "niah": {"max_len": 600, "min_len": 300, "len_interval": 300, "depth_interval": 0.5, "shard_above": 400}}],
     })
     first, second = recipe.stage_configs(tmp_path)
     assert second.init_from == str(tmp_path / "stage0-256" / "hf")
@@ -67,12 +69,15 @@ def test_two_stages_chain_on_two_ranks(tmp_path):
                                [plan_for(first).to_dict(), plan_for(second).to_dict()], timeout=240)
 
     (r1, seen1), (r2, seen2) = per_rank[0]
-    same = ("stage", "step", "loss", "tokens", "lr")
-    assert [[m[k] for k in same] for m in per_rank[1][1][1]] == [[m[k] for k in same] for m in seen2]  # rank 1 agrees
+    same = ("stage", "step", "loss", "tokens", "lr", "average")
+    assert [[m.get(k) for k in same] for m in per_rank[1][1][1]] == [[m.get(k) for k in same] for m in seen2]  # rank 1 agrees
     assert (r1.steps, r1.tokens, r1.resumed_from) == (2, 512, None) and r2.tokens == 2048
     for cfg, result, seen in ((first, r1, seen1), (second, r2, seen2)):
         lines = metrics(cfg.output_dir)
-        assert lines == seen and [m["step"] for m in lines] == [1, 2]
+        assert lines == seen
+        events, lines = [m for m in lines if "event" in m], [m for m in lines if "event" not in m]
+        assert [m["step"] for m in lines] == [1, 2]
+        assert [e["event"] for e in events] == (["niah"] if cfg.niah else [])
         assert set(lines[0]) == {"stage", "step", "steps", "loss", "tokens", "tokens_per_s", "elapsed_s", "lr"}
         assert lines[-1]["loss"] == pytest.approx(result.final_loss) and lines[0]["lr"] == pytest.approx(1e-3)
         config = json.loads((tmp_path / result.hf_dir / "config.json").read_text())
@@ -81,6 +86,11 @@ def test_two_stages_chain_on_two_ranks(tmp_path):
         assert (tmp_path / result.hf_dir / "tokenizer_config.json").is_file()
         # ZeRO-3 over the whole world: each rank saved its own optimizer partition.
         assert len(list((tmp_path / cfg.output_dir / "checkpoints" / "step2").glob("*optim_states.pt"))) == 2
+
+    niah = json.loads((tmp_path / second.output_dir / "niah" / "niah.json").read_text())
+    assert len(niah["cells"]) == 6 and (tmp_path / second.output_dir / "niah" / "niah.png").is_file()
+    assert [e for e in seen2 if "event" in e][0]["average"] == pytest.approx(niah["average"])
+    assert not (tmp_path / first.output_dir / "niah").exists()
 
     w1, w2 = hf_weights(r1.hf_dir), hf_weights(r2.hf_dir)
     def init(seed):

@@ -64,6 +64,15 @@ class StepReporter:
             self.on_metrics(metrics)
         return metrics
 
+    def event(self, event: dict[str, Any]) -> None:
+        """Record something that is not a step (a stage-end evaluation, say) beside the steps."""
+        if self.rank == 0:
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(event) + "\n")
+            log.info("stage %s | %s", self.stage, " | ".join(f"{k} {v}" for k, v in event.items() if k != "stage"))
+        if self.on_metrics is not None:
+            self.on_metrics(event)
+
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()

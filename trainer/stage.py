@@ -138,7 +138,20 @@ def run_stage(cfg: StageConfig, plan: Plan, on_metrics: Callable[[dict[str, Any]
     finally:
         reporter.close()
     hf_dir = checkpoint.export_hf(model, tokenizer, cfg.output_dir)
+    if cfg.niah is not None:
+        _evaluate_niah(cfg, hf_dir, groups, reporter, device)
     return StageResult(str(hf_dir), loss, cfg.steps, tokens, first_step or None)
+
+
+def _evaluate_niah(cfg: StageConfig, hf_dir: Path, groups: ParallelGroups, reporter: StepReporter,
+                   device: torch.device) -> None:
+    """The stage-end needle-in-a-haystack step: the saved model, on the stage's own ring."""
+    from trainer.niah import NiahConfig, evaluate_checkpoint
+
+    result = evaluate_checkpoint(str(hf_dir), NiahConfig(**cfg.niah), groups=groups,
+                                 out_dir=Path(cfg.output_dir) / "niah", device=device)
+    reporter.event({"event": "niah", "stage": cfg.name, "average": result.average,
+                    "token_accuracy": result.token_accuracy, "cells": len(result.cells)})
 
 
 def _attention(groups: ParallelGroups) -> str:
