@@ -182,7 +182,7 @@ class Controller:
         hosts = [h for h in topo.hosts if topo.gpus(h)]
         shape, _ = model_shape(cfg.model)
         plan = make_plan(topo, cfg.gpus, cfg.cp, cfg.ulysses, cfg.seq_len, strategy=self.opt.strategy, hosts=hosts, model=shape)
-        log.info("stage %s: %s", cfg.name, plan_summary(plan, topo.gpu.name))
+        log.info("stage %s: %s", cfg.name, plan_summary(plan, topo.gpu.name if self.use_gpus else None))
         return plan
 
     def _write_stage_files(self, cfg: StageConfig, topo: Topology, plan: Plan) -> None:
@@ -230,15 +230,15 @@ def placement_nodes(plan: Plan, topo: Topology) -> list[str]:
     return [p.node_id or topo.graph.nodes[p.host]["node_id"] for p in plan.placements]
 
 
-def plan_summary(plan: Plan, gpu: str = "L40S") -> str:
-    """One line: shape, hosts with their ranks, predicted step time (for ``gpu``s)."""
+def plan_summary(plan: Plan, gpu: str | None = "L40S") -> str:
+    """One line: shape, hosts with their ranks, predicted step time (for ``gpu``s; none on CPU slots)."""
     hosts = []
     for h in plan.hosts:
         ranks = plan.ranks_on(h)
         hosts.append(f"{h} r{ranks[0]}" + (f"-{ranks[-1]}" if len(ranks) > 1 else ""))
     c = plan.cost
-    cost = ""
-    if c:
+    cost = "; ranks on CPU slots (no GPU step prediction)" if gpu is None else ""
+    if c and gpu is not None:
         hop = c.get("slowest_hop_gbps")
         t = c["step_time_s"]
         shown = format_seconds(t) if t >= 1 else f"{t * 1e3:.2f} ms" if t >= 1e-3 else f"{t * 1e6:.1f} us"
