@@ -115,10 +115,10 @@ class Controller:
     # ------------------------------------------------------------------ stage
     def run_stage(self, cfg: StageConfig, min_gpus: int | None = None) -> dict[str, Any]:
         """One stage with bounded retries; raises ``StageFailed`` when they run out."""
-        attempt = 0
+        attempt, retry = 0, None
         while True:
             try:
-                result = self._attempt(cfg, min_gpus, attempt)
+                result = self._attempt(cfg, min_gpus, attempt, retry)
                 rundir.mark_done(cfg.output_dir, result)
                 log.info("stage %s: done, final loss %.4f, %d tokens, model in %s", cfg.name, result["final_loss"],
                          result["tokens"], result["hf_dir"])
@@ -129,16 +129,20 @@ class Controller:
                 resume = latest_step(cfg.output_dir)
                 event = {"event": "retry", "stage": cfg.name, "attempt": attempt, "max_retries": self.recipe.max_retries,
                          "cause": str(exc), "lost_nodes": lost, "resume_step": resume}
-                rundir.append_event(cfg.output_dir, event)
                 if attempt > self.recipe.max_retries:
+                    rundir.append_event(cfg.output_dir, event)
                     raise StageFailed(f"stage {cfg.name!r} failed after {attempt} attempt(s): {exc}") from None
+                retry = event  # recorded by the next attempt once it knows its world size
                 log.warning("stage %s: attempt %d failed (%s); %s; retry %d/%d from %s", cfg.name, attempt, exc,
                             f"lost node(s) {', '.join(n[:12] for n in lost)}" if lost else "no host lost",
                             attempt, self.recipe.max_retries, f"checkpoint step {resume}" if resume else "the start")
             except ResourcesUnavailable as exc:
+                if retry is not None and not retry.get("recorded"):
+                    rundir.append_event(cfg.output_dir, dict(retry, world_size=None))
                 raise StageFailed(f"stage {cfg.name!r}: {exc}") from None
 
-    def _attempt(self, cfg: StageConfig, min_gpus: int | None, attempt: int) -> dict[str, Any]:
+    def _attempt(self, cfg: StageConfig, min_gpus: int | None, attempt: int, retry: dict[str, Any] | None = None) -> dict[str, Any]:
+        """One try at the stage; ``retry`` is the event of the failure before it, written here with the new world size."""
         floor = cfg.gpus if attempt == 0 else (min_gpus or cfg.gpus)
         smallest = fit_gpus(cfg, cfg.gpus, floor, smallest=True)
         view = resources.ensure(cfg.gpus, self.use_gpus, self.opt.resource_timeout_s, self.can_grow,
@@ -150,6 +154,9 @@ class Controller:
             log.warning("stage %s: continuing on %d of %d %ss (min_gpus %s), batch %d kept, ring size %d -> %d",
                         cfg.name, gpus, cfg.gpus, view.unit, min_gpus, cfg.batch, cfg.cp, gpus // cfg.batch)
             cfg = replace(cfg, gpus=gpus)
+        if retry is not None:
+            rundir.append_event(cfg.output_dir, dict(retry, world_size=gpus, ring=gpus // cfg.batch))
+            retry["recorded"] = True
         self._nodes = [n.node_id for n in view.nodes]  # the profiler visits every node
         topo = self._profile(view)
         plan = self._plan(cfg, topo)

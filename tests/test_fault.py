@@ -6,6 +6,9 @@ ranks is killed (``Cluster.remove_node``). The controller must tear the
 group down, wait for Ray to declare the host dead, re-profile, re-plan on
 the hosts left and finish the stage from the checkpoint, with the
 retry in metrics.jsonl.
+
+With two hosts and a stage whose ``min_gpus`` allows it, the stage instead
+goes on with fewer ranks: the ring shrinks and the checkpoint is re-partitioned.
 """
 
 from __future__ import annotations
@@ -55,15 +58,15 @@ def kill_a_host_mid_stage(lc, stage_dir: Path, killed: dict, stop: threading.Eve
         time.sleep(0.1)
 
 
-@pytest.mark.ray
-def test_host_removed_mid_stage_resumes_on_remaining_hosts(tmp_path):
+def run_with_a_host_killed(tmp_path: Path, recipe_dict: dict, hosts: int) -> tuple[dict, dict, list[dict], Path]:
+    """Run the recipe on ``hosts`` one-GPU hosts, killing one mid-stage; (result, killed, metrics lines, stage dir)."""
     path = tmp_path / "fault.yaml"
-    path.write_text(yaml.safe_dump(RECIPE))
+    path.write_text(yaml.safe_dump(recipe_dict))
     recipe = Recipe.load(path)
     options = ControllerOptions(run_dir=tmp_path / "run", profile_cache=tmp_path / "profiles", resource_timeout_s=90,
                                 profile_transfer_mb=1, profile_repeats=2, progress_bar=False)
     stage_dir = tmp_path / "run" / "stage0-s"
-    with local_cluster(hosts=3, gpus_per_host=1, cpus_per_host=1, system_config=FAST_HEALTH_CHECKS) as lc:
+    with local_cluster(hosts=hosts, gpus_per_host=1, cpus_per_host=1, system_config=FAST_HEALTH_CHECKS) as lc:
         killed: dict = {}
         stop = threading.Event()
         killer = threading.Thread(target=kill_a_host_mid_stage, args=(lc, stage_dir, killed, stop), daemon=True)
@@ -74,9 +77,12 @@ def test_host_removed_mid_stage_resumes_on_remaining_hosts(tmp_path):
             stop.set()
             killer.join(timeout=30)
     assert killed, "the stage finished before a host could be removed"
-    result = results[0]
-    assert result["steps"] == STEPS and Path(result["hf_dir"], "config.json").is_file()
-    lines = read_metrics(stage_dir)
+    return results[0], killed, read_metrics(stage_dir), stage_dir
+
+
+def check_resumed(result: dict, lines: list[dict], steps: int) -> dict:
+    """The one retry resumed from a checkpoint and the steps after it go on from there; returns the retry event."""
+    assert result["steps"] == steps and Path(result["hf_dir"], "config.json").is_file()
     retries = [m for m in lines if m.get("event") == "retry"]
     assert len(retries) == 1 and retries[0]["attempt"] == 1 and retries[0]["cause"]
     resume = retries[0]["resume_step"]
@@ -84,7 +90,36 @@ def test_host_removed_mid_stage_resumes_on_remaining_hosts(tmp_path):
     assert result["resumed_from"] == resume  # the trainer picked up that checkpoint
     # Steps after the retry continue from the checkpoint, not from the start.
     after = [m["step"] for m in lines[lines.index(retries[0]) + 1:] if "step" in m]
-    assert after[0] == resume + 1 and after[-1] == STEPS
+    assert after[0] == resume + 1 and after[-1] == steps
+    return retries[0]
+
+
+@pytest.mark.ray
+def test_host_removed_mid_stage_resumes_on_remaining_hosts(tmp_path):
+    result, killed, lines, stage_dir = run_with_a_host_killed(tmp_path, RECIPE, hosts=3)
+    retry = check_resumed(result, lines, STEPS)
+    assert retry["world_size"] == 2
     # The new plan avoids the dead host.
     plan = json.loads((stage_dir / "plan.json").read_text())
     assert killed["ip"] not in {p["ip"] for p in plan["placements"]} and plan["world_size"] == 2
+
+
+@pytest.mark.ray
+def test_host_removed_with_no_spare_continues_on_fewer_ranks(tmp_path):
+    """Two hosts, a ring of 2 under ZeRO-3, ``min_gpus`` 1: the lost host is not replaced, the ring shrinks to one
+    rank, and the ZeRO-3 checkpoint of 2 ranks is re-partitioned for it."""
+    recipe = {**RECIPE, "deepspeed": {"zero_optimization": {"stage": 3}},
+              "stages": [{**RECIPE["stages"][0], "min_gpus": 1}]}
+    result, killed, lines, stage_dir = run_with_a_host_killed(tmp_path, recipe, hosts=2)
+    retry = check_resumed(result, lines, STEPS)
+    assert (retry["world_size"], retry["ring"]) == (1, 1)
+    plan = json.loads((stage_dir / "plan.json").read_text())
+    assert plan["world_size"] == 1 and killed["ip"] not in {p["ip"] for p in plan["placements"]}
+    # Weights and Adam moments came through the shrink: a step run by both attempts (between the checkpoint and
+    # the kill) has the same loss on 1 rank as it had on 2, and the step after the checkpoint improves on step 1.
+    cut = lines.index(retry)
+    before = {m["step"]: m["loss"] for m in lines[:cut] if "step" in m}
+    after = {m["step"]: m["loss"] for m in lines[cut + 1:] if "step" in m}
+    for step in before.keys() & after.keys():
+        assert after[step] == pytest.approx(before[step], abs=1e-3)
+    assert after[retry["resume_step"] + 1] < before[1]

@@ -7,6 +7,12 @@ writes the ``latest`` file only after a tag is complete, so a run killed
 mid-save resumes from the previous one. Samples are a function of the step
 (``trainer.data.sample_index``), so restoring the step restores the data position.
 
+A stage that lost a host may go on with fewer ranks (``min_gpus``). ZeRO
+shards are cut for the world size that wrote them, so such a resume first
+converts the checkpoint to DeepSpeed's universal format (one file per
+parameter and optimizer moment, under ``checkpoints/universal/``, deleted
+once loaded) and loads that: weights and Adam moments survive the re-partition.
+
 ``<output_dir>/hf/`` is the stage's result: ``save_pretrained`` (with the
 stage's RoPE theta in its config) plus the tokenizer, for the next stage's
 ``init_from`` and for evaluation. It appears all at once: it is written as
@@ -15,6 +21,8 @@ stage's RoPE theta in its config) plus the tokenizer, for the next stage's
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import re
 import shutil
@@ -45,10 +53,20 @@ def latest_step(output_dir: str | Path) -> int | None:
     return int(match.group(1)) if match else None
 
 
-def save(engine: Any, output_dir: str | Path, step: int, tokens: int) -> None:
-    """Collective: every rank writes its shard of step ``step``; rank 0 prunes old tags."""
+def saved_world_size(tag_dir: str | Path) -> int:
+    """Ranks that wrote a checkpoint (one ZeRO optimizer shard each; 0 without ZeRO, whose state is not partitioned)."""
+    return len(list(Path(tag_dir).glob("*_optim_states.pt")))
+
+
+def save(engine: Any, output_dir: str | Path, step: int, tokens: int, dp: int | None = None, cp: int | None = None) -> None:
+    """Collective: every rank writes its shard of step ``step``; rank 0 prunes old tags.
+
+    The layout (world size, dp, cp) goes into the client state, so a reader
+    can tell which shape of job wrote it.
+    """
     root = checkpoint_dir(output_dir)
-    engine.save_checkpoint(str(root), tag=f"step{step}", client_state={"step": step, "tokens": tokens})
+    client = {"step": step, "tokens": tokens, "world_size": dist.get_world_size(), "dp": dp, "cp": cp}
+    engine.save_checkpoint(str(root), tag=f"step{step}", client_state=client)
     if dist.get_rank() == 0:
         tags = sorted((int(m.group(1)), p) for p in root.iterdir() if (m := TAG.match(p.name)) and p.is_dir())
         for _, old in tags[:-KEEP]:
@@ -57,14 +75,61 @@ def save(engine: Any, output_dir: str | Path, step: int, tokens: int) -> None:
 
 
 def resume(engine: Any, output_dir: str | Path) -> tuple[int, int]:
-    """Load the newest checkpoint into ``engine`` (collective); returns (step, tokens), (0, 0) if none."""
-    if latest_step(output_dir) is None:
+    """Load the newest checkpoint into ``engine`` (collective); returns (step, tokens), (0, 0) if none.
+
+    A checkpoint written by another number of ranks is re-partitioned
+    through the universal format first (see the module docstring).
+    """
+    step = latest_step(output_dir)
+    if step is None:
         return 0, 0
-    path, client = engine.load_checkpoint(str(checkpoint_dir(output_dir)))
+    root = checkpoint_dir(output_dir)
+    saved, world = saved_world_size(root / f"step{step}"), dist.get_world_size()
+    if saved and saved != world:
+        path, client = _load_resharded(engine, root, f"step{step}", saved)
+    else:
+        path, client = engine.load_checkpoint(str(root))
     if path is None:
         return 0, 0
     log.info("resumed from %s", path)
     return int(client["step"]), int(client["tokens"])
+
+
+def _load_resharded(engine: Any, root: Path, tag: str, saved: int) -> tuple[Any, dict[str, Any]]:
+    """Rank 0 converts ``tag`` to the universal format; every rank loads its new partition from it."""
+    universal = root / "universal"
+    if dist.get_rank() == 0:
+        log.warning("checkpoint %s was written by %d ranks, this run has %d: re-partitioning its weights and optimizer "
+                    "state through DeepSpeed's universal checkpoint format", tag, saved, dist.get_world_size())
+        shutil.rmtree(universal, ignore_errors=True)  # a conversion left half done by a killed run
+        to_universal(root / tag, universal / tag)
+    dist.barrier()
+    # DeepSpeed reads this switch only while loading; the engine goes on saving ordinary ZeRO checkpoints.
+    engine._config.load_universal_checkpoint = True
+    try:
+        loaded = engine.load_checkpoint(str(universal), tag=tag)
+    finally:
+        engine._config.load_universal_checkpoint = False
+    dist.barrier()
+    if dist.get_rank() == 0:
+        shutil.rmtree(universal, ignore_errors=True)
+    return loaded
+
+
+def to_universal(tag_dir: Path, out_dir: Path) -> None:
+    """DeepSpeed's ``ds_to_universal`` in this process (no worker pool: it may run inside a Ray actor).
+
+    ``inject_missing_state`` adds the universal-checkpoint metadata that
+    only Megatron-style clients save; its progress output is kept off the logs.
+    """
+    import argparse
+
+    from deepspeed.checkpoint import ds_to_universal
+
+    args = argparse.Namespace(input_folder=str(tag_dir), output_folder=str(out_dir), num_extract_workers=1,
+                              num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=True)
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        ds_to_universal.main(args)
 
 
 def gathered_state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor] | None:

@@ -134,7 +134,7 @@ def run_stage(cfg: StageConfig, plan: Plan, on_metrics: Callable[[dict[str, Any]
             tokens = (step + 1) * cfg.tokens_per_step
             last = step + 1 == cfg.steps
             if last or (cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0):
-                checkpoint.save(engine, cfg.output_dir, step + 1, tokens)
+                checkpoint.save(engine, cfg.output_dir, step + 1, tokens, dp=plan.dp, cp=plan.cp)
     finally:
         reporter.close()
     hf_dir = checkpoint.export_hf(model, tokenizer, cfg.output_dir)
