@@ -33,6 +33,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from trainer.engine import agree
+
 log = logging.getLogger(__name__)
 
 KEEP = 2
@@ -97,13 +99,16 @@ def resume(engine: Any, output_dir: str | Path) -> tuple[int, int]:
 
 def _load_resharded(engine: Any, root: Path, tag: str, saved: int) -> tuple[Any, dict[str, Any]]:
     """Rank 0 converts ``tag`` to the universal format; every rank loads its new partition from it."""
-    universal = root / "universal"
+    universal, error = root / "universal", None
     if dist.get_rank() == 0:
         log.warning("checkpoint %s was written by %d ranks, this run has %d: re-partitioning its weights and optimizer "
                     "state through DeepSpeed's universal checkpoint format", tag, saved, dist.get_world_size())
         shutil.rmtree(universal, ignore_errors=True)  # a conversion left half done by a killed run
-        to_universal(root / tag, universal / tag)
-    dist.barrier()
+        try:
+            to_universal(root / tag, universal / tag)
+        except Exception as exc:  # any failure must reach every rank, not leave them waiting at a barrier
+            error = f"checkpoint {root / tag} could not be re-partitioned for {dist.get_world_size()} ranks ({type(exc).__name__}: {exc})"
+    agree(error)
     # DeepSpeed reads this switch only while loading; the engine goes on saving ordinary ZeRO checkpoints.
     engine._config.load_universal_checkpoint = True
     try:
