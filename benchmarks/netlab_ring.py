@@ -38,6 +38,7 @@ from topology.model import Topology, load_data  # noqa: E402
 from topology.plan import Plan, RankPlacement  # noqa: E402
 from topology.planner import make_plan  # noqa: E402
 
+
 def run_ring(plan: Plan, steps: int, timeout_s: float = 120.0) -> list[float]:
     """Seconds of each ring step with every ring of ``plan`` running, one process per rank on its planned node.
 
@@ -67,16 +68,12 @@ def run_ring(plan: Plan, steps: int, timeout_s: float = 120.0) -> list[float]:
 
 def on_declared(plan: Plan, declared: Topology) -> float:
     """Predicted forward ring comm time of ``plan`` on the lab's declared leaf-spine topology (hosts matched by IP)."""
-    by_ip = {str(ip): h for ip, h in zip(_lab_ips(declared), declared.hosts)}
+    from tests.netlab import LabPlan
+
+    by_ip = {h.ip: h.name for h in LabPlan.from_topology(declared, prefix="").hosts}
     placements = [RankPlacement(p.rank, by_ip[p.ip], p.gpu) for p in plan.placements]
     mapped = Plan(plan.strategy, plan.dp, plan.cp, plan.ulysses, plan.seq_len, placements, topology=declared.name)
     return estimate(mapped, declared).ring_comm_fwd_s
-
-
-def _lab_ips(declared: Topology) -> list[str]:
-    from tests.netlab import SUBNET
-
-    return [str(SUBNET.network_address + i + 1) for i in range(len(declared.hosts))]
 
 
 def measure(measured: dict[str, Any], kv_tokens: int, steps: int, declared: Topology | None) -> dict[str, Any]:

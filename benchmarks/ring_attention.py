@@ -37,6 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from topology.plan import Plan, RankPlacement  # noqa: E402
+from trainer.engine import init_process_group  # noqa: E402
 from trainer.groups import ParallelGroups  # noqa: E402
 from trainer.ring_attention import block_backward, block_forward, ring_attention  # noqa: E402
 
@@ -54,14 +55,11 @@ def _peak_rss_bytes() -> int:
 
 def worker(args: argparse.Namespace) -> None:
     """One rank under torchrun: time forward and backward of ring attention on its shard."""
-    cuda = torch.cuda.is_available()
-    if cuda:
-        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-    dist.init_process_group("nccl" if cuda else "gloo")
+    device = init_process_group()
+    cuda = device.type == "cuda"
     world, rank = dist.get_world_size(), dist.get_rank()
     plan = Plan("naive", 1, world, 1, args.seq, [RankPlacement(r, "local", r) for r in range(world)])
     groups = ParallelGroups.from_plan(plan)
-    device = torch.device("cuda" if cuda else "cpu")
     dtype = torch.bfloat16 if cuda else torch.float32
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     s_local = args.seq // world

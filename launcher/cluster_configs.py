@@ -102,7 +102,16 @@ class ClusterOptions:
     hosts_per_leaf: int = 8
     """Hosts under one switch; KubeRay gets one worker group per leaf so every pod carries its leaf label."""
     local_max_hosts: int = 4
-    """Fake hosts the local autoscaler may start (each a Ray node with 8 fake GPUs on this machine)."""
+    """Fake hosts the local autoscaler may start (each a Ray node with ``LOCAL_GPUS`` fake GPUs on this machine)."""
+
+
+LOCAL_GPUS = 8
+"""Fake GPUs of each host the local provider starts."""
+
+
+def sizing(recipe: Recipe, provider: str) -> Sizing:
+    """Hosts per stage as ``provider``'s hosts count them."""
+    return Sizing.from_recipe(recipe, LOCAL_GPUS if provider == "local" else _instance(recipe.gpu_type).gpus)
 
 
 # ------------------------------------------------------------------ renderers
@@ -190,9 +199,9 @@ def render_local(recipe: Recipe, opts: ClusterOptions) -> dict[str, Any]:
         "provider": {"type": "fake_multinode", "use_node_id_as_ip": True, "disable_node_updaters": True, "disable_launch_config_check": True},
         "available_node_types": {
             "ray.head.default": {"resources": {"CPU": 4, "GPU": 0}, "node_config": {}, "max_workers": 0},
-            f"{recipe.gpu_type.lower()}-8x": {
+            f"{recipe.gpu_type.lower()}-{LOCAL_GPUS}x": {
                 # A small object store per fake host: they all share this machine's memory.
-                "resources": {"CPU": 8, "GPU": 8, "object_store_memory": 200_000_000},
+                "resources": {"CPU": 8, "GPU": LOCAL_GPUS, "object_store_memory": 200_000_000},
                 "node_config": {},
                 "min_workers": 0,
                 "max_workers": opts.local_max_hosts,

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from launcher.cluster_configs import RENDERERS, ClusterOptions, Sizing, render, to_yaml, validate
+from launcher.cluster_configs import RENDERERS, ClusterOptions, render, sizing, to_yaml, validate
 from launcher.recipe import Recipe
 from topology.errors import ConfigError
 from topology.model import load_data, write_atomic
@@ -48,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
         sys.stdout.write(text)
         return 0
     write_atomic(args.output, text)
-    hosts = Sizing.from_recipe(recipe, 8).stage_hosts
+    hosts = sizing(recipe, args.provider).stage_hosts
     print(f"wrote {args.output} ({args.provider}; hosts per stage: {', '.join(f'{k}={v}' for k, v in hosts.items())})")
     return 0
 

@@ -14,7 +14,6 @@ Writes ``OUT/niah.json`` and ``OUT/niah.png`` and prints the grid.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import logging
 import os
@@ -29,6 +28,7 @@ import torch.multiprocessing as mp
 from topology.errors import ConfigError
 from topology.plan import Plan, RankPlacement
 from trainer.config import ModelConfig
+from trainer.engine import init_process_group
 from trainer.groups import ParallelGroups
 from trainer.niah import NiahConfig, evaluate_checkpoint
 from trainer.niah_plot import short_count
@@ -109,15 +109,10 @@ def local_plan(ranks: int, seq_len: int) -> Plan:
 def _rank_main(rank: int, world: int, port: int, model: str, config: dict, out_dir: str) -> None:
     """One spawned rank: the torchrun variables, a process group, the plan's groups, then the evaluation."""
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    cuda = torch.cuda.is_available()
-    if cuda:
-        torch.cuda.set_device(rank)
-    else:
+    if not torch.cuda.is_available():
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
     logging.basicConfig(level=logging.INFO, format=f"[rank {rank}] %(message)s")
-    backend = "nccl" if cuda else "gloo"
-    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(minutes=30))
+    backend = "nccl" if init_process_group().type == "cuda" else "gloo"
     try:
         cfg = NiahConfig(**config)
         groups = ParallelGroups.from_plan(local_plan(world, cfg.max_len), backend=backend)

@@ -42,9 +42,8 @@ def run(args: argparse.Namespace) -> int:
     plan = plan_for(args.strategy)
     print(summary(plan, topo))
     if args.compare:
-        plans = [plan] + [plan_for(s) for s in STRATEGIES if s != args.strategy]
         print()
-        print(comparison(sorted(plans, key=lambda p: list(STRATEGIES).index(p.strategy))))
+        print(comparison([plan if s == args.strategy else plan_for(s) for s in STRATEGIES]))
     if args.output:
         plan.save(args.output)
         print(f"\nwrote {args.output}")

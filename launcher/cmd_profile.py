@@ -83,14 +83,12 @@ def summary(data: dict) -> str:
 
 def heatmap(data: dict, fmt: str = "png") -> bytes:
     """The bandwidth matrix drawn as a heatmap, hosts labelled with their leaf."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # no pyplot: no global backend or figure registry to manage
 
     hosts, bw = data["hosts"], data["host_bw_gbps"]
     n = len(hosts)
-    fig, ax = plt.subplots(figsize=(2 + 0.6 * n, 1.5 + 0.6 * n))
+    fig = Figure(figsize=(2 + 0.6 * n, 1.5 + 0.6 * n))
+    ax = fig.subplots()
     image = ax.imshow(bw, cmap="viridis")
     labels = [f"{h['name']} ({h.get('leaf')})" for h in hosts]
     ax.set_xticks(range(n), labels, rotation=60, ha="right", fontsize=8)
@@ -109,5 +107,4 @@ def heatmap(data: dict, fmt: str = "png") -> bytes:
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format=fmt, dpi=120)
-    plt.close(fig)
     return buf.getvalue()

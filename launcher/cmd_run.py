@@ -27,7 +27,6 @@ import socket
 import sys
 from pathlib import Path
 
-from launcher.controller import Controller, ControllerOptions, StageFailed
 from launcher.recipe import Recipe
 from launcher.rundir import default_run_dir
 from topology.errors import ConfigError
@@ -61,6 +60,8 @@ def run(args: argparse.Namespace) -> int:
         from launcher.dryrun import dry_run
 
         return dry_run(Recipe.load(args.recipe, check_paths=False), args.topology)
+    from launcher.controller import Controller, ControllerOptions, StageFailed  # Ray, torch: not for --dry-run
+
     _setup_logging()
     recipe = Recipe.load(args.recipe)
     check_model(recipe)

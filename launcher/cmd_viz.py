@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 
-from topology.errors import ConfigError
 from topology.plan import Plan
 from topology.presets import load_topology
 from topology.viz import save
@@ -23,11 +22,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    if not args.output.lower().endswith((".html", ".png", ".svg")):
-        raise ConfigError(f"{args.output}: output must end in .html, .png or .svg")
     topo = load_topology(args.topology)
     plan = Plan.load(args.plan) if args.plan else None
-    save(topo, plan, args.output, show_dp=args.dp)  # checks the plan against the topology before writing
+    save(topo, plan, args.output, show_dp=args.dp)  # checks the suffix, and the plan against the topology, before writing
     rings = f", {len(plan.groups.ring_groups)} rings" if plan else ""
     print(f"wrote {args.output} ({topo.name}: {len(topo.hosts)} hosts, {topo.num_gpus} GPUs{rings})")
     return 0

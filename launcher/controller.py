@@ -93,7 +93,7 @@ class Controller:
         self.can_grow = resources.autoscaling()
         view = ClusterView.snapshot()
         self.use_gpus = view.use_gpus or self.can_grow
-        view = ClusterView.snapshot(self.use_gpus)
+        view = replace(view, use_gpus=self.use_gpus)
         resources.check_capacity([(c.name, c.gpus) for c in configs], view, self.can_grow)
         self.run_dir = rundir.RunDir.create(self.run_dir.root, self.recipe.source)
         log.info("cluster: %d node(s), %d %ss%s; run directory %s", len(view.nodes), view.total, view.unit,
@@ -194,15 +194,12 @@ class Controller:
 
     def _write_stage_files(self, cfg: StageConfig, topo: Topology, plan: Plan) -> None:
         d = Path(cfg.output_dir)
-        write_atomic(rundir.RunDir.topology_json(d), dump_text(self._measured, "topology.json"))
-        plan.save(rundir.RunDir.plan_json(d))
-        cfg.save(rundir.RunDir.stage_json(d))
-        try:
-            from topology.viz import render_html
-        except ImportError:
-            log.info("stage %s: topology.viz is not available; no topology.html", cfg.name)
-            return
-        write_atomic(rundir.RunDir.topology_html(d), render_html(topo, plan))
+        write_atomic(d / rundir.TOPOLOGY_JSON, dump_text(self._measured, "topology.json"))
+        plan.save(d / rundir.PLAN_JSON)
+        cfg.save(d / rundir.STAGE_JSON)
+        from topology.viz import render_html  # matplotlib: imported once a stage is planned, not at start-up
+
+        write_atomic(d / rundir.TOPOLOGY_HTML, render_html(topo, plan))
 
 
 # ------------------------------------------------------------------ helpers

@@ -10,7 +10,6 @@ becomes a line such as::
 from __future__ import annotations
 
 import sys
-import time
 from typing import Any, TextIO
 
 
@@ -47,10 +46,8 @@ class StageProgress:
     def __init__(self, stage: str, steps: int, start_step: int = 0, stream: TextIO | None = None, bar: bool | None = None):
         self.stage, self.steps, self.start_step = stage, steps, start_step
         self.stream = stream or sys.stdout
-        self.use_bar = self.stream.isatty() if bar is None else bar
-        self.started = time.monotonic()
         self._bar = None
-        if self.use_bar:
+        if self.stream.isatty() if bar is None else bar:
             from tqdm import tqdm
 
             self._bar = tqdm(total=steps, initial=start_step, desc=f"stage {stage}", unit="step", file=self.stream, dynamic_ncols=True)

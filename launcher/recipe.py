@@ -182,9 +182,10 @@ class Recipe:
             if isinstance(t, ThetaRule) and t.base_stage and t.base_stage not in seen:
                 raise ConfigError(f"{self.source}: stage {s.name!r}: rope_theta.from names {t.base_stage!r}, which is not an earlier stage")
             seen.add(s.name)
-        self.resolve_theta()
-        if all(AUTO not in (s.batch, s.ulysses) for s in self.stages):
-            self.stage_configs(self.run_dir)  # each StageConfig checks its own shape
+        if any(AUTO in (s.batch, s.ulysses) for s in self.stages):
+            self.resolve_theta()  # shapes are checked once sizing has filled in 'auto'
+        else:
+            self.stage_configs(self.run_dir)  # resolves theta; each StageConfig checks its own shape
 
 
 def _stage(raw: Any, i: int, base_dir: Path, source: str, check_paths: bool = True) -> RecipeStage:

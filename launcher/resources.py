@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 import ray
@@ -32,10 +32,8 @@ class NodeInfo:
     """One alive Ray node, as far as placing ranks goes."""
 
     node_id: str
-    ip: str
     gpus: int
     cpus: int
-    labels: dict[str, str] = field(default_factory=dict)
 
     def slots(self, use_gpus: bool) -> int:
         """Ranks this node can hold: one GPU and one CPU each, or one CPU each."""
@@ -52,8 +50,7 @@ class ClusterView:
     @classmethod
     def snapshot(cls, use_gpus: bool | None = None) -> "ClusterView":
         nodes = [
-            NodeInfo(n["NodeID"], n["NodeManagerAddress"], int(n["Resources"].get("GPU", 0)),
-                     int(n["Resources"].get("CPU", 0)), dict(n.get("Labels") or {}))
+            NodeInfo(n["NodeID"], int(n["Resources"].get("GPU", 0)), int(n["Resources"].get("CPU", 0)))
             for n in ray.nodes() if n["Alive"]
         ]
         if use_gpus is None:
@@ -63,7 +60,7 @@ class ClusterView:
     @property
     def slots(self) -> dict[str, int]:
         """node_id -> ranks it can hold (nodes with none left out)."""
-        return {n.node_id: n.slots(self.use_gpus) for n in self.nodes if n.slots(self.use_gpus) > 0}
+        return {n.node_id: k for n in self.nodes if (k := n.slots(self.use_gpus)) > 0}
 
     @property
     def total(self) -> int:
@@ -149,7 +146,7 @@ def ensure(want: int, use_gpus: bool, timeout_s: float, can_grow: bool, at_least
     """
     need = at_least or want
     view = ClusterView.snapshot(use_gpus)
-    if view.total >= want or view.total >= need and at_least is not None:
+    if view.total >= need:
         return view
     if can_grow:
         from ray.autoscaler.sdk import request_resources

@@ -30,6 +30,12 @@ from typing import Any
 
 from topology.errors import ConfigError
 from topology.model import write_atomic
+from trainer.progress import METRICS_JSONL
+
+
+# Files of a stage directory (the stage's output_dir, see Recipe.stage_configs).
+TOPOLOGY_JSON, TOPOLOGY_HTML, PLAN_JSON, STAGE_JSON = "topology.json", "topology.html", "plan.json", "stage.json"
+DONE_JSON = "done.json"
 
 
 def default_run_dir(base: str | Path, recipe_name: str) -> Path:
@@ -55,31 +61,6 @@ class RunDir:
             write_atomic(copy, Path(recipe_path).read_bytes())
         return rd
 
-    # Stage files live in the stage's output_dir (see Recipe.stage_configs).
-    @staticmethod
-    def topology_json(stage_dir: str | Path) -> Path:
-        return Path(stage_dir) / "topology.json"
-
-    @staticmethod
-    def topology_html(stage_dir: str | Path) -> Path:
-        return Path(stage_dir) / "topology.html"
-
-    @staticmethod
-    def plan_json(stage_dir: str | Path) -> Path:
-        return Path(stage_dir) / "plan.json"
-
-    @staticmethod
-    def stage_json(stage_dir: str | Path) -> Path:
-        return Path(stage_dir) / "stage.json"
-
-    @staticmethod
-    def metrics(stage_dir: str | Path) -> Path:
-        return Path(stage_dir) / "metrics.jsonl"
-
-    @staticmethod
-    def done(stage_dir: str | Path) -> Path:
-        return Path(stage_dir) / "done.json"
-
 
 def append_event(stage_dir: str | Path, event: dict[str, Any]) -> None:
     """Add one JSON line to the stage's metrics.jsonl.
@@ -87,7 +68,7 @@ def append_event(stage_dir: str | Path, event: dict[str, Any]) -> None:
     The controller writes only while no rank runs (retries happen after the
     group is torn down), so it never interleaves with rank 0's lines.
     """
-    path = RunDir.metrics(stage_dir)
+    path = Path(stage_dir) / METRICS_JSONL
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a") as f:
         f.write(json.dumps({"time": time.time(), **event}) + "\n")
@@ -95,17 +76,17 @@ def append_event(stage_dir: str | Path, event: dict[str, Any]) -> None:
 
 def read_metrics(stage_dir: str | Path) -> list[dict[str, Any]]:
     """Every line of the stage's metrics.jsonl (steps and events)."""
-    path = RunDir.metrics(stage_dir)
+    path = Path(stage_dir) / METRICS_JSONL
     if not path.exists():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def mark_done(stage_dir: str | Path, result: dict[str, Any]) -> None:
-    write_atomic(RunDir.done(stage_dir), json.dumps(result, indent=1) + "\n")
+    write_atomic(Path(stage_dir) / DONE_JSON, json.dumps(result, indent=1) + "\n")
 
 
 def finished(stage_dir: str | Path) -> dict[str, Any] | None:
     """The stage's result if it completed in an earlier run of this run directory."""
-    path = RunDir.done(stage_dir)
+    path = Path(stage_dir) / DONE_JSON
     return json.loads(path.read_text()) if path.exists() else None

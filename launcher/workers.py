@@ -29,7 +29,7 @@ from ray.exceptions import GetTimeoutError, RayActorError, RayError, RayTaskErro
 from ray.util.placement_group import placement_group, placement_group_table, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from topology.errors import ConfigError
+from topology.errors import ConfigError, first_line
 from topology.plan import Plan
 
 log = logging.getLogger("ringleader")
@@ -188,8 +188,7 @@ class WorkerGroup:
         try:
             info = ray.get([a.describe.remote() for a in actors], timeout=timeout_s)
         except (GetTimeoutError, RayError) as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise PlacementFailed(f"rank actors did not start within {timeout_s:.0f} s ({first})") from None
+            raise PlacementFailed(f"rank actors did not start within {timeout_s:.0f} s ({first_line(exc)})") from None
         for i, d in enumerate(info):
             if d["node_id"] != self.node_ids[i]:
                 raise PlacementFailed(f"rank actor {i} runs on node {d['node_id'][:12]}, planned {self.node_ids[i][:12]}")
@@ -256,11 +255,9 @@ class WorkerGroup:
             cause = exc.cause if exc.cause is not None else exc
             if isinstance(cause, ConfigError):
                 raise ConfigError(str(cause)) from None  # bad input: retrying cannot help
-            first = str(cause).strip().splitlines()[0] if str(cause).strip() else ""
-            raise WorkerFailure(rank, f"{type(cause).__name__}: {first}", self.node_ids[rank]) from None
+            raise WorkerFailure(rank, f"{type(cause).__name__}: {first_line(cause)}", self.node_ids[rank]) from None
         except RayError as exc:  # the actor, its process or its host died
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-            raise WorkerFailure(rank, f"worker died ({type(exc).__name__}: {first})", self.node_ids[rank]) from None
+            raise WorkerFailure(rank, f"worker died ({type(exc).__name__}: {first_line(exc)})", self.node_ids[rank]) from None
 
     def shutdown(self) -> None:
         """Kill the rank actors and release the placement group; safe to call twice."""

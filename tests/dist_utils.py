@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import datetime
 import os
-import socket
 import tempfile
 import time
 from typing import Any, Callable
@@ -31,14 +30,9 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-__all__ = ["free_port", "run_distributed"]
+from ray_utils import free_port
 
-
-def free_port() -> int:
-    """A TCP port that was free a moment ago (the OS picks it)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+__all__ = ["run_distributed"]
 
 
 def _worker(rank: int, fn: Callable[..., Any], world_size: int, port: int, out_dir: str, timeout: float, args: tuple) -> None:

@@ -7,7 +7,6 @@ environment variables, exactly as torchrun would start them.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -17,11 +16,10 @@ from typing import Any
 
 import torch
 
-from dist_utils import free_port
+from ray_utils import REPO, free_port
 from topology.plan import Plan, RankPlacement
 from trainer.config import StageConfig
 
-REPO = Path(__file__).resolve().parents[1]
 CORPUS = REPO / "clusters" / "data" / "corpus"
 CHAT = CORPUS / "chat"
 TINY = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2}
@@ -81,10 +79,6 @@ def launch_ranks(tmp: Path, configs: list[Path], plan: Path, timeout: float = 12
                 proc.wait()
             err.close()
     return results
-
-
-def metrics(output_dir: str | Path) -> list[dict]:
-    return [json.loads(line) for line in (Path(output_dir) / "metrics.jsonl").read_text().splitlines()]
 
 
 def hf_weights(hf_dir: str | Path) -> dict[str, torch.Tensor]:

@@ -13,7 +13,8 @@ import pytest
 import torch.multiprocessing as mp
 
 from dist_utils import run_distributed
-from stage_helpers import hf_weights, launch_ranks, max_diff, metrics, plan_for, run_stage_ranks, stage_config
+from launcher.rundir import read_metrics
+from stage_helpers import hf_weights, launch_ranks, max_diff, plan_for, run_stage_ranks, stage_config
 from trainer.checkpoint import latest_step, saved_world_size
 
 
@@ -28,7 +29,7 @@ def test_killed_stage_resumes_and_ends_with_the_uninterrupted_loss(tmp_path):
 
     assert (tmp_path / "ref" / "hf" / "model.safetensors").is_file() and latest_step(ref.output_dir) == 4
     assert latest_step(cut.output_dir) == 2
-    assert [m["step"] for m in metrics(cut.output_dir)] == [1, 2, 3]
+    assert [m["step"] for m in read_metrics(cut.output_dir)] == [1, 2, 3]
     assert not any(p.name.startswith("hf") for p in (tmp_path / "cut").iterdir())  # no model, not even half of one
 
     cut.save(tmp_path / "cut.json")
@@ -37,7 +38,7 @@ def test_killed_stage_resumes_and_ends_with_the_uninterrupted_loss(tmp_path):
     assert (rc0, rc1) == (0, 0), err0[-3000:] + err1[-3000:]
     assert "resuming at step 2" in err0
 
-    resumed, reference = metrics(cut.output_dir), metrics(ref.output_dir)
+    resumed, reference = read_metrics(cut.output_dir), read_metrics(ref.output_dir)
     assert [m["step"] for m in resumed] == [1, 2, 3, 3, 4]
     assert [m["tokens"] for m in resumed[-2:]] == [m["tokens"] for m in reference[-2:]] == [768, 1024]
     for got, want in zip(resumed[-2:], reference[-2:]):
@@ -66,7 +67,7 @@ def test_checkpoint_of_two_ranks_resumes_on_one_with_its_optimizer_state(tmp_pat
     [[(result, seen)]] = run_distributed(run_stage_ranks, 1, [one.to_dict()], [plan_for(one).to_dict()], timeout=240)
 
     assert result.resumed_from == 2 and [m["step"] for m in seen] == [3, 4]
-    reference = metrics(ref.output_dir)
+    reference = read_metrics(ref.output_dir)
     assert [m["tokens"] for m in seen] == [m["tokens"] for m in reference[-2:]]
     for got, want in zip(seen, reference[-2:]):
         assert got["loss"] == pytest.approx(want["loss"], abs=1e-5)

@@ -6,7 +6,8 @@ import math
 
 import pytest
 
-from topology.cost import LLAMA3_8B, FlowModel, estimate, ring_bandwidth_bound
+from topology.bound import ring_bandwidth_bound
+from topology.cost import LLAMA3_8B, FlowModel, estimate
 from topology.model import Topology
 from topology.planner import make_plan
 from topology.presets import leaf_spine, load_topology

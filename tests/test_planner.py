@@ -1,10 +1,12 @@
 """The planner against exhaustive search, the must-show cluster figures, and its placement rules."""
 
+import doctest
 import itertools
 import random
 
 import pytest
 
+from topology import ring_order
 from topology.cost import FlowModel
 from topology.errors import ConfigError
 from topology.model import MEASURED_FORMAT, Topology
@@ -46,6 +48,12 @@ def tree_cluster(leaves, uplinks, gpus_per_host=1, seed=0):
         for g in range(gpus_per_host):
             topo.add_link(topo.add_node(f"{host}/gpu{g}", "gpu", host=host, index=g), sw, 25.0)
     return topo
+
+
+def test_ring_order_examples_hold():
+    """The hand-checked examples in ``bottleneck_cycle``'s docstring."""
+    result = doctest.testmod(ring_order)
+    assert result.attempted > 0 and result.failed == 0
 
 
 def exhaustive_hops(topo, gpus, ring):

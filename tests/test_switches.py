@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 
 from topology.cost import FlowModel
 from topology.errors import ConfigError
+from topology.presets import PRESETS
 from topology.profile import round_robin
 from topology.switches import leaf_groups, leaf_names
 
@@ -107,8 +108,7 @@ def simulated_profile(topo):
 
 @pytest.mark.parametrize("name", ["leafspine-64x-1to1", "leafspine-64x-2to1", "leafspine-64x-4to1", "leafspine-64x-2to1-degraded"])
 def test_presets_leaves_recovered(name):
-    presets = pytest.importorskip("topology.presets")
-    topo = presets.PRESETS[name]()
+    topo = PRESETS[name]()
     bw, lat = simulated_profile(topo)
     truth = [topo.leaf_of(h) for h in topo.hosts]
     assert partition(leaf_groups(bw, lat)) == partition(truth)

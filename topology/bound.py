@@ -83,20 +83,17 @@ def _component_bound(topo: Topology, rings: int, size: int) -> float:
 
 def _exit_bound(topo: Topology, units: dict[str, list[str]], rings: int, size: int) -> float:
     g = topo.graph
-    members = {}
-    for name, hosts in units.items():
-        nodes = {n for h in hosts for n in (h, *topo.parts(h))}
-        if name in g:
-            nodes.add(name)
-        members[name] = nodes
-    largest = max(sum(len(topo.gpus(h)) for h in hs) for hs in units.values())
+    gpus = {name: sum(len(topo.gpus(h)) for h in hosts) for name, hosts in units.items()}
+    largest = max(gpus.values())
     if size <= largest:
         return math.inf
     exits = rings * math.ceil(size / largest)
-    caps = []
-    for name, nodes in members.items():
-        external = [d for u in nodes for v, d in g.adj[u].items() if v not in nodes]
-        caps.append((sum(len(topo.gpus(h)) for h in units[name]), [d["bw_gbps"] for d in external]))
+    caps = []  # (GPUs of the unit, bandwidths of its external links)
+    for name, hosts in units.items():
+        nodes = {n for h in hosts for n in (h, *topo.parts(h))}
+        if name in g:  # a leaf unit owns its switch
+            nodes.add(name)
+        caps.append((gpus[name], [d["bw_gbps"] for u in nodes for v, d in g.adj[u].items() if v not in nodes]))
 
     def feasible(t: float) -> bool:
         return sum(min(n, sum(int(bw / t + 1e-9) for bw in bws)) for n, bws in caps) >= exits

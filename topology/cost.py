@@ -219,11 +219,12 @@ def estimate(
     step_fwd, step_bwd = max(comm_fwd, comp_fwd), max(comm_bwd, comp_bwd)
     # The first step computes the local block while the first transfer runs.
     ring_layer = comp_fwd + comp_bwd + (ring - 1) * (step_fwd + step_bwd)
-    a2a = _ulysses_a2a(plan, topo, model, dtype_bytes, flows)
+    nodes = gpu_nodes(plan, topo)
+    a2a = _ulysses_a2a(plan, nodes, model, dtype_bytes, flows)
     attention = model.layers * (ring_layer + a2a)
     dense = 6 * model.params * (seq / plan.cp) / rate
     volume = (3 if zero_stage == 3 else 2) * model.params * dtype_bytes * (plan.world_size - 1) / plan.world_size
-    dp = _transfer(volume, _world_ring_gbps(plan, topo, flows), 0.0) if plan.world_size > 1 else 0.0
+    dp = _transfer(volume, _world_ring_gbps(nodes, flows), 0.0) if plan.world_size > 1 else 0.0
     step = dense + attention + dp
 
     bound_gbps = ring_bandwidth_bound(topo, plan.dp * uly, ring)
@@ -270,12 +271,11 @@ def _transfer(nbytes: float, gbps: float, lat_us: float) -> float:
     return math.inf if gbps <= 0 else nbytes / (gbps * 1e9) + lat_us * 1e-6
 
 
-def _ulysses_a2a(plan: Plan, topo: Topology, model: ModelShape, dtype_bytes: int, flows: FlowModel) -> float:
+def _ulysses_a2a(plan: Plan, nodes: list[str], model: ModelShape, dtype_bytes: int, flows: FlowModel) -> float:
     """All-to-all of q, k, v and the output (forward), and of their gradients (backward), per layer."""
     uly = plan.ulysses
     if uly < 2:
         return 0.0
-    nodes = gpu_nodes(plan, topo)
     pairs = [(nodes[a], nodes[b]) for g in plan.groups.ulysses_groups for a in g for b in g if a != b]
     rates = flows.bandwidths(pairs)
     tokens = plan.seq_len // plan.cp
@@ -284,8 +284,7 @@ def _ulysses_a2a(plan: Plan, topo: Topology, model: ModelShape, dtype_bytes: int
     return 2 * max(_transfer(per_peer, r, lat) for r, lat in rates)
 
 
-def _world_ring_gbps(plan: Plan, topo: Topology, flows: FlowModel) -> float:
-    """Bus bandwidth of a collective over all ranks: NCCL builds its rings in rank order."""
-    nodes = gpu_nodes(plan, topo)
+def _world_ring_gbps(nodes: list[str], flows: FlowModel) -> float:
+    """Bus bandwidth of a collective over all ranks: NCCL builds its ring in rank order (``nodes``)."""
     ring = [(nodes[i], nodes[(i + 1) % len(nodes)]) for i in range(len(nodes))]
     return min(r for r, _ in flows.bandwidths(ring))

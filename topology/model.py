@@ -35,7 +35,7 @@ from typing import Any, Iterable
 import networkx as nx
 import yaml
 
-from topology.errors import ConfigError
+from topology.errors import ConfigError, first_line
 
 FORMAT_VERSION = 1
 NODE_KINDS = ("host", "gpu", "socket", "pcie", "nic", "leaf", "spine")
@@ -228,8 +228,13 @@ class Topology:
         return self.bandwidth(self.host_endpoint(a), self.host_endpoint(b))
 
     def host_bandwidth_matrix(self, hosts: Iterable[str] | None = None) -> list[list[float]]:
+        """Host-to-host GB/s, 0 on the diagonal; symmetric (links are undirected), so half is computed."""
         hs = list(hosts) if hosts is not None else self.hosts
-        return [[0.0 if a == b else self.host_bandwidth(a, b) for b in hs] for a in hs]
+        m = [[0.0] * len(hs) for _ in hs]
+        for i, a in enumerate(hs):
+            for j in range(i + 1, len(hs)):
+                m[i][j] = m[j][i] = self.host_bandwidth(a, hs[j])
+        return m
 
     # ----------------------------------------------------------- (de)serialise
     def to_dict(self) -> dict[str, Any]:
@@ -355,7 +360,7 @@ def load_data(path: str | os.PathLike) -> Any:
         text = p.read_text()
         return json.loads(text) if p.suffix == ".json" else yaml.safe_load(text)
     except (yaml.YAMLError, json.JSONDecodeError, UnicodeDecodeError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = first_line(exc)
         raise ConfigError(f"{p}: not valid {'JSON' if p.suffix == '.json' else 'YAML'} ({first})") from None
 
 

@@ -237,7 +237,7 @@ def _ring_host_order(req: PlanRequest, hosts: list[str], k: int) -> list[str]:
 
 
 def _cycle(topo: Topology, hosts: list[str]) -> list[str]:
-    bw = [[topo.host_bandwidth(a, b) if a != b else 0.0 for b in hosts] for a in hosts]
+    bw = topo.host_bandwidth_matrix(hosts)
     leaf_ids: dict[object, int] = {}
     groups = tuple(leaf_ids.setdefault(topo.leaf_of(h), len(leaf_ids)) for h in hosts)
     return [hosts[i] for i in _cycle_indices(tuple(map(tuple, bw)), groups)]
@@ -252,11 +252,12 @@ def _cycle_indices(bw: tuple[tuple[float, ...], ...], groups: tuple[int, ...]) -
 def _best_split(req: PlanRequest, egress: dict[str, float], per_host: int) -> list[str]:
     """Small clusters: try every host subset and split into rings; keep the best by the cost model."""
     k, need = req.cp // per_host, req.gpus // per_host
+    rings = GroupLayout.from_grid(req.gpus // req.cp, req.ring, req.ulysses).ring_groups
     best_key, best = None, None
     for subset in itertools.combinations(req.hosts, need):
         for split in _splits(list(subset), k):
             seq = _gpu_sequence(req, [h for ring in split for h in _cycle(req.topo, ring)])
-            rate, lat, cross = _score(req, seq)
+            rate, lat, cross = _score(req, rings, seq)
             key = (-rate, cross, -min(egress[h] for h in subset), lat)
             if best_key is None or key < best_key:
                 best_key, best = key, seq
@@ -276,10 +277,9 @@ def _splits(hosts: list[str], k: int):
             yield [[first, *others], *tail]
 
 
-def _score(req: PlanRequest, seq: list[str]) -> tuple[float, float, int]:
-    """(slowest hop GB/s, its latency µs, cross-switch hops) of a rank order."""
-    layout = GroupLayout.from_grid(req.gpus // req.cp, req.ring, req.ulysses)
-    hops = [(seq[g[i]], seq[g[(i + 1) % len(g)]]) for g in layout.ring_groups for i in range(len(g))]
+def _score(req: PlanRequest, rings: list[list[int]], seq: list[str]) -> tuple[float, float, int]:
+    """(slowest hop GB/s, its latency µs, cross-switch hops) of a rank order with these ring groups."""
+    hops = [(seq[g[i]], seq[g[(i + 1) % len(g)]]) for g in rings for i in range(len(g))]
     rates = req.flows.bandwidths(hops)
     rate, lat = min(rates, key=lambda r: (r[0], -r[1]))
     topo = req.topo

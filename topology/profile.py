@@ -48,7 +48,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from tqdm import tqdm
 
 from topology import bandwidth
-from topology.errors import ConfigError
+from topology.errors import ConfigError, first_line
 from topology.model import FORMAT_VERSION, MEASURED_FORMAT, dump_text, write_atomic
 from topology.switches import leaf_names
 
@@ -239,7 +239,7 @@ def _get(refs: list, timeout_s: float, what: str) -> list:
     except ray.exceptions.GetTimeoutError:
         raise ProfileError(f"{what} did not finish within {timeout_s:g} s; check that the hosts reach each other on their node IPs") from None
     except ray.exceptions.RayError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = first_line(exc)
         raise ProfileError(f"{what} failed: {first}") from exc
 
 

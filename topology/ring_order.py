@@ -69,11 +69,6 @@ def bottleneck_cycle(
     return greedy_cycle(nodes, bw, group)
 
 
-def cycle_bottleneck(order: Sequence[H], bw: Callable[[H, H], float]) -> float:
-    """Smallest bandwidth between consecutive hosts of a cycle."""
-    return min(bw(order[i], order[(i + 1) % len(order)]) for i in range(len(order)))
-
-
 def exact_cycle(nodes: Sequence[H], bw: Callable[[H, H], float], group: Callable[[H], Hashable]) -> list[H]:
     """Exact bottleneck cycle with the fewest group changes; see the module docstring."""
     n = len(nodes)

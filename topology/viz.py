@@ -25,13 +25,12 @@ from topology.errors import ConfigError
 from topology.model import Topology, write_atomic
 from topology.plan import Plan
 from topology.viz_layout import (
-    Layout, RankInfo, cycle_hops, group_colours, host_cycle, host_matrix, layout, rank_table, switch_point, uplink_route,
+    DIRECT_LINK_HOSTS, Layout, RankInfo, cycle_hops, group_colours, host_cycle, host_matrix, layout, rank_table, switch_point,
+    uplink_route,
 )
 
 TEMPLATE = Path(__file__).with_name("viz_template.html")
 _PART_LABEL = {"pcie": "sw", "socket": "cpu", "nic": "nic"}
-DIRECT_LINK_HOSTS = 16
-"""Measured host-to-host links are drawn up to this many hosts; beyond, the heatmap shows them."""
 
 
 def render_html(topo: Topology, plan: Plan | None = None, show_dp: bool = False) -> str:
@@ -48,12 +47,12 @@ def render_html(topo: Topology, plan: Plan | None = None, show_dp: bool = False)
     page = TEMPLATE.read_text()
     for key, value in {
         "TITLE": html.escape(title), "FIGURES": _figures(plan), "BW_LEGEND": _bw_legend(lay),
-        "GROUP_LEGEND": _group_legend(groups), "VIZ_CLASS": f"level-{level}" + (" show-dp" if show_dp else ""),
+        "GROUP_LEGEND": _group_legend(groups), "LEVEL": level, "VIZ_CLASS": f"level-{level}" + (" show-dp" if show_dp else ""),
         "TOPOLOGY_SVG": svg, "HEATMAP_SVG": heat_svg,
         "HEATMAP_NOTE": html.escape(heat_note),
     }.items():
         page = page.replace(f"<!--{key}-->", value)
-    return page.replace('<div id="viz" class=', f'<div id="viz" data-level="{level}" class=', 1)
+    return page
 
 
 def render_image(topo: Topology, plan: Plan | None, path: str | os.PathLike, show_dp: bool = False) -> None:
@@ -278,10 +277,12 @@ def _heatmap_svg(topo: Topology, lay: Layout) -> tuple[str, str]:
 # ------------------------------------------------------------------ side panel
 def _bw_legend(lay: Layout) -> str:
     ticks = lay.ticks()
-    stops = "".join(f'<stop offset="{i / max(1, len(ticks) - 1):.2f}" stop-color="{lay.colour(t)}"/>' for i, t in enumerate(ticks))
-    labels = "".join(f'<text x="{8 + 250 * i / max(1, len(ticks) - 1):.0f}" y="34" font-size="10" text-anchor="middle">{t:g}</text>' for i, t in enumerate(ticks))
-    widths = "".join(f'<line x1="{8 + 250 * i / max(1, len(ticks) - 1) - 8:.0f}" x2="{8 + 250 * i / max(1, len(ticks) - 1) + 8:.0f}" y1="46" y2="46" '
-                     f'stroke="{lay.colour(t)}" stroke-width="{lay.stroke(t)}"/>' for i, t in enumerate(ticks))
+    at = [i / max(1, len(ticks) - 1) for i in range(len(ticks))]  # each tick's place along the bar, 0..1
+    xs = [8 + 250 * f for f in at]
+    stops = "".join(f'<stop offset="{f:.2f}" stop-color="{lay.colour(t)}"/>' for f, t in zip(at, ticks))
+    labels = "".join(f'<text x="{x:.0f}" y="34" font-size="10" text-anchor="middle">{t:g}</text>' for x, t in zip(xs, ticks))
+    widths = "".join(f'<line x1="{x - 8:.0f}" x2="{x + 8:.0f}" y1="46" y2="46" '
+                     f'stroke="{lay.colour(t)}" stroke-width="{lay.stroke(t)}"/>' for x, t in zip(xs, ticks))
     return (f'<svg id="bw-legend" width="270" height="54"><defs><linearGradient id="bwgrad">{stops}</linearGradient></defs>'
             f'<rect x="8" y="4" width="250" height="16" fill="url(#bwgrad)"/>{labels}{widths}</svg>'
             f'<div class="note">dark = slow, orange = fast (log scale); dashed grey = never limits</div>')

@@ -17,7 +17,7 @@ from matplotlib.patches import Rectangle
 from topology.model import Topology
 from topology.plan import Plan
 from topology.viz_layout import (
-    CMAP, cycle_hops, group_colours, host_cycle, host_matrix, layout, rank_table, switch_point, uplink_route,
+    CMAP, DIRECT_LINK_HOSTS, cycle_hops, group_colours, host_cycle, host_matrix, layout, rank_table, switch_point, uplink_route,
 )
 
 
@@ -37,7 +37,7 @@ def draw(topo: Topology, plan: Plan | None, out: BinaryIO, fmt: str = "png", sho
     for u, v, d in topo.graph.edges(data=True):
         hu, hv = topo.graph.nodes[u].get("host"), topo.graph.nodes[v].get("host")
         if hu and hv:
-            if hu != hv and len(topo.hosts) > 16:
+            if hu != hv and len(topo.hosts) > DIRECT_LINK_HOSTS:
                 continue  # measured host pairs: the heatmap shows them
             pts = [lay.points[u], lay.points[v]]
         elif hu or hv:

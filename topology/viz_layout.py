@@ -38,6 +38,8 @@ PART_ROWS = {"pcie": 1, "socket": 2, "nic": 2}
 """Row inside a host (0 is the GPUs) for each other kind of part."""
 DETAIL_MAX_GPUS = 64
 """Above this many GPUs rings are drawn host to host; GPU-level detail appears per host on demand."""
+DIRECT_LINK_HOSTS = 16
+"""Measured host-to-host links are drawn up to this many hosts; beyond, the heatmap shows them."""
 UNBOUNDED = 100.0
 """A link this many times faster than the next slower speed stands for "never limits" (a measured profile's GPU-NIC ties)."""
 

@@ -91,7 +91,6 @@ class StageConfig:
     activation_checkpointing: bool = True
     deepspeed: dict[str, Any] = field(default_factory=lambda: json.loads(json.dumps(DEFAULT_DEEPSPEED)))
     seed: int = 0
-    log_every: int = 1
     niah: dict[str, Any] | None = None
     """Needle-in-a-haystack settings (``trainer.niah.NiahConfig`` fields) to evaluate
     the stage's HF model with, on the same ranks, once the stage has trained."""

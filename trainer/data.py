@@ -179,6 +179,7 @@ class PackedDataset:
             raise ConfigError(f"data holds {len(tokens)} tokens, fewer than one sample of {seq_len + 1}; add documents or shorten the stage")
         self.tokens = torch.from_numpy(np.asarray(tokens, dtype=np.int64))
         self.learn = None if learn is None else torch.from_numpy(np.asarray(learn, dtype=np.bool_))
+        self._order: tuple[int, np.ndarray] | None = None
 
     def __len__(self) -> int:
         """Samples in one epoch; indices beyond it wrap around in a new order."""
@@ -187,13 +188,19 @@ class PackedDataset:
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         """``input_ids`` and ``labels`` (both ``[seq_len]``) of sample ``index >= 0``."""
         epoch, i = divmod(int(index), self.num_samples)
-        j = int(np.random.default_rng([self.seed, epoch]).permutation(self.num_samples)[i])
+        j = int(self._epoch_order(epoch)[i])
         start = j * (self.seq_len + 1)
         piece = self.tokens[start:start + self.seq_len + 1]
         labels = piece[1:].clone()
         if self.learn is not None:
             labels[~self.learn[start + 1:start + self.seq_len + 1]] = IGNORE_INDEX
         return {"input_ids": piece[:-1].clone(), "labels": labels}
+
+    def _epoch_order(self, epoch: int) -> np.ndarray:
+        """The sample order of one epoch, kept for the next call (a step reads consecutive samples)."""
+        if self._order is None or self._order[0] != epoch:
+            self._order = (epoch, np.random.default_rng([self.seed, epoch]).permutation(self.num_samples))
+        return self._order[1]
 
 
 def build_dataset(data_cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seq_len: int, seed: int = 0) -> PackedDataset:

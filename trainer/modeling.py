@@ -23,7 +23,7 @@ from huggingface_hub.errors import StrictDataclassError
 from transformers import (AutoConfig, AutoModelForCausalLM, LlamaConfig, PreTrainedConfig, PreTrainedModel,
                           PreTrainedTokenizerBase)
 
-from topology.errors import ConfigError
+from topology.errors import ConfigError, first_line
 from trainer.config import ModelConfig
 
 log = logging.getLogger(__name__)
@@ -87,7 +87,7 @@ def build_model(model_cfg: ModelConfig, rope_theta: float, seq_len: int, init_fr
         smaller than the tokenizer's.
     """
     source = resolve_source(model_cfg, init_from)
-    config = load_config(model_cfg, init_from, tokenizer)
+    config = _config_from(source, model_cfg, tokenizer)
     set_rope(config, rope_theta, seq_len)
     if source is None:
         torch.manual_seed(seed)
@@ -96,7 +96,7 @@ def build_model(model_cfg: ModelConfig, rope_theta: float, seq_len: int, init_fr
         try:
             model = AutoModelForCausalLM.from_pretrained(source, config=config, dtype=dtype)
         except (OSError, ValueError) as exc:
-            raise ConfigError(f"cannot load model {source!r} ({_first_line(exc)}); give a local HF directory or a cached hub name") from None
+            raise ConfigError(f"cannot load model {source!r} ({first_line(exc)}); give a local HF directory or a cached hub name") from None
     if tokenizer is not None:
         _check_vocab(model.get_input_embeddings().num_embeddings, tokenizer)
     return model
@@ -108,17 +108,16 @@ def load_config(model_cfg: ModelConfig, init_from: str | None = None,
 
     Cheap (no weights), so a stage reads it to check its shape before starting.
     """
-    source = resolve_source(model_cfg, init_from)
+    return _config_from(resolve_source(model_cfg, init_from), model_cfg, tokenizer)
+
+
+def _config_from(source: str | None, model_cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase | None) -> PreTrainedConfig:
     if source is None:
         return _tiny_config(model_cfg.tiny or {}, tokenizer)
     try:
         return AutoConfig.from_pretrained(source)
     except (OSError, ValueError) as exc:
-        raise ConfigError(f"cannot load model config {source!r} ({_first_line(exc)}); give a local HF directory or a cached hub name") from None
-
-
-def _first_line(exc: BaseException) -> str:
-    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConfigError(f"cannot load model config {source!r} ({first_line(exc)}); give a local HF directory or a cached hub name") from None
 
 
 def _check_vocab(vocab_size: int, tokenizer: PreTrainedTokenizerBase) -> None:

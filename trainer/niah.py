@@ -33,11 +33,9 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from topology.errors import ConfigError
+from topology.errors import ConfigError, first_line
 from topology.model import write_atomic
 from trainer.config import ModelConfig
-from trainer.hf_attention import register_ring_attention
-from trainer.niah_plot import plot_heatmap
 from trainer.niah_prompts import PromptBuilder, load_haystack
 from trainer.tokenizer import load_tokenizer
 from trainer.zigzag import local_indices
@@ -204,6 +202,8 @@ def run_niah(model: Any, tokenizer: Any, config: NiahConfig, groups: Any = None,
     local_impl = model.config._attn_implementation
     ring_impl = None
     if long:
+        from trainer.hf_attention import register_ring_attention  # HF modeling code: not for NiahConfig's users
+
         ring_impl = register_ring_attention(groups)
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
@@ -258,6 +258,8 @@ def _progress_bar(total: int, show: bool) -> tqdm | None:
 
 def write_results(result: NiahResult, out_dir: str | Path) -> tuple[Path, Path]:
     """``niah.json`` (every cell and the average) and ``niah.png`` (the heatmap), each written atomically."""
+    from trainer.niah_plot import plot_heatmap  # matplotlib, only where results are written
+
     out = Path(out_dir)
     write_atomic(out / "niah.json", json.dumps(result.to_dict(), indent=1) + "\n")
     plot_heatmap(result, out / "niah.png")
@@ -272,8 +274,7 @@ def load_eval_model(model_dir: str, device: torch.device) -> Any:
     try:
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, attn_implementation="sdpa")
     except (OSError, ValueError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ConfigError(f"cannot load model {model_dir!r} ({first}); give an HF model directory or a cached hub name") from None
+        raise ConfigError(f"cannot load model {model_dir!r} ({first_line(exc)}); give an HF model directory or a cached hub name") from None
     return model.to(device).eval()
 
 

@@ -77,10 +77,11 @@ class PromptBuilder:
         """The prompt of exactly ``length`` tokens with the needle at ``depth`` (0: first, 1: last before the question)."""
         number = needle_number(self.seed, length, depth, self.digits)
         needle, answer = self._encode(NEEDLE.format(number=number)), self._encode(ANSWER.format(number=number))
-        budget = length - self.fixed_tokens(number)
+        fixed = len(self.bos) + len(needle) + len(self.question) + len(answer)
+        budget = length - fixed
         if budget < 0:
             raise ConfigError(f"niah: a {length}-token context cannot hold the needle, question and answer "
-                              f"({self.fixed_tokens(number)} tokens); raise --min-len")
+                              f"({fixed} tokens); raise --min-len")
         reps = budget // len(self.hay) + 1
         hay = (self.hay * reps)[:budget]
         target = round(depth * budget)

@@ -17,6 +17,9 @@ from tqdm import tqdm
 
 log = logging.getLogger("trainer.stage")
 
+METRICS_JSONL = "metrics.jsonl"
+"""A stage's metrics file in its output_dir: one JSON object per step (rank 0) or event."""
+
 
 class StepReporter:
     """Turns each optimizer step into one metrics dict and shows it.
@@ -35,7 +38,7 @@ class StepReporter:
         self.stage, self.steps, self.first_step = stage, steps, first_step
         self.tokens_per_step = tokens_per_step
         self.rank, self.on_metrics = rank, on_metrics
-        self.path = Path(output_dir) / "metrics.jsonl"
+        self.path = Path(output_dir) / METRICS_JSONL
         self.start = self.last = time.perf_counter()
         self.bar = None
         if rank == 0 and sys.stderr.isatty():
@@ -51,13 +54,12 @@ class StepReporter:
             "elapsed_s": now - self.start, "lr": lr,
         }
         if self.rank == 0:
-            with open(self.path, "a", encoding="utf-8") as f:
-                f.write(json.dumps(metrics) + "\n")
-            eta = (now - self.start) / (step - self.first_step) * (self.steps - step)
+            self._append(metrics)
             if self.bar is not None:
                 self.bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{metrics['tokens_per_s']:,.0f}")
                 self.bar.update(1)
             else:
+                eta = (now - self.start) / (step - self.first_step) * (self.steps - step)
                 log.info("stage %s | step %d/%d | loss %.4f | %s tok/s | ETA %s", self.stage, step, self.steps, loss,
                          f"{metrics['tokens_per_s']:,.0f}", datetime.timedelta(seconds=round(eta)))
         if self.on_metrics is not None:
@@ -67,11 +69,14 @@ class StepReporter:
     def event(self, event: dict[str, Any]) -> None:
         """Record something that is not a step (a stage-end evaluation, say) beside the steps."""
         if self.rank == 0:
-            with open(self.path, "a", encoding="utf-8") as f:
-                f.write(json.dumps(event) + "\n")
+            self._append(event)
             log.info("stage %s | %s", self.stage, " | ".join(f"{k} {v}" for k, v in event.items() if k != "stage"))
         if self.on_metrics is not None:
             self.on_metrics(event)
+
+    def _append(self, record: dict[str, Any]) -> None:
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
 
     def close(self) -> None:
         if self.bar is not None:

@@ -46,7 +46,7 @@ from trainer.modeling import build_model, load_config
 from trainer.progress import StepReporter
 from trainer.tokenizer import load_tokenizer
 from trainer.ulysses import kv_heads_for_ulysses
-from trainer.zigzag import check_seq_len, local_indices, shard
+from trainer.zigzag import IGNORE_INDEX, local_indices, shard
 
 log = logging.getLogger("trainer.stage")
 
@@ -72,7 +72,6 @@ def check_inputs(cfg: StageConfig, plan: Plan, world_size: int) -> None:
     if (plan.dp, plan.cp, plan.ulysses) != (cfg.batch, cfg.cp, cfg.ulysses):
         raise ConfigError(f"plan shape dp={plan.dp} cp={plan.cp} ulysses={plan.ulysses} does not match stage {cfg.name!r} "
                           f"(batch={cfg.batch}, ring size={cfg.cp}, ulysses={cfg.ulysses}); re-plan the stage")
-    check_seq_len(cfg.seq_len, cfg.cp)
     config = load_config(cfg.model, cfg.init_from)
     kv_heads_for_ulysses(config.num_attention_heads, config.num_key_value_heads or config.num_attention_heads, cfg.ulysses)
 
@@ -171,7 +170,7 @@ def _train_step(engine: Any, dataset: Any, groups: ParallelGroups, cfg: StageCon
         sample = dataset[sample_index(step, m, groups.dp_rank, dp, cfg.grad_accum)]
         micro.append({k: shard(v[None], groups).to(device) for k, v in sample.items()})
     # Labelled tokens of the whole global batch: every rank's shards of every micro-step.
-    count = torch.tensor(float(sum(int((b["labels"] != -100).sum()) for b in micro)), device=device)
+    count = torch.tensor(float(sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in micro)), device=device)
     dist.all_reduce(count)
     scale = loss_scale(dist.get_world_size(), cfg.grad_accum, int(count.item()))
     total = torch.zeros((), device=device)

@@ -18,7 +18,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
-from topology.errors import ConfigError
+from topology.errors import ConfigError, first_line
 from trainer.config import ModelConfig
 
 log = logging.getLogger(__name__)
@@ -77,13 +77,13 @@ def load_tokenizer(model_cfg: ModelConfig, init_from: str | None = None) -> PreT
         source = model_cfg.tokenizer or model_cfg.path
     if source is None:
         return byte_tokenizer()
-    if source.startswith((".", "/", "~")) and not Path(source).expanduser().exists():
+    local = Path(source).expanduser()
+    if not local.exists() and source.startswith((".", "/", "~")):
         raise ConfigError(f"tokenizer path {source!r} does not exist; give a local directory or a hub name")
     try:
-        tok = AutoTokenizer.from_pretrained(str(Path(source).expanduser()) if Path(source).expanduser().exists() else source)
+        tok = AutoTokenizer.from_pretrained(str(local) if local.exists() else source)
     except (OSError, ValueError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ConfigError(f"cannot load tokenizer {source!r} ({first}); give a local directory or a cached hub name") from None
+        raise ConfigError(f"cannot load tokenizer {source!r} ({first_line(exc)}); give a local directory or a cached hub name") from None
     if tok.pad_token is None:
         # Llama-3 ships no pad token; padding positions carry no loss, so any id will do.
         tok.pad_token = tok.eos_token
