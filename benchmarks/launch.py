@@ -5,7 +5,7 @@ each), measured side by side on the same cluster, alternating trials:
 
 * ringleader: placement group pinned to the planned hosts, one actor per
   rank, torchrun env, ``init_process_group`` + barrier
-  (``launcher.workers.WorkerGroup``); the plan comes from the real profiler
+  (``launcher.runtime.workers.WorkerGroup``); the plan comes from the real profiler
   and planner, run once beforehand and timed on its own line;
 * Ray Train: ``TorchTrainer`` (gloo) with 8 workers of {GPU: 1, CPU: 1},
   until every worker's train function has passed a barrier.
@@ -33,9 +33,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import ray  # noqa: E402
 
-from launcher.controller import placement_nodes, with_slots  # noqa: E402
-from launcher.resources import ClusterView  # noqa: E402
-from launcher.workers import WorkerGroup  # noqa: E402
+from launcher.runtime.controller import placement_nodes, with_slots  # noqa: E402
+from launcher.runtime.resources import ClusterView  # noqa: E402
+from launcher.runtime.workers import WorkerGroup  # noqa: E402
 from tests.ray_utils import local_cluster  # noqa: E402
 from topology.model import Topology  # noqa: E402
 from topology.planner import make_plan  # noqa: E402

@@ -39,7 +39,7 @@ sys.path.insert(0, str(ROOT))
 from topology.plan import Plan, RankPlacement  # noqa: E402
 from trainer.engine import init_process_group  # noqa: E402
 from trainer.groups import ParallelGroups  # noqa: E402
-from trainer.ring_attention import block_backward, block_forward, ring_attention  # noqa: E402
+from trainer.attention.ring_attention import block_backward, block_forward, ring_attention  # noqa: E402
 
 MIB = 2**20
 

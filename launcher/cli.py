@@ -18,12 +18,12 @@ import sys
 from topology.errors import ConfigError
 
 COMMANDS = {
-    "plan": ("launcher.cmd_plan", "place ranks on a topology and print the plan"),
-    "profile": ("launcher.cmd_profile", "measure the bandwidth between the hosts of a Ray cluster"),
-    "run": ("launcher.cmd_run", "run a recipe's stages on Ray (or --dry-run to size them)"),
-    "clusters": ("launcher.cmd_clusters", "render cluster-launcher and KubeRay configs for a recipe"),
-    "viz": ("launcher.cmd_viz", "draw a topology and a plan's rings (HTML, PNG or SVG)"),
-    "niah": ("launcher.cmd_niah", "needle-in-a-haystack evaluation of a model"),
+    "plan": ("launcher.commands.plan", "place ranks on a topology and print the plan"),
+    "profile": ("launcher.commands.profile", "measure the bandwidth between the hosts of a Ray cluster"),
+    "run": ("launcher.commands.run", "run a recipe's stages on Ray (or --dry-run to size them)"),
+    "clusters": ("launcher.commands.clusters", "render cluster-launcher and KubeRay configs for a recipe"),
+    "viz": ("launcher.commands.viz", "draw a topology and a plan's rings (HTML, PNG or SVG)"),
+    "niah": ("launcher.commands.niah", "needle-in-a-haystack evaluation of a model"),
 }
 
 

@@ -246,7 +246,7 @@ def _batch_from_ring(ring: Any, batch: Any, gpus: Any, where: str) -> int | str:
 
 def _niah(raw: Any, base_dir: Path, where: str) -> dict[str, Any]:
     """Validate a stage's ``niah:`` now, so a typo fails before any rank trains."""
-    from trainer.niah import NiahConfig  # imports torch: only for recipes that ask for NIAH
+    from trainer.niah.evaluate import NiahConfig  # imports torch: only for recipes that ask for NIAH
 
     if not isinstance(raw, dict):
         raise ConfigError(f"{where}: expected a mapping of NiahConfig fields (max_len, min_len, ...)")

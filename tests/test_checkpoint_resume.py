@@ -13,7 +13,7 @@ import pytest
 import torch.multiprocessing as mp
 
 from dist_utils import run_distributed
-from launcher.rundir import read_metrics
+from launcher.runtime.rundir import read_metrics
 from stage_helpers import hf_weights, launch_ranks, max_diff, plan_for, run_stage_ranks, stage_config
 from trainer.checkpoint import latest_step, saved_world_size
 

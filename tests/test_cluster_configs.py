@@ -11,7 +11,7 @@ from ray.autoscaler._private.kuberay.autoscaling_config import _derive_autoscali
 from ray.autoscaler._private.util import prepare_config, validate_config
 
 from launcher.cli import main
-from launcher.cluster_configs import CHECKED_IN, GPU_LABEL, LEAF_LABEL, ClusterOptions, Sizing, render, validate
+from launcher.cluster_configs.render import CHECKED_IN, GPU_LABEL, LEAF_LABEL, ClusterOptions, Sizing, render, validate
 from launcher.recipe import Recipe
 from topology.errors import ConfigError
 

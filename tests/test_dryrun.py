@@ -8,10 +8,10 @@ import pytest
 import yaml
 
 from launcher.cli import main
-from launcher.dryrun import format_theta, plan_recipe
-from launcher.memory import estimate_memory
+from launcher.estimate.dryrun import format_theta, plan_recipe
+from launcher.estimate.memory import estimate_memory
 from launcher.recipe import Recipe
-from launcher.sizing import resolve_stage
+from launcher.estimate.sizing import resolve_stage
 from topology.cost import LLAMA3_8B
 from topology.planner import make_plan
 from topology.presets import load_topology

@@ -21,9 +21,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from launcher.controller import Controller, ControllerOptions
+from launcher.runtime.controller import Controller, ControllerOptions
 from launcher.recipe import Recipe
-from launcher.rundir import read_metrics
+from launcher.runtime.rundir import read_metrics
 from tests.ray_utils import REPO, local_cluster
 
 STEPS = 80

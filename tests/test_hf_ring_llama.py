@@ -15,9 +15,9 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from dist_utils import run_distributed
 from topology.plan import Plan, RankPlacement
 from trainer.groups import ParallelGroups
-from trainer.hf_attention import register_ring_attention
+from trainer.attention.hf_attention import register_ring_attention
 from trainer.loss import shard_loss_sum
-from trainer.zigzag import shard, shift_labels, unshard
+from trainer.attention.zigzag import shard, shift_labels, unshard
 
 WORLD = 4
 SEQ = 64

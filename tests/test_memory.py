@@ -5,7 +5,7 @@ import torch
 from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
 
-from launcher.memory import MemoryAssumptions, estimate_memory, intermediate_size, layer_saved_bytes, model_shape
+from launcher.estimate.memory import MemoryAssumptions, estimate_memory, intermediate_size, layer_saved_bytes, model_shape
 from topology.cost import LLAMA3_8B, ModelShape
 from topology.errors import ConfigError
 from topology.model import GpuSpec

@@ -11,9 +11,9 @@ import torch
 from launcher.cli import main
 from trainer.config import ModelConfig
 from trainer.modeling import build_model
-from trainer.niah import NiahConfig, run_niah, score_answer
-from trainer.niah_plot import score_grid
-from trainer.niah_prompts import PromptBuilder, load_haystack, needle_number
+from trainer.niah.evaluate import NiahConfig, run_niah, score_answer
+from trainer.niah.plot import score_grid
+from trainer.niah.prompts import PromptBuilder, load_haystack, needle_number
 from trainer.tokenizer import byte_tokenizer
 
 HAYSTACK = Path(__file__).parent / "data" / "haystack"

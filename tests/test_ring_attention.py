@@ -15,9 +15,9 @@ from dist_utils import run_distributed
 from topology.errors import ConfigError
 from topology.plan import Plan, RankPlacement
 from trainer.groups import ParallelGroups
-from trainer.ring_attention import ZigzagRingAttention, _merge, block_backward, block_forward, ring_attention, select_backend
-from trainer.ulysses import kv_heads_for_ulysses
-from trainer.zigzag import shard
+from trainer.attention.ring_attention import ZigzagRingAttention, _merge, block_backward, block_forward, ring_attention, select_backend
+from trainer.attention.ulysses import kv_heads_for_ulysses
+from trainer.attention.zigzag import shard
 
 WORLD = 4
 BATCH, SEQ, HEAD_DIM = 2, 48, 8
@@ -169,7 +169,7 @@ def test_blocks_merged_by_log_sum_exp_equal_one_attention(device, dtype, toleran
 
 def test_backend_is_chosen_once_and_logged(caplog):
     select_backend.cache_clear()
-    with caplog.at_level(logging.INFO, logger="trainer.ring_attention"):
+    with caplog.at_level(logging.INFO, logger="trainer.attention.ring_attention"):
         assert select_backend("cpu", torch.float32, True) == "torch"
         assert select_backend("cpu", torch.float32, True) == "torch"
     assert [r.getMessage() for r in caplog.records] == ["ring attention backend: torch (flash-for-cpu; device cpu)"]

@@ -14,7 +14,7 @@ import torch
 
 from dist_utils import run_distributed
 from launcher.recipe import Recipe
-from launcher.rundir import read_metrics
+from launcher.runtime.rundir import read_metrics
 from stage_helpers import CORPUS, MODEL, hf_weights, launch_ranks, max_diff, plan_for, run_stage_ranks, stage_config
 from topology.errors import ConfigError
 from trainer.checkpoint import saved_world_size

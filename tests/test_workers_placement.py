@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import ray
 
-from launcher.workers import PlacementFailed, WorkerGroup, match_gpus, rank_env
+from launcher.runtime.workers import PlacementFailed, WorkerGroup, match_gpus, rank_env
 from tests.ray_utils import local_cluster
 from topology.plan import Plan, RankPlacement
 

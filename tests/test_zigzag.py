@@ -6,7 +6,7 @@ from hypothesis import given, settings, strategies as st
 
 from topology.errors import ConfigError
 from trainer.groups import ParallelGroups
-from trainer.zigzag import IGNORE_INDEX, check_seq_len, shard, shift_labels, zigzag_indices
+from trainer.attention.zigzag import IGNORE_INDEX, check_seq_len, shard, shift_labels, zigzag_indices
 
 
 def _layout(ring: int, ulysses: int, cp_rank: int) -> ParallelGroups:

@@ -92,7 +92,7 @@ class StageConfig:
     deepspeed: dict[str, Any] = field(default_factory=lambda: json.loads(json.dumps(DEFAULT_DEEPSPEED)))
     seed: int = 0
     niah: dict[str, Any] | None = None
-    """Needle-in-a-haystack settings (``trainer.niah.NiahConfig`` fields) to evaluate
+    """Needle-in-a-haystack settings (``trainer.niah.evaluate.NiahConfig`` fields) to evaluate
     the stage's HF model with, on the same ranks, once the stage has trained."""
 
     @property

@@ -34,7 +34,7 @@ from transformers import PreTrainedTokenizerBase
 
 from topology.errors import ConfigError
 from trainer.config import DataConfig
-from trainer.zigzag import IGNORE_INDEX
+from trainer.attention.zigzag import IGNORE_INDEX
 
 SUFFIXES = (".txt", ".jsonl", ".parquet")
 MAX_UPSAMPLE = 4

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from trainer.zigzag import IGNORE_INDEX
+from trainer.attention.zigzag import IGNORE_INDEX
 
 LOGITS_CHUNK_BYTES = 1 << 30
 """fp32 logits made at once: at most this many bytes (2048 tokens of Llama-3's vocabulary)."""

@@ -45,8 +45,8 @@ from trainer.loss import ShardLoss, loss_scale
 from trainer.modeling import build_model, load_config
 from trainer.progress import StepReporter
 from trainer.tokenizer import load_tokenizer
-from trainer.ulysses import kv_heads_for_ulysses
-from trainer.zigzag import IGNORE_INDEX, local_indices, shard
+from trainer.attention.ulysses import kv_heads_for_ulysses
+from trainer.attention.zigzag import IGNORE_INDEX, local_indices, shard
 
 log = logging.getLogger("trainer.stage")
 
@@ -145,7 +145,7 @@ def run_stage(cfg: StageConfig, plan: Plan, on_metrics: Callable[[dict[str, Any]
 def _evaluate_niah(cfg: StageConfig, hf_dir: Path, groups: ParallelGroups, reporter: StepReporter,
                    device: torch.device) -> None:
     """The stage-end needle-in-a-haystack step: the saved model, on the stage's own ring."""
-    from trainer.niah import NiahConfig, evaluate_checkpoint
+    from trainer.niah.evaluate import NiahConfig, evaluate_checkpoint
 
     result = evaluate_checkpoint(str(hf_dir), NiahConfig(**cfg.niah), groups=groups,
                                  out_dir=Path(cfg.output_dir) / "niah", device=device)
@@ -157,7 +157,7 @@ def _attention(groups: ParallelGroups) -> str:
     """Ring attention when a sequence spans ranks; torch's SDPA when it does not."""
     if len(groups.cp_ranks) == 1:
         return "sdpa"
-    from trainer.hf_attention import register_ring_attention
+    from trainer.attention.hf_attention import register_ring_attention
 
     return register_ring_attention(groups)
 

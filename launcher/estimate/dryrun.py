@@ -1,7 +1,7 @@
 """``ringleader run RECIPE --dry-run``: what every stage will need and cost, before any GPU-hour.
 
-No Ray, no worker: each stage is sized (``launcher.sizing``), its memory per
-GPU estimated (``launcher.memory``) and its ranks placed topology-aware on a
+No Ray, no worker: each stage is sized (``launcher.estimate.sizing``), its memory per
+GPU estimated (``launcher.estimate.memory``) and its ranks placed topology-aware on a
 topology (``topology.planner``), whose cost model predicts the step time,
 tokens/s and MFU. The report is one table, a column per stage, then what
 the sizing chose and why, and everything that does not add up::
@@ -21,14 +21,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, TextIO
 
-from launcher.memory import GB, MemoryEstimate, model_shape
+from launcher.estimate.memory import GB, MemoryEstimate, model_shape
 from launcher.recipe import Recipe, RecipeStage
-from launcher.sizing import StageSize, size_stage
+from launcher.estimate.sizing import StageSize, size_stage
 from topology.cost import FlowModel
 from topology.errors import ConfigError
 from topology.model import Topology
 from topology.presets import PRESETS, load_topology
-from trainer.niah import NiahConfig
+from trainer.niah.evaluate import NiahConfig
 
 LABEL = 27
 COLUMN = 15

@@ -12,7 +12,7 @@ DeepSpeed checkpoint. Retries are bounded by ``recipe.max_retries`` and each
 is logged with its cause and recorded in the stage's metrics.jsonl.
 
 The controller is the driver of a Ray job and expects ``ray.init`` to have
-been called (``launcher.cmd_run`` does it).
+been called (``launcher.commands.run`` does it).
 """
 
 from __future__ import annotations
@@ -23,12 +23,12 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from launcher import resources, rundir
-from launcher.memory import model_shape
-from launcher.progress import StageProgress, format_seconds
+from launcher.runtime import resources, rundir
+from launcher.estimate.memory import model_shape
+from launcher.runtime.progress import StageProgress, format_seconds
 from launcher.recipe import Recipe
-from launcher.resources import ClusterView, ResourcesUnavailable
-from launcher.workers import PlacementFailed, WorkerFailure, WorkerGroup
+from launcher.runtime.resources import ClusterView, ResourcesUnavailable
+from launcher.runtime.workers import PlacementFailed, WorkerFailure, WorkerGroup
 from topology.model import Topology, dump_text, write_atomic
 from topology.plan import Plan
 from topology.planner import make_plan

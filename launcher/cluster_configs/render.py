@@ -24,7 +24,7 @@ from typing import Any, Callable
 
 import yaml
 
-from launcher.cluster_validate import validate
+from launcher.cluster_configs.validate import validate
 from launcher.recipe import Recipe
 from topology.errors import ConfigError
 
@@ -33,7 +33,7 @@ RAY_VERSION = "2.60.0"
 LEAF_LABEL = "ringleader.io/leaf"
 """Ray node label naming the switch (rack) a host hangs from; the profiler groups hosts by it."""
 GPU_LABEL = "ringleader.io/gpu-type"
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 @dataclass(frozen=True)

@@ -30,9 +30,9 @@ from topology.plan import Plan, RankPlacement
 from trainer.config import ModelConfig
 from trainer.engine import init_process_group
 from trainer.groups import ParallelGroups
-from trainer.niah import NiahConfig, evaluate_checkpoint
-from trainer.niah_plot import short_count
-from trainer.niah_prompts import PromptBuilder, load_haystack
+from trainer.niah.evaluate import NiahConfig, evaluate_checkpoint
+from trainer.niah.plot import short_count
+from trainer.niah.prompts import PromptBuilder, load_haystack
 from trainer.tokenizer import load_tokenizer
 
 DEFAULTS = NiahConfig()

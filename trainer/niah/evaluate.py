@@ -2,7 +2,7 @@
 
 For every context length and needle depth, a prompt is built from a text
 haystack with one needle sentence holding a random number (seeded per cell),
-the question at the end and then the answer (``trainer.niah_prompts``).
+the question at the end and then the answer (``trainer.niah.prompts``).
 
 The model is scored teacher-forced: one forward pass over the whole prompt,
 and the cell counts as found only if the argmax at every answer position is
@@ -36,13 +36,13 @@ from tqdm import tqdm
 from topology.errors import ConfigError, first_line
 from topology.model import write_atomic
 from trainer.config import ModelConfig
-from trainer.niah_prompts import PromptBuilder, load_haystack
+from trainer.niah.prompts import PromptBuilder, load_haystack
 from trainer.tokenizer import load_tokenizer
-from trainer.zigzag import local_indices
+from trainer.attention.zigzag import local_indices
 
 log = logging.getLogger(__name__)
 
-DEFAULT_HAYSTACK = Path(__file__).resolve().parents[1] / "clusters" / "data" / "corpus"
+DEFAULT_HAYSTACK = Path(__file__).resolve().parents[2] / "clusters" / "data" / "corpus"
 """The demo corpus: plain-text essays written for this project."""
 
 
@@ -202,7 +202,7 @@ def run_niah(model: Any, tokenizer: Any, config: NiahConfig, groups: Any = None,
     local_impl = model.config._attn_implementation
     ring_impl = None
     if long:
-        from trainer.hf_attention import register_ring_attention  # HF modeling code: not for NiahConfig's users
+        from trainer.attention.hf_attention import register_ring_attention  # HF modeling code: not for NiahConfig's users
 
         ring_impl = register_ring_attention(groups)
     device = next(model.parameters()).device
@@ -258,7 +258,7 @@ def _progress_bar(total: int, show: bool) -> tqdm | None:
 
 def write_results(result: NiahResult, out_dir: str | Path) -> tuple[Path, Path]:
     """``niah.json`` (every cell and the average) and ``niah.png`` (the heatmap), each written atomically."""
-    from trainer.niah_plot import plot_heatmap  # matplotlib, only where results are written
+    from trainer.niah.plot import plot_heatmap  # matplotlib, only where results are written
 
     out = Path(out_dir)
     write_atomic(out / "niah.json", json.dumps(result.to_dict(), indent=1) + "\n")

@@ -28,7 +28,7 @@ import sys
 from pathlib import Path
 
 from launcher.recipe import Recipe
-from launcher.rundir import default_run_dir
+from launcher.runtime.rundir import default_run_dir
 from topology.errors import ConfigError
 
 log = logging.getLogger("ringleader")
@@ -57,10 +57,10 @@ def run(args: argparse.Namespace) -> int:
     if args.topology and not args.dry_run:
         raise ConfigError("--topology goes with --dry-run; a real run profiles the cluster it runs on")
     if args.dry_run:
-        from launcher.dryrun import dry_run
+        from launcher.estimate.dryrun import dry_run
 
         return dry_run(Recipe.load(args.recipe, check_paths=False), args.topology)
-    from launcher.controller import Controller, ControllerOptions, StageFailed  # Ray, torch: not for --dry-run
+    from launcher.runtime.controller import Controller, ControllerOptions, StageFailed  # Ray, torch: not for --dry-run
 
     _setup_logging()
     recipe = Recipe.load(args.recipe)

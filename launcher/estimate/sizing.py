@@ -2,7 +2,7 @@
 
 Two rules, each printed with its reason by the dry run:
 
-* Ring size: the smallest ring whose memory per GPU fits (``launcher.memory``).
+* Ring size: the smallest ring whose memory per GPU fits (``launcher.estimate.memory``).
   A smaller ring means more rings side by side (larger data parallelism), so
   fewer K/V blocks cross the network per token. When the stage names
   ``train_batch_size`` (sequences per optimizer step) only rings that keep it
@@ -19,7 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from launcher.memory import GB, MemoryAssumptions, MemoryEstimate, estimate_memory
+from launcher.estimate.memory import GB, MemoryAssumptions, MemoryEstimate, estimate_memory
 from launcher.recipe import AUTO, RecipeStage
 from topology.cost import LLAMA3_8B, FlowModel, ModelShape
 from topology.errors import ConfigError

@@ -25,7 +25,7 @@ from transformers import AttentionInterface
 
 from topology.errors import ConfigError
 from trainer.groups import ParallelGroups
-from trainer.ring_attention import ring_attention
+from trainer.attention.ring_attention import ring_attention
 
 
 def register_ring_attention(groups: ParallelGroups) -> str:

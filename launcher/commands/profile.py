@@ -15,8 +15,8 @@ import logging
 import os
 import sys
 
-from launcher.cmd_run import check_reachable
-from launcher.controller import default_profile_cache
+from launcher.commands.run import check_reachable
+from launcher.runtime.controller import default_profile_cache
 from topology.errors import ConfigError
 from topology.model import Topology, dump_text, write_atomic
 from topology.profile import ProfileError, profile_cluster

@@ -1,6 +1,6 @@
 """Zigzag ring attention (causal), with optional Ulysses head exchange.
 
-Each rank holds a zigzag shard of one sequence (trainer.zigzag): chunks ``r``
+Each rank holds a zigzag shard of one sequence (trainer.attention.zigzag): chunks ``r``
 and ``2R-1-r`` of ``2R``. Its K,V block travels around the ring while every
 rank attends its queries to the block it holds, and the partial results are
 merged with the log-sum-exp (online softmax) rule. Per step, the zigzag
@@ -32,9 +32,9 @@ import torch
 import torch.nn.functional as F
 
 from trainer.groups import ParallelGroups
-from trainer.ring_comm import RingComm
-from trainer.ulysses import heads_to_seq, kv_heads_for_ulysses, repeat_kv_heads, seq_to_heads
-from trainer.zigzag import check_seq_len
+from trainer.attention.ring_comm import RingComm
+from trainer.attention.ulysses import heads_to_seq, kv_heads_for_ulysses, repeat_kv_heads, seq_to_heads
+from trainer.attention.zigzag import check_seq_len
 
 log = logging.getLogger(__name__)
 aten = torch.ops.aten
@@ -236,7 +236,7 @@ def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, groups: Pa
     ----------
     q
         ``[b, s_local, n_q, d]``: this rank's queries, sharded by
-        ``trainer.zigzag.shard`` (RoPE already applied with global positions).
+        ``trainer.attention.zigzag.shard`` (RoPE already applied with global positions).
     k, v
         ``[b, s_local, n_kv, d]``, ``n_q`` a multiple of ``n_kv`` (GQA).
     groups

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from launcher.cluster_configs import RENDERERS, ClusterOptions, render, sizing, to_yaml, validate
+from launcher.cluster_configs.render import RENDERERS, ClusterOptions, render, sizing, to_yaml, validate
 from launcher.recipe import Recipe
 from topology.errors import ConfigError
 from topology.model import load_data, write_atomic

@@ -1,0 +1,1 @@
+"""The running side of the controller: resources, the stage loop, one Ray actor per rank, the run directory."""

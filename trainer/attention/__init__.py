@@ -1,0 +1,1 @@
+"""Sequence-parallel attention: zigzag ring attention, Ulysses all-to-all, and their hook into HF models."""

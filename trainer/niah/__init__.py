@@ -1,0 +1,1 @@
+"""Needle-in-a-haystack evaluation: prompts, sharded scoring over a ring, heatmaps."""
