@@ -180,9 +180,14 @@ def _heatmap(fig: Figure, ax, values: np.ndarray, names: list[str], scale: Scale
 
 
 def _svg_titles(svg: str, titles: dict[str, str]) -> str:
-    """Give each ``<g id=...>`` matplotlib wrote for a gid'd artist a ``<title>``, the SVG's hover text."""
-    def add(m: re.Match) -> str:
-        return f'{m.group(0)}\n   <title>{html.escape(titles[m.group(1)], quote=False)}</title>'
+    """Give each gid'd artist a ``<title>``, the SVG's hover text: inside the ``<g id=...>``
+    matplotlib writes for lines, around the ``<image id=...>`` it writes for heatmaps."""
+    if not titles:
+        return svg
+    ids = "|".join(re.escape(k) for k in titles)
 
-    pattern = r'<g id="(' + "|".join(re.escape(k) for k in titles) + r')"[^>]*>' if titles else r"(?!x)x"
-    return re.sub(pattern, add, svg)
+    def tip(key: str) -> str:
+        return f"<title>{html.escape(titles[key], quote=False)}</title>"
+
+    svg = re.sub(r'<g id="(' + ids + r')"[^>]*>', lambda m: f"{m.group(0)}\n   {tip(m.group(1))}", svg)
+    return re.sub(r'<image [^>]*?id="(' + ids + r')"[^>]*/>', lambda m: f"<g>{tip(m.group(1))}{m.group(0)}</g>", svg)
