@@ -64,11 +64,15 @@ def render_html(topo: Topology, plan: Plan | None = None, show_dp: bool = False,
 
 def title(topo: Topology, plan: Plan | None) -> str:
     """The picture's one-line title: cluster and plan shape."""
-    text = f"{topo.name}: {len(topo.hosts)} hosts, {topo.num_gpus:,} GPUs"
+    text = f"{topo.name}: {_count(len(topo.hosts), 'host')}, {_count(topo.num_gpus, 'GPU')}"
     if plan:
-        text += (f" · plan {plan.strategy}: {len(plan.groups.ring_groups)} rings, dp {plan.dp} × ring {plan.ring}"
+        text += (f" · plan {plan.strategy}: {_count(len(plan.groups.ring_groups), 'ring')}, dp {plan.dp} × ring {plan.ring}"
                  f" × ulysses {plan.ulysses}, {plan.seq_len:,} tokens")
     return text
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n:,} {noun}{'' if n == 1 else 's'}"
 
 
 def render_image(topo: Topology, plan: Plan | None, path: str | os.PathLike, show_dp: bool = False, on_gpus: bool = True) -> None:
