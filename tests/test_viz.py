@@ -129,6 +129,15 @@ def test_cli_writes_html_for_a_preset_without_plan(tmp_path, capsys):
     assert "64 hosts, 512 GPUs" in capsys.readouterr().out
 
 
+def test_cli_cpu_slots_leaves_out_the_gpu_predictions(tmp_path):
+    make_plan(load_topology("g6e-4x"), 32, 8).save(tmp_path / "plan.json")
+    for flag, out in (([], tmp_path / "gpu.html"), (["--cpu-slots"], tmp_path / "cpu.html")):
+        assert main(["viz", "g6e-4x", "--plan", str(tmp_path / "plan.json"), "-o", str(out)] + flag) == 0
+    gpu, cpu = (tmp_path / "gpu.html").read_text(), (tmp_path / "cpu.html").read_text()
+    assert "tokens/s" in gpu and "CPU slots" not in gpu
+    assert "tokens/s" not in cpu and "MFU" not in cpu and "CPU slots" in cpu
+
+
 def test_measured_profile_draws_direct_host_links_and_never_limiting_ties():
     from topology.model import MEASURED_FORMAT, Topology
 

@@ -28,7 +28,7 @@ from topology.model import Topology, write_atomic
 from topology.plan import Plan
 from topology.viz_figures import Figure, figures
 from topology.viz_layout import (
-    DIRECT_LINK_HOSTS, Layout, RankInfo, cycle_hops, group_colours, heat_names, host_cycle, layout, load_matrix, rank_table,
+    DIRECT_LINK_HOSTS, Layout, RankInfo, bend_point, cycle_hops, group_colours, heat_names, host_cycle, layout, load_matrix, rank_table,
     switch_point, uplink_route,
 )
 
@@ -281,15 +281,10 @@ def _group_svg(topo: Topology, lay: Layout, grp: Group) -> str:
 
 
 def _curve(a: tuple[float, float], b: tuple[float, float], bend: float, cap: float, move: bool = True) -> str:
-    """A quadratic curve from a to b bowed sideways by ``bend`` x its length (at most ``cap``),
-    so a hop and its way back, or hops along one row of GPUs, do not lie on top of each other."""
-    (x1, y1), (x2, y2) = a, b
-    dx, dy = x2 - x1, y2 - y1
-    dist = (dx * dx + dy * dy) ** 0.5 or 1.0
-    off = max(-cap, min(cap, bend * dist))
-    cx, cy = (x1 + x2) / 2 - dy / dist * off, (y1 + y2) / 2 + dx / dist * off
-    head = f"M{x1:.1f},{y1:.1f} " if move else ""
-    return f"{head}Q{cx:.1f},{cy:.1f} {x2:.1f},{y2:.1f}"
+    """SVG path data of the curve ``bend_point`` describes."""
+    cx, cy = bend_point(a, b, bend, cap)
+    head = f"M{a[0]:.1f},{a[1]:.1f} " if move else ""
+    return f"{head}Q{cx:.1f},{cy:.1f} {b[0]:.1f},{b[1]:.1f}"
 
 
 # ------------------------------------------------------------------ heatmaps

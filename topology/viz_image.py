@@ -19,10 +19,11 @@ import re
 
 import matplotlib
 import numpy as np
-from matplotlib.collections import LineCollection
+from matplotlib.collections import LineCollection, PatchCollection
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
-from matplotlib.patches import Rectangle
+from matplotlib.patches import PathPatch, Rectangle
+from matplotlib.path import Path as MplPath
 from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator
 
 from topology.colour_scale import BANDWIDTH, LOAD, Scale
@@ -30,12 +31,14 @@ from topology.model import Topology
 from topology.plan import Plan
 from topology.viz_figures import figures
 from topology.viz_layout import (
-    DIRECT_LINK_HOSTS, cycle_hops, group_colours, heat_names, host_cycle, layout, load_matrix, rank_table, switch_point,
+    DIRECT_LINK_HOSTS, bend_point, cycle_hops, group_colours, heat_names, host_cycle, layout, load_matrix, rank_table, switch_point,
     uplink_route,
 )
 
 SVG_SALT = "ringleader"
 """Fixed seed for matplotlib's SVG ids, so the same drawing gives the same file."""
+PART_LABEL = {"pcie": "sw", "socket": "cpu", "nic": "nic"}
+PART_FILL = {"pcie": "#dddddd", "socket": "#e4e4e4", "nic": "#cfe3ff"}
 LEGEND_MAX = 32
 """Rings listed in the legend; more are summed up in one line."""
 
@@ -86,16 +89,24 @@ def draw(topo: Topology, plan: Plan | None, out: BinaryIO, fmt: str = "png", sho
         ax.add_patch(Rectangle((x - 24, y - 9), 48, 18, color="#4d4d5c", zorder=2))
         ax.text(x, y - 14, s, fontsize=7, ha="center")
     small = lay.detail
+    # Points per drawing unit (the HTML page's pixel), so text keeps its size relative to the boxes.
+    pt = min(fig.get_figwidth() * 0.62 * 72 / lay.width, fig.get_figheight() * 0.8 * 72 / lay.height)
     for h, box in lay.hosts.items():
         ax.add_patch(Rectangle((box.x, box.y), box.w, box.h, facecolor="#f7f7f9", edgecolor="#8a8a99", linewidth=0.6, zorder=0.5))
-        ax.text(box.x + 4, box.y + 9, h, fontsize=6 if small else 3.5, weight="bold")
-    gx = [lay.points[g][0] for g in topo.gpus()]
-    gy = [lay.points[g][1] for g in topo.gpus()]
-    ax.scatter(gx, gy, marker="s", s=40 if small else 6, facecolor="#fff6d8", edgecolor="#2b2b2b", linewidths=0.5, zorder=3)
+        ax.text(box.x + 5, box.y + 11, h, fontsize=max(3.5, min(9.0, 8 * pt)), weight="bold")
+    placed = {r.gpu for r in ranks}
+    ax.add_collection(PatchCollection([Rectangle((lay.points[g][0] - 8, lay.points[g][1] - 8), 16, 16, rotation_point="center")
+                                       for g in topo.gpus()], facecolors=["#fff6d8" if g in placed else "#ffffff" for g in topo.gpus()],
+                                      edgecolors="#2b2b2b", linewidths=0.5, zorder=3))
     if small:
+        parts = [(n, d["kind"]) for n, d in topo.graph.nodes(data=True) if d.get("host") and d["kind"] != "gpu"]
+        ax.add_collection(PatchCollection([Rectangle((lay.points[n][0] - 8, lay.points[n][1] - 4), 16, 8) for n, _ in parts],
+                                          facecolors=[PART_FILL.get(k, "#dddddd") for _, k in parts], edgecolors="#666666",
+                                          linewidths=0.5, zorder=3))
+        for n, kind in parts:
+            ax.text(*lay.points[n], PART_LABEL.get(kind, kind), fontsize=4.2 * pt, ha="center", va="center", zorder=5)
         for r in ranks:
-            x, y = lay.points[r.gpu]
-            ax.text(x, y, str(r.rank), fontsize=5, ha="center", va="center", zorder=5)
+            ax.text(*lay.points[r.gpu], str(r.rank), fontsize=5.5 * pt, ha="center", va="center", zorder=5)
 
     titles: dict[str, str] = {}
     handles = []
@@ -107,21 +118,25 @@ def draw(topo: Topology, plan: Plan | None, out: BinaryIO, fmt: str = "png", sho
             palette = group_colours(lay, [host_cycle(topo, gpus) for gpus in gpu_lists])
             for i, gpus in enumerate(gpu_lists):
                 hosts = host_cycle(topo, gpus)
-                if small:
-                    pts = [lay.points[hop.src] for hop in cycle_hops(topo, gpus)] + [lay.points[gpus[0]]]
-                elif len(hosts) > 1:
-                    pts = [lay.hosts[h].anchor(i) for h in hosts + hosts[:1]]
+                if small:  # GPU to GPU, each hop bowed as on the page, so a hop back does not hide the row
+                    hops = cycle_hops(topo, gpus)
+                    pts = [lay.points[gpus[0]]] if hops else []
+                    for hop in hops:
+                        a, b = lay.points[hop.src], lay.points[hop.dst]
+                        pts += [bend_point(a, b, 0.45, 16 if topo.host_of(hop.src) == topo.host_of(hop.dst) else 50), b]
+                    codes = [MplPath.MOVETO] + [MplPath.CURVE3] * (len(pts) - 1)
                 else:
-                    pts = []
+                    pts = [lay.hosts[h].anchor(i) for h in hosts + hosts[:1]] if len(hosts) > 1 else []
+                    codes = [MplPath.MOVETO] + [MplPath.LINETO] * (len(pts) - 1)
                 name = f"{kind} {i}" if kind == "ring" else f"DP {i}"
                 gid = f"{kind}-{i}"
                 label = f"{name}: {len(gpus)} ranks on {len(hosts)} host{'s' if len(hosts) > 1 else ''}"
                 titles[gid] = f"{label} ({', '.join(hosts[:8])}{' …' if len(hosts) > 8 else ''})"
-                line = ax.plot(*zip(*pts), linestyle=style, color=palette[i], linewidth=lw, alpha=0.85, zorder=4, gid=gid)[0] if pts else \
-                    Line2D([], [], linestyle=style, color=palette[i], linewidth=lw)
+                if pts:
+                    ax.add_patch(PathPatch(MplPath(pts, codes), fill=False, linestyle=style, edgecolor=palette[i], linewidth=lw,
+                                           alpha=0.85, zorder=4, gid=gid))
                 if kind == "ring" and i < LEGEND_MAX:
-                    line.set_label(label)
-                    handles.append(line)
+                    handles.append(Line2D([], [], linestyle=style, color=palette[i], linewidth=lw, label=label))
         rings = len(g.ring_groups)
         if rings > LEGEND_MAX:
             handles.append(Line2D([], [], color="none", label=f"… and {rings - LEGEND_MAX} more rings"))

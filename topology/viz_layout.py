@@ -164,6 +164,17 @@ def _place_parts(topo: Topology, host: str, box: Box, cols: int, points: dict[st
             points[nodes[i]] = (x - shift, y)
 
 
+def bend_point(a: tuple[float, float], b: tuple[float, float], bend: float, cap: float) -> tuple[float, float]:
+    """Control point of a quadratic curve from a to b bowed sideways by ``bend`` x its length
+    (at most ``cap``), so a hop and its way back, or hops along one row of GPUs, do not lie
+    on top of each other."""
+    (x1, y1), (x2, y2) = a, b
+    dx, dy = x2 - x1, y2 - y1
+    dist = (dx * dx + dy * dy) ** 0.5 or 1.0
+    off = max(-cap, min(cap, bend * dist))
+    return (x1 + x2) / 2 - dy / dist * off, (y1 + y2) / 2 + dx / dist * off
+
+
 def uplink_route(lay: Layout, host: str, part: str, switch: str) -> list[tuple[float, float]]:
     """From a NIC down to its leaf bar; from an upper row, down the gap right of the host,
     so no uplink crosses a host below it."""
