@@ -159,6 +159,13 @@ def test_512_gpu_page_focuses_a_ring_and_shows_oversubscription(browser, shots, 
     assert sorted(int(t) for t, _ in labels) == plan.groups.ring_groups[3]
     assert min(h for _, h in labels) >= 8, labels
     page.screenshot(path=str(shots / "viz-512-focus.png"))
+    # Zoomed in far enough, every rank number shows; "fit" hides them again.
+    shown = "() => [...document.querySelectorAll('svg#topology g.gpu text')].filter(t => getComputedStyle(t).display !== 'none').length"
+    page.locator("#zoom-in").click()
+    page.locator("#zoom-in").click()
+    assert page.evaluate(shown) == 512
+    page.locator("#zoom-fit").click()
+    assert page.evaluate(shown) == 64  # the focused ring's (drawn again on top, larger)
 
     # Load heatmap: the cells whose ring flows cross an oversubscribed link are outlined, and the count is the model's.
     layout_names = [h for hosts in layout(topo).leaf_hosts.values() for h in hosts]
