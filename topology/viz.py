@@ -50,11 +50,12 @@ def render_html(topo: Topology, plan: Plan | None = None, show_dp: bool = False,
     heat_svg = _heatmap_svg(topo, names, matrix)
     load_svg, load_note = _load_heatmap_svg(topo, plan, names, loads)
     level = "gpus" if lay.detail else "hosts"
+    load_legend = f"<h2>Ring load (% of a link's capacity)</h2>{_scale_legend(LOAD, 'load')}" if plan else ""
     page = TEMPLATE.read_text()
     for key, value in {
-        "TITLE": html.escape(title(topo, plan)), "FIGURES": _figures(topo, plan, on_gpus), "BW_LEGEND": _scale_legend(BANDWIDTH, "bw"),
-        "LOAD_LEGEND": "<h2>Ring load (% of a link's capacity)</h2>" + _scale_legend(LOAD, "load") if plan else "", "GROUP_LEGEND": _group_legend(groups), "LEVEL": level,
-        "VIZ_CLASS": f"level-{level}" + (" show-dp" if show_dp else ""), "TOPOLOGY_SVG": svg,
+        "TITLE": html.escape(title(topo, plan)), "FIGURES": _figures(topo, plan, on_gpus),
+        "BW_LEGEND": _scale_legend(BANDWIDTH, "bw"), "LOAD_LEGEND": load_legend, "GROUP_LEGEND": _group_legend(groups),
+        "LEVEL": level, "VIZ_CLASS": f"level-{level}" + (" show-dp" if show_dp else ""), "TOPOLOGY_SVG": svg,
         "HEATMAP_SVG": heat_svg, "HEATMAP_NOTE": html.escape(_heat_note(names, topo)),
         "LOAD_SVG": load_svg, "LOAD_NOTE": load_note,
     }.items():
@@ -245,7 +246,7 @@ def _link(lay: Layout, u: str, v: str, d: dict, path: str, kind: str = "", load:
 def load_text(load: LinkLoad) -> str:
     """"8 flows want 100 GB/s of 50 GB/s: 200%, each gets 6.25"."""
     share = load.bw_gbps / load.flows
-    return (f"{load.flows} flow{'s' if load.flows > 1 else ''} want {load.demand_gbps:.3g} GB/s of {load.bw_gbps:.3g} GB/s: "
+    return (f"{load.flows} flow{'s want' if load.flows > 1 else ' wants'} {load.demand_gbps:.3g} GB/s of {load.bw_gbps:.3g} GB/s: "
             f"{load.utilisation:.0%}" + (f", each gets {share:.3g} GB/s" if load.utilisation > 1 else ""))
 
 
@@ -300,7 +301,7 @@ def _matrix_svg(svg_id: str, names: list[str], cell_of) -> str:
     n = len(names)
     if not n:
         return ""
-    cell = max(5.0, min(18.0, 560.0 / n))
+    cell = max(5.0, min(36.0, 560.0 / n))
     left = 8 + 6 * max(len(s) for s in names)
     size = left + n * cell + 10
     out = [f'<svg id="{svg_id}" class="heat" xmlns="http://www.w3.org/2000/svg" width="{size:.0f}" height="{size:.0f}" viewBox="0 0 {size:.0f} {size:.0f}">']
@@ -382,8 +383,9 @@ def _group_legend(groups: dict[str, list[Group]]) -> str:
         out.append(f'<h2>{heading} ({len(groups[kind])}) <span class="hint">click to focus</span></h2><ul class="ring-keys">')
         for g in groups[kind]:
             hop = f' · <span title="slowest hop">{g.slowest.bw:.3g} GB/s</span>' if g.slowest else ""
+            name = f'{"ring" if kind == "ring" else "DP"} {g.index}'
             out.append(f'<li class="ring-key" data-kind="{kind}" data-index="{g.index}"><span class="swatch" style="background:{g.colour}"></span>'
-                       f'<b>{"ring" if kind == "ring" else "DP"} {g.index}</b> · {len(g.ranks)} ranks · {len(g.hosts)} host{"s" if len(g.hosts) > 1 else ""}{hop}</li>')
+                       f'<b>{name}</b> · {len(g.ranks)} ranks · {_count(len(g.hosts), "host")}{hop}</li>')
         out.append("</ul>")
     return "\n".join(out)
 
