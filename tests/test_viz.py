@@ -256,3 +256,12 @@ def test_svg_is_deterministic_with_hover_titles_and_a_ring_legend(tmp_path):
     assert titled["ring-0"].startswith("ring 0: 8 ranks on")
     assert {"heatmap-bw", "heatmap-load"} <= set(titled)
     assert {f"ring {i}: 8 ranks on 1 host" for i in range(4)} <= set(re.findall(r"<!-- (ring \d+: [^>]*?) -->", data.decode()))
+
+
+@pytest.mark.parametrize("module", ["topology.colour_scale", "topology.load", "topology.viz_figures"])
+def test_hand_checked_examples_in_docstrings(module):
+    import doctest
+    import importlib
+
+    result = doctest.testmod(importlib.import_module(module))
+    assert result.attempted > 0 and result.failed == 0
