@@ -96,7 +96,7 @@ def test_images_are_written_as_png_and_svg(tmp_path):
         save(topo, plan, tmp_path / "rings.pdf")
 
 
-@pytest.mark.parametrize("case", ["missing-topology", "malformed-plan", "missing-plan", "mismatched-plan", "bad-suffix"])
+@pytest.mark.parametrize("case", ["missing-topology", "malformed-plan", "missing-plan", "mismatched-plan", "other-topology", "bad-suffix"])
 def test_cli_bad_input_exits_2_and_writes_nothing(case, tmp_path, capsys):
     plan_path = tmp_path / "plan.json"
     topology = "g6e-4x"
@@ -109,6 +109,8 @@ def test_cli_bad_input_exits_2_and_writes_nothing(case, tmp_path, capsys):
         data = make_plan(load_topology("g6e-4x"), 32, 32).to_dict()
         data["placements"][3]["host"] = "h99"
         plan_path.write_text(json.dumps(data))
+    elif case == "other-topology":  # its hosts exist here too, but its figures are another cluster's
+        make_plan(load_topology("g6e-64x"), 32, 32, hosts=["h00", "h01", "h02", "h03"]).save(plan_path)
     elif case == "bad-suffix":
         make_plan(load_topology("g6e-4x"), 32, 32).save(plan_path)
     out = tmp_path / ("out.txt" if case == "bad-suffix" else "out.html")
@@ -125,6 +127,15 @@ def test_cli_writes_html_for_a_preset_without_plan(tmp_path, capsys):
     page = out.read_text()
     assert page.count('<g class="host"') == 64 and page.count('<g class="leaf"') == 8
     assert "64 hosts, 512 GPUs" in capsys.readouterr().out
+
+
+def test_cli_cpu_slots_leaves_out_the_gpu_predictions(tmp_path):
+    make_plan(load_topology("g6e-4x"), 32, 8).save(tmp_path / "plan.json")
+    for flag, out in (([], tmp_path / "gpu.html"), (["--cpu-slots"], tmp_path / "cpu.html")):
+        assert main(["viz", "g6e-4x", "--plan", str(tmp_path / "plan.json"), "-o", str(out)] + flag) == 0
+    gpu, cpu = (tmp_path / "gpu.html").read_text(), (tmp_path / "cpu.html").read_text()
+    assert "tokens/s" in gpu and "CPU slots" not in gpu
+    assert "tokens/s" not in cpu and "MFU" not in cpu and "CPU slots" in cpu
 
 
 def test_measured_profile_draws_direct_host_links_and_never_limiting_ties():
@@ -146,3 +157,111 @@ def test_measured_profile_draws_direct_host_links_and_never_limiting_ties():
     assert sorted(g.get("data-leaf") for g in _groups(root, "leaf")) == ["rack-a", "rack-b"]
     ring = _groups(root, "ring")[0].find(f"{SVG}title").text
     assert "slowest hop 9.5 GB/s" in ring
+
+
+def _link_colours(page: str) -> dict[float, set[str]]:
+    out: dict[float, set[str]] = {}
+    for bw, colour in re.findall(r'<path class="link[^"]*" data-bw="([\d.]+)"[^>]* stroke="(#[0-9a-f]{6})"', page):
+        out.setdefault(float(bw), set()).add(colour)
+    return out
+
+
+def test_one_absolute_bandwidth_scale_for_every_picture(tmp_path):
+    from topology.colour_scale import BANDWIDTH
+
+    small, big = load_topology("g6e-4x"), load_topology("leafspine-64x-2to1")
+    a, b = _link_colours(render_html(small)), _link_colours(render_html(big))
+    # PCIe runs at 25 GB/s in both clusters, whose slowest and fastest links differ: one colour all the same.
+    assert a[25.0] == b[25.0] == {BANDWIDTH.colour(25.0)}
+    assert BANDWIDTH.colour(12.5) != BANDWIDTH.colour(25.0) != BANDWIDTH.colour(50.0)
+    cells = {c.get("fill") for c in _svg(render_html(big), "heatmap").iter(f"{SVG}rect") if c.get("data-bw") == "12.5"}
+    assert cells == {BANDWIDTH.colour(12.5)}
+    # The image's colour bar reads in plain numbers over the same fixed range.
+    plan = make_plan(small, 32, 8)
+    save(small, plan, tmp_path / "rings.svg")
+    svg = (tmp_path / "rings.svg").read_text()
+    ticks = re.findall(r"<!-- ([^>]*?) -->", svg)
+    assert {"0.1", "1", "10", "100", "1000", "0%", "100%", "200%"} <= set(ticks)
+    assert not [t for t in ticks if "times" in t or "^" in t]
+
+
+def test_load_heatmap_marks_the_oversubscribed_links():
+    from topology.load import link_loads, ring_flows
+
+    topo = load_topology("leafspine-64x-2to1")
+    naive, aware = (make_plan(topo, 512, 64, strategy=s) for s in ("naive", "aware"))
+    loads = link_loads(topo, ring_flows(naive, topo))
+    # Eight hosts of a leaf each send one ring flow out at 12.5 GB/s; the leaf has 50 GB/s up: 2:1.
+    up = [loads[l].utilisation for l in loads if {topo.kind(l[0]), topo.kind(l[1])} == {"leaf", "spine"}]
+    assert up and max(up) == pytest.approx(2.0)
+    heat = _svg(render_html(topo, naive), "load-heatmap")
+    hosts = [h for leaf in sorted({topo.leaf_of(h) for h in topo.hosts}) for h in sorted(h for h in topo.hosts if topo.leaf_of(h) == leaf)]
+    over = {(c.get("data-a"), c.get("data-b")) for c in heat.iter(f"{SVG}rect") if "over" in c.get("class").split()}
+    nodes = [topo.gpu_id(p.host, p.gpu) for p in naive.placements]
+    crossing = {(topo.host_of(nodes[a]), topo.host_of(nodes[b])) for g in naive.groups.ring_groups
+                for a, b in zip(g, g[1:] + g[:1]) if topo.leaf_of(topo.host_of(nodes[a])) != topo.leaf_of(topo.host_of(nodes[b]))}
+    assert over == crossing and len(hosts) == 64
+    # The aware plan keeps every ring inside a leaf: nothing over 100%, and the page says so.
+    page = render_html(topo, aware)
+    assert not [c for c in _svg(page, "load-heatmap").iter(f"{SVG}rect") if "over" in c.get("class").split()]
+    assert "No link is oversubscribed" in page
+
+
+def test_neighbouring_rings_get_different_hues():
+    import colorsys
+
+    from matplotlib.colors import to_rgb
+
+    from topology.viz_layout import group_colours, host_cycle, layout
+
+    topo = load_topology("leafspine-64x-2to1")
+    for cp in (32, 8):  # two rings per leaf row; eight per row
+        plan = make_plan(topo, 512, cp)
+        lay, ranks = layout(topo), plan.placements
+        hosts = [host_cycle(topo, [topo.gpu_id(ranks[r].host, ranks[r].gpu) for r in g]) for g in plan.groups.ring_groups]
+        colours = group_colours(lay, hosts)
+        assert len(set(colours)) == len(colours)
+        rows = lay.rows()
+        for i in range(len(hosts)):
+            for j in range(i):
+                if {rows[h] for h in hosts[i]} & {rows[h] for h in hosts[j]}:
+                    hi, hj = (colorsys.rgb_to_hls(*to_rgb(colours[k]))[0] for k in (i, j))
+                    assert min(abs(hi - hj), 1 - abs(hi - hj)) > 0.04, (cp, i, j, colours[i], colours[j])
+
+
+def test_header_is_formatted_and_cpu_runs_show_no_gpu_predictions():
+    topo = load_topology("g6e-4x")
+    plan = make_plan(topo, 32, 8)
+    header = re.search(r'<div class="figures">(.*?)</div>\s*</header>', render_html(topo, plan), re.S).group(1)
+    tps = plan.cost["tokens_per_s"]
+    assert f"{float(f'{tps:.3g}'):,.0f} tokens/s" in header and f"MFU <b>{plan.cost['mfu'] * 100:.1f}%" in header
+    assert "_" not in re.sub(r"<[^>]*>", "", header) and "e+" not in header and "L40S" in header
+    cpu = re.search(r'<div class="figures">(.*?)</div>\s*</header>', render_html(topo, plan, on_gpus=False), re.S).group(1)
+    assert "CPU slots" in cpu and "slowest ring hop" in cpu
+    assert not re.search(r"tokens/s|MFU|µs|\d ms|\d s<|L40S", cpu) and "step_time_s" not in cpu, cpu
+
+
+def test_svg_is_deterministic_with_hover_titles_and_a_ring_legend(tmp_path):
+    topo = load_topology("g6e-4x")
+    plan = make_plan(topo, 32, 8)
+    save(topo, plan, tmp_path / "a.svg")
+    save(topo, plan, tmp_path / "b.svg")
+    data = (tmp_path / "a.svg").read_bytes()
+    assert data == (tmp_path / "b.svg").read_bytes()
+    assert b"<dc:date>" not in data
+    root = ET.fromstring(data)
+    titled = {(g.get("id") or g.find(f"{SVG}image").get("id")): g.find(f"{SVG}title").text
+              for g in root.iter(f"{SVG}g") if g.find(f"{SVG}title") is not None}
+    assert {f"ring-{i}" for i in range(4)} <= set(titled) and "32 ranks" not in titled["ring-0"]
+    assert titled["ring-0"].startswith("ring 0: 8 ranks on")
+    assert {"heatmap-bw", "heatmap-load"} <= set(titled)
+    assert {f"ring {i}: 8 ranks on 1 host" for i in range(4)} <= set(re.findall(r"<!-- (ring \d+: [^>]*?) -->", data.decode()))
+
+
+@pytest.mark.parametrize("module", ["topology.colour_scale", "topology.load", "topology.viz_figures"])
+def test_hand_checked_examples_in_docstrings(module):
+    import doctest
+    import importlib
+
+    result = doctest.testmod(importlib.import_module(module))
+    assert result.attempted > 0 and result.failed == 0

@@ -121,3 +121,66 @@ def _reachable_point(page, selector: str) -> tuple[float, float]:
     }""", selector)
     assert point, f"no {selector} can be reached by the pointer"
     return point[0], point[1]
+
+
+def test_512_gpu_page_focuses_a_ring_and_shows_oversubscription(browser, shots, tmp_path):
+    """The 512-GPU page with a ring-64 plan in Ray's order (rings cross leaves on a 2:1 fabric)."""
+    from topology.colour_scale import LOAD
+    from topology.viz_layout import layout, load_matrix
+
+    topo = load_topology("leafspine-64x-2to1")
+    plan = make_plan(topo, 512, 64, strategy="naive")
+    page_path = tmp_path / "leafspine-512.html"
+    save(topo, plan, page_path)
+    page = browser.new_page(viewport={"width": 1600, "height": 1000})
+    page.set_default_timeout(10_000)
+    errors: list[str] = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.goto(page_path.as_uri())
+    page.screenshot(path=str(shots / "viz-512-overview.png"))
+    # Overview: no rank number is drawn until a ring is focused (they would be unreadable at this scale).
+    assert page.evaluate("() => [...document.querySelectorAll('svg#topology g.gpu text')].filter(t => t.getBBox().width && "
+                         "getComputedStyle(t).display !== 'none').length") == 0
+
+    # Focus: clicking ring 3 in the legend leaves it bright and thick, every other ring faint.
+    page.locator('.ring-key[data-kind="ring"][data-index="3"]').click()
+    page.mouse.move(1590, 990)  # off the legend: the click pins the focus
+    style = page.evaluate("""() => [...document.querySelectorAll('svg#topology g.ring')].map(g => [g.dataset.ring,
+        parseFloat(getComputedStyle(g).opacity),
+        Math.max(...[...g.querySelectorAll('path')].filter(p => getComputedStyle(p).display !== 'none')
+                 .map(p => parseFloat(getComputedStyle(p).strokeWidth)))])""")
+    focused = [s for s in style if s[0] == "3"][0]
+    others = [s for s in style if s[0] != "3"]
+    assert focused[1] == 1.0 and all(o[1] <= 0.2 for o in others), style
+    assert all(focused[2] > o[2] for o in others), style
+    # Its 64 rank numbers, on top of everything, at least 8 px tall on a 1600 px screen.
+    labels = page.evaluate("""() => [...document.querySelectorAll('#focus-labels text')].map(t =>
+        [t.textContent, t.getBoundingClientRect().height])""")
+    assert sorted(int(t) for t, _ in labels) == plan.groups.ring_groups[3]
+    assert min(h for _, h in labels) >= 8, labels
+    page.screenshot(path=str(shots / "viz-512-focus.png"))
+    # Zoomed in far enough, every rank number shows; "fit" hides them again.
+    shown = "() => [...document.querySelectorAll('svg#topology g.gpu text')].filter(t => getComputedStyle(t).display !== 'none').length"
+    page.locator("#zoom-in").click()
+    page.locator("#zoom-in").click()
+    assert page.evaluate(shown) == 512
+    page.locator("#zoom-fit").click()
+    assert page.evaluate(shown) == 64  # the focused ring's (drawn again on top, larger)
+
+    # Load heatmap: the cells whose ring flows cross an oversubscribed link are outlined, and the count is the model's.
+    layout_names = [h for hosts in layout(topo).leaf_hosts.values() for h in hosts]
+    expected = sum(c.worst.busiest.utilisation > 1 for c in load_matrix(topo, plan, layout_names).values())
+    over = page.locator("svg#load-heatmap rect.cell.over")
+    assert expected > 0 and over.count() == expected
+    assert over.first.evaluate("c => getComputedStyle(c).stroke") != "none"
+    assert "oversubscribed" in page.locator("#load-note").inner_text()
+    # Links coloured by load: the 2:1 uplinks turn the scale's colour for 200%.
+    page.locator("#colour-load").check()
+    uplink = page.locator('svg#topology path.link.over[data-util="2"]').first
+    rgb = uplink.evaluate("p => getComputedStyle(p).stroke")
+    assert rgb == "rgb({}, {}, {})".format(*(int(LOAD.colour(2.0)[i:i + 2], 16) for i in (1, 3, 5)))
+    page.locator("svg#load-heatmap").scroll_into_view_if_needed()
+    page.screenshot(path=str(shots / "viz-512-load.png"))
+    print(f"screenshots: {shots}")
+    assert not errors, errors
+    page.close()

@@ -11,16 +11,15 @@ computed here too, so both renderers show the same numbers.
 
 from __future__ import annotations
 
-import colorsys
 import math
 import re
 from dataclasses import dataclass, field
-from functools import lru_cache
 
-from matplotlib import colormaps
-from matplotlib.colors import to_hex
+import networkx as nx
 
+from topology.colour_scale import BANDWIDTH, UNBOUNDED_COLOUR, bandwidth_stroke, distinct_colours
 from topology.errors import ConfigError
+from topology.load import FlowLoad, flow_loads, ring_flows
 from topology.model import Topology
 from topology.plan import Plan
 
@@ -79,42 +78,20 @@ class Layout:
     width: float = 0.0
     height: float = 0.0
     detail: bool = True
-    bw_min: float = 1.0
-    bw_max: float = 1.0
     bw_cap: float = math.inf
     """Links at or above this are drawn as "never limits" and left out of the scale."""
 
-    def level(self, bw: float) -> float:
-        """0 (slowest drawn link) .. 1 (fastest), on a log scale: bandwidths span decades."""
-        if self.bw_max <= self.bw_min:
-            return 1.0
-        x = math.log(max(bw, self.bw_min) / self.bw_min) / math.log(self.bw_max / self.bw_min)
-        return min(1.0, x)
-
     def colour(self, bw: float) -> str:
-        """Bandwidth colour: dark = slow, orange = fast."""
-        if bw >= self.bw_cap:
-            return "#b0b0b0"
-        return _hex(round(0.85 * self.level(bw), 3))
+        """Bandwidth colour on the fixed scale every picture shares (grey: never limits)."""
+        return UNBOUNDED_COLOUR if bw >= self.bw_cap else BANDWIDTH.colour(bw)
 
     def stroke(self, bw: float) -> float:
-        if bw >= self.bw_cap:
-            return 0.8
-        return round(1.0 + 3.0 * self.level(bw), 2)
+        return 0.8 if bw >= self.bw_cap else bandwidth_stroke(bw)
 
-    def ticks(self, n: int = 5) -> list[float]:
-        if self.bw_max <= self.bw_min:
-            return [self.bw_min]
-        lo, hi = math.log(self.bw_min), math.log(self.bw_max)
-        return [round(math.exp(lo + (hi - lo) * i / (n - 1)), 1) for i in range(n)]
-
-
-CMAP = colormaps["plasma"]
-
-
-@lru_cache(maxsize=1024)
-def _hex(x: float) -> str:
-    return to_hex(CMAP(x))
+    def rows(self) -> dict[str, int]:
+        """Each host's drawing row, counted from the top over all leaves."""
+        tops = sorted({round(b.y) for b in self.hosts.values()})
+        return {h: tops.index(round(b.y)) for h, b in self.hosts.items()}
 
 
 def natural_key(name: str) -> list:
@@ -154,8 +131,6 @@ def layout(topo: Topology) -> Layout:
     if speeds:
         # Real link speeds sit within a few x of each other; a 100x jump marks the stand-ins above it.
         out.bw_cap = next((b for a, b in zip(speeds, speeds[1:]) if b >= UNBOUNDED * a), math.inf)
-        shown = [b for b in speeds if b < out.bw_cap]
-        out.bw_min, out.bw_max = shown[0], shown[-1]
     return out
 
 
@@ -189,6 +164,17 @@ def _place_parts(topo: Topology, host: str, box: Box, cols: int, points: dict[st
             points[nodes[i]] = (x - shift, y)
 
 
+def bend_point(a: tuple[float, float], b: tuple[float, float], bend: float, cap: float) -> tuple[float, float]:
+    """Control point of a quadratic curve from a to b bowed sideways by ``bend`` x its length
+    (at most ``cap``), so a hop and its way back, or hops along one row of GPUs, do not lie
+    on top of each other."""
+    (x1, y1), (x2, y2) = a, b
+    dx, dy = x2 - x1, y2 - y1
+    dist = (dx * dx + dy * dy) ** 0.5 or 1.0
+    off = max(-cap, min(cap, bend * dist))
+    return (x1 + x2) / 2 - dy / dist * off, (y1 + y2) / 2 + dx / dist * off
+
+
 def uplink_route(lay: Layout, host: str, part: str, switch: str) -> list[tuple[float, float]]:
     """From a NIC down to its leaf bar; from an upper row, down the gap right of the host,
     so no uplink crosses a host below it."""
@@ -214,6 +200,10 @@ def switch_point(lay: Layout, node: str) -> tuple[float, float] | None:
 
 
 # --------------------------------------------------------------- plan figures
+DEFAULT_NAME = Plan.__dataclass_fields__["topology"].default
+"""A plan that names no topology (built by hand) is checked by its hosts and GPUs only."""
+
+
 @dataclass(frozen=True)
 class RankInfo:
     rank: int
@@ -234,6 +224,8 @@ def rank_table(topo: Topology, plan: Plan) -> list[RankInfo]:
         if p.gpu not in {topo.graph.nodes[g]["index"] for g in topo.gpus(p.host)}:
             raise ConfigError(f"plan places rank {p.rank} on GPU {p.gpu} of host {p.host!r}, which topology {topo.name!r} does not have; plan for this topology")
         gpus.append(topo.gpu_id(p.host, p.gpu))
+    if plan.topology not in (DEFAULT_NAME, topo.name):
+        raise ConfigError(f"plan was made for topology {plan.topology!r}, not {topo.name!r}; draw it on its own topology or re-plan for this one")
     g = plan.groups
     ring_of = {r: (i, pos) for i, ring in enumerate(g.ring_groups) for pos, r in enumerate(ring)}
     dp_of = {r: i for i, grp in enumerate(g.dp_groups) for r in grp}
@@ -283,10 +275,84 @@ def host_matrix(topo: Topology, hosts: list[str]) -> list[list[tuple[float, floa
     return m
 
 
-def group_colours(n: int) -> list[str]:
-    """Distinct colours for n rings: tab10/tab20, then evenly spaced hues."""
-    if n <= 10:
-        return [to_hex(colormaps["tab10"](i)) for i in range(n)]
-    if n <= 20:
-        return [to_hex(colormaps["tab20"](i)) for i in range(n)]
-    return [to_hex(colorsys.hsv_to_rgb((i * 0.618034) % 1.0, 0.75, 0.85)) for i in range(n)]
+def group_colours(lay: Layout, host_sets: list[list[str]]) -> list[str]:
+    """A colour per group (ring or DP group) such that groups drawn near each other differ in hue.
+
+    Two groups are neighbours when they visit a common drawing row or rows next
+    to each other (their cycles cross or run side by side). Groups are coloured
+    greedily in order, each taking the palette colour no neighbour has and used
+    least so far; the palette grows past tab10 only when a group has nine or more
+    neighbours. Far-apart groups may share a hue, in different shades.
+
+    Parameters
+    ----------
+    lay
+        The drawing, for the hosts' rows.
+    host_sets
+        Each group's hosts.
+
+    Returns
+    -------
+    list[str]
+        Hex colours, one per group, all different.
+
+    Notes
+    -----
+    O(G^2) for G groups (G <= 512 in practice).
+    """
+    row = lay.rows()
+    spans = [{row[h] for h in hosts if h in row} for hosts in host_sets]
+    graph = nx.Graph()
+    graph.add_nodes_from(range(len(spans)))
+    graph.add_edges_from((i, j) for i in range(len(spans)) for j in range(i + 1, len(spans))
+                         if any(abs(a - b) <= 1 for a in spans[i] for b in spans[j]))
+    size = max(9, max((d for _, d in graph.degree), default=0) + 1)
+    used = [0] * size
+    classes: list[int] = []
+    for i in range(len(spans)):
+        taken = {classes[j] for j in graph[i] if j < i}
+        c = min((c for c in range(size) if c not in taken), key=lambda c: (used[c], c))
+        used[c] += 1
+        classes.append(c)
+    return distinct_colours(classes)
+
+
+@dataclass(frozen=True)
+class PairLoad:
+    """The ring flows from one heatmap row to one column, as loaded as they get."""
+
+    flows: int
+    worst: FlowLoad
+    """The flow whose busiest link is the most utilised."""
+
+
+def load_matrix(topo: Topology, plan: Plan, names: list[str]) -> dict[tuple[int, int], PairLoad]:
+    """(row, column) -> load of the ring flows between them, with every ring stepping at once.
+
+    ``names`` are the heatmap's hosts (or, for one host, its GPUs); a flow counts
+    for the cell of its sender's and receiver's host (or GPU). The diagonal holds
+    the hops that stay inside a host.
+    """
+    index = {n: i for i, n in enumerate(names)}
+    by_gpu = len(names) > 0 and names[0] in topo.graph and topo.kind(names[0]) == "gpu"
+    flows = ring_flows(plan, topo)
+    cells: dict[tuple[int, int], PairLoad] = {}
+    for (a, b), fl in zip(flows, flow_loads(topo, flows)):
+        if fl is None:
+            continue
+        key = (index.get(a if by_gpu else topo.host_of(a)), index.get(b if by_gpu else topo.host_of(b)))
+        if None in key:
+            continue
+        old = cells.get(key)
+        worst = fl if old is None or fl.busiest.utilisation > old.worst.busiest.utilisation else old.worst
+        cells[key] = PairLoad((old.flows if old else 0) + 1, worst)
+    return cells
+
+
+def heat_names(topo: Topology, lay: Layout) -> tuple[list[str], list[list[tuple[float, float]]]]:
+    """The heatmaps' rows and columns (hosts in drawing order; one host: its GPUs) and their
+    single-flow (GB/s, µs) matrix."""
+    hosts = [h for leaf in lay.leaf_hosts.values() for h in leaf]
+    if not hosts:
+        return [], []
+    return (topo.gpus(hosts[0]) if len(hosts) == 1 else hosts), host_matrix(topo, hosts)

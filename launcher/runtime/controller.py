@@ -199,7 +199,7 @@ class Controller:
         cfg.save(d / rundir.STAGE_JSON)
         from topology.viz import render_html  # matplotlib: imported once a stage is planned, not at start-up
 
-        write_atomic(d / rundir.TOPOLOGY_HTML, render_html(topo, plan))
+        write_atomic(d / rundir.TOPOLOGY_HTML, render_html(topo, plan, on_gpus=self.use_gpus))  # CPU slots: no GPU predictions
 
 
 # ------------------------------------------------------------------ helpers

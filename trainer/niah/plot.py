@@ -2,7 +2,9 @@
 
 Context length runs along x, needle depth down y (0% = the start of the
 context), and each cell is coloured from red (number not reproduced) to
-green (reproduced exactly), with the average in the title.
+green (reproduced exactly), with the average in the title. The colours are
+``topology.colour_scale.SCORE``: the same red-amber-green that marks
+oversubscribed and idle links in the topology pictures.
 """
 
 from __future__ import annotations
@@ -17,12 +19,10 @@ matplotlib.use("Agg")  # files only: no display on cluster nodes or CI
 
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
-from matplotlib.colors import LinearSegmentedColormap  # noqa: E402
+from matplotlib.ticker import FixedLocator, FuncFormatter  # noqa: E402
 
+from topology.colour_scale import SCORE  # noqa: E402
 from topology.model import write_atomic  # noqa: E402
-
-NIAH_COLORS = LinearSegmentedColormap.from_list("niah", ["#F0496E", "#EBB839", "#0CD79F"])
-"""Red, amber, green: the colour scale of the usual NIAH heatmaps."""
 
 
 def short_count(n: int) -> str:
@@ -53,7 +53,7 @@ def plot_heatmap(result: Any, path: str | Path) -> Path:
     lengths, depths, grid = score_grid(result.cells)
     width = min(24.0, max(7.0, 3.0 + 0.55 * len(lengths)))
     fig, ax = plt.subplots(figsize=(width, 1.8 + 0.45 * len(depths)))
-    image = ax.imshow(grid, cmap=NIAH_COLORS, vmin=0.0, vmax=1.0, aspect="auto", interpolation="nearest")
+    image = ax.imshow(grid, cmap=SCORE.cmap, norm=SCORE.norm(), aspect="auto", interpolation="nearest")
     ax.set_xticks(range(len(lengths)), [short_count(n) for n in lengths], rotation=45, ha="right")
     ax.set_yticks(range(len(depths)), [f"{d:.0%}" for d in depths])
     ax.set_xticks(np.arange(-0.5, len(lengths)), minor=True)
@@ -65,7 +65,9 @@ def plot_heatmap(result: Any, path: str | Path) -> Path:
     found = sum(bool(c.correct) for c in result.cells)
     title = f"needle in a haystack: average {result.average:.1%} ({found}/{len(result.cells)} cells)"
     ax.set_title(f"{result.model}\n{title}" if result.model else title, fontsize=10)
-    fig.colorbar(image, ax=ax, fraction=0.03, pad=0.02, label="number reproduced")
+    bar = fig.colorbar(image, ax=ax, fraction=0.03, pad=0.02, label="number reproduced")
+    bar.ax.yaxis.set_major_locator(FixedLocator(list(SCORE.ticks)))
+    bar.ax.yaxis.set_major_formatter(FuncFormatter(lambda x, _: SCORE.tick_label(x)))
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=120)

@@ -1,0 +1,120 @@
+"""How busy each link is when all of a plan's rings step at once.
+
+A host pair's single-flow bandwidth (the slowest link of its path) says
+nothing about sharing: on a 2:1 oversubscribed leaf-spine, every host pair
+gets 12.5 GB/s alone, yet eight rings leaving one leaf at once get half of
+it each. The utilisation of a directed link is the sum of what the flows
+crossing it would move alone (each its single-flow rate) over what the link
+carries; above 1.0 the link holds every one of them back.
+
+``link_loads`` is the one place that turns flows into per-link figures, and
+``flow_loads`` reads each flow's path through the same ``FlowModel``, so the
+routing behind them can change without touching the drawings.
+
+>>> from topology.presets import load_topology
+>>> topo = load_topology("leafspine-64x-2to1")
+>>> out = [(f"h{i:02d}/gpu0", f"h{i + 8:02d}/gpu0") for i in range(8)]  # leaf0 -> leaf1, eight at once
+>>> load = link_loads(topo, out)[("leaf0", "spine")]
+>>> load.flows, load.bw_gbps, load.utilisation
+(8, 50.0, 2.0)
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Iterable
+
+from topology.cost import FlowModel, gpu_nodes, ring_hops
+from topology.model import Topology
+from topology.plan import Plan
+
+
+@dataclass(frozen=True)
+class LinkLoad:
+    """One direction of one link under concurrent traffic."""
+
+    src: str
+    dst: str
+    bw_gbps: float
+    flows: int
+    """Flows crossing the link in this direction."""
+    demand_gbps: float
+    """Sum of those flows' single-flow rates (what they would move if each were alone)."""
+
+    @property
+    def utilisation(self) -> float:
+        """Demand over capacity: 1.0 is a full link, 2.0 a link asked for twice what it carries."""
+        return self.demand_gbps / self.bw_gbps
+
+
+def link_loads(topo: Topology, flows: Iterable[tuple[str, str]], model: FlowModel | None = None) -> dict[tuple[str, str], LinkLoad]:
+    """Per directed link ``(u, v)``, the load of ``flows`` (GPU node pairs) running at once.
+
+    Parameters
+    ----------
+    topo
+        The cluster.
+    flows
+        (source, destination) node pairs, all sending at the same time.
+    model
+        A ``FlowModel`` whose path cache to reuse.
+
+    Returns
+    -------
+    dict
+        ``(u, v) -> LinkLoad`` for every link some flow crosses in that direction.
+
+    Notes
+    -----
+    A flow's single-flow rate is its path's slowest link. O(F * L) for F flows of
+    at most L links each.
+    """
+    model = model or FlowModel(topo)
+    edges = topo.graph.edges
+    count: dict[tuple[str, str], int] = defaultdict(int)
+    demand: dict[tuple[str, str], float] = defaultdict(float)
+    for a, b in flows:
+        path = model.path(a, b)
+        if not path:
+            continue
+        alone = min(edges[u, v]["bw_gbps"] for u, v in path)
+        for hop in path:
+            count[hop] += 1
+            demand[hop] += alone
+    return {(u, v): LinkLoad(u, v, edges[u, v]["bw_gbps"], count[u, v], demand[u, v]) for u, v in count}
+
+
+def ring_flows(plan: Plan, topo: Topology) -> list[tuple[str, str]]:
+    """The (sender GPU, receiver GPU) node pairs of one ring step of every ring at once."""
+    nodes = gpu_nodes(plan, topo)
+    return [(nodes[a], nodes[b]) for a, b in ring_hops(plan)]
+
+
+@dataclass(frozen=True)
+class FlowLoad:
+    """One flow among all the others: the busiest link on its way and the rate it gets."""
+
+    src: str
+    dst: str
+    busiest: LinkLoad
+    """The link of its path with the highest utilisation."""
+    alone_gbps: float
+    """Its single-flow rate: the slowest link of its path."""
+    rate_gbps: float
+    """Its rate with every flow running: its smallest fair share of a link."""
+
+
+def flow_loads(topo: Topology, flows: list[tuple[str, str]], model: FlowModel | None = None) -> list[FlowLoad | None]:
+    """Each flow's ``FlowLoad`` with all ``flows`` running at once (None for a flow that stays on its GPU)."""
+    model = model or FlowModel(topo)
+    links = link_loads(topo, flows, model)
+    out: list[FlowLoad | None] = []
+    for a, b in flows:
+        path = [links[hop] for hop in model.path(a, b)]
+        if not path:
+            out.append(None)
+            continue
+        busiest = max(path, key=lambda l: l.utilisation)
+        out.append(FlowLoad(a, b, busiest, min(l.bw_gbps for l in path), min(l.bw_gbps / l.flows for l in path)))
+    return out
