@@ -50,6 +50,10 @@ def test_rendered_configs_expose_nothing(recipe, provider):
     text = yaml.safe_dump_all(docs)
     assert "RAY_AUTH_TOKEN=" not in text and not re.search(r"name: RAY_AUTH_TOKEN\s+value:", text)  # never a literal token
     main_doc = docs[-1]
+    if provider == "local":  # the fake provider's nodes inherit the head's environment: the header starts it with a token
+        header = to_yaml(main_doc, RECIPE, "local").split("\ncluster_name:")[0]
+        start = next(line for line in header.splitlines() if "ray start --head" in line)
+        assert "RAY_AUTH_MODE=token" in start and "--dashboard-host=127.0.0.1" in start
     if provider == "aws":
         starts = [c for k in ("head_start_ray_commands", "worker_start_ray_commands") for c in main_doc[k] if "ray start" in c]
         assert len(starts) == 2 and all("RAY_AUTH_MODE=token" in c for c in starts)
@@ -118,27 +122,28 @@ def test_hand_written_exposures_are_warned_at_their_lines(capsys):
     assert main(["clusters", "validate", "--strict", str(EXPOSED)]) == 2
 
 
-@pytest.mark.parametrize("mutate, expect", [
-    (lambda docs: docs[2]["spec"].pop("authOptions"), "Ray token authentication is off"),
-    (lambda docs: docs[2]["spec"]["headGroupSpec"].update(serviceType="LoadBalancer"), "serviceType LoadBalancer"),
+@pytest.mark.parametrize("mutate, expect, line_has", [
+    (lambda docs: docs[2]["spec"].pop("authOptions"), "Ray token authentication is off", "spec:"),
+    (lambda docs: docs[2]["spec"]["headGroupSpec"].update(serviceType="LoadBalancer"), "serviceType LoadBalancer", "serviceType: LoadBalancer"),
     (lambda docs: docs[2]["spec"]["workerGroupSpecs"][1]["template"]["spec"]["containers"][0]["env"].append(
-        {"name": "RAY_AUTH_TOKEN", "value": "abc123"}), "the Ray auth token is written into the manifest"),
-    (lambda docs: docs.pop(1), "no NetworkPolicy"),
-    (lambda docs: docs[1]["spec"]["ingress"][0].update({"from": [{"ipBlock": {"cidr": "0.0.0.0/0"}}]}), "admits traffic from outside"),
-    (lambda docs: docs[0]["data"].update({"requirements.lock": "torch==2.4.0\n"}), "pins other versions than"),
+        {"name": "RAY_AUTH_TOKEN", "value": "abc123"}), "the Ray auth token is written into the manifest", "name: RAY_AUTH_TOKEN"),
+    (lambda docs: docs.pop(1), "no NetworkPolicy", "name: ringleader-llama3-8b-4194k"),
+    (lambda docs: docs[1]["spec"]["ingress"][0].update({"from": [{"ipBlock": {"cidr": "0.0.0.0/0"}}]}), "admits traffic from outside",
+     "name: ringleader-llama3-8b-4194k"),
+    (lambda docs: docs[0]["data"].update({"requirements.lock": "torch==2.4.0\n"}), "pins other versions than", "name: ringleader-llama3-8b-4194k"),
     (lambda docs: docs[2]["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0].update(args=["pip install torch && ray start"]),
-     "torch is not pinned"),
+     "torch is not pinned", "pip install torch && ray start"),
 ])
-def test_kuberay_exposures_are_warned_at_their_lines(recipe, tmp_path, mutate, expect):
+def test_kuberay_exposures_are_warned_at_their_lines(recipe, tmp_path, mutate, expect, line_has):
     docs = _real(recipe, "kuberay")
     mutate(docs)
     path = tmp_path / "kuberay.yaml"
-    path.write_text(yaml.safe_dump_all(docs, sort_keys=False))
+    path.write_text(yaml.safe_dump_all(docs, sort_keys=False, width=200))
     report = check_file(path)
     hits = [w for w in report.warnings if expect in w]
-    assert hits, report.warnings
+    assert len(hits) == 1, report.warnings
     line = int(hits[0].split(":")[1])
-    assert 1 <= line <= len(path.read_text().splitlines())
+    assert line_has in path.read_text().splitlines()[line - 1]
 
 
 def test_aws_config_without_a_security_group_is_warned(recipe):
