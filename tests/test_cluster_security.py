@@ -21,7 +21,7 @@ from packaging.utils import canonicalize_name
 
 from launcher.cli import main
 from launcher.cluster_configs import lock
-from launcher.cluster_configs.render import CHECKED_IN, ClusterOptions, documents, render, to_yaml
+from launcher.cluster_configs.render import ClusterOptions, documents, render, to_yaml
 from launcher.cluster_configs.security import audit
 from launcher.cluster_configs.validate import check_file
 from launcher.recipe import Recipe

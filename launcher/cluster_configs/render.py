@@ -124,11 +124,6 @@ LOCAL_GPUS = 8
 """Fake GPUs of each host the local provider starts."""
 
 
-def sizing(recipe: Recipe, provider: str) -> Sizing:
-    """Hosts per stage as ``provider``'s hosts count them."""
-    return Sizing.from_recipe(recipe, LOCAL_GPUS if provider == "local" else _instance(recipe.gpu_type).gpus)
-
-
 # ------------------------------------------------------------------ renderers
 def render_aws(recipe: Recipe, opts: ClusterOptions) -> dict[str, Any]:
     """Ray cluster-launcher config for AWS: a CPU head and autoscaling GPU hosts.
