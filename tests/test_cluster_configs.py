@@ -1,4 +1,4 @@
-"""Cluster configs: reproducible from the recipe, sized for it, and accepted (or rejected) by Ray itself."""
+"""Cluster configs: reproducible from the recipe, sized for it, and accepted (or rejected) by Ray, KubeRay and EC2's model."""
 
 from __future__ import annotations
 
@@ -11,7 +11,9 @@ from ray.autoscaler._private.kuberay.autoscaling_config import _derive_autoscali
 from ray.autoscaler._private.util import prepare_config, validate_config
 
 from launcher.cli import main
+from launcher.cluster_configs.crd import crd
 from launcher.cluster_configs.render import CHECKED_IN, GPU_LABEL, LEAF_LABEL, ClusterOptions, Sizing, render, validate
+from launcher.cluster_configs.validate import check_file
 from launcher.recipe import Recipe
 from topology.errors import ConfigError
 
@@ -35,9 +37,32 @@ def test_checked_in_config_equals_fresh_render(path, tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("path", sorted(CHECKED_IN))
 def test_checked_in_config_passes_rays_validation(path):
-    data = yaml.safe_load((ROOT / path).read_text())
-    validate(data, source=path)
+    report = check_file(ROOT / path)
+    validate(report.main, source=path)
     assert main(["clusters", "validate", str(ROOT / path)]) == 0
+
+
+@pytest.mark.parametrize("provider", ["aws", "kuberay", "local"])
+def test_render_reports_exactly_what_it_wrote(provider, tmp_path, capsys):
+    out = tmp_path / "c.yaml"
+    assert main(["clusters", "render", str(ROOT / RECIPE), "--provider", provider, "-o", str(out)]) == 0
+    said = capsys.readouterr().out
+    cfg = next(d for d in yaml.safe_load_all(out.read_text()) if d.get("kind") == "RayCluster" or "available_node_types" in d)
+    if provider == "kuberay":
+        groups = cfg["spec"]["workerGroupSpecs"]
+        most = sum(g["maxReplicas"] for g in groups)
+        gpus = {g["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] for g in groups}
+        stages = dict(kv.split("=") for kv in cfg["metadata"]["annotations"]["ringleader.io/stage-hosts"].split(","))
+    else:
+        workers = [t for n, t in cfg["available_node_types"].items() if n != cfg["head_node_type"]]
+        most = min(cfg["max_workers"], sum(t["max_workers"] for t in workers))
+        gpus = {t["resources"]["GPU"] for t in workers}
+        stages = cfg["metadata"]["ringleader"]["stage_hosts"]
+    assert f"up to {most} hosts of {gpus.pop()} GPUs" in said
+    for stage, hosts in stages.items():
+        assert f"{stage}={hosts}" + (" (does not fit)" if int(hosts) > most else "") in said
+    if provider == "local":  # 4 fake hosts on this machine; the 512-GPU stages cannot run on them, and it says so
+        assert most == 4 and "524K=64 (does not fit)" in said and "262K=4," in said
 
 
 def test_recipe_sizes_hosts_per_stage(recipe):
@@ -130,12 +155,43 @@ def test_node_type_min_above_its_own_max_is_rejected():
     (lambda cr: cr["spec"].update(enableInTreeAutoscaling=False), "enableInTreeAutoscaling"),
     (lambda cr: cr["spec"]["workerGroupSpecs"][1].update(maxReplica=3), "unknown field"),
     (lambda cr: cr["spec"]["workerGroupSpecs"][2].update(labels={"bad label!": "x"}), "Ray's KubeRay autoscaler rejects it"),
+    # Inside pod templates, where a typo would otherwise vanish when the API server prunes it.
+    (lambda cr: cr["spec"]["workerGroupSpecs"][3]["template"]["spec"]["containers"][0].update(imagePullPolcy="Always"),
+     r"spec.workerGroupSpecs.3.template.spec.containers.0.imagePullPolcy: unknown field 'imagePullPolcy' \(KubeRay v1"),
+    (lambda cr: cr["spec"]["headGroupSpec"]["template"]["spec"].update(tolerations="all"), r"tolerations: 'all' is not of type 'array'"),
+    (lambda cr: cr["spec"].update(authOptions={"mode": "on"}), r"spec.authOptions.mode: 'on' is not one of \['disabled', 'token'\]"),
 ])
 def test_broken_raycluster_is_rejected(recipe, mutate, message):
     cr = render(recipe, "kuberay")
     mutate(cr)
     with pytest.raises(ConfigError, match=message):
         validate(cr)
+
+
+def test_crd_copy_names_its_kuberay_release():
+    copy_ = crd()
+    assert copy_["kuberay_version"].startswith("v1.") and len(copy_["commit"]) == 40
+    assert copy_["source"].endswith("helm-chart/kuberay-operator/crds/ray.io_rayclusters.yaml")
+    assert "authOptions" in copy_["openAPIV3Schema"]["properties"]["spec"]["properties"]
+
+
+def test_misspelt_ec2_key_is_rejected_at_its_line(tmp_path, capsys):
+    text = (ROOT / "clusters/aws-g6e.yaml").read_text()
+    bad = tmp_path / "aws.yaml"
+    bad.write_text(text.replace("      InstanceType: g6e.48xlarge", "      InstanceTyp: g6e.48xlarge"))
+    line = bad.read_text().splitlines().index("      InstanceTyp: g6e.48xlarge") + 1
+    assert main(["clusters", "validate", str(bad)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert f"{bad}:{line}:" in err and "unknown key 'InstanceTyp'" in err and "did you mean 'InstanceType'" in err
+    # Nested too: a typo inside an EFA interface.
+    cfg = _aws_config()
+    cfg["available_node_types"]["ray.worker.g6e.48xlarge"]["node_config"]["NetworkInterfaces"][2]["InterfaceTyp"] = "efa"
+    with pytest.raises(ConfigError, match="unknown key 'InterfaceTyp'.*did you mean 'InterfaceType'"):
+        validate(cfg)
+    cfg = _aws_config()
+    cfg["available_node_types"]["ray.worker.g6e.48xlarge"]["node_config"]["BlockDeviceMappings"][0]["Ebs"]["VolumeSize"] = "big"
+    with pytest.raises(ConfigError, match="EC2 RunInstances would refuse it: Invalid type for parameter BlockDeviceMappings"):
+        validate(cfg)
 
 
 def test_cli_bad_input_exits_2_without_a_file(tmp_path, capsys):

@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import io
 import json
+import secrets
+import urllib.error
+import urllib.request
 
 import pytest
 import yaml
@@ -18,16 +21,57 @@ from tests.ray_utils import REPO, RayHead, ray_job_submit
 DEMO = REPO / "clusters" / "recipes" / "demo.yaml"
 
 
-@pytest.mark.ray
-def test_ray_job_submit_runs_the_demo_recipe(tmp_path):
-    run_dir = tmp_path / "run"
-    stages = yaml.safe_load(DEMO.read_text())["stages"]
-    head = RayHead.start("--num-cpus=5", "--num-gpus=0")
+@pytest.fixture(scope="module")
+def token_head(tmp_path_factory):
+    """A head started as the rendered configs start theirs: RAY_AUTH_MODE=token, the token read from a file."""
+    token_file = tmp_path_factory.mktemp("auth") / "auth_token"
+    token_file.write_text(secrets.token_hex(32))
+    token_file.chmod(0o600)
+    head = RayHead.start("--num-cpus=5", "--num-gpus=0", env={"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token_file)})
     try:
-        proc = ray_job_submit(head, ["python", "-m", "launcher", "run", str(DEMO.relative_to(REPO)), "--run-dir", str(run_dir),
-                                    "--profile-cache", str(tmp_path / "profiles")], timeout=500)
+        yield head, token_file.read_text()
     finally:
         head.stop()
+
+
+def _http(url: str, token: str | None = None, body: dict | None = None) -> int:
+    """Status of a GET (or, with ``body``, a POST) to the dashboard, with an optional bearer token."""
+    headers = {"Content-Type": "application/json"} | ({"Authorization": f"Bearer {token}"} if token else {})
+    data = json.dumps(body).encode() if body is not None else None
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, data=data, headers=headers), timeout=30) as r:
+            return r.status
+    except urllib.error.HTTPError as exc:
+        return exc.code
+
+
+@pytest.mark.ray
+def test_token_head_refuses_requests_without_the_token(token_head, tmp_path):
+    head, token = token_head
+    jobs = f"{head.dashboard_url}/api/jobs/"
+    assert _http(jobs) == 401
+    assert _http(jobs, token="not-" + token) == 403
+    assert _http(jobs, body={"entrypoint": "touch /tmp/should-never-run"}) == 401
+    assert _http(jobs, token=token) == 200
+    # The CLI without the token: refused, and no job was created.
+    no_token = {k: v for k, v in head.env.items() if k not in ("RAY_AUTH_TOKEN_PATH", "RAY_AUTH_TOKEN")} | {"RAY_AUTH_MODE": "disabled"}
+    marker = tmp_path / "ran"
+    proc = ray_job_submit(RayHead(head.temp_dir, head.port, head.dashboard_port, no_token), ["touch", str(marker)],
+                          working_dir=tmp_path, timeout=120)
+    assert proc.returncode != 0 and "Authentication required" in proc.stdout + proc.stderr
+    assert not marker.exists()
+    with urllib.request.urlopen(urllib.request.Request(jobs, headers={"Authorization": f"Bearer {token}"}), timeout=30) as r:
+        assert all(str(marker) not in j["entrypoint"] for j in json.loads(r.read()))
+
+
+@pytest.mark.ray
+def test_ray_job_submit_runs_the_demo_recipe(token_head, tmp_path):
+    head, _ = token_head
+    run_dir = tmp_path / "run"
+    stages = yaml.safe_load(DEMO.read_text())["stages"]
+    # The README's command: RAY_AUTH_MODE=token and the token's file in the environment of `ray job submit`.
+    proc = ray_job_submit(head, ["python", "-m", "launcher", "run", str(DEMO.relative_to(REPO)), "--run-dir", str(run_dir),
+                                "--profile-cache", str(tmp_path / "profiles")], timeout=500)
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-4000:]
     assert "succeeded" in log

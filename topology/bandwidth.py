@@ -27,6 +27,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from topology.listen import store_server
+
 WARMUP = 1
 """Untimed transfers first: the first message pays for connection set-up and TCP slow start."""
 
@@ -57,8 +59,8 @@ def bind_to(ip: str) -> None:
 
 
 def serve_store(ip: str, timeout_s: float) -> dist.TCPStore:
-    """A rendezvous store on ``ip`` at a free port (``store.port``) for a new group to meet at."""
-    return dist.TCPStore(ip, 0, None, True, timeout=timedelta(seconds=timeout_s), wait_for_workers=False)
+    """A rendezvous store on ``ip`` only, at a free port (``store.port``), for a new group to meet at."""
+    return store_server(ip, timeout_s)
 
 
 def join_group(store_or_addr: dist.Store | tuple[str, int], rank: int, world_size: int, backend: str, timeout_s: float) -> None:

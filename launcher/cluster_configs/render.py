@@ -5,14 +5,21 @@ the configs that bring such a cluster up and let it autoscale between
 stages::
 
     ringleader clusters render clusters/recipes/llama3-8b-4194k.yaml --provider aws -o clusters/aws-g6e.yaml
-    ray up clusters/aws-g6e.yaml                      # from the repository root
-    kubectl apply -f clusters/kuberay.yaml            # KubeRay >= 1.5
+    ray get-auth-token --generate && ray up clusters/aws-g6e.yaml   # from the repository root
+    kubectl apply -f clusters/kuberay.yaml                           # KubeRay >= 1.5.1
 
 Every renderer is a pure function of (recipe, options), so the checked-in
 files are reproducible, and every config passes Ray's own checks before it
 is written: cluster-launcher YAML through ``prepare_config`` +
 ``validate_config``, the RayCluster through the KubeRay adapter of Ray's
-autoscaler plus a structural check of the fields KubeRay documents.
+autoscaler plus KubeRay's own CRD schema.
+
+Secure by default: Ray's token authentication is on (``RAY_AUTH_MODE=token``;
+the token reaches nodes as a file the cluster launcher copies, or as the
+Secret KubeRay's ``authOptions`` makes), dashboards and job APIs listen on
+the head only (loopback on EC2, reached with ``ray dashboard CONFIG``; the
+pod network behind a ClusterIP Service and a NetworkPolicy on Kubernetes),
+and nodes install the versions of ``clusters/requirements.lock``.
 """
 
 from __future__ import annotations
@@ -24,6 +31,8 @@ from typing import Any, Callable
 
 import yaml
 
+from launcher.cluster_configs import lock
+from launcher.cluster_configs.summary import STAGE_HOSTS_ANNOTATION
 from launcher.cluster_configs.validate import validate
 from launcher.recipe import Recipe
 from topology.errors import ConfigError
@@ -33,6 +42,10 @@ RAY_VERSION = "2.60.0"
 LEAF_LABEL = "ringleader.io/leaf"
 """Ray node label naming the switch (rack) a host hangs from; the profiler groups hosts by it."""
 GPU_LABEL = "ringleader.io/gpu-type"
+TOKEN_FILE = ".ray/auth_token"
+"""Where Ray looks for its auth token under the home directory (``ray get-auth-token --generate`` writes it)."""
+LOCK_MOUNT = "/etc/ringleader"
+"""Where KubeRay pods see the lock file (from a ConfigMap)."""
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -103,15 +116,12 @@ class ClusterOptions:
     """Hosts under one switch; KubeRay gets one worker group per leaf so every pod carries its leaf label."""
     local_max_hosts: int = 4
     """Fake hosts the local autoscaler may start (each a Ray node with ``LOCAL_GPUS`` fake GPUs on this machine)."""
+    ssh_cidr: str = "<your-ip>/32"
+    """Addresses allowed to SSH to the AWS nodes (the cluster launcher's only way in); nothing else is open to the outside."""
 
 
 LOCAL_GPUS = 8
 """Fake GPUs of each host the local provider starts."""
-
-
-def sizing(recipe: Recipe, provider: str) -> Sizing:
-    """Hosts per stage as ``provider``'s hosts count them."""
-    return Sizing.from_recipe(recipe, LOCAL_GPUS if provider == "local" else _instance(recipe.gpu_type).gpus)
 
 
 # ------------------------------------------------------------------ renderers
@@ -157,26 +167,29 @@ def render_aws(recipe: Recipe, opts: ClusterOptions) -> dict[str, Any]:
             },
         },
         "head_node_type": "ray.head.default",
-        "file_mounts": {"~/ringleader": "."},
+        # The token `ray get-auth-token --generate` wrote on the machine that runs `ray up`; Ray reads it there on every node.
+        "file_mounts": {"~/ringleader": ".", f"~/{TOKEN_FILE}": f"~/{TOKEN_FILE}"},
         "rsync_exclude": [".git", "runs", "**/__pycache__"],
         "initialization_commands": [],
         "setup_commands": [
             "test -d ~/venv || python3 -m venv ~/venv",
             "grep -q 'venv/bin/activate' ~/.bashrc || echo 'source ~/venv/bin/activate' >> ~/.bashrc",
-            f"~/venv/bin/pip install -q 'ray[default]=={RAY_VERSION}' boto3",
-            "~/venv/bin/pip install -q -e ~/ringleader",
-            "~/venv/bin/pip install -q --no-build-isolation ring-flash-attn flash-attn || echo 'flash-attn unavailable: ring attention uses torch kernels'",
+            # `ray` on the node (ray job submit, ray status) speaks token auth too.
+            "grep -q 'RAY_AUTH_MODE=token' ~/.bashrc || echo 'export RAY_AUTH_MODE=token' >> ~/.bashrc",
+            f"~/venv/bin/pip install -q -c ~/ringleader/{lock.LOCK_RELPATH} 'ray[default]=={RAY_VERSION}' boto3 -e ~/ringleader",
         ],
         "head_setup_commands": [],
         "worker_setup_commands": [],
         "head_start_ray_commands": [
             "ray stop",
-            "ulimit -n 65536; ray start --head --port=6379 --object-manager-port=8076 --autoscaling-config=~/ray_bootstrap_config.yaml --dashboard-host=0.0.0.0",
+            # Dashboard and job API on the head's loopback: `ray dashboard CONFIG` tunnels to it over SSH.
+            "ulimit -n 65536; RAY_AUTH_MODE=token ray start --head --port=6379 --object-manager-port=8076 "
+            "--autoscaling-config=~/ray_bootstrap_config.yaml --dashboard-host=127.0.0.1",
         ],
         "worker_start_ray_commands": [
             "ray stop",
             # libfabric's EFA provider carries NCCL's inter-host traffic (through aws-ofi-nccl).
-            "ulimit -n 65536; FI_PROVIDER=efa ray start --address=$RAY_HEAD_IP:6379 --object-manager-port=8076",
+            "ulimit -n 65536; RAY_AUTH_MODE=token FI_PROVIDER=efa ray start --address=$RAY_HEAD_IP:6379 --object-manager-port=8076",
         ],
         "metadata": {"ringleader": size.metadata()},
     }
@@ -217,6 +230,7 @@ def render_local(recipe: Recipe, opts: ClusterOptions) -> dict[str, Any]:
         "file_mounts_sync_continuously": False,
         "rsync_exclude": [],
         "rsync_filter": [],
+        "metadata": {"ringleader": Sizing.from_recipe(recipe, LOCAL_GPUS).metadata()},
     }
 
 
@@ -226,26 +240,34 @@ def render_kuberay(recipe: Recipe, opts: ClusterOptions) -> dict[str, Any]:
     Kubernetes cannot hand a node's rack label to a pod, so each leaf gets its
     own group: a nodeSelector keeps its pods on that leaf's machines and the
     group's ``labels`` (KubeRay >= 1.5) become Ray node labels, which the
-    profiler reads as the host's switch.
+    profiler reads as the host's switch. ``authOptions`` (KubeRay >= 1.5.1)
+    turns on Ray's token authentication: KubeRay makes a Secret named after
+    the cluster and gives every Ray container RAY_AUTH_MODE and RAY_AUTH_TOKEN
+    from it. The head's dashboard listens on the pod's addresses (loopback for
+    ``kubectl port-forward``, the pod IP for the cluster's own pods), behind a
+    ClusterIP Service and the NetworkPolicy of ``kuberay_companions``.
     """
     inst = _instance(recipe.gpu_type)
     size = Sizing.from_recipe(recipe, inst.gpus)
     if opts.hosts_per_leaf < 1:
         raise ConfigError(f"hosts per leaf is {opts.hosts_per_leaf}; it must be >= 1")
+    name = f"ringleader-{recipe.name}"
     leaves = math.ceil(size.max_hosts / opts.hosts_per_leaf)
-    install = " ".join(f"'{d}'" for d in _runtime_dependencies())
-    start = f"ulimit -n 65536; pip install -q {install} && $KUBERAY_GEN_RAY_START_CMD"
-    shm = {"name": "dshm", "emptyDir": {"medium": "Memory"}}
+    install = " ".join(_runtime_dependencies())
+    start = f"ulimit -n 65536; pip install -q -c {LOCK_MOUNT}/requirements.lock {install} && $KUBERAY_GEN_RAY_START_CMD"
+    volumes = [{"name": "dshm", "emptyDir": {"medium": "Memory"}},
+               {"name": "requirements", "configMap": {"name": f"{name}-requirements"}}]
 
-    def container(name: str, resources: dict[str, Any]) -> dict[str, Any]:
+    def container(cname: str, resources: dict[str, Any]) -> dict[str, Any]:
         return {
-            "name": name, "image": opts.container_image,
+            "name": cname, "image": opts.container_image,
             # KubeRay >= 1.1 keeps this command and exports its generated `ray start` as KUBERAY_GEN_RAY_START_CMD.
             "command": ["/bin/bash", "-lc", "--"], "args": [start],
             "env": [{"name": "FI_PROVIDER", "value": "efa"},
                     {"name": "RINGLEADER_K8S_NODE", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}}],
             "resources": {"limits": resources, "requests": resources},
-            "volumeMounts": [{"name": "dshm", "mountPath": "/dev/shm"}],
+            "volumeMounts": [{"name": "dshm", "mountPath": "/dev/shm"},
+                             {"name": "requirements", "mountPath": LOCK_MOUNT, "readOnly": True}],
         }
 
     worker_resources = {"cpu": str(inst.cpus - 8), "memory": f"{inst.memory_gib - 96}Gi", "nvidia.com/gpu": inst.gpus,
@@ -265,28 +287,51 @@ def render_kuberay(recipe: Recipe, opts: ClusterOptions) -> dict[str, Any]:
                     "nodeSelector": {"node.kubernetes.io/instance-type": inst.name, LEAF_LABEL: leaf},
                     "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
                     "containers": [container("ray-worker", worker_resources)],
-                    "volumes": [shm],
+                    "volumes": volumes,
                 },
             },
         })
+    stage_hosts = ",".join(f"{k}={v}" for k, v in size.stage_hosts.items())
     return {
         "apiVersion": "ray.io/v1",
         "kind": "RayCluster",
-        "metadata": {"name": f"ringleader-{recipe.name}", "namespace": opts.namespace,
+        "metadata": {"name": name, "namespace": opts.namespace,
                      "labels": {"app.kubernetes.io/name": "ringleader"},
-                     "annotations": {"ray.io/overwrite-container-cmd": "true"}},
+                     "annotations": {"ray.io/overwrite-container-cmd": "true", STAGE_HOSTS_ANNOTATION: stage_hosts}},
         "spec": {
             "rayVersion": RAY_VERSION,
+            "authOptions": {"mode": "token"},
             "enableInTreeAutoscaling": True,
             "autoscalerOptions": {"upscalingMode": "Default", "idleTimeoutSeconds": int(opts.idle_timeout_minutes * 60)},
             "headGroupSpec": {
                 "serviceType": "ClusterIP",
+                # Inside the pod's own network namespace: loopback (port-forward) and the pod IP, nothing else.
                 "rayStartParams": {"dashboard-host": "0.0.0.0"},
-                "template": {"spec": {"containers": [container("ray-head", {"cpu": "8", "memory": "32Gi"})], "volumes": [shm]}},
+                "template": {"spec": {"containers": [container("ray-head", {"cpu": "8", "memory": "32Gi"})], "volumes": volumes}},
             },
             "workerGroupSpecs": groups,
         },
     }
+
+
+def kuberay_companions(cluster: dict[str, Any]) -> list[dict[str, Any]]:
+    """What a RayCluster needs beside it: the lock as a ConfigMap, and a NetworkPolicy.
+
+    The policy selects the cluster's pods (KubeRay labels each ``ray.io/cluster:
+    NAME``) and admits traffic only from those same pods. ``kubectl
+    port-forward`` enters the head pod through the kubelet, not the pod
+    network, so it still reaches the dashboard.
+    """
+    meta = cluster["metadata"]
+    own = {"matchLabels": {"ray.io/cluster": meta["name"]}}
+    return [
+        {"apiVersion": "v1", "kind": "ConfigMap",
+         "metadata": {"name": f"{meta['name']}-requirements", "namespace": meta["namespace"], "labels": dict(meta["labels"])},
+         "data": {"requirements.lock": lock.text()}},
+        {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+         "metadata": {"name": f"{meta['name']}-own-pods-only", "namespace": meta["namespace"], "labels": dict(meta["labels"])},
+         "spec": {"podSelector": own, "policyTypes": ["Ingress"], "ingress": [{"from": [{"podSelector": own}]}]}},
+    ]
 
 
 RENDERERS: dict[str, Callable[[Recipe, ClusterOptions], dict[str, Any]]] = {
@@ -304,6 +349,7 @@ CHECKED_IN = {
 
 
 def render(recipe: Recipe, provider: str, opts: ClusterOptions | None = None) -> dict[str, Any]:
+    """The provider's main config (cluster-launcher YAML or RayCluster), checked by Ray before it is returned."""
     if provider not in RENDERERS:
         raise ConfigError(f"provider {provider!r} is not one of {', '.join(RENDERERS)}")
     config = RENDERERS[provider](recipe, opts or ClusterOptions())
@@ -311,13 +357,20 @@ def render(recipe: Recipe, provider: str, opts: ClusterOptions | None = None) ->
     return config
 
 
-def to_yaml(config: dict[str, Any], recipe_path: str, provider: str) -> str:
-    """The file text: for cloud configs a header saying how it was made and how to use it, then the config."""
-    body = yaml.dump(config, Dumper=_PlainDumper, sort_keys=False, width=200)
-    if provider not in _USAGE:
-        return body
+def documents(config: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every document of the file for ``config``: Kubernetes objects the RayCluster needs come first."""
+    return kuberay_companions(config) + [config] if config.get("kind") == "RayCluster" else [config]
+
+
+def to_yaml(config: dict[str, Any], recipe_path: str, provider: str, opts: ClusterOptions | None = None) -> str:
+    """The file text: a header saying how it was made and how to use it, then the config's documents."""
+    docs = documents(config)
+    body = yaml.dump_all(docs, Dumper=_PlainDumper, sort_keys=False, width=200, explicit_start=len(docs) > 1)
     header = [f"# Rendered by `ringleader clusters render {recipe_path} --provider {provider}`; edit the recipe, not this file."]
-    return "\n".join(header + _USAGE[provider]) + "\n" + body
+    usage = [line.format(name=config.get("cluster_name") or config.get("metadata", {}).get("name"),
+                         ssh_cidr=(opts or ClusterOptions()).ssh_cidr, lock=lock.LOCK_RELPATH, token=TOKEN_FILE)
+             for line in _USAGE[provider]]
+    return "\n".join(header + usage) + "\n" + body
 
 
 class _PlainDumper(yaml.SafeDumper):
@@ -327,16 +380,36 @@ class _PlainDumper(yaml.SafeDumper):
         return True
 
 
+def _literal_block(dumper: yaml.SafeDumper, data: str) -> yaml.ScalarNode:
+    # Multi-line text (the lock in its ConfigMap) as a block people can read line by line.
+    return dumper.represent_scalar("tag:yaml.org,2002:str", data, style="|" if "\n" in data else None)
+
+
+_PlainDumper.add_representer(str, _literal_block)
+
 _USAGE = {
-    "aws": ["# The placement group must exist first (one zone, strategy cluster):",
-            "#   aws ec2 create-placement-group --strategy cluster --group-name <cluster_name>",
-            "# Replace SubnetId/Groups (or render with --subnet/--security-group), then from the repository root:",
-            "#   ray up clusters/aws-g6e.yaml && ray job submit --address http://<head>:8265 --working-dir . -- python -m launcher run <recipe>"],
-    "kuberay": ["# Needs KubeRay >= 1.5 (group labels), the NVIDIA and EFA device plugins, and GPU nodes labelled by switch:",
-                f"#   kubectl label node <node> {LEAF_LABEL}=leaf0",
-                "#   kubectl apply -f clusters/kuberay.yaml"],
+    "aws": ["# Nothing listens for the outside but SSH: one security group that admits its own members and SSH from your address:",
+            "#   SG=$(aws ec2 create-security-group --group-name {name} --description ringleader --vpc-id <vpc-id> --query GroupId --output text)",
+            "#   aws ec2 authorize-security-group-ingress --group-id $SG --protocol all --source-group $SG",
+            "#   aws ec2 authorize-security-group-ingress --group-id $SG --protocol tcp --port 22 --cidr {ssh_cidr}",
+            "# The placement group must exist first (one zone, strategy cluster):",
+            "#   aws ec2 create-placement-group --strategy cluster --group-name {name}",
+            "# Render with --subnet/--security-group (or replace SubnetId/Groups), then from the repository root:",
+            "#   ray get-auth-token --generate   # once: ~/{token}, copied to every node; Ray's token auth is on",
+            "#   ray up clusters/aws-g6e.yaml && ray dashboard clusters/aws-g6e.yaml &   # job API tunnelled to localhost:8265",
+            "#   RAY_AUTH_MODE=token ray job submit --address http://127.0.0.1:8265 --working-dir . -- python -m launcher run <recipe>"],
+    "kuberay": ["# Needs KubeRay >= 1.5.1 (group labels, authOptions), the NVIDIA and EFA device plugins, GPU nodes labelled by switch,",
+                "# and a network plugin that enforces NetworkPolicy:",
+                "#   kubectl label node <node> ringleader.io/leaf=leaf0",
+                "#   kubectl apply -f clusters/kuberay.yaml",
+                "#   kubectl port-forward service/{name}-head-svc 8265:8265 &",
+                "#   export RAY_AUTH_MODE=token RAY_AUTH_TOKEN=$(kubectl get secret {name} -o jsonpath='{{.data.auth_token}}' | base64 -d)",
+                "#   ray job submit --address http://127.0.0.1:8265 --working-dir . -- python -m launcher run <recipe>"],
+    "local": ["# A real autoscaler on this machine (fake 8-GPU hosts), token auth on, dashboard on loopback:",
+              "#   ray get-auth-token --generate   # once, writes ~/{token}",
+              "#   RAY_AUTH_MODE=token RAY_FAKE_CLUSTER=1 ray start --head --dashboard-host=127.0.0.1 --autoscaling-config=clusters/local-autoscaling.yaml"],
 }
-"""Header lines per provider; the local config is used as is by tests and carries none."""
+"""Header lines per provider."""
 
 
 def _instance(gpu_type: str) -> InstanceType:
@@ -346,8 +419,5 @@ def _instance(gpu_type: str) -> InstanceType:
 
 
 def _runtime_dependencies() -> list[str]:
-    """The project's dependencies (pyproject.toml) that the Ray image lacks."""
-    import tomllib
-
-    deps = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
-    return [d for d in deps if not d.startswith("ray")]
+    """Names of the project's dependencies (pyproject.toml) that the Ray image lacks; versions come from the lock."""
+    return [r.name for r in lock.project_dependencies() if r.name != "ray"]

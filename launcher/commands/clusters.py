@@ -1,8 +1,9 @@
-"""``ringleader clusters``: render autoscaling cluster configs from a recipe, or check one.
+"""``ringleader clusters``: render autoscaling cluster configs from a recipe, check one, or pin installs.
 
     ringleader clusters render clusters/recipes/llama3-8b-4194k.yaml --provider aws -o clusters/aws-g6e.yaml
     ringleader clusters render clusters/recipes/llama3-8b-4194k.yaml --provider kuberay --namespace ml
     ringleader clusters validate clusters/aws-g6e.yaml
+    ringleader clusters lock
 """
 
 from __future__ import annotations
@@ -10,10 +11,13 @@ from __future__ import annotations
 import argparse
 import sys
 
-from launcher.cluster_configs.render import RENDERERS, ClusterOptions, render, sizing, to_yaml, validate
+from launcher.cluster_configs import lock
+from launcher.cluster_configs.render import RENDERERS, ClusterOptions, documents, render, to_yaml
+from launcher.cluster_configs.summary import describe
+from launcher.cluster_configs.validate import check_file
 from launcher.recipe import Recipe
 from topology.errors import ConfigError
-from topology.model import load_data, write_atomic
+from topology.model import write_atomic
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -26,34 +30,44 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     r.add_argument("--region", default=defaults.region)
     r.add_argument("--zone", default=defaults.availability_zone, help="availability zone (a cluster placement group lives in one)")
     r.add_argument("--subnet", default=defaults.subnet_id, help="subnet id for the EFA interfaces")
-    r.add_argument("--security-group", default=defaults.security_group_id)
+    r.add_argument("--security-group", default=defaults.security_group_id, help="a group that admits itself and SSH from --ssh-cidr (the header shows how to make it)")
+    r.add_argument("--ssh-cidr", default=defaults.ssh_cidr, help="addresses allowed to SSH to the nodes (aws)")
     r.add_argument("--namespace", default=defaults.namespace, help="Kubernetes namespace (kuberay)")
     r.add_argument("--image", default=defaults.container_image, help="container image (kuberay)")
     r.add_argument("--hosts-per-leaf", type=int, default=defaults.hosts_per_leaf, help="hosts under one switch (kuberay: one worker group each)")
-    v = actions.add_parser("validate", help="check a cluster-launcher YAML or RayCluster manifest with Ray's own validation")
+    v = actions.add_parser("validate", help="check a cluster-launcher YAML or RayCluster manifest with Ray's and KubeRay's own validation, and what it exposes")
     v.add_argument("config", help="cluster config YAML")
+    v.add_argument("--strict", action="store_true", help="exit 2 on warnings too (unsafe settings, placeholders, unpinned installs)")
+    lk = actions.add_parser("lock", help=f"pin the installed versions of the project's dependencies into {lock.LOCK_RELPATH}")
+    lk.add_argument("-o", "--output", default=str(lock.LOCK_PATH), help="file to write")
 
 
 def run(args: argparse.Namespace) -> int:
     if args.action == "validate":
-        validate(_mapping(load_data(args.config), args.config), source=args.config)
-        print(f"{args.config}: valid")
+        report = check_file(args.config)
+        for line in report.warnings:
+            print(line)
+        if args.strict and report.warnings:
+            raise ConfigError(f"{args.config}: {len(report.warnings)} warning(s); fix them or drop --strict")
+        print(f"{args.config}: valid ({describe(report.docs)})" + (f", {len(report.warnings)} warning(s)" if report.warnings else ""))
+        return 0
+    if args.action == "lock":
+        try:
+            text = lock.generate()
+        except LookupError as exc:
+            raise ConfigError(str(exc)) from None
+        write_atomic(args.output, text)
+        print(f"wrote {args.output} ({len(lock.parse(text))} pins); re-render the cluster configs so they carry it")
         return 0
     recipe = Recipe.load(args.recipe, check_paths=False)  # data lives on the cluster, not here
     opts = ClusterOptions(region=args.region, availability_zone=args.zone, subnet_id=args.subnet,
-                          security_group_id=args.security_group, namespace=args.namespace,
+                          security_group_id=args.security_group, namespace=args.namespace, ssh_cidr=args.ssh_cidr,
                           container_image=args.image, hosts_per_leaf=args.hosts_per_leaf)
-    text = to_yaml(render(recipe, args.provider, opts), args.recipe, args.provider)
+    config = render(recipe, args.provider, opts)
+    text = to_yaml(config, args.recipe, args.provider, opts)
     if not args.output:
         sys.stdout.write(text)
         return 0
     write_atomic(args.output, text)
-    hosts = sizing(recipe, args.provider).stage_hosts
-    print(f"wrote {args.output} ({args.provider}; hosts per stage: {', '.join(f'{k}={v}' for k, v in hosts.items())})")
+    print(f"wrote {args.output} ({args.provider}; {describe(documents(config))})")
     return 0
-
-
-def _mapping(data: object, source: str) -> dict:
-    if not isinstance(data, dict):
-        raise ConfigError(f"{source}: expected a mapping at the top level")
-    return data

@@ -17,7 +17,6 @@ import argparse
 import json
 import logging
 import os
-import socket
 from dataclasses import asdict
 from pathlib import Path
 
@@ -26,6 +25,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from topology.errors import ConfigError
+from topology.listen import store_server
 from topology.plan import Plan, RankPlacement
 from trainer.config import ModelConfig
 from trainer.engine import init_process_group
@@ -69,8 +69,11 @@ def run(args: argparse.Namespace) -> int:
     if args.ring == 1:
         summary = evaluate_checkpoint(args.model, config, out_dir=args.output).to_dict()
     else:
-        mp.start_processes(_rank_main, args=(args.ring, _free_port(), args.model, asdict(config), args.output),
+        # The ranks meet at a store this process serves on loopback only, at a port no one can take first.
+        store = store_server("127.0.0.1", timeout_s=1800)
+        mp.start_processes(_rank_main, args=(args.ring, store.port, args.model, asdict(config), args.output),
                            nprocs=args.ring, join=True, start_method="spawn")
+        del store
         summary = json.loads((Path(args.output) / "niah.json").read_text())
     print(format_summary(summary))
     print(f"wrote {Path(args.output) / 'niah.json'} and {Path(args.output) / 'niah.png'}")
@@ -108,7 +111,8 @@ def local_plan(ranks: int, seq_len: int) -> Plan:
 
 def _rank_main(rank: int, world: int, port: int, model: str, config: dict, out_dir: str) -> None:
     """One spawned rank: the torchrun variables, a process group, the plan's groups, then the evaluation."""
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+                      TORCHELASTIC_USE_AGENT_STORE="True")  # the parent serves the store; every rank is a client
     if not torch.cuda.is_available():
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
     logging.basicConfig(level=logging.INFO, format=f"[rank {rank}] %(message)s")
@@ -120,8 +124,3 @@ def _rank_main(rank: int, world: int, port: int, model: str, config: dict, out_d
     finally:
         dist.destroy_process_group()
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 import threading
 import time
 import warnings
@@ -65,11 +64,17 @@ class RankWorker:
         return {"node_id": ctx.get_node_id(), "ip": ray.util.get_node_ip_address(),
                 "gpu_ids": [int(g) for g in ray.get_gpu_ids()], "pid": os.getpid()}
 
-    def free_port(self) -> int:
-        """A port free on this host, for MASTER_PORT (rank 0 hosts the TCP store)."""
-        with socket.socket() as s:
-            s.bind(("", 0))
-            return s.getsockname()[1]
+    def serve_rendezvous(self, timeout_s: float) -> int:
+        """Host the group's TCP store on this node's cluster address only; returns its port (MASTER_PORT).
+
+        The store lives as long as this actor, and every rank, this one
+        included, joins it as a client (torchrun's agent-store mode), so no
+        rank opens a store of its own on every interface.
+        """
+        from topology.listen import store_server
+
+        self._rendezvous = store_server(ray.util.get_node_ip_address(), timeout_s)
+        return self._rendezvous.port
 
     def init_group(self, env: dict[str, str], timeout_s: float) -> float:
         """Join the default process group from torchrun's variables; returns when all ranks are in."""
@@ -119,6 +124,8 @@ def rank_env(plan: Plan, rank: int, master_addr: str, master_port: int) -> dict[
         "GROUP_RANK": str(plan.hosts.index(host)),
         "MASTER_ADDR": master_addr,
         "MASTER_PORT": str(master_port),
+        # Rank 0's actor already serves the store (``serve_rendezvous``): every rank joins as a client.
+        "TORCHELASTIC_USE_AGENT_STORE": "True",
     }
 
 
@@ -200,7 +207,7 @@ class WorkerGroup:
             for r, k in zip(ranks, pick):
                 ordered[r], infos[r] = actors[ranks[k]], info[ranks[k]]
         self.workers = ordered
-        master_port = ray.get(ordered[0].free_port.remote(), timeout=timeout_s)
+        master_port = ray.get(ordered[0].serve_rendezvous.remote(timeout_s), timeout=timeout_s)
         self.envs = [rank_env(plan, r, infos[0]["ip"], master_port) for r in range(plan.world_size)]
         if bundle.get("GPU"):
             for host in plan.hosts:
