@@ -95,7 +95,7 @@ def run_stage(cfg: StageConfig, plan: Plan, on_metrics: Callable[[dict[str, Any]
         On every rank alike, before any parallel group exists, when the
         input is wrong on any rank (paths, plan shape, sequence length, data).
     """
-    device = init_process_group()
+    device = init_process_group(cfg.collective_timeout)
     rank, world = dist.get_rank(), dist.get_world_size()
     try:
         check_inputs(cfg, plan, world)
@@ -116,7 +116,7 @@ def run_stage(cfg: StageConfig, plan: Plan, on_metrics: Callable[[dict[str, Any]
     model.config.use_cache = False
     if cfg.activation_checkpointing:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    engine = make_engine(ShardLoss(model), ds_config, device)
+    engine = make_engine(ShardLoss(model), ds_config, device, cfg.collective_timeout)
 
     first_step, tokens = checkpoint.resume(engine, cfg.output_dir)
     if rank == 0:
@@ -192,12 +192,12 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format=f"[rank {rank}] %(message)s", force=True)
     owns_group = not dist.is_initialized()
     try:
-        init_process_group()
         try:
             cfg, plan, error = StageConfig.load(args.config), Plan.load(args.plan), None
         except ConfigError as exc:
             cfg = plan = None
             error = str(exc)
+        init_process_group(cfg.collective_timeout if cfg else StageConfig.collective_timeout)
         agree(error)
         result = run_stage(cfg, plan)
         if dist.get_rank() == 0:
