@@ -103,23 +103,25 @@ with RunLock.acquire(sys.argv[1], job_id=sys.argv[2]):
 """
 
 
-def hold_lock(run_dir: Path, job_id: str = "02000000") -> subprocess.Popen:
+def hold_lock(run_dir: Path, job_id: str = "02000000", **env: str) -> subprocess.Popen:
     """A real process holding the run lock until its stdin closes; returns once it holds it."""
     proc = subprocess.Popen([sys.executable, "-c", HOLD, str(run_dir), job_id], cwd=REPO, stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, text=True, env=dict(os.environ, PYTHONPATH=str(REPO)))
+                            stdout=subprocess.PIPE, text=True, env=dict(os.environ, PYTHONPATH=str(REPO), **env))
     assert proc.stdout.readline().strip() == "held"
     return proc
 
 
 def test_second_concurrent_run_is_refused(tmp_path, capsys):
     recipe_path, run_dir = finished_run(tmp_path)
-    holder = hold_lock(run_dir)
+    # As under `ray job submit`: the supervisor passes the job's submission id in the driver's job config.
+    job_config = json.dumps({"metadata": {"job_submission_id": "raysubmit_test"}})
+    holder = hold_lock(run_dir, RAY_JOB_CONFIG_JSON_ENV_VAR=job_config)
     try:
         code = main(["run", str(recipe_path), "--run-dir", str(run_dir)])
         line = capsys.readouterr().err.strip()
         assert code == 2 and "\n" not in line
-        assert f"is in use by pid {holder.pid} on {socket.gethostname()}, Ray job 02000000" in line
-        assert "ray job stop 02000000" in line and not ray.is_initialized()
+        assert f"is in use by pid {holder.pid} on {socket.gethostname()}, Ray job 02000000 (submission raysubmit_test)" in line
+        assert "(ray job stop raysubmit_test)" in line and not ray.is_initialized()
         with pytest.raises(ConfigError, match=f"in use by pid {holder.pid}"):
             RunLock.acquire(run_dir)
     finally:

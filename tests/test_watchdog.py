@@ -71,6 +71,65 @@ def test_watchdog_bound_follows_the_slowest_step():
     dog.check()  # after the last step the watchdog stands down
 
 
+def resource_request(address: str) -> list:
+    """The autoscaler resource request standing in the cluster at ``address``."""
+    import ray
+    from ray.autoscaler.v2.utils import is_autoscaler_v2
+
+    ray.init(address=address, logging_level="warning")
+    try:
+        if is_autoscaler_v2():
+            from ray.autoscaler.v2.sdk import get_cluster_status
+
+            return list(get_cluster_status(address).resource_demands.cluster_constraint_demand)
+        from ray._private.ray_constants import AUTOSCALER_RESOURCE_REQUEST_CHANNEL
+        from ray.experimental.internal_kv import _internal_kv_get
+
+        raw = _internal_kv_get(AUTOSCALER_RESOURCE_REQUEST_CHANNEL)
+        return json.loads(raw) if raw else []
+    finally:
+        ray.shutdown()
+
+
+@pytest.mark.ray
+def test_sigterm_withdraws_the_autoscaler_request(tmp_path):
+    """A driver waiting for GPUs the autoscaler cannot bring (no worker may start) is sent SIGTERM.
+
+    Runs before the tests below start their module-wide cluster: this process connects to the head here."""
+    from ray._private.services import get_node_ip_address
+
+    port = free_port()
+    config = yaml.safe_load((REPO / "clusters" / "local-autoscaling.yaml").read_text())
+    config["provider"]["gcs_address"] = f"{get_node_ip_address()}:{port}"
+    config["max_workers"] = 0
+    for t in config["available_node_types"].values():
+        t["max_workers"] = 0
+    config_path = tmp_path / "autoscaling.yaml"
+    config_path.write_text(yaml.safe_dump(config))
+    recipe(tmp_path, name="wait")
+    head = RayHead.start(f"--autoscaling-config={config_path}", "--num-cpus=2", "--num-gpus=0", port=port,
+                         env={"RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1"})
+    try:
+        driver = subprocess.Popen(
+            [sys.executable, "-m", "launcher", "run", str(tmp_path / "wait.yaml"), "--address", head.address,
+             "--run-dir", str(tmp_path / "run"), "--resource-timeout", "300", "--profile-cache", str(tmp_path / "profiles")],
+            cwd=REPO, env=head.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        log = []
+        for line in driver.stdout:
+            log.append(line)
+            if "asked the autoscaler for 1 GPUs" in line:
+                break
+        assert resource_request(head.address), "".join(log)
+        driver.send_signal(signal.SIGTERM)
+        rest, _ = driver.communicate(timeout=60)
+        assert driver.returncode == 128 + signal.SIGTERM, "".join(log) + rest
+        assert "terminated (signal 15)" in rest
+        assert resource_request(head.address) == []
+        assert not (tmp_path / "run" / "run.lock").exists()  # released on the way out too
+    finally:
+        head.stop()
+
+
 @pytest.fixture(scope="module")
 def cluster():
     with local_cluster(hosts=2, gpus_per_host=1, cpus_per_host=1) as lc:
@@ -151,60 +210,3 @@ def test_restart_from_redoes_a_changed_stage(tmp_path, cluster):
     recorded = json.loads((tmp_path / "run" / "stage0-s" / "identity.json").read_text())
     assert recorded["settings"]["steps"] == 3
     assert yaml.safe_load((tmp_path / "run" / "recipe.yaml").read_text())["stages"][0]["steps"] == 3
-
-
-def resource_request(address: str) -> list:
-    """The autoscaler resource request standing in the cluster at ``address``."""
-    import ray
-    from ray.autoscaler.v2.utils import is_autoscaler_v2
-
-    ray.init(address=address, logging_level="warning")
-    try:
-        if is_autoscaler_v2():
-            from ray.autoscaler.v2.sdk import get_cluster_status
-
-            return list(get_cluster_status(address).resource_demands.cluster_constraint_demand)
-        from ray._private.ray_constants import AUTOSCALER_RESOURCE_REQUEST_CHANNEL
-        from ray.experimental.internal_kv import _internal_kv_get
-
-        raw = _internal_kv_get(AUTOSCALER_RESOURCE_REQUEST_CHANNEL)
-        return json.loads(raw) if raw else []
-    finally:
-        ray.shutdown()
-
-
-@pytest.mark.ray
-def test_sigterm_withdraws_the_autoscaler_request(tmp_path):
-    """A driver waiting for GPUs the autoscaler cannot bring (no worker may start) is sent SIGTERM."""
-    from ray._private.services import get_node_ip_address
-
-    port = free_port()
-    config = yaml.safe_load((REPO / "clusters" / "local-autoscaling.yaml").read_text())
-    config["provider"]["gcs_address"] = f"{get_node_ip_address()}:{port}"
-    config["max_workers"] = 0
-    for t in config["available_node_types"].values():
-        t["max_workers"] = 0
-    config_path = tmp_path / "autoscaling.yaml"
-    config_path.write_text(yaml.safe_dump(config))
-    recipe(tmp_path, name="wait")
-    head = RayHead.start(f"--autoscaling-config={config_path}", "--num-cpus=2", "--num-gpus=0", port=port,
-                         env={"RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1"})
-    try:
-        driver = subprocess.Popen(
-            [sys.executable, "-m", "launcher", "run", str(tmp_path / "wait.yaml"), "--address", head.address,
-             "--run-dir", str(tmp_path / "run"), "--resource-timeout", "300", "--profile-cache", str(tmp_path / "profiles")],
-            cwd=REPO, env=head.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        log = []
-        for line in driver.stdout:
-            log.append(line)
-            if "asked the autoscaler for 1 GPUs" in line:
-                break
-        assert resource_request(head.address), "".join(log)
-        driver.send_signal(signal.SIGTERM)
-        rest, _ = driver.communicate(timeout=60)
-        assert driver.returncode == 128 + signal.SIGTERM, "".join(log) + rest
-        assert "terminated (signal 15)" in rest
-        assert resource_request(head.address) == []
-        assert not (tmp_path / "run" / "run.lock").exists()  # released on the way out too
-    finally:
-        head.stop()

@@ -105,7 +105,7 @@ def run_stage(cfg: StageConfig, plan: Plan, on_metrics: Callable[[dict[str, Any]
     except ConfigError as exc:
         error = str(exc)
     agree(error)
-    groups = ParallelGroups.from_plan(plan)
+    groups = ParallelGroups.from_plan(plan, timeout_s=cfg.collective_timeout)
     cuda = device.type == "cuda"
     ds_config = deepspeed_config(cfg, cuda)
     Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)

@@ -12,10 +12,13 @@ From a machine that reaches the head's GCS port::
 
     python -m launcher run RECIPE --address 10.0.0.1:6379 --run-dir /shared/runs/x
 
+Rerunning with the same ``--run-dir`` skips finished stages; after changing a
+stage, ``--restart-from STAGE`` redoes it and the stages after it.
+
 Sizing only, nothing started: ``--dry-run [--topology PRESET|FILE]``.
-Everything the run can check before it starts (the recipe, the model path,
-the cluster address, whether the cluster can ever hold each stage) is
-checked first; a failure there is one line and exit status 2.
+Everything the run can check before it starts (every recipe field, the model,
+the run directory's recipe and lock, the cluster address, whether the cluster
+can ever hold each stage) is checked first; each problem is one line, exit status 2.
 """
 
 from __future__ import annotations

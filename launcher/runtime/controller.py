@@ -8,8 +8,12 @@ and, when a worker or host dies mid-stage: tear the group down, wait until
 Ray agrees which hosts are gone, re-profile the hosts that remain, re-plan
 (on fewer GPUs if the stage's ``min_gpus`` allows, else after waiting for a
 replacement), and start again; the trainer resumes from the stage's newest
-DeepSpeed checkpoint. Retries are bounded by ``recipe.max_retries`` and each
+DeepSpeed checkpoint. A stage whose steps stop coming (``watchdog``) is
+retried the same way. Retries are bounded by ``recipe.max_retries`` and each
 is logged with its cause and recorded in the stage's metrics.jsonl.
+
+The run directory is locked for the run (``lock``), and a stage it already
+holds is skipped or resumed only if its fingerprint matches (``identity``).
 
 The controller is the driver of a Ray job and expects ``ray.init`` to have
 been called (``launcher.commands.run`` does it).

@@ -44,14 +44,17 @@ class Holder:
     cluster: str | None = None
     """GCS address of the Ray cluster the job runs on."""
     since: float = 0.0
+    submission_id: str | None = None
+    """``ray job submit``'s id of the job, what ``ray job stop`` takes (None for a driver started by hand)."""
 
     @classmethod
     def me(cls, job_id: str | None = None, cluster: str | None = None) -> "Holder":
         pid = os.getpid()
-        return cls(socket.gethostname(), pid, _start_time(pid), _boot_id(), job_id, cluster, time.time())
+        return cls(socket.gethostname(), pid, _start_time(pid), _boot_id(), job_id, cluster, time.time(), _submission_id())
 
     def describe(self) -> str:
         job = f", Ray job {self.job_id}" if self.job_id else ""
+        job += f" (submission {self.submission_id})" if self.submission_id else ""
         return f"pid {self.pid} on {self.host}{job} since {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(self.since))}"
 
 
@@ -138,7 +141,7 @@ def check_free(run_dir: str | Path) -> None:
 
 
 def _in_use(path: Path, held: Holder) -> ConfigError:
-    stop = f"ray job stop {held.job_id}" if held.job_id else f"kill {held.pid} on {held.host}"
+    stop = f"ray job stop {held.submission_id}" if held.submission_id else f"kill {held.pid} on {held.host}"
     return ConfigError(f"run directory {path.parent} is in use by {held.describe()}; wait for that run, stop it "
                        f"({stop}), or, if it is gone, remove {path}")
 
@@ -182,6 +185,14 @@ def _take_over(path: Path, stale: Holder) -> bool:
         return False
     aside.unlink(missing_ok=True)
     return True
+
+
+def _submission_id() -> str | None:
+    """The submission id Ray's job supervisor hands its driver (in the job config it passes by environment)."""
+    try:
+        return json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") or "{}").get("metadata", {}).get("job_submission_id")
+    except (ValueError, AttributeError):
+        return None
 
 
 def _start_time(pid: int) -> str | None:
