@@ -32,7 +32,7 @@ from pydantic import Discriminator, Field, Tag
 
 from topology.errors import ConfigError
 from topology.model import load_data
-from trainer.config import DEFAULT_DEEPSPEED, DataConfig, ModelConfig, StageConfig
+from trainer.config import COLLECTIVE_TIMEOUT_S, DEFAULT_DEEPSPEED, DataConfig, ModelConfig, StageConfig
 from trainer.rope import ntk_theta, scaling_law_theta
 from trainer.schema import Count, PathName, PositiveFloat, PositiveInt, Seed, validate
 
@@ -105,7 +105,7 @@ class Recipe:
     """Restarts of one stage after a worker or host failure before the run gives up."""
     gpu_type: str = "L40S"
     seed: Seed = 0
-    collective_timeout: PositiveFloat = 1800.0
+    collective_timeout: PositiveFloat = COLLECTIVE_TIMEOUT_S
     """Seconds a torch.distributed collective may wait (``ringleader run --collective-timeout`` overrides)."""
     source: str = field(default="recipe", init=False, compare=False)
     """The file the recipe came from, for messages (not a recipe key)."""

@@ -163,7 +163,7 @@ def freeze_a_rank(lc, stage_dir: Path, after_step: int, frozen: dict, stop: thre
 
 @pytest.mark.ray
 def test_stalled_rank_is_torn_down_and_retried(tmp_path, cluster):
-    steps = 30
+    steps = 16
     r = recipe(tmp_path, gpus=2, seq_len=256, steps=steps, checkpoint_every=3)
     opt = options(tmp_path, watchdog=WatchdogPolicy(factor=10, floor_s=10, startup_s=300))
     stage_dir = tmp_path / "run" / "stage0-s"

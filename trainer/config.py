@@ -25,6 +25,9 @@ DEFAULT_DEEPSPEED: dict[str, Any] = {
 """DeepSpeed's own JSON keys. The trainer fills batch sizes, accumulation,
 precision (bf16 on CUDA, fp32 on CPU) and the learning rate from the stage."""
 
+COLLECTIVE_TIMEOUT_S = 1800.0
+"""torchrun's default: a ZeRO-3 checkpoint of a large model takes minutes; a dead rank is noticed through Ray long before."""
+
 
 @dataclass
 class ModelConfig:
@@ -91,7 +94,7 @@ class StageConfig:
     niah: dict[str, Any] | None = None
     """Needle-in-a-haystack settings (``trainer.niah.evaluate.NiahConfig`` fields) to evaluate
     the stage's HF model with, on the same ranks, once the stage has trained."""
-    collective_timeout: PositiveFloat = 1800.0
+    collective_timeout: PositiveFloat = COLLECTIVE_TIMEOUT_S
     """Seconds any torch.distributed collective (and the rendezvous) may wait before it fails the rank."""
 
     @property

@@ -37,7 +37,7 @@ import torch.distributed as dist
 from topology.errors import ConfigError
 from topology.plan import Plan
 from trainer import checkpoint
-from trainer.config import StageConfig
+from trainer.config import COLLECTIVE_TIMEOUT_S, StageConfig
 from trainer.data import build_dataset, sample_index
 from trainer.engine import agree, deepspeed_config, init_process_group, make_engine, zero_stage
 from trainer.groups import ParallelGroups
@@ -197,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
         except ConfigError as exc:
             cfg = plan = None
             error = str(exc)
-        init_process_group(cfg.collective_timeout if cfg else StageConfig.collective_timeout)
+        init_process_group(cfg.collective_timeout if cfg else COLLECTIVE_TIMEOUT_S)
         agree(error)
         result = run_stage(cfg, plan)
         if dist.get_rank() == 0:

@@ -59,9 +59,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "run directory (needed when the recipe changed them); their old output moves to RUN_DIR/replaced/")
     parser.add_argument("--collective-timeout", type=_seconds, metavar="S", help="seconds a torch.distributed "
                         "collective may wait before the rank fails (default: the recipe's collective_timeout, 1800)")
-    parser.add_argument("--watchdog-floor", type=_seconds, default=600.0, metavar="S", help="least time a stage may go "
+    parser.add_argument("--watchdog-floor", type=_seconds, metavar="S", help="least time a stage may go "
                         "between two steps (10 x its slowest step if longer) before the attempt is retried; it must cover "
-                        "a checkpoint save (default: %(default)s)")
+                        "a checkpoint save (default: 600)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -84,7 +84,7 @@ def run(args: argparse.Namespace) -> int:
         resource_timeout_s=args.resource_timeout, strategy=args.strategy,
         profile_cache=Path(args.profile_cache) if args.profile_cache else None,
         profile_transfer_mb=args.profile_mb, profile_repeats=args.profile_repeats, restart_from=args.restart_from,
-        watchdog=WatchdogPolicy(floor_s=args.watchdog_floor),
+        watchdog=WatchdogPolicy() if args.watchdog_floor is None else WatchdogPolicy(floor_s=args.watchdog_floor),
     )
     if not args.profile_mb > 0 or args.profile_repeats < 1:
         raise ConfigError(f"--profile-mb ({args.profile_mb}) must be positive and --profile-repeats ({args.profile_repeats}) at least 1")
