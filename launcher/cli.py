@@ -5,7 +5,7 @@
     ray job submit --working-dir . -- python -m launcher run clusters/recipes/demo.yaml
 
 Each subcommand lives in its own module with ``add_arguments(parser)`` and
-``run(args) -> int``. Bad input raises ``ConfigError``: one line on stderr,
+``run(args) -> int``. Bad input raises ``ConfigError``: one line on stderr per problem,
 exit status 2, nothing started and no file written.
 """
 
@@ -47,7 +47,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args._run(args) or 0)
     except ConfigError as exc:
-        print(f"ringleader: error: {exc}", file=sys.stderr)
+        for line in str(exc).splitlines():  # several problems at once: one line each
+            print(f"ringleader: error: {line}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("ringleader: interrupted", file=sys.stderr)

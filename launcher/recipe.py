@@ -24,69 +24,91 @@ from __future__ import annotations
 
 import copy
 import os
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import Discriminator, Field, Tag
 
 from topology.errors import ConfigError
 from topology.model import load_data
-from trainer.config import DEFAULT_DEEPSPEED, DataConfig, ModelConfig, StageConfig
+from trainer.config import COLLECTIVE_TIMEOUT_S, DEFAULT_DEEPSPEED, DataConfig, ModelConfig, StageConfig
 from trainer.rope import ntk_theta, scaling_law_theta
+from trainer.schema import Count, PathName, PositiveFloat, PositiveInt, Seed, validate
 
 AUTO = "auto"
+Auto = Literal["auto"]
 
 
 @dataclass
 class ThetaRule:
     """How a stage's RoPE theta is chosen."""
 
-    rule: str
-    """``ntk`` or ``scaling-law``."""
-    alpha: float = 4.0
+    rule: Literal["ntk", "scaling-law"]
+    alpha: PositiveFloat = 4.0
     base_stage: str | None = None
     """For ``ntk``: the stage whose theta and length it scales from (default: the previous stage)."""
+
+
+Theta = Annotated[Union[Annotated[PositiveFloat, Tag("Number")], Annotated[ThetaRule, Tag("Rule")]],
+                  Discriminator(lambda v: "Rule" if isinstance(v, (dict, ThetaRule)) else "Number")]
+"""A finite positive number, or a mapping read as a ``ThetaRule``."""
 
 
 @dataclass
 class RecipeStage:
     """One stage as written in the recipe; may hold rules and ``auto``."""
 
-    name: str
-    seq_len: int
-    rope_theta: float | ThetaRule
-    batch: int | str
-    steps: int
-    gpus: int
-    grad_accum: int = 1
-    lr: float = 2e-5
-    ulysses: int | str = 1
-    checkpoint_every: int = 0
-    min_gpus: int | None = None
+    name: PathName
+    """Also the stage directory's name (``stageN-NAME``), so it is never a path."""
+    seq_len: PositiveInt
+    rope_theta: Theta
+    batch: PositiveInt | Auto
+    steps: PositiveInt
+    gpus: PositiveInt
+    grad_accum: PositiveInt = 1
+    lr: PositiveFloat = 2e-5
+    ulysses: PositiveInt | Auto = 1
+    checkpoint_every: Count = 0
+    min_gpus: PositiveInt | None = None
     """Fewest GPUs this stage may continue on after a host is lost (default: all of ``gpus``)."""
     data: DataConfig | None = None
     """Overrides the recipe's data for this stage (e.g. a chat stage)."""
     niah: dict[str, Any] | None = None
     """Run needle-in-a-haystack at the end of the stage with these settings."""
-    published_tokens: int | None = None
+    published_tokens: PositiveInt | None = None
     """Total tokens as published, checked by the dry run against seq_len x batch x accumulation x steps."""
-    train_batch_size: int | None = None
+    train_batch_size: PositiveInt | None = None
     """Sequences per optimizer step (DeepSpeed's key) = batch x grad_accum. With ``batch: auto``
     the sizing keeps it and sets grad_accum; without it the written grad_accum stays."""
+
+    def __post_init__(self) -> None:
+        where = f"stage {self.name!r}"
+        if self.min_gpus is not None and self.min_gpus > self.gpus:
+            raise ConfigError(f"{where}: min_gpus ({self.min_gpus}) exceeds gpus ({self.gpus})")
+        tbs = self.train_batch_size
+        if tbs is not None and self.batch != AUTO and tbs != self.batch * self.grad_accum:
+            raise ConfigError(f"{where}: train_batch_size ({tbs}) != batch ({self.batch}) x grad_accum ({self.grad_accum}); "
+                              "fix one or write batch: auto")
 
 
 @dataclass
 class Recipe:
-    name: str
+    name: PathName
     model: ModelConfig
     data: DataConfig
-    stages: list[RecipeStage]
+    stages: Annotated[list[RecipeStage], Field(min_length=1)]
     deepspeed: dict[str, Any] = field(default_factory=dict)
+    """DeepSpeed's JSON keys, merged over ``trainer.config.DEFAULT_DEEPSPEED``."""
     run_dir: str = "runs"
-    max_retries: int = 2
+    max_retries: Count = 2
     """Restarts of one stage after a worker or host failure before the run gives up."""
     gpu_type: str = "L40S"
-    seed: int = 0
-    source: str = "recipe"
+    seed: Seed = 0
+    collective_timeout: PositiveFloat = COLLECTIVE_TIMEOUT_S
+    """Seconds a torch.distributed collective may wait (``ringleader run --collective-timeout`` overrides)."""
+    source: str = field(default="recipe", init=False, compare=False)
+    """The file the recipe came from, for messages (not a recipe key)."""
 
     @property
     def peak_gpus(self) -> int:
@@ -125,18 +147,26 @@ class Recipe:
         out: list[StageConfig] = []
         deepspeed = _merge(copy.deepcopy(DEFAULT_DEEPSPEED), self.deepspeed)
         prev_hf: str | None = None
+        errors: list[str] = []  # every stage's shape problem, not just the first
         for i, s in enumerate(self.stages):
             if AUTO in (s.batch, s.ulysses):
                 raise ConfigError(f"{self.source}: stage {s.name!r}: batch/ulysses are 'auto'; size the recipe for a cluster first (ringleader run --dry-run shows the choice)")
             stage_dir = Path(run_dir) / f"stage{i}-{s.name}"
-            cfg = StageConfig(
-                name=s.name, seq_len=s.seq_len, rope_theta=thetas[s.name], batch=int(s.batch), steps=s.steps,
-                gpus=s.gpus, model=self.model, data=s.data or self.data, output_dir=str(stage_dir),
-                grad_accum=s.grad_accum, lr=s.lr, ulysses=int(s.ulysses), checkpoint_every=s.checkpoint_every,
-                init_from=prev_hf, deepspeed=copy.deepcopy(deepspeed), seed=self.seed, niah=s.niah,
-            )
+            try:
+                cfg = StageConfig(
+                    name=s.name, seq_len=s.seq_len, rope_theta=thetas[s.name], batch=int(s.batch), steps=s.steps,
+                    gpus=s.gpus, model=self.model, data=s.data or self.data, output_dir=str(stage_dir),
+                    grad_accum=s.grad_accum, lr=s.lr, ulysses=int(s.ulysses), checkpoint_every=s.checkpoint_every,
+                    init_from=prev_hf, deepspeed=copy.deepcopy(deepspeed), seed=self.seed, niah=s.niah,
+                    collective_timeout=self.collective_timeout,
+                )
+            except ConfigError as exc:
+                errors.append(f"{self.source}: {exc}")
+                continue
             out.append(cfg)
             prev_hf = str(stage_dir / "hf")
+        if errors:
+            raise ConfigError("\n".join(errors))
         return out
 
     @classmethod
@@ -147,137 +177,118 @@ class Recipe:
 
     @classmethod
     def from_dict(cls, data: Any, base_dir: Path | None = None, source: str = "recipe", check_paths: bool = True) -> "Recipe":
+        """Validate a recipe mapping as a whole; raises one ConfigError listing every problem, one line each.
+
+        Every field's type and range come from the annotations above (``trainer.schema``);
+        what spans fields or stages (unique names, theta rules, shapes, paths) is checked after.
+        """
         if not isinstance(data, dict):
             raise ConfigError(f"{source}: expected a mapping at the top level")
-        base_dir = base_dir or Path.cwd()
-        _no_unknown(data, {f.name for f in fields(cls)} - {"source"}, source)
-        for key in ("name", "model", "data", "stages"):
-            if key not in data:
-                raise ConfigError(f"{source}: '{key}' is missing")
-        model = _build(ModelConfig, data["model"], f"{source}: model")
+        raw, errors = _spelled_out(data, source)
+        try:
+            recipe = validate(cls, raw, source)
+        except ConfigError as exc:
+            raise ConfigError("\n".join([*errors, str(exc)])) from None
+        recipe.source = source
+        errors += recipe._check(base_dir or Path.cwd(), check_paths)
+        if errors:
+            raise ConfigError("\n".join(errors))
+        return recipe
+
+    def _check(self, base_dir: Path, check_paths: bool) -> list[str]:
+        """Checks across fields and stages, and paths; resolves relative paths against ``base_dir``."""
+        errors: list[str] = []
+
+        def collect(check: Any, *args: Any) -> Any:
+            try:
+                return check(*args)
+            except ConfigError as exc:
+                errors.extend(str(exc).splitlines())
+                return None
+
+        model = self.model
         if model.path and not Path(model.path).is_absolute() and (base_dir / model.path).exists():
             model.path = str(base_dir / model.path)
         elif model.path and (model.path.startswith((".", "/")) and not Path(model.path).exists()):
-            raise ConfigError(f"{source}: model.path {model.path!r} does not exist; give a local directory or a hub name")
-        recipe_data = _data(data["data"], base_dir, f"{source}: data", check_paths)
-        if not isinstance(data["stages"], list) or not data["stages"]:
-            raise ConfigError(f"{source}: 'stages' must be a non-empty list")
-        stages = [_stage(s, i, base_dir, source, check_paths) for i, s in enumerate(data["stages"])]
-        recipe = cls(
-            name=str(data["name"]), model=model, data=recipe_data, stages=stages,
-            deepspeed=data.get("deepspeed") or {}, run_dir=str(data.get("run_dir", "runs")),
-            max_retries=int(data.get("max_retries", 2)), gpu_type=str(data.get("gpu_type", "L40S")),
-            seed=int(data.get("seed", 0)), source=source,
-        )
-        recipe._validate()
-        return recipe
-
-    def _validate(self) -> None:
+            errors.append(f"{self.source}: model.path {model.path!r} does not exist; give a local directory or a hub name")
+        collect(_resolve_data, self.data, base_dir, f"{self.source}: data", check_paths)
         names = [s.name for s in self.stages]
         if len(set(names)) != len(names):
-            raise ConfigError(f"{self.source}: stage names must be unique, got {names}")
+            errors.append(f"{self.source}: stage names must be unique, got {names}")
         seen: set[str] = set()
         for s in self.stages:
+            where = f"{self.source}: stage {s.name!r}"
+            if s.data is not None:
+                collect(_resolve_data, s.data, base_dir, f"{where}: data", check_paths)
+            if s.niah is not None:
+                s.niah = collect(_niah, s.niah, base_dir, f"{where}: niah")
             t = s.rope_theta
             if isinstance(t, ThetaRule) and t.base_stage and t.base_stage not in seen:
-                raise ConfigError(f"{self.source}: stage {s.name!r}: rope_theta.from names {t.base_stage!r}, which is not an earlier stage")
+                errors.append(f"{where}: rope_theta.from names {t.base_stage!r}, which is not an earlier stage")
             seen.add(s.name)
+        if errors:
+            return errors
         if any(AUTO in (s.batch, s.ulysses) for s in self.stages):
-            self.resolve_theta()  # shapes are checked once sizing has filled in 'auto'
+            collect(self.resolve_theta)  # shapes are checked once sizing has filled in 'auto'
         else:
-            self.stage_configs(self.run_dir)  # resolves theta; each StageConfig checks its own shape
+            collect(self.stage_configs, self.run_dir)  # resolves theta; each StageConfig checks its own shape
+        return errors
 
 
-def _stage(raw: Any, i: int, base_dir: Path, source: str, check_paths: bool = True) -> RecipeStage:
-    where = f"{source}: stages[{i}]"
+def _spelled_out(data: dict[str, Any], source: str) -> tuple[dict[str, Any], list[str]]:
+    """The recipe with its shorthands written out (``ring: N``, ``rope_theta.from``); problems with them as lines."""
+    raw = dict(data)
+    errors: list[str] = []
+    if "source" in raw:
+        errors.append(f"{source}: unknown key 'source'")
+        raw.pop("source")
+    if raw.get("deepspeed", {}) is None:  # `deepspeed:` with nothing under it
+        raw.pop("deepspeed")
+    stages = raw.get("stages")
+    if isinstance(stages, list):
+        raw["stages"] = [_stage_spelled_out(s, i, source, errors) for i, s in enumerate(stages)]
+    return raw, errors
+
+
+def _stage_spelled_out(raw: Any, i: int, source: str, errors: list[str]) -> Any:
     if not isinstance(raw, dict):
-        raise ConfigError(f"{where}: expected a mapping")
-    where = f"{source}: stage {raw.get('name', i)!r}"
-    _no_unknown(raw, {f.name for f in fields(RecipeStage)} | {"ring"}, where)
+        return raw
     raw = dict(raw)
     raw.setdefault("name", str(i))
-    raw["name"] = str(raw["name"])
     if "ring" in raw:  # ring size is the other face of batch: ring = gpus / batch
-        raw["batch"] = _batch_from_ring(raw.pop("ring"), raw.get("batch"), raw.get("gpus"), where)
-    for key in ("seq_len", "rope_theta", "batch", "steps", "gpus"):
-        if key not in raw:
-            raise ConfigError(f"{where}: '{key}' is missing")
-    theta = raw["rope_theta"]
-    if isinstance(theta, dict):
+        where = f"{source}: stage {raw['name']!r}"
+        ring, batch, gpus = raw.pop("ring"), raw.get("batch"), raw.get("gpus")
+        if batch is not None:
+            errors.append(f"{where}: give 'batch' or 'ring', not both (ring size = gpus / batch)")
+        elif ring == AUTO:
+            raw["batch"] = AUTO
+        elif type(ring) is not int or ring < 1 or type(gpus) is not int or gpus % ring:
+            errors.append(f"{where}: ring is {ring!r}; it must be 'auto' or a whole number that divides gpus ({gpus})")
+            raw["batch"] = 1  # stands in, so the other fields are still checked
+        else:
+            raw["batch"] = gpus // ring
+    theta = raw.get("rope_theta")
+    if isinstance(theta, dict) and "from" in theta:
         theta = dict(theta)
-        if "from" in theta:
-            theta["base_stage"] = str(theta.pop("from"))
-        rule = _build(ThetaRule, theta, f"{where}: rope_theta")
-        if rule.rule not in ("ntk", "scaling-law"):
-            raise ConfigError(f"{where}: rope_theta.rule is {rule.rule!r}; use 'ntk' or 'scaling-law' (or a number)")
-        raw["rope_theta"] = rule
-    elif not isinstance(theta, (int, float)) or isinstance(theta, bool) or theta <= 0:
-        raise ConfigError(f"{where}: rope_theta is {theta!r}; give a positive number or {{rule: ntk|scaling-law}}")
-    for key in ("seq_len", "steps", "gpus", "grad_accum", "checkpoint_every", "batch", "ulysses", "min_gpus", "train_batch_size"):
-        value = raw.get(key)
-        if value is None or (key in ("batch", "ulysses") and value == AUTO):
-            continue
-        if not isinstance(value, int) or isinstance(value, bool) or value < (0 if key == "checkpoint_every" else 1):
-            raise ConfigError(f"{where}: {key} is {value!r}; it must be a whole number >= {0 if key == 'checkpoint_every' else 1}" + (" or 'auto'" if key in ("batch", "ulysses") else ""))
-    if raw.get("data") is not None:
-        raw["data"] = _data(raw["data"], base_dir, f"{where}: data", check_paths)
-    if "lr" in raw:
-        raw["lr"] = float(raw["lr"])
-    if raw.get("niah") is not None:
-        raw["niah"] = _niah(raw["niah"], base_dir, f"{where}: niah")
-    stage = RecipeStage(**raw)
-    if stage.min_gpus is not None and stage.min_gpus > stage.gpus:
-        raise ConfigError(f"{where}: min_gpus ({stage.min_gpus}) exceeds gpus ({stage.gpus})")
-    tbs = stage.train_batch_size
-    if tbs is not None and stage.batch != AUTO and tbs != stage.batch * stage.grad_accum:
-        raise ConfigError(f"{where}: train_batch_size ({tbs}) != batch ({stage.batch}) x grad_accum ({stage.grad_accum}); fix one or write batch: auto")
-    return stage
-
-
-def _batch_from_ring(ring: Any, batch: Any, gpus: Any, where: str) -> int | str:
-    if batch is not None:
-        raise ConfigError(f"{where}: give 'batch' or 'ring', not both (ring size = gpus / batch)")
-    if ring == AUTO:
-        return AUTO
-    if not isinstance(ring, int) or isinstance(ring, bool) or ring < 1 or not isinstance(gpus, int) or gpus % ring:
-        raise ConfigError(f"{where}: ring is {ring!r}; it must be 'auto' or a whole number that divides gpus ({gpus})")
-    return gpus // ring
+        theta["base_stage"] = str(theta.pop("from"))
+        raw["rope_theta"] = theta
+    return raw
 
 
 def _niah(raw: Any, base_dir: Path, where: str) -> dict[str, Any]:
     """Validate a stage's ``niah:`` now, so a typo fails before any rank trains."""
     from trainer.niah.evaluate import NiahConfig  # imports torch: only for recipes that ask for NIAH
 
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{where}: expected a mapping of NiahConfig fields (max_len, min_len, ...)")
     return asdict(NiahConfig.from_dict(raw, source=where, base_dir=base_dir))
 
 
-def _data(raw: Any, base_dir: Path, where: str, check_paths: bool = True) -> DataConfig:
-    cfg = _build(DataConfig, raw, where)
+def _resolve_data(cfg: DataConfig, base_dir: Path, where: str, check_paths: bool = True) -> None:
     path = Path(cfg.path)
     if not path.is_absolute():
         path = base_dir / path
     if check_paths and not path.exists():
         raise ConfigError(f"{where}.path {cfg.path!r} does not exist (looked at {path}); point it at a directory or file of documents")
     cfg.path = str(path)
-    return cfg
-
-
-def _build(cls: type, raw: Any, where: str) -> Any:
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{where}: expected a mapping")
-    _no_unknown(raw, {f.name for f in fields(cls)}, where)
-    try:
-        return cls(**raw)
-    except TypeError as exc:
-        raise ConfigError(f"{where}: {exc}") from None
-
-
-def _no_unknown(raw: dict[str, Any], known: set[str], where: str) -> None:
-    unknown = sorted(set(raw) - known)
-    if unknown:
-        raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)}; known keys are {', '.join(sorted(known))}")
 
 
 def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -77,9 +78,9 @@ def test_theta_rules(tmp_path):
 
 
 @pytest.mark.parametrize("where, change, pattern", [
-    ("top", {"epochs": 3}, r"unknown key\(s\) epochs"),
-    ("stage1", {"seqlen": 10}, r"stage 'b': unknown key\(s\) seqlen"),
-    ("model", {"tiny": {}, "layers": 2}, r"model: unknown key\(s\) layers"),
+    ("top", {"epochs": 3}, r"unknown key 'epochs'; known keys are .*max_retries"),
+    ("stage1", {"seqlen": 10}, r"stage 'b': unknown key 'seqlen'"),
+    ("model", {"tiny": {}, "layers": 2}, r"model: unknown key 'layers'"),
 ])
 def test_unknown_keys_are_named(tmp_path, where, change, pattern):
     if where == "model":
@@ -131,3 +132,57 @@ def test_not_a_mapping(tmp_path):
     path.write_text("name: [unclosed\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         Recipe.load(path)
+
+
+@pytest.mark.parametrize("changes, lines", [
+    ({"stage0": {"name": "x/../../../../tmp/escaped"}}, [r"stages\[0\]|stage 'x/\.\./.*': name is .*usable as a directory name"]),
+    ({"stage0": {"name": ".hidden"}}, [r"name is '\.hidden'; it must be usable as a directory name"]),
+    ({"name": "../up"}, [r"recipe.yaml: name is '\.\./up'"]),
+    ({"max_retries": -5}, [r"max_retries is -5; input should be greater than or equal to 0"]),
+    ({"max_retries": "many"}, [r"max_retries is 'many'; input should be a valid integer"]),
+    ({"seed": 1.7}, [r"seed is 1\.7; input should be a valid integer"]),
+    ({"seed": True}, [r"seed is True"]),
+    ({"deepspeed": "str"}, [r"deepspeed is 'str'; input should be a valid dictionary"]),
+    ({"collective_timeout": 0}, [r"collective_timeout is 0; input should be greater than 0"]),
+    ({"stage1": {"rope_theta": float("inf")}}, [r"stage 'b': rope_theta is inf; input should be a finite number"]),
+    ({"stage1": {"rope_theta": float("nan")}}, [r"stage 'b': rope_theta is nan"]),
+    ({"stage1": {"lr": "fast"}}, [r"stage 'b': lr is 'fast'; input should be a valid number"]),
+    ({"stage1": {"lr": -1e-5}}, [r"stage 'b': lr is -1e-05; input should be greater than 0"]),
+    ({"stage1": {"batch": "many"}}, [r"stage 'b': batch is 'many'; input should be a valid integer or input should be 'auto'"]),
+    ({"stage1": {"checkpoint_every": -1}}, [r"stage 'b': checkpoint_every is -1"]),
+    ({"stage1": {"rope_theta": {"rule": "ntk", "alpha": 0}}}, [r"stage 'b': rope_theta.alpha is 0"]),
+    ({"model": {"tiny": {}, "base_theta": -1, "base_len": 1.5}}, [r"model.base_theta is -1", r"model.base_len is 1\.5"]),
+    ({"data": {"path": "corpus", "kind": "books"}}, [r"data.kind is 'books'; input should be 'pretrain' or 'chat'"]),
+    ({"stages": []}, [r"stages is \[\]; list should have at least 1 item"]),
+    ({"stage0": {"steps": 0}, "stage1": {"gpus": -4, "lr": "x"}, "seed": 0.5},
+     [r"stage 'a': steps is 0", r"stage 'b': gpus is -4", r"stage 'b': lr is 'x'", r"seed is 0\.5"]),
+])
+def test_bad_recipes_report_every_problem_one_line_each(tmp_path, changes, lines):
+    """The issue's examples and more: each problem is its own line naming stage and field; nothing stops at the first."""
+    with pytest.raises(ConfigError) as info:
+        load(tmp_path, **changes)
+    got = str(info.value).splitlines()
+    assert len(got) == len(lines), got
+    for line, pattern in zip(got, lines):
+        assert re.search(pattern, line), (pattern, line)
+        assert line.startswith(str(tmp_path / "recipe.yaml"))
+
+
+def test_shape_problems_of_several_stages_come_together(tmp_path):
+    with pytest.raises(ConfigError) as info:
+        load(tmp_path, stage0={"seq_len": 258}, stage1={"batch": 3})
+    got = str(info.value).splitlines()
+    assert len(got) == 2 and "stage 'a': seq_len (258)" in got[0] and "stage 'b': batch (3) must divide gpus" in got[1]
+
+
+def test_stage_config_shares_the_recipe_types(tmp_path):
+    """The trainer's stage.json is checked by the same field types as the recipe."""
+    from trainer.config import StageConfig
+
+    cfg = load(tmp_path).stage_configs(tmp_path)[0].to_dict()
+    with pytest.raises(ConfigError) as info:
+        StageConfig.from_dict({**cfg, "seed": 1.7, "rope_theta": float("inf"), "name": "a/b", "colour": 1}, "stage.json")
+    got = str(info.value).splitlines()
+    assert [line.split(" is ")[0].split(": ")[-1] for line in got[:3]] == ["name", "rope_theta", "seed"]
+    assert "unknown key 'colour'" in got[3]
+    assert StageConfig.from_dict(cfg).collective_timeout == 1800.0

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass, field, fields
-from typing import Any
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
 
 from topology.errors import ConfigError
 from topology.model import load_data, write_atomic
+from trainer.schema import Count, PathName, PositiveFloat, PositiveInt, Seed, validate
 
 DEFAULT_DEEPSPEED: dict[str, Any] = {
     "zero_optimization": {"stage": 3, "overlap_comm": True, "contiguous_gradients": True},
@@ -23,6 +24,9 @@ DEFAULT_DEEPSPEED: dict[str, Any] = {
 }
 """DeepSpeed's own JSON keys. The trainer fills batch sizes, accumulation,
 precision (bf16 on CUDA, fp32 on CPU) and the learning rate from the stage."""
+
+COLLECTIVE_TIMEOUT_S = 1800.0
+"""torchrun's default: a ZeRO-3 checkpoint of a large model takes minutes; a dead rank is noticed through Ray long before."""
 
 
 @dataclass
@@ -36,11 +40,11 @@ class ModelConfig:
     tokenizer: str | None = None
     """Local directory or hub name of the tokenizer; defaults to ``path``; a tiny
     model without one gets a byte-level tokenizer built locally."""
-    base_theta: float = 500_000.0
+    base_theta: PositiveFloat = 500_000.0
     """RoPE theta the model was trained with (Llama-3: 500000)."""
-    base_len: int = 8192
+    base_len: PositiveInt = 8192
     """Context length the model was trained at (Llama-3: 8192)."""
-    head_dim: int = 128
+    head_dim: PositiveInt = 128
 
     def __post_init__(self) -> None:
         if (self.path is None) == (self.tiny is None):
@@ -53,47 +57,45 @@ class DataConfig:
 
     path: str
     """A directory or file of documents: .txt, .jsonl (field 'text' or 'messages') or .parquet."""
-    kind: str = "pretrain"
+    kind: Literal["pretrain", "chat"] = "pretrain"
     """``pretrain``: pack documents to the sequence length (SlimPajama style);
     ``chat``: UltraChat-style message lists through the chat template."""
     upsample_long: bool = True
     """Oversample documents longer than ``long_doc_tokens`` when packing, as in long-context data recipes."""
-    long_doc_tokens: int = 4096
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if self.kind not in ("pretrain", "chat"):
-            raise ConfigError(f"data.kind is {self.kind!r}; use 'pretrain' or 'chat'")
+    long_doc_tokens: PositiveInt = 4096
+    seed: Seed = 0
 
 
 @dataclass
 class StageConfig:
     """One stage of progressive training, every value resolved."""
 
-    name: str
-    seq_len: int
-    rope_theta: float
-    batch: int
+    name: PathName
+    seq_len: PositiveInt
+    rope_theta: PositiveFloat
+    batch: PositiveInt
     """Sequences in flight per optimizer micro-step = rings = data-parallel size."""
-    steps: int
-    gpus: int
+    steps: PositiveInt
+    gpus: PositiveInt
     model: ModelConfig
     data: DataConfig
     output_dir: str
     """Where this stage writes checkpoints/ (DeepSpeed, resumable) and hf/ (the final model)."""
-    grad_accum: int = 1
-    lr: float = 2e-5
-    ulysses: int = 1
-    checkpoint_every: int = 0
+    grad_accum: PositiveInt = 1
+    lr: PositiveFloat = 2e-5
+    ulysses: PositiveInt = 1
+    checkpoint_every: Count = 0
     """Save a resumable DeepSpeed checkpoint every N optimizer steps (0: only at the end)."""
     init_from: str | None = None
     """HF checkpoint of the previous stage; None starts from ``model``."""
     activation_checkpointing: bool = True
     deepspeed: dict[str, Any] = field(default_factory=lambda: json.loads(json.dumps(DEFAULT_DEEPSPEED)))
-    seed: int = 0
+    seed: Seed = 0
     niah: dict[str, Any] | None = None
     """Needle-in-a-haystack settings (``trainer.niah.evaluate.NiahConfig`` fields) to evaluate
     the stage's HF model with, on the same ranks, once the stage has trained."""
+    collective_timeout: PositiveFloat = COLLECTIVE_TIMEOUT_S
+    """Seconds any torch.distributed collective (and the rendezvous) may wait before it fails the rank."""
 
     @property
     def cp(self) -> int:
@@ -105,39 +107,26 @@ class StageConfig:
         return self.seq_len * self.batch * self.grad_accum
 
     def __post_init__(self) -> None:
-        if isinstance(self.model, dict):
-            self.model = ModelConfig(**self.model)
+        """Checks that span fields; each field's own type and range are in its annotation."""
+        if isinstance(self.model, dict):  # built in code from plain mappings (tests, notebooks)
+            self.model = validate(ModelConfig, self.model, "model")
         if isinstance(self.data, dict):
-            self.data = DataConfig(**self.data)
+            self.data = validate(DataConfig, self.data, "data")
         where = f"stage {self.name!r}"
-        for name in ("seq_len", "batch", "steps", "gpus", "grad_accum", "ulysses"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ConfigError(f"{where}: {name} is {value!r}; it must be a whole number >= 1")
         if self.gpus % self.batch:
             raise ConfigError(f"{where}: batch ({self.batch}) must divide gpus ({self.gpus}): ring size = gpus / batch")
         if self.cp % self.ulysses:
             raise ConfigError(f"{where}: ulysses ({self.ulysses}) must divide the ring size gpus/batch ({self.cp})")
         if self.seq_len % (2 * self.cp):
             raise ConfigError(f"{where}: seq_len ({self.seq_len}) must be divisible by 2 * ring size ({2 * self.cp}) for zigzag sharding")
-        if not self.rope_theta > 0:
-            raise ConfigError(f"{where}: rope_theta is {self.rope_theta!r}; it must be positive")
-        if not self.lr > 0:
-            raise ConfigError(f"{where}: lr is {self.lr!r}; it must be positive")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "stage config") -> "StageConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = set(data) - known
-        if unknown:
-            raise ConfigError(f"{source}: unknown field(s) {', '.join(sorted(unknown))}")
-        try:
-            return cls(**data)
-        except TypeError as exc:
-            raise ConfigError(f"{source}: {exc}") from None
+        """A stage config from JSON, every field type- and range-checked (all problems in one ConfigError)."""
+        return validate(cls, data, source)
 
     def save(self, path: str | os.PathLike) -> None:
         write_atomic(path, json.dumps(self.to_dict(), indent=1) + "\n")

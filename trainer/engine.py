@@ -23,12 +23,12 @@ import torch
 import torch.distributed as dist
 
 from topology.errors import ConfigError
-from trainer.config import StageConfig
+from trainer.config import COLLECTIVE_TIMEOUT_S, StageConfig
 
 log = logging.getLogger(__name__)
 
 
-def init_process_group(timeout_s: float = 1800.0) -> torch.device:
+def init_process_group(timeout_s: float = COLLECTIVE_TIMEOUT_S) -> torch.device:
     """Join (or reuse) the default process group from torchrun's variables; returns this rank's device.
 
     NCCL when CUDA is present, gloo otherwise. The GPU is ``cuda:LOCAL_RANK``
@@ -94,14 +94,18 @@ def deepspeed_config(cfg: StageConfig, cuda: bool) -> dict[str, Any]:
     return ds
 
 
-def make_engine(model: torch.nn.Module, ds_config: dict[str, Any], device: torch.device) -> Any:
+def make_engine(model: torch.nn.Module, ds_config: dict[str, Any], device: torch.device,
+                timeout_s: float = COLLECTIVE_TIMEOUT_S) -> Any:
     """``deepspeed.initialize`` on an existing process group and device; returns the engine.
 
     DeepSpeed picks ``cuda:LOCAL_RANK`` unless told the device (``args.device_rank``),
-    which is wrong for a process that sees only its own GPU.
+    which is wrong for a process that sees only its own GPU. Its communication
+    backend is set up first with the stage's collective timeout (DeepSpeed's own
+    default is 10 minutes, ``DEEPSPEED_TIMEOUT``).
     """
     import deepspeed
 
+    deepspeed.init_distributed(timeout=datetime.timedelta(seconds=timeout_s), dist_init_required=False, verbose=False)
     args = SimpleNamespace(device_rank=device.index) if device.type == "cuda" else None
     engine, *_ = deepspeed.initialize(args=args, model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
                                       config=ds_config, dist_init_required=False)

@@ -7,6 +7,7 @@ Every rank must call it, in the same order, since group creation is collective.
 
 from __future__ import annotations
 
+import datetime
 from dataclasses import dataclass
 
 import torch.distributed as dist
@@ -66,8 +67,11 @@ class ParallelGroups:
         return self.ring_ranks[(self.ring_rank - 1) % self.ring_size]
 
     @classmethod
-    def from_plan(cls, plan: Plan, backend: str | None = None) -> "ParallelGroups":
-        """Create every group of the plan's grid; the default group must exist."""
+    def from_plan(cls, plan: Plan, backend: str | None = None, timeout_s: float | None = None) -> "ParallelGroups":
+        """Create every group of the plan's grid; the default group must exist.
+
+        ``timeout_s`` bounds their collectives; torch gives a new group its backend's
+        default (10 minutes for NCCL), not the default group's timeout."""
         if not dist.is_initialized():
             raise ConfigError("torch.distributed is not initialised; start ranks with torchrun or the ringleader launcher")
         world, rank = dist.get_world_size(), dist.get_rank()
@@ -76,7 +80,8 @@ class ParallelGroups:
         layout = plan.groups
 
         def mine(groups: list[list[int]]) -> tuple[dist.ProcessGroup, list[int]]:
-            group, _ = dist.new_subgroups_by_enumeration(groups, backend=backend)
+            timeout = None if timeout_s is None else datetime.timedelta(seconds=timeout_s)
+            group, _ = dist.new_subgroups_by_enumeration(groups, timeout=timeout, backend=backend)
             ranks = next(g for g in groups if rank in g)
             return group, ranks
 

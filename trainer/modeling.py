@@ -103,21 +103,36 @@ def build_model(model_cfg: ModelConfig, rope_theta: float, seq_len: int, init_fr
 
 
 def load_config(model_cfg: ModelConfig, init_from: str | None = None,
-                tokenizer: PreTrainedTokenizerBase | None = None) -> PreTrainedConfig:
+                tokenizer: PreTrainedTokenizerBase | None = None, local_only: bool = False) -> PreTrainedConfig:
     """The HF config the stage's model is built from (before the stage's RoPE settings).
 
-    Cheap (no weights), so a stage reads it to check its shape before starting.
+    Cheap (no weights), so a stage reads it to check its shape before starting,
+    and the launcher (``local_only``: a local directory or the local HF cache,
+    no download) before Ray starts.
     """
-    return _config_from(resolve_source(model_cfg, init_from), model_cfg, tokenizer)
+    return _config_from(resolve_source(model_cfg, init_from), model_cfg, tokenizer, local_only)
 
 
-def _config_from(source: str | None, model_cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase | None) -> PreTrainedConfig:
+MODEL_SIZES = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+               "head_dim", "vocab_size")
+"""Config fields that must be whole numbers >= 1; torch would fail on them only once a rank builds the model."""
+
+
+def _config_from(source: str | None, model_cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase | None,
+                 local_only: bool = False) -> PreTrainedConfig:
     if source is None:
-        return _tiny_config(model_cfg.tiny or {}, tokenizer)
-    try:
-        return AutoConfig.from_pretrained(source)
-    except (OSError, ValueError) as exc:
-        raise ConfigError(f"cannot load model config {source!r} ({first_line(exc)}); give a local HF directory or a cached hub name") from None
+        config = _tiny_config(model_cfg.tiny or {}, tokenizer)
+    else:
+        try:
+            config = AutoConfig.from_pretrained(source, local_files_only=local_only)
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"cannot load model config {source!r} ({first_line(exc)}); give a local HF directory "
+                              "or a hub name in the local HF cache (huggingface-cli download NAME)") from None
+    bad = [f"{k} is {v!r}" for k in MODEL_SIZES if (v := getattr(config, k, None)) is not None and (type(v) is not int or v < 1)]
+    if bad:
+        where = "model.tiny" if source is None else f"model {source!r}"
+        raise ConfigError(f"{where}: {', '.join(bad)}; sizes must be whole numbers >= 1")
+    return config
 
 
 def _check_vocab(vocab_size: int, tokenizer: PreTrainedTokenizerBase) -> None:

@@ -37,7 +37,7 @@ import torch.distributed as dist
 from topology.errors import ConfigError
 from topology.plan import Plan
 from trainer import checkpoint
-from trainer.config import StageConfig
+from trainer.config import COLLECTIVE_TIMEOUT_S, StageConfig
 from trainer.data import build_dataset, sample_index
 from trainer.engine import agree, deepspeed_config, init_process_group, make_engine, zero_stage
 from trainer.groups import ParallelGroups
@@ -95,7 +95,7 @@ def run_stage(cfg: StageConfig, plan: Plan, on_metrics: Callable[[dict[str, Any]
         On every rank alike, before any parallel group exists, when the
         input is wrong on any rank (paths, plan shape, sequence length, data).
     """
-    device = init_process_group()
+    device = init_process_group(cfg.collective_timeout)
     rank, world = dist.get_rank(), dist.get_world_size()
     try:
         check_inputs(cfg, plan, world)
@@ -105,7 +105,7 @@ def run_stage(cfg: StageConfig, plan: Plan, on_metrics: Callable[[dict[str, Any]
     except ConfigError as exc:
         error = str(exc)
     agree(error)
-    groups = ParallelGroups.from_plan(plan)
+    groups = ParallelGroups.from_plan(plan, timeout_s=cfg.collective_timeout)
     cuda = device.type == "cuda"
     ds_config = deepspeed_config(cfg, cuda)
     Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
@@ -116,7 +116,7 @@ def run_stage(cfg: StageConfig, plan: Plan, on_metrics: Callable[[dict[str, Any]
     model.config.use_cache = False
     if cfg.activation_checkpointing:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    engine = make_engine(ShardLoss(model), ds_config, device)
+    engine = make_engine(ShardLoss(model), ds_config, device, cfg.collective_timeout)
 
     first_step, tokens = checkpoint.resume(engine, cfg.output_dir)
     if rank == 0:
@@ -192,12 +192,12 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format=f"[rank {rank}] %(message)s", force=True)
     owns_group = not dist.is_initialized()
     try:
-        init_process_group()
         try:
             cfg, plan, error = StageConfig.load(args.config), Plan.load(args.plan), None
         except ConfigError as exc:
             cfg = plan = None
             error = str(exc)
+        init_process_group(cfg.collective_timeout if cfg else COLLECTIVE_TIMEOUT_S)
         agree(error)
         result = run_stage(cfg, plan)
         if dist.get_rank() == 0:

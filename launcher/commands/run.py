@@ -12,10 +12,13 @@ From a machine that reaches the head's GCS port::
 
     python -m launcher run RECIPE --address 10.0.0.1:6379 --run-dir /shared/runs/x
 
+Rerunning with the same ``--run-dir`` skips finished stages; after changing a
+stage, ``--restart-from STAGE`` redoes it and the stages after it.
+
 Sizing only, nothing started: ``--dry-run [--topology PRESET|FILE]``.
-Everything the run can check before it starts (the recipe, the model path,
-the cluster address, whether the cluster can ever hold each stage) is
-checked first; a failure there is one line and exit status 2.
+Everything the run can check before it starts (every recipe field, the model,
+the run directory's recipe and lock, the cluster address, whether the cluster
+can ever hold each stage) is checked first; each problem is one line, exit status 2.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import socket
 import sys
 from pathlib import Path
@@ -51,6 +55,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--strategy", default="aware", choices=("aware", "naive", "random"), help="placement strategy (default: aware)")
     parser.add_argument("--resource-timeout", type=float, default=600.0, metavar="S",
                         help="seconds to wait for a stage's GPUs to appear (autoscaler or replacement host)")
+    parser.add_argument("--restart-from", metavar="STAGE", help="redo STAGE and every stage after it in an existing "
+                        "run directory (needed when the recipe changed them); their old output moves to RUN_DIR/replaced/")
+    parser.add_argument("--collective-timeout", type=_seconds, metavar="S", help="seconds a torch.distributed "
+                        "collective may wait before the rank fails (default: the recipe's collective_timeout, 1800)")
+    parser.add_argument("--watchdog-floor", type=_seconds, metavar="S", help="least time a stage may go "
+                        "between two steps (10 x its slowest step if longer) before the attempt is retried; it must cover "
+                        "a checkpoint save (default: 600)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -61,37 +72,76 @@ def run(args: argparse.Namespace) -> int:
 
         return dry_run(Recipe.load(args.recipe, check_paths=False), args.topology)
     from launcher.runtime.controller import Controller, ControllerOptions, StageFailed  # Ray, torch: not for --dry-run
+    from launcher.runtime.watchdog import WatchdogPolicy
 
     _setup_logging()
     recipe = Recipe.load(args.recipe)
+    if args.collective_timeout is not None:
+        recipe.collective_timeout = args.collective_timeout
     check_model(recipe)
     options = ControllerOptions(
         run_dir=args.run_dir or default_run_dir(recipe.run_dir, recipe.name), reprofile=args.reprofile,
         resource_timeout_s=args.resource_timeout, strategy=args.strategy,
         profile_cache=Path(args.profile_cache) if args.profile_cache else None,
-        profile_transfer_mb=args.profile_mb, profile_repeats=args.profile_repeats,
+        profile_transfer_mb=args.profile_mb, profile_repeats=args.profile_repeats, restart_from=args.restart_from,
+        watchdog=WatchdogPolicy() if args.watchdog_floor is None else WatchdogPolicy(floor_s=args.watchdog_floor),
     )
     if not args.profile_mb > 0 or args.profile_repeats < 1:
         raise ConfigError(f"--profile-mb ({args.profile_mb}) must be positive and --profile-repeats ({args.profile_repeats}) at least 1")
+    check_run_dir(recipe, options)
     import ray
 
     connect(args.address, recipe)
+    previous = signal.signal(signal.SIGTERM, _terminate)  # `ray job stop`: unwind, so placement groups and requests are released
     try:
         Controller(recipe, options).run_all()
     except StageFailed as exc:
         print(f"ringleader: error: {exc}", file=sys.stderr)
         return 1
     finally:
+        signal.signal(signal.SIGTERM, previous)
         ray.shutdown()
     log.info("run finished: %s", options.run_dir)
     return 0
 
 
 def check_model(recipe: Recipe) -> None:
-    """The first stage's model must exist before any rank starts (later stages start from earlier ones)."""
-    from trainer.modeling import resolve_source
+    """The first stage's model must be resolvable here before Ray starts (later stages start from earlier ones):
+    a local directory with config.json, a valid ``tiny`` config, or a hub name already in the local HF cache."""
+    from trainer.modeling import load_config
 
-    resolve_source(recipe.model, None)
+    load_config(recipe.model, local_only=True)
+
+
+def check_run_dir(recipe: Recipe, options: "ControllerOptions") -> None:
+    """Before Ray starts: a run directory that holds other versions of the stages, or that a live run holds, is refused."""
+    from launcher.runtime import identity, lock
+
+    root = Path(options.run_dir).resolve()
+    identity.stages_to_redo(recipe.stage_configs(root), options.restart_from)
+    lock.check_free(root)
+
+
+class Terminated(SystemExit):
+    """SIGTERM, raised where the driver is, so that every ``finally`` (workers, placement groups,
+    the autoscaler request, the run lock) runs before the process ends."""
+
+
+def _terminate(signum: int, frame: object) -> None:
+    log.warning("terminated (signal %d): releasing the stage's workers, placement group and autoscaler request", signum)
+    raise Terminated(128 + signum)
+
+
+def _seconds(text: str) -> float:
+    """argparse type: a finite number of seconds > 0."""
+    from pydantic import TypeAdapter, ValidationError
+
+    from trainer.schema import PositiveFloat
+
+    try:
+        return TypeAdapter(PositiveFloat).validate_python(text)
+    except ValidationError as exc:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number of seconds > 0") from exc
 
 
 def connect(address: str | None, recipe: Recipe) -> None:

@@ -8,8 +8,12 @@ and, when a worker or host dies mid-stage: tear the group down, wait until
 Ray agrees which hosts are gone, re-profile the hosts that remain, re-plan
 (on fewer GPUs if the stage's ``min_gpus`` allows, else after waiting for a
 replacement), and start again; the trainer resumes from the stage's newest
-DeepSpeed checkpoint. Retries are bounded by ``recipe.max_retries`` and each
+DeepSpeed checkpoint. A stage whose steps stop coming (``watchdog``) is
+retried the same way. Retries are bounded by ``recipe.max_retries`` and each
 is logged with its cause and recorded in the stage's metrics.jsonl.
+
+The run directory is locked for the run (``lock``), and a stage it already
+holds is skipped or resumed only if its fingerprint matches (``identity``).
 
 The controller is the driver of a Ray job and expects ``ray.init`` to have
 been called (``launcher.commands.run`` does it).
@@ -19,11 +23,15 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from launcher.runtime import resources, rundir
+import ray
+
+from launcher.runtime import identity, resources, rundir
+from launcher.runtime.lock import RunLock
+from launcher.runtime.watchdog import Watchdog, WatchdogPolicy
 from launcher.estimate.memory import model_shape
 from launcher.runtime.progress import StageProgress, format_seconds
 from launcher.recipe import Recipe
@@ -61,9 +69,10 @@ class ControllerOptions:
     """How long to wait for the autoscaler (or a replacement host) to provide a stage's GPUs."""
     placement_timeout_s: float = 120.0
     """How long the placement group and the rank actors may take to come up."""
-    group_timeout_s: float = 1800.0
-    """torch.distributed timeout: rendezvous and every collective (torchrun's default; a ZeRO-3
-    checkpoint of a large model takes minutes). A dead rank is noticed through Ray long before."""
+    restart_from: str | None = None
+    """Redo this stage and every stage after it, even if the run directory holds them (see ``identity``)."""
+    watchdog: WatchdogPolicy = field(default_factory=WatchdogPolicy)
+    """How long a stage may go without a step before the attempt is torn down and retried."""
     profile_timeout_s: float = 300.0
     profile_transfer_mb: float = 64.0
     """Size of each timed message between two hosts, MiB."""
@@ -95,22 +104,37 @@ class Controller:
         self.use_gpus = view.use_gpus or self.can_grow
         view = replace(view, use_gpus=self.use_gpus)
         resources.check_capacity([(c.name, c.gpus) for c in configs], view, self.can_grow)
-        self.run_dir = rundir.RunDir.create(self.run_dir.root, self.recipe.source)
-        log.info("cluster: %d node(s), %d %ss%s; run directory %s", len(view.nodes), view.total, view.unit,
-                 ", autoscaling" if self.can_grow else "", self.run_dir.root)
+        identity.stages_to_redo(configs, self.opt.restart_from)  # a changed recipe is refused before the lock is taken
+        ctx = ray.get_runtime_context()
+        lock = RunLock.acquire(self.run_dir.root, ctx.get_job_id(), ctx.gcs_address)
         results = []
         try:
+            ids = self._claim(configs)
+            log.info("cluster: %d node(s), %d %ss%s; run directory %s", len(view.nodes), view.total, view.unit,
+                     ", autoscaling" if self.can_grow else "", self.run_dir.root)
             for i, cfg in enumerate(configs):
                 done = rundir.finished(cfg.output_dir)
                 if done is not None:
                     log.info("stage %s: already finished in this run directory (%s); skipping", cfg.name, cfg.output_dir)
                     results.append(done)
                     continue
+                identity.record(cfg.output_dir, ids[i])
                 results.append(self.run_stage(cfg, self.recipe.stages[i].min_gpus))
         finally:
             if self.can_grow:
                 resources.release_request()
+            lock.release()
         return results
+
+    def _claim(self, configs: list[StageConfig]) -> list[identity.Identity]:
+        """Under the lock: check the recipe against the run directory again, clear the stages to redo, copy the recipe in."""
+        redo = identity.stages_to_redo(configs, self.opt.restart_from)
+        aside = identity.move_aside(self.run_dir.root, [configs[i].output_dir for i in redo])
+        if aside is not None:
+            log.info("restarting from stage %s: earlier output of %s moved to %s", self.opt.restart_from,
+                     ", ".join(configs[i].name for i in redo), aside)
+        self.run_dir = rundir.RunDir.create(self.run_dir.root, self.recipe.source)
+        return identity.identities(configs)
 
     # ------------------------------------------------------------------ stage
     def run_stage(self, cfg: StageConfig, min_gpus: int | None = None) -> dict[str, Any]:
@@ -164,10 +188,16 @@ class Controller:
         self._nodes = placement_nodes(plan, topo)
         group = WorkerGroup.start(plan, self._nodes, view.bundle(), self.opt.placement_timeout_s)
         try:
-            group.init_process_group(self.opt.group_timeout_s)
+            group.init_process_group(cfg.collective_timeout)
             start = latest_step(cfg.output_dir) or 0
+            predicted = (plan.cost or {}).get("step_time_s") if self.use_gpus else None  # predictions are for GPUs
+            dog = Watchdog(self.opt.watchdog, cfg.steps, predicted)
             with StageProgress(cfg.name, cfg.steps, start, bar=self.opt.progress_bar) as progress:
-                return group.run_stage(cfg.to_dict(), progress.update)
+                def on_metrics(metrics: dict[str, Any]) -> None:
+                    progress.update(metrics)
+                    dog.step(metrics)
+
+                return group.run_stage(cfg.to_dict(), on_metrics, check=dog.check)
         finally:
             group.shutdown()
 

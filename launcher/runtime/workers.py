@@ -221,8 +221,10 @@ class WorkerGroup:
         refs = [w.init_group.remote(env, timeout_s) for w, env in zip(self.workers, self.envs)]
         self._wait(refs, timeout_s, lambda: None)
 
-    def run_stage(self, stage: dict[str, Any], on_metrics: Callable[[dict[str, Any]], None], poll_s: float = 0.5) -> dict[str, Any]:
-        """Run the stage on every rank, passing rank 0's metrics to ``on_metrics`` as they come."""
+    def run_stage(self, stage: dict[str, Any], on_metrics: Callable[[dict[str, Any]], None], poll_s: float = 0.5,
+                  check: Callable[[], None] | None = None) -> dict[str, Any]:
+        """Run the stage on every rank, passing rank 0's metrics to ``on_metrics`` as they come;
+        ``check`` is called after each poll and may raise (a ``WorkerFailure``) to end the attempt."""
         plan = self.plan.to_dict()
         refs = [w.run_stage.remote(stage, plan) for w in self.workers]
         seen = 0
@@ -237,7 +239,12 @@ class WorkerGroup:
             for m in new:
                 on_metrics(m)
 
-        results = self._wait(refs, None, drain, poll_s)
+        def tick() -> None:
+            drain()
+            if check is not None:
+                check()
+
+        results = self._wait(refs, None, tick, poll_s)
         drain()
         return results[0]
 
