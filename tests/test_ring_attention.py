@@ -68,9 +68,9 @@ def _compare_layout(groups: ParallelGroups, n_q: int, n_kv: int) -> dict[str, fl
 def _saved_elements(groups: ParallelGroups) -> dict[str, int]:
     """What the autograd node keeps for backward, against the local block's size."""
     s_local = SEQ // groups.ring_size
-    q = torch.randn(1, 4, s_local, HEAD_DIM, requires_grad=True)
-    k = torch.randn(1, 2, s_local, HEAD_DIM, requires_grad=True)
-    v = torch.randn(1, 2, s_local, HEAD_DIM, requires_grad=True)
+    q = torch.randn(1, s_local, 4, HEAD_DIM, requires_grad=True)
+    k = torch.randn(1, s_local, 2, HEAD_DIM, requires_grad=True)
+    v = torch.randn(1, s_local, 2, HEAD_DIM, requires_grad=True)
     out = ZigzagRingAttention.apply(q, k, v, groups, HEAD_DIM ** -0.5)
     saved = sum(t.numel() for t in out.grad_fn.saved_tensors)
     return {"saved": saved, "local": 2 * q.numel() + k.numel() + v.numel() + q.numel() // HEAD_DIM}
