@@ -60,10 +60,19 @@ class DataConfig:
     """Oversample documents longer than ``long_doc_tokens`` when packing, as in long-context data recipes."""
     long_doc_tokens: int = 4096
     seed: int = 0
+    document_mask: bool = False
+    """Attend only within each packed document (block-diagonal causal attention,
+    the Llama 3 practice); also drops the label that crosses from one document
+    into the next. False: every token attends to the whole sample before it."""
+    restart_positions: bool = False
+    """RoPE positions restart at 0 at every document start (needs ``document_mask``);
+    False: positions run over the whole sample."""
 
     def __post_init__(self) -> None:
         if self.kind not in ("pretrain", "chat"):
             raise ConfigError(f"data.kind is {self.kind!r}; use 'pretrain' or 'chat'")
+        if self.restart_positions and not self.document_mask:
+            raise ConfigError("data.restart_positions needs data.document_mask: true (positions restart per masked document)")
 
 
 @dataclass

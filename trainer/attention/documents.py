@@ -211,3 +211,18 @@ def block_work(blocks: list[Block]) -> int:
         nq, nk = blk.q.stop - blk.q.start, blk.k.stop - blk.k.start
         work += nq * (nq + 1) // 2 if blk.causal else nq * nk
     return work
+
+
+def drop_cross_document_labels(labels: torch.Tensor, doc_ids: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+    """Labels with the prediction from each document's last token into the next document ignored.
+
+    Under a document mask the last token of a document (its EOS) cannot see
+    the next document, so its label (that document's first token) is noise.
+    ``labels`` and ``doc_ids`` are ``[..., seq]`` of the whole sequence.
+
+    >>> drop_cross_document_labels(torch.tensor([5, 6, 7, 8]), torch.tensor([0, 0, 1, 1])).tolist()
+    [5, -100, 7, 8]
+    """
+    labels = labels.clone()
+    labels[..., :-1][doc_ids[..., 1:] != doc_ids[..., :-1]] = ignore_index
+    return labels
