@@ -41,6 +41,9 @@ class ModelConfig:
     base_len: int = 8192
     """Context length the model was trained at (Llama-3: 8192)."""
     head_dim: int = 128
+    rope_parameters: dict[str, Any] | None = None
+    """RoPE type and parameters replacing the base model's (e.g. ``{rope_type: default}``
+    drops llama3 frequency scaling); None keeps the base model's. Each stage sets theta within them."""
 
     def __post_init__(self) -> None:
         if (self.path is None) == (self.tiny is None):

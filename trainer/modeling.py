@@ -14,6 +14,7 @@ ranks fit a g6e.48xlarge's host memory and, briefly, an L40S);
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -24,22 +25,50 @@ from transformers import (AutoConfig, AutoModelForCausalLM, LlamaConfig, PreTrai
                           PreTrainedTokenizerBase)
 
 from topology.errors import ConfigError, first_line
+from topology.model import write_atomic
 from trainer.config import ModelConfig
 
 log = logging.getLogger(__name__)
 
 
-def set_rope(config: Any, rope_theta: float, seq_len: int) -> None:
+def set_rope(config: Any, rope_theta: float, seq_len: int, rope_parameters: dict[str, Any] | None = None) -> None:
     """Write a stage's theta and context length into an HF config (in place).
 
-    The stage's theta replaces any earlier RoPE scaling (e.g. ``llama3``
-    frequency scaling): progressive training extends context by theta alone.
+    The base model's RoPE type and parameters (e.g. ``llama3`` frequency
+    scaling) stay as they are and the stage's theta is set within them;
+    ``rope_parameters`` (the recipe's, given explicitly) replace them.
     """
-    old = dict(getattr(config, "rope_parameters", None) or {})
-    if old.get("rope_type", "default") != "default":
-        log.info("replacing rope_type %r with plain RoPE at theta %.4g", old.get("rope_type"), rope_theta)
-    config.rope_parameters = {"rope_type": "default", "rope_theta": float(rope_theta)}
+    params = rope_parameters if rope_parameters is not None else getattr(config, "rope_parameters", None)
+    params = dict(params or {})
+    params.setdefault("rope_type", "default")
+    params["rope_theta"] = float(rope_theta)
+    config.rope_parameters = params
     config.max_position_embeddings = int(seq_len)
+
+
+def legacy_rope_fields(rope_parameters: dict[str, Any]) -> dict[str, Any]:
+    """``rope_theta`` and ``rope_scaling`` at the top level of config.json, for readers before ``rope_parameters``.
+
+    transformers 4.x reads theta from ``rope_theta`` and the scaling from
+    ``rope_scaling`` (None for plain RoPE); transformers 5 reads ``rope_scaling``
+    with ``rope_theta`` as the same parameters, so both agree on the stage's theta.
+
+    >>> legacy_rope_fields({"rope_type": "llama3", "factor": 8.0, "rope_theta": 1e6})
+    {'rope_theta': 1000000.0, 'rope_scaling': {'rope_type': 'llama3', 'factor': 8.0}}
+    >>> legacy_rope_fields({"rope_type": "default", "rope_theta": 1e6})
+    {'rope_theta': 1000000.0, 'rope_scaling': None}
+    """
+    scaling = {k: v for k, v in rope_parameters.items() if k != "rope_theta"}
+    return {"rope_theta": float(rope_parameters["rope_theta"]),
+            "rope_scaling": None if scaling.get("rope_type", "default") == "default" else scaling}
+
+
+def write_rope_compat(hf_dir: str | Path) -> None:
+    """Add ``legacy_rope_fields`` to ``hf_dir/config.json`` (replaced atomically)."""
+    path = Path(hf_dir) / "config.json"
+    config = json.loads(path.read_text())
+    config.update(legacy_rope_fields(config["rope_parameters"]))
+    write_atomic(path, json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def resolve_source(model_cfg: ModelConfig, init_from: str | None) -> str | None:
@@ -88,7 +117,7 @@ def build_model(model_cfg: ModelConfig, rope_theta: float, seq_len: int, init_fr
     """
     source = resolve_source(model_cfg, init_from)
     config = _config_from(source, model_cfg, tokenizer)
-    set_rope(config, rope_theta, seq_len)
+    set_rope(config, rope_theta, seq_len, model_cfg.rope_parameters)
     if source is None:
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
