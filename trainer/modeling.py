@@ -7,9 +7,10 @@ model is built, because HF Llama computes its rotary inverse frequencies
 ``1 / theta^(2i/d)`` once, at construction, into a non-persistent buffer: a
 checkpoint never carries them, so the new theta takes effect on load.
 
-The model is built whole on each rank (16 GB in bf16 for Llama-3-8B: eight
-ranks fit a g6e.48xlarge's host memory and, briefly, an L40S);
-``deepspeed.initialize`` then partitions it for ZeRO-3.
+Under ZeRO-3 the stage builds the model inside
+``trainer.engine.zero3_construction``: each rank allocates only its
+partition of every parameter and pretrained weights load straight into
+partitions. Otherwise the model is built whole on each rank.
 """
 
 from __future__ import annotations
