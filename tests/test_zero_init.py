@@ -1,15 +1,17 @@
 """ZeRO-3 start-up: the model is built straight into partitions, and trains to the same loss as a whole one.
 
 Two gloo ranks with DeepSpeed's CPU accelerator. A tiny Llama is saved once;
-each rank then loads it inside ``zero3_construction`` (from_pretrained) and
-builds a random one from its config (from_config). Right after construction
-each rank must hold about half of the parameters; the DeepSpeed engine's
-loss must equal the loss of the whole model on one process.
+each rank then loads it with the stage's ZeRO-3 config (``build_model``'s
+from_pretrained inside ``zero3_construction``) and also builds a random one
+from its config inside the context. Right after construction each rank must
+hold about half of the parameters; the DeepSpeed engine's loss must equal
+the loss of the whole model on one process.
 """
 
 
 import torch
 import torch.distributed as dist
+from transformers import AutoModelForCausalLM
 
 from dist_utils import run_distributed
 from trainer.config import ModelConfig
@@ -43,12 +45,12 @@ def _start_up(rank: int, world: int, model_dir: str) -> dict:
     with torch.no_grad():
         reference, _ = shard_loss_sum(whole, ids, positions, labels)
 
+    loaded = build_model(ModelConfig(path=model_dir), 10_000.0, SEQ, ds_config=DS_CONFIG)
     with zero3_construction(DS_CONFIG):
-        loaded = build_model(ModelConfig(path=model_dir), 10_000.0, SEQ)
-        random = build_model(ModelConfig(tiny=TINY), 10_000.0, SEQ, seed=3)
+        random = AutoModelForCausalLM.from_config(whole.config)
     results = {"loaded": _local_numel(loaded), "random": _local_numel(random)}
-    outside = build_model(ModelConfig(tiny=TINY), 10_000.0, SEQ)
-    results["after"] = _local_numel(outside)
+    results["tiny"] = _local_numel(build_model(ModelConfig(tiny=TINY), 10_000.0, SEQ, seed=3, ds_config=DS_CONFIG))
+    results["after"] = _local_numel(AutoModelForCausalLM.from_config(whole.config))
     engine = make_engine(ShardLoss(loaded), DS_CONFIG, torch.device("cpu"))
     with torch.no_grad():
         loss, _ = engine(ids, positions, labels)
@@ -62,7 +64,8 @@ def test_zero3_start_up_partitions_and_matches_whole_model(tmp_path):
         for kind in ("loaded", "random"):
             held, whole = results[kind]
             assert 0.45 * whole <= held <= 0.55 * whole, (kind, held, whole)  # about 1/N of every parameter
-        held, whole = results["after"]
-        assert held == whole  # outside the context models are whole again
+        for kind in ("tiny", "after"):  # a seeded tiny model, and any model built after the context: whole
+            held, whole = results[kind]
+            assert held == whole, kind
         assert abs(results["loss"] - results["reference"]) <= 1e-4 * abs(results["reference"])
         assert results["reference"] > 1.0

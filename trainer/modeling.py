@@ -7,10 +7,11 @@ model is built, because HF Llama computes its rotary inverse frequencies
 ``1 / theta^(2i/d)`` once, at construction, into a non-persistent buffer: a
 checkpoint never carries them, so the new theta takes effect on load.
 
-Under ZeRO-3 the stage builds the model inside
+Under ZeRO-3 a pretrained model (or the previous stage's) is loaded inside
 ``trainer.engine.zero3_construction``: each rank allocates only its
-partition of every parameter and pretrained weights load straight into
-partitions. Otherwise the model is built whole on each rank.
+partition of every parameter and the weights load straight into
+partitions. Otherwise, and for a random tiny model, the model is built
+whole on each rank and ``deepspeed.initialize`` partitions it.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from transformers import (AutoConfig, AutoModelForCausalLM, LlamaConfig, PreTrai
 from topology.errors import ConfigError, first_line
 from topology.model import write_atomic
 from trainer.config import ModelConfig
+from trainer.engine import zero3_construction
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +94,7 @@ def resolve_source(model_cfg: ModelConfig, init_from: str | None) -> str | None:
 
 def build_model(model_cfg: ModelConfig, rope_theta: float, seq_len: int, init_from: str | None = None,
                 tokenizer: PreTrainedTokenizerBase | None = None, seed: int = 0,
-                dtype: torch.dtype = torch.float32) -> PreTrainedModel:
+                dtype: torch.dtype = torch.float32, ds_config: dict[str, Any] | None = None) -> PreTrainedModel:
     """The model a stage trains.
 
     Parameters
@@ -109,6 +111,10 @@ def build_model(model_cfg: ModelConfig, rope_theta: float, seq_len: int, init_fr
         Seeds the random weights of a tiny model.
     dtype
         Parameter dtype (bf16 on CUDA; fp32 on CPU).
+    ds_config
+        The stage's DeepSpeed config: under ZeRO-3 a pretrained model loads
+        straight into partitions (``trainer.engine.zero3_construction``). A
+        random tiny model is built whole, so its seed alone fixes its weights.
 
     Raises
     ------
@@ -124,7 +130,8 @@ def build_model(model_cfg: ModelConfig, rope_theta: float, seq_len: int, init_fr
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     else:
         try:
-            model = AutoModelForCausalLM.from_pretrained(source, config=config, dtype=dtype)
+            with zero3_construction(ds_config or {}):
+                model = AutoModelForCausalLM.from_pretrained(source, config=config, dtype=dtype)
         except (OSError, ValueError) as exc:
             raise ConfigError(f"cannot load model {source!r} ({first_line(exc)}); give a local HF directory or a cached hub name") from None
     if tokenizer is not None:

@@ -39,7 +39,7 @@ from topology.plan import Plan
 from trainer import checkpoint
 from trainer.config import StageConfig
 from trainer.data import build_dataset, sample_index
-from trainer.engine import agree, deepspeed_config, init_process_group, make_engine, zero3_construction, zero_stage
+from trainer.engine import agree, deepspeed_config, init_process_group, make_engine, zero_stage
 from trainer.groups import ParallelGroups
 from trainer.loss import ShardLoss, loss_scale
 from trainer.modeling import build_model, load_config
@@ -111,9 +111,8 @@ def run_stage(cfg: StageConfig, plan: Plan, on_metrics: Callable[[dict[str, Any]
     ds_config = deepspeed_config(cfg, cuda)
     Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
 
-    with zero3_construction(ds_config):
-        model = build_model(cfg.model, cfg.rope_theta, cfg.seq_len, cfg.init_from, tokenizer=tokenizer, seed=cfg.seed,
-                            dtype=torch.bfloat16 if cuda else torch.float32)
+    model = build_model(cfg.model, cfg.rope_theta, cfg.seq_len, cfg.init_from, tokenizer=tokenizer, seed=cfg.seed,
+                        dtype=torch.bfloat16 if cuda else torch.float32, ds_config=ds_config)
     model.set_attn_implementation(_attention(groups, cfg.data.document_mask))
     model.config.use_cache = False
     if cfg.activation_checkpointing:
