@@ -14,7 +14,11 @@ import torch.distributed as dist
 from transformers import AutoModelForCausalLM
 
 from dist_utils import run_distributed
+from topology.plan import Plan, RankPlacement
+from trainer.attention.documents import Documents
+from trainer.attention.hf_attention import register_ring_attention
 from trainer.config import ModelConfig
+from trainer.groups import ParallelGroups
 from trainer.engine import make_engine, zero3_construction
 from trainer.loss import ShardLoss, shard_loss_sum
 from trainer.modeling import build_model
@@ -55,6 +59,16 @@ def _start_up(rank: int, world: int, model_dir: str) -> dict:
     with torch.no_grad():
         loss, _ = engine(ids, positions, labels)
     results["loss"], results["reference"] = loss.item(), reference.item()
+
+    # Document boundaries pass through the DeepSpeed engine to every attention call (ring of one here).
+    groups = ParallelGroups.from_plan(Plan("naive", world, 1, 1, SEQ, [RankPlacement(r, "host0", r) for r in range(world)]))
+    documents = Documents(((0, 5, 20, SEQ),))
+    for model in (whole, loaded):
+        model.set_attn_implementation(register_ring_attention(groups))
+    with torch.no_grad():
+        masked, _ = engine(ids, positions, labels, documents)
+        masked_reference, _ = shard_loss_sum(whole, ids, positions, labels, documents)
+    results["masked"], results["masked_reference"] = masked.item(), masked_reference.item()
     return results
 
 
@@ -69,3 +83,5 @@ def test_zero3_start_up_partitions_and_matches_whole_model(tmp_path):
             assert held == whole, kind
         assert abs(results["loss"] - results["reference"]) <= 1e-4 * abs(results["reference"])
         assert results["reference"] > 1.0
+        assert abs(results["masked"] - results["masked_reference"]) <= 1e-4 * abs(results["masked_reference"])
+        assert abs(results["masked"] - results["loss"]) > 1e-3  # the mask changed what the tokens see
