@@ -141,14 +141,13 @@ def varlen_backward(dout, q, k, v, out, lse, cu_seqlens: torch.Tensor, max_len: 
 def _merge(out: torch.Tensor, lse: torch.Tensor, block_out: torch.Tensor, block_lse: torch.Tensor) -> None:
     """Fold one block into the running (out, lse), in place (both fp32).
 
-    ``out - sigmoid(lse_b - lse) * (out - out_b)`` is the softmax-weighted
-    mean of the two partial outputs, written so that it never exponentiates
-    a large number (ring-flash-attn PR 34).
+    ``out + sigmoid(lse_b - lse) * (out_b - out)`` (one fused ``lerp_``, no
+    temporaries of the output's size) is the softmax-weighted mean of the two
+    partial outputs, written so that it never exponentiates a large number
+    (ring-flash-attn PR 34).
     """
-    block_lse = block_lse.unsqueeze(-1)
-    old_lse = lse.unsqueeze(-1)
-    out.sub_(torch.sigmoid(block_lse - old_lse) * (out - block_out.float()))
-    lse.sub_(F.logsigmoid(old_lse - block_lse).squeeze(-1))
+    out.lerp_(block_out.float(), torch.sigmoid(block_lse - lse).unsqueeze(-1))
+    lse.sub_(F.logsigmoid(lse - block_lse))
 
 
 def _t(x: torch.Tensor) -> torch.Tensor:
