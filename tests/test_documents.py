@@ -9,13 +9,15 @@ the dataset's ``doc_ids`` and the label and position helpers.
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from trainer.attention.documents import Documents, block_work, drop_cross_document_labels, schedule, step_blocks
-from trainer.attention.ring_attention import diagonal_backward, diagonal_forward
+from trainer.attention.ring_attention import ZigzagRingAttention, diagonal_backward, diagonal_forward
 from trainer.attention.zigzag import zigzag_indices
 from trainer.data import PackedDataset
+from trainer.groups import ParallelGroups
 
 
 def _covered_pairs(cu: tuple[int, ...], ring: int) -> tuple[np.ndarray, list[int]]:
@@ -106,3 +108,29 @@ def test_cuda_kernel_calls_check_on_meta(dtype):
     assert out.shape == q.shape and lse.shape == (1, 8, 24) and out.dtype == lse.dtype == torch.float32
     dq, dk, dv = diagonal_backward(q, q, k, k, out.to(dtype), lse, blocks, 0.125)
     assert dq.shape == q.shape and dk.shape == dv.shape == k.shape
+
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device for the varlen flash kernel")
+
+
+@pytest.mark.parametrize("device,dtype,tolerance", [
+    ("cpu", torch.float32, 1e-5),
+    pytest.param("cuda", torch.bfloat16, 3e-2, marks=needs_cuda),  # step 0 as one varlen flash call
+])
+def test_ring_of_one_under_documents_equals_block_diagonal_attention(device, dtype, tolerance):
+    """The local block alone (a ring of one, no process group) under a document mask, forward and backward, GQA."""
+    groups = ParallelGroups(0, 1, None, None, None, None, [0], [0], [0], [0])
+    docs = Documents(((0, 3, 40, 41, 64), (0, 64)))
+    gen = torch.Generator().manual_seed(5)
+    q, dout = torch.randn(2, 64, 8, 16, generator=gen), torch.randn(2, 64, 8, 16, generator=gen)
+    k, v = torch.randn(2, 64, 2, 16, generator=gen), torch.randn(2, 64, 2, 16, generator=gen)
+    ref = [t.double().requires_grad_() for t in (q, k, v)]
+    mask = docs.mask()[:, None]
+    out_ref = F.scaled_dot_product_attention(*(t.transpose(1, 2) for t in ref), attn_mask=mask, enable_gqa=True).transpose(1, 2)
+    out_ref.backward(dout.double())
+    leaves = [t.to(device, dtype).requires_grad_() for t in (q, k, v)]
+    out = ZigzagRingAttention.apply(*leaves, groups, 16 ** -0.5, docs)
+    out.backward(dout.to(device, dtype))
+    for got, want in zip((out, *(t.grad for t in leaves)), (out_ref, *(t.grad for t in ref))):
+        assert got.shape == want.shape
+        assert (got.double().cpu() - want).abs().max().item() <= tolerance
