@@ -1,4 +1,4 @@
-"""Zigzag ring attention (causal), with optional Ulysses head exchange.
+"""Zigzag ring attention (causal, or causal within packed documents), with optional Ulysses head exchange.
 
 Each rank holds a zigzag shard of one sequence (trainer.attention.zigzag): chunks ``r``
 and ``2R-1-r`` of ``2R``. Its K,V block travels around the ring while every
@@ -25,8 +25,10 @@ only the blocks where a query and a key share a document
 at most one rectangle at every other step, nothing where nothing is shared.
 
 Two backends share the interface: ``torch`` (fused SDPA kernels that return
-the log-sum-exp; CPU and CUDA) and ``ring-flash-attn`` (its zigzag flash
-kernels, used on CUDA in half precision when flash_attn is installed).
+the log-sum-exp; CPU and CUDA, where the per-document squares of step 0 are
+one varlen flash call) and ``ring-flash-attn`` (its zigzag flash kernels,
+used on CUDA in half precision when flash_attn is installed and no document
+mask is asked for; see ``_ring``).
 """
 
 from __future__ import annotations
