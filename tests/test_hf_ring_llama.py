@@ -5,16 +5,22 @@ Ulysses 2 x ring 2, and C=4 with gradient checkpointing. Every rank builds
 the same randomly initialised model, computes the reference on the whole
 sequence with transformers' own SDPA attention, then switches the model to
 ring attention through AttentionInterface and runs its shard.
+
+Under document masks (C=1, C=4, Ulysses 2 x ring 2; positions running over
+the sample or restarting per document) the reference runs each document on
+its own through SDPA, which is what a block-diagonal causal mask means.
 """
 
 import pytest
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from dist_utils import run_distributed
 from topology.plan import Plan, RankPlacement
 from trainer.groups import ParallelGroups
+from trainer.attention.documents import Documents, drop_cross_document_labels
 from trainer.attention.hf_attention import register_ring_attention
 from trainer.loss import shard_loss_sum
 from trainer.attention.zigzag import shard, shift_labels, unshard
@@ -30,6 +36,15 @@ LAYOUTS = {
     "C4_ulysses2": (1, 4, 2, False),
     "C4_checkpointing": (1, 4, 1, True),
 }
+
+
+# name: (dp, cp, ulysses, restart positions); documents of the 64-token sequence below
+DOC_LAYOUTS = {
+    "docs_C1": (4, 1, 1, False),
+    "docs_C4": (1, 4, 1, False),
+    "docs_C4_ulysses2_restart": (1, 4, 2, True),
+}
+CU_SEQLENS = (0, 3, 4, 13, 40, 52, 64)
 
 
 def _tiny_llama() -> LlamaForCausalLM:
@@ -89,8 +104,48 @@ def _compare(dp: int, cp: int, ulysses: int, checkpointing: bool) -> dict[str, f
     }
 
 
+def _compare_documents(dp: int, cp: int, ulysses: int, restart: bool) -> dict[str, float]:
+    plan = Plan("naive", dp, cp, ulysses, SEQ, [RankPlacement(r, "host0", r) for r in range(dp * cp)])
+    groups = ParallelGroups.from_plan(plan)
+    model = _tiny_llama()
+    gen = torch.Generator().manual_seed(11 + groups.dp_rank)
+    input_ids = torch.randint(0, model.config.vocab_size, (1, SEQ), generator=gen)
+    documents = Documents((CU_SEQLENS,))
+    labels = drop_cross_document_labels(shift_labels(input_ids), documents.doc_ids())
+    positions = documents.positions() if restart else torch.arange(SEQ)[None]
+
+    # Reference: every document on its own, summed token losses over the sample's labelled tokens.
+    ref_sum = torch.zeros(())
+    ref_logits = []
+    for a, b in zip(CU_SEQLENS, CU_SEQLENS[1:]):
+        logits = model(input_ids=input_ids[:, a:b], position_ids=positions[:, a:b]).logits
+        ref_sum = ref_sum + F.cross_entropy(logits[0], labels[0, a:b], ignore_index=-100, reduction="sum")
+        ref_logits.append(logits.detach())
+    count = (labels != -100).sum()
+    (ref_sum / count).backward()
+    ref_grads = _grads(model)
+    model.zero_grad(set_to_none=True)
+
+    model.set_attn_implementation(register_ring_attention(groups))
+    loss_sum, _ = shard_loss_sum(model, shard(input_ids, groups), shard(positions, groups), shard(labels, groups), documents)
+    (loss_sum / count).backward()
+    total = loss_sum.detach().clone()
+    dist.all_reduce(total, group=groups.cp_group)
+    grad_errors = []
+    for name, grad in _grads(model).items():
+        dist.all_reduce(grad, group=groups.cp_group)
+        grad_errors.append((grad - ref_grads[name]).abs().max().item())
+    with torch.no_grad():
+        logits = model(input_ids=shard(input_ids, groups), position_ids=shard(positions, groups), documents=documents).logits
+    return {"loss": abs(total.item() - ref_sum.item()) / count.item(),
+            "logits": (unshard(logits, groups) - torch.cat(ref_logits, dim=1)).abs().max().item(),
+            "grads": max(grad_errors), "ref_loss": ref_sum.item() / count.item()}
+
+
 def _all_layouts(rank: int, world: int) -> dict:
-    return {name: _compare(*layout) for name, layout in LAYOUTS.items()}
+    results = {name: _compare(*layout) for name, layout in LAYOUTS.items()}
+    results.update({name: _compare_documents(*layout) for name, layout in DOC_LAYOUTS.items()})
+    return results
 
 
 @pytest.fixture(scope="module")
@@ -98,7 +153,7 @@ def per_rank():
     return run_distributed(_all_layouts, WORLD, timeout=300)
 
 
-@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("layout", list(LAYOUTS) + list(DOC_LAYOUTS))
 def test_sharded_loss_logits_and_grads_match_unsharded(per_rank, layout):
     for rank, results in enumerate(per_rank):
         errors = results[layout]

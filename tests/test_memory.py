@@ -106,3 +106,15 @@ def test_shape_of_a_tiny_config_counts_what_hf_builds(tie):
 def test_hub_name_without_a_local_config_falls_back_to_llama3_8b():
     shape, source = model_shape(ModelConfig(path="meta-llama/Meta-Llama-3-8B-Instruct"))
     assert shape == LLAMA3_8B and "assuming Llama-3-8B" in source
+
+
+def test_start_up_host_memory_falls_with_zero3_construction():
+    """Eight ranks of Llama-3-8B on one host: 8 whole bf16 copies (128 GB) against one checkpoint file plus 1/N each."""
+    from launcher.estimate.memory import startup_host_bytes
+
+    whole = startup_host_bytes(8.03e9, 8, 8, zero3=False)
+    partitioned = startup_host_bytes(8.03e9, 8, 8, zero3=True)
+    assert whole == 8 * 2 * 8.03e9
+    assert partitioned == 5e9 + 2 * 8.03e9
+    # On 512 GPUs each rank's share is tiny: the checkpoint file being read dominates.
+    assert startup_host_bytes(8.03e9, 8, 512, zero3=True) == 5e9 + 8 * 2 * 8.03e9 / 512

@@ -1,20 +1,25 @@
 """Ring attention equals full causal attention: outputs and input gradients, fp32, on spawned gloo ranks.
 
 One world of 4 processes runs every layout (ring 4, DP 2 x ring 2, Ulysses 2 x
-ring 2, pure Ulysses 4, with and without GQA); the tests then check what
-each layout returned against a float64 single-process reference.
+ring 2, pure Ulysses 4, with and without GQA), and the same under document
+masks (ring 2, 3 and 4, Ulysses 2 x ring 2, GQA, a batch whose rows pack
+documents differently); the tests then check what each layout returned
+against a float64 single-process reference (block-diagonal causal under
+document masks).
 """
 
 import logging
 
 import pytest
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 from dist_utils import run_distributed
 from topology.errors import ConfigError
 from topology.plan import Plan, RankPlacement
 from trainer.groups import ParallelGroups
+from trainer.attention.documents import Documents
 from trainer.attention.ring_attention import ZigzagRingAttention, _merge, block_backward, block_forward, ring_attention, select_backend
 from trainer.attention.ulysses import kv_heads_for_ulysses
 from trainer.attention.zigzag import shard
@@ -35,30 +40,63 @@ LAYOUTS = {
 }
 
 
-def _groups(dp: int, cp: int, ulysses: int) -> ParallelGroups:
+# Document boundaries of the 48-token sequences: short documents (shorter than
+# a chunk at C=4) beside one longer than a rank's share; many tiny ones; one document.
+MIXED = (0, 2, 3, 10, 35, 48)
+TINY = (0, 1, 3, 4, 7, 9, 10, 12, 15, 16, 18, 21, 23, 26, 27, 30, 33, 34, 37, 40, 41, 44, 46, 48)
+WHOLE = (0, 48)
+
+# name: (dp, cp, ulysses, query heads, kv heads, cu_seqlens per batch row)
+DOC_LAYOUTS = {
+    "docs_ring2": (2, 2, 1, 4, 4, (MIXED, TINY)),
+    "docs_ring3": (1, 3, 1, 4, 2, (MIXED, TINY)),
+    "docs_ring4_gqa": (1, 4, 1, 8, 2, (MIXED, TINY)),
+    "docs_ring4_one_document": (1, 4, 1, 4, 4, (WHOLE, WHOLE)),
+    "docs_ulysses2_ring2_gqa": (1, 4, 2, 8, 2, (TINY, MIXED)),
+}
+
+
+def _groups(dp: int, cp: int, ulysses: int) -> ParallelGroups | None:
+    """This rank's groups for a dp x cp grid; ranks past ``dp * cp`` (a ring of 3 in a world of 4) get None."""
+    if dp * cp < WORLD:
+        ranks = list(range(dp * cp))
+        ring_group = dist.new_group(ranks)
+        single, _ = dist.new_subgroups_by_enumeration([[r] for r in range(WORLD)])
+        me = dist.get_rank()
+        if me not in ranks:
+            return None
+        return ParallelGroups(me, WORLD, ring_group, ring_group, single, single, ranks, ranks, [me], [me])
     plan = Plan("naive", dp, cp, ulysses, SEQ, [RankPlacement(r, "host0", r) for r in range(dp * cp)])
     return ParallelGroups.from_plan(plan)
 
 
-def _reference(q, k, v, dout, causal=True):
-    """Attention ``[b, s, heads, d]`` of the whole sequence in float64, and its input gradients."""
+def _reference(q, k, v, dout, causal=True, mask=None):
+    """Attention ``[b, s, heads, d]`` of the whole sequence in float64, and its input gradients.
+
+    ``mask`` ``[b, s, s]`` (True: may attend) replaces the causal mask: the block-diagonal one of packed documents.
+    """
     q, k, v = (t.double().requires_grad_() for t in (q, k, v))
     rep = q.shape[2] // k.shape[2]
     out = F.scaled_dot_product_attention(q.transpose(1, 2), k.repeat_interleave(rep, 2).transpose(1, 2),
-                                         v.repeat_interleave(rep, 2).transpose(1, 2), is_causal=causal).transpose(1, 2)
+                                         v.repeat_interleave(rep, 2).transpose(1, 2),
+                                         attn_mask=None if mask is None else mask[:, None],
+                                         is_causal=causal and mask is None).transpose(1, 2)
     out.backward(dout.double())
     return out.detach(), q.grad, k.grad, v.grad
 
 
-def _compare_layout(groups: ParallelGroups, n_q: int, n_kv: int) -> dict[str, float]:
+def _compare_layout(groups: ParallelGroups | None, n_q: int, n_kv: int,
+                    documents: Documents | None = None) -> dict[str, float]:
+    if groups is None:
+        return {"idle": 0.0}
     gen = torch.Generator().manual_seed(1234 + groups.dp_rank)  # one sequence per cp group
     q = torch.randn(BATCH, SEQ, n_q, HEAD_DIM, generator=gen)
     k = torch.randn(BATCH, SEQ, n_kv, HEAD_DIM, generator=gen)
     v = torch.randn(BATCH, SEQ, n_kv, HEAD_DIM, generator=gen)
     dout = torch.randn(BATCH, SEQ, n_q, HEAD_DIM, generator=gen)
-    expected = _reference(q, k, v, dout)
+    expected = _reference(q, k, v, dout, mask=None if documents is None else documents.mask())
     ql, kl, vl = (shard(t, groups).requires_grad_() for t in (q, k, v))
-    out = ring_attention(ql, kl, vl, groups)
+    out = ring_attention(ql, kl, vl, groups, documents=documents)
     out.backward(shard(dout, groups))
     got = (out.detach(), ql.grad, kl.grad, vl.grad)
     return {name: (g.double() - shard(e, groups)).abs().max().item()
@@ -68,9 +106,9 @@ def _compare_layout(groups: ParallelGroups, n_q: int, n_kv: int) -> dict[str, fl
 def _saved_elements(groups: ParallelGroups) -> dict[str, int]:
     """What the autograd node keeps for backward, against the local block's size."""
     s_local = SEQ // groups.ring_size
-    q = torch.randn(1, 4, s_local, HEAD_DIM, requires_grad=True)
-    k = torch.randn(1, 2, s_local, HEAD_DIM, requires_grad=True)
-    v = torch.randn(1, 2, s_local, HEAD_DIM, requires_grad=True)
+    q = torch.randn(1, s_local, 4, HEAD_DIM, requires_grad=True)
+    k = torch.randn(1, s_local, 2, HEAD_DIM, requires_grad=True)
+    v = torch.randn(1, s_local, 2, HEAD_DIM, requires_grad=True)
     out = ZigzagRingAttention.apply(q, k, v, groups, HEAD_DIM ** -0.5)
     saved = sum(t.numel() for t in out.grad_fn.saved_tensors)
     return {"saved": saved, "local": 2 * q.numel() + k.numel() + v.numel() + q.numel() // HEAD_DIM}
@@ -90,6 +128,8 @@ def _config_error(groups: ParallelGroups, s_local: int, n_q: int, n_kv: int) -> 
 def _all_layouts(rank: int, world: int) -> dict:
     results = {name: _compare_layout(_groups(dp, cp, u), n_q, n_kv)
                for name, (dp, cp, u, n_q, n_kv) in LAYOUTS.items()}
+    results.update({name: _compare_layout(_groups(dp, cp, u), n_q, n_kv, Documents(cu))
+                    for name, (dp, cp, u, n_q, n_kv, cu) in DOC_LAYOUTS.items()})
     ring4 = _groups(1, 4, 1)
     results["memory"] = _saved_elements(ring4)
     results["bad_heads"] = _config_error(ring4, SEQ // 4, 6, 4)
@@ -102,8 +142,10 @@ def per_rank():
     return run_distributed(_all_layouts, WORLD, timeout=240)
 
 
-@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("layout", list(LAYOUTS) + list(DOC_LAYOUTS))
 def test_matches_full_causal_attention(per_rank, layout):
+    dp, cp = (LAYOUTS.get(layout) or DOC_LAYOUTS[layout])[:2]
+    assert sum("idle" not in results[layout] for results in per_rank) == dp * cp
     for rank, results in enumerate(per_rank):
         errors = results[layout]
         assert max(errors.values()) <= TOLERANCE, f"rank {rank}: {errors}"

@@ -1,12 +1,14 @@
 """RoPE theta schedule: the recipe's published theta row, and that HF Llama really rotates with it."""
 
+import json
 import math
 
 import pytest
 import torch
-from transformers import LlamaConfig
+from transformers import AutoConfig, LlamaConfig, LlamaForCausalLM
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
+from trainer.modeling import set_rope, write_rope_compat
 from trainer.rope import ntk_theta, scaling_law_theta
 
 BASE_THETA, BASE_LEN = 500_000.0, 8192  # Llama-3-8B-Instruct
@@ -70,3 +72,39 @@ def test_hf_llama_rotates_with_the_theta_in_rope_parameters():
     torch.testing.assert_close(rotary.inv_freq.double(), expected, rtol=1e-6, atol=0)
     # The slowest dimension turns less than once over the whole context: the point of raising theta.
     assert 2**16 * rotary.inv_freq.min().item() < 2 * math.pi
+
+
+LLAMA3_SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                  "original_max_position_embeddings": 8192}
+
+
+def _llama3_base() -> LlamaConfig:
+    return LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                       num_key_value_heads=2, vocab_size=64, max_position_embeddings=8192,
+                       rope_parameters={**LLAMA3_SCALING, "rope_theta": BASE_THETA})
+
+
+def test_stage_theta_is_set_within_the_base_models_rope_scaling():
+    config = _llama3_base()
+    set_rope(config, 15.3e6, 65536)
+    assert config.rope_parameters == {**LLAMA3_SCALING, "rope_theta": 15.3e6}
+    assert config.max_position_embeddings == 65536
+    set_rope(config, 2e8, 65536, rope_parameters={"rope_type": "default"})  # the recipe's explicit choice
+    assert config.rope_parameters == {"rope_type": "default", "rope_theta": 2e8}
+
+
+def test_exported_config_gives_the_stage_theta_to_new_and_old_readers(tmp_path):
+    """transformers 5 reads ``rope_parameters`` (or ``rope_scaling`` + ``rope_theta``); 4.x reads the top-level pair."""
+    config = _llama3_base()
+    set_rope(config, 15.3e6, 65536)
+    LlamaForCausalLM(config).save_pretrained(tmp_path)
+    write_rope_compat(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert saved["rope_parameters"] == {**LLAMA3_SCALING, "rope_theta": 15.3e6}
+    # An older reader: theta and scaling at the top level, as transformers 4.x's LlamaConfig takes them.
+    assert saved["rope_theta"] == 15.3e6
+    assert saved["rope_scaling"] == LLAMA3_SCALING
+    reloaded = AutoConfig.from_pretrained(tmp_path)
+    assert reloaded.rope_parameters == {**LLAMA3_SCALING, "rope_theta": 15.3e6}
+    expected = LlamaRotaryEmbedding(config).inv_freq
+    torch.testing.assert_close(LlamaRotaryEmbedding(reloaded).inv_freq, expected, rtol=0, atol=0)

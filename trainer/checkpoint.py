@@ -34,6 +34,7 @@ import torch
 import torch.distributed as dist
 
 from trainer.engine import agree
+from trainer.modeling import write_rope_compat
 
 log = logging.getLogger(__name__)
 
@@ -165,6 +166,7 @@ def export_hf(module: Any, tokenizer: Any, output_dir: str | Path) -> Path:
         tmp = Path(tempfile.mkdtemp(prefix="hf.tmp-", dir=output_dir))
         try:
             module.save_pretrained(tmp, state_dict=state)
+            write_rope_compat(tmp)
             tokenizer.save_pretrained(tmp)
             if final.exists():
                 old = Path(tempfile.mkdtemp(prefix="hf.old-", dir=output_dir))

@@ -45,6 +45,9 @@ class ModelConfig:
     base_len: PositiveInt = 8192
     """Context length the model was trained at (Llama-3: 8192)."""
     head_dim: PositiveInt = 128
+    rope_parameters: dict[str, Any] | None = None
+    """RoPE type and parameters replacing the base model's (e.g. ``{rope_type: default}``
+    drops llama3 frequency scaling); None keeps the base model's. Each stage sets theta within them."""
 
     def __post_init__(self) -> None:
         if (self.path is None) == (self.tiny is None):
@@ -64,6 +67,17 @@ class DataConfig:
     """Oversample documents longer than ``long_doc_tokens`` when packing, as in long-context data recipes."""
     long_doc_tokens: PositiveInt = 4096
     seed: Seed = 0
+    document_mask: bool = False
+    """Attend only within each packed document (block-diagonal causal attention,
+    the Llama 3 practice); also drops the label that crosses from one document
+    into the next. False: every token attends to the whole sample before it."""
+    restart_positions: bool = False
+    """RoPE positions restart at 0 at every document start (needs ``document_mask``);
+    False: positions run over the whole sample."""
+
+    def __post_init__(self) -> None:
+        if self.restart_positions and not self.document_mask:
+            raise ConfigError("data.restart_positions needs data.document_mask: true (positions restart per masked document)")
 
 
 @dataclass

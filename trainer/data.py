@@ -169,9 +169,12 @@ class PackedDataset:
         Per stream token: whether predicting it carries loss (None: all do).
     seed
         Orders samples within each epoch.
+    doc_starts
+        Stream offsets where documents start, increasing (None: one document).
     """
 
-    def __init__(self, tokens: np.ndarray, seq_len: int, learn: np.ndarray | None = None, seed: int = 0) -> None:
+    def __init__(self, tokens: np.ndarray, seq_len: int, learn: np.ndarray | None = None, seed: int = 0,
+                 doc_starts: np.ndarray | None = None) -> None:
         self.seq_len = seq_len
         self.seed = seed
         self.num_samples = len(tokens) // (seq_len + 1)
@@ -179,6 +182,7 @@ class PackedDataset:
             raise ConfigError(f"data holds {len(tokens)} tokens, fewer than one sample of {seq_len + 1}; add documents or shorten the stage")
         self.tokens = torch.from_numpy(np.asarray(tokens, dtype=np.int64))
         self.learn = None if learn is None else torch.from_numpy(np.asarray(learn, dtype=np.bool_))
+        self.doc_starts = np.zeros(1, dtype=np.int64) if doc_starts is None else np.asarray(doc_starts, dtype=np.int64)
         self._order: tuple[int, np.ndarray] | None = None
 
     def __len__(self) -> int:
@@ -186,7 +190,11 @@ class PackedDataset:
         return self.num_samples
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        """``input_ids`` and ``labels`` (both ``[seq_len]``) of sample ``index >= 0``."""
+        """``input_ids``, ``labels`` and ``doc_ids`` (all ``[seq_len]``) of sample ``index >= 0``.
+
+        ``doc_ids[t]`` is the index, within the sample, of the document input
+        token ``t`` belongs to: 0 for the first (possibly cut) document, non-decreasing.
+        """
         epoch, i = divmod(int(index), self.num_samples)
         j = int(self._epoch_order(epoch)[i])
         start = j * (self.seq_len + 1)
@@ -194,7 +202,8 @@ class PackedDataset:
         labels = piece[1:].clone()
         if self.learn is not None:
             labels[~self.learn[start + 1:start + self.seq_len + 1]] = IGNORE_INDEX
-        return {"input_ids": piece[:-1].clone(), "labels": labels}
+        doc = np.searchsorted(self.doc_starts, np.arange(start, start + self.seq_len), side="right")
+        return {"input_ids": piece[:-1].clone(), "labels": labels, "doc_ids": torch.from_numpy(doc - doc[0])}
 
     def _epoch_order(self, epoch: int) -> np.ndarray:
         """The sample order of one epoch, kept for the next call (a step reads consecutive samples)."""
@@ -222,7 +231,8 @@ def build_dataset(data_cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seq_
     rng = np.random.default_rng([data_cfg.seed, seed])
     order = np.concatenate([rng.permutation(pool) for _ in range(passes)])
     tokens = np.concatenate([np.asarray(pieces[i][0], dtype=np.int64) for i in order])
+    starts = np.cumsum([0] + [len(pieces[i][0]) for i in order[:-1]])
     learn = None
     if data_cfg.kind == "chat":
         learn = np.concatenate([np.asarray(pieces[i][1], dtype=np.bool_) for i in order])
-    return PackedDataset(tokens, seq_len, learn, seed=int(rng.integers(1 << 31)))
+    return PackedDataset(tokens, seq_len, learn, seed=int(rng.integers(1 << 31)), doc_starts=starts)

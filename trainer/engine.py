@@ -12,12 +12,13 @@ NCCL and bf16.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import datetime
 import logging
 import os
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 import torch.distributed as dist
@@ -114,3 +115,28 @@ def make_engine(model: torch.nn.Module, ds_config: dict[str, Any], device: torch
 
 def zero_stage(ds_config: dict[str, Any]) -> int:
     return int(ds_config.get("zero_optimization", {}).get("stage", 0))
+
+
+@contextlib.contextmanager
+def zero3_construction(ds_config: dict[str, Any]) -> Iterator[None]:
+    """Models built inside are created straight into ZeRO-3 partitions (a no-op below stage 3).
+
+    transformers builds a model under ``deepspeed.zero.Init`` while an
+    ``HfDeepSpeedConfig`` is alive (it keeps a weak reference; ``accelerate``
+    must be installed): every rank then allocates only its ``1/N`` share of
+    each parameter, and ``from_pretrained`` copies each checkpoint tensor
+    into its partitions as it reads it. So no rank ever holds the whole model
+    (16 GB for Llama-3-8B in bf16, times the ranks of a host). The reference
+    is dropped on exit, so models built later (evaluation) are whole again.
+    """
+    if zero_stage(ds_config) != 3:
+        yield
+        return
+    from transformers.integrations import HfDeepSpeedConfig
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    keep_alive = HfDeepSpeedConfig(ds_config)  # noqa: F841  (transformers holds only a weak reference)
+    try:
+        yield
+    finally:
+        unset_hf_deepspeed_config()

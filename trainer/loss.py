@@ -13,6 +13,8 @@ Two things live here because both decide what gradient the optimizer sees:
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
@@ -51,7 +53,7 @@ def loss_scale(world_size: int, grad_accum: int, global_tokens: int) -> float:
 
 
 def shard_loss_sum(model: torch.nn.Module, input_ids: torch.Tensor, position_ids: torch.Tensor,
-                   labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                   labels: torch.Tensor, documents: Any = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed next-token loss (fp32) and labelled-token count of one shard.
 
     Parameters
@@ -62,8 +64,12 @@ def shard_loss_sum(model: torch.nn.Module, input_ids: torch.Tensor, position_ids
     input_ids, position_ids, labels
         ``[batch, local_seq]``: this rank's zigzag shard; labels already
         shifted on the whole sequence, ``-100`` where there is no loss.
+    documents
+        Document boundaries (``trainer.attention.documents.Documents``) handed
+        to the attention function of every layer; None: plain causal attention.
     """
-    hidden = model.base_model(input_ids=input_ids, position_ids=position_ids, use_cache=False).last_hidden_state
+    extra = {} if documents is None else {"documents": documents}
+    hidden = model.base_model(input_ids=input_ids, position_ids=position_ids, use_cache=False, **extra).last_hidden_state
     head = model.get_output_embeddings()
     chunk = max(1, LOGITS_CHUNK_BYTES // (4 * head.out_features * hidden.shape[0]))
     count = (labels != IGNORE_INDEX).sum()
@@ -93,5 +99,6 @@ class ShardLoss(torch.nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return shard_loss_sum(self.model, input_ids, position_ids, labels)
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, labels: torch.Tensor,
+                documents: Any = None) -> tuple[torch.Tensor, torch.Tensor]:
+        return shard_loss_sum(self.model, input_ids, position_ids, labels, documents)

@@ -7,13 +7,16 @@ model is built, because HF Llama computes its rotary inverse frequencies
 ``1 / theta^(2i/d)`` once, at construction, into a non-persistent buffer: a
 checkpoint never carries them, so the new theta takes effect on load.
 
-The model is built whole on each rank (16 GB in bf16 for Llama-3-8B: eight
-ranks fit a g6e.48xlarge's host memory and, briefly, an L40S);
-``deepspeed.initialize`` then partitions it for ZeRO-3.
+Under ZeRO-3 a pretrained model (or the previous stage's) is loaded inside
+``trainer.engine.zero3_construction``: each rank allocates only its
+partition of every parameter and the weights load straight into
+partitions. Otherwise, and for a random tiny model, the model is built
+whole on each rank and ``deepspeed.initialize`` partitions it.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -24,22 +27,51 @@ from transformers import (AutoConfig, AutoModelForCausalLM, LlamaConfig, PreTrai
                           PreTrainedTokenizerBase)
 
 from topology.errors import ConfigError, first_line
+from topology.model import write_atomic
 from trainer.config import ModelConfig
+from trainer.engine import zero3_construction
 
 log = logging.getLogger(__name__)
 
 
-def set_rope(config: Any, rope_theta: float, seq_len: int) -> None:
+def set_rope(config: Any, rope_theta: float, seq_len: int, rope_parameters: dict[str, Any] | None = None) -> None:
     """Write a stage's theta and context length into an HF config (in place).
 
-    The stage's theta replaces any earlier RoPE scaling (e.g. ``llama3``
-    frequency scaling): progressive training extends context by theta alone.
+    The base model's RoPE type and parameters (e.g. ``llama3`` frequency
+    scaling) stay as they are and the stage's theta is set within them;
+    ``rope_parameters`` (the recipe's, given explicitly) replace them.
     """
-    old = dict(getattr(config, "rope_parameters", None) or {})
-    if old.get("rope_type", "default") != "default":
-        log.info("replacing rope_type %r with plain RoPE at theta %.4g", old.get("rope_type"), rope_theta)
-    config.rope_parameters = {"rope_type": "default", "rope_theta": float(rope_theta)}
+    params = rope_parameters if rope_parameters is not None else getattr(config, "rope_parameters", None)
+    params = dict(params or {})
+    params.setdefault("rope_type", "default")
+    params["rope_theta"] = float(rope_theta)
+    config.rope_parameters = params
     config.max_position_embeddings = int(seq_len)
+
+
+def legacy_rope_fields(rope_parameters: dict[str, Any]) -> dict[str, Any]:
+    """``rope_theta`` and ``rope_scaling`` at the top level of config.json, for readers before ``rope_parameters``.
+
+    transformers 4.x reads theta from ``rope_theta`` and the scaling from
+    ``rope_scaling`` (None for plain RoPE); transformers 5 reads ``rope_scaling``
+    with ``rope_theta`` as the same parameters, so both agree on the stage's theta.
+
+    >>> legacy_rope_fields({"rope_type": "llama3", "factor": 8.0, "rope_theta": 1e6})
+    {'rope_theta': 1000000.0, 'rope_scaling': {'rope_type': 'llama3', 'factor': 8.0}}
+    >>> legacy_rope_fields({"rope_type": "default", "rope_theta": 1e6})
+    {'rope_theta': 1000000.0, 'rope_scaling': None}
+    """
+    scaling = {k: v for k, v in rope_parameters.items() if k != "rope_theta"}
+    return {"rope_theta": float(rope_parameters["rope_theta"]),
+            "rope_scaling": None if scaling.get("rope_type", "default") == "default" else scaling}
+
+
+def write_rope_compat(hf_dir: str | Path) -> None:
+    """Add ``legacy_rope_fields`` to ``hf_dir/config.json`` (replaced atomically)."""
+    path = Path(hf_dir) / "config.json"
+    config = json.loads(path.read_text())
+    config.update(legacy_rope_fields(config["rope_parameters"]))
+    write_atomic(path, json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def resolve_source(model_cfg: ModelConfig, init_from: str | None) -> str | None:
@@ -62,7 +94,7 @@ def resolve_source(model_cfg: ModelConfig, init_from: str | None) -> str | None:
 
 def build_model(model_cfg: ModelConfig, rope_theta: float, seq_len: int, init_from: str | None = None,
                 tokenizer: PreTrainedTokenizerBase | None = None, seed: int = 0,
-                dtype: torch.dtype = torch.float32) -> PreTrainedModel:
+                dtype: torch.dtype = torch.float32, ds_config: dict[str, Any] | None = None) -> PreTrainedModel:
     """The model a stage trains.
 
     Parameters
@@ -79,6 +111,10 @@ def build_model(model_cfg: ModelConfig, rope_theta: float, seq_len: int, init_fr
         Seeds the random weights of a tiny model.
     dtype
         Parameter dtype (bf16 on CUDA; fp32 on CPU).
+    ds_config
+        The stage's DeepSpeed config: under ZeRO-3 a pretrained model loads
+        straight into partitions (``trainer.engine.zero3_construction``). A
+        random tiny model is built whole, so its seed alone fixes its weights.
 
     Raises
     ------
@@ -88,13 +124,14 @@ def build_model(model_cfg: ModelConfig, rope_theta: float, seq_len: int, init_fr
     """
     source = resolve_source(model_cfg, init_from)
     config = _config_from(source, model_cfg, tokenizer)
-    set_rope(config, rope_theta, seq_len)
+    set_rope(config, rope_theta, seq_len, model_cfg.rope_parameters)
     if source is None:
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     else:
         try:
-            model = AutoModelForCausalLM.from_pretrained(source, config=config, dtype=dtype)
+            with zero3_construction(ds_config or {}):
+                model = AutoModelForCausalLM.from_pretrained(source, config=config, dtype=dtype)
         except (OSError, ValueError) as exc:
             raise ConfigError(f"cannot load model {source!r} ({first_line(exc)}); give a local HF directory or a cached hub name") from None
     if tokenizer is not None:

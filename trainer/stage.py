@@ -45,6 +45,7 @@ from trainer.loss import ShardLoss, loss_scale
 from trainer.modeling import build_model, load_config
 from trainer.progress import StepReporter
 from trainer.tokenizer import load_tokenizer
+from trainer.attention.documents import Documents, drop_cross_document_labels
 from trainer.attention.ulysses import kv_heads_for_ulysses
 from trainer.attention.zigzag import IGNORE_INDEX, local_indices, shard
 
@@ -111,8 +112,8 @@ def run_stage(cfg: StageConfig, plan: Plan, on_metrics: Callable[[dict[str, Any]
     Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
 
     model = build_model(cfg.model, cfg.rope_theta, cfg.seq_len, cfg.init_from, tokenizer=tokenizer, seed=cfg.seed,
-                        dtype=torch.bfloat16 if cuda else torch.float32)
-    model.set_attn_implementation(_attention(groups))
+                        dtype=torch.bfloat16 if cuda else torch.float32, ds_config=ds_config)
+    model.set_attn_implementation(_attention(groups, cfg.data.document_mask))
     model.config.use_cache = False
     if cfg.activation_checkpointing:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
@@ -153,9 +154,9 @@ def _evaluate_niah(cfg: StageConfig, hf_dir: Path, groups: ParallelGroups, repor
                     "token_accuracy": result.token_accuracy, "cells": len(result.cells)})
 
 
-def _attention(groups: ParallelGroups) -> str:
-    """Ring attention when a sequence spans ranks; torch's SDPA when it does not."""
-    if len(groups.cp_ranks) == 1:
+def _attention(groups: ParallelGroups, document_mask: bool = False) -> str:
+    """Ring attention when a sequence spans ranks or documents are masked; torch's SDPA otherwise."""
+    if len(groups.cp_ranks) == 1 and not document_mask:
         return "sdpa"
     from trainer.attention.hf_attention import register_ring_attention
 
@@ -165,22 +166,34 @@ def _attention(groups: ParallelGroups) -> str:
 def _train_step(engine: Any, dataset: Any, groups: ParallelGroups, cfg: StageConfig, dp: int, step: int,
                 positions: torch.Tensor, device: torch.device) -> float:
     """One optimizer step (``grad_accum`` micro-steps); returns the global batch's mean token loss."""
-    micro = []
-    for m in range(cfg.grad_accum):
-        sample = dataset[sample_index(step, m, groups.dp_rank, dp, cfg.grad_accum)]
-        micro.append({k: shard(v[None], groups).to(device) for k, v in sample.items()})
+    micro = [_micro_batch(dataset[sample_index(step, m, groups.dp_rank, dp, cfg.grad_accum)], cfg, groups, positions, device)
+             for m in range(cfg.grad_accum)]
     # Labelled tokens of the whole global batch: every rank's shards of every micro-step.
     count = torch.tensor(float(sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in micro)), device=device)
     dist.all_reduce(count)
     scale = loss_scale(dist.get_world_size(), cfg.grad_accum, int(count.item()))
     total = torch.zeros((), device=device)
     for batch in micro:
-        loss_sum, _ = engine(batch["input_ids"], positions, batch["labels"])
+        loss_sum, _ = engine(batch["input_ids"], batch["positions"], batch["labels"], batch["documents"])
         engine.backward(loss_sum * scale)
         engine.step()
         total += loss_sum.detach().float()
     dist.all_reduce(total)
     return float(total.item() / max(count.item(), 1.0))
+
+
+def _micro_batch(sample: dict[str, torch.Tensor], cfg: StageConfig, groups: ParallelGroups, positions: torch.Tensor,
+                 device: torch.device) -> dict[str, Any]:
+    """This rank's shard of one sample, with its document boundaries when ``data.document_mask`` is on."""
+    labels, documents = sample["labels"][None], None
+    if cfg.data.document_mask:
+        doc_ids = sample["doc_ids"][None]
+        documents = Documents.from_doc_ids(doc_ids)
+        labels = drop_cross_document_labels(labels, doc_ids)
+        if cfg.data.restart_positions:
+            positions = shard(documents.positions(), groups).to(device)
+    return {"input_ids": shard(sample["input_ids"][None], groups).to(device), "labels": shard(labels, groups).to(device),
+            "positions": positions, "documents": documents}
 
 
 def main(argv: list[str] | None = None) -> int:

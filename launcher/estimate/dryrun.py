@@ -17,17 +17,19 @@ placed on that topology (a preset name or a YAML/JSON file).
 from __future__ import annotations
 
 import sys
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, TextIO
 
-from launcher.estimate.memory import GB, MemoryEstimate, model_shape
+from launcher.estimate.memory import GB, MemoryEstimate, model_shape, startup_host_bytes
 from launcher.recipe import Recipe, RecipeStage
 from launcher.estimate.sizing import StageSize, size_stage
 from topology.cost import FlowModel
 from topology.errors import ConfigError
 from topology.model import Topology
 from topology.presets import PRESETS, load_topology
+from trainer.config import DEFAULT_DEEPSPEED
 from trainer.niah.evaluate import NiahConfig
 
 LABEL = 27
@@ -102,6 +104,16 @@ def dry_run(recipe: Recipe, topology_arg: str | None = None, out: TextIO | None 
     return 1 if any(r.size.problems for r in reports) else 0
 
 
+def _startup_host(recipe: Recipe, report: StageReport, params: float) -> str:
+    """Host memory while the busiest host's ranks build the model (``startup_host_bytes``)."""
+    if not report.size.plan:
+        return "?"
+    per_host = max(Counter(p.host for p in report.size.plan.placements).values())
+    zero = {**DEFAULT_DEEPSPEED["zero_optimization"], **((recipe.deepspeed or {}).get("zero_optimization") or {})}
+    zero3 = int(zero.get("stage", 0)) == 3
+    return f"{startup_host_bytes(params, per_host, report.stage.gpus, zero3) / GB:.1f}"
+
+
 # ------------------------------------------------------------------ formatting
 def format_report(recipe: Recipe, reports: list[StageReport]) -> str:
     shape, shape_source = model_shape(recipe.model)
@@ -131,6 +143,7 @@ def format_report(recipe: Recipe, reports: list[StageReport]) -> str:
     rows += [
         ("  total (usable)", [f"{r.size.memory.total / GB:.1f} ({r.size.memory.usable / GB:.1f})" for r in reports]),
         ("  fits", ["yes" if r.size.memory.fits else "NO" for r in reports]),
+        ("host memory at start-up, GB", [_startup_host(recipe, r, shape.params) for r in reports]),
     ]
     rows += [(label, [fmt(r.size.plan.cost) if r.size.plan else "?" for r in reports]) for label, fmt in COST_ROWS]
     rows += [

@@ -238,6 +238,32 @@ def estimate_memory(
     )
 
 
+CHECKPOINT_SHARD_BYTES = 5e9
+"""Size of one safetensors file of an HF checkpoint (``save_pretrained``'s default ``max_shard_size``)."""
+
+
+def startup_host_bytes(params: float, ranks_per_host: int, world: int, zero3: bool,
+                       shard_bytes: float = CHECKPOINT_SHARD_BYTES) -> float:
+    """Host memory one host needs while its ranks build the model (bf16 weights).
+
+    * Built whole (below ZeRO-3): every rank holds all weights before
+      DeepSpeed partitions them, ``ranks_per_host * 2P``.
+    * Built into ZeRO-3 partitions (``trainer.engine.zero3_construction``):
+      each rank allocates its partition only, ``2P/N``, while the checkpoint
+      is read one file at a time through memory maps whose pages the host's
+      ranks share: ``min(shard, 2P) + ranks_per_host * 2P/N``.
+
+    >>> round(startup_host_bytes(8.03e9, 8, 8, zero3=False) / 1e9)  # Llama-3-8B, one g6e host, built whole
+    128
+    >>> round(startup_host_bytes(8.03e9, 8, 8, zero3=True) / 1e9)  # the same, built into partitions
+    21
+    """
+    weights = BF16 * float(params)
+    if not zero3:
+        return ranks_per_host * weights
+    return min(shard_bytes, weights) + ranks_per_host * weights / world
+
+
 @dataclass(frozen=True)
 class LlamaShape(ModelShape):
     """A ModelShape that also knows its MLP width (tiny and local models need not follow Llama-3-8B's)."""

@@ -16,6 +16,12 @@ both wrong and large.
     model.set_attn_implementation(register_ring_attention(groups))
     ids = shard(input_ids, groups); pos = shard(positions, groups)
     logits = model(input_ids=ids, position_ids=pos).logits
+
+Packed samples under a document mask pass their boundaries through the
+model call, which hands extra keyword arguments down to every attention call:
+
+    docs = Documents.from_doc_ids(doc_ids)          # the whole sequence, same on every rank
+    logits = model(input_ids=ids, position_ids=pos, documents=docs).logits
 """
 
 from __future__ import annotations
@@ -46,7 +52,8 @@ def register_ring_attention(groups: ParallelGroups) -> str:
         if attention_mask is not None:
             raise ConfigError("ring attention is causal over the whole sequence and takes no attention_mask; "
                              "pack samples to the sequence length instead of padding")
-        out = ring_attention(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), groups, scale=scaling)
+        out = ring_attention(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), groups, scale=scaling,
+                             documents=kwargs.get("documents"))
         return out, None
 
     AttentionInterface.register(name, attention)

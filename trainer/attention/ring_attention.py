@@ -1,4 +1,4 @@
-"""Zigzag ring attention (causal), with optional Ulysses head exchange.
+"""Zigzag ring attention (causal, or causal within packed documents), with optional Ulysses head exchange.
 
 Each rank holds a zigzag shard of one sequence (trainer.attention.zigzag): chunks ``r``
 and ``2R-1-r`` of ``2R``. Its K,V block travels around the ring while every
@@ -15,11 +15,20 @@ layout makes the work the same on every rank (ring-flash-attn's schedule):
 The backward pass is a ring too: K,V travel again together with fp32
 accumulators of their gradients, which arrive home after a full turn. Only
 q, k, v, the output and its log-sum-exp are saved, so memory per rank grows
-with the local block, not the sequence. With GQA only the KV heads travel.
+with the local block, not the sequence. With GQA only the KV heads travel,
+and the kernels work per KV-head group: K/V are never repeated to the query
+heads, and dK/dV are accumulated at KV-head size.
+
+With ``documents`` (packed samples under a document mask) each step computes
+only the blocks where a query and a key share a document
+(``trainer.attention.documents``): causal squares per document at step 0,
+at most one rectangle at every other step, nothing where nothing is shared.
 
 Two backends share the interface: ``torch`` (fused SDPA kernels that return
-the log-sum-exp; CPU and CUDA) and ``ring-flash-attn`` (its zigzag flash
-kernels, used on CUDA in half precision when flash_attn is installed).
+the log-sum-exp; CPU and CUDA, where the per-document squares of step 0 are
+one varlen flash call) and ``ring-flash-attn`` (its zigzag flash kernels,
+used on CUDA in half precision when flash_attn is installed and no document
+mask is asked for; see ``_ring``).
 """
 
 from __future__ import annotations
@@ -32,6 +41,7 @@ import torch
 import torch.nn.functional as F
 
 from trainer.groups import ParallelGroups
+from trainer.attention.documents import Block, Documents, schedule
 from trainer.attention.ring_comm import RingComm
 from trainer.attention.ulysses import heads_to_seq, kv_heads_for_ulysses, repeat_kv_heads, seq_to_heads
 from trainer.attention.zigzag import check_seq_len
@@ -40,8 +50,11 @@ log = logging.getLogger(__name__)
 aten = torch.ops.aten
 
 # ----------------------------------------------------------------- block kernels
-# Layout [b, heads, s, d]. k, v may have fewer heads than q (GQA): they are
-# repeated for the kernel only, and their gradients folded back.
+# Layout [b, heads, s, d] (views of [b, s, heads, d] tensors). k, v may have
+# fewer heads than q (GQA): the CPU and CUDA flash kernels take them as they
+# are and return dK/dV at KV-head size, so no K/V copy is made per block. Only
+# CUDA's memory-efficient kernel (fp32 on CUDA, never the training dtype)
+# needs equal head counts; it gets repeated K/V and its gradients are folded.
 
 
 def _repeat(x: torch.Tensor, n_rep: int) -> torch.Tensor:
@@ -55,93 +68,184 @@ def _fold(grad: torch.Tensor, n_rep: int) -> torch.Tensor:
     return grad.view(b, h // n_rep, n_rep, s, d).sum(2)
 
 
-def _use_flash(q: torch.Tensor) -> bool:
-    """Flash kernels: half precision, head dim <= 256, Ampere or newer (L40S, A100, H100)."""
-    return (q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] <= 256
-            and torch.cuda.get_device_capability(q.device) >= (8, 0))
+def kernel_for(q: torch.Tensor) -> str:
+    """``cpu``, ``flash`` (half precision, head dim <= 256, Ampere or newer) or ``efficient``.
+
+    The meta device stands for CUDA, so the CUDA kernels' argument and shape
+    checks run on a machine without a GPU.
+    """
+    if q.device.type == "cpu":
+        return "cpu"
+    half = q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] <= 256
+    if q.device.type == "meta":
+        return "flash" if half else "efficient"
+    return "flash" if half and torch.cuda.get_device_capability(q.device) >= (8, 0) else "efficient"
 
 
 def block_forward(q, k, v, causal: bool, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of one block: ``(out [b, h, s_q, d], lse [b, h, s_q] fp32)``."""
-    n_rep = q.shape[1] // k.shape[1]
-    k, v = _repeat(k, n_rep), _repeat(v, n_rep)
-    if q.device.type == "cpu":
+    kernel = kernel_for(q)
+    if kernel == "cpu":
         out, lse = aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, scale=scale)
-    elif _use_flash(q):
+    elif kernel == "flash":
         out, lse = aten._scaled_dot_product_flash_attention(q, k, v, 0.0, causal, False, scale=scale)[:2]
     else:
-        out, lse = aten._scaled_dot_product_efficient_attention(q, k, v, None, True, 0.0, causal, scale=scale)[:2]
+        n_rep = q.shape[1] // k.shape[1]
+        out, lse = aten._scaled_dot_product_efficient_attention(q, _repeat(k, n_rep), _repeat(v, n_rep), None, True, 0.0,
+                                                                causal, scale=scale)[:2]
         lse = lse[..., :q.shape[2]]  # the kernel pads the lse rows to a multiple of 32
     return out, lse.float()
 
 
 def block_backward(dout, q, k, v, out, lse, causal: bool, scale: float):
-    """Gradients of one block given the *merged* output and lse: ``(dq, dk, dv)``.
+    """Gradients of one block given the *merged* output and lse: ``(dq, dk, dv)``, dk/dv at KV-head size.
 
     With the final output and log-sum-exp, each block's softmax is the slice
     of the full softmax, so per-block gradients add up to the exact ones.
     """
-    n_kv = k.shape[1]
-    n_rep = q.shape[1] // n_kv
-    k, v = _repeat(k, n_rep), _repeat(v, n_rep)
     lse = lse.contiguous()
-    if q.device.type == "cpu":
-        dq, dk, dv = aten._scaled_dot_product_flash_attention_for_cpu_backward(
-            dout, q, k, v, out, lse, 0.0, causal, scale=scale)
-    elif _use_flash(q):
+    kernel = kernel_for(q)
+    if kernel == "cpu":
+        return aten._scaled_dot_product_flash_attention_for_cpu_backward(dout, q, k, v, out, lse, 0.0, causal, scale=scale)
+    if kernel == "flash":
         rng = torch.zeros(2, dtype=torch.uint64, device=q.device)  # dropout 0: the seed is never read
-        dq, dk, dv = aten._scaled_dot_product_flash_attention_backward(
+        return aten._scaled_dot_product_flash_attention_backward(
             dout, q, k, v, out, lse, None, None, q.shape[2], k.shape[2], 0.0, causal, rng, rng[0], scale=scale)
-    else:
-        pad = -lse.shape[-1] % 32
-        lse = F.pad(lse, (0, pad)) if pad else lse
-        seed = torch.zeros((), dtype=torch.int64, device=q.device)
-        dq, dk, dv, _ = aten._scaled_dot_product_efficient_attention_backward(
-            dout, q, k, v, None, out, lse, seed, seed, 0.0, [True, True, True, False], causal, scale=scale)
+    n_rep = q.shape[1] // k.shape[1]
+    pad = -lse.shape[-1] % 32
+    lse = F.pad(lse, (0, pad)) if pad else lse
+    seed = torch.zeros((), dtype=torch.int64, device=q.device)
+    dq, dk, dv, _ = aten._scaled_dot_product_efficient_attention_backward(
+        dout, q, _repeat(k, n_rep), _repeat(v, n_rep), None, out, lse, seed, seed, 0.0, [True, True, True, False],
+        causal, scale=scale)
     return dq, _fold(dk, n_rep), _fold(dv, n_rep)
+
+
+def varlen_forward(q, k, v, cu_seqlens: torch.Tensor, max_len: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Causal attention within each document of one packed row, one CUDA flash call.
+
+    ``q [s, n_q, d]``, ``k, v [s, n_kv, d]``, ``cu_seqlens`` int32 on the device;
+    returns ``(out [s, n_q, d], lse [n_q, s] fp32)``.
+    """
+    out, lse, *_ = aten._flash_attention_forward(q, k, v, cu_seqlens, cu_seqlens, max_len, max_len, 0.0, True, False,
+                                                 scale=scale)
+    return out, lse
+
+
+def varlen_backward(dout, q, k, v, out, lse, cu_seqlens: torch.Tensor, max_len: int, scale: float):
+    """Gradients of ``varlen_forward`` given the merged output and lse ``[n_q, s]``: ``(dq, dk, dv)``."""
+    rng = torch.zeros(2, dtype=torch.uint64, device=q.device)
+    unused = torch.empty(0, device=q.device)
+    return aten._flash_attention_backward(dout, q, k, v, out, lse.contiguous(), cu_seqlens, cu_seqlens, max_len, max_len,
+                                          0.0, True, rng, unused, scale=scale)
 
 
 def _merge(out: torch.Tensor, lse: torch.Tensor, block_out: torch.Tensor, block_lse: torch.Tensor) -> None:
     """Fold one block into the running (out, lse), in place (both fp32).
 
-    ``out - sigmoid(lse_b - lse) * (out - out_b)`` is the softmax-weighted
-    mean of the two partial outputs, written so that it never exponentiates
-    a large number (ring-flash-attn PR 34).
+    ``out + sigmoid(lse_b - lse) * (out_b - out)`` (one fused ``lerp_``, no
+    temporaries of the output's size) is the softmax-weighted mean of the two
+    partial outputs, written so that it never exponentiates a large number
+    (ring-flash-attn PR 34).
     """
-    block_lse = block_lse.unsqueeze(-1)
-    old_lse = lse.unsqueeze(-1)
-    out.sub_(torch.sigmoid(block_lse - old_lse) * (out - block_out.float()))
-    lse.sub_(F.logsigmoid(old_lse - block_lse).squeeze(-1))
+    out.lerp_(block_out.float(), torch.sigmoid(block_lse - lse).unsqueeze(-1))
+    lse.sub_(F.logsigmoid(lse - block_lse))
+
+
+def _t(x: torch.Tensor) -> torch.Tensor:
+    """``[b, s, h, d]`` <-> ``[b, h, s, d]`` (a view)."""
+    return x.transpose(1, 2)
+
+
+def _rows(blocks: list[Block]) -> dict[int | None, list[Block]]:
+    by_row: dict[int | None, list[Block]] = {}
+    for blk in blocks:
+        by_row.setdefault(blk.batch.start, []).append(blk)
+    return by_row
+
+
+def _varlen_args(blocks: list[Block], device: torch.device) -> tuple[torch.Tensor, int]:
+    bounds = [blocks[0].q.start] + [blk.q.stop for blk in blocks]
+    return torch.tensor(bounds, dtype=torch.int32, device=device), max(b - a for a, b in zip(bounds, bounds[1:]))
+
+
+def diagonal_forward(q, k, v, blocks: list[Block], scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Step 0: the local block under its causal squares (``[b, s, h, d]`` in; fp32 ``out [b, s, h, d]``, ``lse [b, h, s]``).
+
+    One square over the whole batch is plain causal attention. Several (one per
+    document) take one varlen flash call per row on CUDA, a call per square on CPU.
+    """
+    if len(blocks) == 1 and blocks[0].batch == slice(None):
+        out, lse = block_forward(_t(q), _t(k), _t(v), True, scale)
+        return _t(out.float()), lse
+    b, s, h, d = q.shape
+    out = torch.empty(b, s, h, d, dtype=torch.float32, device=q.device)
+    lse = torch.empty(b, h, s, dtype=torch.float32, device=q.device)
+    for row, squares in _rows(blocks).items():
+        if kernel_for(q) == "flash" and len(squares) > 1:
+            cu, max_len = _varlen_args(squares, q.device)
+            o, l = varlen_forward(q[row], k[row], v[row], cu, max_len, scale)
+            out[row], lse[row] = o, l
+            continue
+        for blk in squares:
+            o, l = block_forward(_t(q[blk.batch, blk.q]), _t(k[blk.batch, blk.k]), _t(v[blk.batch, blk.k]), True, scale)
+            out[blk.batch, blk.q] = _t(o)
+            lse[blk.batch, :, blk.q] = l
+    return out, lse
+
+
+def diagonal_backward(dout, q, k, v, out, lse, blocks: list[Block], scale: float):
+    """Gradients of ``diagonal_forward`` given the merged out/lse: fp32 ``(dq, dk, dv)``, all ``[b, s, heads, d]``."""
+    if len(blocks) == 1 and blocks[0].batch == slice(None):
+        grads = block_backward(_t(dout), _t(q), _t(k), _t(v), _t(out), lse, True, scale)
+        return tuple(_t(g).float() for g in grads)
+    dq, dk, dv = (torch.empty(x.shape, dtype=torch.float32, device=x.device) for x in (q, k, v))
+    for row, squares in _rows(blocks).items():
+        if kernel_for(q) == "flash" and len(squares) > 1:
+            cu, max_len = _varlen_args(squares, q.device)
+            dq[row], dk[row], dv[row] = varlen_backward(dout[row], q[row], k[row], v[row], out[row], lse[row], cu,
+                                                        max_len, scale)
+            continue
+        for blk in squares:
+            r, rows = blk.batch, blk.q
+            grads = block_backward(_t(dout[r, rows]), _t(q[r, rows]), _t(k[r, rows]), _t(v[r, rows]), _t(out[r, rows]),
+                                   lse[r, :, rows], True, scale)
+            dq[r, rows], dk[r, rows], dv[r, rows] = (_t(g) for g in grads)
+    return dq, dk, dv
 
 
 # ---------------------------------------------------------------------- the ring
 class ZigzagRingAttention(torch.autograd.Function):
-    """Causal attention over a ring of zigzag shards; inputs ``[b, heads, s_local, d]``."""
+    """Causal (or document-causal) attention over a ring of zigzag shards; inputs ``[b, s_local, heads, d]``.
+
+    K and V travel as they are (``[b, s, n_kv, d]``, two messages per step);
+    each step computes the blocks ``trainer.attention.documents.schedule``
+    gives it, so blocks with nothing to attend cost nothing.
+    """
 
     @staticmethod
-    def forward(ctx, q, k, v, groups: ParallelGroups, scale: float):
+    def forward(ctx, q, k, v, groups: ParallelGroups, scale: float, documents: Documents | None = None):
         ring, me = groups.ring_size, groups.ring_rank
-        half = q.shape[2] // 2
+        batch, seq = q.shape[0], q.shape[1] * ring
         comm = RingComm(groups)
-        kv = torch.stack([k, v])  # one message per step, not two
+        kv = (k.contiguous(), v.contiguous())
         out = lse = None
         for step in range(ring):
             if step + 1 < ring:
                 next_kv = comm.send_recv(kv)
-            bk, bv = kv[0], kv[1]
+            blocks = schedule(documents, batch, seq, ring, me, step)
             if step == 0:
-                block_out, block_lse = block_forward(q, bk, bv, True, scale)
-                out, lse = block_out.float(), block_lse.clone()
-            elif step <= me:
-                _merge(out, lse, *block_forward(q, bk[:, :, :half], bv[:, :, :half], False, scale))
-            else:
-                _merge(out[:, :, half:], lse[:, :, half:], *block_forward(q[:, :, half:], bk, bv, False, scale))
+                out, lse = diagonal_forward(q, *kv, blocks, scale)
+            for blk in blocks if step else ():
+                r = blk.batch
+                block_out, block_lse = block_forward(_t(q[r, blk.q]), _t(kv[0][r, blk.k]), _t(kv[1][r, blk.k]), False, scale)
+                _merge(_t(out[r, blk.q]), lse[r, :, blk.q], block_out, block_lse)
             if step + 1 < ring:
                 comm.wait()
                 kv = next_kv
         out = out.to(q.dtype)
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.groups, ctx.scale = groups, scale
+        ctx.groups, ctx.scale, ctx.documents = groups, scale, documents
         return out
 
     @staticmethod
@@ -149,46 +253,36 @@ class ZigzagRingAttention(torch.autograd.Function):
         q, k, v, out, lse = ctx.saved_tensors
         groups, scale = ctx.groups, ctx.scale
         ring, me = groups.ring_size, groups.ring_rank
-        half = q.shape[2] // 2
-        dout = dout.contiguous()
+        batch, seq = q.shape[0], q.shape[1] * ring
         kv_comm, dkv_comm = RingComm(groups), RingComm(groups)
-        dq = torch.zeros_like(q, dtype=torch.float32)
-        kv = torch.stack([k, v])
+        kv = (k.contiguous(), v.contiguous())
         for step in range(ring):
             if step + 1 < ring:
                 next_kv = kv_comm.send_recv(kv, tag=0)
-            bk, bv = kv[0], kv[1]
+            blocks = schedule(ctx.documents, batch, seq, ring, me, step)
             if step == 0:
-                dq_b, dk_b, dv_b = block_backward(dout, q, bk, bv, out, lse, True, scale)
-                dq += dq_b
-                keys = slice(None)
-            elif step <= me:
-                dq_b, dk_b, dv_b = block_backward(dout, q, bk[:, :, :half], bv[:, :, :half], out, lse, False, scale)
-                dq += dq_b
-                keys = slice(0, half)
+                dq, *dkv = diagonal_backward(dout, q, *kv, out, lse, blocks, scale)
             else:
-                dq_b, dk_b, dv_b = block_backward(dout[:, :, half:], q[:, :, half:], bk, bv,
-                                                  out[:, :, half:], lse[:, :, half:], False, scale)
-                dq[:, :, half:] += dq_b
-                keys = slice(None)
-            # The gradient accumulator of the block held now arrives from the
-            # previous rank (it has visited every rank the block visited).
-            if step == 0:
-                dkv = torch.zeros_like(kv, dtype=torch.float32)
-            else:
+                # The gradient accumulator of the block held now arrives from the
+                # previous rank (it has visited every rank the block visited).
                 dkv_comm.wait()
                 dkv = next_dkv
-            dkv[0, :, :, keys] += dk_b
-            dkv[1, :, :, keys] += dv_b
+            for blk in blocks if step else ():
+                r = blk.batch
+                dq_b, dk_b, dv_b = block_backward(_t(dout[r, blk.q]), _t(q[r, blk.q]), _t(kv[0][r, blk.k]),
+                                                  _t(kv[1][r, blk.k]), _t(out[r, blk.q]), lse[r, :, blk.q], False, scale)
+                dq[r, blk.q] += _t(dq_b)
+                dkv[0][r, blk.k] += _t(dk_b)
+                dkv[1][r, blk.k] += _t(dv_b)
             if ring > 1:
-                next_dkv = dkv_comm.send_recv(dkv, tag=1)
+                next_dkv = dkv_comm.send_recv(dkv, tag=2)
             if step + 1 < ring:
                 kv_comm.wait()
                 kv = next_kv
         if ring > 1:
             dkv_comm.wait()  # after a full turn the accumulator of our own block is back
             dkv = next_dkv
-        return dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype), None, None
+        return dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype), None, None, None
 
 
 # ------------------------------------------------------------------ public entry
@@ -217,20 +311,25 @@ def select_backend(device_type: str, dtype: torch.dtype, ring_in_rank_order: boo
     return name
 
 
-def _ring(q, k, v, groups: ParallelGroups, scale: float) -> torch.Tensor:
-    """Ring attention on ``[b, s, heads, d]`` (the ring group's part, after any Ulysses exchange)."""
+def _ring(q, k, v, groups: ParallelGroups, scale: float, documents: Documents | None) -> torch.Tensor:
+    """Ring attention on ``[b, s, heads, d]`` (the ring group's part, after any Ulysses exchange).
+
+    ring-flash-attn's zigzag varlen functions zigzag every document on its own
+    (each length a multiple of 2R); packed samples keep the whole-sequence
+    zigzag here, so document masks run the ``torch`` backend, whose step 0 is
+    one varlen flash call per row on CUDA.
+    """
     in_order = groups.ring_ranks == sorted(groups.ring_ranks)
-    if select_backend(q.device.type, q.dtype, in_order) == "ring-flash-attn":
+    if documents is None and select_backend(q.device.type, q.dtype, in_order) == "ring-flash-attn":
         from ring_flash_attn import zigzag_ring_flash_attn_func
 
         return zigzag_ring_flash_attn_func(q, k, v, softmax_scale=scale, causal=True, group=groups.ring_group)
-    out = ZigzagRingAttention.apply(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), groups, scale)
-    return out.transpose(1, 2)
+    return ZigzagRingAttention.apply(q, k, v, groups, scale, documents)
 
 
 def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, groups: ParallelGroups,
-                   scale: float | None = None) -> torch.Tensor:
-    """Causal attention of a zigzag-sharded sequence over its context-parallel ranks.
+                   scale: float | None = None, documents: Documents | None = None) -> torch.Tensor:
+    """Causal (or document-causal) attention of a zigzag-sharded sequence over its context-parallel ranks.
 
     Parameters
     ----------
@@ -243,12 +342,16 @@ def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, groups: Pa
         This rank's ring and ulysses groups (``ParallelGroups.from_plan``).
     scale
         Softmax scale; ``1 / sqrt(d)`` by default.
+    documents
+        Document boundaries of the whole sequences (every rank passes the
+        same): each token then attends only within its own document.
 
     Returns
     -------
     torch.Tensor
-        ``[b, s_local, n_q, d]``, equal to full causal attention over the
-        whole sequence, restricted to this rank's tokens. Differentiable.
+        ``[b, s_local, n_q, d]``, equal to full causal (block-diagonal causal
+        with ``documents``) attention over the whole sequence, restricted to
+        this rank's tokens. Differentiable.
 
     Raises
     ------
@@ -269,8 +372,8 @@ def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, groups: Pa
         check_seq_len(q.shape[1] * cp, cp)
     scale = d ** -0.5 if scale is None else scale
     if ulysses == 1:
-        return _ring(q, k, v, groups, scale)
+        return _ring(q, k, v, groups, scale, documents)
     k, v = repeat_kv_heads(k, repeats), repeat_kv_heads(v, repeats)
     group = groups.ulysses_group
-    out = _ring(seq_to_heads(q, group), seq_to_heads(k, group), seq_to_heads(v, group), groups, scale)
+    out = _ring(seq_to_heads(q, group), seq_to_heads(k, group), seq_to_heads(v, group), groups, scale, documents)
     return heads_to_seq(out, group)

@@ -9,6 +9,8 @@ makes the compute stream wait for the communication stream, no more.
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 import torch.distributed as dist
 
@@ -24,16 +26,21 @@ class RingComm:
         self.prev_rank = groups.prev_rank
         self._works: list[dist.Work] = []
 
-    def send_recv(self, buffer: torch.Tensor, tag: int = 0) -> torch.Tensor:
-        """Start sending ``buffer`` to the next rank; return the buffer the previous rank's data lands in.
+    def send_recv(self, buffers: Sequence[torch.Tensor], tag: int = 0) -> list[torch.Tensor]:
+        """Start sending ``buffers`` to the next rank; return the buffers the previous rank's data lands in.
 
-        ``tag`` keeps concurrent exchanges apart on backends that match
-        messages by tag (gloo); the received tensor is valid after ``wait()``.
+        Several tensors (K and V) go as separate messages of one batch, so
+        none is copied into a combined buffer. Tensor ``i`` uses tag
+        ``tag + i``, which keeps concurrent exchanges apart on backends that
+        match messages by tag (gloo); the received tensors are valid after ``wait()``.
         """
-        buffer = buffer.contiguous()
-        received = torch.empty_like(buffer)
-        ops = [dist.P2POp(dist.isend, buffer, self.next_rank, self.group, tag),
-               dist.P2POp(dist.irecv, received, self.prev_rank, self.group, tag)]
+        ops, received = [], []
+        for i, buffer in enumerate(buffers):
+            buffer = buffer.contiguous()
+            into = torch.empty_like(buffer)
+            ops += [dist.P2POp(dist.isend, buffer, self.next_rank, self.group, tag + i),
+                    dist.P2POp(dist.irecv, into, self.prev_rank, self.group, tag + i)]
+            received.append(into)
         self._works.extend(dist.batch_isend_irecv(ops))
         return received
 
