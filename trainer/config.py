@@ -60,10 +60,18 @@ class DataConfig:
     """Oversample documents longer than ``long_doc_tokens`` when packing, as in long-context data recipes."""
     long_doc_tokens: int = 4096
     seed: int = 0
+    on_bad_record: str = "error"
+    """A record that cannot be a document (not UTF-8, no text, empty, malformed conversation):
+    ``error`` refuses the data naming file and record; ``skip`` leaves it out and counts it."""
+    store: str | None = None
+    """A prepared token store (``ringleader data prepare``) the ranks read instead of tokenising
+    ``path``; the launcher sets it before a stage starts."""
 
     def __post_init__(self) -> None:
         if self.kind not in ("pretrain", "chat"):
             raise ConfigError(f"data.kind is {self.kind!r}; use 'pretrain' or 'chat'")
+        if self.on_bad_record not in ("error", "skip"):
+            raise ConfigError(f"data.on_bad_record is {self.on_bad_record!r}; use 'error' or 'skip'")
 
 
 @dataclass
