@@ -1,5 +1,6 @@
 """Packing, upsampling, chat masking and the sample order of the stage's data."""
 
+import hashlib
 import json
 import random
 from collections import Counter
@@ -207,3 +208,48 @@ def test_bad_text_files_are_refused_or_skipped_and_counted(tmp_path, content, me
         read_documents(tmp_path)
     assert "\n" not in str(err.value)
     assert read_documents(tmp_path, on_bad_record="skip") == ["fine " * 20]
+
+
+def _synthetic_store(root, n_tokens: int, seed: int = 0):
+    """A prepared store of random documents (mean 2,000 tokens, a few long ones), written with the prepare step's writer."""
+    from trainer.data.store import commit, new_build_dir, write_shard
+
+    rng = np.random.default_rng(seed)
+    final = root / f"pretrain-{n_tokens}"
+    tmp = new_build_dir(final)
+    shards, index, left = [], [], n_tokens
+    while left > 0:
+        lengths = np.minimum(rng.geometric(1 / 2000, size=100) + 2, 60_000)
+        docs = [(rng.integers(0, 256, size=int(n), dtype=np.uint32), None) for n in lengths]
+        name, starts = write_shard(tmp, docs)
+        index += [(len(shards), s, int(n)) for s, n in zip(starts, lengths)]
+        shards.append(name)
+        left -= int(lengths.sum())
+    return commit(tmp, final, shards, np.array(index), {"kind": "pretrain"})
+
+
+def _probe(store, samples):
+    import subprocess
+    import sys
+
+    from ray_utils import REPO
+
+    out = subprocess.run([sys.executable, str(REPO / "tests" / "data_probe.py"), "--store", str(store), "--seq-len", "4096",
+                          "--samples", *map(str, samples)], capture_output=True, text=True, cwd=REPO, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_rank_memory_does_not_grow_with_the_corpus_and_a_new_process_reads_the_same_samples(tmp_path):
+    small, large = _synthetic_store(tmp_path, 1_500_000), _synthetic_store(tmp_path, 15_000_000, seed=1)
+    assert sum(f.stat().st_size for f in large.glob("tokens-*.npy")) > 9 * sum(f.stat().st_size for f in small.glob("tokens-*.npy"))
+    samples = [0, 1, 2, 3, 57, 300]
+    a, b = _probe(small, samples), _probe(large, samples)
+    # the large corpus as int64 tokens in memory would be 114 MiB, several times the whole difference allowed
+    assert abs(b["rss_mb"] - a["rss_mb"]) < 0.1 * a["rss_mb"], (a, b)
+    # a resumed rank (a fresh process) reads exactly the samples this one does
+    ds = PackedDataset(TokenStore.open(small), 4096, DataConfig(path=""), seed=0)
+    digest = hashlib.sha256()
+    for i in samples:
+        for key, value in sorted(ds[i].items()):
+            digest.update(key.encode() + value.numpy().tobytes())
+    assert a["digest"] == digest.hexdigest() and a["samples"] == len(ds)

@@ -99,7 +99,7 @@ def read_documents(path: str | Path, kind: str = "pretrain", on_bad_record: str 
     return docs
 
 
-def bad_record_error(bad: BadRecord, count: int = 1) -> ConfigError:
+def bad_record_error(bad: BadRecord | str, count: int = 1) -> ConfigError:
     more = f" ({count} bad records in all)" if count > 1 else ""
     return ConfigError(f"{bad}{more}; fix the record or set data.on_bad_record: skip to leave such records out")
 
@@ -144,7 +144,8 @@ def _parquet_records(name: str, data: bytes, field: str, kind: str) -> Iterator[
         yield 1, BadRecord(name, f"not a parquet file ({str(exc).splitlines()[0]})")
         return
     if field not in parquet.schema_arrow.names:
-        raise ConfigError(f"{name}: no {field!r} column; pretrain data needs 'text', chat data 'messages'")
+        yield 1, BadRecord(name, f"no {field!r} column; pretrain data needs 'text', chat data 'messages'")
+        return
     n = 0
     for batch in parquet.iter_batches(columns=[field]):
         for value in batch.column(0).to_pylist():
