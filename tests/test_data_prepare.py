@@ -7,11 +7,14 @@ same samples, and the demo recipe's first stage trained from the store.
 
 import json
 import math
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 
 from dist_utils import run_distributed
+from launcher.cli import main
 from launcher.recipe import Recipe
 from ray_utils import REPO, local_cluster
 from stage_helpers import CHAT, CORPUS, plan_for, run_stage_ranks
@@ -41,8 +44,9 @@ def test_prepare_on_two_nodes_equals_single_process_tokenisation(cluster, tmp_pa
     assert first.created and len(store) == len(expected) == first.meta["documents"] == 8
     assert len(store.meta["shards"]) > 1  # several tasks wrote it
     assert [store.document(i).tolist() for i in range(len(store))] == expected
-    again = prepare(PrepareSpec(str(CORPUS)), tmp_path, workers=1, progress=False)
-    assert not again.created and again.path == first.path and "already prepared" in again.summary()
+    again = subprocess.run([sys.executable, "-m", "launcher", "data", "prepare", "--input", str(CORPUS), "--store", str(tmp_path)],
+                           capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert again.returncode == 0 and f"token store {first.path} is already prepared (8 documents" in again.stdout
     assert sorted(p.name for p in tmp_path.iterdir()) == [first.path.name]  # no build directory left
 
 
@@ -91,3 +95,8 @@ def test_demo_recipe_trains_on_a_prepared_store(cluster, tmp_path):
     cfg.data, cfg.steps, cfg.checkpoint_every = data, 2, 0
     [(result, metrics)] = run_distributed(run_stage_ranks, cfg.gpus, [cfg.to_dict()], [plan_for(cfg).to_dict()], timeout=240)[0]
     assert [m["step"] for m in metrics] == [1, 2] and math.isfinite(result.final_loss)
+
+
+def test_data_prepare_takes_a_recipe_or_an_input(capsys):
+    assert main(["data", "prepare"]) == 2
+    assert "give a recipe or --input PATH" in capsys.readouterr().err

@@ -36,12 +36,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kind", default="pretrain", choices=("pretrain", "chat"), help="with --input (default: %(default)s)")
     parser.add_argument("--on-bad-record", default="error", choices=("error", "skip"), help="with --input (default: %(default)s)")
     parser.add_argument("--store", metavar="DIR", help="store root on shared storage (default: the recipe's run_dir/tokens, or runs/tokens)")
-    parser.add_argument("--workers", type=int, metavar="N", help="tokenizer actors (default: the cluster's CPUs less one)")
+    parser.add_argument("--workers", type=int, metavar="N", help="tokenizer actors (default: one per CPU, at most one per file)")
     parser.add_argument("--address", help="Ray cluster (default: RAY_ADDRESS, else an embedded local Ray)")
 
 
 def run(args: argparse.Namespace) -> int:
-    from trainer.data.prepare import STORE_DIR, PrepareSpec, prepare
+    from trainer.data.prepare import STORE_DIR, PrepareSpec, locate, prepare
+    from trainer.data.store import is_complete
 
     if (args.recipe is None) == (args.input is None):
         raise ConfigError("give a recipe or --input PATH (with --tokenizer and --kind), not both")
@@ -63,9 +64,10 @@ def run(args: argparse.Namespace) -> int:
     from launcher.commands.run import _setup_logging, connect
 
     _setup_logging()
-    connect(args.address, recipe)
     try:
         for spec in specs:
+            if not is_complete(locate(spec, root)[0]) and not ray.is_initialized():
+                connect(args.address, recipe)  # only when there is work to do
             print(prepare(spec, root, workers=args.workers).summary(), file=sys.stdout, flush=True)
     finally:
         ray.shutdown()

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -92,7 +92,7 @@ def prepare(spec: PrepareSpec, root: str | Path, workers: int | None = None, pro
     Parameters
     ----------
     workers
-        Tokenizer actors (default: the cluster's CPUs less one for reading, at most one per file).
+        Tokenizer actors, one CPU each (default: one per CPU of the cluster, at most one per file).
     progress
         Show Ray Data's progress bars.
 
@@ -108,7 +108,7 @@ def prepare(spec: PrepareSpec, root: str | Path, workers: int | None = None, pro
     if token_store.is_complete(final):
         return Prepared(final, False, token_store.TokenStore.open(final).meta)
     cpus = int(ray.cluster_resources().get("CPU", 1))
-    workers = max(1, min(workers or cpus - 1, len(files)))
+    workers = max(1, min(workers or cpus, len(files)))
     log.info("tokenising %d file(s) of %s (%s, %.1f MB) on %d Ray worker(s) into %s", len(files), spec.path, spec.kind,
              sum(f.stat().st_size for f in files) / 1e6, workers, final)
     tmp = token_store.new_build_dir(final)
@@ -127,9 +127,9 @@ def ensure_prepared(data: DataConfig, model: ModelConfig, root: str | Path, work
     """``data`` with ``store`` set, preparing the store first when it is missing (the launcher's hook)."""
     if data.store:
         return data
-    result = prepare(PrepareSpec.of(data, model), root, workers=workers, progress=False)
+    result = prepare(PrepareSpec.of(data, model), root, workers=workers)
     log.info("data: %s", result.summary())
-    return DataConfig(**{**data.__dict__, "store": str(result.path)})
+    return replace(data, store=str(result.path))
 
 
 class TokenizeFiles:
@@ -168,8 +168,9 @@ def _run_pipeline(spec: PrepareSpec, files: list[Path], tmp: Path, workers: int,
 
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = progress
-    ds = ray.data.read_binary_files([str(f) for f in files], include_paths=True, override_num_blocks=len(files))
-    ds = ds.map_batches(TokenizeFiles, batch_size=1, concurrency=workers, batch_format="numpy",
+    # Reading a file is I/O: the CPUs go to the tokenizer actors, and reads never wait behind them.
+    ds = ray.data.read_binary_files([str(f) for f in files], include_paths=True, override_num_blocks=len(files), num_cpus=0)
+    ds = ds.map_batches(TokenizeFiles, batch_size=1, compute=ray.data.ActorPoolStrategy(size=workers), batch_format="numpy",
                         fn_constructor_kwargs={"tokenizer": spec.tokenizer, "kind": spec.kind, "out_dir": str(tmp),
                                                "files": [str(f) for f in files]})
     parts: dict[str, list[np.ndarray]] = {}
