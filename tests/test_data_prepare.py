@@ -51,7 +51,7 @@ def test_prepare_on_two_nodes_equals_single_process_tokenisation(cluster, tmp_pa
 
 
 def test_chat_masks_survive_the_round_trip(cluster, tmp_path):
-    result = prepare(PrepareSpec(str(CHAT), kind="chat"), tmp_path, workers=2, progress=False)
+    result = prepare(PrepareSpec(str(CHAT), kind="chat"), tmp_path, workers=1, progress=False)
     store = TokenStore.open(result.path, "chat")
     convs = read_documents(CHAT, "chat")
     for i, conv in enumerate(convs):
@@ -71,12 +71,12 @@ def test_bad_records_refuse_the_store_or_are_skipped_and_counted(cluster, tmp_pa
     (corpus / "a.jsonl").write_text(json.dumps({"text": "good one"}) + "\n" + json.dumps({"body": "x"}) + "\n")
     (corpus / "b.jsonl").write_bytes(b'{"text": "fine"}\n\n{"text": "caf\xe9"}\n')
     with pytest.raises(ConfigError) as err:
-        prepare(PrepareSpec(str(corpus)), tmp_path / "store", workers=2, progress=False)
+        prepare(PrepareSpec(str(corpus)), tmp_path / "store", workers=1, progress=False)
     message = str(err.value)
     assert "\n" not in message and message.startswith(f"{corpus / 'a.jsonl'}:2: record has no 'text' field")
     assert "2 bad records in all" in message and "on_bad_record: skip" in message
     assert list((tmp_path / "store").iterdir()) == []  # nothing half-written
-    skipped = prepare(PrepareSpec(str(corpus), on_bad_record="skip"), tmp_path / "store", workers=2, progress=False)
+    skipped = prepare(PrepareSpec(str(corpus), on_bad_record="skip"), tmp_path / "store", workers=1, progress=False)
     store = TokenStore.open(skipped.path)
     assert skipped.meta["skipped"] == 2 and skipped.meta["skipped_examples"][1].startswith(f"{corpus / 'b.jsonl'}:3: not UTF-8")
     assert [TOK.decode(store.document(i)[1:-1]) for i in range(len(store))] == ["good one", "fine"]
