@@ -10,7 +10,6 @@ import math
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 
 from dist_utils import run_distributed
@@ -19,7 +18,7 @@ from launcher.recipe import Recipe
 from ray_utils import REPO, local_cluster
 from stage_helpers import CHAT, CORPUS, plan_for, run_stage_ranks
 from topology.errors import ConfigError
-from trainer.config import DataConfig, ModelConfig
+from trainer.config import DataConfig
 from trainer.data import build_dataset, read_documents
 from trainer.data.packing import PackedDataset
 from trainer.data.prepare import PrepareSpec, ensure_prepared, prepare

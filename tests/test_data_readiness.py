@@ -12,7 +12,6 @@ from trainer.data.packing import upsample_factor
 from trainer.data.prepare import STORE_DIR, PrepareSpec, locate
 from trainer.data.store import commit, new_build_dir, write_shard
 from trainer.data.tokenize import tokenize_documents
-from trainer.tokenizer import byte_tokenizer
 
 
 def _row(text: str, label: str) -> list[str]:

@@ -19,13 +19,10 @@ command says so.
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from pathlib import Path
 
 from topology.errors import ConfigError
-
-log = logging.getLogger("ringleader")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -48,7 +45,6 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError("give a recipe or --input PATH (with --tokenizer and --kind), not both")
     if args.workers is not None and args.workers < 1:
         raise ConfigError(f"--workers is {args.workers}; it must be at least 1")
-    recipe = None
     if args.recipe:
         from launcher.recipe import Recipe
 
@@ -67,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         for spec in specs:
             if not is_complete(locate(spec, root)[0]) and not ray.is_initialized():
-                connect(args.address, recipe)  # only when there is work to do
+                connect(args.address, None)  # only when there is work to do; no rank slots needed
             print(prepare(spec, root, workers=args.workers).summary(), file=sys.stdout, flush=True)
     finally:
         ray.shutdown()

@@ -109,7 +109,7 @@ def prepare(spec: PrepareSpec, root: str | Path, workers: int | None = None, pro
         return Prepared(final, False, token_store.TokenStore.open(final).meta)
     cpus = int(ray.cluster_resources().get("CPU", 1))
     workers = max(1, min(workers or cpus, len(files)))
-    log.info("tokenising %d file(s) of %s (%s, %.1f MB) on %d Ray worker(s) into %s", len(files), spec.path, spec.kind,
+    log.info("tokenising %d file(s) of %s (%s, %.3g MB) on %d Ray worker(s) into %s", len(files), spec.path, spec.kind,
              sum(f.stat().st_size for f in files) / 1e6, workers, final)
     tmp = token_store.new_build_dir(final)
     start = time.perf_counter()
@@ -168,8 +168,10 @@ def _run_pipeline(spec: PrepareSpec, files: list[Path], tmp: Path, workers: int,
 
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = progress
-    # Reading a file is I/O: the CPUs go to the tokenizer actors, and reads never wait behind them.
-    ds = ray.data.read_binary_files([str(f) for f in files], include_paths=True, override_num_blocks=len(files), num_cpus=0)
+    # Reading a file is I/O: the CPUs go to the tokenizer actors and reads never wait behind them;
+    # as many reads at once as there are actors to take their files.
+    ds = ray.data.read_binary_files([str(f) for f in files], include_paths=True, override_num_blocks=len(files), num_cpus=0,
+                                    concurrency=workers)
     ds = ds.map_batches(TokenizeFiles, batch_size=1, compute=ray.data.ActorPoolStrategy(size=workers), batch_format="numpy",
                         fn_constructor_kwargs={"tokenizer": spec.tokenizer, "kind": spec.kind, "out_dir": str(tmp),
                                                "files": [str(f) for f in files]})
