@@ -24,6 +24,7 @@ COMMANDS = {
     "clusters": ("launcher.commands.clusters", "render cluster-launcher and KubeRay configs for a recipe"),
     "viz": ("launcher.commands.viz", "draw a topology and a plan's rings (HTML, PNG or SVG)"),
     "niah": ("launcher.commands.niah", "needle-in-a-haystack evaluation of a model"),
+    "data": ("launcher.commands.data", "tokenise corpora once into the shared token store (data prepare)"),
 }
 
 

@@ -16,7 +16,6 @@ from hypothesis import strategies as st
 from trainer.attention.documents import Documents, block_work, drop_cross_document_labels, schedule, step_blocks
 from trainer.attention.ring_attention import ZigzagRingAttention, diagonal_backward, diagonal_forward
 from trainer.attention.zigzag import zigzag_indices
-from trainer.data import PackedDataset
 from trainer.groups import ParallelGroups
 
 
@@ -84,18 +83,6 @@ def test_documents_from_doc_ids_positions_and_labels():
         Documents.from_doc_ids(torch.tensor([0, 1, 0]))
     with pytest.raises(ValueError, match="documents cover 2 x 6 tokens"):
         schedule(docs, 1, 6, 1, 0, 0)
-
-
-def test_packed_dataset_doc_ids_follow_document_starts():
-    tokens = np.arange(40)
-    starts = np.array([0, 7, 9, 25])  # documents [0, 7), [7, 9), [9, 25), [25, 40)
-    dataset = PackedDataset(tokens, seq_len=9, seed=0, doc_starts=starts)
-    for i in range(len(dataset)):
-        sample = dataset[i]
-        first = int(sample["input_ids"][0])
-        global_doc = np.searchsorted(starts, sample["input_ids"].numpy(), side="right") - 1
-        assert sample["doc_ids"].tolist() == (global_doc - global_doc[0]).tolist(), first
-        assert sample["doc_ids"].dtype == torch.int64
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])

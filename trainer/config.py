@@ -74,6 +74,12 @@ class DataConfig:
     restart_positions: bool = False
     """RoPE positions restart at 0 at every document start (needs ``document_mask``);
     False: positions run over the whole sample."""
+    on_bad_record: Literal["error", "skip"] = "error"
+    """A record that cannot be a document (not UTF-8, no text, empty, malformed conversation):
+    ``error`` refuses the data naming file and record; ``skip`` leaves it out and counts it."""
+    store: str | None = None
+    """A prepared token store (``ringleader data prepare``) the ranks read instead of tokenising
+    ``path``; the launcher sets it before a stage starts."""
 
     def __post_init__(self) -> None:
         if self.restart_positions and not self.document_mask:

@@ -72,9 +72,18 @@ def load_tokenizer(model_cfg: ModelConfig, init_from: str | None = None) -> PreT
         that can be loaded (offline runs need it in the local cache).
     """
     if init_from and (Path(init_from) / "tokenizer_config.json").is_file():
-        source = init_from
-    else:
-        source = model_cfg.tokenizer or model_cfg.path
+        return tokenizer_by_name(init_from)
+    return tokenizer_by_name(model_cfg.tokenizer or model_cfg.path)
+
+
+def tokenizer_by_name(source: str | None) -> PreTrainedTokenizerBase:
+    """The tokenizer at a local directory or hub name; ``None`` is ``byte_tokenizer()``.
+
+    Raises
+    ------
+    ConfigError
+        When ``source`` is neither a local directory nor a loadable hub name.
+    """
     if source is None:
         return byte_tokenizer()
     local = Path(source).expanduser()

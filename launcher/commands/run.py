@@ -144,7 +144,7 @@ def _seconds(text: str) -> float:
         raise argparse.ArgumentTypeError(f"{text!r} is not a finite number of seconds > 0") from exc
 
 
-def connect(address: str | None, recipe: Recipe) -> None:
+def connect(address: str | None, recipe: Recipe | None) -> None:
     """``ray.init`` on the given cluster, the job's cluster, or an embedded local one.
 
     An address is probed with a plain TCP connect first: ``ray.init`` on an
@@ -171,10 +171,11 @@ def connect(address: str | None, recipe: Recipe) -> None:
         import torch
 
         gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if 0 < gpus < recipe.peak_gpus:
-            log.info("this machine has %d GPU(s) and the recipe needs %d: ranks run on CPU", gpus, recipe.peak_gpus)
-        cpus = max(os.cpu_count() or 1, recipe.peak_gpus + 1)
-        ray.init(address="local", num_cpus=cpus, num_gpus=gpus if gpus >= recipe.peak_gpus else 0,
+        peak = recipe.peak_gpus if recipe else 0
+        if 0 < gpus < peak:
+            log.info("this machine has %d GPU(s) and the recipe needs %d: ranks run on CPU", gpus, peak)
+        cpus = max(os.cpu_count() or 1, peak + 1)
+        ray.init(address="local", num_cpus=cpus, num_gpus=gpus if gpus >= peak else 0,
                  include_dashboard=False, **kwargs)
 
 

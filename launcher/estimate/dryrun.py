@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, TextIO
 
+from launcher.estimate.data_readiness import Readiness, readiness
 from launcher.estimate.memory import GB, MemoryEstimate, model_shape, startup_host_bytes
 from launcher.recipe import Recipe, RecipeStage
 from launcher.estimate.sizing import StageSize, size_stage
@@ -100,7 +101,7 @@ def dry_run(recipe: Recipe, topology_arg: str | None = None, out: TextIO | None 
     """Print the dry-run report; 0 when every stage fits and can be placed, 1 otherwise."""
     out = out or sys.stdout
     reports = plan_recipe(recipe, topology_arg)
-    print(format_report(recipe, reports), file=out)
+    print(format_report(recipe, reports, data_report(recipe, reports)), file=out)
     return 1 if any(r.size.problems for r in reports) else 0
 
 
@@ -115,7 +116,14 @@ def _startup_host(recipe: Recipe, report: StageReport, params: float) -> str:
 
 
 # ------------------------------------------------------------------ formatting
-def format_report(recipe: Recipe, reports: list[StageReport]) -> str:
+def data_report(recipe: Recipe, reports: list[StageReport]) -> list[Readiness]:
+    """Data readiness of every stage, from the stores under the recipe's ``run_dir/tokens``."""
+    from trainer.data.prepare import STORE_DIR
+
+    return readiness(recipe, {r.stage.name: r.tokens for r in reports}, Path(recipe.run_dir) / STORE_DIR)
+
+
+def format_report(recipe: Recipe, reports: list[StageReport], data: list[Readiness] | None = None) -> str:
     shape, shape_source = model_shape(recipe.model)
     gpu = reports[0].topology.gpu
     names = list(dict.fromkeys(r.topology.name for r in reports))
@@ -136,6 +144,15 @@ def format_report(recipe: Recipe, reports: list[StageReport]) -> str:
         ("batch x accum x steps", [f"{r.size.batch} x {r.size.grad_accum} x {r.stage.steps}" for r in reports]),
         ("total tokens", [f"{r.tokens:,}" for r in reports]),
         ("  published", [_published(r) for r in reports]),
+    ]
+    if data:
+        rows += [
+            ("data tokens per pass", [f"{d.stream_tokens:,}" if d.passes else d.status.split(" (")[0] for d in data]),
+            ("  passes trained", [f"{d.passes:.2f}" if d.passes else "-" for d in data]),
+            ("  docs > seq_len/4", [f"{d.long_documents:,}" if d.passes else "-" for d in data]),
+            ("  sample share of them", [f"{d.long_share:.0%}" if d.passes else "-" for d in data]),
+        ]
+    rows += [
         ("memory per GPU, GB", ["" for _ in reports]),
     ]
     for term in MemoryEstimate.TERMS:
@@ -158,8 +175,8 @@ def format_report(recipe: Recipe, reports: list[StageReport]) -> str:
     lines += ["", f"whole recipe: {total_h:,.0f} GPU-hours, {format_duration(wall)} of wall time"
               + ("" if len(placed) == len(reports) else f" ({len(reports) - len(placed)} stage(s) could not be placed)")]
     lines += _section("sizing", [f"{r.stage.name}: {why}" for r in reports for why in r.size.reasons])
-    lines += _section("flags", [msg for r in reports for msg in _flags(r)])
-    lines += _section("notes", _notes(recipe, reports))
+    lines += _section("flags", [msg for r in reports for msg in _flags(r)] + [f for d in data or [] if (f := d.flag())])
+    lines += _section("notes", _notes(recipe, reports) + _data_notes(data or []))
     return "\n".join(lines)
 
 
@@ -226,6 +243,16 @@ def _notes(recipe: Recipe, reports: list[StageReport]) -> list[str]:
             cfg = NiahConfig.from_dict(r.stage.niah, source=f"stage {r.stage.name}: niah")
             notes.append(f"after {r.stage.name}: needle in a haystack, {len(cfg.lengths())} lengths x {len(cfg.depths())} depths, "
                          f"{cfg.min_len:,} to {cfg.max_len:,} tokens, {cfg.digits}-digit needle")
+    return notes
+
+
+def _data_notes(data: list[Readiness]) -> list[str]:
+    notes = []
+    for path in dict.fromkeys(d.data.path for d in data if d.status == "not prepared"):
+        stages = ", ".join(d.stage for d in data if d.data.path == path)
+        notes.append(f"data {path} is not prepared (stage {stages}): the stage tokenises it on the cluster before its ranks "
+                     "start; `ringleader data prepare RECIPE` does it ahead of time")
+    notes += [f"stage {d.stage}: data {d.data.path} is {d.status}" for d in data if d.status.startswith("unreadable")]
     return notes
 
 

@@ -42,7 +42,7 @@ from topology.plan import Plan
 from topology.planner import make_plan
 from topology.profile import ProfileError, profile_cluster
 from trainer.checkpoint import latest_step
-from trainer.config import StageConfig
+from trainer.config import DataConfig, StageConfig
 
 log = logging.getLogger("ringleader")
 
@@ -81,6 +81,8 @@ class ControllerOptions:
     """Planner strategy: ``aware``, ``naive`` or ``random``."""
     progress_bar: bool | None = None
     """tqdm bar (True), plain lines (False), or a bar only on a terminal (None)."""
+    token_store: Path | None = None
+    """Root of prepared token stores (default: ``tokens/`` beside the run directory, shared by runs)."""
 
 
 class Controller:
@@ -119,6 +121,7 @@ class Controller:
                     results.append(done)
                     continue
                 identity.record(cfg.output_dir, ids[i])
+                cfg = replace(cfg, data=self._prepared(cfg))
                 results.append(self.run_stage(cfg, self.recipe.stages[i].min_gpus))
         finally:
             if self.can_grow:
@@ -204,6 +207,12 @@ class Controller:
     def _settle(self) -> list[str]:
         """After a failure: which of the attempt's nodes are gone (once Ray agrees)."""
         return resources.wait_for_dead(list(dict.fromkeys(self._nodes)), timeout_s=self.opt.resource_timeout_s)
+
+    def _prepared(self, cfg: StageConfig) -> DataConfig:
+        """The stage's data with its token store, tokenised on the cluster first if missing (before any rank starts)."""
+        from trainer.data.prepare import STORE_DIR, ensure_prepared  # Ray Data: only once a stage runs
+
+        return ensure_prepared(cfg.data, cfg.model, self.opt.token_store or self.run_dir.root.parent / STORE_DIR)
 
     # --------------------------------------------------------------- profile
     def _profile(self, view: ClusterView) -> Topology:

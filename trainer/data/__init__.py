@@ -1,0 +1,34 @@
+"""The stage's training data: read, tokenise, store, pack.
+
+``read`` (files and records) -> ``tokenize`` (token ids, chat masks) ->
+``store`` (token shards + document index, memory-mapped by ranks) ->
+``packing`` (fixed-length samples from the index). ``prepare`` runs the
+first three on a Ray cluster with Ray Data; without a prepared store a
+rank tokenises the corpus itself (small data, tests) and packs it the same way.
+"""
+
+from __future__ import annotations
+
+from transformers import PreTrainedTokenizerBase
+
+from trainer.config import DataConfig
+from trainer.data.packing import PackedDataset, sample_index, upsample_factor
+from trainer.data.read import read_documents
+from trainer.data.store import TokenStore
+from trainer.data.tokenize import conversation_tokens, document_tokens, tokenize_documents
+
+__all__ = ["PackedDataset", "TokenStore", "build_dataset", "conversation_tokens", "document_tokens", "load_store",
+           "read_documents", "sample_index", "upsample_factor"]
+
+
+def load_store(data_cfg: DataConfig, tokenizer: PreTrainedTokenizerBase) -> TokenStore:
+    """The prepared store at ``data_cfg.store``, else ``data_cfg.path`` tokenised in this process."""
+    if data_cfg.store:
+        return TokenStore.open(data_cfg.store, data_cfg.kind)
+    docs = read_documents(data_cfg.path, data_cfg.kind, data_cfg.on_bad_record)
+    return TokenStore.from_documents(tokenize_documents(tokenizer, docs, data_cfg.kind))
+
+
+def build_dataset(data_cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seq_len: int, seed: int = 0) -> PackedDataset:
+    """The stage's dataset (see ``trainer.data.packing``)."""
+    return PackedDataset(load_store(data_cfg, tokenizer), seq_len, data_cfg, seed)
