@@ -31,6 +31,7 @@ from typing import Any
 from topology.errors import ConfigError
 from topology.model import load_data
 from trainer.config import DEFAULT_DEEPSPEED, DataConfig, ModelConfig, StageConfig
+from trainer import storage
 from trainer.rope import ntk_theta, scaling_law_theta
 
 AUTO = "auto"
@@ -61,6 +62,8 @@ class RecipeStage:
     lr: float = 2e-5
     ulysses: int | str = 1
     checkpoint_every: int = 0
+    keep_checkpoints: int = 2
+    """Complete checkpoints kept on storage (the newest); older ones are deleted after each save."""
     min_gpus: int | None = None
     """Fewest GPUs this stage may continue on after a host is lost (default: all of ``gpus``)."""
     data: DataConfig | None = None
@@ -128,15 +131,16 @@ class Recipe:
         for i, s in enumerate(self.stages):
             if AUTO in (s.batch, s.ulysses):
                 raise ConfigError(f"{self.source}: stage {s.name!r}: batch/ulysses are 'auto'; size the recipe for a cluster first (ringleader run --dry-run shows the choice)")
-            stage_dir = Path(run_dir) / f"stage{i}-{s.name}"
+            stage_dir = storage.join(run_dir, f"stage{i}-{s.name}")  # a path or an object store URI
             cfg = StageConfig(
                 name=s.name, seq_len=s.seq_len, rope_theta=thetas[s.name], batch=int(s.batch), steps=s.steps,
                 gpus=s.gpus, model=self.model, data=s.data or self.data, output_dir=str(stage_dir),
                 grad_accum=s.grad_accum, lr=s.lr, ulysses=int(s.ulysses), checkpoint_every=s.checkpoint_every,
+                keep_checkpoints=s.keep_checkpoints,
                 init_from=prev_hf, deepspeed=copy.deepcopy(deepspeed), seed=self.seed, niah=s.niah,
             )
             out.append(cfg)
-            prev_hf = str(stage_dir / "hf")
+            prev_hf = storage.join(stage_dir, storage.HF_POINTER)
         return out
 
     @classmethod
@@ -213,7 +217,8 @@ def _stage(raw: Any, i: int, base_dir: Path, source: str, check_paths: bool = Tr
         raw["rope_theta"] = rule
     elif not isinstance(theta, (int, float)) or isinstance(theta, bool) or theta <= 0:
         raise ConfigError(f"{where}: rope_theta is {theta!r}; give a positive number or {{rule: ntk|scaling-law}}")
-    for key in ("seq_len", "steps", "gpus", "grad_accum", "checkpoint_every", "batch", "ulysses", "min_gpus", "train_batch_size"):
+    for key in ("seq_len", "steps", "gpus", "grad_accum", "checkpoint_every", "batch", "ulysses", "min_gpus", "train_batch_size",
+                "keep_checkpoints"):
         value = raw.get(key)
         if value is None or (key in ("batch", "ulysses") and value == AUTO):
             continue

@@ -86,6 +86,8 @@ class StageConfig:
     ulysses: int = 1
     checkpoint_every: int = 0
     """Save a resumable DeepSpeed checkpoint every N optimizer steps (0: only at the end)."""
+    keep_checkpoints: int = 2
+    """Complete DeepSpeed checkpoints kept (the newest); a damaged newest one falls back to the one before."""
     init_from: str | None = None
     """HF checkpoint of the previous stage; None starts from ``model``."""
     activation_checkpointing: bool = True
@@ -110,7 +112,7 @@ class StageConfig:
         if isinstance(self.data, dict):
             self.data = DataConfig(**self.data)
         where = f"stage {self.name!r}"
-        for name in ("seq_len", "batch", "steps", "gpus", "grad_accum", "ulysses"):
+        for name in ("seq_len", "batch", "steps", "gpus", "grad_accum", "ulysses", "keep_checkpoints"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigError(f"{where}: {name} is {value!r}; it must be a whole number >= 1")
