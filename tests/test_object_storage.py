@@ -67,6 +67,34 @@ def s3(tmp_path_factory):
         server.stop()
 
 
+@pytest.mark.parametrize("kind_", ["posix", "s3"])
+def test_storage_publishes_whole_files_and_follows_the_model_pointer(s3, tmp_path, kind_):
+    """The same calls on a directory and on the bucket: atomic writes, listing, pointer switch, download."""
+    root = str(tmp_path / "run") if kind_ == "posix" else f"s3://{BUCKET}/unit/{tmp_path.name}"
+    stage = storage.join(root, "stage0-a")
+    assert storage.read_bytes(storage.join(stage, "done.json")) is None and storage.children(stage) == []
+    storage.write_bytes(storage.join(stage, "done.json"), "{}")
+    storage.append_line(storage.join(stage, "metrics.jsonl"), '{"step": 1}')
+    storage.append_line(storage.join(stage, "metrics.jsonl"), '{"step": 2}')
+    assert storage.read_bytes(storage.join(stage, "metrics.jsonl")) == b'{"step": 1}\n{"step": 2}\n'
+
+    model = tmp_path / "model"
+    (model / "sub").mkdir(parents=True)
+    (model / "config.json").write_text('{"a": 1}')
+    (model / "sub" / "w.bin").write_bytes(b"x" * 1000)
+    for version in ("hf-step1-aaaaaa", "hf-step2-bbbbbb"):
+        storage.put_dir(model, storage.join(stage, version)) if kind_ == "s3" else shutil.copytree(model, tmp_path / "run" / "stage0-a" / version)
+        storage.switch_pointer(stage, version)
+    assert storage.file_sizes(storage.join(stage, "hf-step2-bbbbbb")) == {"config.json": 8, "sub/w.bin": 1000}
+    assert storage.kind(storage.join(stage, "hf")) == ("link" if kind_ == "posix" else "file")
+    local = Path(storage.local_model(storage.join(stage, "hf")))
+    assert (local / "sub" / "w.bin").read_bytes() == b"x" * 1000
+    assert local.resolve().name == "hf-step2-bbbbbb"
+    assert sorted(storage.children(stage)) == ["done.json", "hf", "hf-step1-aaaaaa", "hf-step2-bbbbbb", "metrics.jsonl"]
+    storage.remove(storage.join(stage, "hf-step1-aaaaaa"))
+    assert storage.kind(storage.join(stage, "hf-step1-aaaaaa")) == "missing"
+
+
 def demo_recipe(tmp: Path) -> Recipe:
     """clusters/recipes/demo.yaml with the run directory in the bucket and a first stage long enough to be cut."""
     data = yaml.safe_load((REPO / "clusters" / "recipes" / "demo.yaml").read_text())

@@ -194,11 +194,20 @@ def resume(engine: Any, output_dir: str | os.PathLike) -> Resumed:
         if problem is None:
             out.step, out.tokens = _load(engine, local, manifest, str(output_dir))
             log.info("resumed from %s", storage.join(root, tag))
+            _drop_downloads(str(output_dir))
             return out
         if rank == 0:
             log.warning("checkpoint %s skipped: %s; trying an older one", storage.join(root, tag), problem)
         out.skipped.append({"event": "checkpoint_skipped", "tag": tag, "reason": problem})
     return out
+
+
+def _drop_downloads(output_dir: str) -> None:
+    """Collective: once every rank has loaded, the first rank of each host deletes its downloaded copies."""
+    dist.barrier()
+    if storage.is_uri(output_dir) and int(os.environ.get("LOCAL_RANK", "0")) == 0:
+        for copy in (storage.work_dir(output_dir) / "checkpoints").glob(".download-*"):
+            shutil.rmtree(copy, ignore_errors=True)
 
 
 def _fetch(root: str, tag: str, output_dir: str, rank: int, world: int) -> tuple[Path | None, dict | None, str | None]:
