@@ -16,6 +16,7 @@ rank trains.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import signal
@@ -47,6 +48,7 @@ def s3(tmp_path_factory):
     moto_server = pytest.importorskip("moto.server")
     import boto3
 
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one log line per request otherwise
     server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()

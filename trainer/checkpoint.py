@@ -21,9 +21,10 @@ manifest whose files are all there with their sizes and checksums; samples
 are a function of the step (``trainer.data.sample_index``), so restoring
 the step restores the data position.
 
-``resume`` tries the tag ``latest`` names, then older ones, newest first,
-and skips (with a log line and a ``checkpoint_skipped`` event) any whose
-manifest is missing or whose files are missing, short or changed. Ranks
+``resume`` tries the tags newest first and skips (with a log line and a
+``checkpoint_skipped`` event) any whose manifest is missing or whose files
+are missing, short or changed: the manifest, not ``latest``, is what makes
+a tag count (``latest`` is for people and DeepSpeed's own tools). Ranks
 check a share of the files each and agree on the outcome. On an object store
 each host downloads a tag once, before it is checked.
 
@@ -182,9 +183,7 @@ def resume(engine: Any, output_dir: str | os.PathLike) -> Resumed:
     rank, world = dist.get_rank(), dist.get_world_size()
     order: list[Any] = [None]
     if rank == 0:
-        named = (storage.read_bytes(storage.join(root, LATEST)) or b"").decode(errors="replace").strip()
-        tags = [tag for _, tag in _tags(root)]
-        order[0] = ([named] if named in tags else []) + [t for t in tags if t != named]
+        order[0] = [tag for _, tag in _tags(root)]
     dist.broadcast_object_list(order, src=0)
     for tag in order[0]:
         local, manifest, problem = _fetch(root, tag, str(output_dir), rank, world)
