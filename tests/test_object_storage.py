@@ -108,19 +108,26 @@ def demo_recipe(tmp: Path) -> Recipe:
     return Recipe.load(path)
 
 
-def kill_a_rank_after_a_checkpoint(stage_dir: str, killed: dict, stop: threading.Event) -> None:
-    """SIGKILL rank 1's worker once rank 0 has logged step KILL_AT_STEP (the checkpoint of step 3 is committed by then)."""
-    from ray.util.state import list_actors
+def rank_worker_pids(lc) -> list[int]:
+    """Processes of this cluster's rank actors: children of its raylets that Ray titled ``ray::RankWorker...``."""
+    import psutil
+    from ray._private import ray_constants
 
+    raylets = [p.process.pid for node in lc.nodes for p in node.all_processes[ray_constants.PROCESS_TYPE_RAYLET]]
+    return [c.pid for r in raylets for c in psutil.Process(r).children(recursive=True)
+            if any("RankWorker" in part for part in c.cmdline())]
+
+
+def kill_a_rank_after_a_checkpoint(lc, stage_dir: str, killed: dict, stop: threading.Event) -> None:
+    """SIGKILL a rank's worker once rank 0 has logged step KILL_AT_STEP (the checkpoint of step 3 is committed by then)."""
     metrics = storage.work_dir(stage_dir) / METRICS_JSONL  # rank 0's working copy on this machine
     while not stop.is_set():
         lines = metrics.read_text().splitlines() if metrics.exists() else []
         steps = [json.loads(line).get("step", 0) for line in lines if line.strip()]
         if steps and max(steps) >= KILL_AT_STEP:
-            workers = [a for a in list_actors(filters=[("class_name", "=", "RankWorker"), ("state", "=", "ALIVE")], detail=True)]
-            victim = max(workers, key=lambda a: a.pid)
-            killed.update(pid=victim.pid, at_step=max(steps), committed=latest_step(stage_dir))
-            os.kill(victim.pid, signal.SIGKILL)
+            victim = max(rank_worker_pids(lc))
+            killed.update(pid=victim, at_step=max(steps), committed=latest_step(stage_dir))
+            os.kill(victim, signal.SIGKILL)
             return
         time.sleep(0.05)
 
@@ -138,7 +145,7 @@ def cluster_run(s3, tmp_path_factory):
     with local_cluster(hosts=2, gpus_per_host=2, cpus_per_host=2) as lc:
         killed: dict = {}
         stop = threading.Event()
-        killer = threading.Thread(target=kill_a_rank_after_a_checkpoint, args=(stage0, killed, stop), daemon=True)
+        killer = threading.Thread(target=kill_a_rank_after_a_checkpoint, args=(lc, stage0, killed, stop), daemon=True)
         killer.start()
         try:
             results = Controller(recipe, options).run_all()
