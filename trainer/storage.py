@@ -263,6 +263,10 @@ def checksum(path: Path) -> str:
     return f"{crc:08x}"
 
 
+def checksum_bytes(data: bytes) -> str:
+    return f"{zlib.crc32(data):08x}"
+
+
 # --------------------------------------------------------- local copies
 def work_dir(loc: str) -> Path:
     """Where ranks of this host write before putting files into ``loc``.
@@ -347,6 +351,3 @@ def switch_pointer(stage_loc: str, version: str) -> None:
     os.replace(tmp, path)
     fsync_dir(path.parent)
 
-
-def checksum_bytes(data: bytes) -> str:
-    return f"{zlib.crc32(data):08x}"
