@@ -32,6 +32,7 @@ from pydantic import Discriminator, Field, Tag
 
 from topology.errors import ConfigError
 from topology.model import load_data
+from trainer import storage
 from trainer.config import COLLECTIVE_TIMEOUT_S, DEFAULT_DEEPSPEED, DataConfig, ModelConfig, StageConfig
 from trainer.rope import ntk_theta, scaling_law_theta
 from trainer.schema import Count, PathName, PositiveFloat, PositiveInt, Seed, validate
@@ -70,6 +71,8 @@ class RecipeStage:
     lr: PositiveFloat = 2e-5
     ulysses: PositiveInt | Auto = 1
     checkpoint_every: Count = 0
+    keep_checkpoints: PositiveInt = 2
+    """Complete checkpoints kept on storage (the newest); older ones are deleted after each save."""
     min_gpus: PositiveInt | None = None
     """Fewest GPUs this stage may continue on after a host is lost (default: all of ``gpus``)."""
     data: DataConfig | None = None
@@ -151,12 +154,13 @@ class Recipe:
         for i, s in enumerate(self.stages):
             if AUTO in (s.batch, s.ulysses):
                 raise ConfigError(f"{self.source}: stage {s.name!r}: batch/ulysses are 'auto'; size the recipe for a cluster first (ringleader run --dry-run shows the choice)")
-            stage_dir = Path(run_dir) / f"stage{i}-{s.name}"
+            stage_dir = storage.join(run_dir, f"stage{i}-{s.name}")  # a path or an object store URI
             try:
                 cfg = StageConfig(
                     name=s.name, seq_len=s.seq_len, rope_theta=thetas[s.name], batch=int(s.batch), steps=s.steps,
                     gpus=s.gpus, model=self.model, data=s.data or self.data, output_dir=str(stage_dir),
                     grad_accum=s.grad_accum, lr=s.lr, ulysses=int(s.ulysses), checkpoint_every=s.checkpoint_every,
+                    keep_checkpoints=s.keep_checkpoints,
                     init_from=prev_hf, deepspeed=copy.deepcopy(deepspeed), seed=self.seed, niah=s.niah,
                     collective_timeout=self.collective_timeout,
                 )
@@ -164,7 +168,7 @@ class Recipe:
                 errors.append(f"{self.source}: {exc}")
                 continue
             out.append(cfg)
-            prev_hf = str(stage_dir / "hf")
+            prev_hf = storage.join(stage_dir, storage.HF_POINTER)
         if errors:
             raise ConfigError("\n".join(errors))
         return out

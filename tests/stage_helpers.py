@@ -38,12 +38,30 @@ def plan_for(cfg: StageConfig, world: int | None = None) -> Plan:
     return Plan("naive", world // cfg.cp, cfg.cp, cfg.ulysses, cfg.seq_len, [RankPlacement(r, "local", r) for r in range(world)])
 
 
-def run_stage_ranks(rank: int, world: int, cfgs: list[dict], plans: list[dict], kill_at: tuple[int, int] | None = None) -> list[Any]:
-    """Rank body: run stages in order; ``kill_at=(i, step)`` SIGKILLs the rank after that step of stage ``i``."""
+def run_stage_ranks(rank: int, world: int, cfgs: list[dict], plans: list[dict], kill_at: tuple[int, int] | None = None,
+                    kill_in_save: tuple[int, int, int] | None = None) -> list[Any]:
+    """Rank body: run stages in order; ``kill_at=(i, step)`` SIGKILLs the rank after that step of stage ``i``.
+
+    ``kill_in_save=(i, step, r)``: rank ``r`` SIGKILLs itself in stage ``i``'s save of tag ``step<step>``,
+    right after it has put its first file there (other ranks' files and the manifest not yet written).
+    """
+    from trainer import storage
     from trainer.stage import run_stage
 
+    put_file = storage.put_file
+    stage_now = [0]
+
+    def put_then_die(src: Path, loc: str) -> None:
+        put_file(src, loc)
+        i, step, victim = kill_in_save
+        if (stage_now[0], rank) == (i, victim) and f"/step{step}/" in loc:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    if kill_in_save is not None:
+        storage.put_file = put_then_die
     out = []
     for i, (cfg, plan) in enumerate(zip(cfgs, plans)):
+        stage_now[0] = i
         seen: list[dict] = []
 
         def on_metrics(m: dict) -> None:

@@ -106,6 +106,8 @@ class StageConfig:
     ulysses: PositiveInt = 1
     checkpoint_every: Count = 0
     """Save a resumable DeepSpeed checkpoint every N optimizer steps (0: only at the end)."""
+    keep_checkpoints: PositiveInt = 2
+    """Complete DeepSpeed checkpoints kept (the newest); a damaged newest one falls back to the one before."""
     init_from: str | None = None
     """HF checkpoint of the previous stage; None starts from ``model``."""
     activation_checkpointing: bool = True

@@ -27,7 +27,7 @@ import argparse
 import logging
 import os
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -36,14 +36,14 @@ import torch.distributed as dist
 
 from topology.errors import ConfigError
 from topology.plan import Plan
-from trainer import checkpoint
+from trainer import checkpoint, storage
 from trainer.config import COLLECTIVE_TIMEOUT_S, StageConfig
 from trainer.data import build_dataset, sample_index
 from trainer.engine import agree, deepspeed_config, init_process_group, make_engine, zero_stage
 from trainer.groups import ParallelGroups
 from trainer.loss import ShardLoss, loss_scale
 from trainer.modeling import build_model, load_config
-from trainer.progress import StepReporter
+from trainer.progress import METRICS_JSONL, StepReporter
 from trainer.tokenizer import load_tokenizer
 from trainer.attention.documents import Documents, drop_cross_document_labels
 from trainer.attention.ulysses import kv_heads_for_ulysses
@@ -99,6 +99,7 @@ def run_stage(cfg: StageConfig, plan: Plan, on_metrics: Callable[[dict[str, Any]
     device = init_process_group(cfg.collective_timeout)
     rank, world = dist.get_rank(), dist.get_world_size()
     try:
+        cfg = replace(cfg, init_from=storage.local_model(cfg.init_from))  # the previous stage's model, here
         check_inputs(cfg, plan, world)
         tokenizer = load_tokenizer(cfg.model, cfg.init_from)
         dataset = build_dataset(cfg.data, tokenizer, cfg.seq_len, cfg.seed)
@@ -109,7 +110,10 @@ def run_stage(cfg: StageConfig, plan: Plan, on_metrics: Callable[[dict[str, Any]
     groups = ParallelGroups.from_plan(plan, timeout_s=cfg.collective_timeout)
     cuda = device.type == "cuda"
     ds_config = deepspeed_config(cfg, cuda)
-    Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
+    work = storage.work_dir(cfg.output_dir)  # the stage directory itself, or this host's copy of an object store's
+    work.mkdir(parents=True, exist_ok=True)
+    if rank == 0:
+        _pull_metrics(cfg.output_dir, work)
 
     model = build_model(cfg.model, cfg.rope_theta, cfg.seq_len, cfg.init_from, tokenizer=tokenizer, seed=cfg.seed,
                         dtype=torch.bfloat16 if cuda else torch.float32, ds_config=ds_config)
@@ -119,12 +123,15 @@ def run_stage(cfg: StageConfig, plan: Plan, on_metrics: Callable[[dict[str, Any]
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     engine = make_engine(ShardLoss(model), ds_config, device, cfg.collective_timeout)
 
-    first_step, tokens = checkpoint.resume(engine, cfg.output_dir)
+    resumed = checkpoint.resume(engine, cfg.output_dir)
+    first_step, tokens = resumed.step, resumed.tokens
     if rank == 0:
         log.info("stage %s: %d ranks (dp %d x ring %d x ulysses %d), seq_len %d, theta %.4g, ZeRO-%d, attention %s, %s",
                  cfg.name, world, plan.dp, plan.ring, plan.ulysses, cfg.seq_len, cfg.rope_theta, zero_stage(ds_config),
                  model.config._attn_implementation, f"resuming at step {first_step}" if first_step else "fresh start")
-    reporter = StepReporter(cfg.name, cfg.steps, first_step, cfg.tokens_per_step, cfg.output_dir, rank, on_metrics)
+    reporter = StepReporter(cfg.name, cfg.steps, first_step, cfg.tokens_per_step, work, rank, on_metrics)
+    for event in resumed.skipped:
+        reporter.event({**event, "stage": cfg.name})
     positions = local_indices(cfg.seq_len, groups)[None].to(device)
     loss = float("nan")
     try:
@@ -134,22 +141,39 @@ def run_stage(cfg: StageConfig, plan: Plan, on_metrics: Callable[[dict[str, Any]
             tokens = (step + 1) * cfg.tokens_per_step
             last = step + 1 == cfg.steps
             if last or (cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0):
-                checkpoint.save(engine, cfg.output_dir, step + 1, tokens, dp=plan.dp, cp=plan.cp)
+                checkpoint.save(engine, cfg.output_dir, step + 1, tokens, dp=plan.dp, cp=plan.cp, keep=cfg.keep_checkpoints)
+                if rank == 0:
+                    _push_metrics(cfg.output_dir, work)
     finally:
         reporter.close()
-    hf_dir = checkpoint.export_hf(model, tokenizer, cfg.output_dir)
+    hf_dir = checkpoint.export_hf(model, tokenizer, cfg.output_dir, tokens // cfg.tokens_per_step)
     if cfg.niah is not None:
         _evaluate_niah(cfg, hf_dir, groups, reporter, device)
-    return StageResult(str(hf_dir), loss, cfg.steps, tokens, first_step or None)
+    if rank == 0:
+        _push_metrics(cfg.output_dir, work)
+    return StageResult(hf_dir, loss, cfg.steps, tokens, first_step or None)
 
 
-def _evaluate_niah(cfg: StageConfig, hf_dir: Path, groups: ParallelGroups, reporter: StepReporter,
+def _pull_metrics(output_dir: str, work: Path) -> None:
+    """An object store's metrics.jsonl becomes this host's working copy (rank 0 appends, ``_push_metrics`` publishes)."""
+    if storage.is_uri(output_dir):
+        (work / METRICS_JSONL).write_bytes(storage.read_bytes(storage.join(output_dir, METRICS_JSONL)) or b"")
+
+
+def _push_metrics(output_dir: str, work: Path) -> None:
+    if storage.is_uri(output_dir):
+        storage.write_bytes(storage.join(output_dir, METRICS_JSONL), (work / METRICS_JSONL).read_bytes())
+
+
+def _evaluate_niah(cfg: StageConfig, hf_dir: str, groups: ParallelGroups, reporter: StepReporter,
                    device: torch.device) -> None:
     """The stage-end needle-in-a-haystack step: the saved model, on the stage's own ring."""
     from trainer.niah.evaluate import NiahConfig, evaluate_checkpoint
 
-    result = evaluate_checkpoint(str(hf_dir), NiahConfig(**cfg.niah), groups=groups,
-                                 out_dir=Path(cfg.output_dir) / "niah", device=device)
+    result = evaluate_checkpoint(storage.local_model(hf_dir), NiahConfig(**cfg.niah), groups=groups,
+                                 out_dir=storage.work_dir(cfg.output_dir) / "niah", device=device)
+    if dist.get_rank() == 0 and storage.is_uri(cfg.output_dir):
+        storage.put_dir(storage.work_dir(cfg.output_dir) / "niah", storage.join(cfg.output_dir, "niah"))
     reporter.event({"event": "niah", "stage": cfg.name, "average": result.average,
                     "token_accuracy": result.token_accuracy, "cells": len(result.cells)})
 

@@ -27,6 +27,7 @@ import torch.multiprocessing as mp
 from topology.errors import ConfigError
 from topology.listen import store_server
 from topology.plan import Plan, RankPlacement
+from trainer import storage
 from trainer.config import ModelConfig
 from trainer.engine import init_process_group
 from trainer.groups import ParallelGroups
@@ -39,7 +40,7 @@ DEFAULTS = NiahConfig()
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("model", help="HF model directory (a stage's hf/) or hub name")
+    parser.add_argument("model", help="HF model directory (a stage's hf), its object store URI (s3://.../hf) or a hub name")
     parser.add_argument("--max-len", type=int, default=DEFAULTS.max_len, help="longest context in tokens (default %(default)s)")
     parser.add_argument("--min-len", type=int, default=DEFAULTS.min_len, help="shortest context (default %(default)s)")
     parser.add_argument("--len-interval", type=int, default=DEFAULTS.len_interval, help="step between lengths (default %(default)s)")
@@ -62,6 +63,7 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--ring {args.ring} needs {args.ring} GPUs; this machine has {torch.cuda.device_count()}")
     # Everything that can be wrong with the input fails here, before a model loads or a rank starts.
     haystack = load_haystack(config.haystack)
+    args.model = storage.local_model(args.model)  # a stage's hf on an object store: downloaded once to this machine
     if args.model.startswith((".", "/", "~")) and not Path(args.model).expanduser().exists():
         raise ConfigError(f"model {args.model!r} does not exist; give a model directory (a stage's hf/) or a hub name")
     PromptBuilder(load_tokenizer(ModelConfig(path=args.model)), haystack, config.digits, config.seed).build(config.min_len, 0.0)

@@ -4,9 +4,10 @@ On a laptop (no cluster: an embedded local Ray, ranks on CPU)::
 
     python -m launcher run clusters/recipes/demo.yaml
 
-On a cluster, as a Ray job (the run directory must be on shared storage)::
+On a cluster, as a Ray job (the run directory must be on shared storage, or in an object store)::
 
     ray job submit --working-dir . -- python -m launcher run clusters/recipes/RECIPE.yaml --run-dir /shared/runs/x
+    ray job submit --working-dir . -- python -m launcher run clusters/recipes/RECIPE.yaml --run-dir s3://BUCKET/runs/x
 
 From a machine that reaches the head's GCS port::
 
@@ -42,7 +43,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("recipe", help="recipe YAML (clusters/recipes/)")
     parser.add_argument("--address", help="Ray cluster: the head's GCS host:port or ray://host:10001 "
                         "(default: RAY_ADDRESS, as inside `ray job submit`; else an embedded local Ray)")
-    parser.add_argument("--run-dir", help="run directory (default: RECIPE's run_dir/NAME-TIMESTAMP); "
+    parser.add_argument("--run-dir", help="run directory: a path every host mounts, or an object store URI such as "
+                        "s3://BUCKET/runs/x (default: RECIPE's run_dir/NAME-TIMESTAMP); "
                         "rerunning with the same one skips finished stages and resumes the current one")
     parser.add_argument("--reprofile", action="store_true", help="measure the network again even if a profile of these nodes is cached")
     parser.add_argument("--profile-cache", metavar="DIR", help="where measured profiles are kept, keyed by node ids "

@@ -21,6 +21,7 @@ been called (``launcher.commands.run`` does it).
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from dataclasses import dataclass, field, replace
@@ -37,10 +38,11 @@ from launcher.runtime.progress import StageProgress, format_seconds
 from launcher.recipe import Recipe
 from launcher.runtime.resources import ClusterView, ResourcesUnavailable
 from launcher.runtime.workers import PlacementFailed, WorkerFailure, WorkerGroup
-from topology.model import Topology, dump_text, write_atomic
+from topology.model import Topology, dump_text
 from topology.plan import Plan
 from topology.planner import make_plan
 from topology.profile import ProfileError, profile_cluster
+from trainer import storage
 from trainer.checkpoint import latest_step
 from trainer.config import DataConfig, StageConfig
 
@@ -60,7 +62,8 @@ def default_profile_cache() -> Path:
 class ControllerOptions:
     """How the controller runs, apart from the recipe."""
 
-    run_dir: Path
+    run_dir: str | Path
+    """A path every host mounts, or an object store URI (s3://, gs://, ...)."""
     reprofile: bool = False
     """Measure the network again at the start even if a profile of these nodes is cached."""
     profile_cache: Path | None = None
@@ -90,7 +93,7 @@ class Controller:
 
     def __init__(self, recipe: Recipe, options: ControllerOptions):
         self.recipe, self.opt = recipe, options
-        self.run_dir = rundir.RunDir(Path(options.run_dir).resolve())
+        self.run_dir = rundir.RunDir(storage.normalize(options.run_dir))
         self._reprofile = options.reprofile
         self.can_grow = False
         self.use_gpus = False
@@ -191,6 +194,7 @@ class Controller:
         self._nodes = placement_nodes(plan, topo)
         group = WorkerGroup.start(plan, self._nodes, view.bundle(), self.opt.placement_timeout_s)
         try:
+            rundir.check_shared(self.run_dir.root, group.read_on_hosts)
             group.init_process_group(cfg.collective_timeout)
             start = latest_step(cfg.output_dir) or 0
             predicted = (plan.cost or {}).get("step_time_s") if self.use_gpus else None  # predictions are for GPUs
@@ -232,13 +236,13 @@ class Controller:
         return plan
 
     def _write_stage_files(self, cfg: StageConfig, topo: Topology, plan: Plan) -> None:
-        d = Path(cfg.output_dir)
-        write_atomic(d / rundir.TOPOLOGY_JSON, dump_text(self._measured, "topology.json"))
-        plan.save(d / rundir.PLAN_JSON)
-        cfg.save(d / rundir.STAGE_JSON)
+        d = cfg.output_dir
+        storage.write_bytes(storage.join(d, rundir.TOPOLOGY_JSON), dump_text(self._measured, "topology.json"))
+        storage.write_bytes(storage.join(d, rundir.PLAN_JSON), dump_text(plan.to_dict(), rundir.PLAN_JSON))
+        storage.write_bytes(storage.join(d, rundir.STAGE_JSON), json.dumps(cfg.to_dict(), indent=1) + "\n")
         from topology.viz import render_html  # matplotlib: imported once a stage is planned, not at start-up
 
-        write_atomic(d / rundir.TOPOLOGY_HTML, render_html(topo, plan, on_gpus=self.use_gpus))  # CPU slots: no GPU predictions
+        storage.write_bytes(storage.join(d, rundir.TOPOLOGY_HTML), render_html(topo, plan, on_gpus=self.use_gpus))  # CPU slots: no GPU predictions
 
 
 # ------------------------------------------------------------------ helpers

@@ -12,24 +12,30 @@ writes its checkpoints and metrics into the same place)::
         stage.json                  the resolved StageConfig the ranks ran
         metrics.jsonl               one JSON object per step (rank 0) and per retry (controller)
         checkpoints/                resumable DeepSpeed checkpoints
-        hf/                         the stage's model, input of the next stage
+          step<N>/manifest.json       a tag's files, sizes and checksums: written once every rank's are in
+          latest                      the newest committed tag
+        hf-step<N>-<id>/            the stage's model, input of the next stage
+        hf                          points at it (a symlink; a one-line object on an object store)
         done.json                   written last: the stage finished
 
-A run directory on shared storage is what lets ranks on several hosts write
-one checkpoint and the next stage read it. Every file but the appended
-metrics.jsonl is written atomically (temporary name, then rename).
+A run directory on shared storage (a path every host mounts, or an object
+store URI, see ``trainer.storage``) is what lets ranks on several hosts
+write one checkpoint and the next stage read it; ``check_shared`` proves it
+before a stage starts. Every file but the appended metrics.jsonl is written
+atomically (temporary name, then rename; an object is published whole).
 """
 
 from __future__ import annotations
 
 import json
+import secrets
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from topology.errors import ConfigError
-from topology.model import write_atomic
+from trainer import storage
 from trainer.progress import METRICS_JSONL
 
 
@@ -38,27 +44,27 @@ TOPOLOGY_JSON, TOPOLOGY_HTML, PLAN_JSON, STAGE_JSON = "topology.json", "topology
 DONE_JSON = "done.json"
 
 
-def default_run_dir(base: str | Path, recipe_name: str) -> Path:
+def default_run_dir(base: str | Path, recipe_name: str) -> str:
     """``BASE/NAME-YYYYmmdd-HHMMSS``: a fresh directory per run unless one is given."""
-    return Path(base) / f"{recipe_name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    return storage.join(base, f"{recipe_name}-{time.strftime('%Y%m%d-%H%M%S')}")
 
 
 @dataclass(frozen=True)
 class RunDir:
-    """Paths of one run; ``create`` makes the root and copies the recipe in."""
+    """Location of one run (a path or an object store URI); ``create`` makes the root and copies the recipe in."""
 
-    root: Path
+    root: str
 
     @classmethod
     def create(cls, root: str | Path, recipe_path: str | Path) -> "RunDir":
-        rd = cls(Path(root).resolve())
+        rd = cls(storage.normalize(root))
+        copy = storage.join(rd.root, "recipe.yaml")
         try:
-            rd.root.mkdir(parents=True, exist_ok=True)
+            if storage.local_path(copy) is None or Path(recipe_path).resolve() != Path(copy):
+                storage.write_bytes(copy, Path(recipe_path).read_bytes())
         except OSError as exc:
-            raise ConfigError(f"run directory {rd.root} cannot be created ({exc.strerror}); pass a writable --run-dir") from None
-        copy = rd.root / "recipe.yaml"
-        if Path(recipe_path).resolve() != copy:
-            write_atomic(copy, Path(recipe_path).read_bytes())
+            raise ConfigError(f"run directory {rd.root} cannot be written ({getattr(exc, 'strerror', None) or exc}); "
+                              "pass a writable --run-dir") from None
         return rd
 
 
@@ -68,25 +74,47 @@ def append_event(stage_dir: str | Path, event: dict[str, Any]) -> None:
     The controller writes only while no rank runs (retries happen after the
     group is torn down), so it never interleaves with rank 0's lines.
     """
-    path = Path(stage_dir) / METRICS_JSONL
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as f:
-        f.write(json.dumps({"time": time.time(), **event}) + "\n")
+    storage.append_line(storage.join(stage_dir, METRICS_JSONL), json.dumps({"time": time.time(), **event}))
 
 
 def read_metrics(stage_dir: str | Path) -> list[dict[str, Any]]:
     """Every line of the stage's metrics.jsonl (steps and events)."""
-    path = Path(stage_dir) / METRICS_JSONL
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    data = storage.read_bytes(storage.join(stage_dir, METRICS_JSONL)) or b""
+    return [json.loads(line) for line in data.decode().splitlines() if line.strip()]
 
 
 def mark_done(stage_dir: str | Path, result: dict[str, Any]) -> None:
-    write_atomic(Path(stage_dir) / DONE_JSON, json.dumps(result, indent=1) + "\n")
+    storage.write_bytes(storage.join(stage_dir, DONE_JSON), json.dumps(result, indent=1) + "\n")
 
 
 def finished(stage_dir: str | Path) -> dict[str, Any] | None:
     """The stage's result if it completed in an earlier run of this run directory."""
-    path = Path(stage_dir) / DONE_JSON
-    return json.loads(path.read_text()) if path.exists() else None
+    data = storage.read_bytes(storage.join(stage_dir, DONE_JSON))
+    return json.loads(data) if data is not None else None
+
+
+def check_shared(root: str, read_on_hosts: Callable[[str], dict[str, bytes | None]]) -> None:
+    """Prove that every host of a stage sees the run directory: the driver writes a token, each host reads it.
+
+    ``read_on_hosts(location)`` returns, per host, the bytes that host read
+    there (None: nothing). A path that is local to each host, or an object
+    store a host cannot reach, is refused before any rank trains.
+
+    Raises
+    ------
+    ConfigError
+        Naming the hosts that do not see the token and what to use instead.
+    """
+    token = secrets.token_hex(16).encode()
+    where = storage.join(root, f".visible-{token[:12].decode()}")
+    storage.write_bytes(where, token)
+    try:
+        seen = read_on_hosts(where)
+    finally:
+        storage.remove(where)
+    blind = sorted(host for host, data in seen.items() if data != token)
+    if blind:
+        fix = ("check that each host has the object store's credentials and endpoint (AWS_* variables, instance role)"
+               if storage.is_uri(root) else "mount one shared filesystem (NFS, EFS, FSx for Lustre) at this path on every "
+               "host, or pass an object store URI such as --run-dir s3://BUCKET/runs/NAME")
+        raise ConfigError(f"run directory {root} is not visible from host(s) {', '.join(blind)}; {fix}")

@@ -76,6 +76,15 @@ class RankWorker:
         self._rendezvous = store_server(ray.util.get_node_ip_address(), timeout_s)
         return self._rendezvous.port
 
+    def read_file(self, location: str) -> bytes | None:
+        """The bytes at a path or object store URI as this host sees it (None: not there, or unreadable)."""
+        from trainer import storage
+
+        try:
+            return storage.read_bytes(location)
+        except Exception:  # noqa: BLE001 - a host that cannot read the run directory is the answer, not an error
+            return None
+
     def init_group(self, env: dict[str, str], timeout_s: float) -> float:
         """Join the default process group from torchrun's variables; returns when all ranks are in."""
         os.environ.update(env)
@@ -215,6 +224,12 @@ class WorkerGroup:
                 visible = ",".join(str(infos[r]["gpu_ids"][0]) for r in ranks)
                 for r in ranks:
                     self.envs[r]["CUDA_VISIBLE_DEVICES"] = visible
+
+    def read_on_hosts(self, location: str, timeout_s: float = 60.0) -> dict[str, bytes | None]:
+        """Host -> what one rank actor of that host reads at ``location`` (``rundir.check_shared``)."""
+        first = {h: self.plan.ranks_on(h)[0] for h in self.plan.hosts}
+        got = ray.get([self.workers[r].read_file.remote(location) for r in first.values()], timeout=timeout_s)
+        return dict(zip(first, got))
 
     def init_process_group(self, timeout_s: float = 300.0) -> None:
         """Every rank joins the default group (and passes a barrier)."""

@@ -1,0 +1,230 @@
+"""Run directories on object storage, and run directories that are not shared.
+
+An S3-compatible server (moto's standalone server) runs on localhost; the
+demo recipe runs on a two-host Ray cluster with its run directory at
+``s3://BUCKET/runs/demo``. A rank's worker is SIGKILLed after the first
+stage's first checkpoint: the stage must resume from the checkpoint in the
+bucket. Afterwards the bucket holds the whole run (plans, metrics, manifests,
+each stage's model behind its ``hf`` pointer) and ``ringleader niah`` reads
+the last stage's model straight from it.
+
+Then a driver whose run directory lies on a mount only it can see (a tmpfs
+in its own mount namespace: a disk local to one host) is refused before any
+rank trains.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from launcher.recipe import Recipe
+from launcher.runtime.rundir import finished, read_metrics
+from tests.ray_utils import REPO, local_cluster
+from trainer import storage
+from trainer.checkpoint import MANIFEST, latest_step
+from trainer.progress import METRICS_JSONL
+
+BUCKET = "ringleader-test"
+RUN = f"s3://{BUCKET}/runs/demo"
+KILL_AT_STEP = 4
+"""A rank dies here: after the first stage's checkpoint of step 3."""
+
+
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory):
+    """A real S3 endpoint on localhost; AWS_* variables point pyarrow (and the Ray nodes started later) at it."""
+    moto_server = pytest.importorskip("moto.server")
+    import boto3
+
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one log line per request otherwise
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+           "AWS_REGION": "us-east-1", "AWS_ENDPOINT_URL": f"http://{host}:{port}", "AWS_EC2_METADATA_DISABLED": "true",
+           "RINGLEADER_CACHE": str(tmp_path_factory.mktemp("host-cache"))}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"]).create_bucket(Bucket=BUCKET)
+    try:
+        yield env
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        server.stop()
+
+
+@pytest.mark.parametrize("kind_", ["posix", "s3"])
+def test_storage_publishes_whole_files_and_follows_the_model_pointer(s3, tmp_path, kind_):
+    """The same calls on a directory and on the bucket: atomic writes, listing, pointer switch, download."""
+    root = str(tmp_path / "run") if kind_ == "posix" else f"s3://{BUCKET}/unit/{tmp_path.name}"
+    stage = storage.join(root, "stage0-a")
+    assert storage.read_bytes(storage.join(stage, "done.json")) is None and storage.children(stage) == []
+    storage.write_bytes(storage.join(stage, "done.json"), "{}")
+    storage.append_line(storage.join(stage, "metrics.jsonl"), '{"step": 1}')
+    storage.append_line(storage.join(stage, "metrics.jsonl"), '{"step": 2}')
+    assert storage.read_bytes(storage.join(stage, "metrics.jsonl")) == b'{"step": 1}\n{"step": 2}\n'
+
+    model = tmp_path / "model"
+    (model / "sub").mkdir(parents=True)
+    (model / "config.json").write_text('{"a": 1}')
+    (model / "sub" / "w.bin").write_bytes(b"x" * 1000)
+    for version in ("hf-step1-aaaaaa", "hf-step2-bbbbbb"):
+        storage.put_dir(model, storage.join(stage, version)) if kind_ == "s3" else shutil.copytree(model, tmp_path / "run" / "stage0-a" / version)
+        storage.switch_pointer(stage, version)
+    assert storage.file_sizes(storage.join(stage, "hf-step2-bbbbbb")) == {"config.json": 8, "sub/w.bin": 1000}
+    assert storage.kind(storage.join(stage, "hf")) == ("link" if kind_ == "posix" else "file")
+    local = Path(storage.local_model(storage.join(stage, "hf")))
+    assert (local / "sub" / "w.bin").read_bytes() == b"x" * 1000
+    assert local.resolve().name == "hf-step2-bbbbbb"
+    assert sorted(storage.children(stage)) == ["done.json", "hf", "hf-step1-aaaaaa", "hf-step2-bbbbbb", "metrics.jsonl"]
+    storage.remove(storage.join(stage, "hf-step1-aaaaaa"))
+    assert storage.kind(storage.join(stage, "hf-step1-aaaaaa")) == "missing"
+
+
+def demo_recipe(tmp: Path) -> Recipe:
+    """clusters/recipes/demo.yaml with the run directory in the bucket and a first stage long enough to be cut."""
+    data = yaml.safe_load((REPO / "clusters" / "recipes" / "demo.yaml").read_text())
+    data["data"]["path"] = str(REPO / "clusters" / "data" / "corpus")
+    data["run_dir"] = f"s3://{BUCKET}/runs"
+    data["stages"][0]["steps"] = 9
+    path = tmp / "demo.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return Recipe.load(path)
+
+
+def rank_worker_pids(lc) -> list[int]:
+    """Processes of this cluster's rank actors: children of its raylets that Ray titled ``ray::RankWorker...``."""
+    import psutil
+    from ray._private import ray_constants
+
+    raylets = [p.process.pid for node in lc.nodes for p in node.all_processes[ray_constants.PROCESS_TYPE_RAYLET]]
+    return [c.pid for r in raylets for c in psutil.Process(r).children(recursive=True)
+            if any("RankWorker" in part for part in c.cmdline())]
+
+
+def kill_a_rank_after_a_checkpoint(lc, stage_dir: str, killed: dict, stop: threading.Event) -> None:
+    """SIGKILL a rank's worker once rank 0 has logged step KILL_AT_STEP (the checkpoint of step 3 is committed by then)."""
+    metrics = storage.work_dir(stage_dir) / METRICS_JSONL  # rank 0's working copy on this machine
+    while not stop.is_set():
+        lines = metrics.read_text().splitlines() if metrics.exists() else []
+        steps = [json.loads(line).get("step", 0) for line in lines if line.strip()]
+        if steps and max(steps) >= KILL_AT_STEP:
+            victim = max(rank_worker_pids(lc))
+            killed.update(pid=victim, at_step=max(steps), committed=latest_step(stage_dir))
+            os.kill(victim, signal.SIGKILL)
+            return
+        time.sleep(0.05)
+
+
+@pytest.fixture(scope="module")
+def cluster_run(s3, tmp_path_factory):
+    """The demo recipe on two hosts of two fake GPUs, run directory in the bucket, a rank killed mid-stage."""
+    from launcher.runtime.controller import Controller, ControllerOptions
+
+    tmp = tmp_path_factory.mktemp("s3run")
+    recipe = demo_recipe(tmp)
+    options = ControllerOptions(run_dir=RUN, profile_cache=tmp / "profiles", resource_timeout_s=60,
+                                profile_transfer_mb=1, profile_repeats=2, progress_bar=False)
+    stage0 = storage.join(RUN, 'stage0-256')
+    with local_cluster(hosts=2, gpus_per_host=2, cpus_per_host=2) as lc:
+        killed: dict = {}
+        stop = threading.Event()
+        killer = threading.Thread(target=kill_a_rank_after_a_checkpoint, args=(lc, stage0, killed, stop), daemon=True)
+        killer.start()
+        try:
+            results = Controller(recipe, options).run_all()
+        finally:
+            stop.set()
+            killer.join(timeout=30)
+        yield {"results": results, "killed": killed, "recipe": recipe, "tmp": tmp, "address": lc.address, "ips": lc.ips}
+
+
+@pytest.mark.timeout(900)
+def test_demo_runs_on_object_storage_and_resumes_from_the_bucket(cluster_run):
+    killed, results = cluster_run["killed"], cluster_run["results"]
+    assert killed and killed["committed"] >= 3, killed
+    assert [r["steps"] for r in results] == [9, 6]
+    assert not any(storage.local_path(r["hf_dir"]) for r in results) and results[1]["hf_dir"] == f"{RUN}/stage1-1k/hf"
+
+    # The bucket's metrics.jsonl: steps up to the committed checkpoint, the retry, then the steps after it.
+    metrics = read_metrics(storage.join(RUN, "stage0-256"))
+    [at] = [i for i, m in enumerate(metrics) if m.get("event") == "retry"]
+    resume = metrics[at]["resume_step"]
+    assert resume >= 3 and results[0]["resumed_from"] == resume
+    assert [m["step"] for m in metrics[:at]] == list(range(1, resume + 1))
+    assert [m["step"] for m in metrics[at + 1:] if "step" in m] == list(range(resume + 1, 10))
+
+    for i, name in enumerate(("stage0-256", "stage1-1k")):
+        stage = storage.join(RUN, name)
+        assert finished(stage) is not None
+        for f in ("plan.json", "stage.json", "topology.json", "metrics.jsonl"):
+            assert storage.kind(storage.join(stage, f)) == "file", f
+        version = storage.read_bytes(storage.join(stage, "hf")).decode().strip()
+        assert version.startswith("hf-step") and storage.kind(storage.join(stage, version, "config.json")) == "file"
+        tag = f"step{latest_step(stage)}"
+        manifest = json.loads(storage.read_bytes(storage.join(stage, "checkpoints", tag, MANIFEST)))
+        sizes = storage.file_sizes(storage.join(stage, "checkpoints", tag))
+        assert {rel: meta["size"] for rel, meta in manifest["files"].items()} == {k: v for k, v in sizes.items() if k != MANIFEST}
+    stage1 = json.loads(storage.read_bytes(storage.join(RUN, "stage1-1k", "stage.json")))
+    assert stage1["init_from"] == f"{RUN}/stage0-256/hf"
+
+
+@pytest.mark.timeout(120)
+def test_niah_reads_a_model_from_the_bucket(cluster_run, tmp_path):
+    from launcher.cli import main
+
+    out = tmp_path / "niah"
+    grid = ["--max-len", "512", "--min-len", "256", "--len-interval", "256", "--depth-interval", "0.5",
+            "--haystack", str(REPO / "tests" / "data" / "haystack")]
+    assert main(["niah", f"{RUN}/stage1-1k/hf", *grid, "-o", str(out)]) == 0
+    assert json.loads((out / "niah.json").read_text())["cells"]
+
+
+DRIVER = """
+import sys, ray
+from launcher.recipe import Recipe
+from launcher.runtime.controller import Controller, ControllerOptions
+from topology.errors import ConfigError
+ray.init(address=sys.argv[1], _node_ip_address=sys.argv[2], logging_level="warning")
+options = ControllerOptions(run_dir=sys.argv[4], profile_cache=sys.argv[5], profile_transfer_mb=1, profile_repeats=2, progress_bar=False)
+try:
+    Controller(Recipe.load(sys.argv[3]), options).run_all()
+except ConfigError as exc:
+    print(f"ringleader: error: {exc}", file=sys.stderr)
+    sys.exit(2)
+"""
+
+
+@pytest.mark.timeout(330)
+def test_a_run_directory_only_the_driver_sees_is_refused(cluster_run, tmp_path):
+    if os.geteuid() != 0 or shutil.which("unshare") is None:
+        pytest.skip("needs root and unshare(1) to give the driver a mount of its own")
+    private = tmp_path / "host-local-disk"
+    private.mkdir()
+    recipe = cluster_run["tmp"] / "demo.yaml"
+    script = (f"mount -t tmpfs none {private} && exec {sys.executable} -c \"$DRIVER\" {cluster_run['address']} "
+              f"{cluster_run['ips'][0]} {recipe} {private / 'run'} {tmp_path / 'profiles'}")
+    env = dict(os.environ, DRIVER=DRIVER, PYTHONPATH=str(REPO))
+    proc = subprocess.run(["unshare", "-m", "--propagation", "private", "sh", "-c", script], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    [line] = [ln for ln in proc.stderr.splitlines() if ln.startswith("ringleader: error:")]
+    assert f"run directory {private / 'run'} is not visible from host(s)" in line
+    assert "mount one shared filesystem" in line and "s3://" in line
+    assert not any(private.iterdir())  # the mount went away with the driver; nothing leaked onto the real disk
