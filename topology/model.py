@@ -38,7 +38,9 @@ import yaml
 from topology.errors import ConfigError, first_line
 
 FORMAT_VERSION = 1
-NODE_KINDS = ("host", "gpu", "socket", "pcie", "nic", "leaf", "spine")
+SWITCH_KINDS = ("leaf", "spine")
+"""Network switches: nodes outside every host."""
+NODE_KINDS = ("host", "gpu", "socket", "pcie", "nic", *SWITCH_KINDS)
 NODE_ATTRS = ("kind", "host", "index", "ip", "node_id", "labels", "leaf")
 
 
@@ -51,6 +53,12 @@ class GpuSpec:
     """Dense BF16 tensor-core peak, TFLOPS."""
     memory_gb: float = 48.0
     hbm_gbps: float = 864.0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name:
+            raise ConfigError(f"gpu: name is {self.name!r}; give the accelerator's name as text, e.g. L40S")
+        for key in ("tflops_bf16", "memory_gb", "hbm_gbps"):
+            _check_positive(f"gpu: {key}", getattr(self, key))
 
 
 @dataclass
@@ -76,6 +84,8 @@ class Topology:
         return node
 
     def add_link(self, a: str, b: str, bw_gbps: float, lat_us: float = 1.0) -> None:
+        if a == b:
+            raise ConfigError(f"link {a!r} - {b!r} joins a node to itself; a link needs two different endpoints")
         for end in (a, b):
             if end not in self.graph:
                 raise ConfigError(f"link {a!r} - {b!r}: unknown endpoint {end!r}; define the node first")
@@ -258,11 +268,7 @@ class Topology:
         for key in ("nodes", "links"):
             if not isinstance(data.get(key), list):
                 raise ConfigError(f"{source}: '{key}' is missing or not a list; see topology/model.py for the format")
-        gpu = data.get("gpu") or {}
-        try:
-            spec = GpuSpec(**gpu)
-        except TypeError as exc:
-            raise ConfigError(f"{source}: gpu: {exc}; known fields are {', '.join(GpuSpec.__dataclass_fields__)}") from None
+        spec = _gpu_spec(data.get("gpu"), source)
         topo = cls(name=str(data.get("name", "cluster")), gpu=spec)
         for i, node in enumerate(data["nodes"]):
             if not isinstance(node, dict) or "id" not in node or "kind" not in node:
@@ -277,10 +283,33 @@ class Topology:
             if "bw_gbps" not in link:
                 raise ConfigError(f"{source}: links[{i}] ({link['a']} - {link['b']}): bw_gbps is missing; give GB/s per direction")
             topo.add_link(str(link["a"]), str(link["b"]), link["bw_gbps"], link.get("lat_us", 1.0))
-        for n, d in topo.graph.nodes(data=True):
-            if d["kind"] not in ("host", "leaf", "spine") and d.get("host") not in topo.graph:
-                raise ConfigError(f"{source}: node {n!r} ({d['kind']}) needs 'host' naming a host node")
+        topo.check(source)
         return topo
+
+    def check(self, source: str = "topology") -> None:
+        """Raise ``ConfigError`` on a part without its host, a bad GPU index or a ``leaf`` naming no switch."""
+        g = self.graph
+        indices: dict[tuple[str, int], str] = {}
+        for n, d in g.nodes(data=True):
+            kind = d["kind"]
+            if kind in SWITCH_KINDS:
+                continue
+            if kind == "host":
+                leaf = d.get("leaf")
+                if leaf is not None and (leaf not in g or g.nodes[leaf]["kind"] not in SWITCH_KINDS):
+                    raise ConfigError(f"{source}: host {n!r}: leaf {leaf!r} names no switch node; add it as a node of kind leaf or drop the field")
+                continue
+            host = d.get("host")
+            if host not in g or g.nodes[host]["kind"] != "host":
+                what = "names no node" if host not in g else f"is a {g.nodes[host]['kind']}"
+                raise ConfigError(f"{source}: node {n!r} ({kind}) needs 'host' naming a host node; its host {host!r} {what}")
+            if kind == "gpu":
+                index = d.get("index")
+                if not isinstance(index, int) or isinstance(index, bool) or index < 0:
+                    raise ConfigError(f"{source}: GPU {n!r}: index is {index!r}; give its CUDA ordinal as an integer >= 0")
+                if (host, index) in indices:
+                    raise ConfigError(f"{source}: GPUs {indices[host, index]!r} and {n!r} of host {host!r} both have index {index}; CUDA ordinals are unique per host")
+                indices[host, index] = n
 
     def save(self, path: str | os.PathLike) -> None:
         """Write as JSON (``.json``) or YAML (anything else), atomically."""
@@ -307,12 +336,21 @@ class Topology:
         bw = _square(data.get("host_bw_gbps"), n, f"{source}: host_bw_gbps")
         lat = _square(data.get("host_lat_us"), n, f"{source}: host_lat_us") if data.get("host_lat_us") else None
         gpu_bw = data.get("gpu_bw_gbps") or {}
-        spec = GpuSpec(**(data.get("gpu") or {}))
+        if not isinstance(gpu_bw, dict):
+            raise ConfigError(f"{source}: gpu_bw_gbps must map host names to matrices")
+        spec = _gpu_spec(data.get("gpu"), source)
         topo = cls(name=str(data.get("name", "measured")), gpu=spec)
         names = []
         for i, h in enumerate(hosts):
+            if not isinstance(h, dict):
+                raise ConfigError(f"{source}: hosts[{i}] must be a mapping with name and gpus")
+            count = h.get("gpus", 0)
+            if not isinstance(count, int) or isinstance(count, bool) or count < 0:
+                raise ConfigError(f"{source}: hosts[{i}]: gpus is {count!r}; give the host's GPU count as an integer >= 0")
             name = str(h.get("name", f"h{i:02d}"))
             names.append(name)
+            if h.get("leaf") is not None and h["leaf"] not in topo.graph:
+                topo.add_node(str(h["leaf"]), "leaf")  # a name for the group; measured pairs link hosts directly
             topo.add_node(name, "host", node_id=h.get("node_id"), ip=h.get("ip"), labels=h.get("labels") or None, leaf=h.get("leaf"))
             nic = topo.add_node(f"{name}/nic0", "nic", host=name, index=0)
             fastest = max([x for x in bw[i] if x] + [1.0])
@@ -373,6 +411,8 @@ def dump_text(data: Any, path: str | os.PathLike) -> str:
 def write_atomic(path: str | os.PathLike, content: str | bytes) -> None:
     """Write to a temporary file beside ``path`` and rename: readers never see half a file."""
     p = Path(path)
+    if p.is_dir():
+        raise ConfigError(f"{p} is a directory; give a file name to write")
     p.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.", suffix=".tmp")
     try:
@@ -396,4 +436,22 @@ def _check_positive(what: str, value: Any, allow_zero: bool = False) -> None:
 def _square(matrix: Any, n: int, what: str) -> list[list[float]]:
     if not isinstance(matrix, list) or len(matrix) != n or any(not isinstance(r, list) or len(r) != n for r in matrix):
         raise ConfigError(f"{what} must be a {n} x {n} matrix")
+    for i, row in enumerate(matrix):
+        for j, x in enumerate(row):
+            if x is not None and (not isinstance(x, (int, float)) or isinstance(x, bool) or not math.isfinite(x) or x < 0):
+                raise ConfigError(f"{what}[{i}][{j}] is {x!r}; measured figures are numbers >= 0")
     return [[float(x or 0.0) for x in row] for row in matrix]
+
+
+def _gpu_spec(gpu: Any, source: str) -> GpuSpec:
+    if gpu is None:
+        return GpuSpec()
+    if not isinstance(gpu, dict):
+        raise ConfigError(f"{source}: gpu must be a mapping such as {{name: L40S, tflops_bf16: 362}}")
+    unknown = set(gpu) - set(GpuSpec.__dataclass_fields__)
+    if unknown:
+        raise ConfigError(f"{source}: gpu: unknown field(s) {', '.join(sorted(unknown))}; known fields are {', '.join(GpuSpec.__dataclass_fields__)}")
+    try:
+        return GpuSpec(**gpu)
+    except ConfigError as exc:
+        raise ConfigError(f"{source}: {exc}") from None

@@ -7,8 +7,10 @@
 from __future__ import annotations
 
 import argparse
+import os
 
 from topology.cost import FlowModel
+from topology.errors import ConfigError
 from topology.model import Topology
 from topology.plan import Plan
 from topology.planner import STRATEGIES, TOKENS_PER_GPU, make_plan
@@ -33,6 +35,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.output and os.path.isdir(args.output):
+        raise ConfigError(f"-o {args.output} is a directory; give a file name such as {os.path.join(args.output, 'plan.json')}")
     topo = load_topology(args.topology)
     flows = FlowModel(topo)
 
