@@ -17,13 +17,12 @@ Each figure comes with its lower bound over all placements
 from __future__ import annotations
 
 import math
-from collections import Counter
 from dataclasses import asdict, dataclass
-from typing import Iterable
 
 from topology.bound import ring_bandwidth_bound
 from topology.model import Topology
 from topology.plan import Plan
+from topology.routing import FlowModel
 
 ZIGZAG_A = 0.5
 """Fraction of a full c x c block one zigzag ring step computes."""
@@ -105,45 +104,6 @@ class CostReport:
 
     def to_dict(self) -> dict:
         return {k: (float(f"{v:.9g}") if isinstance(v, float) else v) for k, v in asdict(self).items()}
-
-
-# ------------------------------------------------------------------ flows
-class FlowModel:
-    """Bandwidth of concurrent GPU-to-GPU flows on a topology, with link sharing.
-
-    Paths are cached per GPU pair: a plan of 16384 ranks has as many flows,
-    and the same pairs recur across the strategies being compared.
-    """
-
-    def __init__(self, topo: Topology):
-        self.topo = topo
-        self._paths: dict[tuple[str, str], list[tuple[str, str]]] = {}
-
-    def path(self, a: str, b: str) -> list[tuple[str, str]]:
-        key = (a, b)
-        if key not in self._paths:
-            self._paths[key] = self.topo.path(a, b)
-        return self._paths[key]
-
-    def bandwidths(self, flows: Iterable[tuple[str, str]]) -> list[tuple[float, float]]:
-        """(GB/s, latency µs) of each flow when all of them run at once.
-
-        A flow's share of a link is the link's per-direction bandwidth over the
-        number of flows crossing it in the same direction; its rate is its
-        smallest share (a flow alone on the network gets its slowest link).
-        """
-        paths = [self.path(a, b) for a, b in flows]
-        load = Counter(hop for p in paths for hop in p)
-        edges = self.topo.graph.edges
-        out = []
-        for p in paths:
-            rate, lat = math.inf, 0.0
-            for u, v in p:
-                link = edges[u, v]
-                rate = min(rate, link["bw_gbps"] / load[u, v])
-                lat += link["lat_us"]
-            out.append((rate, lat))
-        return out
 
 
 def gpu_nodes(plan: Plan, topo: Topology) -> list[str]:

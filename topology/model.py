@@ -36,12 +36,14 @@ import networkx as nx
 import yaml
 
 from topology.errors import ConfigError, first_line
+from topology.routing import Routes
 
 FORMAT_VERSION = 1
-SWITCH_KINDS = ("leaf", "spine")
-"""Network switches: nodes outside every host."""
+SWITCH_TIER = {"leaf": 0, "spine": 1, "pod": 1, "core": 2}
+"""Network switches (nodes outside every host) by tier: leaf (hosts plug in), spine or pod, core."""
+SWITCH_KINDS = tuple(SWITCH_TIER)
 NODE_KINDS = ("host", "gpu", "socket", "pcie", "nic", *SWITCH_KINDS)
-NODE_ATTRS = ("kind", "host", "index", "ip", "node_id", "labels", "leaf")
+NODE_ATTRS = ("kind", "host", "index", "ip", "node_id", "labels", "leaf", "network_nodes", "rail", "nic_gbps")
 
 
 @dataclass(frozen=True)
@@ -95,7 +97,7 @@ class Topology:
         self._invalidate()
 
     def _invalidate(self) -> None:
-        for name in ("hosts", "_tree", "_rooted", "_gpus_by_host", "_parts_by_host"):
+        for name in ("hosts", "routes", "_gpus_by_host", "_parts_by_host", "_signatures"):
             self.__dict__.pop(name, None)
 
     # ----------------------------------------------------------------- query
@@ -168,64 +170,69 @@ class Topology:
         return None
 
     # ------------------------------------------------------------- bandwidth
+    def is_switch(self, node: str) -> bool:
+        return self.graph.nodes[node]["kind"] in SWITCH_KINDS
+
     @cached_property
-    def _tree(self) -> nx.Graph:
-        # The widest path between two nodes is their path in a maximum spanning
-        # tree (a classic bottleneck-path result), so one tree answers all pairs.
-        return nx.maximum_spanning_tree(self.graph, weight="bw_gbps", algorithm="kruskal")
+    def routes(self) -> Routes:
+        """ECMP routes of this topology (``topology.routing``), cached per node pair."""
+        return Routes(self)
 
     def path(self, a: str, b: str) -> list[tuple[str, str]]:
-        """Links a single flow from ``a`` to ``b`` crosses, as (u, v) pairs.
+        """Directed links a flow from ``a`` to ``b`` crosses (every equal-cost path's links)."""
+        return [e for e, _ in self.routes.route(a, b)]
 
-        A direct link wins (measured matrices are direct NIC-to-NIC links);
-        otherwise the widest path, unique and deterministic on the spanning tree.
+    def host_signature(self, host: str) -> tuple:
+        """The host's internal links labelled by (kind, index): equal for identically built hosts.
+
+        A host whose parts cannot be told apart by (kind, index) gets its own
+        id as signature, so nothing is shared with it.
         """
-        if a == b:
-            return []
-        if self.graph.has_edge(a, b):
-            return [(a, b)]
-        for end in (a, b):
-            if end not in self.graph:
-                raise ConfigError(f"{end!r} is not a node of topology {self.name!r}")
-        ha, hb = self.graph.nodes[a].get("host"), self.graph.nodes[b].get("host")  # switches have none
-        if ha and hb and ha != hb:
-            na, nb = self.nics(ha), self.nics(hb)
-            if na and nb and self.graph.has_edge(na[0], nb[0]):  # measured: hosts talk directly
-                return self.path(a, na[0]) + [(na[0], nb[0])] + self.path(nb[0], b)
-        parent, depth = self._rooted
-        up, down = [a], [b]
-        while up[-1] != down[-1]:  # climb to the lowest common ancestor: O(depth), not O(graph)
-            side = up if depth.get(up[-1], -1) >= depth.get(down[-1], -1) else down
-            step = parent.get(side[-1])
-            if step is None:
-                raise ConfigError(f"no network path from {a!r} to {b!r}; link them in the topology")
-            side.append(step)
-        nodes = up + down[-2::-1]
-        return list(zip(nodes, nodes[1:]))
+        cache = self.__dict__.setdefault("_signatures", {})
+        if host not in cache:
+            g, parts = self.graph, self.parts(host)
+            labels = [(g.nodes[n]["kind"], g.nodes[n].get("index")) for n in parts]
+            if any(i is None for _, i in labels) or len(set(labels)) != len(labels):
+                cache[host] = (host,)
+            else:
+                inside = set(parts)
+                cache[host] = tuple(sorted(
+                    ((g.nodes[u]["kind"], g.nodes[u]["index"]), (g.nodes[v]["kind"], g.nodes[v]["index"]), d["bw_gbps"], d["lat_us"])
+                    for u in parts for v, d in g.adj[u].items() if v in inside))
+        return cache[host]
 
-    @cached_property
-    def _rooted(self) -> tuple[dict[str, str | None], dict[str, int]]:
-        """Parent and depth of every node in the spanning tree, one root per component."""
-        parent: dict[str, str | None] = {}
-        depth: dict[str, int] = {}
-        for root in self._tree.nodes:
-            if root in depth:
-                continue
-            parent[root], depth[root] = None, 0
-            for u, v in nx.bfs_edges(self._tree, root):
-                parent[v], depth[v] = u, depth[u] + 1
-        return parent, depth
+    def switch_path(self, host: str) -> tuple[str, ...]:
+        """The switches above ``host``, top-down (core ... leaf): hosts sharing a prefix share those switches.
+
+        From the host's ``network_nodes`` when given (labels, EC2 topology),
+        else by climbing from its leaf to the first switch of a higher tier.
+        """
+        data = self.graph.nodes[host]
+        if data.get("network_nodes"):
+            return tuple(map(str, data["network_nodes"]))
+        leaf = self.leaf_of(host)
+        if leaf is None:
+            return ()
+        chain, seen = [leaf], {leaf}
+        while True:
+            tier = SWITCH_TIER.get(self.graph.nodes[chain[-1]]["kind"], 0)
+            up = sorted(v for v in self.graph.adj[chain[-1]]
+                        if v not in seen and SWITCH_TIER.get(self.graph.nodes[v]["kind"], -1) > tier)
+            if not up:
+                return tuple(reversed(chain))
+            chain.append(up[0])
+            seen.add(up[0])
 
     def link(self, u: str, v: str) -> dict[str, float]:
         return self.graph.edges[u, v]
 
     def bandwidth(self, a: str, b: str) -> float:
-        """GB/s one flow gets from ``a`` to ``b`` alone on the network (its slowest link)."""
-        hops = self.path(a, b)
-        return min((self.link(u, v)["bw_gbps"] for u, v in hops), default=math.inf)
+        """GB/s one flow gets from ``a`` to ``b`` alone on the network (its slowest link, ECMP shares summed)."""
+        return min((self.link(u, v)["bw_gbps"] / f for (u, v), f in self.routes.route(a, b)), default=math.inf)
 
     def latency(self, a: str, b: str) -> float:
-        return sum(self.link(u, v)["lat_us"] for u, v in self.path(a, b))
+        """Microseconds from ``a`` to ``b``: the mean over equal-cost paths."""
+        return sum(f * self.link(u, v)["lat_us"] for (u, v), f in self.routes.route(a, b))
 
     def host_endpoint(self, host: str) -> str:
         """The node that stands for ``host`` on host-to-host paths: its first NIC."""

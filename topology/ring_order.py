@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from typing import Callable, Hashable, Sequence, TypeVar
 
-from topology.cost import FlowModel
+from topology.routing import FlowModel
 from topology.model import Topology
 
 H = TypeVar("H", bound=Hashable)
@@ -204,7 +204,7 @@ def through_order(topo: Topology, host: str, block: int, flows: FlowModel, cuts:
     cuts = {} if cuts is None else cuts
     if not nics or len(base) <= block:
         return base
-    key = (_signature(topo, host), block)
+    key = (topo.host_signature(host), block)
     if key not in cuts:  # hosts of a preset or a profiled cluster share a few layouts: solve each once
         cuts[key] = _best_cut(base, nics[0], block, flows)
     return base[cuts[key]:] + base[:cuts[key]]
@@ -222,13 +222,3 @@ def _best_cut(base: list[str], nic: str, block: int, flows: FlowModel) -> int:
         if best_key is None or key < best_key:
             best_key, best = key, cut
     return best
-
-
-def _signature(topo: Topology, host: str) -> tuple:
-    """The host's internal links labelled by (kind, index): equal for identically built hosts."""
-    g, parts = topo.graph, set(topo.parts(host))
-
-    def label(n: str) -> tuple:
-        return g.nodes[n]["kind"], g.nodes[n].get("index", -1)
-
-    return tuple(sorted((label(u), label(v), d["bw_gbps"]) for u in parts for v, d in g.adj[u].items() if v in parts))
