@@ -50,8 +50,13 @@ class Routes:
         self.topo = topo
         g = topo.graph
         self._switches = {n for n in g.nodes if topo.is_switch(n)}
+        self._switch_adj = {s: sorted(v for v in g.adj[s] if v in self._switches) for s in self._switches}
+        self._host = {n: d.get("host") for n, d in g.nodes(data=True)}
+        self._label = {n: (d["kind"], d.get("index", n)) for n, d in g.nodes(data=True)}
+        self._sig: dict[str, tuple] = {}
         self._routes: dict[Link, Route] = {}
         self._switch_dist: dict[str, dict[str, int]] = {}
+        self._to: dict[tuple[str, ...], dict[str, int]] = {}
         self._fabric: dict[tuple, tuple] = {}
         self._templates: dict[tuple, Route | str | None] = {}
         self._labels: dict[str, dict[tuple, str]] = {}
@@ -74,9 +79,9 @@ class Routes:
             return ()
         g = self.topo.graph
         for end in (a, b):
-            if end not in g:
+            if end not in self._host:
                 raise ConfigError(f"{end!r} is not a node of topology {self.topo.name!r}")
-        ha, hb = g.nodes[a].get("host"), g.nodes[b].get("host")
+        ha, hb = self._host[a], self._host[b]
         if ha is not None and ha == hb:
             return self._in_host(a, b)
         if ha is None or hb is None:  # a switch endpoint: plain ECMP over the whole graph
@@ -94,10 +99,17 @@ class Routes:
         Solved on the host's layout in (kind, index) labels, so 2048 alike hosts cost one search.
         """
         topo, g = self.topo, self.topo.graph
-        host = g.nodes[a]["host"]
+        host = self._host[a]
+        if host not in self._sig:
+            self._sig[host] = topo.host_signature(host)
+        sig = (self._sig[host], self._label[a], "nic" if want_nic else self._label[b])
+        tmpl = self._templates.get(sig, ())
+        if tmpl != ():
+            labels = self._labels[host] if host in self._labels else self._host_labels(host)
+            if want_nic:
+                return None if tmpl is None else labels[tmpl]
+            return tuple(((labels[u], labels[v]), f) for (u, v), f in tmpl)
         labels = self._host_labels(host)
-        la = _label(g, a)
-        sig = (topo.host_signature(host), la, "nic" if want_nic else _label(g, b))
         if sig not in self._templates:
             parts = set(topo.parts(host))
             if want_nic:
@@ -134,13 +146,17 @@ class Routes:
 
     def _switch_walk(self, src: tuple[str, ...], dst: tuple[str, ...]) -> tuple:
         """ECMP from the source NIC's switches to the destination NIC's: (first hops, switch links, last hops)."""
-        g = self.topo.graph
-        dists = [self._dist(s) for s in dst]
+        if dst not in self._to:
+            to: dict[str, int] = {}
+            for m in (self._dist(s) for s in dst):
+                for x, k in m.items():
+                    if k < to.get(x, math.inf):
+                        to[x] = k
+            self._to[dst] = to
+        d = self._to[dst].get
+        inf = math.inf
 
-        def d(x: str) -> float:
-            return min((m[x] for m in dists if x in m), default=math.inf)
-
-        start = [(s, d(s)) for s in src]
+        start = [(s, d(s, inf)) for s in src]
         best = min((x for _, x in start), default=math.inf)
         if math.isinf(best):
             return (), (), ()
@@ -158,7 +174,7 @@ class Routes:
                 if du == 0:
                     arrive[u] += frac[u]
                     continue
-                hops = [v for v in g.adj[u] if v in self._switches and d(v) == du - 1]
+                hops = [v for v in self._switch_adj[u] if d(v, inf) == du - 1]
                 share = frac[u] / len(hops)
                 for v in hops:
                     links[u, v] += share
@@ -170,13 +186,13 @@ class Routes:
     def _dist(self, switch: str) -> dict[str, int]:
         """Hops from every switch to ``switch`` over switch-to-switch links (NICs are never transit)."""
         if switch not in self._switch_dist:
-            adj = self.topo.graph.adj
+            adj = self._switch_adj
             dist = {switch: 0}
             queue = deque([switch])
             while queue:
                 u = queue.popleft()
                 for v in adj[u]:
-                    if v in self._switches and v not in dist:
+                    if v not in dist:
                         dist[v] = dist[u] + 1
                         queue.append(v)
             self._switch_dist[switch] = dist
