@@ -50,10 +50,13 @@ def ring_bandwidth_bound(topo: Topology, rings: int, size: int) -> float:
     """
     if size < 2:
         return math.inf
-    bound = min(_component_bound(topo, rings, size), gpu_access_bound(topo))
-    for units in _unit_levels(topo):
-        bound = min(bound, _exit_bound(topo, units, rings, size))
-    return bound
+    cache = topo.__dict__.setdefault("_bound_cache", {})
+    if (rings, size) not in cache:
+        bound = min(_component_bound(topo, rings, size), gpu_access_bound(topo))
+        for caps in _unit_levels(topo):
+            bound = min(bound, _exit_bound(caps, rings, size))
+        cache[rings, size] = bound
+    return cache[rings, size]
 
 
 def gpu_access_bound(topo: Topology) -> float:
@@ -66,17 +69,35 @@ def gpu_access_bound(topo: Topology) -> float:
     return cache["access"]
 
 
-def _unit_levels(topo: Topology) -> list[dict[str, list[str]]]:
-    """Hosts, then hosts grouped by each switch level above them (leaf, pod, ...), bottom-up."""
+def _unit_levels(topo: Topology) -> list[list[tuple[int, float]]]:
+    """(GPUs, external GB/s in all) of every unit: hosts, then the hosts under each switch level, bottom-up.
+
+    Cached on the topology: it depends on nothing else.
+    """
+    cache = topo.__dict__.setdefault("_bound_cache", {})
+    if "units" in cache:
+        return cache["units"]
+    g = topo.graph
     hosts = [h for h in topo.hosts if topo.gpus(h)]
-    levels = [{h: [h] for h in hosts}]
     paths = {h: topo.switch_path(h) for h in hosts}
+    groupings = [{h: ([h], set()) for h in hosts}]
     depth = min((len(p) for p in paths.values()), default=0)
     for cut in range(depth, 1, -1):  # leaf groups first; the whole-cluster group bounds nothing
-        by: dict[str, list[str]] = {}
+        by: dict[str, tuple[list[str], set[str]]] = {}
         for h in hosts:
-            by.setdefault(paths[h][cut - 1], []).append(h)
-        levels.append(by)
+            members, switches = by.setdefault(paths[h][cut - 1], ([], set()))
+            members.append(h)
+            switches.update(s for s in paths[h][cut - 1:] if s in g)
+        groupings.append(by)
+    levels = []
+    for by in groupings:
+        caps = []
+        for members, switches in by.values():
+            nodes = {n for h in members for n in (h, *topo.parts(h))} | switches
+            caps.append((sum(len(topo.gpus(h)) for h in members),
+                         sum(d["bw_gbps"] for u in nodes for v, d in g.adj[u].items() if v not in nodes)))
+        levels.append(caps)
+    cache["units"] = levels
     return levels
 
 
@@ -115,19 +136,11 @@ def _component_bound(topo: Topology, rings: int, size: int) -> float:
     return math.inf if fits >= rings else 0.0
 
 
-def _exit_bound(topo: Topology, units: dict[str, list[str]], rings: int, size: int) -> float:
-    g = topo.graph
-    gpus = {name: sum(len(topo.gpus(h)) for h in hosts) for name, hosts in units.items()}
-    largest = max(gpus.values())
+def _exit_bound(caps: list[tuple[int, float]], rings: int, size: int) -> float:
+    largest = max(n for n, _ in caps)
     if size <= largest:
         return math.inf
     exits = rings * math.ceil(size / largest)
-    caps = []  # (GPUs of the unit, bandwidth of its external links in all)
-    for name, hosts in units.items():
-        nodes = {n for h in hosts for n in (h, *topo.parts(h))}
-        if len(hosts) > 1 or name not in hosts:
-            nodes |= _switches_below(topo, name)
-        caps.append((gpus[name], sum(d["bw_gbps"] for u in nodes for v, d in g.adj[u].items() if v not in nodes)))
 
     def feasible(t: float) -> bool:
         return sum(min(n, int(bw / t + 1e-9)) for n, bw in caps) >= exits
@@ -141,15 +154,3 @@ def _exit_bound(topo: Topology, units: dict[str, list[str]], rings: int, size: i
         mid = (lo + hi) / 2
         lo, hi = (mid, hi) if feasible(mid) else (lo, mid)
     return lo
-
-
-def _switches_below(topo: Topology, switch: str) -> set[str]:
-    """``switch`` and the switches whose hosts all sit under it (by their switch paths)."""
-    if switch not in topo.graph:
-        return set()
-    out = {switch}
-    for h in topo.hosts:
-        path = topo.switch_path(h)
-        if switch in path:
-            out.update(s for s in path[path.index(switch):] if s in topo.graph)
-    return out

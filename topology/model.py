@@ -97,7 +97,8 @@ class Topology:
         self._invalidate()
 
     def _invalidate(self) -> None:
-        for name in ("hosts", "routes", "_gpus_by_host", "_parts_by_host", "_signatures"):
+        for name in ("hosts", "routes", "_gpus_by_host", "_parts_by_host", "_signatures", "_switch_paths", "_bound_cache",
+                     "_locality_orders"):
             self.__dict__.pop(name, None)
 
     # ----------------------------------------------------------------- query
@@ -191,14 +192,13 @@ class Topology:
         cache = self.__dict__.setdefault("_signatures", {})
         if host not in cache:
             g, parts = self.graph, self.parts(host)
-            labels = [(g.nodes[n]["kind"], g.nodes[n].get("index")) for n in parts]
-            if any(i is None for _, i in labels) or len(set(labels)) != len(labels):
+            data = {n: g.nodes[n] for n in parts}
+            labels = {n: (d["kind"], d.get("index")) for n, d in data.items()}
+            if any(i is None for _, i in labels.values()) or len(set(labels.values())) != len(labels):
                 cache[host] = (host,)
             else:
-                inside = set(parts)
                 cache[host] = tuple(sorted(
-                    ((g.nodes[u]["kind"], g.nodes[u]["index"]), (g.nodes[v]["kind"], g.nodes[v]["index"]), d["bw_gbps"], d["lat_us"])
-                    for u in parts for v, d in g.adj[u].items() if v in inside))
+                    (labels[u], labels[v], d["bw_gbps"], d["lat_us"]) for u in parts for v, d in g.adj[u].items() if v in labels))
         return cache[host]
 
     def switch_path(self, host: str) -> tuple[str, ...]:
@@ -207,17 +207,30 @@ class Topology:
         From the host's ``network_nodes`` when given (labels, EC2 topology),
         else by climbing from its leaf to the first switch of a higher tier.
         """
+        cache = self.__dict__.setdefault("_switch_paths", {})
+        if host not in cache:
+            cache[host] = self._switch_path(host)
+        return cache[host]
+
+    def _switch_path(self, host: str) -> tuple[str, ...]:
         data = self.graph.nodes[host]
         if data.get("network_nodes"):
             return tuple(map(str, data["network_nodes"]))
         leaf = self.leaf_of(host)
         if leaf is None:
             return ()
+        cache = self.__dict__.setdefault("_switch_paths", {})
+        if ("above", leaf) not in cache:  # every host of a leaf shares the climb
+            cache["above", leaf] = self._climb(leaf)
+        return cache["above", leaf]
+
+    def _climb(self, leaf: str) -> tuple[str, ...]:
+        nodes = self.graph.nodes
         chain, seen = [leaf], {leaf}
         while True:
-            tier = SWITCH_TIER.get(self.graph.nodes[chain[-1]]["kind"], 0)
+            tier = SWITCH_TIER.get(nodes[chain[-1]]["kind"], 0)
             up = sorted(v for v in self.graph.adj[chain[-1]]
-                        if v not in seen and SWITCH_TIER.get(self.graph.nodes[v]["kind"], -1) > tier)
+                        if v not in seen and SWITCH_TIER.get(nodes[v]["kind"], -1) > tier)
             if not up:
                 return tuple(reversed(chain))
             chain.append(up[0])

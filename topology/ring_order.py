@@ -169,7 +169,16 @@ def locality_order(topo: Topology, host: str) -> list[str]:
     is the tightest group of ``c`` and a cycle through all crosses every
     internal link once per direction.
     """
+    cache = topo.__dict__.setdefault("_locality_orders", {})
+    sig = topo.host_signature(host)
     gpus = topo.gpus(host)
+    by_index = {topo.graph.nodes[x]["index"]: x for x in gpus}
+    if sig not in cache or len(sig) == 1:  # hosts built alike share one walk (a unique host keys by its id)
+        cache[sig] = [topo.graph.nodes[x]["index"] for x in _locality_walk(topo, host, gpus)]
+    return [by_index[i] for i in cache[sig]]
+
+
+def _locality_walk(topo: Topology, host: str, gpus: list[str]) -> list[str]:
     nics = topo.nics(host)
     g = topo.graph
     order, seen = [], set()

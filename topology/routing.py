@@ -33,6 +33,8 @@ import math
 from collections import defaultdict, deque
 from typing import TYPE_CHECKING, Iterable
 
+import numpy as np
+
 from topology.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -265,14 +267,27 @@ class FlowModel:
     def __init__(self, topo: "Topology"):
         self.topo = topo
         self.routes = topo.routes
-        self._bw: dict[Link, float] = {}
-        self._lat: dict[Link, float] = {}
+        self._id: dict[Link, int] = {}
+        bw, lat = [], []
         for u, v, d in topo.graph.edges(data=True):
-            self._bw[u, v] = self._bw[v, u] = d["bw_gbps"]
-            self._lat[u, v] = self._lat[v, u] = d["lat_us"]
+            for e in ((u, v), (v, u)):
+                self._id[e] = len(bw)
+                bw.append(d["bw_gbps"])
+                lat.append(d["lat_us"])
+        self._bw_arr, self._lat_arr = np.array(bw), np.array(lat)
+        self._compiled: dict[Link, tuple[list[int], list[float]]] = {}
 
     def path(self, a: str, b: str) -> Route:
         return self.routes.route(a, b)
+
+    def capacity(self, link: Link) -> float:
+        """GB/s of a directed link."""
+        return float(self._bw_arr[self._id[link]])
+
+    def _compile(self, a: str, b: str) -> tuple[list[int], list[float]]:
+        r = self.routes.route(a, b)
+        out = self._compiled[a, b] = ([self._id[e] for e, _ in r], [f for _, f in r])
+        return out
 
     def load(self, flows: Iterable[tuple[str, str]]) -> dict[Link, float]:
         """Sum of flow fractions on every directed link the flows cross."""
@@ -288,25 +303,34 @@ class FlowModel:
         A flow gets, on each link it crosses, the link's per-direction
         bandwidth over the total flow fraction on it; its rate is the smallest
         of these. Latency is the fraction-weighted sum over its links (the
-        mean over its equal-cost paths).
+        mean over its equal-cost paths). Vectorised: one pass to gather the
+        links, then numpy.
         """
-        flows = list(flows)
-        routes = [self.routes.route(a, b) for a, b in flows]
-        load: dict[Link, float] = defaultdict(float)
-        for r in routes:
-            for e, f in r:
-                load[e] += f
-        bw, lat = self._bw, self._lat
-        out = []
-        for r in routes:
-            rate, delay = math.inf, 0.0
-            for e, f in r:
-                share = bw[e] / load[e]
-                if share < rate:
-                    rate = share
-                delay += f * lat[e]
-            out.append((rate, delay))
-        return out
+        ids: list[int] = []
+        fracs: list[float] = []
+        lens: list[int] = []
+        compiled = self._compiled
+        for pair in flows:
+            c = compiled.get(pair) or self._compile(*pair)
+            ids.extend(c[0])
+            fracs.extend(c[1])
+            lens.append(len(c[0]))
+        if not lens:
+            return []
+        idx = np.array(ids, dtype=np.int64)
+        fr = np.array(fracs)
+        load = np.bincount(idx, weights=fr, minlength=len(self._bw_arr))
+        share = self._bw_arr[idx] / load[idx]
+        delay = self._lat_arr[idx] * fr
+        n = np.array(lens)
+        rate = np.full(len(lens), math.inf)
+        lat = np.zeros(len(lens))
+        has = n > 0
+        if has.any():
+            starts = (np.cumsum(n) - n)[has]
+            rate[has] = np.minimum.reduceat(share, starts)
+            lat[has] = np.add.reduceat(delay, starts)
+        return list(zip(rate.tolist(), lat.tolist()))
 
 
 def link_loads(plan, topo: "Topology", flows: FlowModel | None = None) -> list[dict]:
@@ -336,7 +360,7 @@ def link_loads(plan, topo: "Topology", flows: FlowModel | None = None) -> list[d
         for e, _ in flows.path(a, b):
             count[e] += 1
     load = flows.load(pairs)
-    out = [{"a": u, "b": v, "bw_gbps": flows._bw[u, v], "flows": count[u, v], "load": load[u, v],
-            "share_gbps": flows._bw[u, v] / load[u, v]} for (u, v) in load]
+    out = [{"a": u, "b": v, "bw_gbps": flows.capacity((u, v)), "flows": count[u, v], "load": load[u, v],
+            "share_gbps": flows.capacity((u, v)) / load[u, v]} for (u, v) in load]
     out.sort(key=lambda x: (x["share_gbps"], x["a"], x["b"]))
     return out
