@@ -89,16 +89,26 @@ def _unit_levels(topo: Topology) -> list[list[tuple[int, float]]]:
             members.append(h)
             switches.update(s for s in paths[h][cut - 1:] if s in g)
         groupings.append(by)
-    levels = []
-    for by in groupings:
+    levels, headroom = [], {h: math.inf for h in hosts}
+    for k, by in enumerate(groupings):
         caps = []
         for members, switches in by.values():
             nodes = {n for h in members for n in (h, *topo.parts(h))} | switches
-            caps.append((sum(len(topo.gpus(h)) for h in members),
-                         sum(d["bw_gbps"] for u in nodes for v, d in g.adj[u].items() if v not in nodes)))
+            n_gpus = sum(len(topo.gpus(h)) for h in members)
+            cap = sum(d["bw_gbps"] for u in nodes for v, d in g.adj[u].items() if v not in nodes)
+            caps.append((n_gpus, cap))
+            if k:
+                for h in members:
+                    headroom[h] = min(headroom[h], cap / n_gpus)
         levels.append(caps)
-    cache["units"] = levels
+    cache["units"], cache["headroom"] = levels, headroom
     return levels
+
+
+def switch_headroom(topo: Topology) -> dict[str, float]:
+    """Per host, the smallest share per GPU of the uplinks above it (leaf, pod, ...): low under a degraded uplink."""
+    _unit_levels(topo)
+    return topo.__dict__["_bound_cache"]["headroom"]
 
 
 def _component_bound(topo: Topology, rings: int, size: int) -> float:

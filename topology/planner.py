@@ -35,6 +35,7 @@ from functools import lru_cache
 from typing import Callable
 
 from topology.cost import LLAMA3_8B, FlowModel, ModelShape, estimate
+from topology.bound import switch_headroom
 from topology.cost import StepModel
 from topology.search import default_budget, optimise
 from topology.errors import ConfigError
@@ -287,13 +288,15 @@ def _choose_hosts(req: PlanRequest, per_host: dict[str, int], s: int) -> list[st
         if total >= req.gpus:
             break
     paths = {h: topo.switch_path(h) for h in req.hosts}
+    headroom = switch_headroom(topo)
     groups: dict[tuple, list[str]] = {}
     for h in req.hosts:
         if per_host[h] and egress[h] >= threshold:
-            groups.setdefault(paths[h][:-1] if paths[h] else (), []).append(h)
-    # Leaves with the most capacity first, within the fullest upper switch first.
+            groups.setdefault(paths[h], []).append(h)
+    # Leaves under the widest uplinks first, the fullest first, in switch order (a pod's leaves stay together).
     chosen, total = [], 0
-    for members in sorted(groups.values(), key=lambda hs: (-sum(per_host[h] for h in hs), topo.switch_path(hs[0]))):
+    for members in sorted(groups.values(), key=lambda hs: (-min(headroom[h] for h in hs), -sum(per_host[h] for h in hs),
+                                                           paths[hs[0]])):
         for h in sorted(members, key=lambda h: (paths[h], -egress[h])):
             if total >= req.gpus:
                 break
