@@ -369,9 +369,16 @@ class Topology:
                 raise ConfigError(f"{source}: hosts[{i}]: gpus is {count!r}; give the host's GPU count as an integer >= 0")
             name = str(h.get("name", f"h{i:02d}"))
             names.append(name)
+            path = h.get("network_nodes")
+            if path is not None and (not isinstance(path, list) or not all(isinstance(x, str) and x for x in path)):
+                raise ConfigError(f"{source}: hosts[{i}]: network_nodes must list switch names, top-down")
+            for depth, node in enumerate(path or []):
+                if node not in topo.graph:  # names for the groups; measured pairs link hosts directly
+                    topo.add_node(node, "leaf" if depth == len(path) - 1 else "core" if depth == 0 else "spine")
             if h.get("leaf") is not None and h["leaf"] not in topo.graph:
-                topo.add_node(str(h["leaf"]), "leaf")  # a name for the group; measured pairs link hosts directly
-            topo.add_node(name, "host", node_id=h.get("node_id"), ip=h.get("ip"), labels=h.get("labels") or None, leaf=h.get("leaf"))
+                topo.add_node(str(h["leaf"]), "leaf")
+            topo.add_node(name, "host", node_id=h.get("node_id"), ip=h.get("ip"), labels=h.get("labels") or None,
+                          leaf=h.get("leaf") or (h.get("network_nodes") or [None])[-1], network_nodes=h.get("network_nodes"))
             nic = topo.add_node(f"{name}/nic0", "nic", host=name, index=0)
             fastest = max([x for x in bw[i] if x] + [1.0])
             gpus = [topo.add_node(f"{name}/gpu{g}", "gpu", host=name, index=g) for g in range(int(h.get("gpus", 0)))]
@@ -382,8 +389,14 @@ class Topology:
                 for a in range(len(gpus)):
                     for b in range(a + 1, len(gpus)):
                         topo.add_link(gpus[a], gpus[b], min(m[a][b], m[b][a]), 1.0)
+            port = nic
+            cap = h.get("nic_gbps")
+            if cap is not None:  # measured with concurrent flows: every flow out of (or into) the host shares it
+                _check_positive(f"{source}: hosts[{i}]: nic_gbps", cap)
+                port = topo.add_node(f"{name}/pcie0", "pcie", host=name, index=0)
+                topo.add_link(port, nic, float(cap), 0.0)
             for g in gpus:
-                topo.add_link(g, nic, 1e3 * fastest, 0.0)
+                topo.add_link(g, port, 1e3 * fastest, 0.0)
         for i in range(n):
             for j in range(i + 1, n):
                 b = min(bw[i][j], bw[j][i])
@@ -400,7 +413,8 @@ MEASURED_FORMAT = "ringleader/measured-topology"
     version: 1
     name: ray-cluster
     gpu: {name: L40S, ...}                 # optional
-    hosts: [{name, node_id, ip, labels, gpus, leaf}]   # leaf: inferred or from labels
+    hosts: [{name, node_id, ip, labels, gpus, leaf,   # leaf: inferred or from labels
+             network_nodes, nic_gbps}]            # optional: switches top-down; NIC capacity under concurrent flows
     host_bw_gbps: [[0, 48.1, ...], ...]   # n x n, GB/s per direction, median
     host_lat_us: [[0, 12.0, ...], ...]    # optional
     gpu_bw_gbps: {host_name: [[...]]}     # optional, per host

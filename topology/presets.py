@@ -32,7 +32,8 @@ from pathlib import Path
 from typing import Callable
 
 from topology.errors import ConfigError
-from topology.model import Topology
+from topology.hierarchy import from_ec2
+from topology.model import Topology, load_data
 
 PCIE_GBPS = 25.0
 """PCIe Gen4 x16, per direction, as measured in practice (not the 32 GB/s line rate)."""
@@ -252,12 +253,30 @@ PRESETS: dict[str, Callable[[], Topology]] = {
 32 (g6e-4x), 512 (g6e-64x and the leaf-spines)."""
 
 
+def _instance(gpus: int, nics: int) -> Callable[[Topology, str, str], int]:
+    def build(topo: Topology, host: str, leaf: str) -> int:
+        add_l40s_host(topo, host, gpus=gpus, nics=nics, nic_gbps=G6E_NIC_GBPS / G6E_NICS, leaf=leaf)
+        return nics
+    return build
+
+
+INSTANCE_TYPES: dict[str, tuple[Callable[[Topology, str, str], int], float]] = {
+    "g6e.48xlarge": (_instance(8, 4), G6E_NIC_GBPS / G6E_NICS),  # 8 L40S, 4 x 100 Gbps
+    "g6e.24xlarge": (_instance(4, 2), G6E_NIC_GBPS / G6E_NICS),  # 4 L40S, 2 x 100 Gbps
+    "g6e.12xlarge": (_instance(4, 1), G6E_NIC_GBPS / G6E_NICS),  # 4 L40S, 100 Gbps
+}
+"""EC2 instance type -> (server builder under a leaf, GB/s per NIC), for DescribeInstanceTopology files."""
+
+
 def load_topology(name_or_path: str) -> Topology:
-    """A preset by name, or a YAML/JSON file in the node/link or the measured form."""
+    """A preset by name, or a YAML/JSON file: node/link form, measured form, or EC2 DescribeInstanceTopology JSON."""
     if name_or_path in PRESETS:
         return PRESETS[name_or_path]()
     if Path(name_or_path).suffix.lower() in (".yaml", ".yml", ".json") or Path(name_or_path).exists():
-        return Topology.load(name_or_path)
+        data = load_data(name_or_path)
+        if isinstance(data, dict) and "Instances" in data:
+            return from_ec2(data, source=str(name_or_path))
+        return Topology.from_dict(data, source=str(name_or_path))
     raise ConfigError(
         f"topology {name_or_path!r} is neither a preset ({', '.join(PRESETS)}) nor a .yaml/.json file"
     )
