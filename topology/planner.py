@@ -208,6 +208,9 @@ def aware_order(req: PlanRequest) -> list[str]:
     sm = StepModel(req.topo, req.gpus // req.cp, req.ring, req.ulysses, req.seq_len, req.model, req.flows)
     candidates = {"naive": naive_order(req), "hierarchical": hierarchical_order(req)}
     candidates.update(segment_orders(req))
+    whole = whole_host_order(req)
+    if whole is not None:
+        candidates["whole hosts per ring"] = whole
     if len(req.hosts) <= CYCLE_HOSTS:
         candidates["bus cycle"] = bus_cycle_order(req)
     pool = [g for h in req.hosts for g in req.topo.gpus(h)]
@@ -215,6 +218,35 @@ def aware_order(req: PlanRequest) -> list[str]:
     req.info.update(result.info())
     req.info["trade"] = trade_note(req, result.construction, sm, result.order)
     return result.order
+
+
+def whole_host_order(req: PlanRequest) -> list[str] | None:
+    """Rings made of whole hosts (mixed sizes packed first-fit in switch order): each host serves one ring.
+
+    A host split between two rings takes a flow of each through its NIC; with
+    4- and 8-GPU hosts in one cluster, packing whole hosts into rings of
+    ``cp`` avoids that. None when the hosts cannot fill enough rings.
+    """
+    if req.ring < 2:
+        return None
+    sizes = {h: req.gpu_count(h) for h in req.hosts}
+    hosts = _choose_hosts(req, {h: n for h, n in sizes.items() if n <= req.cp} | {h: 0 for h, n in sizes.items() if n > req.cp}, 1)
+    bins: list[list[str]] = []
+    room: list[int] = []
+    for h in hosts + [h for h in req.hosts if h not in set(hosts) and 0 < sizes[h] <= req.cp]:
+        fit = next((i for i in range(len(bins) - 1, -1, -1) if room[i] >= sizes[h]), None)
+        if fit is None:
+            bins.append([])
+            room.append(req.cp)
+            fit = len(bins) - 1
+        bins[fit].append(h)
+        room[fit] -= sizes[h]
+        if sum(r == 0 for r in room) >= req.gpus // req.cp:
+            break
+    full = [b for b, r in zip(bins, room) if r == 0][: req.gpus // req.cp]
+    if len(full) < req.gpus // req.cp:
+        return None
+    return [g for ring in full for g in _gpu_sequence(req, ring)]
 
 
 def bus_cycle_order(req: PlanRequest) -> list[str]:
@@ -243,7 +275,7 @@ def segment_orders(req: PlanRequest) -> dict[str, list[str]]:
     uses = sorted({u for n in sizes for u in _halves(n)[:2]}, reverse=True)  # whole hosts, or one socket's worth
     for u in uses:
         fits = [d for d in _halves(u) if d % req.ulysses == 0 and req.cp % d == 0]
-        for s in sorted({min(u, req.cp), *fits[:1]}, reverse=True):
+        for s in sorted({min(u, req.cp), *fits[:2]}, reverse=True):
             if s % req.ulysses:
                 continue
             per_host = {h: min(u, req.gpu_count(h)) // s for h in req.hosts}
