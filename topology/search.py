@@ -12,7 +12,9 @@ Algorithms
   pool, up to twins (GPUs of one host with the same links to the same
   parts are interchangeable: swapping them changes no route), while the
   count stays under ``EXACT_ORDERS``. The result is then proven optimal.
-* Local search, otherwise: first-improvement moves within a time budget.
+* Local search, otherwise: first-improvement moves, a number that shrinks
+  as the world grows (so a plan is reproducible), cut short by a time budget
+  only on a machine too slow for it.
   A move swaps two ranks, moves a rank onto an unused GPU, or reverses a
   run of a ring; half the moves touch the slowest hop's ends. Each move is
   scored by the step time; only strict improvements are kept.
@@ -35,10 +37,13 @@ EXACT_ORDERS = 3000
 SEARCH_BUDGET_S = 1.0
 """Most wall-clock seconds the local search takes by default."""
 REL_TOL = 1e-9
-STALE_MOVES = 3000
+STALE_MOVES = 1000
 """Local search stops after this many moves in a row without improvement."""
-MIN_MOVES = 50
-"""Local search runs only when the budget allows at least this many moves."""
+MAX_EVALS = 3000
+EVAL_WORK = 40000
+"""Local search scores at most ``min(MAX_EVALS, EVAL_WORK / world)`` moves (each costs O(world))."""
+MIN_MOVES = 20
+"""Below this many moves local search is skipped."""
 
 
 def default_budget(gpus: int) -> float:
@@ -169,12 +174,14 @@ def _local_search(sm: StepModel, order: list[str], step: float, pool: list[str],
     n, moves = len(order), 0
     if n < 2 or budget_s <= 0:
         return order, step, 0
-    start = time.perf_counter()
+    evals = min(MAX_EVALS, EVAL_WORK // sm.world)  # a count, not a clock: the same input gives the same plan
+    if evals < MIN_MOVES:
+        return order, step, 0  # too large to search move by move: the constructions stand
     hot = sm.figures(order)["hop"]
-    if (time.perf_counter() - start) * MIN_MOVES > budget_s:
-        return order, step, 0  # too large to search in the budget: the constructions stand
     stale = 0
-    while time.perf_counter() < deadline and stale < STALE_MOVES:
+    for _ in range(evals):
+        if stale >= STALE_MOVES or time.perf_counter() > deadline:
+            break
         stale += 1
         trial = list(order)
         i = rng.choice(hot) if hot and rng.random() < 0.5 else rng.randrange(n)
