@@ -25,7 +25,7 @@ def problems(draw):
     return topo, gpus, cp, ulysses, strategy
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(problems(), st.integers(0, 3))
 def test_every_plan_is_a_valid_layout(problem, seed):
     topo, gpus, cp, ulysses, strategy = problem

@@ -34,13 +34,13 @@ from topology.cost import StepModel, step_bound
 
 EXACT_ORDERS = 3000
 """Largest number of distinct rank orders (up to twins) searched exhaustively."""
-SEARCH_BUDGET_S = 1.0
-"""Most wall-clock seconds the local search takes by default."""
+SEARCH_BUDGET_S = 2.0
+"""Most wall-clock seconds the local search takes by default: a safety net, above what its move count needs."""
 REL_TOL = 1e-9
 STALE_MOVES = 1000
 """Local search stops after this many moves in a row without improvement."""
 MAX_EVALS = 3000
-EVAL_WORK = 40000
+EVAL_WORK = 10000
 """Local search scores at most ``min(MAX_EVALS, EVAL_WORK / world)`` moves (each costs O(world))."""
 MIN_MOVES = 20
 """Below this many moves local search is skipped."""
@@ -48,7 +48,7 @@ MIN_MOVES = 20
 
 def default_budget(gpus: int) -> float:
     """Local-search seconds for a world of ``gpus``: a little for small plans, up to ``SEARCH_BUDGET_S``."""
-    return min(SEARCH_BUDGET_S, 0.2 + gpus * 1e-4)
+    return min(SEARCH_BUDGET_S, 0.5 + gpus * 1e-4)
 
 
 @dataclass
