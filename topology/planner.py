@@ -45,7 +45,7 @@ from topology.ring_order import bottleneck_cycle, locality_order, through_order
 
 TOKENS_PER_GPU = 16384
 """Default sequence length per GPU: the recipe's long stages hold 16K tokens per GPU."""
-CYCLE_HOSTS = 64
+CYCLE_HOSTS = 32
 """Clusters with at most this many hosts also get a construction that orders all hosts as one cycle."""
 EXHAUSTIVE_HOSTS = 8
 """Clusters with at most this many hosts get every host choice and split scored."""
@@ -213,6 +213,12 @@ def aware_order(req: PlanRequest) -> list[str]:
         candidates["whole hosts per ring"] = whole
     if len(req.hosts) <= CYCLE_HOSTS:
         candidates["bus cycle"] = bus_cycle_order(req)
+    seen: list[list[str]] = []
+    for name in list(candidates):  # the same order under two names is scored once
+        if candidates[name] in seen:
+            del candidates[name]
+        else:
+            seen.append(candidates[name])
     pool = [g for h in req.hosts for g in req.topo.gpus(h)]
     result = optimise(sm, candidates, pool, req.budget_s)  # its own fixed seed: one plan per input
     req.info.update(result.info())
