@@ -4,14 +4,17 @@ One ring step, per layer, forward: every rank sends its K and V block to the
 next rank of its ring (``2 * c * n_kv * d_h * bytes``, GQA-aware: KV heads,
 not query heads) while it computes attention of its queries against the
 block it holds (``4 * a * c^2 * n_q * d_h`` FLOPs, ``a = 0.5`` for zigzag
-halves). All rings step at once, so a hop's bandwidth is its slowest link's
-bandwidth divided by the number of ring flows crossing that link in the same
-direction. Communication hides behind compute when the slowest hop finishes
-first. Backward moves about 3x the bytes (dK, dV travel in fp32) for about
-2.5x the FLOPs.
+halves). All rings step at once, so a hop gets, on each link it crosses,
+the link's bandwidth over the flows (ECMP shares) crossing it in the same
+direction (``topology.routing``). Communication hides behind compute when
+the slowest hop finishes first. Backward moves about 3x the bytes (dK, dV
+travel in fp32) for about 2.5x the FLOPs. The Ulysses all-to-all and the
+ZeRO gradient traffic (over NCCL's ring in rank order) add to the step.
 
-Each figure comes with its lower bound over all placements
-(``topology.bound``), so a plan's distance from the best possible shows.
+``StepModel`` computes the step time of any rank order (the planner's
+objective); ``estimate`` reports a plan's figures with lower bounds over all
+placements (``step_bound``, ``topology.bound``), so a plan's distance from
+the best possible shows. The rates live in ``HardwareRates``.
 """
 
 from __future__ import annotations

@@ -1,25 +1,33 @@
-"""Hierarchical ring planner: which GPU holds which rank.
+"""Ring planner: which GPU holds which rank, chosen by the cost model's step time.
 
 NCCL, torchrun and Ray Train connect ranks in rank order, so the rank order
 is the lever. The plan's rank grid is ``(dp, ring, ulysses)`` (see
 ``topology.plan``): a context-parallel group is ``cp`` consecutive ranks,
-and its ring visits them in order. The ``aware`` strategy builds that order
-top-down:
+and its ring visits them in order.
 
-1. Hosts: the fewest hosts, the fastest-connected first (a degraded cable
-   is left out when the GPUs allow), drawn from as few leaf switches as
-   possible.
-2. Rings over hosts: when a ring is larger than a host, its hosts are a
-   run of the leaf-sorted host list (so a ring sits under as few switches
-   as possible) ordered as a bottleneck cycle (``topology.ring_order``);
-   on 8 hosts or fewer every host choice and split is tried and scored by
-   the cost model's link sharing.
-3. GPUs in a host: PCIe order (a depth-first walk of the host's links from
-   the NIC), so rings smaller than a host fill switches and sockets; a host
-   that a ring passes through is entered and left by the GPUs nearest its
-   NIC, with Ulysses groups kept whole.
+The ``aware`` strategy is an optimiser. Its objective is the predicted step
+time (``topology.cost.StepModel``: ring hops, Ulysses all-to-all, ZeRO
+gradient traffic over NCCL's rank-order ring, every flow sharing the links
+it crosses). It scores these constructions and keeps the best:
 
-DP peers line up because every ring repeats the same in-host order.
+* ``hierarchical``: the fewest, fastest hosts from as few leaves as
+  possible, rings over runs of them in bottleneck-cycle order, GPUs in PCIe
+  order entered and left next to the NIC (on 8 hosts or fewer, every host
+  choice and split);
+* segments: ``u`` GPUs of each host (fewer than all keeps a ring off a slow
+  inner link), cut into runs of ``s`` that rings string together layer by
+  layer or host by host (rings that do not divide a host);
+* whole hosts per ring: mixed host sizes packed first-fit, so no host
+  serves two rings through one NIC;
+* bus cycle: all hosts as one bottleneck cycle, for when gradient traffic
+  decides;
+* ``naive`` itself, so the plan is never worse than Ray's order.
+
+Hosts are chosen under the widest uplinks first (a leaf behind a degraded
+uplink is left out when the GPUs allow) and in switch order, any depth.
+``topology.search`` then searches small pools exhaustively or improves the
+best construction by local search, and says when the plan is optimal.
+
 Baselines: ``naive`` (hosts as listed, i.e. Ray's order, GPUs by CUDA index)
 and ``random`` (seeded shuffle). Deterministic for the same input.
 """
