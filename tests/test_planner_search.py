@@ -92,7 +92,7 @@ def test_local_search_alone_reaches_the_optimum_within_one_percent(problem):
     topo, gpus, cp = problem
     seq_len = 2 * cp * 4096
     with patch.object(search, "EXACT_ORDERS", 0):
-        plan = make_plan(topo, gpus, cp, seq_len=seq_len, budget_s=0.2)
+        plan = make_plan(topo, gpus, cp, seq_len=seq_len)
     best, _ = exhaustive(topo, gpus, cp, seq_len)
     assert plan.cost["search"]["proof"] != "exhaustive"
     assert plan.cost["step_time_s"] <= best * 1.01
