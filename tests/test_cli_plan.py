@@ -33,10 +33,14 @@ def test_compare_prints_every_strategy_and_the_bound(capsys):
                  "--seq-len", str(64 * 8192), "--compare"]) == 0
     table = capsys.readouterr().out.split("\n\n")[-1].splitlines()
     assert table[0].split()[:3] == ["strategy", "ring", "step"]
-    rows = {line.split()[0]: line for line in table[1:]}
+    rows = {line.split()[0]: line for line in table[1:] if " traded: " not in line}
     assert list(rows) == ["aware", "naive", "random", "bound"]
     ratio = {name: float(line.split()[-1]) for name, line in rows.items()}
     assert ratio["aware"] <= 1.05 and ratio["naive"] >= 1.5  # the must-show figures, as printed
+    step = {name: float(line.split(" s ")[0].split()[-1]) for name, line in rows.items()}
+    for name in ("aware", "naive", "random"):  # "x bound" is the step time over the step-time bound
+        assert ratio[name] == pytest.approx(step[name] / step["bound"], abs=0.011)
+    assert table[-1].startswith("aware traded: ")
 
 
 def _write(tmp_path, name, text):

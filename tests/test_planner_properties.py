@@ -25,7 +25,7 @@ def problems(draw):
     return topo, gpus, cp, ulysses, strategy
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(problems(), st.integers(0, 3))
 def test_every_plan_is_a_valid_layout(problem, seed):
     topo, gpus, cp, ulysses, strategy = problem
@@ -54,9 +54,7 @@ def test_every_plan_is_a_valid_layout(problem, seed):
     assert 0 < c["mfu"] < 1 and c["step_time_s"] >= c["bound_step_s"] * (1 - 1e-9)
 
     if strategy == "aware":
-        # A ring visits each of its hosts in one contiguous run (cyclically).
-        for ring in g.ring_groups:
-            hosts = [plan.placements[r].host for r in ring]
-            changes = sum(a != b for a, b in zip(hosts, hosts[1:] + hosts[:1]))
-            assert changes == (len(set(hosts)) if len(set(hosts)) > 1 else 0)
+        # Never worse than Ray's order by the cost model, and reproducible.
+        naive = make_plan(topo, gpus, cp, ulysses, seq_len=2 * cp * 128, strategy="naive")
+        assert c["step_time_s"] <= naive.cost["step_time_s"] * (1 + 1e-7)
         assert make_plan(topo, gpus, cp, ulysses, seq_len=2 * cp * 128).placements == plan.placements

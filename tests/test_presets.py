@@ -46,7 +46,12 @@ def test_l40s_host_is_pcie_only_with_the_nic_under_a_switch(per_switch):
 def test_g6e_hosts_have_400_gbps():
     topo = load_topology("g6e-64x")
     assert len(topo.hosts) == 64
-    assert {topo.host_bandwidth(a, b) for a, b in zip(topo.hosts, topo.hosts[1:])} == {50.0}
+    assert {topo.host_bandwidth(a, b) for a, b in zip(topo.hosts, topo.hosts[1:])} == {12.5}  # one card of four
+    for h in topo.hosts[:2]:
+        nics = topo.nics(h)
+        assert len(nics) == 4 and sum(topo.link(n, "fabric")["bw_gbps"] for n in nics) == 50.0
+        # Each GPU pair reaches the network through the card under its own PCIe switch.
+        assert [topo.routes.nic_of(g) for g in topo.gpus(h)] == [nics[i // 2] for i in range(8)]
 
 
 @pytest.mark.parametrize("name,uplink", [("leafspine-64x-1to1", 100.0), ("leafspine-64x-2to1", 50.0),

@@ -75,8 +75,11 @@ def test_profile_four_hosts(cluster, profiles):
         assert data["host_bw_gbps"][a][b] == pytest.approx(2**20 / sorted(f["seconds"])[1] / 1e9)
         assert data["host_bw_gbps"][a][b] > 0.01 and data["host_lat_us"][a][b] > 0
 
+    # Each host's NIC was measured with two peers sending at once; the model shares it among flows.
+    assert all(h["nic_gbps"] > 0.01 for h in hosts)
     topo = Topology.from_measured(data)
     assert topo.hosts == cluster.ips and topo.num_gpus == 8
+    assert topo.link(f"{hosts[0]['name']}/pcie0", f"{hosts[0]['name']}/nic0")["bw_gbps"] == hosts[0]["nic_gbps"]
     assert [topo.leaf_of(h) for h in topo.hosts] == ["rack-a", "rack-b", "rack-a", "rack-b"]
     assert topo.host_bandwidth(cluster.ips[0], cluster.ips[3]) == pytest.approx(min(data["host_bw_gbps"][0][3], data["host_bw_gbps"][3][0]))
 

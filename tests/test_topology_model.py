@@ -49,16 +49,23 @@ def test_measured_form_loads_into_the_same_model_and_round_trips(tmp_path):
     assert Topology.load(tmp_path / "graph.yaml").to_dict() == topo.to_dict()
 
 
-def test_fast_paths_match_networkx_on_the_spanning_tree():
-    topo = leaf_spine(hosts=24, hosts_per_leaf=8, degraded={3: 1.0})
-    nodes = sorted(n for n, kind in topo.graph.nodes(data="kind") if kind != "host")  # hosts are containers
+def test_routes_split_equally_over_every_shortest_path():
+    """ECMP: a route's links are exactly those of networkx's shortest paths, each with its share of them."""
+    topo = leaf_spine(hosts=24, hosts_per_leaf=8, spines=3, degraded={3: 1.0})
+    nics = sorted(n for n, kind in topo.graph.nodes(data="kind") if kind == "nic")
+    switches = {n for n in topo.graph if topo.is_switch(n)}
+    fabric = topo.graph.subgraph(switches | set(nics))
     rng = random.Random(1)
-    for _ in range(300):
-        a, b = rng.sample(nodes, 2)
-        if topo.graph.has_edge(a, b):
-            continue
-        expect = nx.shortest_path(topo._tree, a, b)
-        assert topo.path(a, b) == list(zip(expect, expect[1:]))
+    for _ in range(100):
+        a, b = rng.sample(nics, 2)
+        paths = list(nx.all_shortest_paths(fabric, a, b))
+        expect: dict = {}
+        for p in paths:
+            for e in zip(p, p[1:]):
+                expect[e] = expect.get(e, 0) + 1 / len(paths)  # symmetric fabric: per-hop split = per-path split
+        got = dict(topo.routes.route(a, b))
+        assert got.keys() == expect.keys()
+        assert all(abs(got[e] - expect[e]) < 1e-12 for e in got)
 
 
 def test_bandwidth_is_the_slowest_link_on_the_path():

@@ -1,11 +1,17 @@
-"""What no placement can beat: an upper bound on a ring layout's slowest hop.
+"""What no placement can beat: upper bounds on the rates a placement's flows can reach.
 
 A ring whose hops all reach ``t`` GB/s lives inside one connected piece of
-the links of at least ``t`` GB/s; and a ring that spans several hosts (or
-leaves) leaves each of them at least once, sharing their external links with
-the other rings that leave. Both facts hold for any placement, so the GB/s
-they allow bounds every plan, and the cost model turns it into a lower bound
-on the ring step time.
+the host links of at least ``t`` GB/s; a ring that spans several hosts (or
+leaves, or pods) leaves each of them at least once, so the flows that leave
+a unit share its external links; and a GPU's flows share its own links.
+These facts hold for any placement, so the rates they allow bound every
+plan, and the cost model turns them into lower bounds on the ring step, the
+all-to-all and the gradient traffic (``topology.cost.step_bound``).
+
+Equal-cost multi-path routing splits a flow over parallel links, so a flow
+can run faster than any one switch-to-switch link: the arguments below
+count a unit's external capacity as a sum, and never cut the fabric at a
+switch-to-switch link.
 """
 
 from __future__ import annotations
@@ -32,28 +38,77 @@ def ring_bandwidth_bound(topo: Topology, rings: int, size: int) -> float:
 
     Notes
     -----
-    Two arguments, the smaller wins. (1) Components: drop every link slower
-    than ``t``; a ring whose hops all reach ``t`` lies in one component, so
-    ``t`` is feasible only if the components hold ``rings`` disjoint rings.
-    (2) Exits: a ring over more GPUs than a host (leaf) has touches at least
-    ``ceil(size / largest)`` hosts (leaves) and leaves each; a unit can send
-    at most ``sum(floor(bw / t))`` such flows over its external links.
-    O(E log E) for (1), O(units x links x 60) for (2).
+    The smallest of three arguments. (1) Components: drop every link slower
+    than ``t`` except switch-to-switch links; a ring whose hops all reach
+    ``t`` lies in one component, so ``t`` is feasible only if the components
+    hold ``rings`` disjoint rings. (2) Exits: a ring over more GPUs than a
+    unit (host, then each switch level above) has touches at least
+    ``ceil(size / largest)`` units and leaves each; a unit can send at most
+    ``sum(bw) / t`` such flows over its external links. (3) Access: every
+    hop leaves one GPU through its links. O(E log E) for (1),
+    O(units x links x 60) for (2).
     """
     if size < 2:
         return math.inf
-    bound = _component_bound(topo, rings, size)
+    cache = topo.__dict__.setdefault("_bound_cache", {})
+    if (rings, size) not in cache:
+        bound = min(_component_bound(topo, rings, size), gpu_access_bound(topo))
+        for caps in _unit_levels(topo):
+            bound = min(bound, _exit_bound(caps, rings, size))
+        cache[rings, size] = bound
+    return cache[rings, size]
+
+
+def gpu_access_bound(topo: Topology) -> float:
+    """The fastest any one flow can leave a GPU: the largest sum of a GPU's link bandwidths."""
+    cache = topo.__dict__.setdefault("_bound_cache", {})
+    if "access" not in cache:
+        g = topo.graph
+        cache["access"] = max((sum(d["bw_gbps"] for _, _, d in g.edges(gpu, data=True)) for gpu in topo.gpus()),
+                              default=math.inf)
+    return cache["access"]
+
+
+def _unit_levels(topo: Topology) -> list[list[tuple[int, float]]]:
+    """(GPUs, external GB/s in all) of every unit: hosts, then the hosts under each switch level, bottom-up.
+
+    Cached on the topology: it depends on nothing else.
+    """
+    cache = topo.__dict__.setdefault("_bound_cache", {})
+    if "units" in cache:
+        return cache["units"]
+    g = topo.graph
     hosts = [h for h in topo.hosts if topo.gpus(h)]
-    units_by_level = [{h: [h] for h in hosts}]
-    leaves = {h: topo.leaf_of(h) for h in hosts}
-    if all(leaves.values()):
-        by_leaf: dict[str, list[str]] = {}
+    paths = {h: topo.switch_path(h) for h in hosts}
+    groupings = [{h: ([h], set()) for h in hosts}]
+    depth = min((len(p) for p in paths.values()), default=0)
+    for cut in range(depth, 1, -1):  # leaf groups first; the whole-cluster group bounds nothing
+        by: dict[str, tuple[list[str], set[str]]] = {}
         for h in hosts:
-            by_leaf.setdefault(leaves[h], []).append(h)
-        units_by_level.append(by_leaf)
-    for units in units_by_level:
-        bound = min(bound, _exit_bound(topo, units, rings, size))
-    return bound
+            members, switches = by.setdefault(paths[h][cut - 1], ([], set()))
+            members.append(h)
+            switches.update(s for s in paths[h][cut - 1:] if s in g)
+        groupings.append(by)
+    levels, headroom = [], {h: math.inf for h in hosts}
+    for k, by in enumerate(groupings):
+        caps = []
+        for members, switches in by.values():
+            nodes = {n for h in members for n in (h, *topo.parts(h))} | switches
+            n_gpus = sum(len(topo.gpus(h)) for h in members)
+            cap = sum(d["bw_gbps"] for u in nodes for v, d in g.adj[u].items() if v not in nodes)
+            caps.append((n_gpus, cap))
+            if k:
+                for h in members:
+                    headroom[h] = min(headroom[h], cap / n_gpus)
+        levels.append(caps)
+    cache["units"], cache["headroom"] = levels, headroom
+    return levels
+
+
+def switch_headroom(topo: Topology) -> dict[str, float]:
+    """Per host, the smallest share per GPU of the uplinks above it (leaf, pod, ...): low under a degraded uplink."""
+    _unit_levels(topo)
+    return topo.__dict__["_bound_cache"]["headroom"]
 
 
 def _component_bound(topo: Topology, rings: int, size: int) -> float:
@@ -66,39 +121,41 @@ def _component_bound(topo: Topology, rings: int, size: int) -> float:
             x = parent[x]
         return x
 
-    fits = 0
-    edges = sorted(topo.graph.edges(data="bw_gbps"), key=lambda e: -e[2])
-    for i, (u, v, bw) in enumerate(edges):
+    def union(u: str, v: str) -> int:
         ru, rv = find(u), find(v)
-        if ru != rv:
-            fits -= gpus[ru] // size + gpus[rv] // size
-            parent[rv] = ru
-            gpus[ru] += gpus[rv]
-            fits += gpus[ru] // size
+        if ru == rv:
+            return 0
+        before = gpus[ru] // size + gpus[rv] // size
+        parent[rv] = ru
+        gpus[ru] += gpus[rv]
+        return gpus[ru] // size - before
+
+    fits = 0
+    edges = []
+    for u, v, bw in topo.graph.edges(data="bw_gbps"):
+        if topo.is_switch(u) and topo.is_switch(v):
+            fits += union(u, v)  # ECMP may combine parallel switch links: never a cut
+        else:
+            edges.append((u, v, bw))
+    edges.sort(key=lambda e: -e[2])
+    for i, (u, v, bw) in enumerate(edges):
+        fits += union(u, v)
         last_of_value = i + 1 == len(edges) or edges[i + 1][2] < bw
         if last_of_value and fits >= rings:
             return bw
-    return 0.0
+    return math.inf if fits >= rings else 0.0
 
 
-def _exit_bound(topo: Topology, units: dict[str, list[str]], rings: int, size: int) -> float:
-    g = topo.graph
-    gpus = {name: sum(len(topo.gpus(h)) for h in hosts) for name, hosts in units.items()}
-    largest = max(gpus.values())
+def _exit_bound(caps: list[tuple[int, float]], rings: int, size: int) -> float:
+    largest = max(n for n, _ in caps)
     if size <= largest:
         return math.inf
     exits = rings * math.ceil(size / largest)
-    caps = []  # (GPUs of the unit, bandwidths of its external links)
-    for name, hosts in units.items():
-        nodes = {n for h in hosts for n in (h, *topo.parts(h))}
-        if name in g:  # a leaf unit owns its switch
-            nodes.add(name)
-        caps.append((gpus[name], [d["bw_gbps"] for u in nodes for v, d in g.adj[u].items() if v not in nodes]))
 
     def feasible(t: float) -> bool:
-        return sum(min(n, sum(int(bw / t + 1e-9) for bw in bws)) for n, bws in caps) >= exits
+        return sum(min(n, int(bw / t + 1e-9)) for n, bw in caps) >= exits
 
-    lo, hi = 0.0, max((bw for _, bws in caps for bw in bws), default=0.0)
+    lo, hi = 0.0, max((bw for _, bw in caps), default=0.0)
     if hi == 0.0 or not feasible(lo + 1e-12):
         return 0.0
     if feasible(hi):

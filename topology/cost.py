@@ -4,26 +4,28 @@ One ring step, per layer, forward: every rank sends its K and V block to the
 next rank of its ring (``2 * c * n_kv * d_h * bytes``, GQA-aware: KV heads,
 not query heads) while it computes attention of its queries against the
 block it holds (``4 * a * c^2 * n_q * d_h`` FLOPs, ``a = 0.5`` for zigzag
-halves). All rings step at once, so a hop's bandwidth is its slowest link's
-bandwidth divided by the number of ring flows crossing that link in the same
-direction. Communication hides behind compute when the slowest hop finishes
-first. Backward moves about 3x the bytes (dK, dV travel in fp32) for about
-2.5x the FLOPs.
+halves). All rings step at once, so a hop gets, on each link it crosses,
+the link's bandwidth over the flows (ECMP shares) crossing it in the same
+direction (``topology.routing``). Communication hides behind compute when
+the slowest hop finishes first. Backward moves about 3x the bytes (dK, dV
+travel in fp32) for about 2.5x the FLOPs. The Ulysses all-to-all and the
+ZeRO gradient traffic (over NCCL's ring in rank order) add to the step.
 
-Each figure comes with its lower bound over all placements
-(``topology.bound``), so a plan's distance from the best possible shows.
+``StepModel`` computes the step time of any rank order (the planner's
+objective); ``estimate`` reports a plan's figures with lower bounds over all
+placements (``step_bound``, ``topology.bound``), so a plan's distance from
+the best possible shows. The rates live in ``HardwareRates``.
 """
 
 from __future__ import annotations
 
 import math
-from collections import Counter
 from dataclasses import asdict, dataclass
-from typing import Iterable
 
-from topology.bound import ring_bandwidth_bound
+from topology.bound import gpu_access_bound, ring_bandwidth_bound
 from topology.model import Topology
-from topology.plan import Plan
+from topology.plan import GroupLayout, Plan
+from topology.routing import FlowModel
 
 ZIGZAG_A = 0.5
 """Fraction of a full c x c block one zigzag ring step computes."""
@@ -99,51 +101,12 @@ class CostReport:
     bound_ring_step_s: float
     """Lower bound on ``ring_step_fwd_s`` over all placements."""
     bound_step_s: float
-    """Lower bound on ``step_time_s`` over all placements (all-to-all counted as free)."""
+    """Lower bound on ``step_time_s`` over all placements (ring, all-to-all and gradient terms each bounded)."""
     efficiency: float
     """Assumed fraction of the dense peak that attention kernels and GEMMs sustain."""
 
     def to_dict(self) -> dict:
         return {k: (float(f"{v:.9g}") if isinstance(v, float) else v) for k, v in asdict(self).items()}
-
-
-# ------------------------------------------------------------------ flows
-class FlowModel:
-    """Bandwidth of concurrent GPU-to-GPU flows on a topology, with link sharing.
-
-    Paths are cached per GPU pair: a plan of 16384 ranks has as many flows,
-    and the same pairs recur across the strategies being compared.
-    """
-
-    def __init__(self, topo: Topology):
-        self.topo = topo
-        self._paths: dict[tuple[str, str], list[tuple[str, str]]] = {}
-
-    def path(self, a: str, b: str) -> list[tuple[str, str]]:
-        key = (a, b)
-        if key not in self._paths:
-            self._paths[key] = self.topo.path(a, b)
-        return self._paths[key]
-
-    def bandwidths(self, flows: Iterable[tuple[str, str]]) -> list[tuple[float, float]]:
-        """(GB/s, latency µs) of each flow when all of them run at once.
-
-        A flow's share of a link is the link's per-direction bandwidth over the
-        number of flows crossing it in the same direction; its rate is its
-        smallest share (a flow alone on the network gets its slowest link).
-        """
-        paths = [self.path(a, b) for a, b in flows]
-        load = Counter(hop for p in paths for hop in p)
-        edges = self.topo.graph.edges
-        out = []
-        for p in paths:
-            rate, lat = math.inf, 0.0
-            for u, v in p:
-                link = edges[u, v]
-                rate = min(rate, link["bw_gbps"] / load[u, v])
-                lat += link["lat_us"]
-            out.append((rate, lat))
-        return out
 
 
 def gpu_nodes(plan: Plan, topo: Topology) -> list[str]:
@@ -169,6 +132,110 @@ def slowest_hop(plan: Plan, topo: Topology, flows: FlowModel | None = None) -> t
     return rates[i][0], hops[i], rates[i][1]
 
 
+# ------------------------------------------------------------------ step time
+class StepModel:
+    """The cost model's step time for any rank order of one shape: the planner's objective.
+
+    Everything that does not depend on where ranks run (bytes per hop,
+    FLOPs, dense compute, gradient volume) is computed once; ``step`` then
+    costs one pass over the ring, all-to-all and gradient flows of an order.
+
+    Parameters
+    ----------
+    topo, dp, ring, ulysses, seq_len, model
+        The cluster and the plan's shape.
+    flows
+        Shared routes and link sharing.
+    rates
+        Hardware rates (``HardwareRates``).
+    zero_stage
+        3: parameters all-gathered and gradients reduce-scattered (3 x params
+        moved); otherwise an all-reduce (2 x).
+    """
+
+    def __init__(self, topo: Topology, dp: int, ring: int, ulysses: int, seq_len: int, model: ModelShape = LLAMA3_8B,
+                 flows: FlowModel | None = None, rates: "HardwareRates | None" = None, zero_stage: int = 3):
+        self.topo, self.model = topo, model
+        self.flows = flows or FlowModel(topo)
+        self.rates = rates = rates or HardwareRates()
+        self.dp, self.ring, self.ulysses, self.seq_len = dp, ring, ulysses, seq_len
+        self.cp = ring * ulysses
+        self.world = dp * self.cp
+        flops_rate = topo.gpu.tflops_bf16 * 1e12 * rates.efficiency
+        c = seq_len // ring  # after the all-to-all each rank holds seq/ring tokens of n/U heads
+        n_q = model.n_q_heads / ulysses
+        n_kv = math.ceil(model.n_kv_heads / ulysses)  # KV heads are replicated when U exceeds them
+        self.bytes_fwd = 2 * c * n_kv * model.head_dim * rates.dtype_bytes
+        flops_fwd = 4 * rates.zigzag_a * c * c * n_q * model.head_dim
+        self.comp_fwd, self.comp_bwd = flops_fwd / flops_rate, rates.bwd_flops * flops_fwd / flops_rate
+        self.dense = 6 * model.params * (seq_len / self.cp) / flops_rate
+        self.volume = (3 if zero_stage == 3 else 2) * model.params * rates.dtype_bytes * (self.world - 1) / self.world
+        tokens = seq_len // self.cp
+        heads = 2 * model.n_q_heads + 2 * max(model.n_kv_heads, ulysses)
+        self.a2a_per_peer = tokens * heads / ulysses * model.head_dim * rates.dtype_bytes
+        layout = GroupLayout.from_grid(dp, ring, ulysses)
+        self.hops = [(g[i], g[(i + 1) % len(g)]) for g in layout.ring_groups for i in range(len(g))] if ring > 1 else []
+        self.a2a_pairs = [(a, b) for g in layout.ulysses_groups for a in g for b in g if a != b] if ulysses > 1 else []
+
+    # -------------------------------------------------------------- parts
+    def ring_layer(self, hop_gbps: float, hop_lat: float) -> tuple[float, float, float, float]:
+        """(forward comm, backward comm, forward step, backward step) of one ring step at this hop rate."""
+        comm_fwd = transfer(self.bytes_fwd, hop_gbps, hop_lat)
+        comm_bwd = transfer(self.rates.bwd_bytes * self.bytes_fwd, hop_gbps, hop_lat)
+        return comm_fwd, comm_bwd, max(comm_fwd, self.comp_fwd), max(comm_bwd, self.comp_bwd)
+
+    def attention(self, hop_gbps: float, hop_lat: float, a2a: float) -> float:
+        """Ring attention (+ all-to-all) of all layers, forward and backward."""
+        _, _, fwd, bwd = self.ring_layer(hop_gbps, hop_lat)
+        # The first step computes the local block while the first transfer runs.
+        return self.model.layers * (self.comp_fwd + self.comp_bwd + (self.ring - 1) * (fwd + bwd) + a2a)
+
+    def gradients(self, bus_gbps: float) -> float:
+        return transfer(self.volume, bus_gbps, 0.0) if self.world > 1 else 0.0
+
+    def figures(self, nodes: list[str]) -> dict:
+        """Every rank-dependent figure of an order: slowest hop (rate, index, latency), all-to-all, bus, step."""
+        flows = self.flows
+        hop_gbps, hop_i, hop_lat = math.inf, None, 0.0
+        if self.hops:
+            rates = flows.bandwidths([(nodes[a], nodes[b]) for a, b in self.hops])
+            hop_i = min(range(len(rates)), key=lambda j: (rates[j][0], -rates[j][1]))
+            hop_gbps, hop_lat = rates[hop_i]
+        a2a = 0.0
+        if self.a2a_pairs:
+            rates = flows.bandwidths([(nodes[a], nodes[b]) for a, b in self.a2a_pairs])
+            a2a = 2 * max(transfer(self.a2a_per_peer, r, lat) for r, lat in rates)
+        bus = math.inf
+        if self.world > 1:
+            bus = min(r for r, _ in flows.bandwidths([(nodes[i], nodes[(i + 1) % len(nodes)]) for i in range(len(nodes))]))
+        step = self.dense + self.attention(hop_gbps, hop_lat, a2a) + self.gradients(bus)
+        return {"hop_gbps": hop_gbps, "hop": None if hop_i is None else self.hops[hop_i], "hop_lat": hop_lat,
+                "a2a": a2a, "bus_gbps": bus, "step": step}
+
+    def step(self, nodes: list[str]) -> float:
+        """Step time of the rank order ``nodes`` (GPU node of every rank), seconds."""
+        return self.figures(nodes)["step"]
+
+
+@dataclass(frozen=True)
+class HardwareRates:
+    """The cost model's rates in one place, so a calibration file can replace them.
+
+    GPU peak TFLOPS come from the topology's ``GpuSpec``; link bandwidths and
+    latencies from its links. These are the rest.
+    """
+
+    efficiency: float = 0.6
+    """Fraction of the GPU's dense BF16 peak that kernels sustain: what flash-attention 2 and
+    large bf16 GEMMs reach on recent GPUs."""
+    zigzag_a: float = ZIGZAG_A
+    bwd_bytes: float = BWD_BYTES
+    """Backward ring bytes over forward (dK, dV travel in fp32)."""
+    bwd_flops: float = BWD_FLOPS
+    dtype_bytes: int = 2
+    """Bytes per activation and parameter element on the wire (bf16)."""
+
+
 # ------------------------------------------------------------------ estimate
 def estimate(
     plan: Plan,
@@ -179,6 +246,7 @@ def estimate(
     efficiency: float = 0.6,
     zero_stage: int = 3,
     flows: FlowModel | None = None,
+    rates: HardwareRates | None = None,
 ) -> CostReport:
     """Predict a plan's ring step, step time, tokens/s and MFU, and the bound.
 
@@ -188,103 +256,80 @@ def estimate(
         The placement and the cluster it is for.
     model
         Shape of the model (Llama-3-8B by default).
-    dtype_bytes
-        Bytes per activation element on the wire (2 for bf16).
-    efficiency
-        Fraction of the GPU's dense BF16 peak that kernels sustain; 0.6 is
-        what flash-attention 2 and large bf16 GEMMs reach on recent GPUs.
+    dtype_bytes, efficiency
+        Shorthands for the same fields of ``rates`` (when ``rates`` is not given).
     zero_stage
         3: parameters are all-gathered for forward and backward and gradients
         reduce-scattered (3 x params moved); otherwise an all-reduce (2 x).
     flows
-        A ``FlowModel`` to reuse (its path cache) across plans of one topology.
+        A ``FlowModel`` to reuse (its route cache) across plans of one topology.
+    rates
+        ``HardwareRates``; default: 0.6 of peak, bf16.
 
     Returns
     -------
     CostReport
     """
-    flows = flows or FlowModel(topo)
-    ring, uly, seq = plan.ring, plan.ulysses, plan.seq_len
-    rate = topo.gpu.tflops_bf16 * 1e12 * efficiency
-    c = seq // ring  # after the all-to-all each rank holds seq/ring tokens of n/U heads
-    n_q = model.n_q_heads / uly
-    n_kv = math.ceil(model.n_kv_heads / uly)  # KV heads are replicated when U exceeds them
-    bytes_fwd = 2 * c * n_kv * model.head_dim * dtype_bytes
-    flops_fwd = 4 * ZIGZAG_A * c * c * n_q * model.head_dim
-
-    hop_gbps, hop, hop_lat = slowest_hop(plan, topo, flows)
-    comm_fwd = _transfer(bytes_fwd, hop_gbps, hop_lat)
-    comm_bwd = _transfer(BWD_BYTES * bytes_fwd, hop_gbps, hop_lat)
-    comp_fwd, comp_bwd = flops_fwd / rate, BWD_FLOPS * flops_fwd / rate
-    step_fwd, step_bwd = max(comm_fwd, comp_fwd), max(comm_bwd, comp_bwd)
-    # The first step computes the local block while the first transfer runs.
-    ring_layer = comp_fwd + comp_bwd + (ring - 1) * (step_fwd + step_bwd)
+    rates = rates or HardwareRates(efficiency=efficiency, dtype_bytes=dtype_bytes)
+    sm = StepModel(topo, plan.dp, plan.ring, plan.ulysses, plan.seq_len, model, flows, rates, zero_stage)
     nodes = gpu_nodes(plan, topo)
-    a2a = _ulysses_a2a(plan, nodes, model, dtype_bytes, flows)
-    attention = model.layers * (ring_layer + a2a)
-    dense = 6 * model.params * (seq / plan.cp) / rate
-    volume = (3 if zero_stage == 3 else 2) * model.params * dtype_bytes * (plan.world_size - 1) / plan.world_size
-    dp = _transfer(volume, _world_ring_gbps(nodes, flows), 0.0) if plan.world_size > 1 else 0.0
-    step = dense + attention + dp
-
-    bound_gbps = ring_bandwidth_bound(topo, plan.dp * uly, ring)
-    bound_fwd = max(comp_fwd, _transfer(bytes_fwd, bound_gbps, 0.0))
-    bound_bwd = max(comp_bwd, _transfer(BWD_BYTES * bytes_fwd, bound_gbps, 0.0))
-    bound_ring = comp_fwd + comp_bwd + (ring - 1) * (bound_fwd + bound_bwd)
-    bus_bound = ring_bandwidth_bound(topo, 1, plan.world_size)
-    bound_dp = _transfer(volume, bus_bound, 0.0) if plan.world_size > 1 else 0.0
-    bound_step = dense + model.layers * bound_ring + bound_dp
-
+    f = sm.figures(nodes)
+    comm_fwd, comm_bwd, step_fwd, step_bwd = sm.ring_layer(f["hop_gbps"], f["hop_lat"])
+    attention = sm.attention(f["hop_gbps"], f["hop_lat"], f["a2a"])
+    dp = sm.gradients(f["bus_gbps"])
+    step = f["step"]
+    b = step_bound(sm)
+    seq = plan.seq_len
     causal = 0.5  # a causal sequence computes half of its seq x seq scores
-    attn_flops = (1 + BWD_FLOPS) * 4 * causal * seq * seq * model.n_q_heads * model.head_dim * model.layers
+    attn_flops = (1 + rates.bwd_flops) * 4 * causal * seq * seq * model.n_q_heads * model.head_dim * model.layers
     model_flops = plan.dp * (6 * model.params * seq + attn_flops)
     hosts = [p.host for p in plan.placements]
-    hops = ring_hops(plan)
+    hops = sm.hops
+    leaf = {h: topo.leaf_of(h) for h in set(hosts)}
     return CostReport(
         model=model.name,
         tokens_per_rank=seq // plan.cp,
-        ring_bytes_fwd=int(bytes_fwd),
-        ring_comm_fwd_s=comm_fwd, ring_compute_fwd_s=comp_fwd, ring_step_fwd_s=step_fwd,
-        ring_comm_bwd_s=comm_bwd, ring_compute_bwd_s=comp_bwd, ring_step_bwd_s=step_bwd,
-        slowest_hop_gbps=None if math.isinf(hop_gbps) else hop_gbps,
-        slowest_hop=list(hop) if hop else None,
-        hidden=comm_fwd <= comp_fwd and comm_bwd <= comp_bwd,
+        ring_bytes_fwd=int(sm.bytes_fwd),
+        ring_comm_fwd_s=comm_fwd, ring_compute_fwd_s=sm.comp_fwd, ring_step_fwd_s=step_fwd,
+        ring_comm_bwd_s=comm_bwd, ring_compute_bwd_s=sm.comp_bwd, ring_step_bwd_s=step_bwd,
+        slowest_hop_gbps=None if math.isinf(f["hop_gbps"]) else f["hop_gbps"],
+        slowest_hop=list(f["hop"]) if f["hop"] else None,
+        hidden=comm_fwd <= sm.comp_fwd and comm_bwd <= sm.comp_bwd,
         inter_host_hops=sum(hosts[a] != hosts[b] for a, b in hops),
-        cross_switch_hops=sum(topo.leaf_of(hosts[a]) != topo.leaf_of(hosts[b]) for a, b in hops if hosts[a] != hosts[b]),
-        ulysses_a2a_s=a2a,
+        cross_switch_hops=sum(leaf[hosts[a]] != leaf[hosts[b]] for a, b in hops if hosts[a] != hosts[b]),
+        ulysses_a2a_s=f["a2a"],
         attention_s=attention,
-        dense_compute_s=dense,
+        dense_compute_s=sm.dense,
         dp_allreduce_s=dp,
         step_time_s=step,
         tokens_per_s=plan.dp * seq / step,
         mfu=model_flops / (step * plan.world_size * topo.gpu.tflops_bf16 * 1e12),
-        bound_hop_gbps=None if math.isinf(bound_gbps) else bound_gbps,
-        bound_ring_step_s=bound_fwd,
-        bound_step_s=bound_step,
-        efficiency=efficiency,
+        bound_hop_gbps=None if math.isinf(b["hop_gbps"]) else b["hop_gbps"],
+        bound_ring_step_s=b["ring_step_fwd"],
+        bound_step_s=b["step"],
+        efficiency=rates.efficiency,
     )
 
 
-def _transfer(nbytes: float, gbps: float, lat_us: float) -> float:
+def step_bound(sm: StepModel) -> dict:
+    """Lower bounds, over every placement of ``sm``'s shape, on the ring step and the step time.
+
+    Each term of the step is bounded on its own (ring hops, all-to-all,
+    gradient bus), so their sum bounds the step; see ``topology.bound``.
+    """
+    topo = sm.topo
+    hop = ring_bandwidth_bound(topo, sm.dp * sm.ulysses, sm.ring)
+    _, _, fwd, _ = sm.ring_layer(hop, 0.0)
+    a2a = 0.0
+    if sm.ulysses > 1:
+        a2a = 2 * transfer(sm.a2a_per_peer * (sm.ulysses - 1), gpu_access_bound(topo), 0.0)
+    bus = ring_bandwidth_bound(topo, 1, sm.world)
+    step = sm.dense + sm.attention(hop, 0.0, a2a) + sm.gradients(bus)
+    return {"hop_gbps": hop, "ring_step_fwd": fwd, "a2a": a2a, "bus_gbps": bus, "step": step}
+
+
+def transfer(nbytes: float, gbps: float, lat_us: float) -> float:
+    """Seconds to move ``nbytes`` at ``gbps`` GB/s after ``lat_us`` microseconds."""
     if nbytes == 0 or math.isinf(gbps):
         return 0.0
     return math.inf if gbps <= 0 else nbytes / (gbps * 1e9) + lat_us * 1e-6
-
-
-def _ulysses_a2a(plan: Plan, nodes: list[str], model: ModelShape, dtype_bytes: int, flows: FlowModel) -> float:
-    """All-to-all of q, k, v and the output (forward), and of their gradients (backward), per layer."""
-    uly = plan.ulysses
-    if uly < 2:
-        return 0.0
-    pairs = [(nodes[a], nodes[b]) for g in plan.groups.ulysses_groups for a in g for b in g if a != b]
-    rates = flows.bandwidths(pairs)
-    tokens = plan.seq_len // plan.cp
-    heads = 2 * model.n_q_heads + 2 * max(model.n_kv_heads, uly)
-    per_peer = tokens * heads / uly * model.head_dim * dtype_bytes
-    return 2 * max(_transfer(per_peer, r, lat) for r, lat in rates)
-
-
-def _world_ring_gbps(nodes: list[str], flows: FlowModel) -> float:
-    """Bus bandwidth of a collective over all ranks: NCCL builds its ring in rank order (``nodes``)."""
-    ring = [(nodes[i], nodes[(i + 1) % len(nodes)]) for i in range(len(nodes))]
-    return min(r for r, _ in flows.bandwidths(ring))

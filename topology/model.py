@@ -36,10 +36,14 @@ import networkx as nx
 import yaml
 
 from topology.errors import ConfigError, first_line
+from topology.routing import Routes
 
 FORMAT_VERSION = 1
-NODE_KINDS = ("host", "gpu", "socket", "pcie", "nic", "leaf", "spine")
-NODE_ATTRS = ("kind", "host", "index", "ip", "node_id", "labels", "leaf")
+SWITCH_TIER = {"leaf": 0, "spine": 1, "pod": 1, "core": 2}
+"""Network switches (nodes outside every host) by tier: leaf (hosts plug in), spine or pod, core."""
+SWITCH_KINDS = tuple(SWITCH_TIER)
+NODE_KINDS = ("host", "gpu", "socket", "pcie", "nic", *SWITCH_KINDS)
+NODE_ATTRS = ("kind", "host", "index", "ip", "node_id", "labels", "leaf", "network_nodes", "rail", "nic_gbps")
 
 
 @dataclass(frozen=True)
@@ -51,6 +55,12 @@ class GpuSpec:
     """Dense BF16 tensor-core peak, TFLOPS."""
     memory_gb: float = 48.0
     hbm_gbps: float = 864.0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name:
+            raise ConfigError(f"gpu: name is {self.name!r}; give the accelerator's name as text, e.g. L40S")
+        for key in ("tflops_bf16", "memory_gb", "hbm_gbps"):
+            _check_positive(f"gpu: {key}", getattr(self, key))
 
 
 @dataclass
@@ -76,6 +86,8 @@ class Topology:
         return node
 
     def add_link(self, a: str, b: str, bw_gbps: float, lat_us: float = 1.0) -> None:
+        if a == b:
+            raise ConfigError(f"link {a!r} - {b!r} joins a node to itself; a link needs two different endpoints")
         for end in (a, b):
             if end not in self.graph:
                 raise ConfigError(f"link {a!r} - {b!r}: unknown endpoint {end!r}; define the node first")
@@ -85,7 +97,8 @@ class Topology:
         self._invalidate()
 
     def _invalidate(self) -> None:
-        for name in ("hosts", "_tree", "_rooted", "_gpus_by_host", "_parts_by_host"):
+        for name in ("hosts", "routes", "_gpus_by_host", "_parts_by_host", "_signatures", "_switch_paths", "_bound_cache",
+                     "_locality_orders"):
             self.__dict__.pop(name, None)
 
     # ----------------------------------------------------------------- query
@@ -158,64 +171,81 @@ class Topology:
         return None
 
     # ------------------------------------------------------------- bandwidth
+    def is_switch(self, node: str) -> bool:
+        return self.graph.nodes[node]["kind"] in SWITCH_KINDS
+
     @cached_property
-    def _tree(self) -> nx.Graph:
-        # The widest path between two nodes is their path in a maximum spanning
-        # tree (a classic bottleneck-path result), so one tree answers all pairs.
-        return nx.maximum_spanning_tree(self.graph, weight="bw_gbps", algorithm="kruskal")
+    def routes(self) -> Routes:
+        """ECMP routes of this topology (``topology.routing``), cached per node pair."""
+        return Routes(self)
 
     def path(self, a: str, b: str) -> list[tuple[str, str]]:
-        """Links a single flow from ``a`` to ``b`` crosses, as (u, v) pairs.
+        """Directed links a flow from ``a`` to ``b`` crosses (every equal-cost path's links)."""
+        return [e for e, _ in self.routes.route(a, b)]
 
-        A direct link wins (measured matrices are direct NIC-to-NIC links);
-        otherwise the widest path, unique and deterministic on the spanning tree.
+    def host_signature(self, host: str) -> tuple:
+        """The host's internal links labelled by (kind, index): equal for identically built hosts.
+
+        A host whose parts cannot be told apart by (kind, index) gets its own
+        id as signature, so nothing is shared with it.
         """
-        if a == b:
-            return []
-        if self.graph.has_edge(a, b):
-            return [(a, b)]
-        for end in (a, b):
-            if end not in self.graph:
-                raise ConfigError(f"{end!r} is not a node of topology {self.name!r}")
-        ha, hb = self.graph.nodes[a].get("host"), self.graph.nodes[b].get("host")  # switches have none
-        if ha and hb and ha != hb:
-            na, nb = self.nics(ha), self.nics(hb)
-            if na and nb and self.graph.has_edge(na[0], nb[0]):  # measured: hosts talk directly
-                return self.path(a, na[0]) + [(na[0], nb[0])] + self.path(nb[0], b)
-        parent, depth = self._rooted
-        up, down = [a], [b]
-        while up[-1] != down[-1]:  # climb to the lowest common ancestor: O(depth), not O(graph)
-            side = up if depth.get(up[-1], -1) >= depth.get(down[-1], -1) else down
-            step = parent.get(side[-1])
-            if step is None:
-                raise ConfigError(f"no network path from {a!r} to {b!r}; link them in the topology")
-            side.append(step)
-        nodes = up + down[-2::-1]
-        return list(zip(nodes, nodes[1:]))
+        cache = self.__dict__.setdefault("_signatures", {})
+        if host not in cache:
+            g, parts = self.graph, self.parts(host)
+            data = {n: g.nodes[n] for n in parts}
+            labels = {n: (d["kind"], d.get("index")) for n, d in data.items()}
+            if any(i is None for _, i in labels.values()) or len(set(labels.values())) != len(labels):
+                cache[host] = (host,)
+            else:
+                cache[host] = tuple(sorted(
+                    (labels[u], labels[v], d["bw_gbps"], d["lat_us"]) for u in parts for v, d in g.adj[u].items() if v in labels))
+        return cache[host]
 
-    @cached_property
-    def _rooted(self) -> tuple[dict[str, str | None], dict[str, int]]:
-        """Parent and depth of every node in the spanning tree, one root per component."""
-        parent: dict[str, str | None] = {}
-        depth: dict[str, int] = {}
-        for root in self._tree.nodes:
-            if root in depth:
-                continue
-            parent[root], depth[root] = None, 0
-            for u, v in nx.bfs_edges(self._tree, root):
-                parent[v], depth[v] = u, depth[u] + 1
-        return parent, depth
+    def switch_path(self, host: str) -> tuple[str, ...]:
+        """The switches above ``host``, top-down (core ... leaf): hosts sharing a prefix share those switches.
+
+        From the host's ``network_nodes`` when given (labels, EC2 topology),
+        else by climbing from its leaf to the first switch of a higher tier.
+        """
+        cache = self.__dict__.setdefault("_switch_paths", {})
+        if host not in cache:
+            cache[host] = self._switch_path(host)
+        return cache[host]
+
+    def _switch_path(self, host: str) -> tuple[str, ...]:
+        data = self.graph.nodes[host]
+        if data.get("network_nodes"):
+            return tuple(map(str, data["network_nodes"]))
+        leaf = self.leaf_of(host)
+        if leaf is None:
+            return ()
+        cache = self.__dict__.setdefault("_switch_paths", {})
+        if ("above", leaf) not in cache:  # every host of a leaf shares the climb
+            cache["above", leaf] = self._climb(leaf)
+        return cache["above", leaf]
+
+    def _climb(self, leaf: str) -> tuple[str, ...]:
+        nodes = self.graph.nodes
+        chain, seen = [leaf], {leaf}
+        while True:
+            tier = SWITCH_TIER.get(nodes[chain[-1]]["kind"], 0)
+            up = sorted(v for v in self.graph.adj[chain[-1]]
+                        if v not in seen and SWITCH_TIER.get(nodes[v]["kind"], -1) > tier)
+            if not up:
+                return tuple(reversed(chain))
+            chain.append(up[0])
+            seen.add(up[0])
 
     def link(self, u: str, v: str) -> dict[str, float]:
         return self.graph.edges[u, v]
 
     def bandwidth(self, a: str, b: str) -> float:
-        """GB/s one flow gets from ``a`` to ``b`` alone on the network (its slowest link)."""
-        hops = self.path(a, b)
-        return min((self.link(u, v)["bw_gbps"] for u, v in hops), default=math.inf)
+        """GB/s one flow gets from ``a`` to ``b`` alone on the network (its slowest link, ECMP shares summed)."""
+        return min((self.link(u, v)["bw_gbps"] / f for (u, v), f in self.routes.route(a, b)), default=math.inf)
 
     def latency(self, a: str, b: str) -> float:
-        return sum(self.link(u, v)["lat_us"] for u, v in self.path(a, b))
+        """Microseconds from ``a`` to ``b``: the mean over equal-cost paths."""
+        return sum(f * self.link(u, v)["lat_us"] for (u, v), f in self.routes.route(a, b))
 
     def host_endpoint(self, host: str) -> str:
         """The node that stands for ``host`` on host-to-host paths: its first NIC."""
@@ -258,11 +288,7 @@ class Topology:
         for key in ("nodes", "links"):
             if not isinstance(data.get(key), list):
                 raise ConfigError(f"{source}: '{key}' is missing or not a list; see topology/model.py for the format")
-        gpu = data.get("gpu") or {}
-        try:
-            spec = GpuSpec(**gpu)
-        except TypeError as exc:
-            raise ConfigError(f"{source}: gpu: {exc}; known fields are {', '.join(GpuSpec.__dataclass_fields__)}") from None
+        spec = _gpu_spec(data.get("gpu"), source)
         topo = cls(name=str(data.get("name", "cluster")), gpu=spec)
         for i, node in enumerate(data["nodes"]):
             if not isinstance(node, dict) or "id" not in node or "kind" not in node:
@@ -277,10 +303,33 @@ class Topology:
             if "bw_gbps" not in link:
                 raise ConfigError(f"{source}: links[{i}] ({link['a']} - {link['b']}): bw_gbps is missing; give GB/s per direction")
             topo.add_link(str(link["a"]), str(link["b"]), link["bw_gbps"], link.get("lat_us", 1.0))
-        for n, d in topo.graph.nodes(data=True):
-            if d["kind"] not in ("host", "leaf", "spine") and d.get("host") not in topo.graph:
-                raise ConfigError(f"{source}: node {n!r} ({d['kind']}) needs 'host' naming a host node")
+        topo.check(source)
         return topo
+
+    def check(self, source: str = "topology") -> None:
+        """Raise ``ConfigError`` on a part without its host, a bad GPU index or a ``leaf`` naming no switch."""
+        g = self.graph
+        indices: dict[tuple[str, int], str] = {}
+        for n, d in g.nodes(data=True):
+            kind = d["kind"]
+            if kind in SWITCH_KINDS:
+                continue
+            if kind == "host":
+                leaf = d.get("leaf")
+                if leaf is not None and (leaf not in g or g.nodes[leaf]["kind"] not in SWITCH_KINDS):
+                    raise ConfigError(f"{source}: host {n!r}: leaf {leaf!r} names no switch node; add it as a node of kind leaf or drop the field")
+                continue
+            host = d.get("host")
+            if host not in g or g.nodes[host]["kind"] != "host":
+                what = "names no node" if host not in g else f"is a {g.nodes[host]['kind']}"
+                raise ConfigError(f"{source}: node {n!r} ({kind}) needs 'host' naming a host node; its host {host!r} {what}")
+            if kind == "gpu":
+                index = d.get("index")
+                if not isinstance(index, int) or isinstance(index, bool) or index < 0:
+                    raise ConfigError(f"{source}: GPU {n!r}: index is {index!r}; give its CUDA ordinal as an integer >= 0")
+                if (host, index) in indices:
+                    raise ConfigError(f"{source}: GPUs {indices[host, index]!r} and {n!r} of host {host!r} both have index {index}; CUDA ordinals are unique per host")
+                indices[host, index] = n
 
     def save(self, path: str | os.PathLike) -> None:
         """Write as JSON (``.json``) or YAML (anything else), atomically."""
@@ -307,13 +356,29 @@ class Topology:
         bw = _square(data.get("host_bw_gbps"), n, f"{source}: host_bw_gbps")
         lat = _square(data.get("host_lat_us"), n, f"{source}: host_lat_us") if data.get("host_lat_us") else None
         gpu_bw = data.get("gpu_bw_gbps") or {}
-        spec = GpuSpec(**(data.get("gpu") or {}))
+        if not isinstance(gpu_bw, dict):
+            raise ConfigError(f"{source}: gpu_bw_gbps must map host names to matrices")
+        spec = _gpu_spec(data.get("gpu"), source)
         topo = cls(name=str(data.get("name", "measured")), gpu=spec)
         names = []
         for i, h in enumerate(hosts):
+            if not isinstance(h, dict):
+                raise ConfigError(f"{source}: hosts[{i}] must be a mapping with name and gpus")
+            count = h.get("gpus", 0)
+            if not isinstance(count, int) or isinstance(count, bool) or count < 0:
+                raise ConfigError(f"{source}: hosts[{i}]: gpus is {count!r}; give the host's GPU count as an integer >= 0")
             name = str(h.get("name", f"h{i:02d}"))
             names.append(name)
-            topo.add_node(name, "host", node_id=h.get("node_id"), ip=h.get("ip"), labels=h.get("labels") or None, leaf=h.get("leaf"))
+            path = h.get("network_nodes")
+            if path is not None and (not isinstance(path, list) or not all(isinstance(x, str) and x for x in path)):
+                raise ConfigError(f"{source}: hosts[{i}]: network_nodes must list switch names, top-down")
+            for depth, node in enumerate(path or []):
+                if node not in topo.graph:  # names for the groups; measured pairs link hosts directly
+                    topo.add_node(node, "leaf" if depth == len(path) - 1 else "core" if depth == 0 else "spine")
+            if h.get("leaf") is not None and h["leaf"] not in topo.graph:
+                topo.add_node(str(h["leaf"]), "leaf")
+            topo.add_node(name, "host", node_id=h.get("node_id"), ip=h.get("ip"), labels=h.get("labels") or None,
+                          leaf=h.get("leaf") or (h.get("network_nodes") or [None])[-1], network_nodes=h.get("network_nodes"))
             nic = topo.add_node(f"{name}/nic0", "nic", host=name, index=0)
             fastest = max([x for x in bw[i] if x] + [1.0])
             gpus = [topo.add_node(f"{name}/gpu{g}", "gpu", host=name, index=g) for g in range(int(h.get("gpus", 0)))]
@@ -324,8 +389,14 @@ class Topology:
                 for a in range(len(gpus)):
                     for b in range(a + 1, len(gpus)):
                         topo.add_link(gpus[a], gpus[b], min(m[a][b], m[b][a]), 1.0)
+            port = nic
+            cap = h.get("nic_gbps")
+            if cap is not None:  # measured with concurrent flows: every flow out of (or into) the host shares it
+                _check_positive(f"{source}: hosts[{i}]: nic_gbps", cap)
+                port = topo.add_node(f"{name}/pcie0", "pcie", host=name, index=0)
+                topo.add_link(port, nic, float(cap), 0.0)
             for g in gpus:
-                topo.add_link(g, nic, 1e3 * fastest, 0.0)
+                topo.add_link(g, port, 1e3 * fastest, 0.0)
         for i in range(n):
             for j in range(i + 1, n):
                 b = min(bw[i][j], bw[j][i])
@@ -342,7 +413,8 @@ MEASURED_FORMAT = "ringleader/measured-topology"
     version: 1
     name: ray-cluster
     gpu: {name: L40S, ...}                 # optional
-    hosts: [{name, node_id, ip, labels, gpus, leaf}]   # leaf: inferred or from labels
+    hosts: [{name, node_id, ip, labels, gpus, leaf,   # leaf: inferred or from labels
+             network_nodes, nic_gbps}]            # optional: switches top-down; NIC capacity under concurrent flows
     host_bw_gbps: [[0, 48.1, ...], ...]   # n x n, GB/s per direction, median
     host_lat_us: [[0, 12.0, ...], ...]    # optional
     gpu_bw_gbps: {host_name: [[...]]}     # optional, per host
@@ -373,6 +445,8 @@ def dump_text(data: Any, path: str | os.PathLike) -> str:
 def write_atomic(path: str | os.PathLike, content: str | bytes) -> None:
     """Write to a temporary file beside ``path`` and rename: readers never see half a file."""
     p = Path(path)
+    if p.is_dir():
+        raise ConfigError(f"{p} is a directory; give a file name to write")
     p.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.", suffix=".tmp")
     try:
@@ -396,4 +470,22 @@ def _check_positive(what: str, value: Any, allow_zero: bool = False) -> None:
 def _square(matrix: Any, n: int, what: str) -> list[list[float]]:
     if not isinstance(matrix, list) or len(matrix) != n or any(not isinstance(r, list) or len(r) != n for r in matrix):
         raise ConfigError(f"{what} must be a {n} x {n} matrix")
+    for i, row in enumerate(matrix):
+        for j, x in enumerate(row):
+            if x is not None and (not isinstance(x, (int, float)) or isinstance(x, bool) or not math.isfinite(x) or x < 0):
+                raise ConfigError(f"{what}[{i}][{j}] is {x!r}; measured figures are numbers >= 0")
     return [[float(x or 0.0) for x in row] for row in matrix]
+
+
+def _gpu_spec(gpu: Any, source: str) -> GpuSpec:
+    if gpu is None:
+        return GpuSpec()
+    if not isinstance(gpu, dict):
+        raise ConfigError(f"{source}: gpu must be a mapping such as {{name: L40S, tflops_bf16: 362}}")
+    unknown = set(gpu) - set(GpuSpec.__dataclass_fields__)
+    if unknown:
+        raise ConfigError(f"{source}: gpu: unknown field(s) {', '.join(sorted(unknown))}; known fields are {', '.join(GpuSpec.__dataclass_fields__)}")
+    try:
+        return GpuSpec(**gpu)
+    except ConfigError as exc:
+        raise ConfigError(f"{source}: {exc}") from None

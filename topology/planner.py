@@ -1,25 +1,33 @@
-"""Hierarchical ring planner: which GPU holds which rank.
+"""Ring planner: which GPU holds which rank, chosen by the cost model's step time.
 
 NCCL, torchrun and Ray Train connect ranks in rank order, so the rank order
 is the lever. The plan's rank grid is ``(dp, ring, ulysses)`` (see
 ``topology.plan``): a context-parallel group is ``cp`` consecutive ranks,
-and its ring visits them in order. The ``aware`` strategy builds that order
-top-down:
+and its ring visits them in order.
 
-1. Hosts: the fewest hosts, the fastest-connected first (a degraded cable
-   is left out when the GPUs allow), drawn from as few leaf switches as
-   possible.
-2. Rings over hosts: when a ring is larger than a host, its hosts are a
-   run of the leaf-sorted host list (so a ring sits under as few switches
-   as possible) ordered as a bottleneck cycle (``topology.ring_order``);
-   on 8 hosts or fewer every host choice and split is tried and scored by
-   the cost model's link sharing.
-3. GPUs in a host: PCIe order (a depth-first walk of the host's links from
-   the NIC), so rings smaller than a host fill switches and sockets; a host
-   that a ring passes through is entered and left by the GPUs nearest its
-   NIC, with Ulysses groups kept whole.
+The ``aware`` strategy is an optimiser. Its objective is the predicted step
+time (``topology.cost.StepModel``: ring hops, Ulysses all-to-all, ZeRO
+gradient traffic over NCCL's rank-order ring, every flow sharing the links
+it crosses). It scores these constructions and keeps the best:
 
-DP peers line up because every ring repeats the same in-host order.
+* ``hierarchical``: the fewest, fastest hosts from as few leaves as
+  possible, rings over runs of them in bottleneck-cycle order, GPUs in PCIe
+  order entered and left next to the NIC (on 8 hosts or fewer, every host
+  choice and split);
+* segments: ``u`` GPUs of each host (fewer than all keeps a ring off a slow
+  inner link), cut into runs of ``s`` that rings string together layer by
+  layer or host by host (rings that do not divide a host);
+* whole hosts per ring: mixed host sizes packed first-fit, so no host
+  serves two rings through one NIC;
+* bus cycle: all hosts as one bottleneck cycle, for when gradient traffic
+  decides;
+* ``naive`` itself, so the plan is never worse than Ray's order.
+
+Hosts are chosen under the widest uplinks first (a leaf behind a degraded
+uplink is left out when the GPUs allow) and in switch order, any depth.
+``topology.search`` then searches small pools exhaustively or improves the
+best construction by local search, and says when the plan is optimal.
+
 Baselines: ``naive`` (hosts as listed, i.e. Ray's order, GPUs by CUDA index)
 and ``random`` (seeded shuffle). Deterministic for the same input.
 """
@@ -35,6 +43,9 @@ from functools import lru_cache
 from typing import Callable
 
 from topology.cost import LLAMA3_8B, FlowModel, ModelShape, estimate
+from topology.bound import switch_headroom
+from topology.cost import StepModel
+from topology.search import default_budget, optimise
 from topology.errors import ConfigError
 from topology.model import Topology
 from topology.plan import GroupLayout, Plan, RankPlacement
@@ -42,6 +53,8 @@ from topology.ring_order import bottleneck_cycle, locality_order, through_order
 
 TOKENS_PER_GPU = 16384
 """Default sequence length per GPU: the recipe's long stages hold 16K tokens per GPU."""
+CYCLE_HOSTS = 32
+"""Clusters with at most this many hosts also get a construction that orders all hosts as one cycle."""
 EXHAUSTIVE_HOSTS = 8
 """Clusters with at most this many hosts get every host choice and split scored."""
 
@@ -60,6 +73,12 @@ class PlanRequest:
     seed: int = 0
     cuts: dict = field(default_factory=dict)
     """Where ``through_order`` cut each host layout, so 2048 alike hosts cost one search."""
+    seq_len: int = 0
+    model: ModelShape = LLAMA3_8B
+    budget_s: float = 0.5
+    """Wall-clock budget of the local search."""
+    info: dict = field(default_factory=dict)
+    """What the strategy found out: the construction it kept, moves, optimality."""
 
     @property
     def ring(self) -> int:
@@ -80,6 +99,8 @@ def make_plan(
     hosts: list[str] | None = None,
     model: ModelShape = LLAMA3_8B,
     flows: FlowModel | None = None,
+    *,
+    budget_s: float | None = None,
 ) -> Plan:
     """Place ``gpus`` ranks in rings of ``cp`` GPUs on ``topo``.
 
@@ -103,11 +124,16 @@ def make_plan(
         Restrict to these hosts (e.g. the ones Ray gave), in Ray's order.
     flows
         A ``FlowModel`` of ``topo`` to share path caches between plans.
+    budget_s
+        Seconds the ``aware`` local search may take (default: scaled to the
+        problem, at most ``SEARCH_BUDGET_S``).
 
     Returns
     -------
     Plan
-        With ``cost`` filled from ``topology.cost.estimate``.
+        With ``cost`` filled from ``topology.cost.estimate``; an ``aware``
+        plan adds ``cost["search"]``: the construction kept, the moves made,
+        whether the plan is proven optimal and what it traded.
 
     Raises
     ------
@@ -116,6 +142,8 @@ def make_plan(
     """
     seq_len = TOKENS_PER_GPU * cp if seq_len is None else seq_len
     req = _request(topo, gpus, cp, ulysses, seq_len, strategy, seed, hosts, flows)
+    req.model = model
+    req.budget_s = default_budget(gpus) if budget_s is None else budget_s
     order = STRATEGIES[strategy](req)
     placements = []
     for rank, gpu in enumerate(order):
@@ -124,6 +152,8 @@ def make_plan(
         placements.append(RankPlacement(rank, host, topo.graph.nodes[gpu]["index"], data.get("node_id"), data.get("ip")))
     plan = Plan(strategy, gpus // cp, cp, ulysses, seq_len, placements, topology=topo.name)
     plan.cost = estimate(plan, topo, model, flows=req.flows).to_dict()
+    if req.info:
+        plan.cost["search"] = req.info
     return plan
 
 
@@ -152,7 +182,7 @@ def _request(topo, gpus, cp, ulysses, seq_len, strategy, seed, hosts, flows) -> 
     have = sum(len(topo.gpus(h)) for h in hosts)
     if gpus > have:
         raise ConfigError(f"gpus {gpus} is more than the {have} GPUs of topology {topo.name!r}; ask for at most {have}")
-    return PlanRequest(topo, gpus, cp, ulysses, hosts, flows or FlowModel(topo), seed)
+    return PlanRequest(topo, gpus, cp, ulysses, hosts, flows or FlowModel(topo), seed, seq_len=seq_len)
 
 
 # ------------------------------------------------------------------ baselines
@@ -177,7 +207,169 @@ def random_order(req: PlanRequest) -> list[str]:
 
 # ------------------------------------------------------------------ aware
 def aware_order(req: PlanRequest) -> list[str]:
-    """The topology-aware rank order; see the module docstring."""
+    """The topology-aware rank order: the best of the constructions, naive included, then search.
+
+    Every construction is scored by the cost model's step time (``StepModel``);
+    the best is improved by local search within ``req.budget_s``, and small
+    problems are searched exhaustively (``topology.search``).
+    """
+    sm = StepModel(req.topo, req.gpus // req.cp, req.ring, req.ulysses, req.seq_len, req.model, req.flows)
+    candidates = {"naive": naive_order(req), "hierarchical": hierarchical_order(req)}
+    candidates.update(segment_orders(req))
+    whole = whole_host_order(req)
+    if whole is not None:
+        candidates["whole hosts per ring"] = whole
+    if len(req.hosts) <= CYCLE_HOSTS:
+        candidates["bus cycle"] = bus_cycle_order(req)
+    seen: list[list[str]] = []
+    for name in list(candidates):  # the same order under two names is scored once
+        if candidates[name] in seen:
+            del candidates[name]
+        else:
+            seen.append(candidates[name])
+    pool = [g for h in req.hosts for g in req.topo.gpus(h)]
+    result = optimise(sm, candidates, pool, req.budget_s)  # its own fixed seed: one plan per input
+    req.info.update(result.info())
+    req.info["trade"] = trade_note(req, result.construction, sm, result.order)
+    return result.order
+
+
+def whole_host_order(req: PlanRequest) -> list[str] | None:
+    """Rings made of whole hosts (mixed sizes packed first-fit in switch order): each host serves one ring.
+
+    A host split between two rings takes a flow of each through its NIC; with
+    4- and 8-GPU hosts in one cluster, packing whole hosts into rings of
+    ``cp`` avoids that. None when the hosts cannot fill enough rings.
+    """
+    if req.ring < 2:
+        return None
+    sizes = {h: req.gpu_count(h) for h in req.hosts}
+    hosts = _choose_hosts(req, {h: n for h, n in sizes.items() if n <= req.cp} | {h: 0 for h, n in sizes.items() if n > req.cp}, 1)
+    bins: list[list[str]] = []
+    room: list[int] = []
+    for h in hosts + [h for h in req.hosts if h not in set(hosts) and 0 < sizes[h] <= req.cp]:
+        fit = next((i for i in range(len(bins) - 1, -1, -1) if room[i] >= sizes[h]), None)
+        if fit is None:
+            bins.append([])
+            room.append(req.cp)
+            fit = len(bins) - 1
+        bins[fit].append(h)
+        room[fit] -= sizes[h]
+        if sum(r == 0 for r in room) >= req.gpus // req.cp:
+            break
+    full = [b for b, r in zip(bins, room) if r == 0][: req.gpus // req.cp]
+    if len(full) < req.gpus // req.cp:
+        return None
+    return [g for ring in full for g in _gpu_sequence(req, ring)]
+
+
+def bus_cycle_order(req: PlanRequest) -> list[str]:
+    """Hosts in one bottleneck cycle (the gradient ring's host order), rings cut from it in turn.
+
+    NCCL's all-reduce ring follows the rank order, so when gradient traffic
+    decides, the hosts' order as one cycle matters more than each ring's own.
+    """
+    per_host = {h: req.gpu_count(h) for h in req.hosts}
+    hosts = _choose_hosts(req, per_host, 1)
+    return _gpu_sequence(req, _cycle(req.topo, hosts))[: req.gpus]
+
+
+def segment_orders(req: PlanRequest) -> dict[str, list[str]]:
+    """Constructions that use ``u`` GPUs of each host, cut into segments of ``s`` GPUs that rings string together.
+
+    ``u`` below a host's GPU count keeps a host's ring traffic off its slow
+    inner links (one socket of an 8-GPU PCIe server); ``s`` dividing the ring
+    lets rings that do not divide a host visit several hosts in equal runs.
+    Segments are laid "layer by layer" (segment 0 of every host, then
+    segment 1, ...) or "host by host"; either way consecutive segments come
+    from hosts in switch order, so a ring spans few switches.
+    """
+    topo, out = req.topo, {}
+    sizes = sorted({req.gpu_count(h) for h in req.hosts})
+    uses = sorted({u for n in sizes for u in _halves(n)[:2]}, reverse=True)  # whole hosts, or one socket's worth
+    for u in uses:
+        fits = [d for d in _halves(u) if d % req.ulysses == 0 and req.cp % d == 0]
+        for s in sorted({min(u, req.cp), *fits[:2]}, reverse=True):
+            if s % req.ulysses:
+                continue
+            per_host = {h: min(u, req.gpu_count(h)) // s for h in req.hosts}
+            if sum(per_host.values()) * s < req.gpus:
+                continue
+            hosts = _choose_hosts(req, per_host, s)
+            segments = {h: _segments(req, h, u, s) for h in hosts}
+            for layout in ("layers", "hosts"):
+                name = f"{u}/host x {s}-GPU segments by {layout}"
+                if layout == "layers":
+                    seq = [seg for j in range(max(per_host[h] for h in hosts)) for h in hosts if j < per_host[h] for seg in [segments[h][j]]]
+                else:
+                    seq = [seg for h in hosts for seg in segments[h][:per_host[h]]]
+                order = [g for seg in seq for g in seg][: req.gpus]
+                if len(order) == req.gpus and order not in out.values():
+                    out[name] = order
+    return out
+
+
+def _halves(n: int) -> list[int]:
+    """n, n/2, n/4, ... while whole: the GPU counts that keep a host's PCIe tree balanced."""
+    out = [n]
+    while out[-1] % 2 == 0 and out[-1] > 1:
+        out.append(out[-1] // 2)
+    return out
+
+
+def _segments(req: PlanRequest, host: str, u: int, s: int) -> list[list[str]]:
+    base = locality_order(req.topo, host)[:u]
+    return [base[i:i + s] for i in range(0, len(base) - s + 1, s)]
+
+
+def _choose_hosts(req: PlanRequest, per_host: dict[str, int], s: int) -> list[str]:
+    """Enough hosts for ``req.gpus``, fastest first, from the best-connected switches, in switch order."""
+    topo = req.topo
+    egress = {h: host_egress(topo, h) for h in req.hosts}
+    ranked = sorted((h for h in req.hosts if per_host[h]), key=lambda h: -egress[h])
+    total, threshold = 0, math.inf
+    for h in ranked:
+        total += per_host[h] * s
+        threshold = egress[h]
+        if total >= req.gpus:
+            break
+    paths = {h: topo.switch_path(h) for h in req.hosts}
+    headroom = switch_headroom(topo)
+    groups: dict[tuple, list[str]] = {}
+    for h in req.hosts:
+        if per_host[h] and egress[h] >= threshold:
+            groups.setdefault(paths[h], []).append(h)
+    # Leaves under the widest uplinks first, the fullest first, in switch order (a pod's leaves stay together).
+    chosen, total = [], 0
+    for members in sorted(groups.values(), key=lambda hs: (-min(headroom[h] for h in hs), -sum(per_host[h] for h in hs),
+                                                           paths[hs[0]])):
+        for h in sorted(members, key=lambda h: (paths[h], -egress[h])):
+            if total >= req.gpus:
+                break
+            chosen.append(h)
+            total += per_host[h] * s
+    return sorted(chosen, key=lambda h: (paths[h], -per_host[h]))
+
+
+def trade_note(req: PlanRequest, construction: str, sm: StepModel, order: list[str]) -> str:
+    """One line on what the plan chose and what now limits it."""
+    f = sm.figures(order)
+    used = {}
+    for g in order:
+        used[req.topo.host_of(g)] = used.get(req.topo.host_of(g), 0) + 1
+    counts = sorted(set(used.values()))
+    parts = [f"{construction}", f"{'/'.join(map(str, counts))} GPUs on each of {len(used)} hosts"]
+    if f["hop"] is not None:
+        a, b = f["hop"]
+        route = sm.flows.path(order[a], order[b])
+        load = sm.flows.load((order[x], order[y]) for x, y in sm.hops)
+        (u, v), _ = min(route, key=lambda ef: sm.flows.capacity(ef[0]) / load[ef[0]])
+        parts.append(f"ring bottleneck {u} -> {v} at {f['hop_gbps']:.3g} GB/s per flow")
+    return "; ".join(parts)
+
+
+def hierarchical_order(req: PlanRequest) -> list[str]:
+    """The textbook construction: fewest hosts, rings over leaf runs, bottleneck host cycles, PCIe order."""
     topo = req.topo
     egress = {h: host_egress(topo, h) for h in req.hosts}
     sizes = {req.gpu_count(h) for h in req.hosts}

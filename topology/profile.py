@@ -19,8 +19,11 @@ fabric, pairs that cross the same uplink in one phase share it, and their
 figures are their share of it (``meta["flows"]`` keeps every flow with its
 round and phase).
 
-Inside a host with several GPUs, a device-to-device copy matrix is measured
-too, and ``nvidia-smi topo -m`` is kept when the tool is there.
+Then each host's NIC capacity under concurrent flows: its two fastest
+peers send to it at once (``nic_gbps``; a pair measured alone does not show
+that two flows into one host share its link). Inside a host with several
+GPUs, a device-to-device copy matrix is measured too, and ``nvidia-smi
+topo -m`` is kept when the tool is there.
 
 The result is the measured format of topology/model.py (``MEASURED_FORMAT``).
 Hosts are named by node IP (``-2``, ``-3`` added when nodes share one) and
@@ -142,8 +145,42 @@ class HostProbe:
         bandwidth.leave_group()
         self.store = None
 
+    def fan_in(self, nbytes: int, repeats: int) -> list[float]:
+        return fan_in_seconds(nbytes, repeats, self.device)
+
     def gpus(self, nbytes: int, repeats: int) -> tuple[list[list[float]] | None, str | None]:
         return bandwidth.gpu_copy_matrix(nbytes, repeats), bandwidth.nvidia_smi_topo()
+
+
+def fan_in_seconds(nbytes: int, repeats: int, device) -> list[float]:
+    """Rank 0 receives ``nbytes`` from every other rank at once; its time per round (the others return ``[]``).
+
+    What one NIC carries under concurrent flows: a pair measured alone can
+    each reach the link's speed while two flows into one host share it.
+    """
+    import torch
+    import torch.distributed as dist
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    count = max(1, nbytes // 4)
+    token = torch.zeros(1, device=device)
+    bufs = [torch.empty(count, dtype=torch.float32, device=device) for _ in range(world - 1 if rank == 0 else 1)]
+    times = []
+    for i in range(bandwidth.WARMUP + repeats):
+        if rank:
+            dist.recv(token, 0)
+            dist.send(bufs[0], 0)
+            continue
+        t0 = time.perf_counter()
+        for peer in range(1, world):
+            dist.send(token, peer)
+        for work in [dist.irecv(buf, peer) for peer, buf in enumerate(bufs, start=1)]:
+            work.wait()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        if i >= bandwidth.WARMUP:
+            times.append(time.perf_counter() - t0)
+    return times
 
 
 def _rank() -> int:
@@ -233,6 +270,32 @@ def profile_cluster(
     return data
 
 
+FAN_IN = 2
+"""Peers that send to a host at once when its NIC capacity is measured."""
+
+
+def _nic_capacity(probes: list, hosts: list[dict], bw: list[list[float]], backend: str, nbytes: int, repeats: int,
+                  timeout_s: float) -> list[float | None]:
+    """GB/s each host's NIC takes in from ``FAN_IN`` peers at once (its fastest senders), host by host.
+
+    None for every host when there are too few hosts to send at once.
+    """
+    n = len(hosts)
+    if n <= FAN_IN:
+        return [None] * n
+    out: list[float | None] = []
+    for x in range(n):
+        peers = sorted((p for p in range(n) if p != x), key=lambda p: (-bw[p][x], p))[:FAN_IN]
+        what = f"NIC capacity of {hosts[x]['name']}"
+        port = _get([probes[x].listen.remote()], timeout_s, what)[0]
+        group = [x, *peers]
+        _get([probes[p].join.remote(rank, (hosts[x]["ip"], port), backend, len(group)) for rank, p in enumerate(group)], timeout_s, what)
+        seconds = _get([probes[p].fan_in.remote(nbytes, repeats) for p in group], timeout_s, what)[0]
+        _get([probes[p].leave.remote() for p in group], timeout_s, what)
+        out.append(FAN_IN * nbytes / median(seconds) / 1e9)
+    return out
+
+
 def _get(refs: list, timeout_s: float, what: str) -> list:
     try:
         return ray.get(refs, timeout=timeout_s)
@@ -287,13 +350,16 @@ def _measure(hosts: list[dict], nbytes: int, repeats: int, timeout_s: float, lat
             slowest = min((bw[a][b] for a, b in pairs), default=0.0)
             if bar.disable:
                 log.info("profile %s: %.1f s, slowest pair %.3g GB/s", what, round_s[-1], slowest)
+        nic = _nic_capacity(probes, hosts, bw, backend, nbytes, repeats, timeout_s)
         gpu_results = _get([p.gpus.remote(min(nbytes, 256 * 2**20), repeats) for p in probes], timeout_s, "GPU copy matrices")
     finally:
         for p in probes:
             ray.kill(p)
     leaves, leaf_source = leaf_names(bw, [h["labels"] for h in hosts], lat)
-    for h, leaf in zip(hosts, leaves):
+    for h, leaf, cap in zip(hosts, leaves, nic):
         h["leaf"] = leaf
+        if cap is not None:
+            h["nic_gbps"] = cap
     return {
         "format": MEASURED_FORMAT,
         "version": FORMAT_VERSION,

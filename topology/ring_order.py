@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from typing import Callable, Hashable, Sequence, TypeVar
 
-from topology.cost import FlowModel
+from topology.routing import FlowModel
 from topology.model import Topology
 
 H = TypeVar("H", bound=Hashable)
@@ -169,7 +169,16 @@ def locality_order(topo: Topology, host: str) -> list[str]:
     is the tightest group of ``c`` and a cycle through all crosses every
     internal link once per direction.
     """
+    cache = topo.__dict__.setdefault("_locality_orders", {})
+    sig = topo.host_signature(host)
     gpus = topo.gpus(host)
+    by_index = {topo.graph.nodes[x]["index"]: x for x in gpus}
+    if sig not in cache or len(sig) == 1:  # hosts built alike share one walk (a unique host keys by its id)
+        cache[sig] = [topo.graph.nodes[x]["index"] for x in _locality_walk(topo, host, gpus)]
+    return [by_index[i] for i in cache[sig]]
+
+
+def _locality_walk(topo: Topology, host: str, gpus: list[str]) -> list[str]:
     nics = topo.nics(host)
     g = topo.graph
     order, seen = [], set()
@@ -204,7 +213,7 @@ def through_order(topo: Topology, host: str, block: int, flows: FlowModel, cuts:
     cuts = {} if cuts is None else cuts
     if not nics or len(base) <= block:
         return base
-    key = (_signature(topo, host), block)
+    key = (topo.host_signature(host), block)
     if key not in cuts:  # hosts of a preset or a profiled cluster share a few layouts: solve each once
         cuts[key] = _best_cut(base, nics[0], block, flows)
     return base[cuts[key]:] + base[:cuts[key]]
@@ -222,13 +231,3 @@ def _best_cut(base: list[str], nic: str, block: int, flows: FlowModel) -> int:
         if best_key is None or key < best_key:
             best_key, best = key, cut
     return best
-
-
-def _signature(topo: Topology, host: str) -> tuple:
-    """The host's internal links labelled by (kind, index): equal for identically built hosts."""
-    g, parts = topo.graph, set(topo.parts(host))
-
-    def label(n: str) -> tuple:
-        return g.nodes[n]["kind"], g.nodes[n].get("index", -1)
-
-    return tuple(sorted((label(u), label(v), d["bw_gbps"]) for u in parts for v, d in g.adj[u].items() if v in parts))

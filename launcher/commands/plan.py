@@ -7,8 +7,10 @@
 from __future__ import annotations
 
 import argparse
+import os
 
 from topology.cost import FlowModel
+from topology.errors import ConfigError
 from topology.model import Topology
 from topology.plan import Plan
 from topology.planner import STRATEGIES, TOKENS_PER_GPU, make_plan
@@ -33,6 +35,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.output and os.path.isdir(args.output):
+        raise ConfigError(f"-o {args.output} is a directory; give a file name such as {os.path.join(args.output, 'plan.json')}")
     topo = load_topology(args.topology)
     flows = FlowModel(topo)
 
@@ -80,6 +84,11 @@ def summary(plan: Plan, topo: Topology) -> str:
         f" gradients {c['dp_allreduce_s']:.2f} s; bound {c['bound_step_s']:.2f} s),"
         f" {c['tokens_per_s']:,.0f} tokens/s, MFU {c['mfu']:.0%}"
     )
+    if "search" in c:
+        found = c["search"]
+        proof = f"optimal ({found['proof']})" if found["optimal"] else f"{c['step_time_s'] / c['bound_step_s']:.3f} x bound, not proven optimal"
+        lines.append(f"search: kept {found['construction']!r} of {len(found['candidates'])} constructions scored,"
+                     f" {found['moves']} improving moves; {proof}")
     return "\n".join(lines)
 
 
@@ -96,19 +105,23 @@ def ring_text(plan: Plan, ring: list[int]) -> str:
 
 
 def comparison(plans: list[Plan]) -> str:
-    """One row per strategy: predicted ring step, slowest hop, cross-switch hops, step time, bound."""
+    """One row per strategy: predicted ring step, slowest hop, cross-switch hops, step time and step time over its bound."""
     header = ("strategy", "ring step fwd", "slowest hop", "cross-switch hops", "step time", "tokens/s", "x bound")
     rows = [header]
     for p in plans:
         c = p.cost
         rows.append((
             p.strategy, _ms(c["ring_step_fwd_s"]), _gbps(c["slowest_hop_gbps"]), str(c["cross_switch_hops"]),
-            f"{c['step_time_s']:.2f} s", f"{c['tokens_per_s']:,.0f}", f"{c['ring_step_fwd_s'] / c['bound_ring_step_s']:.2f}",
+            f"{c['step_time_s']:.2f} s", f"{c['tokens_per_s']:,.0f}", f"{c['step_time_s'] / c['bound_step_s']:.2f}",
         ))
     c = plans[0].cost
     rows.append(("bound", _ms(c["bound_ring_step_s"]), _gbps(c["bound_hop_gbps"]), "-", f"{c['bound_step_s']:.2f} s", "-", "1.00"))
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
-    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows)
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
+    for p in plans:
+        if "search" in p.cost:
+            lines.append(f"{p.strategy} traded: {p.cost['search']['trade']}")
+    return "\n".join(lines)
 
 
 def _ms(seconds: float) -> str:

@@ -2,6 +2,8 @@
 
     ringleader profile --address 10.0.0.1:6379 -o topology.json
     ringleader profile --transfer-mb 16 --repeats 3 --reprofile --heatmap bandwidth.png   # RAY_ADDRESS or a local `ray start`
+    ringleader profile --label-keys topology.k8s.aws/network-node-layer-1,topology.k8s.aws/network-node-layer-2,topology.k8s.aws/network-node-layer-3
+    ringleader profile --ec2-topology instance-topology.json   # `aws ec2 describe-instance-topology` output
 
 The output is the measured topology (topology/model.py's MEASURED_FORMAT):
 ``ringleader plan --topology topology.json`` places ranks on it.
@@ -18,7 +20,8 @@ import sys
 from launcher.commands.run import check_reachable
 from launcher.runtime.controller import default_profile_cache
 from topology.errors import ConfigError
-from topology.model import Topology, dump_text, write_atomic
+from topology.hierarchy import INSTANCE_ID_LABEL, ec2_instances, network_nodes_from_ec2, network_nodes_from_labels
+from topology.model import Topology, dump_text, load_data, write_atomic
 from topology.profile import ProfileError, profile_cluster
 
 
@@ -31,11 +34,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cache-dir", default=None, metavar="DIR", help=f"profile cache (default {default_profile_cache()})")
     parser.add_argument("--timeout", type=float, default=300.0, metavar="S", help="longest wait for one measurement step (default 300)")
     parser.add_argument("--heatmap", metavar="FILE.png", help="also draw the bandwidth matrix (PNG, SVG or PDF)")
+    parser.add_argument("--label-keys", metavar="K1,K2,...",
+                        help="node-label keys naming the network layers, top-down (e.g. topology.k8s.aws/network-node-layer-1,...-2,...-3)")
+    parser.add_argument("--ec2-topology", metavar="FILE.json",
+                        help=f"`aws ec2 describe-instance-topology` output; Ray nodes match instances by a label value ({INSTANCE_ID_LABEL})")
 
 
 def run(args: argparse.Namespace) -> int:
     if args.transfer_mb <= 0 or args.repeats < 1 or args.timeout <= 0:
         raise ConfigError("--transfer-mb, --repeats and --timeout must be positive")
+    if os.path.isdir(args.output):
+        raise ConfigError(f"-o {args.output} is a directory; give a file name such as {os.path.join(args.output, 'topology.json')}")
+    if args.label_keys and args.ec2_topology:
+        raise ConfigError("--label-keys and --ec2-topology both name the switch layers; give one")
+    ec2 = load_data(args.ec2_topology) if args.ec2_topology else None
+    if ec2 is not None:
+        ec2_instances(ec2, args.ec2_topology)  # check the file before measuring
     if args.heatmap and os.path.splitext(args.heatmap)[1].lower() not in (".png", ".svg", ".pdf"):
         raise ConfigError(f"--heatmap {args.heatmap}: give a .png, .svg or .pdf file name")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s ringleader: %(message)s", datefmt="%H:%M:%S", stream=sys.stdout)
@@ -58,6 +72,7 @@ def run(args: argparse.Namespace) -> int:
         return 1
     finally:
         ray.shutdown()
+    hierarchy(data, args, ec2)
     topo = Topology.from_measured(data, source="profile")
     write_atomic(args.output, dump_text(data, args.output))
     print(summary(data))
@@ -66,6 +81,16 @@ def run(args: argparse.Namespace) -> int:
         write_atomic(args.heatmap, heatmap(data, os.path.splitext(args.heatmap)[1][1:].lower()))
         print(f"wrote {args.heatmap}")
     return 0
+
+
+def hierarchy(data: dict, args: argparse.Namespace, ec2: dict | None) -> None:
+    """Name every host's switches, top-down, from label keys or an EC2 topology (they win over inferred leaves)."""
+    if args.label_keys:
+        network_nodes_from_labels(data["hosts"], [k.strip() for k in args.label_keys.split(",") if k.strip()])
+        data["meta"]["leaf_source"] = "label keys"
+    elif ec2 is not None:
+        network_nodes_from_ec2(data["hosts"], ec2, args.ec2_topology)
+        data["meta"]["leaf_source"] = "ec2 topology"
 
 
 def summary(data: dict) -> str:

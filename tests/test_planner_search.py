@@ -1,0 +1,165 @@
+"""The planner as an optimiser: against exhaustive search on generated small clusters, and on the cases Ray's order won."""
+
+import math
+from unittest.mock import patch
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from topology import search
+from topology.cost import FlowModel, StepModel, step_bound
+from topology.model import Topology
+from topology.planner import make_plan
+from topology.presets import PRESETS, g6e, leaf_spine
+from topology.routing import link_loads
+
+TOL = 1e-7
+"""Plan figures are stored to 9 significant digits."""
+
+
+# ------------------------------------------------------------------ generated small clusters
+@st.composite
+def small_clusters(draw):
+    """Up to 6 GPUs on hosts of 1-3 GPUs: mixed sizes, one or two NICs (rails), degraded cables, two or three tiers."""
+    sizes = draw(st.lists(st.integers(1, 3), min_size=1, max_size=4).filter(lambda s: sum(s) <= 6))
+    leaves = draw(st.integers(1, min(3, len(sizes))))
+    three_tier = draw(st.booleans()) and leaves > 1
+    rails = draw(st.booleans())
+    topo = Topology(name="generated")
+    top = "core" if three_tier else "spine"
+    topo.add_node(top, top)
+    for leaf in range(leaves):
+        topo.add_node(f"leaf{leaf}", "leaf")
+        if three_tier:
+            pod = f"pod{leaf // 2}"
+            if pod not in topo.graph:
+                topo.add_node(pod, "pod")
+                topo.add_link(pod, top, draw(st.sampled_from([5.0, 10.0, 20.0])))
+            topo.add_link(f"leaf{leaf}", pod, draw(st.sampled_from([5.0, 10.0, 25.0])))
+        else:
+            topo.add_link(f"leaf{leaf}", top, draw(st.sampled_from([2.5, 5.0, 12.5, 25.0])))
+    for i, n in enumerate(sizes):
+        host = f"h{i}"
+        topo.add_node(host, "host")
+        sw = topo.add_node(f"{host}/pcie0", "pcie", host=host, index=0)
+        inner = draw(st.sampled_from([10.0, 25.0]))
+        nics = 2 if rails and n > 1 else 1
+        for k in range(nics):
+            nic = topo.add_node(f"{host}/nic{k}", "nic", host=host, index=k)
+            cable = draw(st.sampled_from([12.5, 12.5, 3.0]))  # now and then a degraded cable
+            topo.add_link(nic, f"leaf{(i + k) % leaves}" if nics > 1 else f"leaf{i % leaves}", cable)
+            topo.add_link(nic, sw, 25.0)
+        for g in range(n):
+            gpu = topo.add_node(f"{host}/gpu{g}", "gpu", host=host, index=g)
+            topo.add_link(gpu, sw if g == 0 or nics == 1 else f"{host}/nic1", inner)
+    total = sum(sizes)
+    gpus = draw(st.integers(2, total)) if total > 1 else 1
+    cp = draw(st.sampled_from([c for c in range(1, gpus + 1) if gpus % c == 0]))
+    return topo, gpus, cp
+
+
+def exhaustive(topo, gpus, cp, seq_len):
+    """The smallest step time over every rank order (up to twin GPUs, which no route tells apart)."""
+    sm = StepModel(topo, gpus // cp, cp, 1, seq_len)
+    classes = search.twin_classes(sm, topo.gpus())
+    assert search.count_orders(classes, gpus, 10**6) <= 10**6
+    return min(sm.step(order) for order in search._orders(classes, gpus)), sm
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(small_clusters(), st.sampled_from([256, 4096, 65536]))
+def test_bound_le_optimum_le_aware_le_naive(problem, tokens):
+    topo, gpus, cp = problem
+    seq_len = 2 * cp * tokens
+    flows = FlowModel(topo)
+    aware = make_plan(topo, gpus, cp, seq_len=seq_len, flows=flows, budget_s=0.05)
+    naive = make_plan(topo, gpus, cp, seq_len=seq_len, strategy="naive", flows=flows)
+    best, _ = exhaustive(topo, gpus, cp, seq_len)
+    a = aware.cost
+    assert a["step_time_s"] <= naive.cost["step_time_s"] * (1 + TOL)
+    assert a["bound_step_s"] <= best * (1 + TOL)
+    assert best <= a["step_time_s"] * (1 + TOL)
+    assert a["step_time_s"] <= best * 1.01
+    if a["search"]["optimal"]:
+        assert a["step_time_s"] <= best * (1 + TOL)
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(small_clusters())
+def test_local_search_alone_reaches_the_optimum_within_one_percent(problem):
+    """With exhaustive search switched off, constructions plus local search stay within 1% of the optimum."""
+    topo, gpus, cp = problem
+    seq_len = 2 * cp * 4096
+    with patch.object(search, "EXACT_ORDERS", 0):
+        plan = make_plan(topo, gpus, cp, seq_len=seq_len)
+    best, _ = exhaustive(topo, gpus, cp, seq_len)
+    assert plan.cost["search"]["proof"] != "exhaustive"
+    assert plan.cost["step_time_s"] <= best * 1.01
+
+
+# ------------------------------------------------------------------ cases Ray's order used to win
+def _pair(topo, gpus, cp, seq_len=None, ulysses=1):
+    flows = FlowModel(topo)
+    aware = make_plan(topo, gpus, cp, ulysses, seq_len=seq_len, flows=flows)
+    naive = make_plan(topo, gpus, cp, ulysses, seq_len=seq_len, strategy="naive", flows=flows)
+    return aware.cost, naive.cost, aware
+
+
+@pytest.mark.parametrize("gpus,ring,seq_len", [(480, 12, 98304), (256, 64, 131072)])
+def test_rings_that_do_not_fill_hosts_never_lose_to_ray_order(gpus, ring, seq_len):
+    a, n, _ = _pair(g6e(64), gpus, ring, seq_len)
+    assert a["step_time_s"] <= n["step_time_s"] * (1 + TOL)
+    assert a["step_time_s"] <= 1.01 * a["bound_step_s"]
+
+
+def test_mixed_host_sizes_get_rings_and_beat_ray_order():
+    a, n, plan = _pair(PRESETS["mixed-32x"](), 192, 64)  # 4- and 8-GPU hosts, 32 hosts
+    assert a["step_time_s"] < 0.9 * n["step_time_s"]
+    assert a["step_time_s"] <= a["bound_step_s"] * (1 + TOL) and a["search"]["optimal"]
+
+
+def test_degraded_leaf_uplink_is_left_out_when_gradients_would_cross_it():
+    topo = leaf_spine(64, uplinks={0: 2.0})  # leaf 0's uplinks carry 2 GB/s instead of 25
+    a, n, plan = _pair(topo, 448, 64)  # 56 of 64 hosts: leaf 0 can be left out
+    assert {topo.leaf_of(h) for h in plan.hosts}.isdisjoint({"leaf0"})
+    assert a["step_time_s"] <= a["bound_step_s"] * (1 + TOL) < n["step_time_s"]
+
+
+def test_three_tier_rings_stay_inside_a_pod():
+    topo = PRESETS["threetier-128x"]()
+    a, n, plan = _pair(topo, 512, 64)
+    crossing = [x for x in link_loads(plan, topo) if "core" in (x["a"], x["b"])]
+    assert crossing == []  # no ring hop climbs to the core
+    assert a["step_time_s"] <= a["bound_step_s"] * (1 + TOL) < n["step_time_s"]
+
+
+def test_two_spines_share_the_load_and_rails_use_their_own_card():
+    topo = PRESETS["leafspine-64x-2spine"]()
+    route = dict(topo.routes.route("h00/gpu0", "h63/gpu0"))
+    assert route[("leaf0", "spine0")] == route[("leaf0", "spine1")] == 0.5
+    a, n, _ = _pair(topo, 512, 64)
+    assert a["step_time_s"] <= a["bound_step_s"] * (1 + TOL) < n["step_time_s"]
+
+    rails = PRESETS["rails-16x-2nic"]()
+    assert [rails.routes.nic_of(g)[-4:] for g in rails.gpus("h00")] == ["nic0"] * 4 + ["nic1"] * 4
+    a, n, _ = _pair(rails, 128, 16)
+    assert a["step_time_s"] <= n["step_time_s"] * (1 + TOL)
+
+
+def test_link_loads_count_the_ring_flows_on_each_link():
+    topo = leaf_spine(16, hosts_per_leaf=8, oversubscription=2.0)
+    plan = make_plan(topo, 128, 128, strategy="naive")
+    loads = link_loads(plan, topo)
+    (busiest,) = loads[:1]
+    assert busiest["share_gbps"] == min(x["share_gbps"] for x in loads)
+    assert busiest["share_gbps"] == pytest.approx(plan.cost["slowest_hop_gbps"])
+    assert all(x["flows"] >= 1 and x["load"] <= x["flows"] + TOL for x in loads)
+
+
+def test_bound_counts_gradient_and_all_to_all_traffic():
+    topo = g6e(4)
+    sm = StepModel(topo, 2, 8, 2, 2 * 16 * 4096)
+    b = step_bound(sm)
+    assert b["a2a"] > 0 and math.isfinite(b["bus_gbps"])
+    assert b["step"] > sm.dense + sm.attention(b["hop_gbps"], 0.0, 0.0)  # the all-to-all and gradient terms add

@@ -1,0 +1,70 @@
+"""Bad topology input, as a user meets it through ``ringleader plan``: one line, exit 2, no file written."""
+
+import json
+import re
+
+import pytest
+
+from launcher.cli import main
+from topology.model import MEASURED_FORMAT
+from topology.presets import load_topology
+
+
+def _host_file(edit):
+    """g6e-1x in the node/link form, changed by ``edit``."""
+    data = load_topology("g6e-1x").to_dict()
+    edit(data)
+    return data
+
+
+def _gpu(data, index=0):
+    return next(n for n in data["nodes"] if n["kind"] == "gpu" and n["index"] == index)
+
+
+def _measured(**changes):
+    data = {"format": MEASURED_FORMAT, "version": 1, "name": "lab",
+            "hosts": [{"name": "a", "gpus": 8}, {"name": "b", "gpus": 8}],
+            "host_bw_gbps": [[0, 10], [10, 0]]}
+    data.update(changes)
+    return data
+
+
+def _with_leaf(data):
+    data["nodes"][0]["leaf"] = "leaf9"
+
+
+CASES = {
+    "gpu-without-index": (_host_file(lambda d: _gpu(d).pop("index")), "index is None"),
+    "gpu-string-index": (_host_file(lambda d: _gpu(d).update(index="0")), "index is '0'"),
+    "gpu-host-is-a-switch": (_host_file(lambda d: (d["nodes"].append({"id": "sw", "kind": "leaf"}), _gpu(d).update(host="sw"))),
+                             "its host 'sw' is a leaf"),
+    "tflops-zero": (_host_file(lambda d: d["gpu"].update(tflops_bf16=0)), "tflops_bf16 is 0"),
+    "tflops-negative": (_host_file(lambda d: d["gpu"].update(tflops_bf16=-362)), "tflops_bf16 is -362"),
+    "tflops-string": (_host_file(lambda d: d["gpu"].update(tflops_bf16="362")), "tflops_bf16 is '362'"),
+    "negative-gpu-count": (_measured(hosts=[{"name": "a", "gpus": -8}, {"name": "b", "gpus": 8}]), "gpus is -8"),
+    "leaf-naming-no-node": (_host_file(_with_leaf), "leaf 'leaf9' names no switch"),
+    "self-loop": (_host_file(lambda d: d["links"].append({"a": "h00/gpu0", "b": "h00/gpu0", "bw_gbps": 25})), "to itself"),
+    "duplicate-gpu-index": (_host_file(lambda d: _gpu(d, 1).update(index=0)), "both have index 0"),
+    "measured-string-bandwidth": (_measured(host_bw_gbps=[[0, "fast"], [10, 0]]), r"host_bw_gbps\[0\]\[1\] is 'fast'"),
+    "measured-string-tflops": (_measured(gpu={"tflops_bf16": "lots"}), "tflops_bf16 is 'lots'"),
+}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_bad_topology_is_one_line_exit_2(tmp_path, capsys, name):
+    data, message = CASES[name]
+    path = tmp_path / "topology.json"
+    path.write_text(json.dumps(data))
+    out = tmp_path / "plan.json"
+    assert main(["plan", "--topology", str(path), "--gpus", "8", "--ring", "8", "-o", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("ringleader: error: "), err
+    assert re.search(message, err), err
+    assert not out.exists()
+
+
+def test_output_naming_a_directory_is_refused_before_planning(tmp_path, capsys):
+    assert main(["plan", "--topology", "g6e-1x", "--gpus", "8", "--ring", "8", "-o", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "is a directory" in err
+    assert list(tmp_path.iterdir()) == []

@@ -1,0 +1,366 @@
+"""Routing and link sharing: which links a flow crosses, and what it gets when flows run at once.
+
+A flow between two GPUs of one host stays inside the host (PCIe, sockets,
+NVLink: peer-to-peer or shared memory, never the network). A flow between
+hosts leaves its GPU through the NIC the host layout gives that GPU (the
+nearest NIC by hops, the lowest index on a tie: what NCCL's PCI-distance
+NIC choice does), crosses the fabric, and enters the peer GPU through its
+nearest NIC.
+
+On the fabric, equal-cost multi-path (ECMP) routing: among the shortest
+switch paths, every switch splits a flow equally over its next hops, so
+two spines carry half each. A route is therefore a list of directed links
+with the fraction of the flow each carries; a single path has fraction 1
+everywhere.
+
+Sharing: all flows of a collective step run at once at the same rate, so a
+link of ``bw`` GB/s carrying fractions summing to ``L`` gives each of them
+at most ``bw / L``; a flow's rate is its smallest such share.
+
+Algorithms
+----------
+* In a host: ECMP over the host's own links, solved once per host layout
+  (hosts built alike share routes, relabelled).
+* Fabric: breadth-first distances from every switch over the switch graph
+  (computed lazily, one per destination switch), then a level walk from the
+  source NIC that splits at each switch over its neighbours one hop nearer.
+  Measured topologies link NICs directly: a direct link is the route.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict, deque
+from typing import TYPE_CHECKING, Iterable
+
+import numpy as np
+
+from topology.errors import ConfigError
+
+if TYPE_CHECKING:
+    from topology.model import Topology
+
+Link = tuple[str, str]
+Route = tuple[tuple[Link, float], ...]
+"""Directed links of a flow with the fraction of the flow each carries."""
+
+
+class Routes:
+    """ECMP routes of one topology, cached per node pair."""
+
+    def __init__(self, topo: "Topology"):
+        self.topo = topo
+        g = topo.graph
+        self._switches = {n for n in g.nodes if topo.is_switch(n)}
+        self._switch_adj = {s: sorted(v for v in g.adj[s] if v in self._switches) for s in self._switches}
+        self._host = {n: d.get("host") for n, d in g.nodes(data=True)}
+        self._label = {n: (d["kind"], d.get("index", n)) for n, d in g.nodes(data=True)}
+        self._sig: dict[str, tuple] = {}
+        self._routes: dict[Link, Route] = {}
+        self._switch_dist: dict[str, dict[str, int]] = {}
+        self._to: dict[tuple[str, ...], dict[str, int]] = {}
+        self._fabric: dict[tuple, tuple] = {}
+        self._templates: dict[tuple, Route | str | None] = {}
+        self._labels: dict[str, dict[tuple, str]] = {}
+
+    # ------------------------------------------------------------ public
+    def route(self, a: str, b: str) -> Route:
+        """Directed links from ``a`` to ``b`` with the share of the flow on each; () when ``a == b``."""
+        key = (a, b)
+        if key not in self._routes:
+            self._routes[key] = self._route(a, b)
+        return self._routes[key]
+
+    def nic_of(self, node: str) -> str | None:
+        """The NIC a GPU (or any part of a host) uses for traffic that leaves its host."""
+        return self._in_host(node, None, want_nic=True)
+
+    # ------------------------------------------------------------ routing
+    def _route(self, a: str, b: str) -> Route:
+        if a == b:
+            return ()
+        g = self.topo.graph
+        for end in (a, b):
+            if end not in self._host:
+                raise ConfigError(f"{end!r} is not a node of topology {self.topo.name!r}")
+        ha, hb = self._host[a], self._host[b]
+        if ha is not None and ha == hb:
+            return self._in_host(a, b)
+        if ha is None or hb is None:  # a switch endpoint: plain ECMP over the whole graph
+            return _ecmp(g.adj, a, b, None)
+        na, nb = self.nic_of(a), self.nic_of(b)
+        if na is None or nb is None:
+            raise ConfigError(f"no network path from {a!r} to {b!r}: host {ha if na is None else hb!r} has no NIC; add one linked to a switch")
+        head = self._in_host(a, na) if a != na else ()
+        tail = self._in_host(nb, b) if b != nb else ()
+        return head + self._fabric_route(na, nb) + tail
+
+    def _in_host(self, a: str, b: str | None, want_nic: bool = False):
+        """ECMP route between two parts of one host (or, with ``want_nic``, the NIC ``a`` uses).
+
+        Solved on the host's layout in (kind, index) labels, so 2048 alike hosts cost one search.
+        """
+        topo, g = self.topo, self.topo.graph
+        host = self._host[a]
+        if host not in self._sig:
+            self._sig[host] = topo.host_signature(host)
+        sig = (self._sig[host], self._label[a], "nic" if want_nic else self._label[b])
+        tmpl = self._templates.get(sig, ())
+        if tmpl != ():
+            labels = self._labels[host] if host in self._labels else self._host_labels(host)
+            if want_nic:
+                return None if tmpl is None else labels[tmpl]
+            return tuple(((labels[u], labels[v]), f) for (u, v), f in tmpl)
+        labels = self._host_labels(host)
+        if sig not in self._templates:
+            parts = set(topo.parts(host))
+            if want_nic:
+                self._templates[sig] = _nearest_nic(g, a, parts)
+                self._templates[sig] = None if self._templates[sig] is None else _label(g, self._templates[sig])
+            else:
+                r = _ecmp(g.adj, a, b, parts)
+                self._templates[sig] = tuple(((_label(g, u), _label(g, v)), f) for (u, v), f in r)
+        tmpl = self._templates[sig]
+        if want_nic:
+            return None if tmpl is None else labels[tmpl]
+        return tuple(((labels[u], labels[v]), f) for (u, v), f in tmpl)
+
+    def _host_labels(self, host: str) -> dict[tuple, str]:
+        if host not in self._labels:
+            g = self.topo.graph
+            labels = {_label(g, n): n for n in self.topo.parts(host)}
+            self._labels[host] = labels
+        return self._labels[host]
+
+    def _fabric_route(self, na: str, nb: str) -> Route:
+        g = self.topo.graph
+        if g.has_edge(na, nb):
+            return (((na, nb), 1.0),)
+        src = tuple(sorted(s for s in g.adj[na] if s in self._switches))
+        dst = tuple(sorted(s for s in g.adj[nb] if s in self._switches))
+        key = (src, dst)
+        if key not in self._fabric:
+            self._fabric[key] = self._switch_walk(src, dst)
+        first, middle, last = self._fabric[key]
+        if not first:
+            raise ConfigError(f"no network path from {na!r} to {nb!r}; link their switches in the topology")
+        return tuple(((na, s), f) for s, f in first) + middle + tuple(((s, nb), f) for s, f in last)
+
+    def _switch_walk(self, src: tuple[str, ...], dst: tuple[str, ...]) -> tuple:
+        """ECMP from the source NIC's switches to the destination NIC's: (first hops, switch links, last hops)."""
+        if dst not in self._to:
+            to: dict[str, int] = {}
+            for m in (self._dist(s) for s in dst):
+                for x, k in m.items():
+                    if k < to.get(x, math.inf):
+                        to[x] = k
+            self._to[dst] = to
+        d = self._to[dst].get
+        inf = math.inf
+
+        start = [(s, d(s, inf)) for s in src]
+        best = min((x for _, x in start), default=math.inf)
+        if math.isinf(best):
+            return (), (), ()
+        entry = [s for s, x in start if x == best]
+        frac: dict[str, float] = defaultdict(float)
+        for s in entry:
+            frac[s] += 1.0 / len(entry)
+        links: dict[Link, float] = defaultdict(float)
+        arrive: dict[str, float] = defaultdict(float)
+        level = sorted(frac)
+        while level:
+            nxt: dict[str, float] = defaultdict(float)
+            for u in level:
+                du = d(u)
+                if du == 0:
+                    arrive[u] += frac[u]
+                    continue
+                hops = [v for v in self._switch_adj[u] if d(v, inf) == du - 1]
+                share = frac[u] / len(hops)
+                for v in hops:
+                    links[u, v] += share
+                    nxt[v] += share
+            frac = nxt
+            level = sorted(nxt)
+        return tuple((s, 1.0 / len(entry)) for s in entry), tuple(links.items()), tuple(arrive.items())
+
+    def _dist(self, switch: str) -> dict[str, int]:
+        """Hops from every switch to ``switch`` over switch-to-switch links (NICs are never transit)."""
+        if switch not in self._switch_dist:
+            adj = self._switch_adj
+            dist = {switch: 0}
+            queue = deque([switch])
+            while queue:
+                u = queue.popleft()
+                for v in adj[u]:
+                    if v not in dist:
+                        dist[v] = dist[u] + 1
+                        queue.append(v)
+            self._switch_dist[switch] = dist
+        return self._switch_dist[switch]
+
+
+def _label(g, node: str) -> tuple:
+    data = g.nodes[node]
+    return data["kind"], data.get("index", node)
+
+
+def _nearest_nic(g, a: str, parts: set[str]) -> str | None:
+    if g.nodes[a]["kind"] == "nic":
+        return a
+    dist = {a: 0}
+    queue = deque([a])
+    found: list[tuple[int, int, str]] = []
+    while queue:
+        u = queue.popleft()
+        if found and dist[u] > found[0][0]:
+            break
+        for v in g.adj[u]:
+            if v in parts and v not in dist:
+                dist[v] = dist[u] + 1
+                if g.nodes[v]["kind"] == "nic":
+                    found.append((dist[v], g.nodes[v].get("index", 0), v))
+                else:
+                    queue.append(v)
+    return min(found)[2] if found else None
+
+
+def _ecmp(adj, a: str, b: str, allowed: set[str] | None) -> Route:
+    """Equal split over all shortest paths from ``a`` to ``b`` through ``allowed`` nodes (None: any)."""
+    dist = {b: 0}
+    queue = deque([b])
+    while queue and a not in dist:
+        u = queue.popleft()
+        for v in adj[u]:
+            if v not in dist and (allowed is None or v in allowed):
+                dist[v] = dist[u] + 1
+                queue.append(v)
+    if a not in dist:
+        raise ConfigError(f"no path from {a!r} to {b!r}; link them in the topology")
+    frac: dict[str, float] = {a: 1.0}
+    links: dict[Link, float] = defaultdict(float)
+    level = [a]
+    while level:
+        nxt: dict[str, float] = defaultdict(float)
+        for u in level:
+            if u == b:
+                continue
+            hops = sorted(v for v in adj[u] if dist.get(v, math.inf) == dist[u] - 1)
+            share = frac[u] / len(hops)
+            for v in hops:
+                links[u, v] += share
+                nxt[v] += share
+        frac = nxt
+        level = sorted(nxt)
+    return tuple(links.items())
+
+
+# ------------------------------------------------------------------ sharing
+class FlowModel:
+    """Rates of concurrent flows on a topology, with ECMP routes and link sharing.
+
+    Routes are cached per node pair (in the topology's ``Routes``): a plan of
+    16384 ranks has as many flows, and the same pairs recur across plans.
+    """
+
+    def __init__(self, topo: "Topology"):
+        self.topo = topo
+        self.routes = topo.routes
+        self._id: dict[Link, int] = {}
+        bw, lat = [], []
+        for u, v, d in topo.graph.edges(data=True):
+            for e in ((u, v), (v, u)):
+                self._id[e] = len(bw)
+                bw.append(d["bw_gbps"])
+                lat.append(d["lat_us"])
+        self._bw_arr, self._lat_arr = np.array(bw), np.array(lat)
+        self._compiled: dict[Link, tuple[list[int], list[float]]] = {}
+
+    def path(self, a: str, b: str) -> Route:
+        return self.routes.route(a, b)
+
+    def capacity(self, link: Link) -> float:
+        """GB/s of a directed link."""
+        return float(self._bw_arr[self._id[link]])
+
+    def _compile(self, a: str, b: str) -> tuple[list[int], list[float]]:
+        r = self.routes.route(a, b)
+        out = self._compiled[a, b] = ([self._id[e] for e, _ in r], [f for _, f in r])
+        return out
+
+    def load(self, flows: Iterable[tuple[str, str]]) -> dict[Link, float]:
+        """Sum of flow fractions on every directed link the flows cross."""
+        load: dict[Link, float] = defaultdict(float)
+        for a, b in flows:
+            for e, f in self.routes.route(a, b):
+                load[e] += f
+        return load
+
+    def bandwidths(self, flows: Iterable[tuple[str, str]]) -> list[tuple[float, float]]:
+        """(GB/s, latency µs) of each flow when all of them run at once.
+
+        A flow gets, on each link it crosses, the link's per-direction
+        bandwidth over the total flow fraction on it; its rate is the smallest
+        of these. Latency is the fraction-weighted sum over its links (the
+        mean over its equal-cost paths). Vectorised: one pass to gather the
+        links, then numpy.
+        """
+        ids: list[int] = []
+        fracs: list[float] = []
+        lens: list[int] = []
+        compiled = self._compiled
+        for pair in flows:
+            c = compiled.get(pair) or self._compile(*pair)
+            ids.extend(c[0])
+            fracs.extend(c[1])
+            lens.append(len(c[0]))
+        if not lens:
+            return []
+        idx = np.array(ids, dtype=np.int64)
+        fr = np.array(fracs)
+        load = np.bincount(idx, weights=fr, minlength=len(self._bw_arr))
+        share = self._bw_arr[idx] / load[idx]
+        delay = self._lat_arr[idx] * fr
+        n = np.array(lens)
+        rate = np.full(len(lens), math.inf)
+        lat = np.zeros(len(lens))
+        has = n > 0
+        if has.any():
+            starts = (np.cumsum(n) - n)[has]
+            rate[has] = np.minimum.reduceat(share, starts)
+            lat[has] = np.add.reduceat(delay, starts)
+        return list(zip(rate.tolist(), lat.tolist()))
+
+
+def link_loads(plan, topo: "Topology", flows: FlowModel | None = None) -> list[dict]:
+    """Per directed link, the plan's concurrent ring traffic: how many flows cross it and each flow's share.
+
+    Parameters
+    ----------
+    plan
+        A ``topology.plan.Plan``; its ring hops (every rank to the next of
+        its ring) are the flows, all running at once as in one ring step.
+    topo
+        The topology the plan is for.
+
+    Returns
+    -------
+    list of dict
+        ``{"a", "b", "bw_gbps", "flows", "load", "share_gbps"}`` per loaded
+        link, busiest first: ``flows`` counts the flows touching the link,
+        ``load`` sums their fractions (ECMP splits), ``share_gbps`` is what
+        each whole flow could get there (``bw_gbps / load``).
+    """
+    flows = flows or FlowModel(topo)
+    nodes = [topo.gpu_id(p.host, p.gpu) for p in plan.placements]
+    pairs = [(nodes[g[i]], nodes[g[(i + 1) % len(g)]]) for g in plan.groups.ring_groups for i in range(len(g))] if plan.ring > 1 else []
+    count: dict[Link, int] = defaultdict(int)
+    for a, b in pairs:
+        for e, _ in flows.path(a, b):
+            count[e] += 1
+    load = flows.load(pairs)
+    out = [{"a": u, "b": v, "bw_gbps": flows.capacity((u, v)), "flows": count[u, v], "load": load[u, v],
+            "share_gbps": flows.capacity((u, v)) / load[u, v]} for (u, v) in load]
+    out.sort(key=lambda x: (x["share_gbps"], x["a"], x["b"]))
+    return out
