@@ -255,7 +255,8 @@ def test_svg_is_deterministic_with_hover_titles_and_a_ring_legend(tmp_path):
     assert {f"ring-{i}" for i in range(4)} <= set(titled) and "32 ranks" not in titled["ring-0"]
     assert titled["ring-0"].startswith("ring 0: 8 ranks on")
     assert {"heatmap-bw", "heatmap-load"} <= set(titled)
-    assert {f"ring {i}: 8 ranks on 1 host" for i in range(4)} <= set(re.findall(r"<!-- (ring \d+: [^>]*?) -->", data.decode()))
+    legend = set(re.findall(r"<!-- (ring \d+: [^>]*?) -->", data.decode()))
+    assert all(any(titled[f"ring-{i}"].startswith(entry) for entry in legend) for i in range(4))  # one legend entry per ring
 
 
 @pytest.mark.parametrize("module", ["topology.colour_scale", "topology.load", "topology.viz_figures"])

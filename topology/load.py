@@ -7,9 +7,10 @@ it each. The utilisation of a directed link is the sum of what the flows
 crossing it would move alone (each its single-flow rate) over what the link
 carries; above 1.0 the link holds every one of them back.
 
-``link_loads`` is the one place that turns flows into per-link figures, and
-``flow_loads`` reads each flow's path through the same ``FlowModel``, so the
-routing behind them can change without touching the drawings.
+``link_loads`` is the one place that turns flows into per-link figures; both
+it and ``flow_loads`` read routes from ``FlowModel`` (equal-cost multi-path:
+a flow split over two spines puts half of itself on each), the same routes
+the cost model and the planner use.
 
 >>> from topology.presets import load_topology
 >>> topo = load_topology("leafspine-64x-2to1")
@@ -25,7 +26,8 @@ from collections import defaultdict
 from dataclasses import dataclass
 from typing import Iterable
 
-from topology.cost import FlowModel, gpu_nodes, ring_hops
+from topology.cost import gpu_nodes, ring_hops
+from topology.routing import FlowModel
 from topology.model import Topology
 from topology.plan import Plan
 
@@ -38,9 +40,16 @@ class LinkLoad:
     dst: str
     bw_gbps: float
     flows: int
-    """Flows crossing the link in this direction."""
+    """Flows crossing the link in this direction (a flow split over several paths counts once per link)."""
     demand_gbps: float
-    """Sum of those flows' single-flow rates (what they would move if each were alone)."""
+    """What those flows would move over it if each were alone: its single-flow rate times its share of the link."""
+    load: float = 0.0
+    """Sum of the flows' fractions on the link (ECMP splits): the link gives each whole flow ``bw_gbps / load``."""
+
+    @property
+    def share_gbps(self) -> float:
+        """What each flow crossing the link can get here with all of them running."""
+        return self.bw_gbps / self.load if self.load else self.bw_gbps
 
     @property
     def utilisation(self) -> float:
@@ -67,22 +76,28 @@ def link_loads(topo: Topology, flows: Iterable[tuple[str, str]], model: FlowMode
 
     Notes
     -----
-    A flow's single-flow rate is its path's slowest link. O(F * L) for F flows of
-    at most L links each.
+    A flow's single-flow rate is the smallest ``capacity / fraction`` over its
+    route's links. O(F * L) for F flows of at most L links each.
     """
     model = model or FlowModel(topo)
-    edges = topo.graph.edges
     count: dict[tuple[str, str], int] = defaultdict(int)
     demand: dict[tuple[str, str], float] = defaultdict(float)
+    load: dict[tuple[str, str], float] = defaultdict(float)
     for a, b in flows:
-        path = model.path(a, b)
-        if not path:
+        route = model.path(a, b)
+        if not route:
             continue
-        alone = min(edges[u, v]["bw_gbps"] for u, v in path)
-        for hop in path:
+        alone = _alone(model, route)
+        for hop, fraction in route:
             count[hop] += 1
-            demand[hop] += alone
-    return {(u, v): LinkLoad(u, v, edges[u, v]["bw_gbps"], count[u, v], demand[u, v]) for u, v in count}
+            demand[hop] += alone * fraction
+            load[hop] += fraction
+    return {(u, v): LinkLoad(u, v, model.capacity((u, v)), count[u, v], demand[u, v], load[u, v]) for u, v in count}
+
+
+def _alone(model: FlowModel, route) -> float:
+    """A flow's rate with nothing else on the network: its tightest link for the fraction it puts there."""
+    return min(model.capacity(hop) / fraction for hop, fraction in route)
 
 
 def ring_flows(plan: Plan, topo: Topology) -> list[tuple[str, str]]:
@@ -111,10 +126,12 @@ def flow_loads(topo: Topology, flows: list[tuple[str, str]], model: FlowModel | 
     links = link_loads(topo, flows, model)
     out: list[FlowLoad | None] = []
     for a, b in flows:
-        path = [links[hop] for hop in model.path(a, b)]
-        if not path:
+        route = model.path(a, b)
+        if not route:
             out.append(None)
             continue
+        path = [links[hop] for hop, _ in route]
         busiest = max(path, key=lambda l: l.utilisation)
-        out.append(FlowLoad(a, b, busiest, min(l.bw_gbps for l in path), min(l.bw_gbps / l.flows for l in path)))
+        rate = min(links[hop].share_gbps / fraction for hop, fraction in route)
+        out.append(FlowLoad(a, b, busiest, _alone(model, route), rate))
     return out

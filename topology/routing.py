@@ -332,35 +332,3 @@ class FlowModel:
             lat[has] = np.add.reduceat(delay, starts)
         return list(zip(rate.tolist(), lat.tolist()))
 
-
-def link_loads(plan, topo: "Topology", flows: FlowModel | None = None) -> list[dict]:
-    """Per directed link, the plan's concurrent ring traffic: how many flows cross it and each flow's share.
-
-    Parameters
-    ----------
-    plan
-        A ``topology.plan.Plan``; its ring hops (every rank to the next of
-        its ring) are the flows, all running at once as in one ring step.
-    topo
-        The topology the plan is for.
-
-    Returns
-    -------
-    list of dict
-        ``{"a", "b", "bw_gbps", "flows", "load", "share_gbps"}`` per loaded
-        link, busiest first: ``flows`` counts the flows touching the link,
-        ``load`` sums their fractions (ECMP splits), ``share_gbps`` is what
-        each whole flow could get there (``bw_gbps / load``).
-    """
-    flows = flows or FlowModel(topo)
-    nodes = [topo.gpu_id(p.host, p.gpu) for p in plan.placements]
-    pairs = [(nodes[g[i]], nodes[g[(i + 1) % len(g)]]) for g in plan.groups.ring_groups for i in range(len(g))] if plan.ring > 1 else []
-    count: dict[Link, int] = defaultdict(int)
-    for a, b in pairs:
-        for e, _ in flows.path(a, b):
-            count[e] += 1
-    load = flows.load(pairs)
-    out = [{"a": u, "b": v, "bw_gbps": flows.capacity((u, v)), "flows": count[u, v], "load": load[u, v],
-            "share_gbps": flows.capacity((u, v)) / load[u, v]} for (u, v) in load]
-    out.sort(key=lambda x: (x["share_gbps"], x["a"], x["b"]))
-    return out
