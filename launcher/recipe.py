@@ -32,6 +32,7 @@ from topology.errors import ConfigError
 from topology.model import load_data
 from trainer.config import DEFAULT_DEEPSPEED, DataConfig, ModelConfig, StageConfig
 from trainer.rope import ntk_theta, scaling_law_theta
+from trainer.tracking import TrackingConfig
 
 AUTO = "auto"
 
@@ -86,6 +87,8 @@ class Recipe:
     """Restarts of one stage after a worker or host failure before the run gives up."""
     gpu_type: str = "L40S"
     seed: int = 0
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    """TensorBoard (default), W&B, MLflow and Ray metrics: see trainer/tracking.py."""
     source: str = "recipe"
 
     @property
@@ -134,6 +137,7 @@ class Recipe:
                 gpus=s.gpus, model=self.model, data=s.data or self.data, output_dir=str(stage_dir),
                 grad_accum=s.grad_accum, lr=s.lr, ulysses=int(s.ulysses), checkpoint_every=s.checkpoint_every,
                 init_from=prev_hf, deepspeed=copy.deepcopy(deepspeed), seed=self.seed, niah=s.niah,
+                tracking=copy.deepcopy(self.tracking),
             )
             out.append(cfg)
             prev_hf = str(stage_dir / "hf")
@@ -168,6 +172,7 @@ class Recipe:
             deepspeed=data.get("deepspeed") or {}, run_dir=str(data.get("run_dir", "runs")),
             max_retries=int(data.get("max_retries", 2)), gpu_type=str(data.get("gpu_type", "L40S")),
             seed=int(data.get("seed", 0)), source=source,
+            tracking=TrackingConfig.from_dict(data.get("tracking"), f"{source}: tracking", name=str(data["name"])),
         )
         recipe._validate()
         return recipe

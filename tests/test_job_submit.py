@@ -12,7 +12,7 @@ import json
 import pytest
 import yaml
 
-from launcher.runtime.progress import StageProgress, eta_seconds, step_line
+from trainer.progress import StageProgress, eta_seconds, step_line
 from tests.ray_utils import REPO, RayHead, ray_job_submit
 
 DEMO = REPO / "clusters" / "recipes" / "demo.yaml"

@@ -80,7 +80,9 @@ def test_two_stages_chain_on_two_ranks(tmp_path):
         events, lines = [m for m in lines if "event" in m], [m for m in lines if "event" not in m]
         assert [m["step"] for m in lines] == [1, 2]
         assert [e["event"] for e in events] == (["niah"] if cfg.niah else [])
-        assert set(lines[0]) == {"stage", "step", "steps", "loss", "tokens", "tokens_per_s", "elapsed_s", "lr"}
+        assert set(lines[0]) == {"time", "rank", "stage", "step", "steps", "loss", "tokens", "tokens_per_s", "elapsed_s", "lr",
+                                 "step_time_s", "step_time_max_s", "step_time_min_s", "slowest_rank", "ring_comm_s",
+                                 "ring_comm_max_s", "peak_memory_gib", "peak_memory_max_gib"}
         assert lines[-1]["loss"] == pytest.approx(result.final_loss) and lines[0]["lr"] == pytest.approx(1e-3)
         config = json.loads((tmp_path / result.hf_dir / "config.json").read_text())
         assert config["rope_parameters"]["rope_theta"] == pytest.approx(cfg.rope_theta)

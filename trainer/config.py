@@ -14,6 +14,7 @@ from typing import Any
 
 from topology.errors import ConfigError
 from topology.model import load_data, write_atomic
+from trainer.tracking import TrackingConfig
 
 DEFAULT_DEEPSPEED: dict[str, Any] = {
     "zero_optimization": {"stage": 3, "overlap_comm": True, "contiguous_gradients": True},
@@ -94,6 +95,8 @@ class StageConfig:
     niah: dict[str, Any] | None = None
     """Needle-in-a-haystack settings (``trainer.niah.evaluate.NiahConfig`` fields) to evaluate
     the stage's HF model with, on the same ranks, once the stage has trained."""
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    """Where the stage's metrics go besides metrics.jsonl (TensorBoard, W&B, MLflow, Ray metrics)."""
 
     @property
     def cp(self) -> int:
@@ -109,6 +112,8 @@ class StageConfig:
             self.model = ModelConfig(**self.model)
         if isinstance(self.data, dict):
             self.data = DataConfig(**self.data)
+        if isinstance(self.tracking, dict):
+            self.tracking = TrackingConfig.from_dict(self.tracking, f"stage {self.name!r}: tracking")
         where = f"stage {self.name!r}"
         for name in ("seq_len", "batch", "steps", "gpus", "grad_accum", "ulysses"):
             value = getattr(self, name)

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -44,6 +43,8 @@ from trainer.groups import ParallelGroups
 from trainer.loss import ShardLoss, loss_scale
 from trainer.modeling import build_model, load_config
 from trainer.progress import StepReporter
+from trainer.ranklog import rank_logging
+from trainer.tracking import open_trackers, plan_figures
 from trainer.tokenizer import load_tokenizer
 from trainer.attention.ulysses import kv_heads_for_ulysses
 from trainer.attention.zigzag import IGNORE_INDEX, local_indices, shard
@@ -123,7 +124,13 @@ def run_stage(cfg: StageConfig, plan: Plan, on_metrics: Callable[[dict[str, Any]
         log.info("stage %s: %d ranks (dp %d x ring %d x ulysses %d), seq_len %d, theta %.4g, ZeRO-%d, attention %s, %s",
                  cfg.name, world, plan.dp, plan.ring, plan.ulysses, cfg.seq_len, cfg.rope_theta, zero_stage(ds_config),
                  model.config._attn_implementation, f"resuming at step {first_step}" if first_step else "fresh start")
-    reporter = StepReporter(cfg.name, cfg.steps, first_step, cfg.tokens_per_step, cfg.output_dir, rank, on_metrics)
+    trackers = open_trackers(cfg.tracking, cfg.name, cfg.output_dir, rank, _tracked_params(cfg))
+    trackers.log_stage(first_step, plan_figures(plan, predictions=cuda))
+    # The plan predicts one micro-step (one sequence per ring) on the topology's GPU model.
+    predicted = plan.cost.get("step_time_s") if cuda and plan.cost else None
+    reporter = StepReporter(cfg.name, cfg.steps, first_step, cfg.tokens_per_step, cfg.output_dir, rank, on_metrics,
+                            device=device, predicted_step_s=predicted * cfg.grad_accum if predicted else None,
+                            trackers=trackers)
     positions = local_indices(cfg.seq_len, groups)[None].to(device)
     loss = float("nan")
     try:
@@ -134,12 +141,20 @@ def run_stage(cfg: StageConfig, plan: Plan, on_metrics: Callable[[dict[str, Any]
             last = step + 1 == cfg.steps
             if last or (cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0):
                 checkpoint.save(engine, cfg.output_dir, step + 1, tokens, dp=plan.dp, cp=plan.cp)
+        hf_dir = checkpoint.export_hf(model, tokenizer, cfg.output_dir)
+        if cfg.niah is not None:
+            _evaluate_niah(cfg, hf_dir, groups, reporter, device)
     finally:
         reporter.close()
-    hf_dir = checkpoint.export_hf(model, tokenizer, cfg.output_dir)
-    if cfg.niah is not None:
-        _evaluate_niah(cfg, hf_dir, groups, reporter, device)
+        trackers.close()
     return StageResult(str(hf_dir), loss, cfg.steps, tokens, first_step or None)
+
+
+def _tracked_params(cfg: StageConfig) -> dict[str, Any]:
+    """The stage's settings as trackers record them (W&B config, MLflow params)."""
+    return {"stage": cfg.name, "seq_len": cfg.seq_len, "rope_theta": cfg.rope_theta, "gpus": cfg.gpus, "batch": cfg.batch,
+            "ring": cfg.cp, "ulysses": cfg.ulysses, "grad_accum": cfg.grad_accum, "steps": cfg.steps, "lr": cfg.lr,
+            "init_from": cfg.init_from, "output_dir": cfg.output_dir}
 
 
 def _evaluate_niah(cfg: StageConfig, hf_dir: Path, groups: ParallelGroups, reporter: StepReporter,
@@ -187,9 +202,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m trainer.stage", description="Run one training stage on this process group.")
     parser.add_argument("--config", required=True, help="stage config (JSON, StageConfig.save)")
     parser.add_argument("--plan", required=True, help="plan (JSON or YAML, Plan.save)")
+    parser.add_argument("--verbose", action="store_true", help="third-party output (DeepSpeed, torch warnings) on the console "
+                        "too, not only in <output_dir>/logs/rank-<k>.log")
     args = parser.parse_args(argv)
-    rank = int(os.environ.get("RANK", "0"))
-    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format=f"[rank {rank}] %(message)s", force=True)
     owns_group = not dist.is_initialized()
     try:
         init_process_group()
@@ -199,8 +214,10 @@ def main(argv: list[str] | None = None) -> int:
             cfg = plan = None
             error = str(exc)
         agree(error)
-        result = run_stage(cfg, plan)
-        if dist.get_rank() == 0:
+        rank = dist.get_rank()
+        with rank_logging(cfg.output_dir, rank, console=rank == 0, verbose=args.verbose):
+            result = run_stage(cfg, plan)
+        if rank == 0:
             print(f"stage {cfg.name} done: {asdict(result)}", flush=True)
         return 0
     except ConfigError as exc:

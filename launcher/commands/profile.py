@@ -1,7 +1,9 @@
 """``ringleader profile``: measure the network of a Ray cluster and write its topology.
 
     ringleader profile --address 10.0.0.1:6379 -o topology.json
-    ringleader profile --transfer-mb 16 --repeats 3 --reprofile --heatmap bandwidth.png   # RAY_ADDRESS or a local `ray start`
+    ringleader profile --address auto --profile-mb 16 --profile-repeats 3 --reprofile --heatmap bandwidth.png
+
+Without --address or RAY_ADDRESS it starts an embedded Ray and measures this machine only.
 
 The output is the measured topology (topology/model.py's MEASURED_FORMAT):
 ``ringleader plan --topology topology.json`` places ranks on it.
@@ -15,7 +17,8 @@ import logging
 import os
 import sys
 
-from launcher.commands.run import check_reachable
+from launcher.commands.options import add_cluster_arguments, add_profile_arguments, check_profile_arguments
+from launcher.runtime.attach import attach
 from launcher.runtime.controller import default_profile_cache
 from topology.errors import ConfigError
 from topology.model import Topology, dump_text, write_atomic
@@ -23,19 +26,14 @@ from topology.profile import ProfileError, profile_cluster
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--address", help="the head's GCS host:port (default: RAY_ADDRESS, else a Ray started on this machine)")
+    add_cluster_arguments(parser)
     parser.add_argument("-o", "--output", default="topology.json", metavar="FILE", help="measured topology, JSON or YAML by suffix (default topology.json)")
-    parser.add_argument("--transfer-mb", type=float, default=64.0, metavar="MB", help="size of each timed message, MiB (default 64)")
-    parser.add_argument("--repeats", type=int, default=5, help="timed messages per direction; the median is kept (default 5)")
-    parser.add_argument("--reprofile", action="store_true", help="measure even if a profile of these nodes is cached")
-    parser.add_argument("--cache-dir", default=None, metavar="DIR", help=f"profile cache (default {default_profile_cache()})")
-    parser.add_argument("--timeout", type=float, default=300.0, metavar="S", help="longest wait for one measurement step (default 300)")
+    add_profile_arguments(parser)
     parser.add_argument("--heatmap", metavar="FILE.png", help="also draw the bandwidth matrix (PNG, SVG or PDF)")
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.transfer_mb <= 0 or args.repeats < 1 or args.timeout <= 0:
-        raise ConfigError("--transfer-mb, --repeats and --timeout must be positive")
+    check_profile_arguments(args)
     if args.heatmap and os.path.splitext(args.heatmap)[1].lower() not in (".png", ".svg", ".pdf"):
         raise ConfigError(f"--heatmap {args.heatmap}: give a .png, .svg or .pdf file name")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s ringleader: %(message)s", datefmt="%H:%M:%S", stream=sys.stdout)
@@ -43,16 +41,11 @@ def run(args: argparse.Namespace) -> int:
 
     import topology
 
-    address = args.address or os.environ.get("RAY_ADDRESS") or "auto"
-    if address != "auto":
-        check_reachable(address)
+    # The probe actors must import this same topology package on every node.
+    logging.getLogger("ringleader").info("%s", attach(args.address, [topology], verbose=args.verbose))
     try:
-        # The probe actors must import this same topology package on every node.
-        ray.init(address=address, runtime_env={"py_modules": [topology]}, logging_level=logging.WARNING)
-    except ConnectionError as exc:
-        raise ConfigError(f"no Ray cluster to profile at {address!r} ({exc}); start one with `ray start --head` or pass --address") from None
-    try:
-        data = profile_cluster(args.transfer_mb, args.repeats, args.cache_dir or default_profile_cache(), args.reprofile, args.timeout)
+        data = profile_cluster(args.profile_mb, args.profile_repeats, args.profile_cache or default_profile_cache(),
+                               args.reprofile, args.profile_timeout)
     except ProfileError as exc:
         print(f"ringleader: error: {exc}", file=sys.stderr)
         return 1

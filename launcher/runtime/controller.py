@@ -25,7 +25,6 @@ from typing import Any
 
 from launcher.runtime import resources, rundir
 from launcher.estimate.memory import model_shape
-from launcher.runtime.progress import StageProgress, format_seconds
 from launcher.recipe import Recipe
 from launcher.runtime.resources import ClusterView, ResourcesUnavailable
 from launcher.runtime.workers import PlacementFailed, WorkerFailure, WorkerGroup
@@ -35,6 +34,8 @@ from topology.planner import make_plan
 from topology.profile import ProfileError, profile_cluster
 from trainer.checkpoint import latest_step
 from trainer.config import StageConfig
+from trainer.progress import StageProgress, format_seconds
+from trainer.ranklog import rank_log_path
 
 log = logging.getLogger("ringleader")
 
@@ -72,6 +73,8 @@ class ControllerOptions:
     """Planner strategy: ``aware``, ``naive`` or ``random``."""
     progress_bar: bool | None = None
     """tqdm bar (True), plain lines (False), or a bar only on a terminal (None)."""
+    verbose: bool = False
+    """Ranks' own output (DeepSpeed, warnings) on the console too, not only in their rank logs."""
 
 
 class Controller:
@@ -112,6 +115,10 @@ class Controller:
                 resources.release_request()
         return results
 
+    def where(self) -> list[str]:
+        """Where a run's files are, stage by stage: the lines that end ``ringleader run``."""
+        return rundir.layout(self.run_dir.root, [c.output_dir for c in self.recipe.stage_configs(self.run_dir.root)])
+
     # ------------------------------------------------------------------ stage
     def run_stage(self, cfg: StageConfig, min_gpus: int | None = None) -> dict[str, Any]:
         """One stage with bounded retries; raises ``StageFailed`` when they run out."""
@@ -133,9 +140,10 @@ class Controller:
                     rundir.append_event(cfg.output_dir, event)
                     raise StageFailed(f"stage {cfg.name!r} failed after {attempt} attempt(s): {exc}") from None
                 retry = event  # recorded by the next attempt once it knows its world size
-                log.warning("stage %s: attempt %d failed (%s); %s; retry %d/%d from %s", cfg.name, attempt, exc,
+                log.warning("stage %s: attempt %d failed (%s); %s; retry %d/%d from %s%s", cfg.name, attempt, exc,
                             f"lost node(s) {', '.join(n[:12] for n in lost)}" if lost else "no host lost",
-                            attempt, self.recipe.max_retries, f"checkpoint step {resume}" if resume else "the start")
+                            attempt, self.recipe.max_retries, f"checkpoint step {resume}" if resume else "the start",
+                            f"; its log: {rank_log_path(cfg.output_dir, exc.rank)}" if isinstance(exc, WorkerFailure) else "")
             except ResourcesUnavailable as exc:
                 if retry is not None and not retry.get("recorded"):
                     rundir.append_event(cfg.output_dir, dict(retry, world_size=None))
@@ -162,12 +170,12 @@ class Controller:
         plan = self._plan(cfg, topo)
         self._write_stage_files(cfg, topo, plan)
         self._nodes = placement_nodes(plan, topo)
-        group = WorkerGroup.start(plan, self._nodes, view.bundle(), self.opt.placement_timeout_s)
+        group = WorkerGroup.start(plan, self._nodes, view.bundle(), self.opt.placement_timeout_s, stage=cfg.name)
         try:
             group.init_process_group(self.opt.group_timeout_s)
             start = latest_step(cfg.output_dir) or 0
             with StageProgress(cfg.name, cfg.steps, start, bar=self.opt.progress_bar) as progress:
-                return group.run_stage(cfg.to_dict(), progress.update)
+                return group.run_stage(cfg.to_dict(), progress.update, verbose=self.opt.verbose)
         finally:
             group.shutdown()
 

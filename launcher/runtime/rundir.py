@@ -10,9 +10,12 @@ writes its checkpoints and metrics into the same place)::
         topology.html               the topology and the plan's rings, drawn
         plan.json                   rank -> (host, gpu), groups, predicted cost
         stage.json                  the resolved StageConfig the ranks ran
-        metrics.jsonl               one JSON object per step (rank 0) and per retry (controller)
+        metrics.jsonl               one JSON object per step (rank 0, with every rank's max/min) and per retry
+        logs/rank-<k>.log           each rank's log: its own step figures, third-party output, warnings
+        tensorboard/                TensorBoard event files (``tensorboard --logdir RUN_DIR``)
         checkpoints/                resumable DeepSpeed checkpoints
         hf/                         the stage's model, input of the next stage
+        niah/                       needle-in-a-haystack results, for a stage with ``niah:``
         done.json                   written last: the stage finished
 
 A run directory on shared storage is what lets ranks on several hosts write
@@ -31,11 +34,15 @@ from typing import Any
 from topology.errors import ConfigError
 from topology.model import write_atomic
 from trainer.progress import METRICS_JSONL
+from trainer.ranklog import LOGS_DIR
+from trainer.tracking import TENSORBOARD_DIR
 
 
 # Files of a stage directory (the stage's output_dir, see Recipe.stage_configs).
 TOPOLOGY_JSON, TOPOLOGY_HTML, PLAN_JSON, STAGE_JSON = "topology.json", "topology.html", "plan.json", "stage.json"
 DONE_JSON = "done.json"
+SHOWN = (TOPOLOGY_HTML, PLAN_JSON, METRICS_JSONL, LOGS_DIR, "checkpoints", "hf", TENSORBOARD_DIR, "niah")
+"""What ``layout`` lists of a stage directory, in this order, when present."""
 
 
 def default_run_dir(base: str | Path, recipe_name: str) -> Path:
@@ -90,3 +97,27 @@ def finished(stage_dir: str | Path) -> dict[str, Any] | None:
     """The stage's result if it completed in an earlier run of this run directory."""
     path = Path(stage_dir) / DONE_JSON
     return json.loads(path.read_text()) if path.exists() else None
+
+
+def layout(root: str | Path, stage_dirs: list[str | Path]) -> list[str]:
+    """Where a run's files are: one line per stage with what it holds, then how to open TensorBoard.
+
+    ::
+
+        stage0-256: topology.html plan.json metrics.jsonl logs/ (2 ranks) checkpoints/ hf/ tensorboard/
+    """
+    lines = []
+    for d in map(Path, stage_dirs):
+        if not d.exists():
+            continue
+        shown = []
+        for name in SHOWN:
+            path = d / name
+            if path.is_dir():
+                shown.append(f"{name}/" + (f" ({len(list(path.glob('rank-*.log')))} ranks)" if name == LOGS_DIR else ""))
+            elif path.exists():
+                shown.append(name)
+        lines.append(f"  {d.name}: " + " ".join(shown))
+    if any((Path(d) / TENSORBOARD_DIR).is_dir() for d in stage_dirs):
+        lines.append(f"  tensorboard --logdir {root}")
+    return lines
