@@ -153,6 +153,8 @@ class StepReporter:
         self.predicted_step_s = predicted_step_s
         self.trackers = trackers
         self.path = Path(output_dir) / METRICS_JSONL
+        if dist.is_initialized():
+            dist.barrier()  # the first step's clock starts together on every rank (trackers start on rank 0 only)
         self.start = self.last = time.perf_counter()
         ring_comm.take_wait_seconds()  # what the model's set-up waited is not a step's
         self.progress = None
