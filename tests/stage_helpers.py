@@ -56,20 +56,20 @@ def run_stage_ranks(rank: int, world: int, cfgs: list[dict], plans: list[dict], 
     return out
 
 
-def launch_ranks(tmp: Path, configs: list[Path], plan: Path, timeout: float = 120, args: tuple[str, ...] = (),
-                 env: dict[str, str] | None = None, console: bool = False) -> list[tuple[int, str]]:
+def launch_ranks(tmp: Path, configs: list[Path], plan: Path, timeout: float = 120,
+                 console: bool = False) -> list[tuple[int, str]]:
     """Start ``python -m trainer.stage`` once per config (rank order) as torchrun would; (exit code, stderr) per rank.
 
-    ``args`` are extra flags of trainer.stage; with ``console`` the text is stdout and stderr together.
+    With ``console`` the text is the rank's whole console, stdout and stderr together.
     """
     port = free_port()
     procs = []
     for rank, config in enumerate(configs):
-        rank_env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(len(configs)),
-                        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1", **(env or {}))
+        env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(len(configs)),
+                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
         err = open(tmp / f"rank{rank}-{port}.err", "w+")
-        procs.append((subprocess.Popen([sys.executable, "-m", "trainer.stage", "--config", str(config), "--plan", str(plan), *args],
-                                       cwd=REPO, env=rank_env, stdout=err if console else subprocess.DEVNULL, stderr=err), err))
+        procs.append((subprocess.Popen([sys.executable, "-m", "trainer.stage", "--config", str(config), "--plan", str(plan)],
+                                       cwd=REPO, env=env, stdout=err if console else subprocess.DEVNULL, stderr=err), err))
     results = []
     try:
         for proc, err in procs:

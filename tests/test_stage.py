@@ -6,6 +6,7 @@ the second starting from the first's HF checkpoint; and the command line
 with bad input, every rank of it ending with one line and exit status 2.
 """
 
+import importlib.util
 import json
 from concurrent.futures import ThreadPoolExecutor
 
@@ -94,6 +95,12 @@ def test_two_stages_chain_on_two_ranks(tmp_path):
     niah = json.loads((tmp_path / second.output_dir / "niah" / "niah.json").read_text())
     assert len(niah["cells"]) == 6 and (tmp_path / second.output_dir / "niah" / "niah.png").is_file()
     assert [e for e in seen2 if "event" in e][0]["average"] == pytest.approx(niah["average"])
+    if importlib.util.find_spec("tensorboard"):  # on by default: the NIAH score is a stage figure there
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+        events = EventAccumulator(str(tmp_path / second.output_dir / "tensorboard"))
+        events.Reload()
+        assert [(e.step, e.value) for e in events.Scalars("niah/average")] == [(2, pytest.approx(niah["average"]))]
     assert not (tmp_path / first.output_dir / "niah").exists()
 
     w1, w2 = hf_weights(r1.hf_dir), hf_weights(r2.hf_dir)
