@@ -7,6 +7,8 @@ cluster and both measure its network; each setting has one flag name.
 from __future__ import annotations
 
 import argparse
+import logging
+import sys
 
 from launcher.runtime.attach import ADDRESS_HELP
 from topology.errors import ConfigError
@@ -48,3 +50,27 @@ def check_profile_arguments(args: argparse.Namespace) -> None:
         raise ConfigError(f"--profile-repeats is {args.profile_repeats}; give at least 1")
     if not args.profile_timeout > 0:
         raise ConfigError(f"--profile-timeout is {args.profile_timeout}; give a positive number of seconds")
+
+
+class _Stdout(logging.StreamHandler):
+    """A handler on whatever ``sys.stdout`` is when a line is written (a test's capture, a redirect)."""
+
+    @property
+    def stream(self):  # type: ignore[override]
+        return sys.stdout
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
+def setup_logging() -> logging.Logger:
+    """The launcher's own lines on stdout, timestamped: ``12:00:01 ringleader: ...``; returns its logger."""
+    log = logging.getLogger("ringleader")
+    if not any(isinstance(h, _Stdout) for h in log.handlers):
+        handler = _Stdout()
+        handler.setFormatter(logging.Formatter("%(asctime)s ringleader: %(message)s", "%H:%M:%S"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+        log.propagate = False
+    return log

@@ -13,11 +13,10 @@ from __future__ import annotations
 
 import argparse
 import io
-import logging
 import os
 import sys
 
-from launcher.commands.options import add_cluster_arguments, add_profile_arguments, check_profile_arguments
+from launcher.commands.options import add_cluster_arguments, add_profile_arguments, check_profile_arguments, setup_logging
 from launcher.runtime.attach import attach
 from launcher.runtime.controller import default_profile_cache
 from topology.errors import ConfigError
@@ -36,13 +35,13 @@ def run(args: argparse.Namespace) -> int:
     check_profile_arguments(args)
     if args.heatmap and os.path.splitext(args.heatmap)[1].lower() not in (".png", ".svg", ".pdf"):
         raise ConfigError(f"--heatmap {args.heatmap}: give a .png, .svg or .pdf file name")
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s ringleader: %(message)s", datefmt="%H:%M:%S", stream=sys.stdout)
+    log = setup_logging()
     import ray
 
     import topology
 
     # The probe actors must import this same topology package on every node.
-    logging.getLogger("ringleader").info("%s", attach(args.address, [topology], verbose=args.verbose))
+    log.info("%s", attach(args.address, [topology], verbose=args.verbose))
     try:
         data = profile_cluster(args.profile_mb, args.profile_repeats, args.profile_cache or default_profile_cache(),
                                args.reprofile, args.profile_timeout)

@@ -26,7 +26,7 @@ import os
 import sys
 from pathlib import Path
 
-from launcher.commands.options import add_cluster_arguments, add_profile_arguments, check_profile_arguments
+from launcher.commands.options import add_cluster_arguments, add_profile_arguments, check_profile_arguments, setup_logging
 from launcher.recipe import Recipe
 from launcher.runtime.rundir import default_run_dir
 from topology.errors import ConfigError
@@ -108,13 +108,3 @@ def connect(address: str | None, recipe: Recipe, verbose: bool = False) -> None:
     cpus = max(os.cpu_count() or 1, recipe.peak_gpus + 1)
     log.info("%s", attach(address, [launcher, topology, trainer], num_cpus=cpus,
                           num_gpus=gpus if gpus >= recipe.peak_gpus else 0, verbose=verbose))
-
-
-def setup_logging() -> None:
-    """The launcher's own lines on stdout, timestamped: ``12:00:01 ringleader: ...``."""
-    if not log.handlers:
-        handler = logging.StreamHandler(sys.stdout)
-        handler.setFormatter(logging.Formatter("%(asctime)s ringleader: %(message)s", "%H:%M:%S"))
-        log.addHandler(handler)
-        log.setLevel(logging.INFO)
-        log.propagate = False
