@@ -77,7 +77,26 @@ def check_inputs(cfg: StageConfig, plan: Plan, world_size: int) -> None:
     kv_heads_for_ulysses(config.num_attention_heads, config.num_key_value_heads or config.num_attention_heads, cfg.ulysses)
 
 
-def run_stage(cfg: StageConfig, plan: Plan, on_metrics: Callable[[dict[str, Any]], None] | None = None) -> StageResult:
+def load_inputs(cfg: StageConfig, plan: Plan) -> tuple[Any, Any]:
+    """Check the stage's input on every rank (a collective) and load its tokenizer and dataset.
+
+    Raises ConfigError on every rank alike when any rank's input is wrong, before anything is written.
+    """
+    init_process_group()
+    tokenizer = dataset = None
+    try:
+        check_inputs(cfg, plan, dist.get_world_size())
+        tokenizer = load_tokenizer(cfg.model, cfg.init_from)
+        dataset = build_dataset(cfg.data, tokenizer, cfg.seq_len, cfg.seed)
+        error = None
+    except ConfigError as exc:
+        error = str(exc)
+    agree(error)
+    return tokenizer, dataset
+
+
+def run_stage(cfg: StageConfig, plan: Plan, on_metrics: Callable[[dict[str, Any]], None] | None = None,
+              inputs: tuple[Any, Any] | None = None) -> StageResult:
     """Train one stage on the default process group (joined from torchrun's variables if needed).
 
     Parameters
@@ -89,6 +108,8 @@ def run_stage(cfg: StageConfig, plan: Plan, on_metrics: Callable[[dict[str, Any]
     on_metrics
         Called on every rank after each optimizer step with that step's
         metrics dict (see ``trainer.progress.StepReporter``).
+    inputs
+        ``load_inputs``'s (tokenizer, dataset), when the caller checked the input first.
 
     Raises
     ------
@@ -98,14 +119,7 @@ def run_stage(cfg: StageConfig, plan: Plan, on_metrics: Callable[[dict[str, Any]
     """
     device = init_process_group()
     rank, world = dist.get_rank(), dist.get_world_size()
-    try:
-        check_inputs(cfg, plan, world)
-        tokenizer = load_tokenizer(cfg.model, cfg.init_from)
-        dataset = build_dataset(cfg.data, tokenizer, cfg.seq_len, cfg.seed)
-        error = None
-    except ConfigError as exc:
-        error = str(exc)
-    agree(error)
+    tokenizer, dataset = inputs or load_inputs(cfg, plan)
     groups = ParallelGroups.from_plan(plan)
     cuda = device.type == "cuda"
     ds_config = deepspeed_config(cfg, cuda)
@@ -214,9 +228,10 @@ def main(argv: list[str] | None = None) -> int:
             cfg = plan = None
             error = str(exc)
         agree(error)
+        inputs = load_inputs(cfg, plan)  # bad input stops here, before the rank log is written
         rank = dist.get_rank()
         with rank_logging(cfg.output_dir, rank, console=rank == 0, verbose=args.verbose):
-            result = run_stage(cfg, plan)
+            result = run_stage(cfg, plan, inputs=inputs)
         if rank == 0:
             print(f"stage {cfg.name} done: {asdict(result)}", flush=True)
         return 0

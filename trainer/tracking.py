@@ -70,7 +70,8 @@ class MlflowConfig:
 
     tracking_uri: str | None = None
     """Tracking server or store, e.g. ``http://mlflow:5000`` or ``file:/shared/mlruns``
-    (default: MLflow's own, from MLFLOW_TRACKING_URI)."""
+    (default: MLflow's own, from MLFLOW_TRACKING_URI). MLflow 3 opens ``file:`` stores
+    only with MLFLOW_ALLOW_FILE_STORE=true in the ranks' environment."""
     experiment: str | None = None
     """Experiment name (default: the recipe's name)."""
 
@@ -159,11 +160,9 @@ class _TensorBoard:
         for k, v in values.items():
             self.writer.add_scalar(f"train/{k}", v, step)
 
-    def stage(self, step: int, prefix: str, values: dict[str, float], text: str | None = None) -> None:
+    def stage(self, step: int, prefix: str, values: dict[str, float]) -> None:
         for k, v in values.items():
             self.writer.add_scalar(f"{prefix}/{k}", v, step)
-        if text:
-            self.writer.add_text(prefix, text, step)
         self.writer.flush()
 
     def close(self) -> None:
@@ -186,7 +185,7 @@ class _Wandb:
     def step(self, step: int, values: dict[str, float]) -> None:
         self.run.log({f"train/{k}": v for k, v in values.items()}, step=step)
 
-    def stage(self, step: int, prefix: str, values: dict[str, float], text: str | None = None) -> None:
+    def stage(self, step: int, prefix: str, values: dict[str, float]) -> None:
         for k, v in values.items():
             self.run.summary[f"{prefix}/{k}"] = v
 
@@ -212,7 +211,7 @@ class _Mlflow:
         now = int(time.time() * 1000)
         self.client.log_batch(self.run_id, metrics=[Metric(k, v, now, step) for k, v in values.items()])
 
-    def stage(self, step: int, prefix: str, values: dict[str, float], text: str | None = None) -> None:
+    def stage(self, step: int, prefix: str, values: dict[str, float]) -> None:
         self.step(step, {f"{prefix}/{k}": v for k, v in values.items()})
 
     def close(self) -> None:
@@ -252,7 +251,7 @@ class _RayMetrics:
                                                 tag_keys=("stage", "rank"))
         self._made["steps_total"].inc(1, tags=self.tags)
 
-    def stage(self, step: int, prefix: str, values: dict[str, float], text: str | None = None) -> None:
+    def stage(self, step: int, prefix: str, values: dict[str, float]) -> None:
         for k, v in values.items():
             self._gauge(f"{prefix}_{k}").set(v, tags=self.tags)
 
@@ -276,9 +275,9 @@ class Trackers:
         self.last_step = metrics["step"]
         self._each("step", metrics["step"], _numbers(metrics, STEP_KEYS))
 
-    def log_stage(self, step: int, figures: dict[str, float], text: str | None = None) -> None:
-        """The plan's figures (and its summary line) at the stage's start."""
-        self._each("stage", step, "plan", figures, text)
+    def log_stage(self, step: int, figures: dict[str, float]) -> None:
+        """The plan's figures at the stage's start (``plan/<figure>``)."""
+        self._each("stage", step, "plan", figures)
 
     def log_event(self, event: dict[str, Any]) -> None:
         """A stage-end event, e.g. ``{"event": "niah", "average": 0.8, ...}``: its numbers under its name."""

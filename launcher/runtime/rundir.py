@@ -19,8 +19,9 @@ writes its checkpoints and metrics into the same place)::
         done.json                   written last: the stage finished
 
 A run directory on shared storage is what lets ranks on several hosts write
-one checkpoint and the next stage read it. Every file but the appended
-metrics.jsonl is written atomically (temporary name, then rename).
+one checkpoint and the next stage read it. Every file but the appended ones
+(metrics.jsonl, rank logs, event files) is written atomically (temporary
+name, then rename).
 """
 
 from __future__ import annotations

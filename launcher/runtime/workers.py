@@ -10,7 +10,8 @@ Each actor then gets torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK,
 LOCAL_WORLD_SIZE, GROUP_RANK, MASTER_ADDR, MASTER_PORT) and, on GPU hosts,
 a CUDA_VISIBLE_DEVICES listing every GPU the stage holds on that host in
 local-rank order: NCCL needs to see its peers' GPUs for peer-to-peer copies,
-and ``cuda:LOCAL_RANK`` is then the GPU Ray gave this rank.
+and ``cuda:LOCAL_RANK`` is then the rank's planned GPU among those Ray gave
+the stage on that host.
 
 Actors are named ``<stage>/rank-<k>@<host>`` (the dashboard's actor list and
 each log line's prefix say which rank is which), and each writes its rank
