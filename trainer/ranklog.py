@@ -60,8 +60,8 @@ def rank_logging(output_dir: str | Path, rank: int, console: bool = False, verbo
         to_file.setFormatter(logging.Formatter(f"%(asctime)s rank {rank} %(levelname)s %(name)s: %(message)s"))
         handlers.append((root, to_file))
         if console:
-            # The console as it was before the redirect below: a duplicate of its descriptor.
-            console_stream = os.fdopen(os.dup(sys.stdout.fileno()), "w", buffering=1, encoding="utf-8")
+            # The console's stderr (where logging writes by default) as it was before the redirect below.
+            console_stream = os.fdopen(os.dup(sys.stderr.fileno()), "w", buffering=1, encoding="utf-8")
             shown = logging.StreamHandler(console_stream)
             shown.setFormatter(logging.Formatter(f"[rank {rank}] %(message)s"))
             shown.addFilter(lambda record: not record.name.startswith("trainer.rank"))
