@@ -45,7 +45,7 @@ def test_ray_job_submit_runs_the_demo_recipe(tmp_path):
         assert all(m["rank"] == 0 and m["time"] > 0 and m["step_time_max_s"] >= m["step_time_min_s"] for m in steps)
         logs = sorted(p.name for p in (d / "logs").iterdir())
         assert logs == [f"rank-{r}.log" for r in range(stage["gpus"])]
-        assert "Setting accelerator to CPU" in (d / "logs" / "rank-0.log").read_text()  # kept, off the console
+        assert "shm_comm_op built" in (d / "logs" / "rank-0.log").read_text()  # DeepSpeed's lines: kept, off the console
         assert any((d / "tensorboard").glob("events.out.tfevents.*"))
         assert json.loads((d / "plan.json").read_text())["world_size"] == stage["gpus"]
         assert (d / "hf" / "config.json").is_file() and (d / "topology.json").is_file()
