@@ -31,6 +31,7 @@ COMMANDS = {
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The parser; only ``command``'s module is imported, so each command starts fast."""
     parser = argparse.ArgumentParser(prog="ringleader", description="Topology-aware launcher for long-context training on Ray.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (module_name, help_text) in COMMANDS.items():
         cmd = sub.add_parser(name, help=help_text, description=help_text)
@@ -39,6 +40,21 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
             module.add_arguments(cmd)
             cmd.set_defaults(_run=module.run)
     return parser
+
+
+def version() -> str:
+    """The installed distribution's version (pyproject.toml's), or that of the source tree when run from it."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as installed
+
+    try:
+        return installed("ringleader")
+    except PackageNotFoundError:
+        import tomllib
+        from pathlib import Path
+
+        pyproject = Path(__file__).resolve().parents[1] / "pyproject.toml"
+        return tomllib.loads(pyproject.read_text())["project"]["version"]
 
 
 def main(argv: list[str] | None = None) -> int:

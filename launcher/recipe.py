@@ -36,6 +36,7 @@ from trainer import storage
 from trainer.config import COLLECTIVE_TIMEOUT_S, DEFAULT_DEEPSPEED, DataConfig, ModelConfig, StageConfig
 from trainer.rope import ntk_theta, scaling_law_theta
 from trainer.schema import Count, PathName, PositiveFloat, PositiveInt, Seed, validate
+from trainer.tracking import TrackingConfig
 
 AUTO = "auto"
 Auto = Literal["auto"]
@@ -110,6 +111,8 @@ class Recipe:
     seed: Seed = 0
     collective_timeout: PositiveFloat = COLLECTIVE_TIMEOUT_S
     """Seconds a torch.distributed collective may wait (``ringleader run --collective-timeout`` overrides)."""
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    """TensorBoard (default), W&B, MLflow and Ray metrics: see trainer/tracking.py."""
     source: str = field(default="recipe", init=False, compare=False)
     """The file the recipe came from, for messages (not a recipe key)."""
 
@@ -162,7 +165,7 @@ class Recipe:
                     grad_accum=s.grad_accum, lr=s.lr, ulysses=int(s.ulysses), checkpoint_every=s.checkpoint_every,
                     keep_checkpoints=s.keep_checkpoints,
                     init_from=prev_hf, deepspeed=copy.deepcopy(deepspeed), seed=self.seed, niah=s.niah,
-                    collective_timeout=self.collective_timeout,
+                    collective_timeout=self.collective_timeout, tracking=copy.deepcopy(self.tracking),
                 )
             except ConfigError as exc:
                 errors.append(f"{self.source}: {exc}")
@@ -248,6 +251,12 @@ def _spelled_out(data: dict[str, Any], source: str) -> tuple[dict[str, Any], lis
         raw.pop("source")
     if raw.get("deepspeed", {}) is None:  # `deepspeed:` with nothing under it
         raw.pop("deepspeed")
+    if "tracking" in raw:  # which trackers are installed is checked here, before anything starts
+        try:
+            raw["tracking"] = TrackingConfig.from_dict(raw["tracking"], f"{source}: tracking", name=str(raw.get("name", "")))
+        except ConfigError as exc:
+            errors.append(str(exc))
+            raw.pop("tracking")
     stages = raw.get("stages")
     if isinstance(stages, list):
         raw["stages"] = [_stage_spelled_out(s, i, source, errors) for i, s in enumerate(stages)]

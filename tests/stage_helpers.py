@@ -74,8 +74,12 @@ def run_stage_ranks(rank: int, world: int, cfgs: list[dict], plans: list[dict], 
     return out
 
 
-def launch_ranks(tmp: Path, configs: list[Path], plan: Path, timeout: float = 120) -> list[tuple[int, str]]:
-    """Start ``python -m trainer.stage`` once per config (rank order) as torchrun would; (exit code, stderr) per rank."""
+def launch_ranks(tmp: Path, configs: list[Path], plan: Path, timeout: float = 120,
+                 console: bool = False) -> list[tuple[int, str]]:
+    """Start ``python -m trainer.stage`` once per config (rank order) as torchrun would; (exit code, stderr) per rank.
+
+    With ``console`` the text is the rank's whole console, stdout and stderr together.
+    """
     port = free_port()
     procs = []
     for rank, config in enumerate(configs):
@@ -83,7 +87,7 @@ def launch_ranks(tmp: Path, configs: list[Path], plan: Path, timeout: float = 12
                    MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
         err = open(tmp / f"rank{rank}-{port}.err", "w+")
         procs.append((subprocess.Popen([sys.executable, "-m", "trainer.stage", "--config", str(config), "--plan", str(plan)],
-                                       cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=err), err))
+                                       cwd=REPO, env=env, stdout=err if console else subprocess.DEVNULL, stderr=err), err))
     results = []
     try:
         for proc, err in procs:

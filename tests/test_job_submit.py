@@ -15,7 +15,7 @@ import urllib.request
 import pytest
 import yaml
 
-from launcher.runtime.progress import StageProgress, eta_seconds, step_line
+from trainer.progress import StageProgress, eta_seconds, step_line
 from tests.ray_utils import REPO, RayHead, ray_job_submit
 
 DEMO = REPO / "clusters" / "recipes" / "demo.yaml"
@@ -77,11 +77,20 @@ def test_ray_job_submit_runs_the_demo_recipe(token_head, tmp_path):
     assert "succeeded" in log
     last = stages[-1]
     assert "plan aware" in log and f"[{last['name']}] step {last['steps']}/{last['steps']}" in log  # plan and progress in the job log
+    # One progress format, no third-party noise, and where everything is at the end.
+    for noise in ("Setting accelerator", "shm_comm_op", "FutureWarning", "it/s]", "Ray deduplicates logs"):
+        assert noise not in log
+    assert f"stage1-{last['name']}: topology.html plan.json metrics.jsonl logs/ ({last['gpus']} ranks) checkpoints/ hf/ tensorboard/" in log
     for i, stage in enumerate(stages):
         d = run_dir / f"stage{i}-{stage['name']}"
         assert (d / "checkpoints" / "latest").read_text().strip() == f"step{stage['steps']}"
         steps = [json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines()]
         assert [m["step"] for m in steps] == list(range(1, stage["steps"] + 1))
+        assert all(m["rank"] == 0 and m["time"] > 0 and m["step_time_max_s"] >= m["step_time_min_s"] for m in steps)
+        logs = sorted(p.name for p in (d / "logs").iterdir())
+        assert logs == [f"rank-{r}.log" for r in range(stage["gpus"])]
+        assert "shm_comm_op built" in (d / "logs" / "rank-0.log").read_text()  # DeepSpeed's lines: kept, off the console
+        assert any((d / "tensorboard").glob("events.out.tfevents.*"))
         assert json.loads((d / "plan.json").read_text())["world_size"] == stage["gpus"]
         assert (d / "hf" / "config.json").is_file() and (d / "topology.json").is_file()
     assert (run_dir / "recipe.yaml").read_text() == DEMO.read_text()

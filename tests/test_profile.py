@@ -96,7 +96,7 @@ def test_cli_reprofiles_and_draws(cluster, profiles, tmp_path):
     before = json.loads(cached.read_text())
     out, png = tmp_path / "topo.json", tmp_path / "bw.png"
     cmd = [sys.executable, "-m", "launcher", "profile", "--address", cluster.address, "-o", str(out), "--reprofile",
-           "--transfer-mb", "0.5", "--repeats", "2", "--cache-dir", str(profiles), "--heatmap", str(png)]
+           "--profile-mb", "0.5", "--profile-repeats", "2", "--profile-cache", str(profiles), "--heatmap", str(png)]
     done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-3000:]
     fresh = json.loads(out.read_text())
@@ -109,7 +109,8 @@ def test_cli_reprofiles_and_draws(cluster, profiles, tmp_path):
 
 @pytest.mark.parametrize("args, message", [
     (["--address", "127.0.0.1:9"], "cannot reach a Ray cluster at 127.0.0.1:9"),
-    (["--repeats", "0"], "--transfer-mb, --repeats and --timeout must be positive"),
+    (["--profile-mb", "0"], "--profile-mb is 0.0; give a positive size in MiB"),
+    (["--repeats", "0"], "--profile-repeats is 0; give at least 1"),  # the earlier name, still accepted
     (["--heatmap", "bw.txt"], "--heatmap bw.txt: give a .png"),
 ])
 def test_cli_profile_bad_input(tmp_path, capsys, args, message):

@@ -6,6 +6,7 @@ the second starting from the first's HF checkpoint; and the command line
 with bad input, every rank of it ending with one line and exit status 2.
 """
 
+import importlib.util
 import json
 from concurrent.futures import ThreadPoolExecutor
 
@@ -80,7 +81,9 @@ def test_two_stages_chain_on_two_ranks(tmp_path):
         events, lines = [m for m in lines if "event" in m], [m for m in lines if "event" not in m]
         assert [m["step"] for m in lines] == [1, 2]
         assert [e["event"] for e in events] == (["niah"] if cfg.niah else [])
-        assert set(lines[0]) == {"stage", "step", "steps", "loss", "tokens", "tokens_per_s", "elapsed_s", "lr"}
+        assert set(lines[0]) == {"time", "rank", "stage", "step", "steps", "loss", "tokens", "tokens_per_s", "elapsed_s", "lr",
+                                 "step_time_s", "step_time_max_s", "step_time_min_s", "slowest_rank", "ring_comm_s",
+                                 "ring_comm_max_s", "peak_memory_gib", "peak_memory_max_gib"}
         assert lines[-1]["loss"] == pytest.approx(result.final_loss) and lines[0]["lr"] == pytest.approx(1e-3)
         config = json.loads((tmp_path / result.hf_dir / "config.json").read_text())
         assert config["rope_parameters"]["rope_theta"] == pytest.approx(cfg.rope_theta)
@@ -92,6 +95,12 @@ def test_two_stages_chain_on_two_ranks(tmp_path):
     niah = json.loads((tmp_path / second.output_dir / "niah" / "niah.json").read_text())
     assert len(niah["cells"]) == 6 and (tmp_path / second.output_dir / "niah" / "niah.png").is_file()
     assert [e for e in seen2 if "event" in e][0]["average"] == pytest.approx(niah["average"])
+    if importlib.util.find_spec("tensorboard"):  # on by default: the NIAH score is a stage figure there
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+        events = EventAccumulator(str(tmp_path / second.output_dir / "tensorboard"))
+        events.Reload()
+        assert [(e.step, e.value) for e in events.Scalars("niah/average")] == [(2, pytest.approx(niah["average"]))]
     assert not (tmp_path / first.output_dir / "niah").exists()
 
     w1, w2 = hf_weights(r1.hf_dir), hf_weights(r2.hf_dir)

@@ -15,6 +15,7 @@ from typing import Any, Literal
 from topology.errors import ConfigError
 from topology.model import load_data, write_atomic
 from trainer.schema import Count, PathName, PositiveFloat, PositiveInt, Seed, validate
+from trainer.tracking import TrackingConfig
 
 DEFAULT_DEEPSPEED: dict[str, Any] = {
     "zero_optimization": {"stage": 3, "overlap_comm": True, "contiguous_gradients": True},
@@ -118,6 +119,8 @@ class StageConfig:
     the stage's HF model with, on the same ranks, once the stage has trained."""
     collective_timeout: PositiveFloat = COLLECTIVE_TIMEOUT_S
     """Seconds any torch.distributed collective (and the rendezvous) may wait before it fails the rank."""
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    """Where the stage's metrics go besides metrics.jsonl (TensorBoard, W&B, MLflow, Ray metrics)."""
 
     @property
     def cp(self) -> int:
@@ -134,6 +137,8 @@ class StageConfig:
             self.model = validate(ModelConfig, self.model, "model")
         if isinstance(self.data, dict):
             self.data = validate(DataConfig, self.data, "data")
+        if isinstance(self.tracking, dict):
+            self.tracking = TrackingConfig.from_dict(self.tracking, f"stage {self.name!r}: tracking")
         where = f"stage {self.name!r}"
         if self.gpus % self.batch:
             raise ConfigError(f"{where}: batch ({self.batch}) must divide gpus ({self.gpus}): ring size = gpus / batch")

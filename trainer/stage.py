@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -44,6 +43,8 @@ from trainer.groups import ParallelGroups
 from trainer.loss import ShardLoss, loss_scale
 from trainer.modeling import build_model, load_config
 from trainer.progress import METRICS_JSONL, StepReporter
+from trainer.ranklog import rank_logging
+from trainer.tracking import open_trackers, plan_figures
 from trainer.tokenizer import load_tokenizer
 from trainer.attention.documents import Documents, drop_cross_document_labels
 from trainer.attention.ulysses import kv_heads_for_ulysses
@@ -77,7 +78,29 @@ def check_inputs(cfg: StageConfig, plan: Plan, world_size: int) -> None:
     kv_heads_for_ulysses(config.num_attention_heads, config.num_key_value_heads or config.num_attention_heads, cfg.ulysses)
 
 
-def run_stage(cfg: StageConfig, plan: Plan, on_metrics: Callable[[dict[str, Any]], None] | None = None) -> StageResult:
+def load_inputs(cfg: StageConfig, plan: Plan) -> tuple[StageConfig, Any, Any]:
+    """Check the stage's input on every rank (a collective) and load its tokenizer and dataset.
+
+    Returns the config with the previous stage's model made local to this host (downloaded once
+    per host from an object store), the tokenizer and the dataset. Raises ConfigError on every
+    rank alike when any rank's input is wrong, before anything is written.
+    """
+    init_process_group(cfg.collective_timeout)
+    tokenizer = dataset = None
+    try:
+        cfg = replace(cfg, init_from=storage.local_model(cfg.init_from))
+        check_inputs(cfg, plan, dist.get_world_size())
+        tokenizer = load_tokenizer(cfg.model, cfg.init_from)
+        dataset = build_dataset(cfg.data, tokenizer, cfg.seq_len, cfg.seed)
+        error = None
+    except ConfigError as exc:
+        error = str(exc)
+    agree(error)
+    return cfg, tokenizer, dataset
+
+
+def run_stage(cfg: StageConfig, plan: Plan, on_metrics: Callable[[dict[str, Any]], None] | None = None,
+              inputs: tuple[StageConfig, Any, Any] | None = None) -> StageResult:
     """Train one stage on the default process group (joined from torchrun's variables if needed).
 
     Parameters
@@ -89,6 +112,8 @@ def run_stage(cfg: StageConfig, plan: Plan, on_metrics: Callable[[dict[str, Any]
     on_metrics
         Called on every rank after each optimizer step with that step's
         metrics dict (see ``trainer.progress.StepReporter``).
+    inputs
+        ``load_inputs``'s (config, tokenizer, dataset), when the caller checked the input first.
 
     Raises
     ------
@@ -98,15 +123,7 @@ def run_stage(cfg: StageConfig, plan: Plan, on_metrics: Callable[[dict[str, Any]
     """
     device = init_process_group(cfg.collective_timeout)
     rank, world = dist.get_rank(), dist.get_world_size()
-    try:
-        cfg = replace(cfg, init_from=storage.local_model(cfg.init_from))  # the previous stage's model, here
-        check_inputs(cfg, plan, world)
-        tokenizer = load_tokenizer(cfg.model, cfg.init_from)
-        dataset = build_dataset(cfg.data, tokenizer, cfg.seq_len, cfg.seed)
-        error = None
-    except ConfigError as exc:
-        error = str(exc)
-    agree(error)
+    cfg, tokenizer, dataset = inputs or load_inputs(cfg, plan)
     groups = ParallelGroups.from_plan(plan, timeout_s=cfg.collective_timeout)
     cuda = device.type == "cuda"
     ds_config = deepspeed_config(cfg, cuda)
@@ -129,7 +146,13 @@ def run_stage(cfg: StageConfig, plan: Plan, on_metrics: Callable[[dict[str, Any]
         log.info("stage %s: %d ranks (dp %d x ring %d x ulysses %d), seq_len %d, theta %.4g, ZeRO-%d, attention %s, %s",
                  cfg.name, world, plan.dp, plan.ring, plan.ulysses, cfg.seq_len, cfg.rope_theta, zero_stage(ds_config),
                  model.config._attn_implementation, f"resuming at step {first_step}" if first_step else "fresh start")
-    reporter = StepReporter(cfg.name, cfg.steps, first_step, cfg.tokens_per_step, work, rank, on_metrics)
+    trackers = open_trackers(cfg.tracking, cfg.name, str(work), rank, _tracked_params(cfg))
+    trackers.log_stage(first_step, plan_figures(plan, predictions=cuda))
+    # The plan predicts one micro-step (one sequence per ring) on the topology's GPU model.
+    predicted = plan.cost.get("step_time_s") if cuda and plan.cost else None
+    reporter = StepReporter(cfg.name, cfg.steps, first_step, cfg.tokens_per_step, work, rank, on_metrics,
+                            device=device, predicted_step_s=predicted * cfg.grad_accum if predicted else None,
+                            trackers=trackers)
     for event in resumed.skipped:
         reporter.event({**event, "stage": cfg.name})
     positions = local_indices(cfg.seq_len, groups)[None].to(device)
@@ -144,11 +167,12 @@ def run_stage(cfg: StageConfig, plan: Plan, on_metrics: Callable[[dict[str, Any]
                 checkpoint.save(engine, cfg.output_dir, step + 1, tokens, dp=plan.dp, cp=plan.cp, keep=cfg.keep_checkpoints)
                 if rank == 0:
                     _push_metrics(cfg.output_dir, work)
+        hf_dir = checkpoint.export_hf(model, tokenizer, cfg.output_dir, tokens // cfg.tokens_per_step)
+        if cfg.niah is not None:
+            _evaluate_niah(cfg, hf_dir, groups, reporter, device)
     finally:
         reporter.close()
-    hf_dir = checkpoint.export_hf(model, tokenizer, cfg.output_dir, tokens // cfg.tokens_per_step)
-    if cfg.niah is not None:
-        _evaluate_niah(cfg, hf_dir, groups, reporter, device)
+        trackers.close()
     if rank == 0:
         _push_metrics(cfg.output_dir, work)
     return StageResult(hf_dir, loss, cfg.steps, tokens, first_step or None)
@@ -163,6 +187,13 @@ def _pull_metrics(output_dir: str, work: Path) -> None:
 def _push_metrics(output_dir: str, work: Path) -> None:
     if storage.is_uri(output_dir):
         storage.write_bytes(storage.join(output_dir, METRICS_JSONL), (work / METRICS_JSONL).read_bytes())
+
+
+def _tracked_params(cfg: StageConfig) -> dict[str, Any]:
+    """The stage's settings as trackers record them (W&B config, MLflow params)."""
+    return {"stage": cfg.name, "seq_len": cfg.seq_len, "rope_theta": cfg.rope_theta, "gpus": cfg.gpus, "batch": cfg.batch,
+            "ring": cfg.cp, "ulysses": cfg.ulysses, "grad_accum": cfg.grad_accum, "steps": cfg.steps, "lr": cfg.lr,
+            "init_from": cfg.init_from, "output_dir": cfg.output_dir}
 
 
 def _evaluate_niah(cfg: StageConfig, hf_dir: str, groups: ParallelGroups, reporter: StepReporter,
@@ -224,9 +255,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m trainer.stage", description="Run one training stage on this process group.")
     parser.add_argument("--config", required=True, help="stage config (JSON, StageConfig.save)")
     parser.add_argument("--plan", required=True, help="plan (JSON or YAML, Plan.save)")
+    parser.add_argument("--verbose", action="store_true", help="third-party output (DeepSpeed, torch warnings) on the console "
+                        "too, not only in <output_dir>/logs/rank-<k>.log")
     args = parser.parse_args(argv)
-    rank = int(os.environ.get("RANK", "0"))
-    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format=f"[rank {rank}] %(message)s", force=True)
     owns_group = not dist.is_initialized()
     try:
         try:
@@ -236,8 +267,11 @@ def main(argv: list[str] | None = None) -> int:
             error = str(exc)
         init_process_group(cfg.collective_timeout if cfg else COLLECTIVE_TIMEOUT_S)
         agree(error)
-        result = run_stage(cfg, plan)
-        if dist.get_rank() == 0:
+        inputs = load_inputs(cfg, plan)  # bad input stops here, before the rank log is written
+        rank = dist.get_rank()
+        with rank_logging(storage.work_dir(cfg.output_dir), rank, console=rank == 0, verbose=args.verbose):
+            result = run_stage(cfg, plan, inputs=inputs)
+        if rank == 0:
             print(f"stage {cfg.name} done: {asdict(result)}", flush=True)
         return 0
     except ConfigError as exc:

@@ -22,6 +22,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from launcher.commands.options import add_cluster_arguments
 from topology.errors import ConfigError
 
 
@@ -34,7 +35,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--on-bad-record", default="error", choices=("error", "skip"), help="with --input (default: %(default)s)")
     parser.add_argument("--store", metavar="DIR", help="store root on shared storage (default: the recipe's run_dir/tokens, or runs/tokens)")
     parser.add_argument("--workers", type=int, metavar="N", help="tokenizer actors (default: one per CPU, at most one per file)")
-    parser.add_argument("--address", help="Ray cluster (default: RAY_ADDRESS, else an embedded local Ray)")
+    add_cluster_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -57,13 +58,14 @@ def run(args: argparse.Namespace) -> int:
         root = Path(args.store or Path("runs") / STORE_DIR)
     import ray
 
-    from launcher.commands.run import _setup_logging, connect
+    from launcher.commands.options import setup_logging
+    from launcher.commands.run import connect
 
-    _setup_logging()
+    setup_logging()
     try:
         for spec in specs:
             if not is_complete(locate(spec, root)[0]) and not ray.is_initialized():
-                connect(args.address, None)  # only when there is work to do; no rank slots needed
+                connect(args.address, None, args.verbose)  # only when there is work to do; no rank slots needed
             print(prepare(spec, root, workers=args.workers).summary(), file=sys.stdout, flush=True)
     finally:
         ray.shutdown()

@@ -1,9 +1,11 @@
 """``ringleader profile``: measure the network of a Ray cluster and write its topology.
 
     ringleader profile --address 10.0.0.1:6379 -o topology.json
-    ringleader profile --transfer-mb 16 --repeats 3 --reprofile --heatmap bandwidth.png   # RAY_ADDRESS or a local `ray start`
+    ringleader profile --address auto --profile-mb 16 --profile-repeats 3 --reprofile --heatmap bandwidth.png
     ringleader profile --label-keys topology.k8s.aws/network-node-layer-1,topology.k8s.aws/network-node-layer-2,topology.k8s.aws/network-node-layer-3
     ringleader profile --ec2-topology instance-topology.json   # `aws ec2 describe-instance-topology` output
+
+Without --address or RAY_ADDRESS it starts an embedded Ray and measures this machine only.
 
 The output is the measured topology (topology/model.py's MEASURED_FORMAT):
 ``ringleader plan --topology topology.json`` places ranks on it.
@@ -13,11 +15,11 @@ from __future__ import annotations
 
 import argparse
 import io
-import logging
 import os
 import sys
 
-from launcher.commands.run import check_reachable
+from launcher.commands.options import add_cluster_arguments, add_profile_arguments, check_profile_arguments, setup_logging
+from launcher.runtime.attach import attach
 from launcher.runtime.controller import default_profile_cache
 from topology.errors import ConfigError
 from topology.hierarchy import INSTANCE_ID_LABEL, ec2_instances, network_nodes_from_ec2, network_nodes_from_labels
@@ -26,13 +28,9 @@ from topology.profile import ProfileError, profile_cluster
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--address", help="the head's GCS host:port (default: RAY_ADDRESS, else a Ray started on this machine)")
+    add_cluster_arguments(parser)
     parser.add_argument("-o", "--output", default="topology.json", metavar="FILE", help="measured topology, JSON or YAML by suffix (default topology.json)")
-    parser.add_argument("--transfer-mb", type=float, default=64.0, metavar="MB", help="size of each timed message, MiB (default 64)")
-    parser.add_argument("--repeats", type=int, default=5, help="timed messages per direction; the median is kept (default 5)")
-    parser.add_argument("--reprofile", action="store_true", help="measure even if a profile of these nodes is cached")
-    parser.add_argument("--cache-dir", default=None, metavar="DIR", help=f"profile cache (default {default_profile_cache()})")
-    parser.add_argument("--timeout", type=float, default=300.0, metavar="S", help="longest wait for one measurement step (default 300)")
+    add_profile_arguments(parser)
     parser.add_argument("--heatmap", metavar="FILE.png", help="also draw the bandwidth matrix (PNG, SVG or PDF)")
     parser.add_argument("--label-keys", metavar="K1,K2,...",
                         help="node-label keys naming the network layers, top-down (e.g. topology.k8s.aws/network-node-layer-1,...-2,...-3)")
@@ -41,8 +39,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.transfer_mb <= 0 or args.repeats < 1 or args.timeout <= 0:
-        raise ConfigError("--transfer-mb, --repeats and --timeout must be positive")
+    check_profile_arguments(args)
     if os.path.isdir(args.output):
         raise ConfigError(f"-o {args.output} is a directory; give a file name such as {os.path.join(args.output, 'topology.json')}")
     if args.label_keys and args.ec2_topology:
@@ -52,21 +49,16 @@ def run(args: argparse.Namespace) -> int:
         ec2_instances(ec2, args.ec2_topology)  # check the file before measuring
     if args.heatmap and os.path.splitext(args.heatmap)[1].lower() not in (".png", ".svg", ".pdf"):
         raise ConfigError(f"--heatmap {args.heatmap}: give a .png, .svg or .pdf file name")
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s ringleader: %(message)s", datefmt="%H:%M:%S", stream=sys.stdout)
+    log = setup_logging()
     import ray
 
     import topology
 
-    address = args.address or os.environ.get("RAY_ADDRESS") or "auto"
-    if address != "auto":
-        check_reachable(address)
+    # The probe actors must import this same topology package on every node.
+    log.info("%s", attach(args.address, [topology], verbose=args.verbose))
     try:
-        # The probe actors must import this same topology package on every node.
-        ray.init(address=address, runtime_env={"py_modules": [topology]}, logging_level=logging.WARNING)
-    except ConnectionError as exc:
-        raise ConfigError(f"no Ray cluster to profile at {address!r} ({exc}); start one with `ray start --head` or pass --address") from None
-    try:
-        data = profile_cluster(args.transfer_mb, args.repeats, args.cache_dir or default_profile_cache(), args.reprofile, args.timeout)
+        data = profile_cluster(args.profile_mb, args.profile_repeats, args.profile_cache or default_profile_cache(),
+                               args.reprofile, args.profile_timeout)
     except ProfileError as exc:
         print(f"ringleader: error: {exc}", file=sys.stderr)
         return 1

@@ -28,10 +28,10 @@ import argparse
 import logging
 import os
 import signal
-import socket
 import sys
 from pathlib import Path
 
+from launcher.commands.options import add_cluster_arguments, add_profile_arguments, check_profile_arguments, setup_logging
 from launcher.recipe import Recipe
 from launcher.runtime.rundir import default_run_dir
 from topology.errors import ConfigError
@@ -41,17 +41,11 @@ log = logging.getLogger("ringleader")
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("recipe", help="recipe YAML (clusters/recipes/)")
-    parser.add_argument("--address", help="Ray cluster: the head's GCS host:port or ray://host:10001 "
-                        "(default: RAY_ADDRESS, as inside `ray job submit`; else an embedded local Ray)")
+    add_cluster_arguments(parser)
     parser.add_argument("--run-dir", help="run directory: a path every host mounts, or an object store URI such as "
                         "s3://BUCKET/runs/x (default: RECIPE's run_dir/NAME-TIMESTAMP); "
                         "rerunning with the same one skips finished stages and resumes the current one")
-    parser.add_argument("--reprofile", action="store_true", help="measure the network again even if a profile of these nodes is cached")
-    parser.add_argument("--profile-cache", metavar="DIR", help="where measured profiles are kept, keyed by node ids "
-                        "(default: ~/.cache/ringleader/profiles)")
-    parser.add_argument("--profile-mb", type=float, default=64.0, metavar="MIB",
-                        help="size of each timed message between two hosts (default: %(default)s; smaller on slow links)")
-    parser.add_argument("--profile-repeats", type=int, default=5, metavar="N", help="timed messages per host pair; the median counts (default: %(default)s)")
+    add_profile_arguments(parser)
     parser.add_argument("--dry-run", action="store_true", help="size the stages and print the plan; start nothing")
     parser.add_argument("--topology", help="with --dry-run: a topology preset name or file instead of the live cluster")
     parser.add_argument("--strategy", default="aware", choices=("aware", "naive", "random"), help="placement strategy (default: aware)")
@@ -76,7 +70,8 @@ def run(args: argparse.Namespace) -> int:
     from launcher.runtime.controller import Controller, ControllerOptions, StageFailed  # Ray, torch: not for --dry-run
     from launcher.runtime.watchdog import WatchdogPolicy
 
-    _setup_logging()
+    setup_logging()
+    check_profile_arguments(args)
     recipe = Recipe.load(args.recipe)
     if args.collective_timeout is not None:
         recipe.collective_timeout = args.collective_timeout
@@ -86,24 +81,26 @@ def run(args: argparse.Namespace) -> int:
         resource_timeout_s=args.resource_timeout, strategy=args.strategy,
         profile_cache=Path(args.profile_cache) if args.profile_cache else None,
         profile_transfer_mb=args.profile_mb, profile_repeats=args.profile_repeats, restart_from=args.restart_from,
+        profile_timeout_s=args.profile_timeout, verbose=args.verbose,
         watchdog=WatchdogPolicy() if args.watchdog_floor is None else WatchdogPolicy(floor_s=args.watchdog_floor),
     )
-    if not args.profile_mb > 0 or args.profile_repeats < 1:
-        raise ConfigError(f"--profile-mb ({args.profile_mb}) must be positive and --profile-repeats ({args.profile_repeats}) at least 1")
     check_run_dir(recipe, options)
     import ray
 
-    connect(args.address, recipe)
+    connect(args.address, recipe, args.verbose)
+    controller = Controller(recipe, options)
     previous = signal.signal(signal.SIGTERM, _terminate)  # `ray job stop`: unwind, so placement groups and requests are released
     try:
-        Controller(recipe, options).run_all()
+        controller.run_all()
     except StageFailed as exc:
         print(f"ringleader: error: {exc}", file=sys.stderr)
         return 1
     finally:
         signal.signal(signal.SIGTERM, previous)
         ray.shutdown()
-    log.info("run finished: %s", options.run_dir)
+    log.info("run finished: %s", controller.run_dir.root)
+    for line in controller.where():
+        log.info("%s", line)
     return 0
 
 
@@ -146,60 +143,22 @@ def _seconds(text: str) -> float:
         raise argparse.ArgumentTypeError(f"{text!r} is not a finite number of seconds > 0") from exc
 
 
-def connect(address: str | None, recipe: Recipe | None) -> None:
-    """``ray.init`` on the given cluster, the job's cluster, or an embedded local one.
+def connect(address: str | None, recipe: Recipe | None, verbose: bool = False) -> None:
+    """Join the named cluster or start an embedded one sized for ``recipe`` (``launcher.runtime.attach``;
+    None: no rank slots, e.g. for ``ringleader data prepare``)."""
+    import launcher
+    import topology
+    import trainer
+    from launcher.runtime.attach import attach
 
-    An address is probed with a plain TCP connect first: ``ray.init`` on an
-    unreachable address retries for minutes before it gives up.
-    """
-    import ray
+    # Embedded: one logical CPU per rank at the widest stage (ranks run on CPU when the machine
+    # has fewer GPUs than the recipe asks for), plus one for the driver's tasks.
+    import torch
 
-    target = address or os.environ.get("RAY_ADDRESS")
-    if target and target not in ("auto", "local"):
-        check_reachable(target)
-    kwargs = {"logging_level": logging.WARNING}
-    if address:
-        import launcher
-        import topology
-        import trainer
-
-        # Workers on a cluster the driver only connects to must run this same code.
-        ray.init(address=address, runtime_env={"py_modules": [launcher, topology, trainer]}, **kwargs)
-    elif target:
-        ray.init(**kwargs)
-    else:
-        # One logical CPU per rank at the widest stage (ranks run on CPU when the
-        # machine has fewer GPUs than the recipe asks for), plus one for the driver's tasks.
-        import torch
-
-        gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        peak = recipe.peak_gpus if recipe else 0
-        if 0 < gpus < peak:
-            log.info("this machine has %d GPU(s) and the recipe needs %d: ranks run on CPU", gpus, peak)
-        cpus = max(os.cpu_count() or 1, peak + 1)
-        ray.init(address="local", num_cpus=cpus, num_gpus=gpus if gpus >= peak else 0,
-                 include_dashboard=False, **kwargs)
-
-
-def check_reachable(address: str, timeout_s: float = 5.0) -> None:
-    """Raise ConfigError naming ``address`` if nothing accepts TCP connections there."""
-    hostport = address.split("://", 1)[-1].rstrip("/")
-    host, sep, port = hostport.rpartition(":")
-    if not sep or not port.isdigit():
-        raise ConfigError(f"Ray address {address!r} is not host:port; give the head's GCS address, e.g. 10.0.0.1:6379")
-    try:
-        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s):
-            pass
-    except OSError as exc:
-        reason = exc.strerror or type(exc).__name__
-        raise ConfigError(f"cannot reach a Ray cluster at {address} ({reason}); start one with `ray start --head` "
-                          "or fix --address / RAY_ADDRESS") from None
-
-
-def _setup_logging() -> None:
-    if not log.handlers:
-        handler = logging.StreamHandler(sys.stdout)
-        handler.setFormatter(logging.Formatter("%(asctime)s ringleader: %(message)s", "%H:%M:%S"))
-        log.addHandler(handler)
-        log.setLevel(logging.INFO)
-        log.propagate = False
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    peak = recipe.peak_gpus if recipe else 0
+    if 0 < gpus < peak and not (address or os.environ.get("RAY_ADDRESS")):
+        log.info("this machine has %d GPU(s) and the recipe needs %d: ranks run on CPU", gpus, peak)
+    cpus = max(os.cpu_count() or 1, peak + 1)
+    log.info("%s", attach(address, [launcher, topology, trainer], num_cpus=cpus,
+                          num_gpus=gpus if gpus >= peak else 0, verbose=verbose))

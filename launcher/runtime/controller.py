@@ -34,7 +34,6 @@ from launcher.runtime import identity, resources, rundir
 from launcher.runtime.lock import RunLock
 from launcher.runtime.watchdog import Watchdog, WatchdogPolicy
 from launcher.estimate.memory import model_shape
-from launcher.runtime.progress import StageProgress, format_seconds
 from launcher.recipe import Recipe
 from launcher.runtime.resources import ClusterView, ResourcesUnavailable
 from launcher.runtime.workers import PlacementFailed, WorkerFailure, WorkerGroup
@@ -45,6 +44,8 @@ from topology.profile import ProfileError, profile_cluster
 from trainer import storage
 from trainer.checkpoint import latest_step
 from trainer.config import DataConfig, StageConfig
+from trainer.progress import StageProgress, format_seconds
+from trainer.ranklog import rank_log_path
 
 log = logging.getLogger("ringleader")
 
@@ -86,6 +87,8 @@ class ControllerOptions:
     """tqdm bar (True), plain lines (False), or a bar only on a terminal (None)."""
     token_store: Path | None = None
     """Root of prepared token stores (default: ``tokens/`` beside the run directory, shared by runs)."""
+    verbose: bool = False
+    """Ranks' own output (DeepSpeed, warnings) on the console too, not only in their rank logs."""
 
 
 class Controller:
@@ -142,6 +145,10 @@ class Controller:
         self.run_dir = rundir.RunDir.create(self.run_dir.root, self.recipe.source)
         return identity.identities(configs)
 
+    def where(self) -> list[str]:
+        """Where a run's files are, stage by stage: the lines that end ``ringleader run``."""
+        return rundir.layout(self.run_dir.root, [c.output_dir for c in self.recipe.stage_configs(self.run_dir.root)])
+
     # ------------------------------------------------------------------ stage
     def run_stage(self, cfg: StageConfig, min_gpus: int | None = None) -> dict[str, Any]:
         """One stage with bounded retries; raises ``StageFailed`` when they run out."""
@@ -163,9 +170,10 @@ class Controller:
                     rundir.append_event(cfg.output_dir, event)
                     raise StageFailed(f"stage {cfg.name!r} failed after {attempt} attempt(s): {exc}") from None
                 retry = event  # recorded by the next attempt once it knows its world size
-                log.warning("stage %s: attempt %d failed (%s); %s; retry %d/%d from %s", cfg.name, attempt, exc,
+                log.warning("stage %s: attempt %d failed (%s); %s; retry %d/%d from %s%s", cfg.name, attempt, exc,
                             f"lost node(s) {', '.join(n[:12] for n in lost)}" if lost else "no host lost",
-                            attempt, self.recipe.max_retries, f"checkpoint step {resume}" if resume else "the start")
+                            attempt, self.recipe.max_retries, f"checkpoint step {resume}" if resume else "the start",
+                            f"; its log: {rank_log_path(cfg.output_dir, exc.rank)}" if isinstance(exc, WorkerFailure) else "")
             except ResourcesUnavailable as exc:
                 if retry is not None and not retry.get("recorded"):
                     rundir.append_event(cfg.output_dir, dict(retry, world_size=None))
@@ -192,7 +200,7 @@ class Controller:
         plan = self._plan(cfg, topo)
         self._write_stage_files(cfg, topo, plan)
         self._nodes = placement_nodes(plan, topo)
-        group = WorkerGroup.start(plan, self._nodes, view.bundle(), self.opt.placement_timeout_s)
+        group = WorkerGroup.start(plan, self._nodes, view.bundle(), self.opt.placement_timeout_s, stage=cfg.name)
         try:
             rundir.check_shared(self.run_dir.root, group.read_on_hosts)
             group.init_process_group(cfg.collective_timeout)
@@ -204,7 +212,7 @@ class Controller:
                     progress.update(metrics)
                     dog.step(metrics)
 
-                return group.run_stage(cfg.to_dict(), on_metrics, check=dog.check)
+                return group.run_stage(cfg.to_dict(), on_metrics, check=dog.check, verbose=self.opt.verbose)
         finally:
             group.shutdown()
 
@@ -216,7 +224,9 @@ class Controller:
         """The stage's data with its token store, tokenised on the cluster first if missing (before any rank starts)."""
         from trainer.data.prepare import STORE_DIR, ensure_prepared  # Ray Data: only once a stage runs
 
-        return ensure_prepared(cfg.data, cfg.model, self.opt.token_store or self.run_dir.root.parent / STORE_DIR)
+        if self.opt.token_store is None and storage.is_uri(self.run_dir.root):
+            return cfg.data  # the token store is a shared path; beside an object store run directory, ranks tokenise
+        return ensure_prepared(cfg.data, cfg.model, self.opt.token_store or Path(storage.parent(self.run_dir.root)) / STORE_DIR)
 
     # --------------------------------------------------------------- profile
     def _profile(self, view: ClusterView) -> Topology:

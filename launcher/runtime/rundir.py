@@ -10,19 +10,25 @@ writes its checkpoints and metrics into the same place)::
         topology.html               the topology and the plan's rings, drawn
         plan.json                   rank -> (host, gpu), groups, predicted cost
         stage.json                  the resolved StageConfig the ranks ran
-        metrics.jsonl               one JSON object per step (rank 0) and per retry (controller)
+        metrics.jsonl               one JSON object per step (rank 0, with every rank's max/min) and per retry
+        logs/rank-<k>.log           each rank's log: its own step figures, third-party output, warnings
+        tensorboard/                TensorBoard event files (``tensorboard --logdir RUN_DIR``)
         checkpoints/                resumable DeepSpeed checkpoints
           step<N>/manifest.json       a tag's files, sizes and checksums: written once every rank's are in
           latest                      the newest committed tag
         hf-step<N>-<id>/            the stage's model, input of the next stage
         hf                          points at it (a symlink; a one-line object on an object store)
+        niah/                       needle-in-a-haystack results, for a stage with ``niah:``
+        logs/rank-<k>.log           each rank's log (third-party output too, unless --verbose)
+        tensorboard/                event files (the recipe's ``tracking:``)
         done.json                   written last: the stage finished
 
 A run directory on shared storage (a path every host mounts, or an object
 store URI, see ``trainer.storage``) is what lets ranks on several hosts
 write one checkpoint and the next stage read it; ``check_shared`` proves it
-before a stage starts. Every file but the appended metrics.jsonl is written
-atomically (temporary name, then rename; an object is published whole).
+before a stage starts. Every file but the appended ones (metrics.jsonl, rank
+logs, event files) is written atomically (temporary name, then rename; an
+object is published whole).
 """
 
 from __future__ import annotations
@@ -37,11 +43,15 @@ from typing import Any, Callable
 from topology.errors import ConfigError
 from trainer import storage
 from trainer.progress import METRICS_JSONL
+from trainer.ranklog import LOGS_DIR
+from trainer.tracking import TENSORBOARD_DIR
 
 
 # Files of a stage directory (the stage's output_dir, see Recipe.stage_configs).
 TOPOLOGY_JSON, TOPOLOGY_HTML, PLAN_JSON, STAGE_JSON = "topology.json", "topology.html", "plan.json", "stage.json"
 DONE_JSON = "done.json"
+SHOWN = (TOPOLOGY_HTML, PLAN_JSON, METRICS_JSONL, LOGS_DIR, "checkpoints", "hf", TENSORBOARD_DIR, "niah")
+"""What ``layout`` lists of a stage directory, in this order, when present."""
 
 
 def default_run_dir(base: str | Path, recipe_name: str) -> str:
@@ -118,3 +128,27 @@ def check_shared(root: str, read_on_hosts: Callable[[str], dict[str, bytes | Non
                if storage.is_uri(root) else "mount one shared filesystem (NFS, EFS, FSx for Lustre) at this path on every "
                "host, or pass an object store URI such as --run-dir s3://BUCKET/runs/NAME")
         raise ConfigError(f"run directory {root} is not visible from host(s) {', '.join(blind)}; {fix}")
+
+
+def layout(root: str | Path, stage_dirs: list[str | Path]) -> list[str]:
+    """Where a run's files are: one line per stage with what it holds, then how to open TensorBoard.
+
+    ::
+
+        stage0-256: topology.html plan.json metrics.jsonl logs/ (2 ranks) checkpoints/ hf/ tensorboard/
+    """
+    lines = []
+    for d in map(Path, stage_dirs):
+        if not d.exists():
+            continue
+        shown = []
+        for name in SHOWN:
+            path = d / name
+            if path.is_dir():
+                shown.append(f"{name}/" + (f" ({len(list(path.glob('rank-*.log')))} ranks)" if name == LOGS_DIR else ""))
+            elif path.exists():
+                shown.append(name)
+        lines.append(f"  {d.name}: " + " ".join(shown))
+    if any((Path(d) / TENSORBOARD_DIR).is_dir() for d in stage_dirs):
+        lines.append(f"  tensorboard --logdir {root}")
+    return lines

@@ -10,7 +10,12 @@ Each actor then gets torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK,
 LOCAL_WORLD_SIZE, GROUP_RANK, MASTER_ADDR, MASTER_PORT) and, on GPU hosts,
 a CUDA_VISIBLE_DEVICES listing every GPU the stage holds on that host in
 local-rank order: NCCL needs to see its peers' GPUs for peer-to-peer copies,
-and ``cuda:LOCAL_RANK`` is then the GPU Ray gave this rank.
+and ``cuda:LOCAL_RANK`` is then the rank's planned GPU among those Ray gave
+the stage on that host.
+
+Actors are named ``<stage>/rank-<k>@<host>`` (the dashboard's actor list and
+each log line's prefix say which rank is which), and each writes its rank
+log ``<stage dir>/logs/rank-<k>.log`` (see ``trainer.ranklog``).
 """
 
 from __future__ import annotations
@@ -19,7 +24,6 @@ import logging
 import os
 import threading
 import time
-import warnings
 from dataclasses import asdict, dataclass, is_dataclass
 from typing import Any, Callable
 
@@ -52,12 +56,14 @@ class WorkerFailure(RuntimeError):
 class RankWorker:
     """A rank's process. Two threads: one runs the stage, one answers metric polls."""
 
-    def __init__(self) -> None:
+    def __init__(self, name: str = "") -> None:
         self._metrics: list[dict[str, Any]] = []
         self._lock = threading.Lock()
-        # DeepSpeed calls torch.distributed collectives that torch marks deprecated, on every
-        # step of every rank; the job log would hold little else.
-        warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed")
+        self._name = name
+
+    def __repr__(self) -> str:
+        """Ray prefixes this actor's log lines with it: ``(<stage>/rank-<k>@<host> pid=...)``."""
+        return self._name or "RankWorker"
 
     def describe(self) -> dict[str, Any]:
         ctx = ray.get_runtime_context()
@@ -104,13 +110,20 @@ class RankWorker:
         return {"rank": dist.get_rank(), "world_size": dist.get_world_size(), "env": {k: os.environ.get(k) for k in keys},
                 **self.describe()}
 
-    def run_stage(self, stage: dict[str, Any], plan: dict[str, Any]) -> dict[str, Any]:
-        from trainer.config import StageConfig
-        from trainer.stage import run_stage
+    def run_stage(self, stage: dict[str, Any], plan: dict[str, Any], verbose: bool = False) -> dict[str, Any]:
         import torch.distributed as dist
 
-        on_metrics = self._record if dist.get_rank() == 0 else None
-        result = run_stage(StageConfig.from_dict(stage), Plan.from_dict(plan), on_metrics=on_metrics)
+        from trainer import storage
+        from trainer.ranklog import rank_logging
+
+        rank = dist.get_rank()
+        # Before the trainer's imports: DeepSpeed and transformers speak as they load.
+        with rank_logging(storage.work_dir(stage["output_dir"]), rank, verbose=verbose):
+            from trainer.config import StageConfig
+            from trainer.stage import run_stage
+
+            on_metrics = self._record if rank == 0 else None
+            result = run_stage(StageConfig.from_dict(stage), Plan.from_dict(plan), on_metrics=on_metrics)
         return asdict(result) if is_dataclass(result) else dict(result)
 
     def _record(self, metrics: dict[str, Any]) -> None:
@@ -120,6 +133,23 @@ class RankWorker:
     def metrics(self, since: int) -> list[dict[str, Any]]:
         with self._lock:
             return self._metrics[since:]
+
+
+def actor_name(stage: str, rank: int, host: str) -> str:
+    """``<stage>/rank-<k>@<host>``: how the dashboard, ``ray list actors`` and the logs name a rank."""
+    return f"{stage}/rank-{rank}@{host}"
+
+
+def release_names(names: list[str], timeout_s: float = 30.0) -> None:
+    """Wait until Ray has let go of the names of killed actors (``ray.kill`` returns before it does)."""
+    deadline = time.monotonic() + timeout_s
+    for name in names:
+        while time.monotonic() < deadline:
+            try:
+                ray.get_actor(name)
+            except ValueError:
+                break
+            time.sleep(0.1)
 
 
 def rank_env(plan: Plan, rank: int, master_addr: str, master_port: int) -> dict[str, str]:
@@ -163,9 +193,11 @@ class WorkerGroup:
     workers: list[Any]
     envs: list[dict[str, str]]
     node_ids: list[str]
+    stage: str = "stage"
 
     @classmethod
-    def start(cls, plan: Plan, node_ids: list[str], bundle: dict[str, float], timeout_s: float = 120.0) -> "WorkerGroup":
+    def start(cls, plan: Plan, node_ids: list[str], bundle: dict[str, float], timeout_s: float = 120.0,
+              stage: str = "stage") -> "WorkerGroup":
         """Reserve one bundle per rank on ``node_ids[rank]``, start the actors, give them their env.
 
         Raises
@@ -175,7 +207,7 @@ class WorkerGroup:
         """
         pg = placement_group([dict(bundle)] * plan.world_size, strategy="PACK",
                              bundle_label_selector=[{NODE_ID_LABEL: n} for n in node_ids])
-        group = cls(plan, pg, [], [], list(node_ids))
+        group = cls(plan, pg, [], [], list(node_ids), stage)
         try:
             ready, _ = ray.wait([pg.ready()], timeout=timeout_s)
             if not ready:
@@ -193,14 +225,15 @@ class WorkerGroup:
 
     def _start_actors(self, bundle: dict[str, float], timeout_s: float) -> None:
         plan = self.plan
+        names = [actor_name(self.stage, r, plan.placements[r].host) for r in range(plan.world_size)]
         actors = [
             RankWorker.options(
-                num_cpus=bundle.get("CPU", 0), num_gpus=bundle.get("GPU", 0),
+                name=names[i], num_cpus=bundle.get("CPU", 0), num_gpus=bundle.get("GPU", 0),
                 scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=i),
-            ).remote()
+            ).remote(names[i])
             for i in range(plan.world_size)
         ]
-        self.workers = actors  # so shutdown() can reach them whatever happens next
+        self.workers = actors  # actor r is rank r (its name says so); shutdown() can reach them whatever happens next
         try:
             info = ray.get([a.describe.remote() for a in actors], timeout=timeout_s)
         except (GetTimeoutError, RayError) as exc:
@@ -208,15 +241,15 @@ class WorkerGroup:
         for i, d in enumerate(info):
             if d["node_id"] != self.node_ids[i]:
                 raise PlacementFailed(f"rank actor {i} runs on node {d['node_id'][:12]}, planned {self.node_ids[i][:12]}")
-        ordered: list[Any] = [None] * plan.world_size
+        # The GPU each rank drives: its planned one among those Ray gave the host's actors. Every
+        # rank of a host sees all of them (CUDA_VISIBLE_DEVICES below), so actor r can drive it.
         infos: list[dict[str, Any]] = [{}] * plan.world_size
         for host in plan.hosts:
             ranks = plan.ranks_on(host)  # bundle i was pinned for rank i, so these actors are on `host`
             pick = match_gpus(plan, ranks, [info[r]["gpu_ids"] for r in ranks])
             for r, k in zip(ranks, pick):
-                ordered[r], infos[r] = actors[ranks[k]], info[ranks[k]]
-        self.workers = ordered
-        master_port = ray.get(ordered[0].serve_rendezvous.remote(timeout_s), timeout=timeout_s)
+                infos[r] = info[ranks[k]]
+        master_port = ray.get(actors[0].serve_rendezvous.remote(timeout_s), timeout=timeout_s)
         self.envs = [rank_env(plan, r, infos[0]["ip"], master_port) for r in range(plan.world_size)]
         if bundle.get("GPU"):
             for host in plan.hosts:
@@ -237,11 +270,14 @@ class WorkerGroup:
         self._wait(refs, timeout_s, lambda: None)
 
     def run_stage(self, stage: dict[str, Any], on_metrics: Callable[[dict[str, Any]], None], poll_s: float = 0.5,
-                  check: Callable[[], None] | None = None) -> dict[str, Any]:
-        """Run the stage on every rank, passing rank 0's metrics to ``on_metrics`` as they come;
-        ``check`` is called after each poll and may raise (a ``WorkerFailure``) to end the attempt."""
+                  check: Callable[[], None] | None = None, verbose: bool = False) -> dict[str, Any]:
+        """Run the stage on every rank, passing rank 0's metrics to ``on_metrics`` as they come.
+
+        ``check`` is called after each poll and may raise (a ``WorkerFailure``) to end the attempt;
+        ``verbose`` leaves the ranks' stdout and stderr to Ray (the driver's console) as well as their logs.
+        """
         plan = self.plan.to_dict()
-        refs = [w.run_stage.remote(stage, plan) for w in self.workers]
+        refs = [w.run_stage.remote(stage, plan, verbose) for w in self.workers]
         seen = 0
 
         def drain() -> None:
@@ -295,6 +331,9 @@ class WorkerGroup:
                 ray.kill(w, no_restart=True)
             except Exception:  # noqa: BLE001 - already dead is fine
                 pass
+        if self.workers:
+            names = [actor_name(self.stage, r, p.host) for r, p in enumerate(self.plan.placements)]
+            release_names(names)  # a retry names its actors the same
         self.workers = []
         if self.pg is not None:
             try:
