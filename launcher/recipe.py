@@ -255,6 +255,8 @@ def _niah(raw: Any, base_dir: Path, where: str) -> dict[str, Any]:
 
 def _data(raw: Any, base_dir: Path, where: str, check_paths: bool = True) -> DataConfig:
     cfg = _build(DataConfig, raw, where)
+    if cfg.path is None:  # a generated corpus
+        return cfg
     path = Path(cfg.path)
     if not path.is_absolute():
         path = base_dir / path

@@ -209,7 +209,12 @@ def build_dataset(data_cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seq_
     Documents are ordered by a permutation seeded by ``(data_cfg.seed, seed)``;
     when one pass holds less than a sample, passes repeat (new order each).
     """
-    docs = read_documents(data_cfg.path, data_cfg.kind)
+    if data_cfg.synthetic is not None:
+        from trainer.synthetic import synthetic_documents
+
+        docs = synthetic_documents(data_cfg.synthetic)
+    else:
+        docs = read_documents(data_cfg.path, data_cfg.kind)
     if data_cfg.kind == "chat":
         pieces = [conversation_tokens(tokenizer, conv) for conv in docs]
         repeats = [1] * len(pieces)
