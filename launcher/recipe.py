@@ -296,6 +296,8 @@ def _niah(raw: Any, base_dir: Path, where: str) -> dict[str, Any]:
 
 
 def _resolve_data(cfg: DataConfig, base_dir: Path, where: str, check_paths: bool = True) -> None:
+    if cfg.path is None:  # a generated corpus (data.synthetic)
+        return
     path = Path(cfg.path)
     if not path.is_absolute():
         path = base_dir / path

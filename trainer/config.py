@@ -59,8 +59,11 @@ class ModelConfig:
 class DataConfig:
     """Where training samples come from."""
 
-    path: str
+    path: str | None = None
     """A directory or file of documents: .txt, .jsonl (field 'text' or 'messages') or .parquet."""
+    synthetic: dict[str, Any] | None = None
+    """Instead of ``path``: a corpus generated here, ``{retrieval: {...RetrievalCorpus fields}}``
+    (``trainer.synthetic``), the same on every rank."""
     kind: Literal["pretrain", "chat"] = "pretrain"
     """``pretrain``: pack documents to the sequence length (SlimPajama style);
     ``chat``: UltraChat-style message lists through the chat template."""
@@ -85,6 +88,12 @@ class DataConfig:
     def __post_init__(self) -> None:
         if self.restart_positions and not self.document_mask:
             raise ConfigError("data.restart_positions needs data.document_mask: true (positions restart per masked document)")
+        if (self.path is None) == (self.synthetic is None):
+            raise ConfigError("data: give exactly one of 'path' (documents on disk) or 'synthetic' (e.g. {retrieval: {documents: 3000}})")
+        if self.synthetic is not None:
+            from trainer.synthetic import corpus_spec
+
+            corpus_spec(self.synthetic)  # unknown generators and fields fail at load, before any rank starts
 
 
 @dataclass

@@ -116,7 +116,9 @@ def check_run_dir(recipe: Recipe, options: "ControllerOptions") -> None:
     """Before Ray starts: a run directory that holds other versions of the stages, or that a live run holds, is refused."""
     from launcher.runtime import identity, lock
 
-    root = Path(options.run_dir).resolve()
+    from trainer import storage
+
+    root = options.run_dir if storage.is_uri(options.run_dir) else Path(options.run_dir).resolve()
     identity.stages_to_redo(recipe.stage_configs(root), options.restart_from)
     lock.check_free(root)
 

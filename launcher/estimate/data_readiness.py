@@ -54,6 +54,9 @@ def readiness(recipe: Recipe, consumed: dict[str, int], root: str | Path) -> lis
     out = []
     for stage in recipe.stages:
         data = stage.data or recipe.data
+        if data.synthetic is not None:
+            out.append(Readiness(stage.name, data, consumed[stage.name], "generated on each rank (data.synthetic)"))
+            continue
         spec = PrepareSpec.of(data, recipe.model)
         if spec not in stores:
             stores[spec] = _store(spec, root)

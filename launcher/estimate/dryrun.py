@@ -236,7 +236,7 @@ def _notes(recipe: Recipe, reports: list[StageReport]) -> list[str]:
     notes = []
     paths = dict.fromkeys([recipe.data.path] + [r.stage.data.path for r in reports if r.stage.data])
     for path in paths:
-        if not Path(path).exists():
+        if path is not None and not Path(path).exists():
             notes.append(f"data {path} is not on this machine; each stage checks its data when it starts")
     for r in reports:
         if r.stage.niah:

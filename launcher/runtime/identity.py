@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from topology.errors import ConfigError
-from topology.model import write_atomic
+from trainer import storage
 from trainer.config import StageConfig
 
 IDENTITY_JSON = "identity.json"
@@ -63,16 +63,16 @@ def identities(configs: list[StageConfig]) -> list[Identity]:
 
 def recorded(stage_dir: str | Path) -> Identity | None:
     """The identity a stage directory was made with (None: the stage never started)."""
-    path = Path(stage_dir) / IDENTITY_JSON
-    if not path.is_file():
+    raw = storage.read_bytes(storage.join(str(stage_dir), IDENTITY_JSON))
+    if raw is None:
         return None
-    data = json.loads(path.read_text())
+    data = json.loads(raw)
     return Identity(data.get("settings", {}), data.get("fingerprint", ""))
 
 
 def record(stage_dir: str | Path, identity: Identity) -> None:
     """Write the stage's identity (before anything else of the stage is written)."""
-    write_atomic(Path(stage_dir) / IDENTITY_JSON, json.dumps(identity.to_dict(), indent=1, sort_keys=True) + "\n")
+    storage.write_bytes(storage.join(str(stage_dir), IDENTITY_JSON), json.dumps(identity.to_dict(), indent=1, sort_keys=True) + "\n")
 
 
 def changes(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
@@ -116,13 +116,16 @@ def stages_to_redo(configs: list[StageConfig], restart_from: str | None = None, 
             what = ", ".join(changes(old.settings, ident.settings)) or "a stage before it changed"
             raise ConfigError(f"stage {cfg.name!r} differs from the one run in {run_dir or Path(cfg.output_dir).parent} ({what}); "
                               f"rerun with --restart-from {cfg.name} to redo it and the stages after it, or use a new --run-dir")
-    return [i for i in range(start, len(configs)) if Path(configs[i].output_dir).exists()]
+    return [i for i in range(start, len(configs)) if storage.kind(configs[i].output_dir) != "missing"]
 
 
 def move_aside(run_dir: str | Path, stage_dirs: list[str | Path]) -> Path | None:
     """Move stage directories (and the old recipe.yaml) to ``RUN_DIR/replaced/TIMESTAMP/``; returns that folder."""
     if not stage_dirs:
         return None
+    if storage.is_uri(run_dir):
+        raise ConfigError(f"--restart-from moves earlier output aside, which an object store cannot do in one step; "
+                          f"start a new --run-dir instead of {run_dir}")
     dest = Path(run_dir) / REPLACED / time.strftime("%Y%m%d-%H%M%S")
     dest.mkdir(parents=True, exist_ok=True)
     old_recipe = Path(run_dir) / "recipe.yaml"

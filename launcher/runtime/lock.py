@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from topology.errors import ConfigError
+from trainer import storage
 
 log = logging.getLogger("ringleader")
 
@@ -93,7 +94,7 @@ def _job_alive(holder: Holder) -> bool | None:
 class RunLock:
     """The held lock of one run directory; ``release`` (or leaving the ``with`` block) removes it."""
 
-    def __init__(self, path: Path, holder: Holder):
+    def __init__(self, path: Path | None, holder: Holder):
         self.path, self.holder = path, holder
 
     @classmethod
@@ -105,9 +106,13 @@ class RunLock:
         ConfigError
             Another live run holds it (named, with how to stop it).
         """
+        me = Holder.me(job_id, cluster)
+        if storage.is_uri(run_dir):
+            # An object store has no create-if-absent here (pyarrow.fs), so no lock can be atomic there.
+            log.warning("run directory %s is on an object store: it is not locked; run one job on it at a time", run_dir)
+            return cls(None, me)
         path = Path(run_dir) / LOCK_FILE
         path.parent.mkdir(parents=True, exist_ok=True)
-        me = Holder.me(job_id, cluster)
         for _ in range(5):
             if _create(path, me):
                 return cls(path, me)
@@ -122,7 +127,7 @@ class RunLock:
 
     def release(self) -> None:
         """Remove the lock if it is still ours."""
-        if read_holder(self.path) == self.holder:
+        if self.path is not None and read_holder(self.path) == self.holder:
             self.path.unlink(missing_ok=True)
 
     def __enter__(self) -> "RunLock":
@@ -134,6 +139,8 @@ class RunLock:
 
 def check_free(run_dir: str | Path) -> None:
     """Raise the ``acquire`` error now if a live run holds ``run_dir`` (a check before Ray starts; takes nothing)."""
+    if storage.is_uri(run_dir):
+        return  # not lockable (see ``RunLock.acquire``)
     path = Path(run_dir) / LOCK_FILE
     held = read_holder(path)
     if held is not None and alive(held) is not False:

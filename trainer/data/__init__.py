@@ -22,10 +22,15 @@ __all__ = ["PackedDataset", "TokenStore", "build_dataset", "conversation_tokens"
 
 
 def load_store(data_cfg: DataConfig, tokenizer: PreTrainedTokenizerBase) -> TokenStore:
-    """The prepared store at ``data_cfg.store``, else ``data_cfg.path`` tokenised in this process."""
+    """The prepared store at ``data_cfg.store``, else ``data_cfg.path`` (or the generated corpus) tokenised here."""
     if data_cfg.store:
         return TokenStore.open(data_cfg.store, data_cfg.kind)
-    docs = read_documents(data_cfg.path, data_cfg.kind, data_cfg.on_bad_record)
+    if data_cfg.synthetic is not None:
+        from trainer.synthetic import synthetic_documents
+
+        docs = synthetic_documents(data_cfg.synthetic)
+    else:
+        docs = read_documents(data_cfg.path, data_cfg.kind, data_cfg.on_bad_record)
     return TokenStore.from_documents(tokenize_documents(tokenizer, docs, data_cfg.kind))
 
 

@@ -124,8 +124,11 @@ def prepare(spec: PrepareSpec, root: str | Path, workers: int | None = None, pro
 
 
 def ensure_prepared(data: DataConfig, model: ModelConfig, root: str | Path, workers: int | None = None) -> DataConfig:
-    """``data`` with ``store`` set, preparing the store first when it is missing (the launcher's hook)."""
-    if data.store:
+    """``data`` with ``store`` set, preparing the store first when it is missing (the launcher's hook).
+
+    A generated corpus (``data.synthetic``) has no store: each rank generates and tokenises it.
+    """
+    if data.store or data.synthetic is not None:
         return data
     result = prepare(PrepareSpec.of(data, model), root, workers=workers)
     log.info("data: %s", result.summary())

@@ -1,0 +1,73 @@
+"""The synthetic retrieval corpus: every question answerable from its own document, never the NIAH needle."""
+
+import json
+import re
+
+import pytest
+
+from topology.errors import ConfigError
+from trainer.config import DataConfig
+from trainer.synthetic import RetrievalCorpus, corpus_spec, retrieval_document, synthetic_documents, write_corpus
+
+FACT = re.compile(r"The ([a-z ]+) is: (\d+)\.")
+QUESTION = re.compile(r"What is the ([a-z ]+)\? The \1 is: (\d+)$")
+
+
+def test_every_question_asks_a_fact_planted_earlier_in_its_document():
+    spec = RetrievalCorpus(documents=200, chars=(40, 600), facts=(1, 3))
+    for i in range(spec.documents):
+        doc = retrieval_document(spec, i)
+        body, *questions = doc.rstrip("\n").split("\n")
+        facts = dict(FACT.findall(body))
+        assert 1 <= len(facts) <= 3 and len(questions) == len(facts)
+        asked = {}
+        for q in questions:
+            m = QUESTION.match(q)
+            assert m, q
+            asked[m.group(1)] = m.group(2)
+        assert asked == facts  # each fact asked once, with its own value
+        assert all(len(v) == spec.digits for v in facts.values())
+        assert "special magic number" not in doc  # the evaluation's needle is never trained on
+
+
+def test_documents_are_a_pure_function_of_seed_and_index():
+    spec = RetrievalCorpus(documents=5)
+    assert [retrieval_document(spec, i) for i in range(5)] == synthetic_documents({"retrieval": {"documents": 5}})
+    assert retrieval_document(spec, 0) != retrieval_document(RetrievalCorpus(seed=1), 0)
+    lengths = [len(retrieval_document(RetrievalCorpus(chars=(100, 100)), i).split("\n")[0]) for i in range(20)]
+    assert min(lengths) >= 100
+
+
+def test_write_corpus_is_cached_and_atomic(tmp_path):
+    path = tmp_path / "corpus.jsonl"
+    spec = RetrievalCorpus(documents=3)
+    write_corpus(path, spec)
+    first = path.stat().st_mtime_ns
+    write_corpus(path, spec)
+    assert path.stat().st_mtime_ns == first  # same options: kept
+    write_corpus(path, RetrievalCorpus(documents=4))
+    assert len(path.read_text().splitlines()) == 4
+    assert json.loads(path.read_text().splitlines()[0])["text"] == retrieval_document(RetrievalCorpus(documents=4), 0)
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+@pytest.mark.parametrize("raw, words", [
+    ({"retrieval": {"documents": 0}}, "out of range"),
+    ({"retrieval": {"chars": [500, 100]}}, "out of range"),
+    ({"retrieval": {"colour": 1}}, "unknown option"),
+    ({"haystack": {}}, "known: retrieval"),
+    ("retrieval", "give one generator"),
+])
+def test_bad_synthetic_options_are_one_line(raw, words):
+    with pytest.raises(ConfigError, match=words) as info:
+        corpus_spec(raw)
+    assert "\n" not in str(info.value)
+    with pytest.raises(ConfigError):
+        DataConfig(synthetic=raw)
+
+
+def test_data_takes_a_path_or_a_generated_corpus_not_both():
+    with pytest.raises(ConfigError, match="exactly one of 'path'"):
+        DataConfig(path="x", synthetic={"retrieval": {}})
+    with pytest.raises(ConfigError, match="exactly one of 'path'"):
+        DataConfig()
