@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Callable
 
-from topology.cost import LLAMA3_8B, FlowModel, ModelShape, estimate
+from topology.cost import LLAMA3_8B, FlowModel, HardwareRates, ModelShape, estimate
 from topology.errors import ConfigError
 from topology.model import Topology
 from topology.plan import GroupLayout, Plan, RankPlacement
@@ -80,6 +80,7 @@ def make_plan(
     hosts: list[str] | None = None,
     model: ModelShape = LLAMA3_8B,
     flows: FlowModel | None = None,
+    rates: HardwareRates | None = None,
 ) -> Plan:
     """Place ``gpus`` ranks in rings of ``cp`` GPUs on ``topo``.
 
@@ -103,6 +104,8 @@ def make_plan(
         Restrict to these hosts (e.g. the ones Ray gave), in Ray's order.
     flows
         A ``FlowModel`` of ``topo`` to share path caches between plans.
+    rates
+        ``HardwareRates`` of the cost model (``HardwareRates.from_calibration``); default: the bare peak model.
 
     Returns
     -------
@@ -123,7 +126,7 @@ def make_plan(
         data = topo.graph.nodes[host]
         placements.append(RankPlacement(rank, host, topo.graph.nodes[gpu]["index"], data.get("node_id"), data.get("ip")))
     plan = Plan(strategy, gpus // cp, cp, ulysses, seq_len, placements, topology=topo.name)
-    plan.cost = estimate(plan, topo, model, flows=req.flows).to_dict()
+    plan.cost = estimate(plan, topo, model, flows=req.flows, rates=rates).to_dict()
     return plan
 
 

@@ -48,6 +48,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--profile-repeats", type=int, default=5, metavar="N", help="timed messages per host pair; the median counts (default: %(default)s)")
     parser.add_argument("--dry-run", action="store_true", help="size the stages and print the plan; start nothing")
     parser.add_argument("--topology", help="with --dry-run: a topology preset name or file instead of the live cluster")
+    parser.add_argument("--calibration", metavar="FILE", help="achieved rates for the cost model (`ringleader calibrate -o FILE`); "
+                        "default: published achieved figures for the GPU")
     parser.add_argument("--strategy", default="aware", choices=("aware", "naive", "random"), help="placement strategy (default: aware)")
     parser.add_argument("--resource-timeout", type=float, default=600.0, metavar="S",
                         help="seconds to wait for a stage's GPUs to appear (autoscaler or replacement host)")
@@ -59,17 +61,22 @@ def run(args: argparse.Namespace) -> int:
     if args.dry_run:
         from launcher.estimate.dryrun import dry_run
 
-        return dry_run(Recipe.load(args.recipe, check_paths=False), args.topology)
+        return dry_run(Recipe.load(args.recipe, check_paths=False), args.topology, calibration=args.calibration)
     from launcher.runtime.controller import Controller, ControllerOptions, StageFailed  # Ray, torch: not for --dry-run
 
     _setup_logging()
     recipe = Recipe.load(args.recipe)
     check_model(recipe)
+    if args.calibration:
+        from topology.calibration import Calibration
+
+        Calibration.load(args.calibration)  # a bad file fails here, before Ray starts
     options = ControllerOptions(
         run_dir=args.run_dir or default_run_dir(recipe.run_dir, recipe.name), reprofile=args.reprofile,
         resource_timeout_s=args.resource_timeout, strategy=args.strategy,
         profile_cache=Path(args.profile_cache) if args.profile_cache else None,
         profile_transfer_mb=args.profile_mb, profile_repeats=args.profile_repeats,
+        calibration=Path(args.calibration) if args.calibration else None,
     )
     if not args.profile_mb > 0 or args.profile_repeats < 1:
         raise ConfigError(f"--profile-mb ({args.profile_mb}) must be positive and --profile-repeats ({args.profile_repeats}) at least 1")
