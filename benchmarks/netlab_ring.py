@@ -22,12 +22,14 @@ Inside an existing lab (the head's namespace) the measuring half runs alone::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
@@ -76,14 +78,32 @@ def on_declared(plan: Plan, declared: Topology) -> float:
     return estimate(mapped, declared).ring_comm_fwd_s
 
 
+def ring_size(measured: Topology, declared: Topology | None) -> int:
+    """GPUs per ring: one leaf's worth, from the lab's declared layout when there is one.
+
+    The leaves inferred from a profile (``topology.switches``) follow the
+    measured bandwidths; under load one slow pair can leave a host in a leaf
+    of its own, which made rings of one rank, and a rank "sending" to itself
+    is what gloo rejects with "Pair is not connected". The ring size is the
+    experiment's setting, so it comes from what the lab was built as.
+    """
+    topo = declared if declared is not None else measured
+    leaves: dict[str, list[str]] = {}
+    for h in topo.hosts:
+        if topo.gpus(h):
+            leaves.setdefault(topo.leaf_of(h), []).append(h)
+    per_host = len(measured.gpus(measured.hosts[0]))
+    cp = min(len(v) for v in leaves.values()) * per_host
+    if cp < 2:
+        raise SystemExit(f"netlab_ring: a leaf of {topo.name} holds one GPU, so rings would have one rank; "
+                         "pass --declared with the lab's layout or build leaves of two hosts or more")
+    return cp
+
+
 def measure(measured: dict[str, Any], kv_tokens: int, steps: int, declared: Topology | None) -> dict[str, Any]:
     """Plan both orders on the measured topology, run them, and compare with the predictions."""
     topo = Topology.from_measured(measured)
-    leaves = {}
-    for h in topo.hosts:
-        leaves.setdefault(topo.leaf_of(h), []).append(h)
-    per_host = len(topo.gpus(topo.hosts[0]))
-    cp = min(len(v) for v in leaves.values()) * per_host
+    cp = ring_size(topo, declared)
     world = cp * (topo.num_gpus // cp)
     out: dict[str, Any] = {"cp": cp, "world_size": world, "kv_tokens": kv_tokens, "steps": steps}
     for strategy in ("aware", "naive"):
@@ -149,8 +169,11 @@ def outside(args: argparse.Namespace) -> int:
     except LabUnavailable as exc:
         print(f"netlab_ring: {exc}", file=sys.stderr)
         return 2
-    with lab, tempfile.TemporaryDirectory(prefix="rlab-bench-") as tmp:
-        print(f"lab: {len(lab.hosts)} hosts, {args.host_mbit:g} Mbit/s host links, {args.uplink_mbit:g} Mbit/s uplinks", flush=True)
+    with lab, tempfile.TemporaryDirectory(prefix="rlab-bench-") as tmp, cpu_neighbour(args.neighbour):
+        # The neighbour (when asked for) runs from before the profile to after the last ring step, so the
+        # profile the predictions are made from is measured under the same load as the rings it predicts.
+        print(f"lab: {len(lab.hosts)} hosts, {args.host_mbit:g} Mbit/s host links, {args.uplink_mbit:g} Mbit/s uplinks"
+              + (", a CPU-bound neighbour running" if args.neighbour else ""), flush=True)
         profile, decl = Path(tmp) / "topology.json", Path(tmp) / "declared.yaml"
         declared.save(decl)
         prof = lab.run(["python", "-m", "launcher", "profile", "--address", lab.address, "-o", str(profile),
@@ -160,6 +183,20 @@ def outside(args: argparse.Namespace) -> int:
                         "--declared", str(decl), "--kv-tokens", str(args.kv_tokens), "--steps", str(args.steps)])
         print(done.stdout)
     return 0
+
+
+@contextlib.contextmanager
+def cpu_neighbour(on: bool) -> Iterator[None]:
+    """A process that keeps one core busy for the duration (another job on the machine), or nothing."""
+    if not on:
+        yield
+        return
+    proc = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        yield
+    finally:
+        proc.kill()
+        proc.wait()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -174,6 +211,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--uplink-mbit", type=float, default=200.0)
     parser.add_argument("--kv-tokens", type=int, default=512, help="tokens per rank whose K/V block travels each step (4 KiB each)")
     parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--neighbour", action="store_true",
+                        help="keep one core busy with another process through profile and measurement (a loaded machine)")
     args = parser.parse_args(argv)
     return inside(args) if args.address else outside(args)
 

@@ -113,3 +113,19 @@ def test_dry_run_prints_ranges_and_their_source(tmp_path, capsys):
 
     (h, lo, hi), (sh, slo, shi) = hours(out), hours(slow)
     assert lo < h < hi and slo < sh < shi and sh > 1.5 * h
+
+
+def test_a_ring_of_one_is_refused_before_gloo_sees_a_send_to_itself():
+    """gloo has no pair from a rank to itself: a ring of one used to fail inside it with "Pair is not connected"."""
+    import torch.distributed as dist
+
+    from ray_utils import free_port
+    from topology import bandwidth
+
+    store = dist.TCPStore("127.0.0.1", free_port(), 1, True)
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    try:
+        with pytest.raises(ValueError, match="at least two distinct ranks"):
+            bandwidth.ring_step_seconds([0], 4096, 1, bandwidth.device_for("gloo"))
+    finally:
+        dist.destroy_process_group()
