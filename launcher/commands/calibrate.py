@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+from dataclasses import asdict
 import os
 from datetime import datetime, timezone
 from pathlib import Path
@@ -70,8 +71,8 @@ def summary(cal: Any) -> str:
     return "\n".join(lines)
 
 
-def shapes(recipe_path: str, stage_name: str | None) -> tuple[Any, Any, int]:
-    """(model shape, stage, tokens per rank) from a recipe."""
+def shapes(recipe_path: str, stage_name: str | None) -> tuple[Any, Any, int, dict[str, Any]]:
+    """(model shape, stage, tokens per rank, model config as a dict) from a recipe."""
     from launcher.estimate.memory import model_shape
     from launcher.recipe import Recipe
 
@@ -82,7 +83,7 @@ def shapes(recipe_path: str, stage_name: str | None) -> tuple[Any, Any, int]:
     stage = stages[stage_name] if stage_name else recipe.stages[-1]
     shape, _ = model_shape(recipe.model)
     cp = stage.gpus // stage.batch if isinstance(stage.batch, int) else stage.gpus
-    return shape, stage, stage.seq_len // cp
+    return shape, stage, stage.seq_len // cp, asdict(recipe.model)
 
 
 def calibrate_live(args: argparse.Namespace) -> Any:
@@ -90,7 +91,7 @@ def calibrate_live(args: argparse.Namespace) -> Any:
 
     from launcher.commands.run import check_reachable
 
-    shape, stage, tokens = shapes(args.recipe, args.stage)
+    shape, stage, tokens, model_cfg = shapes(args.recipe, args.stage)
     target = args.address or os.environ.get("RAY_ADDRESS")
     if target and target not in ("auto", "local"):
         check_reachable(target)
@@ -111,14 +112,14 @@ def calibrate_live(args: argparse.Namespace) -> Any:
         gpus = int(ray.cluster_resources().get("GPU", 0))
         ranks = gpus if gpus else (args.ranks or stage.gpus)
         cluster = "local Ray" if not target else target
-        return measure_on_ray(shape, tokens, ranks, use_gpus=bool(gpus), repeats=args.repeats, cluster=cluster)
+        return measure_on_ray(shape, tokens, ranks, use_gpus=bool(gpus), repeats=args.repeats, cluster=cluster, model_cfg=model_cfg)
     finally:
         if started:
             ray.shutdown()
 
 
 def measure_on_ray(shape: Any, tokens: int, ranks: int, use_gpus: bool, repeats: int, cluster: str,
-                   timeout_s: float = 600.0) -> Any:
+                   model_cfg: dict[str, Any] | None = None, timeout_s: float = 600.0) -> Any:
     """Start ``ranks`` actors, join them in one group ordered by host, measure, and build a Calibration."""
     import ray
 
@@ -137,7 +138,7 @@ def measure_on_ray(shape: Any, tokens: int, ranks: int, use_gpus: bool, repeats:
              "joining the calibration group")
         spec = {"tokens": tokens, "hidden": shape.hidden, "intermediate": getattr(shape, "intermediate", 4 * shape.hidden),
                 "n_q": shape.n_q_heads, "n_kv": shape.n_kv_heads, "head_dim": shape.head_dim, "layers": shape.layers,
-                "hosts": hosts, "repeats": repeats}
+                "hosts": hosts, "repeats": repeats, "model": model_cfg, "params": shape.params}
         results = _get([a.measure.remote(spec) for a in actors], timeout_s, "measuring")
         _get([a.leave.remote() for a in actors], timeout_s, "leaving the group")
     finally:
@@ -169,7 +170,7 @@ def build(results: list[dict[str, Any]], source: str, device: str, meta: dict[st
         attn_bwd_tflops=figure(pooled("attn_bwd"), f"{how}: ring attention block kernel backward"),
         network_efficiency=one,
         bus_efficiency=one,
-        step_overhead_s=figure(pooled("overhead"), f"{how}: DeepSpeed ZeRO-3 step of a tiny model"),
+        step_overhead_s=figure(pooled("overhead"), f"{how}: DeepSpeed ZeRO-3 step of the model on 16 tokens"),
         layer_overhead_s=figure(pooled("layer_overhead"), f"{how}: one ring step of a one-token block"),
         inter_host_gbps=figure(pooled("inter"), f"{how}: every ring hop sending at once, host to host"),
         intra_host_gbps=figure(pooled("intra"), f"{how}: every ring hop sending at once, inside a host"),
@@ -197,7 +198,8 @@ def measure_rank(spec: dict[str, Any], device: Any) -> dict[str, list[float]]:
         small = bandwidth.ring_step_seconds(list(range(dist.get_world_size())), 64, reps, device)
         out["layer_overhead"] = [3 * s for s in small]  # one forward and about two backward messages per layer step
     out["bus"] = measure.bus_gbps(16 * 2**20, reps, device)
-    out["overhead"] = measure.step_overhead_s(spec["hidden"], spec["layers"], device, repeats=reps)
+    out["overhead"] = measure.step_overhead_s(spec["hidden"], spec["layers"], device, repeats=reps,
+                                              model_cfg=spec.get("model"), params=spec.get("params", 0))
     return out
 
 

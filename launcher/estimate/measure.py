@@ -10,7 +10,7 @@ figure is taken under the load of all ranks working together, as in a step:
 - ``ring_hops``: every rank sends a K/V-sized block to the next rank of one ring
   at once (``topology.bandwidth.ring_step_seconds``), split by in-host / host-to-host hop;
 - ``bus_gbps``: all-reduce and reduce-scatter bus bandwidth (NCCL tests' busbw);
-- ``step_overhead_s``: a DeepSpeed ZeRO step of a tiny model, whose compute is negligible.
+- ``step_overhead_s``: a DeepSpeed ZeRO step of the model on 16 tokens, whose compute is negligible.
 
 Each returns samples; ``topology.calibration.Figure`` ranges are taken over
 ranks and repeats (``figure``).
@@ -108,27 +108,54 @@ def bus_gbps(nbytes: int, repeats: int, device: torch.device) -> list[float]:
     return [size / s / 1e9 * 2 * (n - 1) / n for s in ar] + [size / s / 1e9 * (n - 1) / n for s in rs]
 
 
-def step_overhead_s(hidden: int, layers: int, device: torch.device, zero_stage: int = 3, repeats: int = 5) -> list[float]:
-    """Seconds of a DeepSpeed ZeRO step (forward, backward, optimizer) of a tiny MLP on one token per rank.
+SMALL_MODEL = 1_000_000_000
+"""Models up to this many parameters are stepped as themselves; larger ones as an MLP of their width."""
 
-    Its compute is negligible, so what is left is the fixed work of every step:
-    parameter gathers, gradient reduction, the optimizer, engine bookkeeping.
+
+def step_overhead_s(hidden: int, layers: int, device: torch.device, zero_stage: int = 3, repeats: int = 5,
+                    model_cfg: dict[str, Any] | None = None, params: int = 0) -> list[float]:
+    """Seconds of a DeepSpeed ZeRO step (forward, backward, optimizer) on 16 tokens per rank.
+
+    At 16 tokens the compute is negligible, so what is left is the fixed work
+    of every step: parameter gathers, gradient reduction, the optimizer, the
+    model's per-layer Python and launches, engine bookkeeping. The recipe's
+    own model (``model_cfg``, built by ``trainer.modeling.build_model``) is
+    stepped when it has at most ``SMALL_MODEL`` parameters; a larger one is
+    stood in for by an MLP of its width and depth.
     """
     import deepspeed
 
     torch.manual_seed(0)
-    model = torch.nn.Sequential(*[torch.nn.Linear(hidden, hidden) for _ in range(layers)]).to(device)
+    hf = model_cfg is not None and 0 < params <= SMALL_MODEL
+    if hf:
+        from trainer.config import ModelConfig
+        from trainer.modeling import build_model
+        from trainer.tokenizer import load_tokenizer
+
+        mc = ModelConfig(**model_cfg)
+        model = build_model(mc, mc.base_theta, 16, tokenizer=load_tokenizer(mc, None)).to(device)
+    else:
+        model = torch.nn.Sequential(*[torch.nn.Linear(hidden, hidden) for _ in range(layers)]).to(device)
     config = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1,
               "optimizer": {"type": "AdamW", "params": {"lr": 1e-5, "torch_adam": True}},
-              "zero_optimization": {"stage": zero_stage}, "steps_per_print": 10**9}
+              "zero_optimization": {"stage": zero_stage}, "gradient_clipping": 1.0, "steps_per_print": 10**9}
     if device.type == "cuda":
         config["bf16"] = {"enabled": True}
     engine, *_ = deepspeed.initialize(model=model, model_parameters=list(model.parameters()), config=config,
                                       dist_init_required=False)
-    x = torch.randn(1, hidden, device=device, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)
+    if hf:
+        ids = torch.randint(0, model.config.vocab_size, (1, 16), device=device)
+
+        def forward() -> torch.Tensor:
+            return engine(input_ids=ids, labels=ids).loss
+    else:
+        x = torch.randn(1, hidden, device=device, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)
+
+        def forward() -> torch.Tensor:
+            return engine(x).float().sum()
 
     def step() -> None:
-        loss = engine(x).float().sum()
+        loss = forward()
         engine.backward(loss)
         engine.step()
 
