@@ -21,9 +21,10 @@ def test_calibrate_on_two_hosts_writes_sane_positive_figures(tmp_path, capsys):
 
     out = tmp_path / "cal.json"
     with local_cluster(hosts=2, gpus_per_host=0, cpus_per_host=1) as lc:
-        assert main(["calibrate", "--address", lc.address, "--ranks", "2", "--repeats", "2", "-o", str(out)]) == 0
+        address = lc.address
+        assert main(["calibrate", "--address", address, "--ranks", "2", "--repeats", "2", "-o", str(out)]) == 0
     cal = Calibration.load(out)
-    assert cal.calibrated and cal.source.startswith(f"calibrated on {lc.address} at ") and cal.device == "cpu"
+    assert cal.calibrated and cal.source.startswith(f"calibrated on {address} at ") and cal.device == "cpu"
     assert cal.meta["ranks"] == 2 and cal.meta["hosts"] == 2  # one rank per host: the ring's hops cross hosts
     for name in ("gemm_tflops", "attn_fwd_tflops", "attn_bwd_tflops", "inter_host_gbps", "step_overhead_s"):
         f = getattr(cal, name)
