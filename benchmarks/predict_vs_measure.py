@@ -94,8 +94,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="three configurations instead of all")
     parser.add_argument("--steps", type=int, default=5, help="optimizer steps per stage (the first is not timed)")
     parser.add_argument("--repeats", type=int, default=5, help="repeats of each calibration measurement")
+    parser.add_argument("--save-dir", help="keep each ring size's calibration file here")
     args = parser.parse_args(argv)
 
+    from launcher.commands.calibrate import summary
     from launcher.estimate.fit import predict_stage
     from topology.cost import HardwareRates
 
@@ -104,6 +106,10 @@ def main(argv: list[str] | None = None) -> int:
     for c in sorted({c for c, _, _ in configs}):
         mine = [(s, u) for cc, s, u in configs if cc == c]
         cal = calibrate(c, max(s for s, _ in mine) // c, args.repeats)
+        print(summary(cal), flush=True)
+        if args.save_dir:
+            Path(args.save_dir).mkdir(parents=True, exist_ok=True)
+            cal.save(Path(args.save_dir) / f"calibration-c{c}.json")
         rates = HardwareRates.from_calibration(cal)
         for seq, u in mine:
             measured, cfg, plan = measure(c, seq, u, args.steps)

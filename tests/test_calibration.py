@@ -129,3 +129,22 @@ def test_a_ring_of_one_is_refused_before_gloo_sees_a_send_to_itself():
             bandwidth.ring_step_seconds([0], 4096, 1, bandwidth.device_for("gloo"))
     finally:
         dist.destroy_process_group()
+
+
+def test_overlap_and_recompute_enter_the_step():
+    """Without overlap a ring step is transfer plus compute; activation checkpointing runs the forward ring again."""
+    from topology.cost import estimate
+
+    topo = load_topology("g6e-4x")
+    plan = make_plan(topo, 32, 32, seq_len=32 * 4096)
+    hidden = estimate(plan, topo, rates=HardwareRates(overlap=1.0))
+    serial = estimate(plan, topo, rates=HardwareRates(overlap=0.0))
+    assert hidden.ring_step_fwd_s == pytest.approx(max(hidden.ring_comm_fwd_s, hidden.ring_compute_fwd_s))
+    assert serial.ring_step_fwd_s == pytest.approx(serial.ring_comm_fwd_s + serial.ring_compute_fwd_s)
+    again = estimate(plan, topo, recompute=True)
+    fwd_ring = LAYERS * (hidden.ring_compute_fwd_s + 31 * hidden.ring_step_fwd_s)
+    assert again.attention_s == pytest.approx(hidden.attention_s + fwd_ring)
+    assert again.dense_compute_s == pytest.approx(hidden.dense_compute_s * 8 / 6)
+
+
+LAYERS = 32

@@ -80,12 +80,14 @@ class Calibration:
     """Measured GB/s of one host-to-host ring hop with every hop busy (None: from the topology)."""
     intra_host_gbps: Figure | None = None
     """Measured GB/s of one in-host ring hop with every hop busy (None: from the topology)."""
+    overlap: Figure | None = None
+    """Fraction of a ring step's shorter part (transfer or compute) that hides behind the longer (None: 1)."""
     meta: dict[str, Any] = field(default_factory=dict)
     """How it was measured: shapes, sizes, repeats, the cluster; kept for the record."""
 
     FIGURES = ("gemm_tflops", "attn_fwd_tflops", "attn_bwd_tflops", "network_efficiency", "bus_efficiency",
-               "step_overhead_s", "layer_overhead_s", "inter_host_gbps", "intra_host_gbps")
-    OPTIONAL = ("layer_overhead_s", "inter_host_gbps", "intra_host_gbps")
+               "step_overhead_s", "layer_overhead_s", "inter_host_gbps", "intra_host_gbps", "overlap")
+    OPTIONAL = ("layer_overhead_s", "inter_host_gbps", "intra_host_gbps", "overlap")
 
     @property
     def calibrated(self) -> bool:
@@ -145,7 +147,7 @@ class Calibration:
                 if name in cls.OPTIONAL:
                     continue
                 raise ConfigError(f"{where}: figure {name!r} is missing; calibrate again or add it")
-            kw[name] = _figure(figs[name], f"{where}: {name}", zero_ok=name.endswith("overhead_s"))
+            kw[name] = _figure(figs[name], f"{where}: {name}", zero_ok=name.endswith("overhead_s") or name == "overlap")
         meta = data.get("meta", {})
         if not isinstance(meta, dict):
             raise ConfigError(f"{where}: \"meta\" must be an object")

@@ -155,11 +155,14 @@ class StepModel:
     zero_stage
         3: parameters all-gathered and gradients reduce-scattered (3 x params
         moved); otherwise an all-reduce (2 x).
+    recompute
+        Activation checkpointing: every layer's forward runs again in backward.
     """
 
     def __init__(self, topo: Topology, dp: int, ring: int, ulysses: int, seq_len: int, model: ModelShape = LLAMA3_8B,
-                 flows: FlowModel | None = None, rates: "HardwareRates | None" = None, zero_stage: int = 3):
-        self.topo, self.model = topo, model
+                 flows: FlowModel | None = None, rates: "HardwareRates | None" = None, zero_stage: int = 3,
+                 recompute: bool = False):
+        self.topo, self.model, self.recompute = topo, model, recompute
         self.flows = flows or FlowModel(topo)
         self.rates = rates = rates or HardwareRates()
         self.dp, self.ring, self.ulysses, self.seq_len = dp, ring, ulysses, seq_len
@@ -174,7 +177,7 @@ class StepModel:
         self.bytes_fwd = 2 * c * n_kv * model.head_dim * rates.dtype_bytes
         flops_fwd = 4 * rates.zigzag_a * c * c * n_q * model.head_dim
         self.comp_fwd, self.comp_bwd = flops_fwd / attn_fwd, rates.bwd_flops * flops_fwd / attn_bwd
-        self.dense = 6 * model.params * (seq_len / self.cp) / flops_rate
+        self.dense = (8 if recompute else 6) * model.params * (seq_len / self.cp) / flops_rate
         self.volume = (3 if zero_stage == 3 else 2) * model.params * rates.dtype_bytes * (self.world - 1) / self.world
         tokens = seq_len // self.cp
         heads = 2 * model.n_q_heads + 2 * max(model.n_kv_heads, ulysses)
@@ -188,14 +191,19 @@ class StepModel:
         """(forward comm, backward comm, forward step, backward step) of one ring step at this hop rate."""
         comm_fwd = transfer(self.bytes_fwd, hop_gbps, hop_lat)
         comm_bwd = transfer(self.rates.bwd_bytes * self.bytes_fwd, hop_gbps, hop_lat)
-        return comm_fwd, comm_bwd, max(comm_fwd, self.comp_fwd), max(comm_bwd, self.comp_bwd)
+        hide = self.rates.overlap
+        step_fwd = max(comm_fwd, self.comp_fwd) + (1 - hide) * min(comm_fwd, self.comp_fwd)
+        step_bwd = max(comm_bwd, self.comp_bwd) + (1 - hide) * min(comm_bwd, self.comp_bwd)
+        return comm_fwd, comm_bwd, step_fwd, step_bwd
 
     def attention(self, hop_gbps: float, hop_lat: float, a2a: float) -> float:
         """Ring attention (+ all-to-all) of all layers, forward and backward."""
         _, _, fwd, bwd = self.ring_layer(hop_gbps, hop_lat)
         # The first step computes the local block while the first transfer runs.
         overhead = self.ring * self.rates.layer_overhead_s
-        return self.model.layers * (self.comp_fwd + self.comp_bwd + (self.ring - 1) * (fwd + bwd) + a2a + overhead)
+        # Activation checkpointing runs each layer's forward (its ring and all-to-all included) again in backward.
+        again = (self.comp_fwd + (self.ring - 1) * fwd + a2a / 2 + overhead / 2) if self.recompute else 0.0
+        return self.model.layers * (self.comp_fwd + self.comp_bwd + (self.ring - 1) * (fwd + bwd) + a2a + overhead + again)
 
     def gradients(self, bus_gbps: float) -> float:
         return transfer(self.volume, bus_gbps * self.rates.bus_efficiency, 0.0) if self.world > 1 else 0.0
@@ -265,6 +273,9 @@ class HardwareRates:
     """Measured cap on one host-to-host hop with every hop busy (None: no cap)."""
     intra_host_gbps: float | None = None
     """Measured cap on one in-host hop with every hop busy (None: no cap)."""
+    overlap: float = 1.0
+    """Fraction of a ring step's shorter part (transfer or compute) that hides behind the longer:
+    1 where communication runs on its own engine (NCCL on GPUs), near 0 where it shares the cores."""
     step_overhead_s: float = 0.0
     """Fixed seconds per step (optimizer, bookkeeping)."""
     layer_overhead_s: float = 0.0
@@ -285,7 +296,8 @@ class HardwareRates:
         return cls(gemm_tflops=v("gemm_tflops"), attn_fwd_tflops=v("attn_fwd_tflops"), attn_bwd_tflops=v("attn_bwd_tflops"),
                    network_efficiency=v("network_efficiency"), bus_efficiency=v("bus_efficiency"),
                    inter_host_gbps=v("inter_host_gbps"), intra_host_gbps=v("intra_host_gbps"),
-                   step_overhead_s=v("step_overhead_s"), layer_overhead_s=v("layer_overhead_s") or 0.0, source=cal.source)
+                   step_overhead_s=v("step_overhead_s"), layer_overhead_s=v("layer_overhead_s") or 0.0,
+                   overlap=1.0 if cal.overlap is None else min(1.0, max(0.0, cal.overlap.value)), source=cal.source)
 
 
 # ------------------------------------------------------------------ estimate
@@ -299,6 +311,7 @@ def estimate(
     zero_stage: int = 3,
     flows: FlowModel | None = None,
     rates: HardwareRates | None = None,
+    recompute: bool = False,
 ) -> CostReport:
     """Predict a plan's ring step, step time, tokens/s and MFU, and the bound.
 
@@ -323,7 +336,7 @@ def estimate(
     CostReport
     """
     rates = rates or HardwareRates(efficiency=efficiency, dtype_bytes=dtype_bytes)
-    sm = StepModel(topo, plan.dp, plan.ring, plan.ulysses, plan.seq_len, model, flows, rates, zero_stage)
+    sm = StepModel(topo, plan.dp, plan.ring, plan.ulysses, plan.seq_len, model, flows, rates, zero_stage, recompute)
     nodes = gpu_nodes(plan, topo)
     f = sm.figures(nodes)
     comm_fwd, comm_bwd, step_fwd, step_bwd = sm.ring_layer(f["hop_gbps"], f["hop_lat"])

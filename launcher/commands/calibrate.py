@@ -174,6 +174,7 @@ def build(results: list[dict[str, Any]], source: str, device: str, meta: dict[st
         layer_overhead_s=figure(pooled("layer_overhead"), f"{how}: one ring step of a one-token block"),
         inter_host_gbps=figure(pooled("inter"), f"{how}: every ring hop sending at once, host to host"),
         intra_host_gbps=figure(pooled("intra"), f"{how}: every ring hop sending at once, inside a host"),
+        overlap=figure(pooled("overlap"), f"{how}: block kernel and K/V transfer timed apart and together"),
         meta={**meta, "bus_gbps": asdict(bus) if (bus := figure(pooled("bus"), "all-reduce and reduce-scatter busbw")) else None},
     )
 
@@ -194,6 +195,7 @@ def measure_rank(spec: dict[str, Any], device: Any) -> dict[str, list[float]]:
     out["attn_fwd"], out["attn_bwd"] = measure.attention_tflops(block, spec["n_q"], spec["n_kv"], spec["head_dim"], device, dtype, reps)
     kv_bytes = 2 * spec["tokens"] * spec["n_kv"] * spec["head_dim"] * (2 if device.type == "cuda" else 4)
     out.update(measure.ring_hops(spec["hosts"], kv_bytes, reps, device))
+    out["overlap"] = measure.overlap_fraction(block, spec["n_q"], spec["n_kv"], spec["head_dim"], kv_bytes, device, dtype, reps)
     if dist.get_world_size() > 1:
         small = bandwidth.ring_step_seconds(list(range(dist.get_world_size())), 64, reps, device)
         out["layer_overhead"] = [3 * s for s in small]  # one forward and about two backward messages per layer step

@@ -61,7 +61,8 @@ def predict_stage(cfg: Any, plan: Plan, rates: HardwareRates, on_cpu: bool = Tru
     shape, _ = model_shape(cfg.model)
     zero = int(cfg.deepspeed.get("zero_optimization", {}).get("stage", 0))
     rates = replace(rates, dtype_bytes=4 if on_cpu else 2)
-    return estimate(plan, stage_topology(plan), shape, zero_stage=zero, rates=rates).step_time_s
+    return estimate(plan, stage_topology(plan), shape, zero_stage=zero, rates=rates,
+                    recompute=cfg.activation_checkpointing).step_time_s
 
 
 def measured_steps(stage_dir: Path, grad_accum: int = 1) -> list[float]:

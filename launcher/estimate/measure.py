@@ -94,6 +94,51 @@ def ring_hops(hosts: list[str], nbytes: int, steps: int, device: torch.device) -
     return {kind: [nbytes / s / 1e9 for s in seconds]}
 
 
+def overlap_fraction(block: int, n_q: int, n_kv: int, head_dim: int, nbytes: int, device: torch.device, dtype: torch.dtype,
+                     repeats: int = 5) -> list[float]:
+    """How much of a ring step's shorter part hides behind the longer: block kernel and K/V send timed apart, then together.
+
+    ``(t_comm + t_comp - t_both) / min(t_comm, t_comp)``, clipped to [0, 1]: 1 when the transfer
+    runs while the kernel computes (NCCL on its own stream), 0 when they take turns on the same cores.
+    """
+    from trainer.attention.ring_attention import block_forward
+
+    world, me = dist.get_world_size(), dist.get_rank()
+    if world < 2:
+        return []
+    nxt, prv = (me + 1) % world, (me - 1) % world
+    q = torch.randn(1, n_q, block, head_dim, device=device, dtype=dtype)
+    k = torch.randn(1, n_kv, block, head_dim, device=device, dtype=dtype)
+    send = torch.empty(max(1, nbytes // 4), dtype=torch.float32, device=device)
+    recv = torch.empty_like(send)
+
+    def ops() -> list:
+        return dist.batch_isend_irecv([dist.P2POp(dist.isend, send, nxt), dist.P2POp(dist.irecv, recv, prv)])
+
+    def comm() -> None:
+        for w in ops():
+            w.wait()
+
+    def comp() -> None:
+        block_forward(q, k, k, False, head_dim ** -0.5)
+
+    def both() -> None:
+        works = ops()
+        comp()
+        for w in works:
+            w.wait()
+
+    out = []
+    for _ in range(repeats):
+        t = []
+        for fn in (comm, comp, both):
+            dist.barrier()
+            t += _timed(fn, 1, device)
+        shorter = min(t[0], t[1])
+        out.append(min(1.0, max(0.0, (t[0] + t[1] - t[2]) / shorter)) if shorter > 0 else 1.0)
+    return out
+
+
 def bus_gbps(nbytes: int, repeats: int, device: torch.device) -> list[float]:
     """Bus bandwidth of all-reduce and reduce-scatter: algbw x 2(n-1)/n and x (n-1)/n (NCCL tests' busbw)."""
     n = dist.get_world_size()
