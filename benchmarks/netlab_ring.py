@@ -13,6 +13,10 @@ tokens of Llama-3-8B in bf16) to its next rank, all rings at once, over
 torch.distributed gloo. Prints the measured step time of both orders, their
 ratio, and the cost model's prediction for each (``topology.cost.estimate``,
 on the measured topology and on the lab's declared one) with its error.
+The prediction adds the fixed cost of a ring step, measured on the same
+ranks with 64-byte blocks right before the timed steps; with
+``--neighbour`` a CPU-bound process runs through the profile, that
+calibration and the timed steps alike.
 
 Inside an existing lab (the head's namespace) the measuring half runs alone::
 
@@ -41,11 +45,11 @@ from topology.plan import Plan, RankPlacement  # noqa: E402
 from topology.planner import make_plan  # noqa: E402
 
 
-def run_ring(plan: Plan, steps: int, timeout_s: float = 120.0) -> list[float]:
+def run_ring(plan: Plan, steps: int, timeout_s: float = 120.0, nbytes: int | None = None) -> list[float]:
     """Seconds of each ring step with every ring of ``plan`` running, one process per rank on its planned node.
 
-    Each rank sends ``plan.cost["ring_bytes_fwd"]`` bytes per step, as one
-    forward ring step of one layer does.
+    Each rank sends ``nbytes`` (default ``plan.cost["ring_bytes_fwd"]``, as one
+    forward ring step of one layer does) per step.
     """
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
@@ -59,7 +63,7 @@ def run_ring(plan: Plan, steps: int, timeout_s: float = 120.0) -> list[float]:
         master = (plan.placements[0].ip, port)
         ray.get([r.join.remote(i, master, "gloo", plan.world_size) for i, r in enumerate(ranks)], timeout=timeout_s)
         ring_of = {rank: ring for ring in plan.groups.ring_groups for rank in ring}
-        nbytes = plan.cost["ring_bytes_fwd"]
+        nbytes = plan.cost["ring_bytes_fwd"] if nbytes is None else nbytes
         times = ray.get([r.ring.remote(ring_of[i], nbytes, steps) for i, r in enumerate(ranks)], timeout=timeout_s)
         ray.get([r.leave.remote() for r in ranks], timeout=timeout_s)
     finally:
@@ -108,6 +112,9 @@ def measure(measured: dict[str, Any], kv_tokens: int, steps: int, declared: Topo
     out: dict[str, Any] = {"cp": cp, "world_size": world, "kv_tokens": kv_tokens, "steps": steps}
     for strategy in ("aware", "naive"):
         plan = make_plan(topo, world, cp, seq_len=kv_tokens * cp, strategy=strategy)
+        # The fixed cost of a ring step (barrier, gloo progress, scheduling: what a CPU-bound neighbour
+        # stretches), measured on the same ranks right before the timed steps, under the same load.
+        fixed = statistics.median(run_ring(plan, steps, nbytes=64))
         times = run_ring(plan, steps)
         rings = [[plan.placements[r].host for r in ring] for ring in plan.groups.ring_groups]
         out[strategy] = {
@@ -116,8 +123,9 @@ def measure(measured: dict[str, Any], kv_tokens: int, steps: int, declared: Topo
             "bytes": plan.cost["ring_bytes_fwd"],
             "step_s": statistics.median(times),
             "step_times_s": times,
-            "predicted_s": plan.cost["ring_comm_fwd_s"],
-            "predicted_declared_s": on_declared(plan, declared) if declared is not None else None,
+            "fixed_s": fixed,
+            "predicted_s": plan.cost["ring_comm_fwd_s"] + fixed,
+            "predicted_declared_s": on_declared(plan, declared) + fixed if declared is not None else None,
         }
     out["speedup"] = out["naive"]["step_s"] / out["aware"]["step_s"]
     return out
