@@ -45,7 +45,7 @@ def _stage_rank(rank, world, cfg, plan):
 def test_from_run_fits_a_finished_stage_within_25_percent(tmp_path, capsys):
     from dist_utils import run_distributed
 
-    cfg = stage_config(tmp_path / "s", seq_len=512, gpus=2, batch=1, steps=5, model=MODEL)
+    cfg = stage_config(tmp_path / "s", seq_len=256, gpus=2, batch=1, steps=4, model=MODEL)
     plan = plan_for(cfg)
     (tmp_path / "s").mkdir()
     cfg.save(tmp_path / "s" / "stage.json")
