@@ -20,6 +20,7 @@ and ``run`` (``--calibration FILE``).
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 from dataclasses import asdict
 import os
@@ -126,7 +127,7 @@ def measure_on_ray(shape: Any, tokens: int, ranks: int, use_gpus: bool, repeats:
     from topology.profile import _get
 
     opts = {"num_gpus": 1, "num_cpus": 0} if use_gpus else {"num_cpus": 1}
-    actors = [CalibrationRank.options(**opts).remote() for _ in range(ranks)]
+    actors = [rank_actor().options(**opts).remote() for _ in range(ranks)]
     try:
         infos = _get([a.info.remote() for a in actors], timeout_s, "starting the calibration ranks")
         order = sorted(range(ranks), key=lambda i: (infos[i]["ip"], infos[i]["node_id"]))
@@ -205,7 +206,9 @@ def measure_rank(spec: dict[str, Any], device: Any) -> dict[str, list[float]]:
     return out
 
 
-def _actor_class() -> Any:
+@functools.cache
+def rank_actor() -> Any:
+    """The ``CalibrationRank`` Ray actor class, defined on first use so ``--help`` does not import Ray."""
     import ray
 
     @ray.remote
@@ -253,18 +256,3 @@ def _actor_class() -> Any:
             bandwidth.leave_group()
 
     return CalibrationRank
-
-
-class _Lazy:
-    """``CalibrationRank`` defined on first use, so ``ringleader calibrate --help`` does not import Ray."""
-
-    cls = None
-
-    def __getattr__(self, name: str) -> Any:
-        if _Lazy.cls is None:
-            _Lazy.cls = _actor_class()
-        return getattr(_Lazy.cls, name)
-
-
-CalibrationRank: Any = _Lazy()
-
