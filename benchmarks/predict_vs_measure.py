@@ -9,7 +9,9 @@ shapes, the ring attention block kernels, ring hops with every hop busy, a
 DeepSpeed step of a tiny model), then runs each stage of that C for real
 (``trainer.stage.run_stage`` on spawned gloo ranks, as tests/stage_helpers
 does), back to back, so the calibration and the stages see the same load on
-the machine. The prediction is ``launcher.estimate.fit.predict_stage``: the
+the machine. The fixed cost of a step is taken from the same stage code at
+32 tokens per rank (``--deepspeed-overhead``: from calibrate's DeepSpeed
+step instead). The prediction is ``launcher.estimate.fit.predict_stage``: the
 cost model of ``topology.cost`` with the calibrated rates. Prints one table:
 predicted and measured micro-step (median of the steps after the first),
 the error of each, and the worst.
@@ -77,8 +79,8 @@ def calibrate(world: int, tokens: int, repeats: int):
                  {"ranks": world, "tokens_per_rank": tokens, "model": shape.name, "backend": "gloo", "repeats": repeats})
 
 
-def measure(c: int, seq: int, ulysses: int, steps: int) -> tuple[float, object, object]:
-    """(median micro-step seconds, StageConfig, Plan) of one real stage."""
+def measure(c: int, seq: int, ulysses: int, steps: int, keep_all: bool = False) -> tuple:
+    """(median micro-step seconds, StageConfig, Plan[, every step after the first]) of one real stage."""
     from dist_utils import run_distributed
     from stage_helpers import plan_for, stage_config
 
@@ -86,7 +88,8 @@ def measure(c: int, seq: int, ulysses: int, steps: int) -> tuple[float, object, 
         cfg = stage_config(Path(tmp), seq_len=seq, gpus=c, batch=1, steps=steps, ulysses=ulysses, model=MODEL)
         plan = plan_for(cfg)
         stamps = run_distributed(_stage_rank, c, cfg.to_dict(), plan.to_dict(), timeout=900)[0]
-    return statistics.median(b - a for a, b in zip(stamps, stamps[1:])), cfg, plan
+    times = [b - a for a, b in zip(stamps, stamps[1:])]
+    return (statistics.median(times), cfg, plan) + ((times,) if keep_all else ())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -95,10 +98,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=5, help="optimizer steps per stage (the first is not timed)")
     parser.add_argument("--repeats", type=int, default=5, help="repeats of each calibration measurement")
     parser.add_argument("--save-dir", help="keep each ring size's calibration file here")
+    parser.add_argument("--deepspeed-overhead", action="store_true",
+                        help="take the step overhead from `ringleader calibrate`'s DeepSpeed step, not a stage at 32 tokens per rank")
     args = parser.parse_args(argv)
+
+    from dataclasses import replace
 
     from launcher.commands.calibrate import summary
     from launcher.estimate.fit import predict_stage
+    from launcher.estimate.measure import figure
     from topology.cost import HardwareRates
 
     configs = QUICK if args.quick else CONFIGS
@@ -106,6 +114,11 @@ def main(argv: list[str] | None = None) -> int:
     for c in sorted({c for c, _, _ in configs}):
         mine = [(s, u) for cc, s, u in configs if cc == c]
         cal = calibrate(c, max(s for s, _ in mine) // c, args.repeats)
+        if not args.deepspeed_overhead:
+            # The fixed cost of a step as the trainer pays it (data, loss, ring setup, ZeRO, optimizer,
+            # metrics): the real stage at 32 tokens per rank, whose compute is negligible.
+            steps = measure(c, 32 * c, 1, args.steps, keep_all=True)[3]
+            cal = replace(cal, step_overhead_s=figure(steps, f"stage at {32 * c} tokens on {c} rank(s), median of steps"))
         print(summary(cal), flush=True)
         if args.save_dir:
             Path(args.save_dir).mkdir(parents=True, exist_ok=True)
