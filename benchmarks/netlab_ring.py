@@ -13,6 +13,10 @@ tokens of Llama-3-8B in bf16) to its next rank, all rings at once, over
 torch.distributed gloo. Prints the measured step time of both orders, their
 ratio, and the cost model's prediction for each (``topology.cost.estimate``,
 on the measured topology and on the lab's declared one) with its error.
+The prediction adds the fixed cost of a ring step, measured on the same
+ranks with 64-byte blocks right before the timed steps; with
+``--neighbour`` a CPU-bound process runs through the profile, that
+calibration and the timed steps alike.
 
 Inside an existing lab (the head's namespace) the measuring half runs alone::
 
@@ -22,12 +26,14 @@ Inside an existing lab (the head's namespace) the measuring half runs alone::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
@@ -39,11 +45,11 @@ from topology.plan import Plan, RankPlacement  # noqa: E402
 from topology.planner import make_plan  # noqa: E402
 
 
-def run_ring(plan: Plan, steps: int, timeout_s: float = 120.0) -> list[float]:
+def run_ring(plan: Plan, steps: int, timeout_s: float = 120.0, nbytes: int | None = None) -> list[float]:
     """Seconds of each ring step with every ring of ``plan`` running, one process per rank on its planned node.
 
-    Each rank sends ``plan.cost["ring_bytes_fwd"]`` bytes per step, as one
-    forward ring step of one layer does.
+    Each rank sends ``nbytes`` (default ``plan.cost["ring_bytes_fwd"]``, as one
+    forward ring step of one layer does) per step.
     """
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
@@ -57,7 +63,7 @@ def run_ring(plan: Plan, steps: int, timeout_s: float = 120.0) -> list[float]:
         master = (plan.placements[0].ip, port)
         ray.get([r.join.remote(i, master, "gloo", plan.world_size) for i, r in enumerate(ranks)], timeout=timeout_s)
         ring_of = {rank: ring for ring in plan.groups.ring_groups for rank in ring}
-        nbytes = plan.cost["ring_bytes_fwd"]
+        nbytes = plan.cost["ring_bytes_fwd"] if nbytes is None else nbytes
         times = ray.get([r.ring.remote(ring_of[i], nbytes, steps) for i, r in enumerate(ranks)], timeout=timeout_s)
         ray.get([r.leave.remote() for r in ranks], timeout=timeout_s)
     finally:
@@ -76,18 +82,39 @@ def on_declared(plan: Plan, declared: Topology) -> float:
     return estimate(mapped, declared).ring_comm_fwd_s
 
 
+def ring_size(measured: Topology, declared: Topology | None) -> int:
+    """GPUs per ring: one leaf's worth, from the lab's declared layout when there is one.
+
+    The leaves inferred from a profile (``topology.switches``) follow the
+    measured bandwidths; under load one slow pair can leave a host in a leaf
+    of its own, which made rings of one rank, and a rank "sending" to itself
+    is what gloo rejects with "Pair is not connected". The ring size is the
+    experiment's setting, so it comes from what the lab was built as.
+    """
+    topo = declared if declared is not None else measured
+    leaves: dict[str, list[str]] = {}
+    for h in topo.hosts:
+        if topo.gpus(h):
+            leaves.setdefault(topo.leaf_of(h), []).append(h)
+    per_host = len(measured.gpus(measured.hosts[0]))
+    cp = min(len(v) for v in leaves.values()) * per_host
+    if cp < 2:
+        raise SystemExit(f"netlab_ring: a leaf of {topo.name} holds one GPU, so rings would have one rank; "
+                         "pass --declared with the lab's layout or build leaves of two hosts or more")
+    return cp
+
+
 def measure(measured: dict[str, Any], kv_tokens: int, steps: int, declared: Topology | None) -> dict[str, Any]:
     """Plan both orders on the measured topology, run them, and compare with the predictions."""
     topo = Topology.from_measured(measured)
-    leaves = {}
-    for h in topo.hosts:
-        leaves.setdefault(topo.leaf_of(h), []).append(h)
-    per_host = len(topo.gpus(topo.hosts[0]))
-    cp = min(len(v) for v in leaves.values()) * per_host
+    cp = ring_size(topo, declared)
     world = cp * (topo.num_gpus // cp)
     out: dict[str, Any] = {"cp": cp, "world_size": world, "kv_tokens": kv_tokens, "steps": steps}
     for strategy in ("aware", "naive"):
         plan = make_plan(topo, world, cp, seq_len=kv_tokens * cp, strategy=strategy)
+        # The fixed cost of a ring step (barrier, gloo progress, scheduling: what a CPU-bound neighbour
+        # stretches), measured on the same ranks right before the timed steps, under the same load.
+        fixed = statistics.median(run_ring(plan, steps, nbytes=64))
         times = run_ring(plan, steps)
         rings = [[plan.placements[r].host for r in ring] for ring in plan.groups.ring_groups]
         out[strategy] = {
@@ -96,8 +123,9 @@ def measure(measured: dict[str, Any], kv_tokens: int, steps: int, declared: Topo
             "bytes": plan.cost["ring_bytes_fwd"],
             "step_s": statistics.median(times),
             "step_times_s": times,
-            "predicted_s": plan.cost["ring_comm_fwd_s"],
-            "predicted_declared_s": on_declared(plan, declared) if declared is not None else None,
+            "fixed_s": fixed,
+            "predicted_s": plan.cost["ring_comm_fwd_s"] + fixed,
+            "predicted_declared_s": on_declared(plan, declared) + fixed if declared is not None else None,
         }
     out["speedup"] = out["naive"]["step_s"] / out["aware"]["step_s"]
     return out
@@ -149,8 +177,11 @@ def outside(args: argparse.Namespace) -> int:
     except LabUnavailable as exc:
         print(f"netlab_ring: {exc}", file=sys.stderr)
         return 2
-    with lab, tempfile.TemporaryDirectory(prefix="rlab-bench-") as tmp:
-        print(f"lab: {len(lab.hosts)} hosts, {args.host_mbit:g} Mbit/s host links, {args.uplink_mbit:g} Mbit/s uplinks", flush=True)
+    with lab, tempfile.TemporaryDirectory(prefix="rlab-bench-") as tmp, cpu_neighbour(args.neighbour):
+        # The neighbour (when asked for) runs from before the profile to after the last ring step, so the
+        # profile the predictions are made from is measured under the same load as the rings it predicts.
+        print(f"lab: {len(lab.hosts)} hosts, {args.host_mbit:g} Mbit/s host links, {args.uplink_mbit:g} Mbit/s uplinks"
+              + (", a CPU-bound neighbour running" if args.neighbour else ""), flush=True)
         profile, decl = Path(tmp) / "topology.json", Path(tmp) / "declared.yaml"
         declared.save(decl)
         prof = lab.run(["python", "-m", "launcher", "profile", "--address", lab.address, "-o", str(profile),
@@ -160,6 +191,20 @@ def outside(args: argparse.Namespace) -> int:
                         "--declared", str(decl), "--kv-tokens", str(args.kv_tokens), "--steps", str(args.steps)])
         print(done.stdout)
     return 0
+
+
+@contextlib.contextmanager
+def cpu_neighbour(on: bool) -> Iterator[None]:
+    """A process that keeps one core busy for the duration (another job on the machine), or nothing."""
+    if not on:
+        yield
+        return
+    proc = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        yield
+    finally:
+        proc.kill()
+        proc.wait()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -174,6 +219,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--uplink-mbit", type=float, default=200.0)
     parser.add_argument("--kv-tokens", type=int, default=512, help="tokens per rank whose K/V block travels each step (4 KiB each)")
     parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--neighbour", action="store_true",
+                        help="keep one core busy with another process through profile and measurement (a loaded machine)")
     args = parser.parse_args(argv)
     return inside(args) if args.address else outside(args)
 

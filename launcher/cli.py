@@ -21,6 +21,7 @@ COMMANDS = {
     "plan": ("launcher.commands.plan", "place ranks on a topology and print the plan"),
     "profile": ("launcher.commands.profile", "measure the bandwidth between the hosts of a Ray cluster"),
     "run": ("launcher.commands.run", "run a recipe's stages on Ray (or --dry-run to size them)"),
+    "calibrate": ("launcher.commands.calibrate", "measure the cost model's achieved rates (or fit them from a run)"),
     "clusters": ("launcher.commands.clusters", "render cluster-launcher and KubeRay configs for a recipe"),
     "viz": ("launcher.commands.viz", "draw a topology and a plan's rings (HTML, PNG or SVG)"),
     "niah": ("launcher.commands.niah", "needle-in-a-haystack evaluation of a model"),

@@ -137,7 +137,12 @@ def ring_step_seconds(ring: list[int], nbytes: int, steps: int, device: torch.de
     All rings of the world run at once, as they do in training, so links
     shared between rings are shared here too. Each step ends with a barrier
     over the world, so the time per step is the slowest hop's.
+
+    Rings need two distinct ranks or more: gloo has no pair from a rank to
+    itself, and a send to oneself fails deep inside it ("Pair is not connected").
     """
+    if len(ring) < 2 or len(set(ring)) != len(ring):
+        raise ValueError(f"ring {ring} must list at least two distinct ranks: a rank cannot send to itself over gloo")
     me = ring.index(dist.get_rank())
     nxt, prv = ring[(me + 1) % len(ring)], ring[(me - 1) % len(ring)]
     send = torch.empty(max(1, nbytes // 4), dtype=torch.float32, device=device)

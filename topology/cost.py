@@ -22,10 +22,15 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 
+from typing import TYPE_CHECKING
+
 from topology.bound import gpu_access_bound, ring_bandwidth_bound
 from topology.model import Topology
 from topology.plan import GroupLayout, Plan
 from topology.routing import FlowModel
+
+if TYPE_CHECKING:
+    from topology.calibration import Calibration
 
 ZIGZAG_A = 0.5
 """Fraction of a full c x c block one zigzag ring step computes."""
@@ -103,7 +108,9 @@ class CostReport:
     bound_step_s: float
     """Lower bound on ``step_time_s`` over all placements (ring, all-to-all and gradient terms each bounded)."""
     efficiency: float
-    """Assumed fraction of the dense peak that attention kernels and GEMMs sustain."""
+    """Assumed fraction of the dense peak that attention kernels and GEMMs sustain (when no achieved figure is given)."""
+    rates_source: str = ""
+    """Where the hardware rates come from: ``defaults for <GPU>``, ``calibrated on ...``, or the bare peak model."""
 
     def to_dict(self) -> dict:
         return {k: (float(f"{v:.9g}") if isinstance(v, float) else v) for k, v in asdict(self).items()}
@@ -151,24 +158,29 @@ class StepModel:
     zero_stage
         3: parameters all-gathered and gradients reduce-scattered (3 x params
         moved); otherwise an all-reduce (2 x).
+    recompute
+        Activation checkpointing: every layer's forward runs again in backward.
     """
 
     def __init__(self, topo: Topology, dp: int, ring: int, ulysses: int, seq_len: int, model: ModelShape = LLAMA3_8B,
-                 flows: FlowModel | None = None, rates: "HardwareRates | None" = None, zero_stage: int = 3):
-        self.topo, self.model = topo, model
+                 flows: FlowModel | None = None, rates: "HardwareRates | None" = None, zero_stage: int = 3,
+                 recompute: bool = False):
+        self.topo, self.model, self.recompute = topo, model, recompute
         self.flows = flows or FlowModel(topo)
         self.rates = rates = rates or HardwareRates()
         self.dp, self.ring, self.ulysses, self.seq_len = dp, ring, ulysses, seq_len
         self.cp = ring * ulysses
         self.world = dp * self.cp
-        flops_rate = topo.gpu.tflops_bf16 * 1e12 * rates.efficiency
+        flops_rate = (rates.gemm_tflops or topo.gpu.tflops_bf16 * rates.efficiency) * 1e12
+        attn_fwd = (rates.attn_fwd_tflops or topo.gpu.tflops_bf16 * rates.efficiency) * 1e12
+        attn_bwd = (rates.attn_bwd_tflops or topo.gpu.tflops_bf16 * rates.efficiency) * 1e12
         c = seq_len // ring  # after the all-to-all each rank holds seq/ring tokens of n/U heads
         n_q = model.n_q_heads / ulysses
         n_kv = math.ceil(model.n_kv_heads / ulysses)  # KV heads are replicated when U exceeds them
         self.bytes_fwd = 2 * c * n_kv * model.head_dim * rates.dtype_bytes
         flops_fwd = 4 * rates.zigzag_a * c * c * n_q * model.head_dim
-        self.comp_fwd, self.comp_bwd = flops_fwd / flops_rate, rates.bwd_flops * flops_fwd / flops_rate
-        self.dense = 6 * model.params * (seq_len / self.cp) / flops_rate
+        self.comp_fwd, self.comp_bwd = flops_fwd / attn_fwd, rates.bwd_flops * flops_fwd / attn_bwd
+        self.dense = (8 if recompute else 6) * model.params * (seq_len / self.cp) / flops_rate
         self.volume = (3 if zero_stage == 3 else 2) * model.params * rates.dtype_bytes * (self.world - 1) / self.world
         tokens = seq_len // self.cp
         heads = 2 * model.n_q_heads + 2 * max(model.n_kv_heads, ulysses)
@@ -182,33 +194,49 @@ class StepModel:
         """(forward comm, backward comm, forward step, backward step) of one ring step at this hop rate."""
         comm_fwd = transfer(self.bytes_fwd, hop_gbps, hop_lat)
         comm_bwd = transfer(self.rates.bwd_bytes * self.bytes_fwd, hop_gbps, hop_lat)
-        return comm_fwd, comm_bwd, max(comm_fwd, self.comp_fwd), max(comm_bwd, self.comp_bwd)
+        hide = self.rates.overlap
+        step_fwd = max(comm_fwd, self.comp_fwd) + (1 - hide) * min(comm_fwd, self.comp_fwd)
+        step_bwd = max(comm_bwd, self.comp_bwd) + (1 - hide) * min(comm_bwd, self.comp_bwd)
+        return comm_fwd, comm_bwd, step_fwd, step_bwd
 
     def attention(self, hop_gbps: float, hop_lat: float, a2a: float) -> float:
         """Ring attention (+ all-to-all) of all layers, forward and backward."""
         _, _, fwd, bwd = self.ring_layer(hop_gbps, hop_lat)
         # The first step computes the local block while the first transfer runs.
-        return self.model.layers * (self.comp_fwd + self.comp_bwd + (self.ring - 1) * (fwd + bwd) + a2a)
+        overhead = self.ring * self.rates.layer_overhead_s
+        # Activation checkpointing runs each layer's forward (its ring and all-to-all included) again in backward.
+        again = (self.comp_fwd + (self.ring - 1) * fwd + a2a / 2 + overhead / 2) if self.recompute else 0.0
+        return self.model.layers * (self.comp_fwd + self.comp_bwd + (self.ring - 1) * (fwd + bwd) + a2a + overhead + again)
 
     def gradients(self, bus_gbps: float) -> float:
-        return transfer(self.volume, bus_gbps, 0.0) if self.world > 1 else 0.0
+        return transfer(self.volume, bus_gbps * self.rates.bus_efficiency, 0.0) if self.world > 1 else 0.0
+
+    def hop_rates(self, pairs: list[tuple[str, str]]) -> list[tuple[float, float]]:
+        """(GB/s, latency µs) of transfers that run at once: the flow model's share, scaled and capped by the rates."""
+        r = self.rates
+        out = []
+        for (a, b), (gbps, lat) in zip(pairs, self.flows.bandwidths(pairs)):
+            gbps *= r.network_efficiency
+            cap = r.intra_host_gbps if self.topo.host_of(a) == self.topo.host_of(b) else r.inter_host_gbps
+            out.append((min(gbps, cap) if cap else gbps, lat))
+        return out
 
     def figures(self, nodes: list[str]) -> dict:
         """Every rank-dependent figure of an order: slowest hop (rate, index, latency), all-to-all, bus, step."""
         flows = self.flows
         hop_gbps, hop_i, hop_lat = math.inf, None, 0.0
         if self.hops:
-            rates = flows.bandwidths([(nodes[a], nodes[b]) for a, b in self.hops])
+            rates = self.hop_rates([(nodes[a], nodes[b]) for a, b in self.hops])
             hop_i = min(range(len(rates)), key=lambda j: (rates[j][0], -rates[j][1]))
             hop_gbps, hop_lat = rates[hop_i]
         a2a = 0.0
         if self.a2a_pairs:
-            rates = flows.bandwidths([(nodes[a], nodes[b]) for a, b in self.a2a_pairs])
+            rates = self.hop_rates([(nodes[a], nodes[b]) for a, b in self.a2a_pairs])
             a2a = 2 * max(transfer(self.a2a_per_peer, r, lat) for r, lat in rates)
         bus = math.inf
         if self.world > 1:
             bus = min(r for r, _ in flows.bandwidths([(nodes[i], nodes[(i + 1) % len(nodes)]) for i in range(len(nodes))]))
-        step = self.dense + self.attention(hop_gbps, hop_lat, a2a) + self.gradients(bus)
+        step = self.dense + self.attention(hop_gbps, hop_lat, a2a) + self.gradients(bus) + self.rates.step_overhead_s
         return {"hop_gbps": hop_gbps, "hop": None if hop_i is None else self.hops[hop_i], "hop_lat": hop_lat,
                 "a2a": a2a, "bus_gbps": bus, "step": step}
 
@@ -234,6 +262,45 @@ class HardwareRates:
     bwd_flops: float = BWD_FLOPS
     dtype_bytes: int = 2
     """Bytes per activation and parameter element on the wire (bf16)."""
+    gemm_tflops: float | None = None
+    """Achieved dense GEMM TFLOPS per device (None: ``efficiency`` x the GPU's peak)."""
+    attn_fwd_tflops: float | None = None
+    """Achieved attention block kernel TFLOPS, forward (None: ``efficiency`` x peak)."""
+    attn_bwd_tflops: float | None = None
+    """Achieved attention block kernel TFLOPS, backward (None: ``efficiency`` x peak)."""
+    network_efficiency: float = 1.0
+    """Fraction of the flow model's link share a ring hop or all-to-all transfer achieves."""
+    bus_efficiency: float = 1.0
+    """Fraction of the slowest link's bandwidth a gradient collective reaches (bus bandwidth)."""
+    inter_host_gbps: float | None = None
+    """Measured cap on one host-to-host hop with every hop busy (None: no cap)."""
+    intra_host_gbps: float | None = None
+    """Measured cap on one in-host hop with every hop busy (None: no cap)."""
+    overlap: float = 1.0
+    """Fraction of a ring step's shorter part (transfer or compute) that hides behind the longer:
+    1 where communication runs on its own engine (NCCL on GPUs), near 0 where it shares the cores."""
+    step_overhead_s: float = 0.0
+    """Fixed seconds per step (optimizer, bookkeeping)."""
+    layer_overhead_s: float = 0.0
+    """Fixed seconds per layer and ring step, forward plus backward."""
+    source: str = "peak x efficiency"
+    """Where the rates come from: a calibration's source, or the bare model."""
+
+    @classmethod
+    def from_calibration(cls, cal: "Calibration", which: str = "value") -> "HardwareRates":
+        """Rates from a calibration's expected figures (``which="value"``) or one end of its range (``low``/``high``)."""
+        if which != "value":
+            cal = cal.bound(which)
+
+        def v(name: str) -> float | None:
+            f = getattr(cal, name)
+            return None if f is None else f.value
+
+        return cls(gemm_tflops=v("gemm_tflops"), attn_fwd_tflops=v("attn_fwd_tflops"), attn_bwd_tflops=v("attn_bwd_tflops"),
+                   network_efficiency=v("network_efficiency"), bus_efficiency=v("bus_efficiency"),
+                   inter_host_gbps=v("inter_host_gbps"), intra_host_gbps=v("intra_host_gbps"),
+                   step_overhead_s=v("step_overhead_s"), layer_overhead_s=v("layer_overhead_s") or 0.0,
+                   overlap=1.0 if cal.overlap is None else min(1.0, max(0.0, cal.overlap.value)), source=cal.source)
 
 
 # ------------------------------------------------------------------ estimate
@@ -247,6 +314,7 @@ def estimate(
     zero_stage: int = 3,
     flows: FlowModel | None = None,
     rates: HardwareRates | None = None,
+    recompute: bool = False,
 ) -> CostReport:
     """Predict a plan's ring step, step time, tokens/s and MFU, and the bound.
 
@@ -271,7 +339,7 @@ def estimate(
     CostReport
     """
     rates = rates or HardwareRates(efficiency=efficiency, dtype_bytes=dtype_bytes)
-    sm = StepModel(topo, plan.dp, plan.ring, plan.ulysses, plan.seq_len, model, flows, rates, zero_stage)
+    sm = StepModel(topo, plan.dp, plan.ring, plan.ulysses, plan.seq_len, model, flows, rates, zero_stage, recompute)
     nodes = gpu_nodes(plan, topo)
     f = sm.figures(nodes)
     comm_fwd, comm_bwd, step_fwd, step_bwd = sm.ring_layer(f["hop_gbps"], f["hop_lat"])
@@ -308,6 +376,7 @@ def estimate(
         bound_ring_step_s=b["ring_step_fwd"],
         bound_step_s=b["step"],
         efficiency=rates.efficiency,
+        rates_source=rates.source,
     )
 
 
@@ -318,13 +387,13 @@ def step_bound(sm: StepModel) -> dict:
     gradient bus), so their sum bounds the step; see ``topology.bound``.
     """
     topo = sm.topo
-    hop = ring_bandwidth_bound(topo, sm.dp * sm.ulysses, sm.ring)
+    hop = ring_bandwidth_bound(topo, sm.dp * sm.ulysses, sm.ring) * sm.rates.network_efficiency
     _, _, fwd, _ = sm.ring_layer(hop, 0.0)
     a2a = 0.0
     if sm.ulysses > 1:
-        a2a = 2 * transfer(sm.a2a_per_peer * (sm.ulysses - 1), gpu_access_bound(topo), 0.0)
+        a2a = 2 * transfer(sm.a2a_per_peer * (sm.ulysses - 1), gpu_access_bound(topo) * sm.rates.network_efficiency, 0.0)
     bus = ring_bandwidth_bound(topo, 1, sm.world)
-    step = sm.dense + sm.attention(hop, 0.0, a2a) + sm.gradients(bus)
+    step = sm.dense + sm.attention(hop, 0.0, a2a) + sm.gradients(bus) + sm.rates.step_overhead_s
     return {"hop_gbps": hop, "ring_step_fwd": fwd, "a2a": a2a, "bus_gbps": bus, "step": step}
 
 

@@ -42,9 +42,8 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Callable
 
-from topology.cost import LLAMA3_8B, FlowModel, ModelShape, estimate
 from topology.bound import switch_headroom
-from topology.cost import StepModel
+from topology.cost import LLAMA3_8B, FlowModel, HardwareRates, ModelShape, StepModel, estimate
 from topology.search import default_budget, optimise
 from topology.errors import ConfigError
 from topology.model import Topology
@@ -75,6 +74,8 @@ class PlanRequest:
     """Where ``through_order`` cut each host layout, so 2048 alike hosts cost one search."""
     seq_len: int = 0
     model: ModelShape = LLAMA3_8B
+    rates: HardwareRates | None = None
+    """The cost model's rates (calibrated or defaults): the search ranks orders by the same step time the plan reports."""
     budget_s: float = 0.5
     """Wall-clock budget of the local search."""
     info: dict = field(default_factory=dict)
@@ -99,6 +100,7 @@ def make_plan(
     hosts: list[str] | None = None,
     model: ModelShape = LLAMA3_8B,
     flows: FlowModel | None = None,
+    rates: HardwareRates | None = None,
     *,
     budget_s: float | None = None,
 ) -> Plan:
@@ -124,6 +126,8 @@ def make_plan(
         Restrict to these hosts (e.g. the ones Ray gave), in Ray's order.
     flows
         A ``FlowModel`` of ``topo`` to share path caches between plans.
+    rates
+        ``HardwareRates`` of the cost model (``HardwareRates.from_calibration``); default: the bare peak model.
     budget_s
         Seconds the ``aware`` local search may take (default: scaled to the
         problem, at most ``SEARCH_BUDGET_S``).
@@ -142,7 +146,7 @@ def make_plan(
     """
     seq_len = TOKENS_PER_GPU * cp if seq_len is None else seq_len
     req = _request(topo, gpus, cp, ulysses, seq_len, strategy, seed, hosts, flows)
-    req.model = model
+    req.model, req.rates = model, rates
     req.budget_s = default_budget(gpus) if budget_s is None else budget_s
     order = STRATEGIES[strategy](req)
     placements = []
@@ -151,7 +155,7 @@ def make_plan(
         data = topo.graph.nodes[host]
         placements.append(RankPlacement(rank, host, topo.graph.nodes[gpu]["index"], data.get("node_id"), data.get("ip")))
     plan = Plan(strategy, gpus // cp, cp, ulysses, seq_len, placements, topology=topo.name)
-    plan.cost = estimate(plan, topo, model, flows=req.flows).to_dict()
+    plan.cost = estimate(plan, topo, model, flows=req.flows, rates=rates).to_dict()
     if req.info:
         plan.cost["search"] = req.info
     return plan
@@ -213,7 +217,7 @@ def aware_order(req: PlanRequest) -> list[str]:
     the best is improved by local search within ``req.budget_s``, and small
     problems are searched exhaustively (``topology.search``).
     """
-    sm = StepModel(req.topo, req.gpus // req.cp, req.ring, req.ulysses, req.seq_len, req.model, req.flows)
+    sm = StepModel(req.topo, req.gpus // req.cp, req.ring, req.ulysses, req.seq_len, req.model, req.flows, req.rates)
     candidates = {"naive": naive_order(req), "hierarchical": hierarchical_order(req)}
     candidates.update(segment_orders(req))
     whole = whole_host_order(req)

@@ -9,7 +9,8 @@ from __future__ import annotations
 import argparse
 import os
 
-from topology.cost import FlowModel
+from topology.calibration import load_calibration
+from topology.cost import FlowModel, HardwareRates
 from topology.errors import ConfigError
 from topology.model import Topology
 from topology.plan import Plan
@@ -30,6 +31,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"tokens per sequence (default {TOKENS_PER_GPU} x ring)")
     parser.add_argument("--strategy", choices=list(STRATEGIES), default="aware", help="placement strategy (default aware)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random strategy")
+    parser.add_argument("--calibration", metavar="FILE", help="achieved rates for the cost model (`ringleader calibrate -o FILE`); "
+                        "default: published achieved figures for the topology's GPU")
     parser.add_argument("-o", "--output", metavar="PLAN.json", help="write the plan here (JSON, or YAML by suffix)")
     parser.add_argument("--compare", action="store_true", help="also print every strategy side by side")
 
@@ -39,9 +42,10 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"-o {args.output} is a directory; give a file name such as {os.path.join(args.output, 'plan.json')}")
     topo = load_topology(args.topology)
     flows = FlowModel(topo)
+    rates = HardwareRates.from_calibration(load_calibration(args.calibration, topo.gpu))
 
     def plan_for(strategy: str) -> Plan:
-        return make_plan(topo, args.gpus, args.ring, args.ulysses, args.seq_len, strategy, args.seed, flows=flows)
+        return make_plan(topo, args.gpus, args.ring, args.ulysses, args.seq_len, strategy, args.seed, flows=flows, rates=rates)
 
     plan = plan_for(args.strategy)
     print(summary(plan, topo))
@@ -89,6 +93,8 @@ def summary(plan: Plan, topo: Topology) -> str:
         proof = f"optimal ({found['proof']})" if found["optimal"] else f"{c['step_time_s'] / c['bound_step_s']:.3f} x bound, not proven optimal"
         lines.append(f"search: kept {found['construction']!r} of {len(found['candidates'])} constructions scored,"
                      f" {found['moves']} improving moves; {proof}")
+    if c.get("rates_source"):
+        lines.append(f"rates: {c['rates_source']}")
     return "\n".join(lines)
 
 

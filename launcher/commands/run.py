@@ -48,6 +48,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_profile_arguments(parser)
     parser.add_argument("--dry-run", action="store_true", help="size the stages and print the plan; start nothing")
     parser.add_argument("--topology", help="with --dry-run: a topology preset name or file instead of the live cluster")
+    parser.add_argument("--calibration", metavar="FILE", help="achieved rates for the cost model (`ringleader calibrate -o FILE`); "
+                        "default: published achieved figures for the GPU")
     parser.add_argument("--strategy", default="aware", choices=("aware", "naive", "random"), help="placement strategy (default: aware)")
     parser.add_argument("--resource-timeout", type=float, default=600.0, metavar="S",
                         help="seconds to wait for a stage's GPUs to appear (autoscaler or replacement host)")
@@ -66,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
     if args.dry_run:
         from launcher.estimate.dryrun import dry_run
 
-        return dry_run(Recipe.load(args.recipe, check_paths=False), args.topology)
+        return dry_run(Recipe.load(args.recipe, check_paths=False), args.topology, calibration=args.calibration)
     from launcher.runtime.controller import Controller, ControllerOptions, StageFailed  # Ray, torch: not for --dry-run
     from launcher.runtime.watchdog import WatchdogPolicy
 
@@ -76,6 +78,10 @@ def run(args: argparse.Namespace) -> int:
     if args.collective_timeout is not None:
         recipe.collective_timeout = args.collective_timeout
     check_model(recipe)
+    if args.calibration:
+        from topology.calibration import Calibration
+
+        Calibration.load(args.calibration)  # a bad file fails here, before Ray starts
     options = ControllerOptions(
         run_dir=args.run_dir or default_run_dir(recipe.run_dir, recipe.name), reprofile=args.reprofile,
         resource_timeout_s=args.resource_timeout, strategy=args.strategy,
@@ -83,6 +89,7 @@ def run(args: argparse.Namespace) -> int:
         profile_transfer_mb=args.profile_mb, profile_repeats=args.profile_repeats, restart_from=args.restart_from,
         profile_timeout_s=args.profile_timeout, verbose=args.verbose,
         watchdog=WatchdogPolicy() if args.watchdog_floor is None else WatchdogPolicy(floor_s=args.watchdog_floor),
+        calibration=Path(args.calibration) if args.calibration else None,
     )
     check_run_dir(recipe, options)
     import ray

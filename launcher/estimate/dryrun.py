@@ -26,7 +26,8 @@ from launcher.estimate.data_readiness import Readiness, readiness
 from launcher.estimate.memory import GB, MemoryEstimate, model_shape, startup_host_bytes
 from launcher.recipe import Recipe, RecipeStage
 from launcher.estimate.sizing import StageSize, size_stage
-from topology.cost import FlowModel
+from topology.calibration import Calibration, defaults_for
+from topology.cost import FlowModel, HardwareRates, estimate
 from topology.errors import ConfigError
 from topology.model import Topology
 from topology.presets import PRESETS, load_topology
@@ -40,7 +41,6 @@ COST_ROWS: list[tuple[str, Callable[[dict], str]]] = [
     ("slowest ring hop, GB/s", lambda c: f"{c['slowest_hop_gbps']:.1f}" if c["slowest_hop_gbps"] else "-"),
     ("K/V comm / attn, ms", lambda c: f"{c['ring_comm_fwd_s'] * 1e3:.3g} / {c['ring_compute_fwd_s'] * 1e3:.3g}"),
     ("  comm hidden", lambda c: "yes" if c["hidden"] else "NO"),
-    ("micro-step time, s", lambda c: f"{c['step_time_s']:.2f}"),
     ("tokens/s", lambda c: f"{c['tokens_per_s']:,.0f}"),
     ("MFU", lambda c: f"{c['mfu']:.1%}"),
 ]
@@ -55,6 +55,8 @@ class StageReport:
     topology: Topology
     size: StageSize
     theta: float
+    step_range_s: tuple[float, float] | None = None
+    """Micro-step time at the fast and the slow end of the calibration's ranges."""
 
     @property
     def tokens(self) -> int:
@@ -62,13 +64,26 @@ class StageReport:
         return self.stage.seq_len * self.size.batch * self.size.grad_accum * self.stage.steps
 
     @property
+    def micro_steps(self) -> int:
+        return self.size.grad_accum * self.stage.steps
+
+    @property
     def wall_s(self) -> float | None:
         plan = self.size.plan
-        return None if plan is None else plan.cost["step_time_s"] * self.size.grad_accum * self.stage.steps
+        return None if plan is None else plan.cost["step_time_s"] * self.micro_steps
+
+    @property
+    def wall_range_s(self) -> tuple[float, float] | None:
+        return None if self.step_range_s is None else (self.step_range_s[0] * self.micro_steps, self.step_range_s[1] * self.micro_steps)
 
     @property
     def gpu_hours(self) -> float | None:
         return None if self.wall_s is None else self.wall_s * self.stage.gpus / 3600
+
+    @property
+    def gpu_hours_range(self) -> tuple[float, float] | None:
+        w = self.wall_range_s
+        return None if w is None else (w[0] * self.stage.gpus / 3600, w[1] * self.stage.gpus / 3600)
 
 
 def default_topology(gpus: int) -> str:
@@ -80,27 +95,40 @@ def default_topology(gpus: int) -> str:
     raise ConfigError(f"no preset has {gpus} GPUs (largest: {sizes[-1][1]}); pass --topology FILE describing the cluster")
 
 
-def plan_recipe(recipe: Recipe, topology_arg: str | None = None) -> list[StageReport]:
-    """Size, estimate and place every stage; raises ConfigError on a recipe or topology that cannot be read."""
+def plan_recipe(recipe: Recipe, topology_arg: str | None = None, calibration: str | None = None) -> list[StageReport]:
+    """Size, estimate and place every stage; raises ConfigError on a recipe, topology or calibration that cannot be read.
+
+    ``calibration`` is a calibration file (``ringleader calibrate``); without
+    one each topology's GPU gets its published achieved figures
+    (``topology.calibration.defaults_for``). The sizing, the placement and
+    the printed times all use the same rates; the range comes from the
+    calibration's low and high ends.
+    """
     shape, _ = model_shape(recipe.model)
     thetas = recipe.resolve_theta()
-    topologies: dict[str, tuple[Topology, FlowModel]] = {}
+    cal_file = Calibration.load(calibration) if calibration else None
+    topologies: dict[str, tuple[Topology, FlowModel, Calibration]] = {}
     reports = []
     for stage in recipe.stages:
         name = topology_arg or default_topology(stage.gpus)
         if name not in topologies:
             topo = load_topology(name)
-            topologies[name] = (topo, FlowModel(topo))
-        topo, flows = topologies[name]
-        size = size_stage(stage, topo, shape, recipe.deepspeed, flows=flows)
-        reports.append(StageReport(stage, topo, size, thetas[stage.name]))
+            topologies[name] = (topo, FlowModel(topo), cal_file or defaults_for(topo.gpu))
+        topo, flows, cal = topologies[name]
+        size = size_stage(stage, topo, shape, recipe.deepspeed, flows=flows, rates=HardwareRates.from_calibration(cal))
+        report = StageReport(stage, topo, size, thetas[stage.name])
+        if size.plan is not None:
+            fast, slow = (estimate(size.plan, topo, shape, flows=flows, rates=HardwareRates.from_calibration(cal, end)).step_time_s
+                          for end in ("high", "low"))
+            report.step_range_s = (fast, slow)
+        reports.append(report)
     return reports
 
 
-def dry_run(recipe: Recipe, topology_arg: str | None = None, out: TextIO | None = None) -> int:
+def dry_run(recipe: Recipe, topology_arg: str | None = None, out: TextIO | None = None, calibration: str | None = None) -> int:
     """Print the dry-run report; 0 when every stage fits and can be placed, 1 otherwise."""
     out = out or sys.stdout
-    reports = plan_recipe(recipe, topology_arg)
+    reports = plan_recipe(recipe, topology_arg, calibration)
     print(format_report(recipe, reports, data_report(recipe, reports)), file=out)
     return 1 if any(r.size.problems for r in reports) else 0
 
@@ -164,20 +192,38 @@ def format_report(recipe: Recipe, reports: list[StageReport], data: list[Readine
     ]
     rows += [(label, [fmt(r.size.plan.cost) if r.size.plan else "?" for r in reports]) for label, fmt in COST_ROWS]
     rows += [
+        ("micro-step time, s", [f"{r.size.plan.cost['step_time_s']:.2f}" if r.size.plan else "?" for r in reports]),
+        ("  range", [format_range(r.step_range_s, lambda v: f"{v:.2f}") for r in reports]),
         ("wall time", [format_duration(r.wall_s) for r in reports]),
+        ("  range", [format_range(r.wall_range_s, format_duration) for r in reports]),
         ("GPU-hours", [f"{r.gpu_hours:,.1f}" if r.gpu_hours is not None else "?" for r in reports]),
+        ("  range", [format_range(r.gpu_hours_range, lambda v: f"{v:,.0f}") for r in reports]),
     ]
     width = max(COLUMN, *(len(v) + 2 for _, values in rows for v in values))
     lines += [""] + [label.ljust(LABEL) + "".join(v.rjust(width) for v in values) for label, values in rows]
     placed = [r for r in reports if r.gpu_hours is not None]
     total_h = sum(r.gpu_hours for r in placed)
     wall = sum(r.wall_s for r in placed)
-    lines += ["", f"whole recipe: {total_h:,.0f} GPU-hours, {format_duration(wall)} of wall time"
+    ranged = [r for r in placed if r.step_range_s is not None]
+    h_lo, h_hi = sum(r.gpu_hours_range[0] for r in ranged), sum(r.gpu_hours_range[1] for r in ranged)
+    w_lo, w_hi = sum(r.wall_range_s[0] for r in ranged), sum(r.wall_range_s[1] for r in ranged)
+    lines += ["", f"whole recipe: {total_h:,.0f} GPU-hours ({h_lo:,.0f} to {h_hi:,.0f}), {format_duration(wall)} of wall time "
+              f"({format_duration(w_lo)} to {format_duration(w_hi)})"
               + ("" if len(placed) == len(reports) else f" ({len(reports) - len(placed)} stage(s) could not be placed)")]
+    sources = list(dict.fromkeys(r.size.plan.cost.get("rates_source", "") for r in placed))
+    for source in sources:
+        how = "from calibration" if source.startswith(("calibrated", "fitted")) else \
+            "from defaults, not measured here: `ringleader calibrate -o FILE`, then --calibration FILE"
+        lines.append(f"times {how}: {source}; ranges span the low and high end of every figure")
     lines += _section("sizing", [f"{r.stage.name}: {why}" for r in reports for why in r.size.reasons])
     lines += _section("flags", [msg for r in reports for msg in _flags(r)] + [f for d in data or [] if (f := d.flag())])
     lines += _section("notes", _notes(recipe, reports) + _data_notes(data or []))
     return "\n".join(lines)
+
+
+def format_range(pair: tuple[float, float] | None, fmt: Callable[[float], str]) -> str:
+    """``lo-hi`` of a (fast, slow) pair, each written by ``fmt``."""
+    return "?" if pair is None else f"{fmt(pair[0])} to {fmt(pair[1])}"
 
 
 def format_theta(theta: float) -> str:

@@ -21,7 +21,7 @@ from typing import Any
 
 from launcher.estimate.memory import GB, MemoryAssumptions, MemoryEstimate, estimate_memory
 from launcher.recipe import AUTO, RecipeStage
-from topology.cost import LLAMA3_8B, FlowModel, ModelShape
+from topology.cost import LLAMA3_8B, FlowModel, HardwareRates, ModelShape
 from topology.errors import ConfigError
 from topology.model import Topology
 from topology.plan import Plan
@@ -83,6 +83,7 @@ def size_stage(
     deepspeed: dict[str, Any] | None = None,
     assumptions: MemoryAssumptions = MemoryAssumptions(),
     flows: FlowModel | None = None,
+    rates: HardwareRates | None = None,
 ) -> StageSize:
     """Resolve ``auto`` in one stage and plan it on ``topo``.
 
@@ -96,6 +97,8 @@ def size_stage(
         For the memory estimate and the cost model.
     flows : FlowModel, optional
         Shared path cache for the plans of one topology.
+    rates : HardwareRates, optional
+        The cost model's rates (from a calibration or the GPU's defaults).
 
     Returns
     -------
@@ -128,7 +131,7 @@ def size_stage(
     flows = flows or FlowModel(topo)
 
     def plan(ulysses: int) -> Plan:
-        return make_plan(topo, stage.gpus, cp, ulysses=ulysses, seq_len=stage.seq_len, model=model, flows=flows)
+        return make_plan(topo, stage.gpus, cp, ulysses=ulysses, seq_len=stage.seq_len, model=model, flows=flows, rates=rates)
 
     if stage.ulysses == AUTO:
         size.ulysses, size.plan, why = _choose_ulysses(cp, topo, model, plan, memory)

@@ -39,6 +39,8 @@ from launcher.runtime.resources import ClusterView, ResourcesUnavailable
 from launcher.runtime.workers import PlacementFailed, WorkerFailure, WorkerGroup
 from topology.model import Topology, dump_text
 from topology.plan import Plan
+from topology.calibration import load_calibration
+from topology.cost import HardwareRates
 from topology.planner import make_plan
 from topology.profile import ProfileError, profile_cluster
 from trainer import storage
@@ -83,6 +85,8 @@ class ControllerOptions:
     profile_repeats: int = 5
     strategy: str = "aware"
     """Planner strategy: ``aware``, ``naive`` or ``random``."""
+    calibration: Path | None = None
+    """Calibration file of achieved rates for the cost model (default: published figures for the GPU)."""
     progress_bar: bool | None = None
     """tqdm bar (True), plain lines (False), or a bar only on a terminal (None)."""
     token_store: Path | None = None
@@ -241,7 +245,9 @@ class Controller:
     def _plan(self, cfg: StageConfig, topo: Topology) -> Plan:
         hosts = [h for h in topo.hosts if topo.gpus(h)]
         shape, _ = model_shape(cfg.model)
-        plan = make_plan(topo, cfg.gpus, cfg.cp, cfg.ulysses, cfg.seq_len, strategy=self.opt.strategy, hosts=hosts, model=shape)
+        rates = HardwareRates.from_calibration(load_calibration(self.opt.calibration, topo.gpu))
+        plan = make_plan(topo, cfg.gpus, cfg.cp, cfg.ulysses, cfg.seq_len, strategy=self.opt.strategy, hosts=hosts, model=shape,
+                         rates=rates)
         log.info("stage %s: %s", cfg.name, plan_summary(plan, topo.gpu.name if self.use_gpus else None))
         return plan
 

@@ -1,0 +1,146 @@
+"""Predicted vs measured step time of tiny-Llama stages on CPU ranks, after calibrating on the same ranks.
+
+    python benchmarks/predict_vs_measure.py                 # every configuration below
+    python benchmarks/predict_vs_measure.py --quick         # three of them
+
+For each ring size C (1, 2, 4) the benchmark first calibrates on C gloo
+ranks (``launcher.commands.calibrate.measure_rank``: GEMM at the model's
+shapes, the ring attention block kernels, ring hops with every hop busy, a
+DeepSpeed step of a tiny model), then runs each stage of that C for real
+(``trainer.stage.run_stage`` on spawned gloo ranks, as tests/stage_helpers
+does), back to back, so the calibration and the stages see the same load on
+the machine. The fixed cost of a step is taken from the same stage code at
+32 tokens per rank (``--deepspeed-overhead``: from calibrate's DeepSpeed
+step instead). The prediction is ``launcher.estimate.fit.predict_stage``: the
+cost model of ``topology.cost`` with the calibrated rates. Prints one table:
+predicted and measured micro-step (median of the steps after the first),
+the error of each, and the worst.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+for p in (REPO, REPO / "tests"):
+    if str(p) not in sys.path:
+        sys.path.insert(0, str(p))
+
+CONFIGS = [  # (ring size C, sequence length, ulysses)
+    (1, 256, 1), (1, 4096, 1),
+    (2, 256, 1), (2, 1024, 1), (2, 4096, 1), (2, 1024, 2),
+    (4, 1024, 1), (4, 4096, 1), (4, 4096, 2),
+]
+QUICK = [(1, 1024, 1), (2, 2048, 1), (4, 4096, 2)]
+MODEL = {"tiny": {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+                  "num_key_value_heads": 2, "head_dim": 16, "vocab_size": 264},
+         "base_theta": 10_000.0, "base_len": 128, "head_dim": 16}
+
+
+def _calibrate_rank(rank: int, world: int, spec: dict) -> dict:
+    import torch
+
+    from launcher.commands.calibrate import measure_rank
+
+    return measure_rank(spec, torch.device("cpu"))
+
+
+def _stage_rank(rank: int, world: int, cfg: dict, plan: dict) -> list[float]:
+    from topology.plan import Plan
+    from trainer.config import StageConfig
+    from trainer.stage import run_stage
+
+    stamps: list[float] = []
+    run_stage(StageConfig.from_dict(cfg), Plan.from_dict(plan), on_metrics=lambda m: stamps.append(time.perf_counter()))
+    return stamps
+
+
+def calibrate(world: int, tokens: int, repeats: int):
+    """A calibration measured on ``world`` gloo ranks at ``tokens`` tokens per rank."""
+    from dist_utils import run_distributed
+
+    from launcher.commands.calibrate import build
+    from launcher.estimate.memory import model_shape
+    from trainer.config import ModelConfig
+
+    shape, _ = model_shape(ModelConfig(**MODEL))
+    spec = {"tokens": tokens, "hidden": shape.hidden, "intermediate": shape.intermediate, "n_q": shape.n_q_heads,
+            "n_kv": shape.n_kv_heads, "head_dim": shape.head_dim, "layers": shape.layers, "hosts": ["local"] * world,
+            "repeats": repeats, "model": MODEL, "params": shape.params}
+    results = run_distributed(_calibrate_rank, world, spec, timeout=600)
+    when = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    return build(results, f"calibrated on this machine ({world} gloo ranks) at {when}", "cpu",
+                 {"ranks": world, "tokens_per_rank": tokens, "model": shape.name, "backend": "gloo", "repeats": repeats})
+
+
+def measure(c: int, seq: int, ulysses: int, steps: int, keep_all: bool = False) -> tuple:
+    """(median micro-step seconds, StageConfig, Plan[, every step after the first]) of one real stage."""
+    from dist_utils import run_distributed
+    from stage_helpers import plan_for, stage_config
+
+    with tempfile.TemporaryDirectory(prefix="pvm-") as tmp:
+        cfg = stage_config(Path(tmp), seq_len=seq, gpus=c, batch=1, steps=steps, ulysses=ulysses, model=MODEL)
+        plan = plan_for(cfg)
+        stamps = run_distributed(_stage_rank, c, cfg.to_dict(), plan.to_dict(), timeout=900)[0]
+    times = [b - a for a, b in zip(stamps, stamps[1:])]
+    return (statistics.median(times), cfg, plan) + ((times,) if keep_all else ())
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="three configurations instead of all")
+    parser.add_argument("--steps", type=int, default=5, help="optimizer steps per stage (the first is not timed)")
+    parser.add_argument("--repeats", type=int, default=5, help="repeats of each calibration measurement")
+    parser.add_argument("--save-dir", help="keep each ring size's calibration file here")
+    parser.add_argument("--deepspeed-overhead", action="store_true",
+                        help="take the step overhead from `ringleader calibrate`'s DeepSpeed step, not a stage at 32 tokens per rank")
+    args = parser.parse_args(argv)
+
+    from dataclasses import replace
+
+    from launcher.commands.calibrate import summary
+    from launcher.estimate.fit import predict_stage
+    from launcher.estimate.measure import figure
+    from topology.cost import HardwareRates
+
+    configs = QUICK if args.quick else CONFIGS
+    rows = []
+    for c in sorted({c for c, _, _ in configs}):
+        mine = [(s, u) for cc, s, u in configs if cc == c]
+        cal = calibrate(c, max(s for s, _ in mine) // c, args.repeats)
+        if not args.deepspeed_overhead:
+            # The fixed cost of a step as the trainer pays it (data, loss, ring setup, ZeRO, optimizer,
+            # metrics): the real stage at 32 tokens per rank, whose compute is negligible.
+            steps = measure(c, 32 * c, 1, args.steps, keep_all=True)[3]
+            cal = replace(cal, step_overhead_s=figure(steps, f"stage at {32 * c} tokens on {c} rank(s), median of steps"))
+        print(summary(cal), flush=True)
+        if args.save_dir:
+            Path(args.save_dir).mkdir(parents=True, exist_ok=True)
+            cal.save(Path(args.save_dir) / f"calibration-c{c}.json")
+        rates = HardwareRates.from_calibration(cal)
+        for seq, u in mine:
+            measured, cfg, plan = measure(c, seq, u, args.steps)
+            predicted = predict_stage(cfg, plan, rates)
+            rows.append((c, seq, u, predicted, measured))
+            print(f"C={c} seq={seq} ulysses={u}: predicted {predicted * 1e3:.0f} ms, measured {measured * 1e3:.0f} ms", flush=True)
+    print()
+    print(f"{'C':>2} {'seq':>6} {'U':>2} {'predicted ms':>13} {'measured ms':>12} {'error':>7}")
+    errors = []
+    for c, seq, u, p, m in rows:
+        err = (p - m) / m
+        errors.append(abs(err))
+        print(f"{c:>2} {seq:>6} {u:>2} {p * 1e3:>13.0f} {m * 1e3:>12.0f} {err:>+7.0%}")
+    worst = max(range(len(rows)), key=lambda i: errors[i])
+    c, seq, u, _, _ = rows[worst]
+    print(f"worst: {errors[worst]:.0%} (C={c}, seq={seq}, ulysses={u}); within 25%: {sum(e <= 0.25 for e in errors)} of {len(rows)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,219 @@
+"""What one rank measures for a calibration, with the code paths training uses.
+
+Every function runs inside a rank that has joined a torch.distributed group
+(gloo on CPUs, NCCL on GPUs) and is called on every rank at once, so each
+figure is taken under the load of all ranks working together, as in a step:
+
+- ``gemm_tflops``: the model's projection and MLP matmuls at a stage's tokens per rank;
+- ``attention_tflops``: ``trainer.attention.ring_attention``'s block kernels, forward
+  and backward, at a ring step's block size;
+- ``ring_hops``: every rank sends a K/V-sized block to the next rank of one ring
+  at once (``topology.bandwidth.ring_step_seconds``), split by in-host / host-to-host hop;
+- ``bus_gbps``: all-reduce and reduce-scatter bus bandwidth (NCCL tests' busbw);
+- ``step_overhead_s``: a DeepSpeed ZeRO step of the model on 16 tokens, whose compute is negligible.
+
+Each returns samples; ``topology.calibration.Figure`` ranges are taken over
+ranks and repeats (``figure``).
+"""
+
+from __future__ import annotations
+
+import time
+from statistics import median
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from topology import bandwidth
+from topology.calibration import Figure
+
+
+def _timed(fn: Any, repeats: int, device: torch.device) -> list[float]:
+    fn()  # warm-up: allocation, kernel selection
+    out = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        out.append(time.perf_counter() - t0)
+    return out
+
+
+def gemm_tflops(tokens: int, hidden: int, intermediate: int, device: torch.device, dtype: torch.dtype,
+                repeats: int = 5) -> list[float]:
+    """TFLOPS of one layer's matmuls (q/k/v/o projections and the gated MLP) on ``tokens`` rows."""
+    x = torch.randn(tokens, hidden, device=device, dtype=dtype)
+    w_attn = torch.randn(hidden, hidden, device=device, dtype=dtype)
+    w_up = torch.randn(hidden, 2 * intermediate, device=device, dtype=dtype)
+    w_down = torch.randn(intermediate, hidden, device=device, dtype=dtype)
+
+    def layer() -> None:
+        for _ in range(4):
+            x @ w_attn
+        up = x @ w_up
+        up[:, :intermediate] @ w_down
+
+    flops = 2 * tokens * hidden * (4 * hidden + 3 * intermediate)
+    return [flops / s / 1e12 for s in _timed(layer, repeats, device)]
+
+
+def attention_tflops(block: int, n_q: int, n_kv: int, head_dim: int, device: torch.device, dtype: torch.dtype,
+                     repeats: int = 5) -> tuple[list[float], list[float]]:
+    """(forward, backward) TFLOPS of the ring's block kernel on a ``block`` x ``block`` non-causal step.
+
+    FLOPs as the cost model counts them: ``4 * block^2 * n_q * d`` forward, 2.5 x that backward.
+    """
+    from trainer.attention.ring_attention import block_backward, block_forward
+
+    q = torch.randn(1, n_q, block, head_dim, device=device, dtype=dtype)
+    k = torch.randn(1, n_kv, block, head_dim, device=device, dtype=dtype)
+    v = torch.randn_like(k)
+    scale = head_dim ** -0.5
+    out, lse = block_forward(q, k, v, False, scale)
+    dout = torch.randn_like(out)
+    flops = 4 * block * block * n_q * head_dim
+    fwd = _timed(lambda: block_forward(q, k, v, False, scale), repeats, device)
+    bwd = _timed(lambda: block_backward(dout, q, k, v, out, lse, False, scale), repeats, device)
+    return [flops / s / 1e12 for s in fwd], [2.5 * flops / s / 1e12 for s in bwd]
+
+
+def ring_hops(hosts: list[str], nbytes: int, steps: int, device: torch.device) -> dict[str, list[float]]:
+    """GB/s of this rank's incoming hop with all ranks in one ring sending at once, keyed ``intra``/``inter``.
+
+    ``hosts`` is every rank's host, rank order; the ring is rank order.
+    """
+    world, me = dist.get_world_size(), dist.get_rank()
+    if world < 2:
+        return {}
+    seconds = bandwidth.ring_step_seconds(list(range(world)), nbytes, steps, device)
+    kind = "intra" if hosts[(me - 1) % world] == hosts[me] else "inter"
+    return {kind: [nbytes / s / 1e9 for s in seconds]}
+
+
+def overlap_fraction(block: int, n_q: int, n_kv: int, head_dim: int, nbytes: int, device: torch.device, dtype: torch.dtype,
+                     repeats: int = 5) -> list[float]:
+    """How much of a ring step's shorter part hides behind the longer: block kernel and K/V send timed apart, then together.
+
+    ``(t_comm + t_comp - t_both) / min(t_comm, t_comp)``, clipped to [0, 1]: 1 when the transfer
+    runs while the kernel computes (NCCL on its own stream), 0 when they take turns on the same cores.
+    """
+    from trainer.attention.ring_attention import block_forward
+
+    world, me = dist.get_world_size(), dist.get_rank()
+    if world < 2:
+        return []
+    nxt, prv = (me + 1) % world, (me - 1) % world
+    q = torch.randn(1, n_q, block, head_dim, device=device, dtype=dtype)
+    k = torch.randn(1, n_kv, block, head_dim, device=device, dtype=dtype)
+    send = torch.empty(max(1, nbytes // 4), dtype=torch.float32, device=device)
+    recv = torch.empty_like(send)
+
+    def ops() -> list:
+        return dist.batch_isend_irecv([dist.P2POp(dist.isend, send, nxt), dist.P2POp(dist.irecv, recv, prv)])
+
+    def comm() -> None:
+        for w in ops():
+            w.wait()
+
+    def comp() -> None:
+        block_forward(q, k, k, False, head_dim ** -0.5)
+
+    def both() -> None:
+        works = ops()
+        comp()
+        for w in works:
+            w.wait()
+
+    out = []
+    for _ in range(repeats):
+        t = []
+        for fn in (comm, comp, both):
+            dist.barrier()
+            t += _timed(fn, 1, device)
+        shorter = min(t[0], t[1])
+        out.append(min(1.0, max(0.0, (t[0] + t[1] - t[2]) / shorter)) if shorter > 0 else 1.0)
+    return out
+
+
+def bus_gbps(nbytes: int, repeats: int, device: torch.device) -> list[float]:
+    """Bus bandwidth of all-reduce and reduce-scatter: algbw x 2(n-1)/n and x (n-1)/n (NCCL tests' busbw)."""
+    n = dist.get_world_size()
+    if n < 2:
+        return []
+    numel = max(n, nbytes // 4 // n * n)
+    x = torch.ones(numel, device=device)
+    out = torch.empty(numel // n, device=device)
+    ar = _timed(lambda: (dist.all_reduce(x), dist.barrier()), repeats, device)
+    rs = _timed(lambda: (dist.reduce_scatter_tensor(out, x), dist.barrier()), repeats, device)
+    size = numel * 4
+    return [size / s / 1e9 * 2 * (n - 1) / n for s in ar] + [size / s / 1e9 * (n - 1) / n for s in rs]
+
+
+SMALL_MODEL = 1_000_000_000
+"""Models up to this many parameters are stepped as themselves; larger ones as an MLP of their width."""
+
+
+def step_overhead_s(hidden: int, layers: int, device: torch.device, zero_stage: int = 3, repeats: int = 5,
+                    model_cfg: dict[str, Any] | None = None, params: int = 0) -> list[float]:
+    """Seconds of a DeepSpeed ZeRO step (forward, backward, optimizer) on 16 tokens per rank.
+
+    At 16 tokens the compute is negligible, so what is left is the fixed work
+    of every step: parameter gathers, gradient reduction, the optimizer, the
+    model's per-layer Python and launches, engine bookkeeping. The recipe's
+    own model (``model_cfg``, built by ``trainer.modeling.build_model``) is
+    stepped when it has at most ``SMALL_MODEL`` parameters; a larger one is
+    stood in for by an MLP of its width and depth.
+    """
+    import deepspeed
+
+    torch.manual_seed(0)
+    hf = model_cfg is not None and 0 < params <= SMALL_MODEL
+    if hf:
+        from trainer.config import ModelConfig
+        from trainer.modeling import build_model
+        from trainer.tokenizer import load_tokenizer
+
+        mc = ModelConfig(**model_cfg)
+        model = build_model(mc, mc.base_theta, 16, tokenizer=load_tokenizer(mc, None)).to(device)
+    else:
+        model = torch.nn.Sequential(*[torch.nn.Linear(hidden, hidden) for _ in range(layers)]).to(device)
+    config = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1,
+              "optimizer": {"type": "AdamW", "params": {"lr": 1e-5, "torch_adam": True}},
+              "zero_optimization": {"stage": zero_stage}, "gradient_clipping": 1.0, "steps_per_print": 10**9}
+    if device.type == "cuda":
+        config["bf16"] = {"enabled": True}
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=list(model.parameters()), config=config,
+                                      dist_init_required=False)
+    if hf:
+        ids = torch.randint(0, model.config.vocab_size, (1, 16), device=device)
+
+        def forward() -> torch.Tensor:
+            return engine(input_ids=ids, labels=ids).loss
+    else:
+        x = torch.randn(1, hidden, device=device, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)
+
+        def forward() -> torch.Tensor:
+            return engine(x).float().sum()
+
+    def step() -> None:
+        loss = forward()
+        engine.backward(loss)
+        engine.step()
+
+    try:
+        return _timed(step, repeats, device)
+    finally:
+        engine.destroy()
+
+
+def figure(samples: list[float], source: str) -> Figure | None:
+    """Median with the 10th-90th percentile range of ``samples``; None when there are none."""
+    if not samples:
+        return None
+    s = sorted(samples)
+    pick = lambda q: s[min(len(s) - 1, max(0, round(q * (len(s) - 1))))]  # noqa: E731
+    return Figure(median(s), pick(0.1), pick(0.9), source)
