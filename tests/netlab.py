@@ -234,6 +234,11 @@ class NetLab:
         # A home of the lab's own: the machine's ~/.ray (auth tokens, sessions) belongs to other clusters.
         env["HOME"] = str(self.tmp / "home")
         env["XDG_CACHE_HOME"] = str(self.tmp / "home" / ".cache")
+        # Ray turns token auth on in a process once an embedded cluster has started there (RAY_AUTH_MODE in its
+        # environment); the lab's nodes sit on a private test network, so it runs without, whatever ran before.
+        for key in ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):
+            env.pop(key, None)
+        env["RAY_AUTH_MODE"] = "disabled"
         env.update(GLOO_SOCKET_IFNAME="eth0", NCCL_SOCKET_IFNAME="eth0", RAY_USAGE_STATS_ENABLED="0", OMP_NUM_THREADS="1",
                    RAY_raylet_start_wait_time_s="180")  # several raylets starting at once on 2 cores
         return env

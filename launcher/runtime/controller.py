@@ -36,7 +36,7 @@ from launcher.runtime.watchdog import Watchdog, WatchdogPolicy
 from launcher.estimate.memory import model_shape
 from launcher.recipe import Recipe
 from launcher.runtime.resources import ClusterView, ResourcesUnavailable
-from launcher.runtime.workers import PlacementFailed, WorkerFailure, WorkerGroup
+from launcher.runtime.workers import PlacementFailed, WorkerFailure, WorkerGroup, read_on_nodes
 from topology.model import Topology, dump_text
 from topology.plan import Plan
 from topology.calibration import load_calibration
@@ -131,6 +131,9 @@ class Controller:
                     results.append(done)
                     continue
                 identity.record(cfg.output_dir, ids[i])
+                # Every node must see the run directory before the cluster writes a token store beside it.
+                alive = [n.node_id for n in ClusterView.snapshot().nodes]
+                rundir.check_shared(self.run_dir.root, lambda loc: read_on_nodes(loc, alive))
                 cfg = replace(cfg, data=self._prepared(cfg))
                 results.append(self.run_stage(cfg, self.recipe.stages[i].min_gpus))
         finally:

@@ -30,7 +30,7 @@ from typing import Any, Callable
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayError, RayTaskError
 from ray.util.placement_group import placement_group, placement_group_table, remove_placement_group
-from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy, PlacementGroupSchedulingStrategy
 
 from topology.errors import ConfigError, first_line
 from topology.plan import Plan
@@ -341,3 +341,22 @@ class WorkerGroup:
             except Exception:  # noqa: BLE001
                 pass
             self.pg = None
+
+
+@ray.remote(num_cpus=0)
+def _read_file(location: str) -> bytes | None:
+    from trainer import storage
+
+    try:
+        return storage.read_bytes(location)
+    except Exception:  # noqa: BLE001 - a node that cannot read the run directory is the answer, not an error
+        return None
+
+
+def read_on_nodes(location: str, node_ids: list[str], timeout_s: float = 60.0) -> dict[str, bytes | None]:
+    """Node id -> what a task pinned to that node reads at ``location`` (``rundir.check_shared`` before any rank
+    actor exists, e.g. before the cluster tokenises a stage's data into the run's storage)."""
+    refs = [_read_file.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n, soft=False)).remote(location)
+            for n in node_ids]
+    ips = {n["NodeID"]: n["NodeManagerAddress"] for n in ray.nodes()}
+    return dict(zip([ips.get(n, n[:12]) for n in node_ids], ray.get(refs, timeout=timeout_s)))
