@@ -22,20 +22,23 @@ from __future__ import annotations
 import argparse
 import functools
 import logging
-from dataclasses import asdict
 import os
+from dataclasses import asdict
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from launcher.commands.options import add_cluster_arguments
 from topology.errors import ConfigError
+
+log = logging.getLogger("ringleader")
 
 DEFAULT_RECIPE = Path(__file__).resolve().parents[2] / "clusters" / "recipes" / "demo.yaml"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-o", "--output", required=True, metavar="FILE", help="calibration file to write (JSON)")
-    parser.add_argument("--address", help="Ray cluster (default: RAY_ADDRESS; else an embedded local Ray)")
+    add_cluster_arguments(parser)
     parser.add_argument("--recipe", default=str(DEFAULT_RECIPE), help="recipe whose model and stage set the shapes (default: demo)")
     parser.add_argument("--stage", help="stage whose tokens per rank set the block size (default: the recipe's last)")
     parser.add_argument("--ranks", type=int, default=None, metavar="N",
@@ -90,25 +93,18 @@ def shapes(recipe_path: str, stage_name: str | None) -> tuple[Any, Any, int, dic
 def calibrate_live(args: argparse.Namespace) -> Any:
     import ray
 
-    from launcher.commands.run import check_reachable
+    from launcher.runtime.attach import attach
 
     shape, stage, tokens, model_cfg = shapes(args.recipe, args.stage)
     target = args.address or os.environ.get("RAY_ADDRESS")
-    if target and target not in ("auto", "local"):
-        check_reachable(target)
     started = not ray.is_initialized()
     if started:
-        if args.address:
-            import launcher
-            import topology
-            import trainer
+        import launcher
+        import topology
+        import trainer
 
-            ray.init(address=args.address, runtime_env={"py_modules": [launcher, topology, trainer]}, logging_level=logging.WARNING)
-        elif target:
-            ray.init(logging_level=logging.WARNING)
-        else:
-            ray.init(address="local", num_cpus=max(os.cpu_count() or 1, args.ranks or stage.gpus), num_gpus=0,
-                     include_dashboard=False, logging_level=logging.WARNING)
+        log.info("%s", attach(args.address, [launcher, topology, trainer],
+                              num_cpus=max(os.cpu_count() or 1, args.ranks or stage.gpus), num_gpus=0, verbose=args.verbose))
     try:
         gpus = int(ray.cluster_resources().get("GPU", 0))
         ranks = gpus if gpus else (args.ranks or stage.gpus)
