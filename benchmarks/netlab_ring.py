@@ -2,12 +2,15 @@
 
     sudo python benchmarks/netlab_ring.py                # builds the lab, measures, tears it down
     sudo python benchmarks/netlab_ring.py --hosts 8 --per-leaf 4 --kv-tokens 1024
+    sudo python benchmarks/netlab_ring.py --case mixed-hosts --plan other=plan.json
 
-Builds tests/netlab.py's lab (default 6 hosts, 2 leaves of 3 interleaved in
-address order, 400 Mbit/s host links, 200 Mbit/s uplinks, h4 degraded to
-300 Mbit/s), profiles it with ``ringleader profile``, plans rings of one
-leaf's size with the ``aware`` and the ``naive`` strategy on the measured
-topology, and runs each: one process per rank on its planned host, every
+Builds one of tests/netlab.py's labs (``--case``, see ``CASES``; the default
+``leafspine`` has 6 hosts, 2 leaves of 3 interleaved in address order,
+400 Mbit/s host links, 200 Mbit/s uplinks, h4 degraded to 300 Mbit/s),
+profiles it with ``ringleader profile``, plans the case's rings (default:
+one leaf's size) with the ``aware`` and the ``naive`` strategy on the
+measured topology, and runs each (and any ``--plan`` made on the lab's
+declared topology, e.g. by another planner): one process per rank on its planned host, every
 ring passing a K/V-sized block (what one rank holds of ``--kv-tokens``
 tokens of Llama-3-8B in bf16) to its next rank, all rings at once, over
 torch.distributed gloo. Prints the measured step time of both orders, their
@@ -32,8 +35,9 @@ import statistics
 import subprocess
 import sys
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
@@ -104,14 +108,37 @@ def ring_size(measured: Topology, declared: Topology | None) -> int:
     return cp
 
 
-def measure(measured: dict[str, Any], kv_tokens: int, steps: int, declared: Topology | None) -> dict[str, Any]:
-    """Plan both orders on the measured topology, run them, and compare with the predictions."""
+def declared_plan(path: str, topo: Topology, declared: Topology) -> Plan:
+    """A plan made on the lab's declared topology (host names ``h0``...), moved onto the measured one by IP."""
+    from tests.netlab import LabPlan
+
+    ip_of = {h.name: h.ip for h in LabPlan.from_topology(declared, prefix="").hosts}
+    host_at = {topo.graph.nodes[h].get("ip"): h for h in topo.hosts}
+    plan = Plan.from_dict(load_data(path))
+    placements = []
+    for p in plan.placements:
+        host = host_at[ip_of[p.host]]
+        node = topo.graph.nodes[host]
+        placements.append(RankPlacement(p.rank, host, p.gpu, node.get("node_id"), node.get("ip")))
+    moved = Plan(plan.strategy, plan.dp, plan.cp, plan.ulysses, plan.seq_len, placements, topology=topo.name)
+    moved.cost = estimate(moved, topo).to_dict()
+    return moved
+
+
+def measure(measured: dict[str, Any], kv_tokens: int, steps: int, declared: Topology | None,
+            cp: int | None = None, world: int | None = None, others: dict[str, str] | None = None) -> dict[str, Any]:
+    """Plan both orders on the measured topology, run them (and ``others``: name -> plan file on ``declared``),
+    and compare with the predictions."""
     topo = Topology.from_measured(measured)
-    cp = ring_size(topo, declared)
-    world = cp * (topo.num_gpus // cp)
-    out: dict[str, Any] = {"cp": cp, "world_size": world, "kv_tokens": kv_tokens, "steps": steps}
-    for strategy in ("aware", "naive"):
-        plan = make_plan(topo, world, cp, seq_len=kv_tokens * cp, strategy=strategy)
+    cp = cp or ring_size(topo, declared)
+    world = world or cp * (topo.num_gpus // cp)
+    others = others or {}
+    out: dict[str, Any] = {"cp": cp, "world_size": world, "kv_tokens": kv_tokens, "steps": steps, "orders": ["aware", "naive", *others]}
+    for strategy in out["orders"]:
+        if strategy in others:
+            plan = declared_plan(others[strategy], topo, declared)
+        else:
+            plan = make_plan(topo, world, cp, seq_len=kv_tokens * cp, strategy=strategy)
         # The fixed cost of a ring step (barrier, gloo progress, scheduling: what a CPU-bound neighbour
         # stretches), measured on the same ranks right before the timed steps, under the same load.
         fixed = statistics.median(run_ring(plan, steps, nbytes=64))
@@ -135,7 +162,7 @@ def report(res: dict[str, Any]) -> str:
     lines = [f"ring of {res['cp']} ranks x {res['world_size'] // res['cp']} rings, {res['aware']['bytes'] / 2**20:.2f} MiB per hop"
              f" ({res['kv_tokens']} tokens of Llama-3-8B K/V), median of {res['steps']} steps"]
     lines.append(f"{'order':<6} {'measured':>10} {'model(measured topo)':>21} {'error':>7} {'model(declared)':>16} {'error':>7}  rings")
-    for s in ("aware", "naive"):
+    for s in res.get("orders", ("aware", "naive")):
         r = res[s]
         decl = r["predicted_declared_s"]
         err = lambda p: f"{100 * (p - r['step_s']) / r['step_s']:+6.0f}%"  # noqa: E731
@@ -144,6 +171,9 @@ def report(res: dict[str, Any]) -> str:
                      + "  " + " | ".join(",".join(ring) for ring in r["rings"]))
     lines.append(f"aware is {res['speedup']:.2f}x faster than naive (measured); "
                  f"model says {res['naive']['predicted_s'] / res['aware']['predicted_s']:.2f}x")
+    for s in res.get("orders", ())[2:]:
+        lines.append(f"{s} is {res[s]['step_s'] / res['aware']['step_s']:.2f}x aware's time (measured); "
+                     f"model says {res[s]['predicted_s'] / res['aware']['predicted_s']:.2f}x")
     return "\n".join(lines)
 
 
@@ -160,7 +190,7 @@ def inside(args: argparse.Namespace) -> int:
 
             measured = profile_cluster(transfer_mb=2, repeats=3)
         declared = Topology.load(args.declared) if args.declared else None
-        res = measure(measured, args.kv_tokens, args.steps, declared)
+        res = measure(measured, args.kv_tokens, args.steps, declared, args.ring, args.gpus, dict(args.plan))
     finally:
         ray.shutdown()
     print(json.dumps(res) if args.json else report(res))
@@ -169,9 +199,12 @@ def inside(args: argparse.Namespace) -> int:
 
 def outside(args: argparse.Namespace) -> int:
     """Build a lab, profile it, run the measuring half in the head's namespace, tear down."""
-    from tests.netlab import LabUnavailable, NetLab, lab_topology
+    from tests.netlab import LabUnavailable, NetLab
 
-    declared = lab_topology(args.hosts, args.per_leaf, args.host_mbit, args.uplink_mbit, {"h4": args.host_mbit * 0.75} if args.hosts > 4 else None)
+    case = CASES[args.case]
+    declared = case.topology(args)
+    if args.save_declared:
+        declared.save(args.save_declared)
     try:
         lab = NetLab(declared)
     except LabUnavailable as exc:
@@ -180,17 +213,60 @@ def outside(args: argparse.Namespace) -> int:
     with lab, tempfile.TemporaryDirectory(prefix="rlab-bench-") as tmp, cpu_neighbour(args.neighbour):
         # The neighbour (when asked for) runs from before the profile to after the last ring step, so the
         # profile the predictions are made from is measured under the same load as the rings it predicts.
-        print(f"lab: {len(lab.hosts)} hosts, {args.host_mbit:g} Mbit/s host links, {args.uplink_mbit:g} Mbit/s uplinks"
-              + (", a CPU-bound neighbour running" if args.neighbour else ""), flush=True)
+        print(f"lab {args.case}: {case.about}; {len(lab.hosts)} hosts, {args.host_mbit:g} Mbit/s host links, "
+              f"{args.uplink_mbit:g} Mbit/s uplinks" + (", a CPU-bound neighbour running" if args.neighbour else ""), flush=True)
         profile, decl = Path(tmp) / "topology.json", Path(tmp) / "declared.yaml"
         declared.save(decl)
         prof = lab.run(["python", "-m", "launcher", "profile", "--address", lab.address, "-o", str(profile),
                         "--transfer-mb", "2", "--repeats", "3", "--cache-dir", tmp])
         print(prof.stdout, flush=True)
         done = lab.run(["python", "-m", "benchmarks.netlab_ring", "--address", lab.address, "--profile", str(profile),
-                        "--declared", str(decl), "--kv-tokens", str(args.kv_tokens), "--steps", str(args.steps)])
+                        "--declared", str(decl), "--kv-tokens", str(args.kv_tokens), "--steps", str(args.steps),
+                        *(["--ring", str(case.ring)] if case.ring else []), *(["--gpus", str(case.gpus)] if case.gpus else []),
+                        *(f for name, path in args.plan for f in ("--plan", f"{name}={Path(path).resolve()}"))])
         print(done.stdout)
     return 0
+
+
+@dataclass(frozen=True)
+class LabCase:
+    """One experiment: the lab to build and the rings to place on it."""
+
+    about: str
+    topology: Callable[[argparse.Namespace], Topology]
+    ring: int | None = None
+    """GPUs per ring; default one leaf's worth."""
+    gpus: int | None = None
+    """World size; default every whole ring the GPUs hold."""
+
+
+def _leafspine(a: argparse.Namespace) -> Topology:
+    from tests.netlab import lab_topology
+
+    return lab_topology(a.hosts, a.per_leaf, a.host_mbit, a.uplink_mbit, {"h4": a.host_mbit * 0.75} if a.hosts > 4 else None)
+
+
+def _mixed_hosts(a: argparse.Namespace) -> Topology:
+    from tests.netlab import lab_topology
+
+    return lab_topology(4, 2, a.host_mbit, a.uplink_mbit, {"h0": a.host_mbit / 2}, gpus_per_host=(3, 1, 2, 2), interleaved=False)
+
+
+CASES = {
+    "leafspine": LabCase("one GPU per host, leaves interleaved in Ray's order, one degraded host link", _leafspine),
+    # Hosts of different sizes and one slow NIC: the hop-by-hop planner that preceded the step-time optimiser
+    # put the 3-GPU host h0 (the slow NIC) in both rings of 3 and sent both across the uplink, twice Ray's
+    # time; whole-host rings on one leaf halve it.
+    "mixed-hosts": LabCase("hosts of 3, 1, 2 and 2 GPUs, two leaves in Ray's order, h0's link at half rate; "
+                           "2 rings of 3", _mixed_hosts, ring=3, gpus=6),
+}
+
+
+def _named_file(item: str) -> tuple[str, str]:
+    name, sep, path = item.partition("=")
+    if not sep or not name or not path:
+        raise argparse.ArgumentTypeError(f"--plan {item!r}: expected NAME=PLAN.json, e.g. old=plan.json")
+    return name, path
 
 
 @contextlib.contextmanager
@@ -213,6 +289,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profile", help="with --address: measured topology to plan on (default: profile now)")
     parser.add_argument("--declared", help="with --address: the lab's node/link topology, for the second prediction")
     parser.add_argument("--json", action="store_true", help="with --address: print the figures as JSON")
+    parser.add_argument("--case", choices=sorted(CASES), default="leafspine", help="which lab to build (see CASES)")
+    parser.add_argument("--ring", type=int, help="with --address: GPUs per ring (default: one leaf's worth)")
+    parser.add_argument("--gpus", type=int, help="with --address: world size (default: every whole ring)")
+    parser.add_argument("--plan", type=_named_file, action="append", default=[], metavar="NAME=PLAN.json",
+                        help="also run this plan, made on the lab's declared topology (host names h0, h1, ...)")
+    parser.add_argument("--save-declared", metavar="FILE", help="write the lab's declared topology here (to plan on it)")
     parser.add_argument("--hosts", type=int, default=6)
     parser.add_argument("--per-leaf", type=int, default=3)
     parser.add_argument("--host-mbit", type=float, default=400.0)

@@ -41,6 +41,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Sequence
 
 from topology.errors import ConfigError
 from topology.model import Topology
@@ -77,13 +78,16 @@ def lab_topology(
     host_mbit: float = 400.0,
     uplink_mbit: float = 200.0,
     degraded: dict[str, float] | None = None,
-    gpus_per_host: int = 1,
+    gpus_per_host: int | Sequence[int] = 1,
+    interleaved: bool = True,
 ) -> Topology:
     """A small leaf-spine cluster in the node/link form, sized for one machine.
 
     Host ``hI`` hangs from leaf ``I % leaves`` so that the address order (the
     order Ray lists nodes in) alternates between leaves, as it does on real
-    clusters where Ray's order knows nothing of racks.
+    clusters where Ray's order knows nothing of racks; ``interleaved=False``
+    racks them in address order instead (leaf ``I // per_leaf``), where Ray's
+    order is already leaf by leaf.
 
     Parameters
     ----------
@@ -93,11 +97,17 @@ def lab_topology(
         Rate of each host link and of each leaf's uplink to the spine, per direction.
     degraded : dict, optional
         Host name -> slower host-link rate in Mbit/s.
-    gpus_per_host : int
-        GPU nodes per host; the lab's Ray nodes advertise as many (fake) GPUs.
+    gpus_per_host : int or sequence of int
+        GPU nodes per host (one count for all, or one per host: mixed host
+        sizes); the lab's Ray nodes advertise as many (fake) GPUs.
+    interleaved : bool
+        Leaves alternate in address order (default) or follow it in blocks.
     """
     if hosts < 1 or per_leaf < 1 or hosts % per_leaf:
         raise ConfigError(f"per_leaf ({per_leaf}) must divide hosts ({hosts})")
+    counts = [gpus_per_host] * hosts if isinstance(gpus_per_host, int) else list(gpus_per_host)
+    if len(counts) != hosts or min(counts) < 1:
+        raise ConfigError(f"gpus_per_host {gpus_per_host!r} must be one count >= 1, or one per host ({hosts})")
     degraded = degraded or {}
     unknown = set(degraded) - {f"h{i}" for i in range(hosts)}
     if unknown:
@@ -111,8 +121,9 @@ def lab_topology(
     for i in range(hosts):
         host = topo.add_node(f"h{i}", "host")
         nic = topo.add_node(f"{host}/nic0", "nic", host=host, index=0)
-        topo.add_link(nic, f"leaf{i % leaves}", mbit_to_gbps(degraded.get(host, host_mbit)), 2.0)
-        for g in range(gpus_per_host):
+        leaf = i % leaves if interleaved else i // per_leaf
+        topo.add_link(nic, f"leaf{leaf}", mbit_to_gbps(degraded.get(host, host_mbit)), 2.0)
+        for g in range(counts[i]):
             topo.add_link(topo.add_node(f"{host}/gpu{g}", "gpu", host=host, index=g), nic, 25.0, 1.0)
     return topo
 

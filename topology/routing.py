@@ -289,6 +289,19 @@ class FlowModel:
         out = self._compiled[a, b] = ([self._id[e] for e, _ in r], [f for _, f in r])
         return out
 
+    def compiled(self, a: str, b: str) -> tuple[list[int], list[float]]:
+        """The route from ``a`` to ``b`` as link indices (into ``link_bandwidths``) and flow fractions."""
+        return self._compiled.get((a, b)) or self._compile(a, b)
+
+    def route_latency(self, a: str, b: str) -> float:
+        """µs from ``a`` to ``b``: the fraction-weighted sum over the route's links, as ``bandwidths`` gives it."""
+        ids, fracs = self.compiled(a, b)
+        return float(np.dot(self._lat_arr[ids], fracs)) if ids else 0.0
+
+    def link_bandwidths(self) -> np.ndarray:
+        """GB/s of every directed link, by the index ``compiled`` uses."""
+        return self._bw_arr
+
     def load(self, flows: Iterable[tuple[str, str]]) -> dict[Link, float]:
         """Sum of flow fractions on every directed link the flows cross."""
         load: dict[Link, float] = defaultdict(float)

@@ -10,16 +10,20 @@ Algorithms
   meets the lower bound; the best is kept. Ray's order is always a
   candidate (or beaten by one that meets the bound), so the result is never
   worse than it.
-* Exhaustive search, for small problems: every sequence of GPUs from the
-  pool, up to twins (GPUs of one host with the same links to the same
-  parts are interchangeable: swapping them changes no route), while the
-  count stays under ``EXACT_ORDERS``. The result is then proven optimal.
-* Local search, otherwise: first-improvement moves, a number that shrinks
-  as the world grows (so a plan is reproducible), cut short by a time budget
-  only on a machine too slow for it.
-  A move swaps two ranks, moves a rank onto an unused GPU, or reverses a
-  run of a ring; half the moves touch the slowest hop's ends. Each move is
-  scored by the step time; only strict improvements are kept.
+* Exact search, for small problems (at most ``EXACT_HOSTS`` hosts or
+  ``EXACT_GPUS`` GPUs, or few distinct orders): branch and bound over every
+  sequence of GPUs from the pool, up to twins (GPUs of one host with the
+  same links to the same parts are interchangeable: swapping them changes
+  no route), cut by a lower bound of each partial order
+  (``topology.exact``). Finished, it proves the result optimal.
+* Local search, otherwise: first-improvement moves, a fixed number (so a
+  plan is reproducible), cut short by a time budget only on a machine too
+  slow for it. A move swaps two ranks, moves a rank onto an unused GPU, or
+  reverses a run of a ring; half the moves touch the slowest hop's ends.
+  Each move is first priced incrementally (``topology.delta``: only the
+  flows touching the moved ranks are re-routed, and the result is a lower
+  bound of its step time); a move that could improve is then priced by the
+  full step time, and only strict improvements are kept.
 * Certificate: a plan whose step time meets the lower bound
   (``topology.cost.step_bound``) is optimal too.
 """
@@ -30,22 +34,26 @@ import math
 import random
 import time
 from dataclasses import dataclass
-from typing import Iterator
 
 from topology.cost import StepModel, step_bound
+from topology.delta import DeltaOrder
+from topology.exact import branch_and_bound
 
-EXACT_ORDERS = 3000
-"""Largest number of distinct rank orders (up to twins) searched exhaustively."""
+EXACT_ORDERS = 20_000
+"""Up to this many distinct rank orders (up to twins), exact search runs to the end, with no local search first."""
+EXACT_HOSTS, EXACT_GPUS = 8, 32
+"""Pools of at most this many hosts, or plans of at most this many GPUs, are searched exactly (``topology.exact``)."""
+EXACT_NODES = 3_000
+"""Exact search of a larger problem stops after visiting this many partial orders: unproven, the best order stands."""
 SEARCH_BUDGET_S = 2.0
 """Most wall-clock seconds the local search takes by default: a safety net, above what its move count needs."""
 REL_TOL = 1e-9
+SIDEWAYS = 200
+"""Local search takes at most this many moves that leave the step time exactly as it is (a plateau walk)."""
 STALE_MOVES = 1000
 """Local search stops after this many moves in a row without improvement."""
 MAX_EVALS = 3000
-EVAL_WORK = 10000
-"""Local search scores at most ``min(MAX_EVALS, EVAL_WORK / world)`` moves (each costs O(world))."""
-MIN_MOVES = 20
-"""Below this many moves local search is skipped."""
+"""Local search tries at most this many moves; each is priced by the flows it touches (``topology.delta``)."""
 
 
 def default_budget(gpus: int) -> float:
@@ -111,16 +119,19 @@ def optimise(sm: StepModel, candidates: dict[str, list[str]], pool: list[str], b
         result.optimal, result.proof = True, "meets bound"
         return result
     classes = twin_classes(sm, pool)
-    if count_orders(classes, sm.world, EXACT_ORDERS) <= EXACT_ORDERS:
-        for order in _orders(classes, sm.world):
-            step = sm.step(order)
-            if step < best_step * (1 - REL_TOL):
-                best, best_step, result.construction = order, step, "exhaustive"
-        result.order, result.step_s, result.optimal, result.proof = best, best_step, True, "exhaustive"
-        return result
-    result.order, result.step_s, result.moves = _local_search(sm, best, best_step, pool, budget_s, seed)
-    if result.step_s <= bound * (1 + REL_TOL):
-        result.optimal, result.proof = True, "meets bound"
+    few = count_orders(classes, sm.world, EXACT_ORDERS) <= EXACT_ORDERS
+    if not few:
+        result.order, result.step_s, result.moves = _local_search(sm, best, best_step, pool, budget_s, seed)
+        if result.step_s <= bound * (1 + REL_TOL):
+            result.optimal, result.proof = True, "meets bound"
+            return result
+    hosts = {sm.topo.host_of(g) for g in pool}
+    if few or ((len(hosts) <= EXACT_HOSTS or sm.world <= EXACT_GPUS) and EXACT_NODES):
+        order, step, proven = branch_and_bound(sm, classes, result.order, result.step_s, math.inf if few else EXACT_NODES)
+        if step < result.step_s * (1 - REL_TOL):
+            result.order, result.step_s, result.construction = order, step, "exhaustive"
+        if proven:
+            result.optimal, result.proof = True, "exhaustive"
     return result
 
 
@@ -150,67 +161,75 @@ def count_orders(classes: list[list[str]], k: int, cap: int) -> int:
     return ways[k]
 
 
-def _orders(classes: list[list[str]], k: int) -> Iterator[list[str]]:
-    """Every sequence of ``k`` GPUs, one per order of twin labels (a twin class fills in listed order)."""
-    left = [len(c) for c in classes]
-    seq: list[int] = []
-
-    def rec() -> Iterator[list[str]]:
-        if len(seq) == k:
-            used = [0] * len(classes)
-            out = []
-            for c in seq:
-                out.append(classes[c][used[c]])
-                used[c] += 1
-            yield out
-            return
-        for c in range(len(classes)):
-            if left[c]:
-                left[c] -= 1
-                seq.append(c)
-                yield from rec()
-                seq.pop()
-                left[c] += 1
-
-    yield from rec()
-
-
 # ------------------------------------------------------------------ local search
 def _local_search(sm: StepModel, order: list[str], step: float, pool: list[str], budget_s: float, seed: int) -> tuple[list[str], float, int]:
     rng = random.Random(seed)
     deadline = time.perf_counter() + budget_s
-    order = list(order)
-    unused = [g for g in pool if g not in set(order)]
-    n, moves = len(order), 0
+    n = len(order)
     if n < 2 or budget_s <= 0:
-        return order, step, 0
-    evals = min(MAX_EVALS, EVAL_WORK // sm.world)  # a count, not a clock: the same input gives the same plan
-    if evals < MIN_MOVES:
-        return order, step, 0  # too large to search move by move: the constructions stand
+        return list(order), step, 0
+    state = DeltaOrder(sm, order)
+    unused, free = _unused(sm, pool, order)
     hot = sm.figures(order)["hop"]
-    stale = 0
-    for _ in range(evals):
+    best = list(order)
+    moves = stale = sideways = 0
+    for _ in range(MAX_EVALS):  # a count, not a clock: the same input gives the same plan
         if stale >= STALE_MOVES or time.perf_counter() > deadline:
             break
         stale += 1
-        trial = list(order)
+        trial = list(state.order)
         i = rng.choice(hot) if hot and rng.random() < 0.5 else rng.randrange(n)
         kind = rng.random()
-        if unused and kind < 0.25:
-            j = rng.randrange(len(unused))
-            trial[i], spare = unused[j], trial[i]
-        elif kind < 0.5 and sm.ring > 2:
-            group = i // sm.cp * sm.cp
-            a, b = sorted(rng.sample(range(group, group + sm.cp), 2))
+        if unused and kind < 0.2:
+            trial[i] = rng.choice(unused)
+            ranks = [i]
+        elif len(unused) > 1 and kind < 0.35:
+            # A run of ranks onto free GPUs at once (half the time all from one host): leaving a slow
+            # host or link can take several ranks, and each alone would not pay.
+            host = rng.choice(sorted(free)) if free and rng.random() < 0.5 else None
+            spares = free[host] if host else rng.sample(unused, min(len(unused), max(2, sm.cp)))
+            k = min(len(spares), rng.randint(2, max(2, sm.cp)), n)
+            start = min(i, n - k)
+            ranks = list(range(start, start + k))
+            for r, g in zip(ranks, spares):
+                trial[r] = g
+        elif kind < 0.5 and n > 2:
+            # Reverse a run of one ring (or, with rings of two or fewer, of the gradient ring over all ranks).
+            group, size = (i // sm.cp * sm.cp, sm.cp) if sm.ring > 2 else (0, n)
+            a, b = sorted(rng.sample(range(group, group + size), 2))
             trial[a:b + 1] = trial[a:b + 1][::-1]
-            spare = None
+            ranks = list(range(a, b + 1))
         else:
             j = rng.randrange(n)
             trial[i], trial[j] = trial[j], trial[i]
-            spare = None
+            ranks = [i, j]
+        bound = state.bound(ranks, trial)
+        if state.exact and bound <= step * (1 + REL_TOL) and bound >= step * (1 - REL_TOL) and sideways < SIDEWAYS:
+            state.keep()  # as good, exactly: walk on across the plateau (an improvement may lie past it)
+            sideways += 1
+            if unused:
+                unused, free = _unused(sm, pool, trial)
+            continue
+        if bound >= step * (1 - REL_TOL):
+            state.undo()  # cannot beat the current order: no full pricing needed
+            continue
         f = sm.figures(trial)
         if f["step"] < step * (1 - REL_TOL):
-            order, step, hot, moves, stale = trial, f["step"], f["hop"], moves + 1, 0
-            if spare is not None:
-                unused[j] = spare
-    return order, step, moves
+            state.keep()
+            step, hot, moves, stale = f["step"], f["hop"], moves + 1, 0
+            best = list(trial)
+            if unused:
+                unused, free = _unused(sm, pool, trial)
+        else:
+            state.undo()
+    return best, step, moves
+
+
+def _unused(sm: StepModel, pool: list[str], order: list[str]) -> tuple[list[str], dict[str, list[str]]]:
+    """GPUs of the pool ``order`` leaves free, and the hosts with two or more of them free."""
+    taken = set(order)
+    unused = [g for g in pool if g not in taken]
+    by_host: dict[str, list[str]] = {}
+    for g in unused:
+        by_host.setdefault(sm.topo.host_of(g), []).append(g)
+    return unused, {h: gs for h, gs in by_host.items() if len(gs) > 1}
