@@ -8,6 +8,11 @@ bucket. Afterwards the bucket holds the whole run (plans, metrics, manifests,
 each stage's model behind its ``hf`` pointer) and ``ringleader niah`` reads
 the last stage's model straight from it.
 
+The stages read their data from a token store the controller prepares in
+the bucket beside the run (Ray Data writing shards straight to S3, the
+commit object last); no rank tokenises, and the store holds exactly the
+tokens and samples of in-process tokenisation.
+
 Then a driver whose run directory lies on a mount only it can see (a tmpfs
 in its own mount namespace: a disk local to one host) is refused before any
 rank trains.
@@ -22,22 +27,31 @@ import shutil
 import signal
 import subprocess
 import sys
-import threading
-import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
 from launcher.recipe import Recipe
 from launcher.runtime.rundir import finished, read_metrics
-from tests.ray_utils import REPO, local_cluster
+from tests.ray_utils import REPO, local_cluster, when_step_reached
+from topology.errors import ConfigError
 from trainer import storage
 from trainer.checkpoint import MANIFEST, latest_step
-from trainer.progress import METRICS_JSONL
+from trainer.data import build_dataset, read_documents
+from trainer.data.packing import PackedDataset
+from trainer.data.prepare import PrepareSpec, prepare
+from trainer.data.ranged import BlockCache, RangedArray
+from trainer.data.store import TokenStore
+from trainer.data.tokenize import tokenize_documents
+from trainer.ranklog import LOGS_DIR
+from trainer.tokenizer import byte_tokenizer
 
 BUCKET = "ringleader-test"
 RUN = f"s3://{BUCKET}/runs/demo"
+TOKENS = f"s3://{BUCKET}/runs/tokens"
+"""The token store root beside the run directory, where the stages prepare their data."""
 KILL_AT_STEP = 4
 """A rank dies here: after the first stage's checkpoint of step 3."""
 
@@ -118,18 +132,11 @@ def rank_worker_pids(lc) -> list[int]:
             if any("RankWorker" in part for part in c.cmdline())]
 
 
-def kill_a_rank_after_a_checkpoint(lc, stage_dir: str, killed: dict, stop: threading.Event) -> None:
-    """SIGKILL a rank's worker once rank 0 has logged step KILL_AT_STEP (the checkpoint of step 3 is committed by then)."""
-    metrics = storage.work_dir(stage_dir) / METRICS_JSONL  # rank 0's working copy on this machine
-    while not stop.is_set():
-        lines = metrics.read_text().splitlines() if metrics.exists() else []
-        steps = [json.loads(line).get("step", 0) for line in lines if line.strip()]
-        if steps and max(steps) >= KILL_AT_STEP:
-            victim = max(rank_worker_pids(lc))
-            killed.update(pid=victim, at_step=max(steps), committed=latest_step(stage_dir))
-            os.kill(victim, signal.SIGKILL)
-            return
-        time.sleep(0.05)
+def kill_a_rank(lc, stage_dir: str, step: int) -> dict:
+    """SIGKILL a rank's worker; by step KILL_AT_STEP the checkpoint of step 3 is committed."""
+    victim, committed = max(rank_worker_pids(lc)), latest_step(stage_dir)
+    os.kill(victim, signal.SIGKILL)
+    return {"pid": victim, "at_step": step, "committed": committed}
 
 
 @pytest.fixture(scope="module")
@@ -143,15 +150,9 @@ def cluster_run(s3, tmp_path_factory):
                                 profile_transfer_mb=1, profile_repeats=2, progress_bar=False)
     stage0 = storage.join(RUN, 'stage0-256')
     with local_cluster(hosts=2, gpus_per_host=2, cpus_per_host=2) as lc:
-        killed: dict = {}
-        stop = threading.Event()
-        killer = threading.Thread(target=kill_a_rank_after_a_checkpoint, args=(lc, stage0, killed, stop), daemon=True)
-        killer.start()
-        try:
+        # Rank 0's working copy of metrics.jsonl on this machine: the bucket's copy lags behind it.
+        with when_step_reached(storage.work_dir(stage0), KILL_AT_STEP, lambda step: kill_a_rank(lc, stage0, step)) as killed:
             results = Controller(recipe, options).run_all()
-        finally:
-            stop.set()
-            killer.join(timeout=30)
         yield {"results": results, "killed": killed, "recipe": recipe, "tmp": tmp, "address": lc.address, "ips": lc.ips}
 
 
@@ -183,6 +184,56 @@ def test_demo_runs_on_object_storage_and_resumes_from_the_bucket(cluster_run):
         assert {rel: meta["size"] for rel, meta in manifest["files"].items()} == {k: v for k, v in sizes.items() if k != MANIFEST}
     stage1 = json.loads(storage.read_bytes(storage.join(RUN, "stage1-1k", "stage.json")))
     assert stage1["init_from"] == f"{RUN}/stage0-256/hf"
+
+
+@pytest.mark.timeout(120)
+def test_the_stages_read_the_token_store_in_the_bucket_and_no_rank_tokenised(cluster_run):
+    stages = ("stage0-256", "stage1-1k")
+    [store] = {json.loads(storage.read_bytes(storage.join(RUN, s, "stage.json")))["data"]["store"] for s in stages}
+    assert store.startswith(f"{TOKENS}/pretrain-")
+    # Every rank of every attempt (the killed one too) opened the store and tokenised nothing.
+    logs = {p: p.read_text() for s in stages for p in (storage.work_dir(storage.join(RUN, s)) / LOGS_DIR).glob("rank-*.log")}
+    assert len(logs) == 2 + 4, sorted(logs)  # the stages run on 2 and 4 ranks
+    for path, text in logs.items():
+        assert f"data: token store {store}, 8 documents" in text and "data: tokenising" not in text, path
+
+
+@pytest.mark.timeout(120)
+def test_token_store_in_the_bucket_equals_in_process_tokenisation_token_for_token(cluster_run):
+    """The store the stage prepared in the bucket holds the tokens, and packs the samples, a rank would have made itself."""
+    recipe = cluster_run["recipe"]
+    again = prepare(PrepareSpec.of(recipe.data, recipe.model), TOKENS, progress=False)
+    assert not again.created and again.path.startswith(f"{TOKENS}/pretrain-")  # the stage prepared it
+    store = TokenStore.open(again.path, "pretrain")
+    docs = tokenize_documents(byte_tokenizer(), read_documents(recipe.data.path), "pretrain")
+    assert len(store) == len(docs) == 8 and all(np.array_equal(store.document(i), d) for i, (d, _) in enumerate(docs))
+    a, b = PackedDataset(store, 256, recipe.data, seed=3), build_dataset(recipe.data, byte_tokenizer(), 256, seed=3)
+    for i in range(len(a)):
+        assert all(a[i][k].equal(b[i][k]) for k in ("input_ids", "labels", "doc_ids"))
+
+    # One committed build in the bucket: meta.json (written last) names it, and nothing else lies there.
+    meta, build = store.meta, storage.join(again.path, store.meta["build"])
+    shards = {f"{meta['build']}/tokens-{s}.npy" for s in meta["shards"]}
+    assert set(storage.file_sizes(again.path)) == {"meta.json", f"{meta['build']}/index.npy", *shards}
+
+    # A rank reads only the byte ranges of its samples: a piece of a document costs a block or two, not the shard.
+    doc = len(store) // 2
+    shard, start, length = (int(v) for v in store.index[doc])
+    cache = BlockCache()
+    tokens = RangedArray(storage.join(build, f"tokens-{meta['shards'][shard]}.npy"), cache, block=4096)
+    assert length > 2048 and np.array_equal(tokens[start + 1024:start + 2048], docs[doc][0][1024:2048])
+    assert cache.requests == 1 and cache.size <= 2 * 4096 < len(tokens) * tokens.dtype.itemsize
+
+
+@pytest.mark.timeout(120)
+def test_a_failed_prepare_leaves_nothing_in_the_bucket(cluster_run, tmp_path):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "a.jsonl").write_text(json.dumps({"text": "good one"}) + "\n" + json.dumps({"body": "x"}) + "\n")
+    root = f"s3://{BUCKET}/failed/tokens"
+    with pytest.raises(ConfigError, match="a.jsonl:2: record has no 'text' field"):
+        prepare(PrepareSpec(str(corpus)), root, workers=1, progress=False)
+    assert storage.file_sizes(root) == {}
 
 
 @pytest.mark.timeout(120)
