@@ -39,6 +39,7 @@ from tests.ray_utils import REPO, local_cluster, when_step_reached
 from topology.errors import ConfigError
 from trainer import storage
 from trainer.checkpoint import MANIFEST, latest_step
+from trainer.config import DataConfig
 from trainer.data import build_dataset, read_documents
 from trainer.data.packing import PackedDataset
 from trainer.data.prepare import PrepareSpec, prepare
@@ -109,6 +110,45 @@ def test_storage_publishes_whole_files_and_follows_the_model_pointer(s3, tmp_pat
     assert sorted(storage.children(stage)) == ["done.json", "hf", "hf-step1-aaaaaa", "hf-step2-bbbbbb", "metrics.jsonl"]
     storage.remove(storage.join(stage, "hf-step1-aaaaaa"))
     assert storage.kind(storage.join(stage, "hf-step1-aaaaaa")) == "missing"
+
+
+def test_a_store_in_the_bucket_appears_at_its_commit_and_reads_chat_masks_by_range(s3):
+    """Two builds of one key race to commit on the bucket; the store is readable only from the first commit on."""
+    from trainer.data.store import commit, is_complete, new_build_dir, store_path, write_shard
+
+    chat = DataConfig(path=str(REPO / "clusters" / "data" / "corpus" / "chat"), kind="chat")
+    docs = tokenize_documents(byte_tokenizer(), read_documents(chat.path, "chat"), "chat")
+    final = store_path(f"s3://{BUCKET}/unit-tokens", "chat", "0123456789abcdef")
+    builds = []
+    for _ in range(2):  # e.g. two drivers preparing the same corpus at once
+        tmp = new_build_dir(final)
+        name, starts = write_shard(tmp, docs)
+        write_shard(tmp, docs[:1])  # a retried task's orphan: dropped at commit
+        builds.append((tmp, name, np.array([(0, s, len(d)) for s, (d, _) in zip(starts, docs)])))
+    assert not is_complete(final)
+    with pytest.raises(ConfigError, match="is not a prepared token store"):
+        TokenStore.open(final)
+    for tmp, name, index in builds:
+        commit(tmp, final, [name], index, {"kind": "chat"})
+    (tmp, name, _), (loser, _, _) = builds
+    build = storage.name(tmp)
+    assert storage.kind(loser) == "missing"  # it found the first commit and removed itself
+    assert set(storage.file_sizes(final)) == {"meta.json", f"{build}/index.npy", f"{build}/tokens-{name}.npy", f"{build}/learn-{name}.npy"}
+
+    store = TokenStore.open(final, "chat")
+    assert store.meta["build"] == build
+    for i, (ids, learn) in enumerate(docs):
+        tokens, mask = store.read(i)
+        assert np.array_equal(tokens, ids) and np.array_equal(mask.astype(bool), learn)
+    a, b = PackedDataset(store, 512, chat, seed=2), build_dataset(chat, byte_tokenizer(), 512, seed=2)
+    for i in range(len(a) + 2):
+        assert all(a[i][k].equal(b[i][k]) for k in ("input_ids", "labels", "doc_ids"))
+    assert 0 < store._cache.requests <= 4 and store._cache.size <= store._cache.capacity
+
+    # The block cache holds at most its capacity, whatever is read through it.
+    cache = BlockCache(capacity=4096)
+    tokens = RangedArray(storage.join(final, build, f"tokens-{name}.npy"), cache, block=1024)
+    assert np.array_equal(tokens[:], np.concatenate([d for d, _ in docs])) and cache.size <= 4096 < len(tokens) * 4
 
 
 def demo_recipe(tmp: Path) -> Recipe:
