@@ -13,6 +13,10 @@ Two measurements, each side by side in one run on one synthetic corpus
    in-process path (read and tokenise everything, as before the store) vs a
    prepared store (index only, samples memory-mapped), each in a fresh
    process (``tests/data_probe.py``).
+3. The same stores read from an object store: each copied to an S3 bucket
+   (moto's server on localhost, so no network in the figures) and opened by
+   URI, samples read by byte range, against the memory map of the same store
+   on a local path: start-up, time to read the samples, resident memory.
 
 Run by hand (``pip install -e .[bench]`` for ``datasets``)::
 
@@ -22,13 +26,16 @@ Run by hand (``pip install -e .[bench]`` for ``datasets``)::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import logging
 import os
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Iterator
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -38,6 +45,7 @@ sys.path.insert(0, str(REPO))
 import numpy as np  # noqa: E402
 
 from tests.ray_utils import local_cluster  # noqa: E402
+from trainer import storage  # noqa: E402
 from trainer.data.prepare import PrepareSpec, prepare  # noqa: E402
 from trainer.data.tokenize import document_tokens  # noqa: E402
 from trainer.tokenizer import byte_tokenizer  # noqa: E402
@@ -88,6 +96,25 @@ def probe(flag: str, path: Path, seq_len: int) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+@contextlib.contextmanager
+def s3_bucket(name: str = "ringleader-bench") -> Iterator[str]:
+    """An S3 endpoint on localhost (moto's server) with one bucket; AWS_* point pyarrow and the probes at it."""
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    os.environ.update(AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench", AWS_REGION="us-east-1",
+                      AWS_DEFAULT_REGION="us-east-1", AWS_ENDPOINT_URL=f"http://{host}:{port}", AWS_EC2_METADATA_DISABLED="true")
+    boto3.client("s3", endpoint_url=os.environ["AWS_ENDPOINT_URL"]).create_bucket(Bucket=name)
+    try:
+        yield f"s3://{name}"
+    finally:
+        server.stop()
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--mb", type=float, default=8.0, help="corpus size N in MB for the throughput runs (default: %(default)s)")
@@ -97,14 +124,21 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="data-prepare-") as tmp:
         tmp = Path(tmp)
         corpus = write_corpus(tmp / "corpus", args.mb)
-        rows, results = [], {}
+        rows, results, stores = [], {}, {}
         with local_cluster(hosts=2, gpus_per_host=0, cpus_per_host=2):
             for workers in (1, 2):
                 rows.append((f"Ray Data prepare, {workers} worker(s)", *ray_prepare(corpus, workers, tmp / f"store-{workers}")))
             for scale in (1, 10):
-                c = write_corpus(tmp / f"rank-{scale}", args.rank_mb * scale, seed=scale)
+                # Many files: each shard stays below one multipart part (moto's server mishandles larger uploads).
+                c = write_corpus(tmp / f"rank-{scale}", args.rank_mb * scale, files=8 * scale, seed=scale)
                 store = prepare(PrepareSpec(str(c)), tmp / "rank-stores", progress=False).path
                 results[scale] = {"in-process": probe("--corpus", c, args.seq_len), "store": probe("--store", store, args.seq_len)}
+                stores[scale] = store
+        with s3_bucket() as bucket:
+            for scale, store in stores.items():
+                uri = storage.join(bucket, "tokens", storage.name(store))
+                storage.put_dir(Path(store), uri)
+                results[scale]["store on S3"] = probe("--store", uri, args.seq_len)
         for num_proc in (1, 2):
             rows.append((f"HF datasets.map, num_proc={num_proc}", *hf_datasets_map(corpus, num_proc, tmp / f"hf-{num_proc}")))
         base = rows[0][2] / rows[0][1]
@@ -123,6 +157,15 @@ def main() -> None:
             old, new = results[scale]["in-process"], results[scale]["store"]
             print(f"  store vs in-process at {scale:>2} N: start-up {new['startup_s'] / old['startup_s']:.3f}x, "
                   f"RSS {new['rss_mb'] / old['rss_mb']:.2f}x; same samples: {new['digest'] == old['digest']}")
+
+        print("\nthe same stores on S3 (moto on localhost; byte-range reads) vs on a local path (memory map):")
+        print(f"  {'':8s}{'start-up s path':>16s}{'S3':>8s}{'S3/path':>9s}{'read s path':>13s}{'S3':>8s}{'S3/path':>9s}"
+              f"{'RSS MiB path':>14s}{'S3':>8s}{'same samples':>14s}")
+        for scale in (1, 10):
+            a, b = results[scale]["store"], results[scale]["store on S3"]
+            print(f"  {scale:>2} N   {a['startup_s']:16.3f}{b['startup_s']:8.3f}{b['startup_s'] / a['startup_s']:8.1f}x"
+                  f"{a['read_s']:13.3f}{b['read_s']:8.3f}{b['read_s'] / a['read_s']:8.1f}x"
+                  f"{a['rss_mb']:14.0f}{b['rss_mb']:8.0f}{str(a['digest'] == b['digest']):>14s}")
 
 
 if __name__ == "__main__":

@@ -8,6 +8,9 @@ driver connected and everything torn down afterwards::
         ray.nodes()            # 4 alive nodes, 8 GPUs
         lc.remove_host(3)      # a host dies
 
+``when_step_reached`` injects such a fault once a stage has logged a given
+step (after a checkpoint), while the controller runs the stage.
+
 ``RayHead`` runs ``ray start --head`` with its own ports and temp dir (for
 ``ray job submit`` and autoscaler tests) and stops exactly the processes
 of that head, never another Ray on the machine.
@@ -26,10 +29,11 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -118,6 +122,39 @@ def local_cluster(
         if cluster.head_node is not None:
             cluster.remove_node(cluster.head_node, allow_graceful=False)
         cluster.shutdown()
+
+
+@contextlib.contextmanager
+def when_step_reached(stage_dir: str | Path, at: int, act: Callable[[int], dict[str, Any]],
+                      poll_s: float = 0.05) -> Iterator[dict[str, Any]]:
+    """While the body runs, do ``act`` once the stage in ``stage_dir`` has logged step ``at`` (a fault injected mid-stage).
+
+    A thread polls the stage's metrics.jsonl (rank 0's steps; ``stage_dir``
+    is a path, or the local working copy of an object store stage) and calls
+    ``act(step)`` with the highest step once it reaches ``at``; the dict it
+    returns is what the context yields (empty if the body ended first). The
+    thread is stopped and joined when the body ends, however it ends.
+    """
+    from launcher.runtime.rundir import read_metrics
+
+    done: dict[str, Any] = {}
+    stop = threading.Event()
+
+    def watch() -> None:
+        while not stop.is_set():
+            steps = [m["step"] for m in read_metrics(stage_dir) if "step" in m]
+            if steps and max(steps) >= at:
+                done.update(act(max(steps)))
+                return
+            stop.wait(poll_s)
+
+    thread = threading.Thread(target=watch, name="fault-injector", daemon=True)
+    thread.start()
+    try:
+        yield done
+    finally:
+        stop.set()
+        thread.join(timeout=30)
 
 
 @dataclass

@@ -4,6 +4,7 @@ import hashlib
 import json
 import random
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -187,7 +188,7 @@ def test_prepared_store_on_disk_gives_the_same_samples(tmp_path):
         shards = [name] if n == 0 else shards + [name]
     write_shard(tmp, docs[:1])  # a retried task's orphan: dropped at commit
     store = TokenStore.open(commit(tmp, tmp_path / "store", shards, np.array(index), {"kind": "pretrain"}))
-    assert not tmp.exists() and len(list((tmp_path / "store").glob("tokens-*.npy"))) == 3
+    assert not Path(tmp).exists() and len(list((tmp_path / "store").glob("tokens-*.npy"))) == 3
     cfg = DataConfig(path=str(CORPUS))
     on_disk, in_memory = PackedDataset(store, 256, cfg, seed=5), build_dataset(cfg, TOK, 256, seed=5)
     for i in (0, 1, len(on_disk) - 1, len(on_disk) + 7):

@@ -9,6 +9,7 @@ import json
 import math
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -46,7 +47,7 @@ def test_prepare_on_two_nodes_equals_single_process_tokenisation(cluster, tmp_pa
     again = subprocess.run([sys.executable, "-m", "launcher", "data", "prepare", "--input", str(CORPUS), "--store", str(tmp_path)],
                            capture_output=True, text=True, cwd=REPO, timeout=120)
     assert again.returncode == 0 and f"token store {first.path} is already prepared (8 documents" in again.stdout
-    assert sorted(p.name for p in tmp_path.iterdir()) == [first.path.name]  # no build directory left
+    assert sorted(p.name for p in tmp_path.iterdir()) == [Path(first.path).name]  # no build directory left
 
 
 def test_chat_masks_survive_the_round_trip(cluster, tmp_path):

@@ -14,8 +14,6 @@ goes on with fewer ranks: the ring shrinks and the checkpoint is re-partitioned.
 from __future__ import annotations
 
 import json
-import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -24,7 +22,7 @@ import yaml
 from launcher.runtime.controller import Controller, ControllerOptions
 from launcher.recipe import Recipe
 from launcher.runtime.rundir import read_metrics
-from tests.ray_utils import REPO, local_cluster
+from tests.ray_utils import REPO, local_cluster, when_step_reached
 
 STEPS = 80
 """Tiny steps take well under 0.1 s; a killed host's ranks take a few seconds to notice, and the stage must outlast that."""
@@ -44,18 +42,13 @@ FAST_HEALTH_CHECKS = {"health_check_period_ms": 500, "health_check_timeout_ms": 
 """Ray declares a killed host dead after about 1.5 s instead of about 15 s."""
 
 
-def kill_a_host_mid_stage(lc, stage_dir: Path, killed: dict, stop: threading.Event) -> None:
-    """Wait for rank 0's step KILL_AFTER_STEP, then remove a non-head host that holds ranks."""
-    while not stop.is_set():
-        steps = [m["step"] for m in read_metrics(stage_dir) if "step" in m]
-        if steps and max(steps) >= KILL_AFTER_STEP:
-            plan = json.loads((stage_dir / "plan.json").read_text())
-            used = {p["ip"] for p in plan["placements"]}
-            victim = next(i for i in range(len(lc.ips) - 1, 0, -1) if lc.ips[i] in used)
-            killed.update(ip=lc.ips[victim], at_step=max(steps))
-            lc.remove_host(victim)
-            return
-        time.sleep(0.1)
+def kill_a_host(lc, stage_dir: Path, step: int) -> dict:
+    """Remove a non-head host that holds ranks of the stage's plan."""
+    plan = json.loads((stage_dir / "plan.json").read_text())
+    used = {p["ip"] for p in plan["placements"]}
+    victim = next(i for i in range(len(lc.ips) - 1, 0, -1) if lc.ips[i] in used)
+    lc.remove_host(victim)
+    return {"ip": lc.ips[victim], "at_step": step}
 
 
 def run_with_a_host_killed(tmp_path: Path, recipe_dict: dict, hosts: int) -> tuple[dict, dict, list[dict], Path]:
@@ -67,15 +60,8 @@ def run_with_a_host_killed(tmp_path: Path, recipe_dict: dict, hosts: int) -> tup
                                 profile_transfer_mb=1, profile_repeats=2, progress_bar=False)
     stage_dir = tmp_path / "run" / "stage0-s"
     with local_cluster(hosts=hosts, gpus_per_host=1, cpus_per_host=1, system_config=FAST_HEALTH_CHECKS) as lc:
-        killed: dict = {}
-        stop = threading.Event()
-        killer = threading.Thread(target=kill_a_host_mid_stage, args=(lc, stage_dir, killed, stop), daemon=True)
-        killer.start()
-        try:
+        with when_step_reached(stage_dir, KILL_AFTER_STEP, lambda step: kill_a_host(lc, stage_dir, step)) as killed:
             results = Controller(recipe, options).run_all()
-        finally:
-            stop.set()
-            killer.join(timeout=30)
     assert killed, "the stage finished before a host could be removed"
     return results[0], killed, read_metrics(stage_dir), stage_dir
 

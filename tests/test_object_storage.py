@@ -8,6 +8,11 @@ bucket. Afterwards the bucket holds the whole run (plans, metrics, manifests,
 each stage's model behind its ``hf`` pointer) and ``ringleader niah`` reads
 the last stage's model straight from it.
 
+The stages read their data from a token store the controller prepares in
+the bucket beside the run (Ray Data writing shards straight to S3, the
+commit object last); no rank tokenises, and the store holds exactly the
+tokens and samples of in-process tokenisation.
+
 Then a driver whose run directory lies on a mount only it can see (a tmpfs
 in its own mount namespace: a disk local to one host) is refused before any
 rank trains.
@@ -22,22 +27,32 @@ import shutil
 import signal
 import subprocess
 import sys
-import threading
-import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
 from launcher.recipe import Recipe
 from launcher.runtime.rundir import finished, read_metrics
-from tests.ray_utils import REPO, local_cluster
+from tests.ray_utils import REPO, local_cluster, when_step_reached
+from topology.errors import ConfigError
 from trainer import storage
 from trainer.checkpoint import MANIFEST, latest_step
-from trainer.progress import METRICS_JSONL
+from trainer.config import DataConfig
+from trainer.data import build_dataset, read_documents
+from trainer.data.packing import PackedDataset
+from trainer.data.prepare import PrepareSpec, prepare
+from trainer.data.ranged import BlockCache, RangedArray
+from trainer.data.store import TokenStore
+from trainer.data.tokenize import tokenize_documents
+from trainer.ranklog import LOGS_DIR
+from trainer.tokenizer import byte_tokenizer
 
 BUCKET = "ringleader-test"
 RUN = f"s3://{BUCKET}/runs/demo"
+TOKENS = f"s3://{BUCKET}/runs/tokens"
+"""The token store root beside the run directory, where the stages prepare their data."""
 KILL_AT_STEP = 4
 """A rank dies here: after the first stage's checkpoint of step 3."""
 
@@ -97,6 +112,45 @@ def test_storage_publishes_whole_files_and_follows_the_model_pointer(s3, tmp_pat
     assert storage.kind(storage.join(stage, "hf-step1-aaaaaa")) == "missing"
 
 
+def test_a_store_in_the_bucket_appears_at_its_commit_and_reads_chat_masks_by_range(s3):
+    """Two builds of one key race to commit on the bucket; the store is readable only from the first commit on."""
+    from trainer.data.store import commit, is_complete, new_build_dir, store_path, write_shard
+
+    chat = DataConfig(path=str(REPO / "clusters" / "data" / "corpus" / "chat"), kind="chat")
+    docs = tokenize_documents(byte_tokenizer(), read_documents(chat.path, "chat"), "chat")
+    final = store_path(f"s3://{BUCKET}/unit-tokens", "chat", "0123456789abcdef")
+    builds = []
+    for _ in range(2):  # e.g. two drivers preparing the same corpus at once
+        tmp = new_build_dir(final)
+        name, starts = write_shard(tmp, docs)
+        write_shard(tmp, docs[:1])  # a retried task's orphan: dropped at commit
+        builds.append((tmp, name, np.array([(0, s, len(d)) for s, (d, _) in zip(starts, docs)])))
+    assert not is_complete(final)
+    with pytest.raises(ConfigError, match="is not a prepared token store"):
+        TokenStore.open(final)
+    for tmp, name, index in builds:
+        commit(tmp, final, [name], index, {"kind": "chat"})
+    (tmp, name, _), (loser, _, _) = builds
+    build = storage.name(tmp)
+    assert storage.kind(loser) == "missing"  # it found the first commit and removed itself
+    assert set(storage.file_sizes(final)) == {"meta.json", f"{build}/index.npy", f"{build}/tokens-{name}.npy", f"{build}/learn-{name}.npy"}
+
+    store = TokenStore.open(final, "chat")
+    assert store.meta["build"] == build
+    for i, (ids, learn) in enumerate(docs):
+        tokens, mask = store.read(i)
+        assert np.array_equal(tokens, ids) and np.array_equal(mask.astype(bool), learn)
+    a, b = PackedDataset(store, 512, chat, seed=2), build_dataset(chat, byte_tokenizer(), 512, seed=2)
+    for i in range(len(a) + 2):
+        assert all(a[i][k].equal(b[i][k]) for k in ("input_ids", "labels", "doc_ids"))
+    assert 0 < store._cache.requests <= 4 and store._cache.size <= store._cache.capacity
+
+    # The block cache holds at most its capacity, whatever is read through it.
+    cache = BlockCache(capacity=4096)
+    tokens = RangedArray(storage.join(final, build, f"tokens-{name}.npy"), cache, block=1024)
+    assert np.array_equal(tokens[:], np.concatenate([d for d, _ in docs])) and cache.size <= 4096 < len(tokens) * 4
+
+
 def demo_recipe(tmp: Path) -> Recipe:
     """clusters/recipes/demo.yaml with the run directory in the bucket and a first stage long enough to be cut."""
     data = yaml.safe_load((REPO / "clusters" / "recipes" / "demo.yaml").read_text())
@@ -118,18 +172,11 @@ def rank_worker_pids(lc) -> list[int]:
             if any("RankWorker" in part for part in c.cmdline())]
 
 
-def kill_a_rank_after_a_checkpoint(lc, stage_dir: str, killed: dict, stop: threading.Event) -> None:
-    """SIGKILL a rank's worker once rank 0 has logged step KILL_AT_STEP (the checkpoint of step 3 is committed by then)."""
-    metrics = storage.work_dir(stage_dir) / METRICS_JSONL  # rank 0's working copy on this machine
-    while not stop.is_set():
-        lines = metrics.read_text().splitlines() if metrics.exists() else []
-        steps = [json.loads(line).get("step", 0) for line in lines if line.strip()]
-        if steps and max(steps) >= KILL_AT_STEP:
-            victim = max(rank_worker_pids(lc))
-            killed.update(pid=victim, at_step=max(steps), committed=latest_step(stage_dir))
-            os.kill(victim, signal.SIGKILL)
-            return
-        time.sleep(0.05)
+def kill_a_rank(lc, stage_dir: str, step: int) -> dict:
+    """SIGKILL a rank's worker; by step KILL_AT_STEP the checkpoint of step 3 is committed."""
+    victim, committed = max(rank_worker_pids(lc)), latest_step(stage_dir)
+    os.kill(victim, signal.SIGKILL)
+    return {"pid": victim, "at_step": step, "committed": committed}
 
 
 @pytest.fixture(scope="module")
@@ -143,15 +190,9 @@ def cluster_run(s3, tmp_path_factory):
                                 profile_transfer_mb=1, profile_repeats=2, progress_bar=False)
     stage0 = storage.join(RUN, 'stage0-256')
     with local_cluster(hosts=2, gpus_per_host=2, cpus_per_host=2) as lc:
-        killed: dict = {}
-        stop = threading.Event()
-        killer = threading.Thread(target=kill_a_rank_after_a_checkpoint, args=(lc, stage0, killed, stop), daemon=True)
-        killer.start()
-        try:
+        # Rank 0's working copy of metrics.jsonl on this machine: the bucket's copy lags behind it.
+        with when_step_reached(storage.work_dir(stage0), KILL_AT_STEP, lambda step: kill_a_rank(lc, stage0, step)) as killed:
             results = Controller(recipe, options).run_all()
-        finally:
-            stop.set()
-            killer.join(timeout=30)
         yield {"results": results, "killed": killed, "recipe": recipe, "tmp": tmp, "address": lc.address, "ips": lc.ips}
 
 
@@ -183,6 +224,56 @@ def test_demo_runs_on_object_storage_and_resumes_from_the_bucket(cluster_run):
         assert {rel: meta["size"] for rel, meta in manifest["files"].items()} == {k: v for k, v in sizes.items() if k != MANIFEST}
     stage1 = json.loads(storage.read_bytes(storage.join(RUN, "stage1-1k", "stage.json")))
     assert stage1["init_from"] == f"{RUN}/stage0-256/hf"
+
+
+@pytest.mark.timeout(120)
+def test_the_stages_read_the_token_store_in_the_bucket_and_no_rank_tokenised(cluster_run):
+    stages = ("stage0-256", "stage1-1k")
+    [store] = {json.loads(storage.read_bytes(storage.join(RUN, s, "stage.json")))["data"]["store"] for s in stages}
+    assert store.startswith(f"{TOKENS}/pretrain-")
+    # Every rank of every attempt (the killed one too) opened the store and tokenised nothing.
+    logs = {p: p.read_text() for s in stages for p in (storage.work_dir(storage.join(RUN, s)) / LOGS_DIR).glob("rank-*.log")}
+    assert len(logs) == 2 + 4, sorted(logs)  # the stages run on 2 and 4 ranks
+    for path, text in logs.items():
+        assert f"data: token store {store}, 8 documents" in text and "data: tokenising" not in text, path
+
+
+@pytest.mark.timeout(120)
+def test_token_store_in_the_bucket_equals_in_process_tokenisation_token_for_token(cluster_run):
+    """The store the stage prepared in the bucket holds the tokens, and packs the samples, a rank would have made itself."""
+    recipe = cluster_run["recipe"]
+    again = prepare(PrepareSpec.of(recipe.data, recipe.model), TOKENS, progress=False)
+    assert not again.created and again.path.startswith(f"{TOKENS}/pretrain-")  # the stage prepared it
+    store = TokenStore.open(again.path, "pretrain")
+    docs = tokenize_documents(byte_tokenizer(), read_documents(recipe.data.path), "pretrain")
+    assert len(store) == len(docs) == 8 and all(np.array_equal(store.document(i), d) for i, (d, _) in enumerate(docs))
+    a, b = PackedDataset(store, 256, recipe.data, seed=3), build_dataset(recipe.data, byte_tokenizer(), 256, seed=3)
+    for i in range(len(a)):
+        assert all(a[i][k].equal(b[i][k]) for k in ("input_ids", "labels", "doc_ids"))
+
+    # One committed build in the bucket: meta.json (written last) names it, and nothing else lies there.
+    meta, build = store.meta, storage.join(again.path, store.meta["build"])
+    shards = {f"{meta['build']}/tokens-{s}.npy" for s in meta["shards"]}
+    assert set(storage.file_sizes(again.path)) == {"meta.json", f"{meta['build']}/index.npy", *shards}
+
+    # A rank reads only the byte ranges of its samples: a piece of a document costs a block or two, not the shard.
+    doc = len(store) // 2
+    shard, start, length = (int(v) for v in store.index[doc])
+    cache = BlockCache()
+    tokens = RangedArray(storage.join(build, f"tokens-{meta['shards'][shard]}.npy"), cache, block=4096)
+    assert length > 2048 and np.array_equal(tokens[start + 1024:start + 2048], docs[doc][0][1024:2048])
+    assert cache.requests == 1 and cache.size <= 2 * 4096 < len(tokens) * tokens.dtype.itemsize
+
+
+@pytest.mark.timeout(120)
+def test_a_failed_prepare_leaves_nothing_in_the_bucket(cluster_run, tmp_path):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "a.jsonl").write_text(json.dumps({"text": "good one"}) + "\n" + json.dumps({"body": "x"}) + "\n")
+    root = f"s3://{BUCKET}/failed/tokens"
+    with pytest.raises(ConfigError, match="a.jsonl:2: record has no 'text' field"):
+        prepare(PrepareSpec(str(corpus)), root, workers=1, progress=False)
+    assert storage.file_sizes(root) == {}
 
 
 @pytest.mark.timeout(120)

@@ -13,7 +13,8 @@ fsynced, renamed and its directory fsynced; an object store publishes an
 object whole when its upload completes. Ranks never train against a URI
 directly: they write into a local working directory (``work_dir``) and put
 finished files into the store (``put_file``); readers download
-(``download_dir``, ``local_model``).
+(``download_dir``, ``local_model``), except token store shards, which ranks
+read by byte range (``open_ranges``).
 """
 
 from __future__ import annotations
@@ -112,6 +113,15 @@ def read_bytes(loc: str) -> bytes | None:
         if _missing(fs, p):
             return None
         raise OSError(f"cannot read {loc}: {exc}") from None
+
+
+def open_ranges(loc: str):
+    """A ``pyarrow.NativeFile`` of a URI to read byte ranges from (``read_at``): one request per range."""
+    fs, p = _fs(loc)
+    try:
+        return fs.open_input_file(p)
+    except OSError as exc:
+        raise OSError(f"cannot open {loc}: {exc}") from None
 
 
 def _missing(fs, p: str) -> bool:

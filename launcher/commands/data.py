@@ -24,6 +24,7 @@ from pathlib import Path
 
 from launcher.commands.options import add_cluster_arguments
 from topology.errors import ConfigError
+from trainer import storage
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -33,7 +34,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tokenizer", metavar="MODEL", help="with --input: local directory or hub name (default: the byte-level tokenizer of tiny models)")
     parser.add_argument("--kind", default="pretrain", choices=("pretrain", "chat"), help="with --input (default: %(default)s)")
     parser.add_argument("--on-bad-record", default="error", choices=("error", "skip"), help="with --input (default: %(default)s)")
-    parser.add_argument("--store", metavar="DIR", help="store root on shared storage (default: the recipe's run_dir/tokens, or runs/tokens)")
+    parser.add_argument("--store", metavar="DIR", help="store root on shared storage, a path or a URI such as s3://BUCKET/tokens "
+                        "(default: the recipe's run_dir/tokens, or runs/tokens)")
     parser.add_argument("--workers", type=int, metavar="N", help="tokenizer actors (default: one per CPU, at most one per file)")
     add_cluster_arguments(parser)
 
@@ -52,10 +54,10 @@ def run(args: argparse.Namespace) -> int:
         recipe = Recipe.load(args.recipe)
         datas = [recipe.data] + [s.data for s in recipe.stages if s.data is not None]
         specs = list(dict.fromkeys(PrepareSpec.of(d, recipe.model) for d in datas))
-        root = Path(args.store or Path(recipe.run_dir) / STORE_DIR)
+        root = args.store or storage.join(str(recipe.run_dir), STORE_DIR)
     else:
         specs = [PrepareSpec(args.input, args.kind, args.tokenizer, args.on_bad_record)]
-        root = Path(args.store or Path("runs") / STORE_DIR)
+        root = args.store or str(Path("runs") / STORE_DIR)
     import ray
 
     from launcher.commands.options import setup_logging

@@ -146,9 +146,10 @@ def _startup_host(recipe: Recipe, report: StageReport, params: float) -> str:
 # ------------------------------------------------------------------ formatting
 def data_report(recipe: Recipe, reports: list[StageReport]) -> list[Readiness]:
     """Data readiness of every stage, from the stores under the recipe's ``run_dir/tokens``."""
+    from trainer import storage
     from trainer.data.prepare import STORE_DIR
 
-    return readiness(recipe, {r.stage.name: r.tokens for r in reports}, Path(recipe.run_dir) / STORE_DIR)
+    return readiness(recipe, {r.stage.name: r.tokens for r in reports}, storage.join(str(recipe.run_dir), STORE_DIR))
 
 
 def format_report(recipe: Recipe, reports: list[StageReport], data: list[Readiness] | None = None) -> str:

@@ -89,8 +89,8 @@ class ControllerOptions:
     """Calibration file of achieved rates for the cost model (default: published figures for the GPU)."""
     progress_bar: bool | None = None
     """tqdm bar (True), plain lines (False), or a bar only on a terminal (None)."""
-    token_store: Path | None = None
-    """Root of prepared token stores (default: ``tokens/`` beside the run directory, shared by runs)."""
+    token_store: str | Path | None = None
+    """Root of prepared token stores, a path or a URI (default: ``tokens/`` beside the run directory, shared by runs)."""
     verbose: bool = False
     """Ranks' own output (DeepSpeed, warnings) on the console too, not only in their rank logs."""
 
@@ -231,9 +231,8 @@ class Controller:
         """The stage's data with its token store, tokenised on the cluster first if missing (before any rank starts)."""
         from trainer.data.prepare import STORE_DIR, ensure_prepared  # Ray Data: only once a stage runs
 
-        if self.opt.token_store is None and storage.is_uri(self.run_dir.root):
-            return cfg.data  # the token store is a shared path; beside an object store run directory, ranks tokenise
-        return ensure_prepared(cfg.data, cfg.model, self.opt.token_store or Path(storage.parent(self.run_dir.root)) / STORE_DIR)
+        root = self.opt.token_store or storage.join(storage.parent(self.run_dir.root), STORE_DIR)
+        return ensure_prepared(cfg.data, cfg.model, root)
 
     # --------------------------------------------------------------- profile
     def _profile(self, view: ClusterView) -> Topology:

@@ -14,8 +14,9 @@ Pipeline (Ray Data, streaming)::
 Each actor loads the tokenizer once and writes its shards straight into the
 store's build directory, so tokens never pass through the driver; the
 driver orders the documents by (file, record), which makes the store the
-same whatever the number of workers, writes the index and renames the
-directory into place. Whole files are the unit of work: every record keeps
+same whatever the number of workers, writes the index and publishes the
+store (a rename on a path, a commit object written last on an object store;
+see ``trainer.data.store``). Whole files are the unit of work: every record keeps
 its file and line (or row) number for error messages, and large corpora come
 as many files (SlimPajama: thousands of chunks). Ray Data shows its progress
 bars on the driver while it runs.
@@ -32,6 +33,7 @@ from typing import Any
 import numpy as np
 
 from topology.errors import ConfigError
+from trainer import storage
 from trainer.config import DataConfig, ModelConfig
 from trainer.data import store as token_store
 from trainer.data.read import BadRecord, bad_record_error, file_records, list_files
@@ -64,7 +66,8 @@ class PrepareSpec:
 class Prepared:
     """Where a store is and whether this call built it."""
 
-    path: Path
+    path: str
+    """A path or a URI, as the store root."""
     created: bool
     meta: dict[str, Any] = field(default_factory=dict)
 
@@ -78,8 +81,8 @@ class Prepared:
         return f"prepared {self.path}: {what} in {m['seconds']:.1f} s ({rate:,.0f} tokens/s){skipped}"
 
 
-def locate(spec: PrepareSpec, root: str | Path) -> tuple[Path, list[Path], Any]:
-    """The store path ``spec`` maps to under ``root``, the input files and the tokenizer (nothing is written)."""
+def locate(spec: PrepareSpec, root: str | Path) -> tuple[str, list[Path], Any]:
+    """The store location ``spec`` maps to under ``root`` (a path or URI), the input files and the tokenizer (nothing is written)."""
     files = list_files(spec.path, spec.kind)
     tokenizer = tokenizer_by_name(spec.tokenizer)
     key = token_store.store_key(files, tokenizer_fingerprint(tokenizer), spec.kind, spec.on_bad_record)
@@ -87,7 +90,10 @@ def locate(spec: PrepareSpec, root: str | Path) -> tuple[Path, list[Path], Any]:
 
 
 def prepare(spec: PrepareSpec, root: str | Path, workers: int | None = None, progress: bool = True) -> Prepared:
-    """Build the store of ``spec`` under ``root`` unless it exists; needs ``ray.init`` done.
+    """Build the store of ``spec`` under ``root`` (a shared path or an object store URI) unless it exists; needs ``ray.init`` done.
+
+    Every Ray node writes its shards to ``root`` itself, so each must reach it
+    (the same mount, or the object store's credentials and endpoint).
 
     Parameters
     ----------
@@ -132,7 +138,7 @@ def ensure_prepared(data: DataConfig, model: ModelConfig, root: str | Path, work
         return data
     result = prepare(PrepareSpec.of(data, model), root, workers=workers)
     log.info("data: %s", result.summary())
-    return replace(data, store=str(result.path))
+    return replace(data, store=result.path)
 
 
 class TokenizeFiles:
@@ -166,7 +172,7 @@ class TokenizeFiles:
         }
 
 
-def _run_pipeline(spec: PrepareSpec, files: list[Path], tmp: Path, workers: int, progress: bool) -> dict[str, np.ndarray]:
+def _run_pipeline(spec: PrepareSpec, files: list[Path], tmp: str, workers: int, progress: bool) -> dict[str, np.ndarray]:
     import ray.data
 
     ctx = ray.data.DataContext.get_current()
@@ -176,7 +182,7 @@ def _run_pipeline(spec: PrepareSpec, files: list[Path], tmp: Path, workers: int,
     ds = ray.data.read_binary_files([str(f) for f in files], include_paths=True, override_num_blocks=len(files), num_cpus=0,
                                     concurrency=workers)
     ds = ds.map_batches(TokenizeFiles, batch_size=1, compute=ray.data.ActorPoolStrategy(size=workers), batch_format="numpy",
-                        fn_constructor_kwargs={"tokenizer": spec.tokenizer, "kind": spec.kind, "out_dir": str(tmp),
+                        fn_constructor_kwargs={"tokenizer": spec.tokenizer, "kind": spec.kind, "out_dir": tmp,
                                                "files": [str(f) for f in files]})
     parts: dict[str, list[np.ndarray]] = {}
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
@@ -187,8 +193,8 @@ def _run_pipeline(spec: PrepareSpec, files: list[Path], tmp: Path, workers: int,
     return {k: np.concatenate(v) for k, v in parts.items()}
 
 
-def _commit(spec: PrepareSpec, files: list[Path], tmp: Path, final: Path, rows: dict[str, np.ndarray]) -> dict[str, Any]:
-    """Order documents by (file, record), apply the bad-record policy, write the index and rename into place."""
+def _commit(spec: PrepareSpec, files: list[Path], tmp: str, final: str, rows: dict[str, np.ndarray]) -> dict[str, Any]:
+    """Order documents by (file, record), apply the bad-record policy, write the index and publish the store."""
     order = np.lexsort((rows["record"], rows["file"])) if rows else np.zeros(0, dtype=np.int64)
     rows = {k: v[order] for k, v in rows.items()}
     bad = rows["bad"][rows["bad"] != ""].tolist() if rows else []
@@ -201,7 +207,7 @@ def _commit(spec: PrepareSpec, files: list[Path], tmp: Path, final: Path, rows: 
     index = np.stack([np.searchsorted(shards, rows["shard"][ok].astype(str)), rows["start"][ok], rows["length"][ok]], axis=1)
     meta = {"kind": spec.kind, "input": str(spec.path), "tokenizer": spec.tokenizer, "files": len(files),
             "documents": int(ok.sum()), "tokens": int(rows["length"][ok].sum()), "skipped": len(bad),
-            "skipped_examples": bad[:5], "key": final.name.split("-", 1)[1]}
+            "skipped_examples": bad[:5], "key": storage.name(final).split("-", 1)[1]}
     token_store.commit(tmp, final, shards, index, meta)
     return meta
 
