@@ -25,10 +25,10 @@ only the blocks where a query and a key share a document
 at most one rectangle at every other step, nothing where nothing is shared.
 
 Two backends share the interface: ``torch`` (fused SDPA kernels that return
-the log-sum-exp; CPU and CUDA, where the per-document squares of step 0 are
+the log-sum-exp; CPU and CUDA, where the per-document blocks of each step are
 one varlen flash call) and ``ring-flash-attn`` (its zigzag flash kernels,
-used on CUDA in half precision when flash_attn is installed and no document
-mask is asked for; see ``_ring``).
+used on CUDA in half precision when flash_attn is installed, for document
+masks when every document divides into ``2R`` chunks; see ``_ring``).
 """
 
 from __future__ import annotations
@@ -121,23 +121,27 @@ def block_backward(dout, q, k, v, out, lse, causal: bool, scale: float):
     return dq, _fold(dk, n_rep), _fold(dv, n_rep)
 
 
-def varlen_forward(q, k, v, cu_seqlens: torch.Tensor, max_len: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Causal attention within each document of one packed row, one CUDA flash call.
+def varlen_forward(q, k, v, cu_q: torch.Tensor, max_q: int, scale: float, cu_k: torch.Tensor | None = None,
+                   max_k: int | None = None, causal: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention within each segment of packed rows, one CUDA flash call (segment ``i``: ``cu[i]:cu[i+1]``).
 
-    ``q [s, n_q, d]``, ``k, v [s, n_kv, d]``, ``cu_seqlens`` int32 on the device;
-    returns ``(out [s, n_q, d], lse [n_q, s] fp32)``.
+    ``q [n_q_rows, n_q, d]``, ``k, v [n_k_rows, n_kv, d]``, ``cu_q``/``cu_k`` int32
+    on the device (``cu_k`` None: the same segments as ``q``); returns
+    ``(out [n_q_rows, n_q, d], lse [n_q, n_q_rows] fp32)``.
     """
-    out, lse, *_ = aten._flash_attention_forward(q, k, v, cu_seqlens, cu_seqlens, max_len, max_len, 0.0, True, False,
-                                                 scale=scale)
+    cu_k, max_k = (cu_q, max_q) if cu_k is None else (cu_k, max_k)
+    out, lse, *_ = aten._flash_attention_forward(q, k, v, cu_q, cu_k, max_q, max_k, 0.0, causal, False, scale=scale)
     return out, lse
 
 
-def varlen_backward(dout, q, k, v, out, lse, cu_seqlens: torch.Tensor, max_len: int, scale: float):
-    """Gradients of ``varlen_forward`` given the merged output and lse ``[n_q, s]``: ``(dq, dk, dv)``."""
+def varlen_backward(dout, q, k, v, out, lse, cu_q: torch.Tensor, max_q: int, scale: float,
+                    cu_k: torch.Tensor | None = None, max_k: int | None = None, causal: bool = True):
+    """Gradients of ``varlen_forward`` given the merged output and lse ``[n_q, rows]``: ``(dq, dk, dv)``."""
+    cu_k, max_k = (cu_q, max_q) if cu_k is None else (cu_k, max_k)
     rng = torch.zeros(2, dtype=torch.uint64, device=q.device)
     unused = torch.empty(0, device=q.device)
-    return aten._flash_attention_backward(dout, q, k, v, out, lse.contiguous(), cu_seqlens, cu_seqlens, max_len, max_len,
-                                          0.0, True, rng, unused, scale=scale)
+    return aten._flash_attention_backward(dout, q, k, v, out, lse.contiguous(), cu_q, cu_k, max_q, max_k,
+                                          0.0, causal, rng, unused, scale=scale)
 
 
 def _merge(out: torch.Tensor, lse: torch.Tensor, block_out: torch.Tensor, block_lse: torch.Tensor) -> None:
@@ -214,6 +218,68 @@ def diagonal_backward(dout, q, k, v, out, lse, blocks: list[Block], scale: float
     return dq, dk, dv
 
 
+class _Packed:
+    """The rows of one ring step's blocks, packed for one varlen call: ``(row, position)`` index pairs and ``cu_seqlens``."""
+
+    def __init__(self, blocks: list[Block], batch: int, device: torch.device) -> None:
+        def pack(side: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+            spans = [getattr(blk, side) for blk in blocks]
+            rows = torch.cat([torch.full((s.stop - s.start,), _row_of(blk, batch)) for blk, s in zip(blocks, spans)])
+            cols = torch.cat([torch.arange(s.start, s.stop) for s in spans])
+            lengths = torch.tensor([s.stop - s.start for s in spans])
+            cu = F.pad(lengths.cumsum(0), (1, 0)).to(device=device, dtype=torch.int32)
+            return rows.to(device), cols.to(device), cu, int(lengths.max())
+
+        self.q_row, self.q_col, self.cu_q, self.max_q = pack("q")
+        self.k_row, self.k_col, self.cu_k, self.max_k = pack("k")
+
+
+def _row_of(blk: Block, batch: int) -> int:
+    if blk.batch.start is None or blk.batch.stop - blk.batch.start != 1:
+        raise ValueError(f"varlen packing takes one-row blocks, got rows {blk.batch} of {batch}")
+    return blk.batch.start
+
+
+def step_forward(q, kv, out, lse, blocks: list[Block], scale: float) -> None:
+    """Fold one off-diagonal ring step's blocks into the running ``out [b, s, h, d]``, ``lse [b, h, s]`` (fp32, in place).
+
+    Several blocks (one per document under a document mask) are one varlen
+    flash call on CUDA; a block at a time otherwise.
+    """
+    if kernel_for(q) == "flash" and len(blocks) > 1:
+        p = _Packed(blocks, q.shape[0], q.device)
+        block_out, block_lse = varlen_forward(q[p.q_row, p.q_col], kv[0][p.k_row, p.k_col], kv[1][p.k_row, p.k_col],
+                                              p.cu_q, p.max_q, scale, p.cu_k, p.max_k, causal=False)
+        rows_out, rows_lse = out[p.q_row, p.q_col], _t(lse)[p.q_row, p.q_col]  # [n, h, d], [n, h]
+        _merge(rows_out, rows_lse, block_out, block_lse.t())
+        out[p.q_row, p.q_col], _t(lse)[p.q_row, p.q_col] = rows_out, rows_lse
+        return
+    for blk in blocks:
+        r = blk.batch
+        block_out, block_lse = block_forward(_t(q[r, blk.q]), _t(kv[0][r, blk.k]), _t(kv[1][r, blk.k]), False, scale)
+        _merge(_t(out[r, blk.q]), lse[r, :, blk.q], block_out, block_lse)
+
+
+def step_backward(dout, q, kv, out, lse, dq, dkv, blocks: list[Block], scale: float) -> None:
+    """Add one off-diagonal ring step's gradients to ``dq`` and the travelling ``dkv`` (fp32, in place)."""
+    if kernel_for(q) == "flash" and len(blocks) > 1:
+        p = _Packed(blocks, q.shape[0], q.device)
+        qi, ki = (p.q_row, p.q_col), (p.k_row, p.k_col)
+        dq_b, dk_b, dv_b = varlen_backward(dout[qi], q[qi], kv[0][ki], kv[1][ki], out[qi], _t(lse)[qi].t(), p.cu_q,
+                                           p.max_q, scale, p.cu_k, p.max_k, causal=False)
+        dq.index_put_(qi, dq_b.float(), accumulate=True)
+        dkv[0].index_put_(ki, dk_b.float(), accumulate=True)
+        dkv[1].index_put_(ki, dv_b.float(), accumulate=True)
+        return
+    for blk in blocks:
+        r = blk.batch
+        dq_b, dk_b, dv_b = block_backward(_t(dout[r, blk.q]), _t(q[r, blk.q]), _t(kv[0][r, blk.k]),
+                                          _t(kv[1][r, blk.k]), _t(out[r, blk.q]), lse[r, :, blk.q], False, scale)
+        dq[r, blk.q] += _t(dq_b)
+        dkv[0][r, blk.k] += _t(dk_b)
+        dkv[1][r, blk.k] += _t(dv_b)
+
+
 # ---------------------------------------------------------------------- the ring
 class ZigzagRingAttention(torch.autograd.Function):
     """Causal (or document-causal) attention over a ring of zigzag shards; inputs ``[b, s_local, heads, d]``.
@@ -236,10 +302,8 @@ class ZigzagRingAttention(torch.autograd.Function):
             blocks = schedule(documents, batch, seq, ring, me, step)
             if step == 0:
                 out, lse = diagonal_forward(q, *kv, blocks, scale)
-            for blk in blocks if step else ():
-                r = blk.batch
-                block_out, block_lse = block_forward(_t(q[r, blk.q]), _t(kv[0][r, blk.k]), _t(kv[1][r, blk.k]), False, scale)
-                _merge(_t(out[r, blk.q]), lse[r, :, blk.q], block_out, block_lse)
+            else:
+                step_forward(q, kv, out, lse, blocks, scale)
             if step + 1 < ring:
                 comm.wait()
                 kv = next_kv
@@ -267,13 +331,8 @@ class ZigzagRingAttention(torch.autograd.Function):
                 # previous rank (it has visited every rank the block visited).
                 dkv_comm.wait()
                 dkv = next_dkv
-            for blk in blocks if step else ():
-                r = blk.batch
-                dq_b, dk_b, dv_b = block_backward(_t(dout[r, blk.q]), _t(q[r, blk.q]), _t(kv[0][r, blk.k]),
-                                                  _t(kv[1][r, blk.k]), _t(out[r, blk.q]), lse[r, :, blk.q], False, scale)
-                dq[r, blk.q] += _t(dq_b)
-                dkv[0][r, blk.k] += _t(dk_b)
-                dkv[1][r, blk.k] += _t(dv_b)
+            if step:
+                step_backward(dout, q, kv, out, lse, dq, dkv, blocks, scale)
             if ring > 1:
                 next_dkv = dkv_comm.send_recv(dkv, tag=2)
             if step + 1 < ring:
@@ -303,7 +362,7 @@ def select_backend(device_type: str, dtype: torch.dtype, ring_in_rank_order: boo
     elif importlib.util.find_spec("flash_attn"):
         try:
             import ring_flash_attn  # noqa: F401  (imports flash_attn's CUDA extension)
-            name, reason = "ring-flash-attn", "zigzag_ring_flash_attn_func"
+            name, reason = "ring-flash-attn", "zigzag_ring_flash_attn_func, _varlen_func for documents"
         except ImportError as exc:
             reason = f"ring_flash_attn unusable: {exc}"
     kernels = "flash-for-cpu" if device_type == "cpu" else "sdpa flash/efficient"
@@ -314,17 +373,47 @@ def select_backend(device_type: str, dtype: torch.dtype, ring_in_rank_order: boo
 def _ring(q, k, v, groups: ParallelGroups, scale: float, documents: Documents | None) -> torch.Tensor:
     """Ring attention on ``[b, s, heads, d]`` (the ring group's part, after any Ulysses exchange).
 
-    ring-flash-attn's zigzag varlen functions zigzag every document on its own
-    (each length a multiple of 2R); packed samples keep the whole-sequence
-    zigzag here, so document masks run the ``torch`` backend, whose step 0 is
-    one varlen flash call per row on CUDA.
+    ring-flash-attn's zigzag functions take the unmasked case and, through its
+    varlen function, document masks in the per-document layout when every
+    document's length is a multiple of ``2R`` (its layout then equals ours).
+    Everything else runs the ``torch`` backend.
     """
     in_order = groups.ring_ranks == sorted(groups.ring_ranks)
-    if documents is None and select_backend(q.device.type, q.dtype, in_order) == "ring-flash-attn":
-        from ring_flash_attn import zigzag_ring_flash_attn_func
+    if select_backend(q.device.type, q.dtype, in_order) == "ring-flash-attn":
+        if documents is None:
+            from ring_flash_attn import zigzag_ring_flash_attn_func
 
-        return zigzag_ring_flash_attn_func(q, k, v, softmax_scale=scale, causal=True, group=groups.ring_group)
+            return zigzag_ring_flash_attn_func(q, k, v, softmax_scale=scale, causal=True, group=groups.ring_group)
+        varlen = flash_varlen_args(documents, groups.ring_size)
+        if varlen is not None:
+            from ring_flash_attn import zigzag_ring_flash_attn_varlen_func
+
+            b, s = q.shape[:2]
+            cu, max_len = varlen
+            out = zigzag_ring_flash_attn_varlen_func(q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1),
+                                                     torch.tensor(cu, dtype=torch.int32, device=q.device), max_len,
+                                                     softmax_scale=scale, causal=True, group=groups.ring_group)
+            return out.view(b, s, *out.shape[1:])
     return ZigzagRingAttention.apply(q, k, v, groups, scale, documents)
+
+
+def flash_varlen_args(documents: Documents, ring: int) -> tuple[list[int], int] | None:
+    """Local ``(cu_seqlens, max_seqlen)`` of the rows packed one after another, as ring-flash-attn's zigzag varlen
+    function takes them, or None when its layout is not ours (a length not a multiple of ``2R``, or the
+    whole-sequence layout).
+
+    >>> flash_varlen_args(Documents(((0, 4, 12), (0, 12))), ring=2)
+    ([0, 2, 6, 12], 6)
+    """
+    if documents.layout != "document":
+        return None
+    cu = [0]
+    for row in documents.cu_seqlens:
+        lengths = [b - a for a, b in zip(row, row[1:])]
+        if any(n % (2 * ring) for n in lengths):
+            return None
+        cu += [cu[-1] + n // ring for n in lengths]
+    return cu, max(b - a for a, b in zip(cu, cu[1:]))
 
 
 def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, groups: ParallelGroups,
