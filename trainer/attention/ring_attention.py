@@ -412,7 +412,8 @@ def flash_varlen_args(documents: Documents, ring: int) -> tuple[list[int], int] 
         lengths = [b - a for a, b in zip(row, row[1:])]
         if any(n % (2 * ring) for n in lengths):
             return None
-        cu += [cu[-1] + n // ring for n in lengths]
+        for n in lengths:
+            cu.append(cu[-1] + n // ring)
     return cu, max(b - a for a, b in zip(cu, cu[1:]))
 
 
