@@ -159,6 +159,9 @@ def test_document_layout_balances_realistic_mixes(ring):
         assert balanced.sum() == whole.sum()  # the same attention, placed differently
         assert balanced.max() / balanced.mean() < 1.01
         assert whole.max() / whole.mean() > 1.3
+    # Documents shorter than 2R (here R tokens each): one token per chunk, still balanced by the paired deal.
+    work = Documents((tuple(range(0, (1 << 16) + 1, ring)),)).rank_work(ring)
+    assert work.max() / work.mean() < 1.01
 
 
 @pytest.mark.parametrize("ring,ulysses", [(4, 1), (2, 2), (3, 2)])

@@ -11,13 +11,16 @@ layout): document ``d`` is cut into ``2R`` contiguous chunks and ring rank
 document, each document's two chunks in position order.
 
 Lengths need not divide by ``2R``. A document of ``L = 2R q + m`` tokens has
-``2R`` chunks of ``q`` tokens plus ``m`` extra tokens dealt to ring ranks
-round-robin, one per rank (first chunks; a second pass when ``m > R`` goes to
-second chunks), with one cursor running on over the documents of the row.
-The row's length is a multiple of ``2R``, so the extras total a multiple of
-``R`` and every rank holds exactly ``seq / R`` tokens; with every length a
-multiple of ``2R`` there are no extras, and the layout is ring-flash-attn's.
-One document covering the row is exactly the whole-sequence zigzag.
+``2R`` chunks of ``q`` tokens plus ``m`` extra tokens, one each to ``m``
+consecutive slots of the cycle (rank 0 first chunk, rank 0 second chunk,
+rank 1 first chunk, ...), with one cursor running on over the documents of
+the row. The row's length is a multiple of ``2R``, so the extras go round
+the cycle a whole number of times and every rank holds exactly ``seq / R``
+tokens. Dealing them to a rank's two chunks in turn keeps the zigzag's
+pairing within a document (an early extra token with a late one), so even
+documents shorter than ``2R`` tokens balance. With every length a multiple
+of ``2R`` there are no extras, and the layout is ring-flash-attn's; one
+document covering the row is exactly the whole-sequence zigzag.
 
 The ring schedule keeps the zigzag form, per document (``step_blocks``):
 
@@ -55,11 +58,11 @@ class RowLayout:
             raise ValueError(f"row of {cu_np[-1]} tokens does not split over 2 * ring ({2 * ring}) chunks")
         self.ring = ring
         base, extra = np.divmod(lengths, 2 * ring)
-        cursor = (np.cumsum(extra) - extra) % ring  # the rank the document's first extra token goes to
-        slot = (np.arange(ring)[None, :] - cursor[:, None]) % ring  # each rank's place in the deal
+        cursor = (np.cumsum(extra) - extra) % (2 * ring)  # the cycle slot of the document's first extra token
+        first = (2 * np.arange(ring)[None, :] - cursor[:, None]) % (2 * ring)  # each chunk's place in the deal
         sizes = np.repeat(base[:, None], 2 * ring, axis=1)
-        sizes[:, :ring] += slot < extra[:, None]
-        sizes[:, ring:] += (slot + ring < extra[:, None])[:, ::-1]  # second chunks: 2R-1-r, reversed
+        sizes[:, :ring] += first < extra[:, None]
+        sizes[:, ring:] += ((first + 1) % (2 * ring) < extra[:, None])[:, ::-1]  # second chunks: 2R-1-r, reversed
         self.sizes = sizes
         self.starts = cu_np[:-1, None] + np.cumsum(sizes, axis=1) - sizes
         self.offsets = self.starts - cu_np[:-1, None]  # chunk start within its document
