@@ -6,7 +6,6 @@ length mixes (hypothesis); the CUDA kernel calls' shapes on the meta device;
 the dataset's ``doc_ids`` and the label and position helpers.
 """
 
-from dataclasses import replace
 from types import SimpleNamespace
 
 import numpy as np
@@ -16,9 +15,10 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from trainer.attention.documents import Documents, block_work, drop_cross_document_labels, schedule, step_blocks
-from trainer.attention.ring_attention import (ZigzagRingAttention, diagonal_backward, diagonal_forward, flash_varlen_args,
-                                              step_backward, step_forward)
+from trainer.attention.documents import (Documents, block_work, drop_cross_document_labels, pack_blocks, schedule,
+                                         step_blocks)
+from trainer.attention.ring_attention import (ZigzagRingAttention, _step_work, diagonal_backward, diagonal_forward,
+                                              flash_varlen_args, step_backward, step_forward)
 from trainer.attention.zigzag import shard, zigzag_indices
 from trainer.groups import ParallelGroups
 
@@ -73,7 +73,7 @@ def test_one_document_is_plain_zigzag_causal_attention():
     for me in range(ring):  # the per-document layout of one document is the whole-sequence zigzag
         assert torch.equal(one.local_indices(ring, me)[0], zigzag_indices(seq, ring, me))
         for s in range(ring):
-            assert one.blocks(ring, me, s) == [replace(b, batch=slice(0, 1)) for b in step_blocks((0, seq), ring, me, s)]
+            assert one.blocks(ring, me, s) == [b._replace(batch=slice(0, 1)) for b in step_blocks((0, seq), ring, me, s)]
     for me in range(ring):
         assert [(b.q, b.k, b.causal) for b in step_blocks((0, seq), ring, me, 0)] == [(slice(0, 8), slice(0, 8), True)]
     assert [(b.q, b.k) for b in step_blocks((0, seq), ring, 1, 1)] == [(slice(0, 8), slice(0, 4))]  # lower: first half of k
@@ -192,8 +192,9 @@ def _simulated_ring(q, k, v, dout, docs: Documents, ring: int, scale: float):
                        for lq, lk, lv, _ in local]
     for me, (lq, lk, lv, ld) in enumerate(local):
         out, lse = diagonal_forward(lq, lk, lv, docs.blocks(ring, me, 0), scale)
-        for step in range(1, ring):
-            step_forward(lq, local[(me - step) % ring][1:3], out, lse, docs.blocks(ring, me, step), scale)
+        for step in range(1, ring):  # the ring's choice: per-block calls here, one varlen call per step on CUDA
+            work = _step_work(docs, docs.batch, docs.seq_len, ring, me, step, lq)
+            step_forward(lq, local[(me - step) % ring][1:3], out, lse, work, scale)
         out = out.to(lq.dtype)
         outs.append(out)
         dq, dk, dv = diagonal_backward(ld, lq, lk, lv, out, lse, docs.blocks(ring, me, 0), scale)
@@ -202,7 +203,8 @@ def _simulated_ring(q, k, v, dout, docs: Documents, ring: int, scale: float):
         grads[me][2] += dv
         for step in range(1, ring):
             src = (me - step) % ring
-            step_backward(ld, lq, local[src][1:3], out, lse, grads[me][0], grads[src][1:], docs.blocks(ring, me, step), scale)
+            work = _step_work(docs, docs.batch, docs.seq_len, ring, me, step, lq)
+            step_backward(ld, lq, local[src][1:3], out, lse, grads[me][0], grads[src][1:], work, scale)
     whole = []
     for pieces in [outs] + [[g[i] for g in grads] for i in range(3)]:
         index = torch.cat([docs.local_indices(ring, me) for me in range(ring)], dim=1)
@@ -250,6 +252,19 @@ def test_document_layout_ring_on_cuda_equals_block_diagonal_attention():
         assert (g.double().cpu() - want).abs().max().item() <= 5e-2, name
 
 
+def test_packed_steps_equal_packed_blocks():
+    """The varlen packing built straight from the layout's spans equals the one built from its blocks."""
+    docs = Documents(((0, 5, 9, 30, 48), (0, 7, 48), (0, 48)))
+    for me in range(3):
+        for step in range(3):
+            packed, blocks = docs.packed(3, me, step, "cpu"), docs.blocks(3, me, step)
+            assert packed is docs.packed(3, me, step, "cpu") and packed.count == len(blocks)
+            for name, got in vars(packed).items():
+                want = getattr(pack_blocks(blocks, "cpu"), name)
+                assert (got == want) if isinstance(got, int) else torch.equal(got, want), name
+            assert packed.cu_q.dtype == torch.int32
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_cuda_step_kernel_calls_check_on_meta(dtype):
     """Off-diagonal steps of the document layout on CUDA: one varlen flash call per step in bf16 (a block at a time in fp32)."""
@@ -260,11 +275,13 @@ def test_cuda_step_kernel_calls_check_on_meta(dtype):
     k = torch.empty(2, 24, 2, 64, device="meta", dtype=dtype)
     out = torch.empty(q.shape, device="meta", dtype=torch.float32)
     lse = torch.empty(2, 8, 24, device="meta", dtype=torch.float32)
-    step_forward(q, (k, k), out, lse, blocks, 0.125)
+    # What the ring passes: bf16 (flash) the blocks packed once and kept for every layer, fp32 the blocks.
+    work = docs.packed(2, 0, 1, q.device) if dtype == torch.bfloat16 else blocks
+    step_forward(q, (k, k), out, lse, work, 0.125)
     assert out.shape == q.shape and lse.shape == (2, 8, 24)
     dq = torch.empty(q.shape, device="meta", dtype=torch.float32)
     dkv = [torch.empty(k.shape, device="meta", dtype=torch.float32) for _ in range(2)]
-    step_backward(q, q, (k, k), out.to(dtype), lse, dq, dkv, blocks, 0.125)
+    step_backward(q, q, (k, k), out.to(dtype), lse, dq, dkv, work, 0.125)
     assert dq.shape == q.shape and dkv[0].shape == dkv[1].shape == k.shape
 
 

@@ -88,27 +88,31 @@ class RowLayout:
         chunk = (n * o + n * (n + 1) // 2).sum(axis=0)
         return chunk[:self.ring] + chunk[::-1][:self.ring]
 
+    def step_spans(self, me: int, step: int) -> np.ndarray:
+        """``[n, 4]`` buffer rows ``(q start, q stop, k start, k stop)`` of the non-empty blocks of ``step_blocks``."""
+        src = (me - step) % self.ring
+        a, b = self.pair(me)
+        mine = self.local_starts(me)
+        if step == 0:
+            spans = (mine, mine + a + b, mine, mine + a + b)
+        elif src < me:
+            theirs = self.local_starts(src)
+            spans = (mine, mine + a + b, theirs, theirs + self.sizes[:, src])
+        else:
+            theirs = self.local_starts(src)
+            sa, sb = self.pair(src)
+            spans = (mine + a, mine + a + b, theirs, theirs + sa + sb)
+        q0, q1, k0, k1 = spans
+        return np.stack(spans, axis=1)[(q1 > q0) & (k1 > k0)]
+
     def step_blocks(self, me: int, step: int, batch: slice = slice(None)) -> list[Block]:
         """The blocks ring rank ``me`` computes at ring step ``step``: at most one per document (module docstring).
 
         >>> [(b.q, b.k, b.causal) for b in RowLayout((0, 8), 2).step_blocks(0, 1)]
         [(slice(2, 4, None), slice(0, 4, None), False)]
         """
-        ring = self.ring
-        src = (me - step) % ring
-        a, b = self.pair(me)
-        mine = self.local_starts(me)
-        if step == 0:
-            rows = zip(mine, mine + a + b, mine, mine + a + b)
-        elif src < me:
-            theirs = self.local_starts(src)
-            rows = zip(mine, mine + a + b, theirs, theirs + self.sizes[:, src])
-        else:
-            theirs = self.local_starts(src)
-            sa, sb = self.pair(src)
-            rows = zip(mine + a, mine + a + b, theirs, theirs + sa + sb)
-        return [Block(batch, slice(int(q0), int(q1)), slice(int(k0), int(k1)), step == 0)
-                for q0, q1, k0, k1 in rows if q1 > q0 and k1 > k0]
+        return [Block(batch, slice(a0, a1), slice(b0, b1), step == 0)
+                for a0, a1, b0, b1 in self.step_spans(me, step).tolist()]
 
 
 def stack_indices(rows: list[RowLayout], ring_rank: int, ulysses: int = 1, ulysses_rank: int = 0) -> torch.Tensor:

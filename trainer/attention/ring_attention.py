@@ -19,10 +19,12 @@ with the local block, not the sequence. With GQA only the KV heads travel,
 and the kernels work per KV-head group: K/V are never repeated to the query
 heads, and dK/dV are accumulated at KV-head size.
 
-With ``documents`` (packed samples under a document mask) each step computes
+With ``documents`` (packed samples under a document mask, each document
+zigzagged on its own: ``trainer.attention.doc_zigzag``) each step computes
 only the blocks where a query and a key share a document
 (``trainer.attention.documents``): causal squares per document at step 0,
-at most one rectangle at every other step, nothing where nothing is shared.
+at most one rectangle per document at every other step, nothing where
+nothing is shared.
 
 Two backends share the interface: ``torch`` (fused SDPA kernels that return
 the log-sum-exp; CPU and CUDA, where the per-document blocks of each step are
@@ -41,7 +43,7 @@ import torch
 import torch.nn.functional as F
 
 from trainer.groups import ParallelGroups
-from trainer.attention.documents import Block, Documents, schedule
+from trainer.attention.documents import Block, Documents, Packed, schedule
 from trainer.attention.ring_comm import RingComm
 from trainer.attention.ulysses import heads_to_seq, kv_heads_for_ulysses, repeat_kv_heads, seq_to_heads
 from trainer.attention.zigzag import check_seq_len
@@ -218,66 +220,54 @@ def diagonal_backward(dout, q, k, v, out, lse, blocks: list[Block], scale: float
     return dq, dk, dv
 
 
-class _Packed:
-    """The rows of one ring step's blocks, packed for one varlen call: ``(row, position)`` index pairs and ``cu_seqlens``."""
+def step_forward(q, kv, out, lse, work: list[Block] | Packed, scale: float) -> None:
+    """Fold one off-diagonal ring step into the running ``out [b, s, h, d]``, ``lse [b, h, s]`` (fp32, in place).
 
-    def __init__(self, blocks: list[Block], batch: int, device: torch.device) -> None:
-        def pack(side: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
-            spans = [getattr(blk, side) for blk in blocks]
-            rows = torch.cat([torch.full((s.stop - s.start,), _row_of(blk, batch)) for blk, s in zip(blocks, spans)])
-            cols = torch.cat([torch.arange(s.start, s.stop) for s in spans])
-            lengths = torch.tensor([s.stop - s.start for s in spans])
-            cu = F.pad(lengths.cumsum(0), (1, 0)).to(device=device, dtype=torch.int32)
-            return rows.to(device), cols.to(device), cu, int(lengths.max())
-
-        self.q_row, self.q_col, self.cu_q, self.max_q = pack("q")
-        self.k_row, self.k_col, self.cu_k, self.max_k = pack("k")
-
-
-def _row_of(blk: Block, batch: int) -> int:
-    if blk.batch.start is None or blk.batch.stop - blk.batch.start != 1:
-        raise ValueError(f"varlen packing takes one-row blocks, got rows {blk.batch} of {batch}")
-    return blk.batch.start
-
-
-def step_forward(q, kv, out, lse, blocks: list[Block], scale: float) -> None:
-    """Fold one off-diagonal ring step's blocks into the running ``out [b, s, h, d]``, ``lse [b, h, s]`` (fp32, in place).
-
-    Several blocks (one per document under a document mask) are one varlen
-    flash call on CUDA; a block at a time otherwise.
+    ``work``: the step's blocks, one kernel call each, or the same blocks
+    ``Packed`` for one varlen flash call (CUDA, under a document mask).
     """
-    if kernel_for(q) == "flash" and len(blocks) > 1:
-        p = _Packed(blocks, q.shape[0], q.device)
-        block_out, block_lse = varlen_forward(q[p.q_row, p.q_col], kv[0][p.k_row, p.k_col], kv[1][p.k_row, p.k_col],
-                                              p.cu_q, p.max_q, scale, p.cu_k, p.max_k, causal=False)
-        rows_out, rows_lse = out[p.q_row, p.q_col], _t(lse)[p.q_row, p.q_col]  # [n, h, d], [n, h]
-        _merge(rows_out, rows_lse, block_out, block_lse.t())
-        out[p.q_row, p.q_col], _t(lse)[p.q_row, p.q_col] = rows_out, rows_lse
+    if isinstance(work, Packed):
+        if work.count:
+            p = work
+            block_out, block_lse = varlen_forward(q[p.q_row, p.q_col], kv[0][p.k_row, p.k_col], kv[1][p.k_row, p.k_col],
+                                                  p.cu_q, p.max_q, scale, p.cu_k, p.max_k, causal=False)
+            rows_out, rows_lse = out[p.q_row, p.q_col], _t(lse)[p.q_row, p.q_col]  # [n, h, d], [n, h]
+            _merge(rows_out, rows_lse, block_out, block_lse.t())
+            out[p.q_row, p.q_col], _t(lse)[p.q_row, p.q_col] = rows_out, rows_lse
         return
-    for blk in blocks:
+    for blk in work:
         r = blk.batch
         block_out, block_lse = block_forward(_t(q[r, blk.q]), _t(kv[0][r, blk.k]), _t(kv[1][r, blk.k]), False, scale)
         _merge(_t(out[r, blk.q]), lse[r, :, blk.q], block_out, block_lse)
 
 
-def step_backward(dout, q, kv, out, lse, dq, dkv, blocks: list[Block], scale: float) -> None:
+def step_backward(dout, q, kv, out, lse, dq, dkv, work: list[Block] | Packed, scale: float) -> None:
     """Add one off-diagonal ring step's gradients to ``dq`` and the travelling ``dkv`` (fp32, in place)."""
-    if kernel_for(q) == "flash" and len(blocks) > 1:
-        p = _Packed(blocks, q.shape[0], q.device)
-        qi, ki = (p.q_row, p.q_col), (p.k_row, p.k_col)
-        dq_b, dk_b, dv_b = varlen_backward(dout[qi], q[qi], kv[0][ki], kv[1][ki], out[qi], _t(lse)[qi].t(), p.cu_q,
-                                           p.max_q, scale, p.cu_k, p.max_k, causal=False)
-        dq.index_put_(qi, dq_b.float(), accumulate=True)
-        dkv[0].index_put_(ki, dk_b.float(), accumulate=True)
-        dkv[1].index_put_(ki, dv_b.float(), accumulate=True)
+    if isinstance(work, Packed):
+        if work.count:
+            qi, ki = (work.q_row, work.q_col), (work.k_row, work.k_col)
+            dq_b, dk_b, dv_b = varlen_backward(dout[qi], q[qi], kv[0][ki], kv[1][ki], out[qi], _t(lse)[qi].t(), work.cu_q,
+                                               work.max_q, scale, work.cu_k, work.max_k, causal=False)
+            dq.index_put_(qi, dq_b.float(), accumulate=True)
+            dkv[0].index_put_(ki, dk_b.float(), accumulate=True)
+            dkv[1].index_put_(ki, dv_b.float(), accumulate=True)
         return
-    for blk in blocks:
+    for blk in work:
         r = blk.batch
         dq_b, dk_b, dv_b = block_backward(_t(dout[r, blk.q]), _t(q[r, blk.q]), _t(kv[0][r, blk.k]),
                                           _t(kv[1][r, blk.k]), _t(out[r, blk.q]), lse[r, :, blk.q], False, scale)
         dq[r, blk.q] += _t(dq_b)
         dkv[0][r, blk.k] += _t(dk_b)
         dkv[1][r, blk.k] += _t(dv_b)
+
+
+def _step_work(documents: Documents | None, batch: int, seq: int, ring: int, me: int, step: int, q) -> list[Block] | Packed:
+    """An off-diagonal step's work: ``Packed`` (built once per micro-batch, kept for every layer) for the CUDA
+    flash kernel under a document mask, the blocks otherwise."""
+    if documents is not None and kernel_for(q) == "flash":
+        documents.check_covers(batch, seq)
+        return documents.packed(ring, me, step, q.device)
+    return schedule(documents, batch, seq, ring, me, step)
 
 
 # ---------------------------------------------------------------------- the ring
@@ -299,11 +289,10 @@ class ZigzagRingAttention(torch.autograd.Function):
         for step in range(ring):
             if step + 1 < ring:
                 next_kv = comm.send_recv(kv)
-            blocks = schedule(documents, batch, seq, ring, me, step)
             if step == 0:
-                out, lse = diagonal_forward(q, *kv, blocks, scale)
+                out, lse = diagonal_forward(q, *kv, schedule(documents, batch, seq, ring, me, step), scale)
             else:
-                step_forward(q, kv, out, lse, blocks, scale)
+                step_forward(q, kv, out, lse, _step_work(documents, batch, seq, ring, me, step, q), scale)
             if step + 1 < ring:
                 comm.wait()
                 kv = next_kv
@@ -323,8 +312,8 @@ class ZigzagRingAttention(torch.autograd.Function):
         for step in range(ring):
             if step + 1 < ring:
                 next_kv = kv_comm.send_recv(kv, tag=0)
-            blocks = schedule(ctx.documents, batch, seq, ring, me, step)
             if step == 0:
+                blocks = schedule(ctx.documents, batch, seq, ring, me, step)
                 dq, *dkv = diagonal_backward(dout, q, *kv, out, lse, blocks, scale)
             else:
                 # The gradient accumulator of the block held now arrives from the
@@ -332,7 +321,8 @@ class ZigzagRingAttention(torch.autograd.Function):
                 dkv_comm.wait()
                 dkv = next_dkv
             if step:
-                step_backward(dout, q, kv, out, lse, dq, dkv, blocks, scale)
+                step_backward(dout, q, kv, out, lse, dq, dkv, _step_work(ctx.documents, batch, seq, ring, me, step, q),
+                              scale)
             if ring > 1:
                 next_dkv = dkv_comm.send_recv(dkv, tag=2)
             if step + 1 < ring:
