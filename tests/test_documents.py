@@ -216,7 +216,7 @@ def _simulated_ring(q, k, v, dout, docs: Documents, ring: int, scale: float):
     return whole
 
 
-@settings(max_examples=15, deadline=None)
+@settings(max_examples=30, deadline=None)
 @given(ring=st.integers(2, 4), chunk=st.integers(1, 5), gqa=st.sampled_from([1, 2]), data=st.data())
 def test_document_layout_ring_equals_block_diagonal_attention(ring, chunk, gqa, data):
     """Random document-length mixes, two rows packed differently: forward and backward against fp64 full attention."""
