@@ -49,6 +49,8 @@ class RowLayout:
         ``[docs, 2R]`` tokens of chunk ``j`` of each document.
     starts
         ``[docs, 2R]`` global position of each chunk's first token.
+    offsets
+        ``[docs, 2R]`` the same within its document.
     """
 
     def __init__(self, cu: tuple[int, ...], ring: int) -> None:
