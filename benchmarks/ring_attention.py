@@ -14,7 +14,8 @@ fall about as 1/C. Side by side, in one run:
   most blocks have nothing to attend and are skipped).
 
 Then the per-rank work imbalance (max / mean query-key pairs a rank attends)
-under realistic document-length mixes, from the ring's block schedule.
+under realistic document-length mixes at R = 2..256, the whole-sequence
+zigzag beside the per-document zigzag that document masks train with.
 
     python benchmarks/ring_attention.py                     # CPU, 8K tokens, C = 1 2 4
     python benchmarks/ring_attention.py --seq 16384 --cp 1 2 --doc-len 512
@@ -54,7 +55,7 @@ sys.path.insert(0, str(ROOT))
 from topology.plan import Plan, RankPlacement  # noqa: E402
 from trainer.engine import init_process_group  # noqa: E402
 from trainer.groups import ParallelGroups  # noqa: E402
-from trainer.attention.documents import Documents, block_work, step_blocks  # noqa: E402
+from trainer.attention.documents import Documents  # noqa: E402
 from trainer.attention.ring_attention import block_backward, block_forward, ring_attention  # noqa: E402
 from trainer.attention.zigzag import shard  # noqa: E402
 
@@ -233,6 +234,8 @@ def document_mixes(seq: int, rng: np.random.Generator) -> dict[str, tuple[int, .
     * ``web (lognormal)``: SlimPajama-like web text, median about 500 tokens, heavy tail;
     * ``long-upsampled``: the long-context recipe's mix, half the tokens from
       documents of 16K-256K tokens (upsampled), the rest web text;
+    * ``books + chat``: a bimodal mix, most documents short conversations
+      (median 300 tokens) and one in ten a book-length one (median 60K);
     * ``short (doc-len)``: equal short documents.
     """
     def pack(lengths):
@@ -252,20 +255,31 @@ def document_mixes(seq: int, rng: np.random.Generator) -> dict[str, tuple[int, .
     while sum(long) < seq:
         long += [rng.integers(16_384, 262_144)] + list(rng.lognormal(np.log(500), 1.2, size=64))
     order = rng.permutation(len(long))
-    return {"one document": (0, seq), "web (lognormal)": pack(web), "long-upsampled": pack(np.asarray(long)[order])}
+    bimodal = np.where(rng.random(seq) < 0.1, rng.lognormal(np.log(60_000), 0.8, size=seq),
+                       rng.lognormal(np.log(300), 0.9, size=seq))
+    return {"one document": (0, seq), "web (lognormal)": pack(web), "long-upsampled": pack(np.asarray(long)[order]),
+            "books + chat": pack(bimodal)}
 
 
-def imbalance(cu: tuple[int, ...], ring: int) -> tuple[float, float]:
-    """(max / mean work over ring ranks, busiest rank's work / a rank's causal work) for one packed sample.
+SEQUENCE, DOCUMENT = "sequence", "document"
+"""The two layouts of ``Documents``: whole-sequence zigzag, per-document zigzag."""
 
-    The second figure is what sets the step time when compute is the
-    bottleneck: the busiest rank against any rank of the unmasked (causal,
-    perfectly balanced) ring. Far below 1, the step is bound by the K/V
-    traffic, which every rank carries alike.
+
+def imbalance(cu: tuple[int, ...], ring: int, layout: str) -> float:
+    """Max / mean work over ring ranks for one packed sample under ``layout`` (``sequence`` or ``document``).
+
+    Work is the query-key pairs a rank attends (``Documents.rank_work``,
+    equal to summing its blocks over the ring's steps); the busiest rank
+    sets the step time when compute is the bottleneck.
     """
-    per_rank = [sum(block_work(step_blocks(cu, ring, me, s)) for s in range(ring)) for me in range(ring)]
-    causal_rank = sum(block_work(step_blocks((0, cu[-1]), ring, 0, s)) for s in range(ring))
-    return max(per_rank) / (sum(per_rank) / ring), max(per_rank) / causal_rank
+    work = Documents((cu,), layout).rank_work(ring)
+    return float(work.max() / work.mean())
+
+
+def masked_share(cu: tuple[int, ...]) -> float:
+    """Query-key pairs under the document mask over those of plain causal attention (any layout, any R)."""
+    seq = cu[-1]
+    return float(Documents((cu,)).rank_work(1).sum() / (seq * (seq + 1) // 2))
 
 
 # ------------------------------------------------------------------ CUDA kernel TFLOPS
@@ -353,13 +367,14 @@ def main() -> None:
     rng = np.random.default_rng(0)
     mixes = document_mixes(args.balance_seq, rng)
     mixes[f"short ({args.doc_len})"] = _documents(args.balance_seq, args.doc_len).cu_seqlens[0]
-    rings = [r for r in (8, 32, 64, 256) if args.balance_seq % (2 * r) == 0 and args.balance_seq // (2 * r) >= 1024]
-    print(f"\nwork per ring rank under document masks, {args.balance_seq:,}-token samples: max/mean over ranks "
-          f"(1.00 = balanced), and (busiest rank / a rank of the causal ring)")
-    print(f"{'mix':<22}{'docs':>8}" + "".join(f"{f'R={r}':>16}" for r in rings))
+    rings = [r for r in (2, 4, 8, 16, 32, 64, 128, 256) if args.balance_seq % (2 * r) == 0]
+    print(f"\nwork per ring rank under document masks, {args.balance_seq:,}-token samples: busiest rank / mean rank "
+          f"(1.00 = balanced), whole-sequence zigzag / per-document zigzag, side by side; "
+          f"'masked' = attended pairs against plain causal attention")
+    print(f"{'mix':<20}{'docs':>7}{'masked':>8}" + "".join(f"{f'R={r}':>13}" for r in rings))
     for name, cu in mixes.items():
-        cells = [imbalance(cu, r) for r in rings]
-        print(f"{name:<22}{len(cu) - 1:>8}" + "".join(f"{f'{a:.2f} ({w:.3f})':>16}" for a, w in cells), flush=True)
+        cells = "".join(f"{imbalance(cu, r, SEQUENCE):.2f}/{imbalance(cu, r, DOCUMENT):.3f}".rjust(13) for r in rings)
+        print(f"{name:<20}{len(cu) - 1:>7}{masked_share(cu):>8.3f}{cells}", flush=True)
     if torch.cuda.is_available():
         kernel_tflops()
     else:

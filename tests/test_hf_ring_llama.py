@@ -127,7 +127,8 @@ def _compare_documents(dp: int, cp: int, ulysses: int, restart: bool) -> dict[st
     model.zero_grad(set_to_none=True)
 
     model.set_attn_implementation(register_ring_attention(groups))
-    loss_sum, _ = shard_loss_sum(model, shard(input_ids, groups), shard(positions, groups), shard(labels, groups), documents)
+    ids, pos = shard(input_ids, groups, documents=documents), shard(positions, groups, documents=documents)
+    loss_sum, _ = shard_loss_sum(model, ids, pos, shard(labels, groups, documents=documents), documents)
     (loss_sum / count).backward()
     total = loss_sum.detach().clone()
     dist.all_reduce(total, group=groups.cp_group)
@@ -136,9 +137,9 @@ def _compare_documents(dp: int, cp: int, ulysses: int, restart: bool) -> dict[st
         dist.all_reduce(grad, group=groups.cp_group)
         grad_errors.append((grad - ref_grads[name]).abs().max().item())
     with torch.no_grad():
-        logits = model(input_ids=shard(input_ids, groups), position_ids=shard(positions, groups), documents=documents).logits
+        logits = model(input_ids=ids, position_ids=pos, documents=documents).logits
     return {"loss": abs(total.item() - ref_sum.item()) / count.item(),
-            "logits": (unshard(logits, groups) - torch.cat(ref_logits, dim=1)).abs().max().item(),
+            "logits": (unshard(logits, groups, documents=documents) - torch.cat(ref_logits, dim=1)).abs().max().item(),
             "grads": max(grad_errors), "ref_loss": ref_sum.item() / count.item()}
 
 

@@ -3,7 +3,8 @@
 One world of 4 processes runs every layout (ring 4, DP 2 x ring 2, Ulysses 2 x
 ring 2, pure Ulysses 4, with and without GQA), and the same under document
 masks (ring 2, 3 and 4, Ulysses 2 x ring 2, GQA, a batch whose rows pack
-documents differently); the tests then check what each layout returned
+documents differently; each document zigzagged on its own, and once the
+whole-sequence layout); the tests then check what each layout returned
 against a float64 single-process reference (block-diagonal causal under
 document masks).
 """
@@ -53,6 +54,7 @@ DOC_LAYOUTS = {
     "docs_ring4_gqa": (1, 4, 1, 8, 2, (MIXED, TINY)),
     "docs_ring4_one_document": (1, 4, 1, 4, 4, (WHOLE, WHOLE)),
     "docs_ulysses2_ring2_gqa": (1, 4, 2, 8, 2, (TINY, MIXED)),
+    "docs_ring4_gqa_sequence_layout": (1, 4, 1, 8, 2, (MIXED, TINY)),  # the whole-sequence zigzag under documents
 }
 
 
@@ -95,11 +97,11 @@ def _compare_layout(groups: ParallelGroups | None, n_q: int, n_kv: int,
     v = torch.randn(BATCH, SEQ, n_kv, HEAD_DIM, generator=gen)
     dout = torch.randn(BATCH, SEQ, n_q, HEAD_DIM, generator=gen)
     expected = _reference(q, k, v, dout, mask=None if documents is None else documents.mask())
-    ql, kl, vl = (shard(t, groups).requires_grad_() for t in (q, k, v))
+    ql, kl, vl = (shard(t, groups, documents=documents).requires_grad_() for t in (q, k, v))
     out = ring_attention(ql, kl, vl, groups, documents=documents)
-    out.backward(shard(dout, groups))
+    out.backward(shard(dout, groups, documents=documents))
     got = (out.detach(), ql.grad, kl.grad, vl.grad)
-    return {name: (g.double() - shard(e, groups)).abs().max().item()
+    return {name: (g.double() - shard(e, groups, documents=documents)).abs().max().item()
             for name, g, e in zip(("out", "dq", "dk", "dv"), got, expected)}
 
 
@@ -128,7 +130,8 @@ def _config_error(groups: ParallelGroups, s_local: int, n_q: int, n_kv: int) -> 
 def _all_layouts(rank: int, world: int) -> dict:
     results = {name: _compare_layout(_groups(dp, cp, u), n_q, n_kv)
                for name, (dp, cp, u, n_q, n_kv) in LAYOUTS.items()}
-    results.update({name: _compare_layout(_groups(dp, cp, u), n_q, n_kv, Documents(cu))
+    results.update({name: _compare_layout(_groups(dp, cp, u), n_q, n_kv,
+                                          Documents(cu, "sequence" if name.endswith("sequence_layout") else "document"))
                     for name, (dp, cp, u, n_q, n_kv, cu) in DOC_LAYOUTS.items()})
     ring4 = _groups(1, 4, 1)
     results["memory"] = _saved_elements(ring4)

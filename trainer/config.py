@@ -74,7 +74,8 @@ class DataConfig:
     document_mask: bool = False
     """Attend only within each packed document (block-diagonal causal attention,
     the Llama 3 practice); also drops the label that crosses from one document
-    into the next. False: every token attends to the whole sample before it."""
+    into the next, and zigzags every document over the ring on its own so ring
+    ranks do equal work. False: every token attends to the whole sample before it."""
     restart_positions: bool = False
     """RoPE positions restart at 0 at every document start (needs ``document_mask``);
     False: positions run over the whole sample."""

@@ -239,16 +239,21 @@ def _train_step(engine: Any, dataset: Any, groups: ParallelGroups, cfg: StageCon
 
 def _micro_batch(sample: dict[str, torch.Tensor], cfg: StageConfig, groups: ParallelGroups, positions: torch.Tensor,
                  device: torch.device) -> dict[str, Any]:
-    """This rank's shard of one sample, with its document boundaries when ``data.document_mask`` is on."""
+    """This rank's shard of one sample, with its document boundaries when ``data.document_mask`` is on.
+
+    Under a document mask every document is zigzagged on its own (balanced
+    ring work): ids, labels (shifted on the whole sample) and positions are
+    sharded by the documents' layout, the one the attention computes in.
+    """
     labels, documents = sample["labels"][None], None
     if cfg.data.document_mask:
         doc_ids = sample["doc_ids"][None]
         documents = Documents.from_doc_ids(doc_ids)
         labels = drop_cross_document_labels(labels, doc_ids)
-        if cfg.data.restart_positions:
-            positions = shard(documents.positions(), groups).to(device)
-    return {"input_ids": shard(sample["input_ids"][None], groups).to(device), "labels": shard(labels, groups).to(device),
-            "positions": positions, "documents": documents}
+        whole = documents.positions() if cfg.data.restart_positions else torch.arange(cfg.seq_len)[None]
+        positions = shard(whole, groups, documents=documents).to(device)
+    return {"input_ids": shard(sample["input_ids"][None], groups, documents=documents).to(device),
+            "labels": shard(labels, groups, documents=documents).to(device), "positions": positions, "documents": documents}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -21,6 +21,7 @@ Packed samples under a document mask pass their boundaries through the
 model call, which hands extra keyword arguments down to every attention call:
 
     docs = Documents.from_doc_ids(doc_ids)          # the whole sequence, same on every rank
+    ids, pos = shard(input_ids, groups, documents=docs), shard(positions, groups, documents=docs)
     logits = model(input_ids=ids, position_ids=pos, documents=docs).logits
 """
 

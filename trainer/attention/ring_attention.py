@@ -19,16 +19,18 @@ with the local block, not the sequence. With GQA only the KV heads travel,
 and the kernels work per KV-head group: K/V are never repeated to the query
 heads, and dK/dV are accumulated at KV-head size.
 
-With ``documents`` (packed samples under a document mask) each step computes
+With ``documents`` (packed samples under a document mask, each document
+zigzagged on its own: ``trainer.attention.doc_zigzag``) each step computes
 only the blocks where a query and a key share a document
 (``trainer.attention.documents``): causal squares per document at step 0,
-at most one rectangle at every other step, nothing where nothing is shared.
+at most one rectangle per document at every other step, nothing where
+nothing is shared.
 
 Two backends share the interface: ``torch`` (fused SDPA kernels that return
-the log-sum-exp; CPU and CUDA, where the per-document squares of step 0 are
+the log-sum-exp; CPU and CUDA, where the per-document blocks of each step are
 one varlen flash call) and ``ring-flash-attn`` (its zigzag flash kernels,
-used on CUDA in half precision when flash_attn is installed and no document
-mask is asked for; see ``_ring``).
+used on CUDA in half precision when flash_attn is installed, for document
+masks when every document divides into ``2R`` chunks; see ``_ring``).
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ import torch
 import torch.nn.functional as F
 
 from trainer.groups import ParallelGroups
-from trainer.attention.documents import Block, Documents, schedule
+from trainer.attention.documents import Block, Documents, Packed, schedule
 from trainer.attention.ring_comm import RingComm
 from trainer.attention.ulysses import heads_to_seq, kv_heads_for_ulysses, repeat_kv_heads, seq_to_heads
 from trainer.attention.zigzag import check_seq_len
@@ -121,23 +123,27 @@ def block_backward(dout, q, k, v, out, lse, causal: bool, scale: float):
     return dq, _fold(dk, n_rep), _fold(dv, n_rep)
 
 
-def varlen_forward(q, k, v, cu_seqlens: torch.Tensor, max_len: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Causal attention within each document of one packed row, one CUDA flash call.
+def varlen_forward(q, k, v, cu_q: torch.Tensor, max_q: int, scale: float, cu_k: torch.Tensor | None = None,
+                   max_k: int | None = None, causal: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention within each segment of packed rows, one CUDA flash call (segment ``i``: ``cu[i]:cu[i+1]``).
 
-    ``q [s, n_q, d]``, ``k, v [s, n_kv, d]``, ``cu_seqlens`` int32 on the device;
-    returns ``(out [s, n_q, d], lse [n_q, s] fp32)``.
+    ``q [n_q_rows, n_q, d]``, ``k, v [n_k_rows, n_kv, d]``, ``cu_q``/``cu_k`` int32
+    on the device (``cu_k`` None: the same segments as ``q``); returns
+    ``(out [n_q_rows, n_q, d], lse [n_q, n_q_rows] fp32)``.
     """
-    out, lse, *_ = aten._flash_attention_forward(q, k, v, cu_seqlens, cu_seqlens, max_len, max_len, 0.0, True, False,
-                                                 scale=scale)
+    cu_k, max_k = (cu_q, max_q) if cu_k is None else (cu_k, max_k)
+    out, lse, *_ = aten._flash_attention_forward(q, k, v, cu_q, cu_k, max_q, max_k, 0.0, causal, False, scale=scale)
     return out, lse
 
 
-def varlen_backward(dout, q, k, v, out, lse, cu_seqlens: torch.Tensor, max_len: int, scale: float):
-    """Gradients of ``varlen_forward`` given the merged output and lse ``[n_q, s]``: ``(dq, dk, dv)``."""
+def varlen_backward(dout, q, k, v, out, lse, cu_q: torch.Tensor, max_q: int, scale: float,
+                    cu_k: torch.Tensor | None = None, max_k: int | None = None, causal: bool = True):
+    """Gradients of ``varlen_forward`` given the merged output and lse ``[n_q, rows]``: ``(dq, dk, dv)``."""
+    cu_k, max_k = (cu_q, max_q) if cu_k is None else (cu_k, max_k)
     rng = torch.zeros(2, dtype=torch.uint64, device=q.device)
     unused = torch.empty(0, device=q.device)
-    return aten._flash_attention_backward(dout, q, k, v, out, lse.contiguous(), cu_seqlens, cu_seqlens, max_len, max_len,
-                                          0.0, True, rng, unused, scale=scale)
+    return aten._flash_attention_backward(dout, q, k, v, out, lse.contiguous(), cu_q, cu_k, max_q, max_k,
+                                          0.0, causal, rng, unused, scale=scale)
 
 
 def _merge(out: torch.Tensor, lse: torch.Tensor, block_out: torch.Tensor, block_lse: torch.Tensor) -> None:
@@ -214,6 +220,56 @@ def diagonal_backward(dout, q, k, v, out, lse, blocks: list[Block], scale: float
     return dq, dk, dv
 
 
+def step_forward(q, kv, out, lse, work: list[Block] | Packed, scale: float) -> None:
+    """Fold one off-diagonal ring step into the running ``out [b, s, h, d]``, ``lse [b, h, s]`` (fp32, in place).
+
+    ``work``: the step's blocks, one kernel call each, or the same blocks
+    ``Packed`` for one varlen flash call (CUDA, under a document mask).
+    """
+    if isinstance(work, Packed):
+        if work.count:
+            p = work
+            block_out, block_lse = varlen_forward(q[p.q_row, p.q_col], kv[0][p.k_row, p.k_col], kv[1][p.k_row, p.k_col],
+                                                  p.cu_q, p.max_q, scale, p.cu_k, p.max_k, causal=False)
+            rows_out, rows_lse = out[p.q_row, p.q_col], _t(lse)[p.q_row, p.q_col]  # [n, h, d], [n, h]
+            _merge(rows_out, rows_lse, block_out, block_lse.t())
+            out[p.q_row, p.q_col], _t(lse)[p.q_row, p.q_col] = rows_out, rows_lse
+        return
+    for blk in work:
+        r = blk.batch
+        block_out, block_lse = block_forward(_t(q[r, blk.q]), _t(kv[0][r, blk.k]), _t(kv[1][r, blk.k]), False, scale)
+        _merge(_t(out[r, blk.q]), lse[r, :, blk.q], block_out, block_lse)
+
+
+def step_backward(dout, q, kv, out, lse, dq, dkv, work: list[Block] | Packed, scale: float) -> None:
+    """Add one off-diagonal ring step's gradients to ``dq`` and the travelling ``dkv`` (fp32, in place)."""
+    if isinstance(work, Packed):
+        if work.count:
+            qi, ki = (work.q_row, work.q_col), (work.k_row, work.k_col)
+            dq_b, dk_b, dv_b = varlen_backward(dout[qi], q[qi], kv[0][ki], kv[1][ki], out[qi], _t(lse)[qi].t(), work.cu_q,
+                                               work.max_q, scale, work.cu_k, work.max_k, causal=False)
+            dq.index_put_(qi, dq_b.float(), accumulate=True)
+            dkv[0].index_put_(ki, dk_b.float(), accumulate=True)
+            dkv[1].index_put_(ki, dv_b.float(), accumulate=True)
+        return
+    for blk in work:
+        r = blk.batch
+        dq_b, dk_b, dv_b = block_backward(_t(dout[r, blk.q]), _t(q[r, blk.q]), _t(kv[0][r, blk.k]),
+                                          _t(kv[1][r, blk.k]), _t(out[r, blk.q]), lse[r, :, blk.q], False, scale)
+        dq[r, blk.q] += _t(dq_b)
+        dkv[0][r, blk.k] += _t(dk_b)
+        dkv[1][r, blk.k] += _t(dv_b)
+
+
+def _step_work(documents: Documents | None, batch: int, seq: int, ring: int, me: int, step: int, q) -> list[Block] | Packed:
+    """An off-diagonal step's work: ``Packed`` (built once per micro-batch, kept for every layer) for the CUDA
+    flash kernel under a document mask, the blocks otherwise."""
+    if documents is not None and kernel_for(q) == "flash":
+        documents.check_covers(batch, seq)
+        return documents.packed(ring, me, step, q.device)
+    return schedule(documents, batch, seq, ring, me, step)
+
+
 # ---------------------------------------------------------------------- the ring
 class ZigzagRingAttention(torch.autograd.Function):
     """Causal (or document-causal) attention over a ring of zigzag shards; inputs ``[b, s_local, heads, d]``.
@@ -233,13 +289,10 @@ class ZigzagRingAttention(torch.autograd.Function):
         for step in range(ring):
             if step + 1 < ring:
                 next_kv = comm.send_recv(kv)
-            blocks = schedule(documents, batch, seq, ring, me, step)
             if step == 0:
-                out, lse = diagonal_forward(q, *kv, blocks, scale)
-            for blk in blocks if step else ():
-                r = blk.batch
-                block_out, block_lse = block_forward(_t(q[r, blk.q]), _t(kv[0][r, blk.k]), _t(kv[1][r, blk.k]), False, scale)
-                _merge(_t(out[r, blk.q]), lse[r, :, blk.q], block_out, block_lse)
+                out, lse = diagonal_forward(q, *kv, schedule(documents, batch, seq, ring, me, step), scale)
+            else:
+                step_forward(q, kv, out, lse, _step_work(documents, batch, seq, ring, me, step, q), scale)
             if step + 1 < ring:
                 comm.wait()
                 kv = next_kv
@@ -259,21 +312,17 @@ class ZigzagRingAttention(torch.autograd.Function):
         for step in range(ring):
             if step + 1 < ring:
                 next_kv = kv_comm.send_recv(kv, tag=0)
-            blocks = schedule(ctx.documents, batch, seq, ring, me, step)
             if step == 0:
+                blocks = schedule(ctx.documents, batch, seq, ring, me, step)
                 dq, *dkv = diagonal_backward(dout, q, *kv, out, lse, blocks, scale)
             else:
                 # The gradient accumulator of the block held now arrives from the
                 # previous rank (it has visited every rank the block visited).
                 dkv_comm.wait()
                 dkv = next_dkv
-            for blk in blocks if step else ():
-                r = blk.batch
-                dq_b, dk_b, dv_b = block_backward(_t(dout[r, blk.q]), _t(q[r, blk.q]), _t(kv[0][r, blk.k]),
-                                                  _t(kv[1][r, blk.k]), _t(out[r, blk.q]), lse[r, :, blk.q], False, scale)
-                dq[r, blk.q] += _t(dq_b)
-                dkv[0][r, blk.k] += _t(dk_b)
-                dkv[1][r, blk.k] += _t(dv_b)
+            if step:
+                step_backward(dout, q, kv, out, lse, dq, dkv, _step_work(ctx.documents, batch, seq, ring, me, step, q),
+                              scale)
             if ring > 1:
                 next_dkv = dkv_comm.send_recv(dkv, tag=2)
             if step + 1 < ring:
@@ -303,7 +352,7 @@ def select_backend(device_type: str, dtype: torch.dtype, ring_in_rank_order: boo
     elif importlib.util.find_spec("flash_attn"):
         try:
             import ring_flash_attn  # noqa: F401  (imports flash_attn's CUDA extension)
-            name, reason = "ring-flash-attn", "zigzag_ring_flash_attn_func"
+            name, reason = "ring-flash-attn", "zigzag_ring_flash_attn_func, _varlen_func for documents"
         except ImportError as exc:
             reason = f"ring_flash_attn unusable: {exc}"
     kernels = "flash-for-cpu" if device_type == "cpu" else "sdpa flash/efficient"
@@ -314,17 +363,48 @@ def select_backend(device_type: str, dtype: torch.dtype, ring_in_rank_order: boo
 def _ring(q, k, v, groups: ParallelGroups, scale: float, documents: Documents | None) -> torch.Tensor:
     """Ring attention on ``[b, s, heads, d]`` (the ring group's part, after any Ulysses exchange).
 
-    ring-flash-attn's zigzag varlen functions zigzag every document on its own
-    (each length a multiple of 2R); packed samples keep the whole-sequence
-    zigzag here, so document masks run the ``torch`` backend, whose step 0 is
-    one varlen flash call per row on CUDA.
+    ring-flash-attn's zigzag functions take the unmasked case and, through its
+    varlen function, document masks in the per-document layout when every
+    document's length is a multiple of ``2R`` (its layout then equals ours).
+    Everything else runs the ``torch`` backend.
     """
     in_order = groups.ring_ranks == sorted(groups.ring_ranks)
-    if documents is None and select_backend(q.device.type, q.dtype, in_order) == "ring-flash-attn":
-        from ring_flash_attn import zigzag_ring_flash_attn_func
+    if select_backend(q.device.type, q.dtype, in_order) == "ring-flash-attn":
+        if documents is None:
+            from ring_flash_attn import zigzag_ring_flash_attn_func
 
-        return zigzag_ring_flash_attn_func(q, k, v, softmax_scale=scale, causal=True, group=groups.ring_group)
+            return zigzag_ring_flash_attn_func(q, k, v, softmax_scale=scale, causal=True, group=groups.ring_group)
+        varlen = flash_varlen_args(documents, groups.ring_size)
+        if varlen is not None:
+            from ring_flash_attn import zigzag_ring_flash_attn_varlen_func
+
+            b, s = q.shape[:2]
+            cu, max_len = varlen
+            out = zigzag_ring_flash_attn_varlen_func(q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1),
+                                                     torch.tensor(cu, dtype=torch.int32, device=q.device), max_len,
+                                                     softmax_scale=scale, causal=True, group=groups.ring_group)
+            return out.view(b, s, *out.shape[1:])
     return ZigzagRingAttention.apply(q, k, v, groups, scale, documents)
+
+
+def flash_varlen_args(documents: Documents, ring: int) -> tuple[list[int], int] | None:
+    """Local ``(cu_seqlens, max_seqlen)`` of the rows packed one after another, as ring-flash-attn's zigzag varlen
+    function takes them, or None when its layout is not ours (a length not a multiple of ``2R``, or the
+    whole-sequence layout).
+
+    >>> flash_varlen_args(Documents(((0, 4, 12), (0, 12))), ring=2)
+    ([0, 2, 6, 12], 6)
+    """
+    if documents.layout != "document":
+        return None
+    cu = [0]
+    for row in documents.cu_seqlens:
+        lengths = [b - a for a, b in zip(row, row[1:])]
+        if any(n % (2 * ring) for n in lengths):
+            return None
+        for n in lengths:
+            cu.append(cu[-1] + n // ring)
+    return cu, max(b - a for a, b in zip(cu, cu[1:]))
 
 
 def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, groups: ParallelGroups,

@@ -18,11 +18,16 @@ sharding so the token after each shard boundary is not lost.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.distributed as dist
 
 from topology.errors import ConfigError
 from trainer.groups import ParallelGroups
+
+if TYPE_CHECKING:
+    from trainer.attention.documents import Documents
 
 IGNORE_INDEX = -100
 """Label of positions that carry no loss (PyTorch's cross_entropy default)."""
@@ -76,13 +81,22 @@ def local_indices(seq_len: int, groups: ParallelGroups) -> torch.Tensor:
     return zigzag_indices(seq_len, groups.ring_size, groups.ring_rank, groups.ulysses_size, groups.ulysses_rank)
 
 
-def shard(tensor: torch.Tensor, groups: ParallelGroups, dim: int = 1) -> torch.Tensor:
-    """This rank's zigzag shard of a whole-sequence tensor (input ids, labels, positions...)."""
-    index = local_indices(tensor.shape[dim], groups).to(tensor.device)
-    return tensor.index_select(dim, index)
+def shard(tensor: torch.Tensor, groups: ParallelGroups, dim: int = 1, documents: Documents | None = None) -> torch.Tensor:
+    """This rank's zigzag shard of a whole-sequence tensor (input ids, labels, positions...).
+
+    With ``documents`` the shard follows their layout (``Documents.local_indices``:
+    per document under a document mask), row by row along ``dim`` 1.
+    """
+    if documents is None:
+        index = local_indices(tensor.shape[dim], groups).to(tensor.device)
+        return tensor.index_select(dim, index)
+    if dim != 1:
+        raise ValueError(f"sharding by documents works on [batch, seq, ...] tensors (dim 1), got dim {dim}")
+    index = documents.local_indices(groups.ring_size, groups.ring_rank, groups.ulysses_size, groups.ulysses_rank)
+    return _take_rows(tensor, index.to(tensor.device))
 
 
-def unshard(local: torch.Tensor, groups: ParallelGroups, dim: int = 1) -> torch.Tensor:
+def unshard(local: torch.Tensor, groups: ParallelGroups, dim: int = 1, documents: Documents | None = None) -> torch.Tensor:
     """Gather every cp rank's shard and put the whole sequence back in order.
 
     Collective over ``groups.cp_group``: every rank of the sequence must call it.
@@ -93,11 +107,22 @@ def unshard(local: torch.Tensor, groups: ParallelGroups, dim: int = 1) -> torch.
     pieces = [torch.empty_like(local) for _ in range(cp)]
     dist.all_gather(pieces, local.contiguous(), group=groups.cp_group)
     # cp rank i sits at (ring i // U, ulysses i % U) of the grid (topology.plan).
-    index = torch.cat([zigzag_indices(seq_len, groups.ring_size, i // groups.ulysses_size,
-                                      groups.ulysses_size, i % groups.ulysses_size) for i in range(cp)])
-    order = torch.empty_like(index)
-    order[index] = torch.arange(seq_len)
-    return torch.cat(pieces, dim=dim).index_select(dim, order.to(local.device))
+    grid = [(i // groups.ulysses_size, groups.ulysses_size, i % groups.ulysses_size) for i in range(cp)]
+    if documents is None:
+        index = torch.cat([zigzag_indices(seq_len, groups.ring_size, r, u, ur) for r, u, ur in grid])[None]
+    else:
+        index = torch.cat([documents.local_indices(groups.ring_size, r, u, ur) for r, u, ur in grid], dim=1)
+    order = torch.argsort(index, dim=1)
+    gathered = torch.cat(pieces, dim=dim)
+    if documents is None:
+        return gathered.index_select(dim, order[0].to(local.device))
+    return _take_rows(gathered, order.to(local.device))
+
+
+def _take_rows(tensor: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``tensor[b, index[b]]`` for every row ``b`` of ``[batch, seq, ...]``."""
+    index = index.reshape(*index.shape, *([1] * (tensor.dim() - 2))).expand(-1, -1, *tensor.shape[2:])
+    return tensor.gather(1, index)
 
 
 def shift_labels(input_ids: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
