@@ -81,7 +81,9 @@ def test_profile_four_hosts(cluster, profiles):
     assert topo.hosts == cluster.ips and topo.num_gpus == 8
     assert topo.link(f"{hosts[0]['name']}/pcie0", f"{hosts[0]['name']}/nic0")["bw_gbps"] == hosts[0]["nic_gbps"]
     assert [topo.leaf_of(h) for h in topo.hosts] == ["rack-a", "rack-b", "rack-a", "rack-b"]
-    assert topo.host_bandwidth(cluster.ips[0], cluster.ips[3]) == pytest.approx(min(data["host_bw_gbps"][0][3], data["host_bw_gbps"][3][0]))
+    # Across racks a pair goes through the racks' uplinks, sized by what the profile's concurrent flows carried:
+    # alone, a pair gets at least the share it measured.
+    assert topo.host_bandwidth(cluster.ips[0], cluster.ips[3]) >= min(data["host_bw_gbps"][0][3], data["host_bw_gbps"][3][0]) * (1 - 1e-9)
 
     # The cache is keyed by the node ids: the same cluster is not measured again ...
     cached = profiles / f"profile-{cache_key([h['node_id'] for h in hosts])}.json"

@@ -114,3 +114,28 @@ def test_save_is_atomic_and_readable(tmp_path):
     topo.save(path)
     assert [p.name for p in tmp_path.iterdir()] == ["t.yaml"]  # no temporary left behind
     assert path.stat().st_mode & 0o044  # group/others can read it, like any written file
+
+
+def test_measured_pairs_across_leaves_share_the_uplink_they_shared_while_measured():
+    """Four hosts on two leaves behind 0.025 GB/s uplinks, host links 0.05. The profile's rounds ran two
+    cross-leaf pairs at once, so each recorded half the uplink; the model must put them back on one
+    uplink (two at once: half each, as measured) rather than give each a private link of that half."""
+    from topology.routing import FlowModel
+
+    leaf = ["a", "a", "b", "b"]
+    share, alone = 0.0125, 0.05
+    bw = [[0.0 if i == j else alone if leaf[i] == leaf[j] else share for j in range(4)] for i in range(4)]
+    rounds = [[(0, 2), (1, 3)], [(0, 3), (1, 2)], [(0, 1), (2, 3)]]
+    flows = [{"round": r, "phase": ph, "src": a if ph == 0 else b, "dst": b if ph == 0 else a, "gbps": bw[a][b]}
+             for r, pairs in enumerate(rounds) for ph in (0, 1) for a, b in pairs]
+    data = {"format": MEASURED_FORMAT, "version": 1, "hosts": [{"name": f"h{i}", "gpus": 1, "leaf": leaf[i]} for i in range(4)],
+            "host_bw_gbps": bw, "meta": {"flows": flows}}
+    topo = Topology.from_measured(data)
+    fm = FlowModel(topo)
+    g = [f"h{i}/gpu0" for i in range(4)]
+    assert fm.bandwidths([(g[0], g[2])])[0][0] == pytest.approx(0.025)  # alone: the whole uplink
+    assert [r for r, _ in fm.bandwidths([(g[0], g[2]), (g[1], g[3])])] == pytest.approx([share, share])  # as measured
+    assert fm.bandwidths([(g[0], g[1])])[0][0] == pytest.approx(alone)  # same leaf: the measured pair, direct
+    # Without the flows on record (an older profile), pairs stay as measured.
+    del data["meta"]
+    assert Topology.from_measured(data).host_bandwidth("h0", "h2") == pytest.approx(share)

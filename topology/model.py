@@ -348,6 +348,12 @@ class Topology:
         so a flow's bandwidth is what was measured for that pair. GPUs link to
         each other by the measured copy matrix (or, without one, through the
         NIC only), and to the NIC by a link that never limits.
+
+        Across inferred leaves (hosts without ``network_nodes``, a profile
+        with its concurrent flows on record), pairs go through their leaves'
+        uplinks instead (``_measured_uplinks``): pairs measured at once
+        shared an uplink, so each pair's figure is a share of it, and a
+        direct link of that share would count the sharing twice.
         """
         hosts = data.get("hosts")
         if not isinstance(hosts, list) or not hosts:
@@ -397,13 +403,66 @@ class Topology:
                 topo.add_link(port, nic, float(cap), 0.0)
             for g in gpus:
                 topo.add_link(g, port, 1e3 * fastest, 0.0)
+        uplinks = _measured_uplinks(hosts, bw, (data.get("meta") or {}).get("flows"))
         for i in range(n):
             for j in range(i + 1, n):
                 b = min(bw[i][j], bw[j][i])
                 if b <= 0:
                     raise ConfigError(f"{source}: host_bw_gbps[{i}][{j}] is {b}; every measured pair needs a positive bandwidth")
-                topo.add_link(f"{names[i]}/nic0", f"{names[j]}/nic0", b, (lat[i][j] + lat[j][i]) / 2 if lat else 1.0)
+                latency = (lat[i][j] + lat[j][i]) / 2 if lat else 1.0
+                leaf_i, leaf_j = hosts[i].get("leaf"), hosts[j].get("leaf")
+                if uplinks and leaf_i != leaf_j:
+                    for k, leaf in ((i, leaf_i), (j, leaf_j)):  # across leaves: through the leaf's shared uplink
+                        if not topo.graph.has_edge(f"{names[k]}/nic0", leaf):
+                            topo.add_link(f"{names[k]}/nic0", leaf, max(max(bw[k]), max(r[k] for r in bw)), latency / 4)
+                else:
+                    topo.add_link(f"{names[i]}/nic0", f"{names[j]}/nic0", b, latency)
+        if uplinks:
+            topo.add_node(MEASURED_SPINE, "spine")
+            for leaf, (cap, latency) in uplinks.items():
+                topo.add_link(str(leaf), MEASURED_SPINE, cap, latency)
         return topo
+
+
+MEASURED_SPINE = "measured-spine"
+"""The switch a measured topology joins its inferred leaves' uplinks at."""
+
+
+def _measured_uplinks(hosts: list[dict], bw: list[list[float]], flows: Any) -> dict[str, tuple[float, float]]:
+    """Leaf -> (uplink GB/s, latency µs) from the flows a profile ran at once; {} when they cannot tell.
+
+    In each round and phase of the profile, the flows leaving one leaf for
+    others all crossed its uplink (as did those entering it): their sum is
+    what the uplink carried, and the largest such sum over the phases is its
+    capacity (a lower bound when no phase filled it). Only for leaves
+    inferred from bandwidth or named by one label (no ``network_nodes``
+    hierarchy to follow), two or more of them, and a profile that recorded
+    its flows.
+    """
+    leaves = [h.get("leaf") for h in hosts]
+    if not isinstance(flows, list) or not flows or any(h.get("network_nodes") for h in hosts) or None in leaves \
+            or len(set(leaves)) < 2:
+        return {}
+    carried: dict[tuple, float] = {}
+    try:
+        for f in flows:
+            a, b = leaves[int(f["src"])], leaves[int(f["dst"])]
+            if a != b:
+                for leaf, way in ((a, "out"), (b, "in")):
+                    key = (f["round"], f["phase"], leaf, way)
+                    carried[key] = carried.get(key, 0.0) + float(f["gbps"])
+    except (KeyError, IndexError, TypeError, ValueError):
+        return {}  # a profile without usable flow records: keep the measured pairs as they are
+    out: dict[str, tuple[float, float]] = {}
+    for leaf in dict.fromkeys(leaves):
+        sums = [v for (r, p, lf, way), v in carried.items() if lf == leaf]
+        cross = [min(bw[i][j], bw[j][i]) for i in range(len(hosts)) for j in range(len(hosts))
+                 if leaves[i] == leaf and leaves[j] != leaf]
+        cap = max(sums or cross or [0.0])
+        if cap <= 0:
+            return {}
+        out[str(leaf)] = (cap, 1.0)
+    return out
 
 
 MEASURED_FORMAT = "ringleader/measured-topology"
