@@ -166,23 +166,8 @@ class Routes:
         frac: dict[str, float] = defaultdict(float)
         for s in entry:
             frac[s] += 1.0 / len(entry)
-        links: dict[Link, float] = defaultdict(float)
-        arrive: dict[str, float] = defaultdict(float)
-        level = sorted(frac)
-        while level:
-            nxt: dict[str, float] = defaultdict(float)
-            for u in level:
-                du = d(u)
-                if du == 0:
-                    arrive[u] += frac[u]
-                    continue
-                hops = [v for v in self._switch_adj[u] if d(v, inf) == du - 1]
-                share = frac[u] / len(hops)
-                for v in hops:
-                    links[u, v] += share
-                    nxt[v] += share
-            frac = nxt
-            level = sorted(nxt)
+        adj = self._switch_adj
+        links, arrive = _split_down(frac, lambda u: [v for v in adj[u] if d(v, inf) == d(u) - 1] if d(u) else [])
         return tuple((s, 1.0 / len(entry)) for s in entry), tuple(links.items()), tuple(arrive.items())
 
     def _dist(self, switch: str) -> dict[str, int]:
@@ -238,22 +223,31 @@ def _ecmp(adj, a: str, b: str, allowed: set[str] | None) -> Route:
                 queue.append(v)
     if a not in dist:
         raise ConfigError(f"no path from {a!r} to {b!r}; link them in the topology")
-    frac: dict[str, float] = {a: 1.0}
+    links, _ = _split_down({a: 1.0}, lambda u: sorted(v for v in adj[u] if dist.get(v, math.inf) == dist[u] - 1) if u != b else [])
+    return tuple(links.items())
+
+
+def _split_down(frac: dict[str, float], nearer) -> tuple[dict[Link, float], dict[str, float]]:
+    """ECMP, level by level: every node splits its share of the flow equally over ``nearer(node)``, the
+    next hops one step closer to the destination; returns the fraction on each link, and what arrived at
+    the nodes with no next hop (the destinations)."""
     links: dict[Link, float] = defaultdict(float)
-    level = [a]
+    arrive: dict[str, float] = defaultdict(float)
+    level = sorted(frac)
     while level:
         nxt: dict[str, float] = defaultdict(float)
         for u in level:
-            if u == b:
+            hops = nearer(u)
+            if not hops:
+                arrive[u] += frac[u]
                 continue
-            hops = sorted(v for v in adj[u] if dist.get(v, math.inf) == dist[u] - 1)
             share = frac[u] / len(hops)
             for v in hops:
                 links[u, v] += share
                 nxt[v] += share
         frac = nxt
         level = sorted(nxt)
-    return tuple(links.items())
+    return links, arrive
 
 
 # ------------------------------------------------------------------ sharing
