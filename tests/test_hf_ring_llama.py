@@ -60,12 +60,17 @@ def _grads(model) -> dict[str, torch.Tensor]:
     return {n: p.grad.detach().clone() for n, p in model.named_parameters()}
 
 
-def _compare(dp: int, cp: int, ulysses: int, checkpointing: bool) -> dict[str, float]:
+def _setup(dp: int, cp: int, ulysses: int, seed: int) -> tuple[ParallelGroups, LlamaForCausalLM, torch.Tensor]:
+    """This rank's groups, the tiny model (the same on every rank) and its data-parallel group's sample."""
     plan = Plan("naive", dp, cp, ulysses, SEQ, [RankPlacement(r, "host0", r) for r in range(dp * cp)])
     groups = ParallelGroups.from_plan(plan)
     model = _tiny_llama()
-    gen = torch.Generator().manual_seed(7 + groups.dp_rank)
-    input_ids = torch.randint(0, model.config.vocab_size, (1, SEQ), generator=gen)
+    gen = torch.Generator().manual_seed(seed + groups.dp_rank)
+    return groups, model, torch.randint(0, model.config.vocab_size, (1, SEQ), generator=gen)
+
+
+def _compare(dp: int, cp: int, ulysses: int, checkpointing: bool) -> dict[str, float]:
+    groups, model, input_ids = _setup(dp, cp, ulysses, seed=7)
     labels = shift_labels(input_ids)
     positions = torch.arange(SEQ).unsqueeze(0)
 
@@ -105,11 +110,7 @@ def _compare(dp: int, cp: int, ulysses: int, checkpointing: bool) -> dict[str, f
 
 
 def _compare_documents(dp: int, cp: int, ulysses: int, restart: bool) -> dict[str, float]:
-    plan = Plan("naive", dp, cp, ulysses, SEQ, [RankPlacement(r, "host0", r) for r in range(dp * cp)])
-    groups = ParallelGroups.from_plan(plan)
-    model = _tiny_llama()
-    gen = torch.Generator().manual_seed(11 + groups.dp_rank)
-    input_ids = torch.randint(0, model.config.vocab_size, (1, SEQ), generator=gen)
+    groups, model, input_ids = _setup(dp, cp, ulysses, seed=11)
     documents = Documents((CU_SEQLENS,))
     labels = drop_cross_document_labels(shift_labels(input_ids), documents.doc_ids())
     positions = documents.positions() if restart else torch.arange(SEQ)[None]
