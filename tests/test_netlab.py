@@ -128,3 +128,16 @@ def test_demo_recipe_runs_across_the_lab(lab, measured):
         assert any(json.loads(line).get("step") == 1 for line in (stage_dir / "metrics.jsonl").read_text().splitlines())
         hosts = {p["host"] for p in json.loads((stage_dir / "plan.json").read_text())["placements"]}
         assert hosts <= {h.ip for h in lab.hosts} and len(hosts) > 1, hosts
+
+
+def test_mixed_hosts_case_keeps_rings_on_one_leaf_off_the_slow_host():
+    """The lab case ``benchmarks/netlab_ring.py --case mixed-hosts`` (hosts of 3, 1, 2, 2 GPUs, h0's link at half
+    rate), planned on its declared topology: whole-host rings on one leaf, half Ray's predicted ring time."""
+    from topology.planner import make_plan
+
+    topo = lab_topology(4, 2, 400, 200, {"h0": 200}, gpus_per_host=(3, 1, 2, 2), interleaved=False)
+    assert [(len(topo.gpus(h)), topo.leaf_of(h)) for h in topo.hosts] == [(3, "leaf0"), (1, "leaf0"), (2, "leaf1"), (2, "leaf1")]
+    aware, naive = (make_plan(topo, 6, 3, seq_len=3 * 1024, strategy=s) for s in ("aware", "naive"))
+    rings = [{aware.placements[r].host for r in ring} for ring in aware.groups.ring_groups]
+    assert sorted(map(sorted, rings)) == [["h0"], ["h2", "h3"]]
+    assert aware.cost["ring_comm_fwd_s"] <= 0.55 * naive.cost["ring_comm_fwd_s"]
