@@ -79,7 +79,7 @@ def run_case(case: Case) -> dict:
     a = aware.cost
     return {"name": name, "hosts": len(topo.hosts), "gpus": gpus, "aware/naive": a["step_time_s"] / naive.cost["step_time_s"],
             "aware/bound": a["step_time_s"] / a["bound_step_s"], "plan_s": seconds, "optimal": a["search"]["proof"] or "-",
-            "kept": a["search"]["construction"]}
+            "kept": a["search"]["construction"], "moves": a["search"]["moves"]}
 
 
 def main() -> None:
@@ -88,7 +88,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     rows = []
-    print(f"{'case':<42} {'hosts':>5} {'GPUs':>6} {'aware/naive':>11} {'aware/bound':>11} {'plan s':>7}  optimal      kept")
+    print(f"{'case':<42} {'hosts':>5} {'GPUs':>6} {'aware/naive':>11} {'aware/bound':>11} {'plan s':>7} {'moves':>5}  optimal      kept")
     for case in suite(args.seed):
         topo_hosts = case[2] // 8
         if topo_hosts > args.max_hosts:
@@ -96,7 +96,7 @@ def main() -> None:
         r = run_case(case)
         rows.append(r)
         print(f"{r['name']:<42} {r['hosts']:>5} {r['gpus']:>6} {r['aware/naive']:>11.3f} {r['aware/bound']:>11.3f}"
-              f" {r['plan_s']:>7.2f}  {r['optimal']:<12} {r['kept']}", flush=True)
+              f" {r['plan_s']:>7.2f} {r['moves']:>5}  {r['optimal']:<12} {r['kept']}", flush=True)
     for key in ("aware/naive", "aware/bound", "plan_s"):
         values = [r[key] for r in rows]
         print(f"{key:<12} worst {max(values):.3f}  median {statistics.median(values):.3f}")
