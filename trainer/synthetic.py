@@ -9,7 +9,7 @@ the NIAH essays), with facts of the needle's form but never its words, such as
 ``The quiet copper number is: 40718263.``, each asked about one or more times
 at random points after it::
 
-    ... Maren walks past the harbour, she said: ... The quiet copper number is: 40718263. ...
+    ... Tavelo walks past the harbour, she said: ... The quiet copper number is: 40718263. ...
     What is the quiet copper number mentioned in the text? The quiet copper number is: 40718263
 
 Documents are a pure function of ``(seed, index)``, so every rank and every
