@@ -9,33 +9,34 @@ from topology.errors import ConfigError
 from trainer.config import DataConfig
 from trainer.synthetic import RetrievalCorpus, corpus_spec, retrieval_document, synthetic_documents, write_corpus
 
-FACT = re.compile(r"The ([a-z ]+) is: (\d+)\.")
-QUESTION = re.compile(r"What is the ([a-z ]+)\? The \1 is: (\d+)$")
+FACT = re.compile(r" The ([a-z ]+ number) is: (\d+)\. ")
+QUESTION = re.compile(r"\nWhat is the ([a-z ]+ number)(?: mentioned in the text)?\? The \1 is: (\d+)\n")
 
 
 def test_every_question_asks_a_fact_planted_earlier_in_its_document():
-    spec = RetrievalCorpus(documents=200, chars=(40, 600), facts=(1, 3))
+    spec = RetrievalCorpus(documents=200, chars=(40, 600), facts=(1, 3), asks=(1, 2))
     for i in range(spec.documents):
         doc = retrieval_document(spec, i)
-        body, *questions = doc.rstrip("\n").split("\n")
-        facts = dict(FACT.findall(body))
-        assert 1 <= len(facts) <= 3 and len(questions) == len(facts)
-        asked = {}
-        for q in questions:
-            m = QUESTION.match(q)
-            assert m, q
-            asked[m.group(1)] = m.group(2)
-        assert asked == facts  # each fact asked once, with its own value
-        assert all(len(v) == spec.digits for v in facts.values())
-        assert "special magic number" not in doc  # the evaluation's needle is never trained on
+        facts = {m.group(1): (m.group(2), m.start()) for m in FACT.finditer(doc)}
+        assert 1 <= len(facts) <= 3 and len(FACT.findall(doc)) == len(facts)
+        asked: dict[str, int] = {}
+        for q in QUESTION.finditer(doc + "\n"):
+            value, planted = facts[q.group(1)]
+            assert q.group(2) == value and q.start() > planted  # asked after it is stated, with its own value
+            asked[q.group(1)] = asked.get(q.group(1), 0) + 1
+        assert set(asked) == set(facts) and all(1 <= n <= 2 for n in asked.values())
+        assert doc.count("What is the") == sum(asked.values())
+        assert all(len(v) == spec.digits for v, _ in facts.values())
+        assert "special" not in doc and "magic" not in doc  # the evaluation's needle is never trained on
 
 
 def test_documents_are_a_pure_function_of_seed_and_index():
     spec = RetrievalCorpus(documents=5)
     assert [retrieval_document(spec, i) for i in range(5)] == synthetic_documents({"retrieval": {"documents": 5}})
     assert retrieval_document(spec, 0) != retrieval_document(RetrievalCorpus(seed=1), 0)
-    lengths = [len(retrieval_document(RetrievalCorpus(chars=(100, 100)), i).split("\n")[0]) for i in range(20)]
-    assert min(lengths) >= 100
+    filler = [len(re.sub(r"The [a-z ]+ is: \d+\.?|What is the [^?]+\?", "", retrieval_document(RetrievalCorpus(chars=(100, 100)), i)))
+              for i in range(20)]
+    assert min(filler) >= 100
 
 
 def test_write_corpus_is_cached_and_atomic(tmp_path):

@@ -71,6 +71,10 @@ def agree(error: str | None) -> None:
         raise ConfigError(message if same else f"rank {rank}: {message}")
 
 
+DECAYING_SCHEDULERS = ("WarmupDecayLR", "WarmupCosineLR")
+"""DeepSpeed schedulers that decay to ``total_num_steps``; a recipe may leave it out to mean the stage's steps."""
+
+
 def deepspeed_config(cfg: StageConfig, cuda: bool) -> dict[str, Any]:
     """The stage's DeepSpeed JSON config: the recipe's keys plus batch, accumulation, lr and precision.
 
@@ -83,6 +87,10 @@ def deepspeed_config(cfg: StageConfig, cuda: bool) -> dict[str, Any]:
     ds["gradient_accumulation_steps"] = cfg.grad_accum
     optimizer = ds.setdefault("optimizer", {"type": "AdamW", "params": {}})
     optimizer.setdefault("params", {})["lr"] = cfg.lr
+    scheduler = ds.get("scheduler") or {}
+    if scheduler.get("type") in DECAYING_SCHEDULERS:
+        # A recipe's decay spans each stage: every stage warms up and decays over its own steps.
+        scheduler.setdefault("params", {}).setdefault("total_num_steps", cfg.steps)
     if cuda:
         if not ds.get("fp16", {}).get("enabled"):
             ds["bf16"] = {**ds.get("bf16", {}), "enabled": True}

@@ -1,20 +1,21 @@
-"""A synthetic retrieval corpus: long filler documents with key-value facts planted at random depths.
+"""A synthetic retrieval corpus: prose-like filler with key-value facts planted at random depths.
 
 Needle-in-a-haystack asks a model to find one number in a long text and
 repeat it when asked. A tiny model trained on ordinary prose never learns
 that, so an evaluation of it can only print 0%. This corpus teaches the
 *shape* of the task without the evaluation's own haystack or needle: each
-document is filler made from a small word list (not the NIAH essays), with
-facts such as ``The pass code of the amber gate is: 40718263.`` planted at
-random depths, and ends with questions whose answers are those values::
+document is filler made of common words, made-up names and punctuation (not
+the NIAH essays), with facts of the needle's form but never its words, such as
+``The quiet copper number is: 40718263.``, each asked about one or more times
+at random points after it::
 
-    ... the river turns past a field ... The pass code of the amber gate is: 40718263. ...
-    What is the pass code of the amber gate? The pass code of the amber gate is: 40718263
+    ... Tavelo walks past the harbour, she said: ... The quiet copper number is: 40718263. ...
+    What is the quiet copper number mentioned in the text? The quiet copper number is: 40718263
 
 Documents are a pure function of ``(seed, index)``, so every rank and every
 rerun builds the same corpus, and ``write_corpus`` is cached by its options.
 
-    python -m trainer.synthetic runs/retrieval-corpus.jsonl --documents 4000 --chars 100 900
+    python -m trainer.synthetic runs/retrieval-corpus.jsonl --documents 4000 --chars 60 230
 """
 
 from __future__ import annotations
@@ -31,17 +32,43 @@ from typing import Any
 from topology.errors import ConfigError
 
 WORDS = (
-    "the a river field stone wind old small bright quiet long slow green grey north south east west "
-    "road hill house door window garden morning evening winter summer light shadow water bread lamp "
-    "walks turns waits falls rises carries holds opens closes sings sleeps runs past under over near "
-    "beside across through behind along with and but then while because after before every some many "
-    "few other each most village harbour market bridge tower forest valley meadow orchard cart boat "
-    "rope basket letter story song clock bell candle kettle table chair blanket coat boot hat"
+    "time year people way day man thing woman life child world school state family student group country problem hand "
+    "part place case week company system program question work government night point home water room mother area money "
+    "story fact month lot right study book eye job word business issue side kind head house service friend father power "
+    "hour game line end member law car city community name team minute idea kid body information back parent face others "
+    "level office door health person art war history party result change morning reason research girl moment air teacher "
+    "force education foot boy age policy process music market sense nation plan college interest death experience effect "
+    "class control care field role effort rate heart show leader light voice wife police mind price report decision son "
+    "view town road arm value building action model season society paper space ground form event matter center couple "
+    "site project star table need court oil situation cost figure street image phone data picture practice piece land "
+    "doctor wall worker news test movie love support step baby computer type attention film tree source hair window "
+    "evidence truth song river ship lamp bread stone clock ledger harbour island village wind rain sea coast rope boat "
+    "bell letter garden bridge tower forest valley was are were be have has had do does did say said go went get got make "
+    "made know knew think thought take took see saw come came want look use find give tell call try ask feel become leave "
+    "put mean keep let begin seem help talk turn start hear play run move like live believe hold bring happen write sit "
+    "stand lose pay meet continue set learn lead understand watch follow stop create speak read allow add spend grow open "
+    "walk win offer remember consider appear buy wait serve die send expect build stay fall cut reach remain the the the "
+    "the a a a an of of of to to to in in in and and and that it for on with as at by from this but or not all they we "
+    "he she you his her their its one some many more most other new old good great small large long little own same few "
+    "last early young public bad able very often still also never always again only just even well back then there here "
+    "now when where while because after before through over under between during without about against into across"
 ).split()
+"""Common English words: most of the filler."""
 
-KEY_NOUNS = "gate vault locker door safe archive cabinet box drawer chest room hatch".split()
-KEY_ADJECTIVES = "amber silver copper cobalt crimson ivory jade olive scarlet violet golden azure".split()
-KEY_KINDS = ("pass code", "serial number", "access number", "lock code", "account number", "magic code")
+SYLLABLES = ("ba be bi bo bu ca ce co da de di do fa fe fi fo ga ge go ha he hi ho ja jo ka ke ki ko la le li lo lu ma me "
+             "mi mo mu na ne ni no nu pa pe pi po ra re ri ro ru sa se si so su ta te ti to tu va ve vi wa we wi ya yo za "
+             "th sh ch st tr pl gr an en in on er ar or al el il ow ay ee oo ing ed ly").split()
+"""Pieces of made-up words and names: the filler holds letters in every order, as real prose does."""
+
+KEY_WORDS = ("amber silver copper cobalt crimson ivory jade olive scarlet violet golden azure hidden secret quiet ancient "
+             "lucky final first strange bright hollow frozen distant northern eastern little broken sacred lost winter "
+             "summer silent rare old private royal simple early late lonely heavy gentle proud").split()
+KEY_NOUNS = KEY_WORDS + "winning personal security master access backup reference serial".split()
+"""A fact's key is ``<word> <noun> number``: the needle's shape ("The special magic number is: N."),
+never its words (neither "special" nor "magic" is here)."""
+
+QUESTIONS = ("\nWhat is the {key} mentioned in the text? The {key} is: {value}\n",
+             "\nWhat is the {key}? The {key} is: {value}\n")
 
 
 @dataclass(frozen=True)
@@ -49,59 +76,83 @@ class RetrievalCorpus:
     """How the corpus is generated; every field changes the text, so all of it names the cache file."""
 
     documents: int = 4000
-    chars: tuple[int, int] = (100, 900)
+    chars: tuple[int, int] = (100, 240)
     """Shortest and longest filler of a document, in characters (= byte-tokenizer tokens); each
-    document draws its length uniformly, so facts sit at every distance from their question."""
-    sentences: tuple[int, int] = (2, 5)
-    """Fewest and most distinct filler sentences per document, each made of random words and
-    repeated in random order: the only way to predict a repeat is to find its earlier copy, the
-    same skill (an induction head) that retrieving a fact needs, rewarded on every line."""
-    facts: tuple[int, int] = (1, 3)
-    """Fewest and most facts planted per document; each is asked about once at the end."""
+    document draws its length uniformly, so facts sit at every distance from their questions."""
+    sentences: tuple[int, int] = (2, 6)
+    """Fewest and most distinct filler sentences per document, repeated in random order to fill it:
+    the only way to predict a repeat is to find its earlier copy, the same skill (an induction
+    head) that retrieving a fact needs, rewarded on every line. A large bound means no repeats."""
+    facts: tuple[int, int] = (1, 4)
+    """Fewest and most facts planted per document, each at a random depth."""
+    asks: tuple[int, int] = (1, 3)
+    """Fewest and most times each fact is asked, each time at a random point after it: the
+    answer is the only thing in the document that predicts the digits, so a question is a
+    dense, direct reward for looking the key up, many times per sample."""
     digits: int = 8
     seed: int = 0
 
     def check(self) -> None:
         lo, hi = self.chars
         if not (self.documents >= 1 and 1 <= lo <= hi and 1 <= self.facts[0] <= self.facts[1] and 1 <= self.digits <= 18
-                and 1 <= self.sentences[0] <= self.sentences[1]):
+                and 1 <= self.asks[0] <= self.asks[1] and 1 <= self.sentences[0] <= self.sentences[1]):
             raise ConfigError(f"data.synthetic.retrieval: {self} is out of range; documents >= 1, 1 <= chars[0] <= chars[1], "
-                              "1 <= facts[0] <= facts[1], 1 <= digits <= 18, 1 <= sentences[0] <= sentences[1]")
+                              "1 <= sentences[0] <= sentences[1], 1 <= facts[0] <= facts[1], 1 <= asks[0] <= asks[1], 1 <= digits <= 18")
+
+
+def _word(rng: random.Random) -> str:
+    draw = rng.random()
+    if draw < 0.6:
+        return rng.choice(WORDS)
+    made = "".join(rng.choice(SYLLABLES) for _ in range(rng.randint(1, 4)))
+    if draw < 0.75:
+        return made.capitalize()  # a name
+    if draw < 0.8:
+        return made + rng.choice(("'s", "-" + rng.choice(WORDS), "'", "s"))
+    return made
 
 
 def _sentence(rng: random.Random) -> str:
-    words = [rng.choice(WORDS) for _ in range(rng.randint(5, 12))]
-    if rng.random() < 0.15:
-        # Some sentences carry a colon, as prose does ("written: ..."): the model must match
-        # the fact's key, not merely copy whatever follows the first ": ".
-        words[rng.randrange(1, len(words) - 1)] += ":"
-    return " ".join(words).capitalize() + "."
-
-
+    """Prose-like: real and made-up words, names, commas, colons, quotes, paragraph breaks."""
+    words = [_word(rng) for _ in range(rng.randint(4, 18))]
+    for _ in range(rng.randint(0, 2)):
+        i = rng.randrange(len(words))
+        # A colon now and then, as prose has ("she had written: ..."): the model must match
+        # the fact's key, not merely copy whatever follows the last ": ".
+        words[i] = words[i] + rng.choice((",", ",", ";", ":", " -", ")")) if rng.random() < 0.9 else f'"{words[i]}"'
+    text = " ".join(words)
+    return text[0].upper() + text[1:] + rng.choice((".", ".", ".", ".", "!", "?", '."', ".\n\n", ".\n"))
 
 
 def _fact(rng: random.Random, digits: int, used: set[str]) -> tuple[str, str]:
     while True:
-        key = f"{rng.choice(KEY_KINDS)} of the {rng.choice(KEY_ADJECTIVES)} {rng.choice(KEY_NOUNS)}"
+        key = f"{rng.choice(KEY_WORDS)} {rng.choice(KEY_NOUNS)} number"
         if key not in used:
             used.add(key)
             return key, str(rng.randrange(10 ** (digits - 1), 10**digits))
 
 
 def retrieval_document(spec: RetrievalCorpus, index: int) -> str:
-    """Document ``index``: filler with facts at random depths, then one question per fact (shuffled)."""
+    """Document ``index``: filler with facts at random depths, each asked about at random points after it."""
     rng = random.Random(f"{spec.seed}:{index}")
-    pool, chars = [_sentence(rng) for _ in range(rng.randint(*spec.sentences))], rng.randint(*spec.chars)
-    filler: list[str] = []
-    while sum(len(s) + 1 for s in filler) < chars:
+    pool, target, filler = [_sentence(rng) for _ in range(rng.randint(*spec.sentences))], rng.randint(*spec.chars), []
+    while sum(len(s) + 1 for s in filler) < target:
         filler.append(rng.choice(pool))
     used: set[str] = set()
-    facts = [_fact(rng, spec.digits, used) for _ in range(rng.randint(*spec.facts))]
-    for key, value in facts:
-        filler.insert(rng.randint(0, len(filler)), f"The {key} is: {value}.")
-    rng.shuffle(facts)
-    questions = [f"What is the {key}? The {key} is: {value}" for key, value in facts]
-    return " ".join(filler) + "\n" + "\n".join(questions) + "\n"
+    inserts: list[tuple[float, str]] = []
+    for key, value in (_fact(rng, spec.digits, used) for _ in range(rng.randint(*spec.facts))):
+        depth = rng.random()
+        inserts.append((depth, f" The {key} is: {value}. "))
+        for _ in range(rng.randint(*spec.asks)):
+            inserts.append((rng.uniform(depth, 1.0001), rng.choice(QUESTIONS).format(key=key, value=value)))
+    inserts.sort(key=lambda item: item[0])
+    out: list[str] = []
+    for i, sentence in enumerate(filler):
+        while inserts and inserts[0][0] <= i / len(filler):
+            out.append(inserts.pop(0)[1])
+        out.append((" " if out and not out[-1].endswith("\n") else "") + sentence)
+    out += [text for _, text in inserts]
+    return "".join(out).strip() + "\n"
 
 
 GENERATORS = {"retrieval": RetrievalCorpus}
