@@ -65,6 +65,21 @@ def predict_stage(cfg: Any, plan: Plan, rates: HardwareRates, on_cpu: bool = Tru
                     recompute=cfg.activation_checkpointing).step_time_s
 
 
+def overhead_figure(steps: list[float], cfg: Any, plan: Plan, cal: Calibration, what: str) -> Figure:
+    """The fixed cost of a step from a stage's measured micro-steps: each less everything else the model prices.
+
+    Run the stage at a size whose compute is small (tens of tokens per rank);
+    what the calibration prices on its own there (compute, each collective's
+    latency, ring and ZeRO bytes) is taken off, so nothing is counted twice.
+    """
+    from launcher.estimate.measure import figure
+
+    bare = replace(cal, step_overhead_s=Figure(0.0, 0.0, 0.0, "none"))
+    priced = predict_stage(cfg, plan, HardwareRates.from_calibration(bare))
+    return figure([max(0.0, t - priced) for t in steps],
+                  f"{what}: micro-steps less the {priced * 1e3:.3g} ms the model prices on its own")
+
+
 def measured_steps(stage_dir: Path, grad_accum: int = 1) -> list[float]:
     """Micro-step seconds of a stage's metrics.jsonl (steps after the first)."""
     path = stage_dir / "metrics.jsonl"

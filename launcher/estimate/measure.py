@@ -6,10 +6,11 @@ figure is taken under the load of all ranks working together, as in a step:
 
 - ``gemm_tflops``: the model's projection and MLP matmuls at a stage's tokens per rank;
 - ``attention_tflops``: ``trainer.attention.ring_attention``'s block kernels, forward
-  and backward, at a ring step's block size;
+  and backward, at a ring step's block size: a full block, and the causal block of a ring's step 0;
 - ``ring_hops``: every rank sends a K/V-sized block to the next rank of one ring
   at once (``topology.bandwidth.ring_step_seconds``), split by in-host / host-to-host hop;
 - ``bus_gbps``: all-reduce and reduce-scatter bus bandwidth (NCCL tests' busbw);
+- ``all_to_all_seconds``: one all-to-all of a tiny message (the Ulysses exchange's latency);
 - ``step_overhead_s``: a DeepSpeed ZeRO step of the model on 16 tokens, whose compute is negligible.
 
 Each returns samples; ``topology.calibration.Figure`` ranges are taken over
@@ -62,10 +63,13 @@ def gemm_tflops(tokens: int, hidden: int, intermediate: int, device: torch.devic
 
 
 def attention_tflops(block: int, n_q: int, n_kv: int, head_dim: int, device: torch.device, dtype: torch.dtype,
-                     repeats: int = 5) -> tuple[list[float], list[float]]:
-    """(forward, backward) TFLOPS of the ring's block kernel on a ``block`` x ``block`` non-causal step.
+                     repeats: int = 5, causal: bool = False) -> tuple[list[float], list[float]]:
+    """(forward, backward) TFLOPS of the ring's block kernel on a ``block`` x ``block`` step.
 
-    FLOPs as the cost model counts them: ``4 * block^2 * n_q * d`` forward, 2.5 x that backward.
+    FLOPs as the cost model counts them: ``4 * block^2 * n_q * d`` forward, 2.5 x that backward;
+    half of that for a ``causal`` block (the diagonal one of a ring's step 0), whatever the kernel
+    really spends on it: how much of the masked half a kernel skips differs (CPU flash kernels skip
+    little), and the achieved rate says it.
     """
     from trainer.attention.ring_attention import block_backward, block_forward
 
@@ -73,11 +77,11 @@ def attention_tflops(block: int, n_q: int, n_kv: int, head_dim: int, device: tor
     k = torch.randn(1, n_kv, block, head_dim, device=device, dtype=dtype)
     v = torch.randn_like(k)
     scale = head_dim ** -0.5
-    out, lse = block_forward(q, k, v, False, scale)
+    out, lse = block_forward(q, k, v, causal, scale)
     dout = torch.randn_like(out)
-    flops = 4 * block * block * n_q * head_dim
-    fwd = _timed(lambda: block_forward(q, k, v, False, scale), repeats, device)
-    bwd = _timed(lambda: block_backward(dout, q, k, v, out, lse, False, scale), repeats, device)
+    flops = 4 * block * block * n_q * head_dim * (0.5 if causal else 1.0)
+    fwd = _timed(lambda: block_forward(q, k, v, causal, scale), repeats, device)
+    bwd = _timed(lambda: block_backward(dout, q, k, v, out, lse, causal, scale), repeats, device)
     return [flops / s / 1e12 for s in fwd], [2.5 * flops / s / 1e12 for s in bwd]
 
 
@@ -151,6 +155,48 @@ def bus_gbps(nbytes: int, repeats: int, device: torch.device) -> list[float]:
     rs = _timed(lambda: (dist.reduce_scatter_tensor(out, x), dist.barrier()), repeats, device)
     size = numel * 4
     return [size / s / 1e9 * 2 * (n - 1) / n for s in ar] + [size / s / 1e9 * (n - 1) / n for s in rs]
+
+
+def _back_to_back(fn: Any, calls: int, repeats: int, device: torch.device) -> list[float]:
+    """Seconds per call of ``calls`` calls in a row, all ranks starting together: a collective's latency as a
+    layer pays it, without the barrier a single timed call would add."""
+    out = []
+    fn()
+    for _ in range(repeats):
+        dist.barrier()
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        out.append((time.perf_counter() - t0) / calls)
+    return out
+
+
+def exchange_seconds(nbytes: int, repeats: int, device: torch.device, calls: int = 20) -> list[float]:
+    """Seconds of one ring exchange (send to the next rank, receive from the previous, ``RingComm``'s pattern), all ranks at once."""
+    world, me = dist.get_world_size(), dist.get_rank()
+    if world < 2:
+        return []
+    send = torch.zeros(max(1, nbytes // 4), device=device)
+    recv = torch.empty_like(send)
+
+    def exchange() -> None:
+        ops = [dist.P2POp(dist.isend, send, (me + 1) % world), dist.P2POp(dist.irecv, recv, (me - 1) % world)]
+        for work in dist.batch_isend_irecv(ops):
+            work.wait()
+
+    return _back_to_back(exchange, calls, repeats, device)
+
+
+def all_to_all_seconds(nbytes: int, repeats: int, device: torch.device, calls: int = 20) -> list[float]:
+    """Seconds of one ``all_to_all_single`` of ``nbytes`` per rank over all ranks (as ``trainer.attention.ulysses`` calls it)."""
+    n = dist.get_world_size()
+    if n < 2:
+        return []
+    x = torch.zeros(max(n, nbytes // 4 // n * n), device=device)
+    y = torch.empty_like(x)
+    return _back_to_back(lambda: dist.all_to_all_single(y, x), calls, repeats, device)
 
 
 SMALL_MODEL = 1_000_000_000
