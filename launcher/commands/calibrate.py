@@ -158,7 +158,9 @@ def build(results: list[dict[str, Any]], source: str, device: str, meta: dict[st
 
     how = f"measured on {meta['ranks']} rank(s), all at once"
     one = Figure(1.0, 1.0, 1.0, "measured hop rates are used as caps instead")
-    gemm = figure(pooled("gemm"), f"{how}: one layer's matmuls at {meta['tokens_per_rank']} tokens")
+    gemm = (figure(pooled("dense"), f"{how}: the model without attention, forward and backward through the loss, "
+                                    f"at {meta['tokens_per_rank']} tokens, counted as 6 x params x tokens")
+            or figure(pooled("gemm"), f"{how}: one layer's matmuls at {meta['tokens_per_rank']} tokens"))
     bus = figure(pooled("bus"), f"{how}: all-reduce and reduce-scatter of 16 MiB, bus bandwidth (NCCL tests' busbw)")
     # The DeepSpeed step also moves the ZeRO-3 traffic and computes 16 tokens; the model prices both on
     # their own (bus bandwidth, GEMM rate), so only what is left is the fixed cost of a step.
@@ -198,7 +200,10 @@ def measure_rank(spec: dict[str, Any], device: Any) -> dict[str, list[float]]:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     reps = spec["repeats"]
     out: dict[str, list[float]] = {}
-    out["gemm"] = measure.gemm_tflops(spec["tokens"], spec["hidden"], spec["intermediate"], device, dtype, reps)
+    if spec.get("model") and 0 < spec.get("params", 0) <= measure.SMALL_MODEL:
+        out["dense"] = measure.dense_tflops(spec["model"], spec["params"], spec["tokens"], device, dtype, reps)
+    else:
+        out["gemm"] = measure.gemm_tflops(spec["tokens"], spec["hidden"], spec["intermediate"], device, dtype, reps)
     block = max(16, spec["tokens"])
     out["attn_fwd"], out["attn_bwd"] = measure.attention_tflops(block, spec["n_q"], spec["n_kv"], spec["head_dim"], device, dtype, reps)
     out["attn_causal_fwd"], out["attn_causal_bwd"] = measure.attention_tflops(

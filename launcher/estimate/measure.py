@@ -5,6 +5,8 @@ Every function runs inside a rank that has joined a torch.distributed group
 figure is taken under the load of all ranks working together, as in a step:
 
 - ``gemm_tflops``: the model's projection and MLP matmuls at a stage's tokens per rank;
+- ``dense_tflops``: the recipe's own model, forward and backward with attention left out,
+  at a stage's tokens per rank: matmuls and every per-token operation around them;
 - ``attention_tflops``: ``trainer.attention.ring_attention``'s block kernels, forward
   and backward, at a ring step's block size: a full block, and the causal block of a ring's step 0;
 - ``ring_hops``: every rank sends a K/V-sized block to the next rank of one ring
@@ -60,6 +62,53 @@ def gemm_tflops(tokens: int, hidden: int, intermediate: int, device: torch.devic
 
     flops = 2 * tokens * hidden * (4 * hidden + 3 * intermediate)
     return [flops / s / 1e12 for s in _timed(layer, repeats, device)]
+
+
+def dense_tflops(model_cfg: dict[str, Any], params: int, tokens: int, device: torch.device, dtype: torch.dtype,
+                 repeats: int = 5) -> list[float]:
+    """Marginal TFLOPS of the model's work outside attention, counted as the cost model counts it (``6 * params * tokens``).
+
+    The recipe's model (``trainer.modeling.build_model``) runs forward and
+    backward through the trainer's loss (``trainer.loss.shard_loss_sum``) with
+    an attention that passes the queries through, so norms, RoPE, the MLP's
+    activation, residual adds and the loss head are timed with the matmuls.
+    On small models they cost more than the matmuls; a GEMM alone would miss them.
+    The rate is the slope between ``SMALL_TOKENS`` and ``tokens``: the cost of
+    each further token. What a step pays regardless of its tokens (a kernel
+    launch and Python per operation) is the step's fixed cost, measured apart.
+    """
+    from transformers import AttentionInterface
+
+    from trainer.config import ModelConfig
+    from trainer.loss import shard_loss_sum
+    from trainer.modeling import build_model
+    from trainer.tokenizer import load_tokenizer
+
+    def no_attention(module, query, key, value, attention_mask, **kwargs):
+        return query.transpose(1, 2), None
+
+    AttentionInterface.register("ringleader_no_attention", no_attention)
+    mc = ModelConfig(**model_cfg)
+    torch.manual_seed(0)
+    model = build_model(mc, mc.base_theta, tokens, tokenizer=load_tokenizer(mc, None), dtype=dtype).to(device)
+    model.set_attn_implementation("ringleader_no_attention")
+    model.config.use_cache = False
+    def step(n: int):
+        ids = torch.randint(0, model.config.vocab_size, (1, n), device=device)
+        positions = torch.arange(n, device=device)[None]
+
+        def run() -> None:
+            loss, _ = shard_loss_sum(model, ids, positions, ids)
+            loss.backward()
+        return run
+
+    small = min(SMALL_TOKENS, tokens // 2)
+    fixed = median(_timed(step(small), repeats, device))
+    return [6 * params * (tokens - small) / (s - fixed) / 1e12 for s in _timed(step(tokens), repeats, device) if s > fixed]
+
+
+SMALL_TOKENS = 16
+"""Tokens of a step whose compute is negligible: the fixed cost of the model's operations."""
 
 
 def attention_tflops(block: int, n_q: int, n_kv: int, head_dim: int, device: torch.device, dtype: torch.dtype,
