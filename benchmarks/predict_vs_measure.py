@@ -19,7 +19,7 @@ prediction is ``launcher.estimate.fit.predict_stage``: the cost model of
 ``topology.cost`` with the calibrated rates. ``--neighbour`` keeps a
 CPU-bound process (``while 1: pass``) running through calibration and
 stages alike. Prints one table per run: predicted and measured micro-step
-(median of the steps after the first), the error of each, and the worst;
+(median of the steps after the first two), the error of each, and the worst;
 and how long each calibrate + check pair took.
 """
 
@@ -68,8 +68,8 @@ def _stage_rank(rank: int, world: int, cfg: dict, plan: dict) -> list[float]:
     return stamps
 
 
-def calibrate(world: int, tokens: int, repeats: int):
-    """A calibration measured on ``world`` gloo ranks at ``tokens`` tokens per rank."""
+def calibrate(world: int, tokens: int, repeats: int, step_overhead: bool = True):
+    """A calibration measured on ``world`` gloo ranks at ``tokens`` tokens per rank (``step_overhead``: with calibrate's DeepSpeed step)."""
     from dist_utils import run_distributed
 
     from launcher.commands.calibrate import build
@@ -79,7 +79,7 @@ def calibrate(world: int, tokens: int, repeats: int):
     shape, _ = model_shape(ModelConfig(**MODEL))
     spec = {"tokens": tokens, "hidden": shape.hidden, "intermediate": shape.intermediate, "n_q": shape.n_q_heads,
             "n_kv": shape.n_kv_heads, "head_dim": shape.head_dim, "layers": shape.layers, "hosts": ["local"] * world,
-            "repeats": repeats, "model": MODEL, "params": shape.params}
+            "repeats": repeats, "model": MODEL, "params": shape.params, "step_overhead": step_overhead}
     results = run_distributed(_calibrate_rank, world, spec, timeout=600)
     when = datetime.now(timezone.utc).isoformat(timespec="seconds")
     return build(results, f"calibrated on this machine ({world} gloo ranks) at {when}", "cpu",
@@ -92,16 +92,18 @@ def measure(c: int, seq: int, ulysses: int, steps: int, keep_all: bool = False) 
     from dist_utils import run_distributed
     from stage_helpers import plan_for, stage_config
 
+    from launcher.estimate.fit import steady
+
     with tempfile.TemporaryDirectory(prefix="pvm-") as tmp:
         cfg = stage_config(Path(tmp), seq_len=seq, gpus=c, batch=1, steps=steps, ulysses=ulysses, model=MODEL)
         plan = plan_for(cfg)
         stamps = run_distributed(_stage_rank, c, cfg.to_dict(), plan.to_dict(), timeout=900)[0]
-    times = [b - a for a, b in zip(stamps, stamps[1:])]
+    times = steady([b - a for a, b in zip(stamps, stamps[1:])])
     return (statistics.median(times), cfg, plan) + ((times,) if keep_all else ())
 
 
 def one_run(configs: list[tuple[int, int, int]], args: argparse.Namespace) -> list[tuple]:
-    """Calibrate then check each ring size back to back; rows of (C, seq, U, predicted, measured), and pair seconds per C."""
+    """Calibrate then check each configuration back to back; rows of (C, seq, U, predicted, measured), and each pair's seconds."""
     from dataclasses import replace
 
     from launcher.commands.calibrate import summary
@@ -110,25 +112,27 @@ def one_run(configs: list[tuple[int, int, int]], args: argparse.Namespace) -> li
 
     rows, pairs = [], {}
     for c in sorted({c for c, _, _ in configs}):
-        t0 = time.perf_counter()
-        mine = [(s, u) for cc, s, u in configs if cc == c]
-        cal = calibrate(c, max(s for s, _ in mine) // c, args.repeats)
-        if not args.deepspeed_overhead:
-            # The fixed cost of a step as the trainer pays it (data, loss, ZeRO, optimizer, metrics): the real
-            # stage at 32 tokens per rank, less what the model prices on its own at that size.
-            small, cfg, plan, steps = measure(c, 32 * c, 1, args.steps, keep_all=True)
-            cal = replace(cal, step_overhead_s=overhead_figure(steps, cfg, plan, cal, f"stage at {32 * c} tokens on {c} rank(s)"))
-        print(summary(cal), flush=True)
-        if args.save_dir:
-            Path(args.save_dir).mkdir(parents=True, exist_ok=True)
-            cal.save(Path(args.save_dir) / f"calibration-c{c}.json")
-        rates = HardwareRates.from_calibration(cal)
-        for seq, u in mine:
+        overhead = None
+        for seq, u in [(s, u) for cc, s, u in configs if cc == c]:
+            t0 = time.perf_counter()
+            # Calibrate for this stage (its tokens per rank set the blocks), then run it: a pair, back to back.
+            cal = calibrate(c, seq // c, args.repeats, step_overhead=args.deepspeed_overhead)
+            if not args.deepspeed_overhead:
+                if overhead is None:
+                    # The fixed cost of a step as the trainer pays it (data, loss, ZeRO, optimizer, metrics): the
+                    # real stage at 32 tokens per rank, less what the model prices on its own at that size.
+                    _, cfg, plan, steps = measure(c, 32 * c, 1, args.steps, keep_all=True)
+                    overhead = overhead_figure(steps, cfg, plan, cal, f"stage at {32 * c} tokens on {c} rank(s)")
+                cal = replace(cal, step_overhead_s=overhead)
+            print(summary(cal), flush=True)
+            if args.save_dir:
+                Path(args.save_dir).mkdir(parents=True, exist_ok=True)
+                cal.save(Path(args.save_dir) / f"calibration-c{c}-s{seq}-u{u}.json")
             measured, cfg, plan = measure(c, seq, u, args.steps)
-            predicted = predict_stage(cfg, plan, rates)
+            predicted = predict_stage(cfg, plan, HardwareRates.from_calibration(cal))
             rows.append((c, seq, u, predicted, measured))
+            pairs[(c, seq, u)] = time.perf_counter() - t0
             print(f"C={c} seq={seq} ulysses={u}: predicted {predicted * 1e3:.0f} ms, measured {measured * 1e3:.0f} ms", flush=True)
-        pairs[c] = time.perf_counter() - t0
     return rows, pairs
 
 
@@ -144,14 +148,14 @@ def table(rows: list[tuple], pairs: dict[int, float], title: str) -> float:
     worst = max(range(len(rows)), key=lambda i: errors[i])
     c, seq, u, _, _ = rows[worst]
     print(f"worst: {errors[worst]:.0%} (C={c}, seq={seq}, ulysses={u}); within 25%: {sum(e <= 0.25 for e in errors)} of {len(rows)}")
-    print("calibrate + check, back to back: " + ", ".join(f"C={c} {s:.0f} s" for c, s in pairs.items()))
+    print("calibrate + check, back to back, s: " + ", ".join(f"C={c}/{seq}/U{u} {t:.0f}" for (c, seq, u), t in pairs.items()))
     return errors[worst]
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="three configurations instead of all")
-    parser.add_argument("--steps", type=int, default=5, help="optimizer steps per stage (the first is not timed)")
+    parser.add_argument("--steps", type=int, default=5, help="optimizer steps per stage (the first two are not timed)")
     parser.add_argument("--repeats", type=int, default=5, help="repeats of each calibration measurement")
     parser.add_argument("--runs", type=int, default=1, help="consecutive runs, each calibrating afresh")
     parser.add_argument("--neighbour", action="store_true", help="run beside a CPU-bound process (`while 1: pass`)")

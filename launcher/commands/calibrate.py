@@ -7,10 +7,12 @@
 Live: one Ray actor per rank slot (a GPU, or ``--ranks`` CPU slots when the
 cluster has no GPUs), ordered by host, joins one torch.distributed group
 (NCCL on GPUs, gloo on CPUs) and measures, every rank at once
-(``launcher.estimate.measure``): GEMMs at the recipe model's shapes, the
+(``launcher.estimate.measure``): the recipe model's dense work (the model
+without attention when it is small, GEMMs at its shapes otherwise), the
 ring attention block kernel forward and backward at the stage's tokens per
-rank, every ring hop sending at once, all-reduce / reduce-scatter bus
-bandwidth, and a DeepSpeed step of a tiny model. The result is a
+rank (full and causal blocks), every ring hop sending at once, the latency
+of one ring exchange and one all-to-all, all-reduce / reduce-scatter bus
+bandwidth, and a DeepSpeed step of the model. The result is a
 calibration file (``topology.calibration``) for ``plan``, ``run --dry-run``
 and ``run`` (``--calibration FILE``).
 
@@ -215,8 +217,9 @@ def measure_rank(spec: dict[str, Any], device: Any) -> dict[str, list[float]]:
         out["p2p_latency"] = measure.exchange_seconds(64, reps, device)
         out["a2a_latency"] = measure.all_to_all_seconds(64 * dist.get_world_size(), reps, device)
     out["bus"] = measure.bus_gbps(16 * 2**20, reps, device)
-    out["overhead"] = measure.step_overhead_s(spec["hidden"], spec["layers"], device, repeats=reps,
-                                              model_cfg=spec.get("model"), params=spec.get("params", 0))
+    if spec.get("step_overhead", True):
+        out["overhead"] = measure.step_overhead_s(spec["hidden"], spec["layers"], device, repeats=reps,
+                                                  model_cfg=spec.get("model"), params=spec.get("params", 0))
     return out
 
 
