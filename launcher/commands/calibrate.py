@@ -183,8 +183,8 @@ def build(results: list[dict[str, Any]], source: str, device: str, meta: dict[st
         bus_gbps=bus,
         step_overhead_s=figure(steps, f"{how}: DeepSpeed ZeRO-3 step of the model on 16 tokens, "
                                       f"less its {priced * 1e3:.3g} ms of priced compute and ZeRO traffic"),
-        p2p_latency_s=figure(pooled("p2p_latency"), f"{how}: one ring exchange of 64 bytes, 20 in a row"),
-        a2a_latency_s=figure(pooled("a2a_latency"), f"{how}: one all-to-all of 64 bytes per peer, 20 in a row"),
+        p2p_latency_s=figure(pooled("p2p_latency"), f"{how}: one ring exchange of 64 bytes, 50 in a row"),
+        a2a_latency_s=figure(pooled("a2a_latency"), f"{how}: one all-to-all of 64 bytes per peer, 50 in a row"),
         inter_host_gbps=figure(pooled("inter"), f"{how}: every ring hop sending at once, host to host"),
         intra_host_gbps=figure(pooled("intra"), f"{how}: every ring hop sending at once, inside a host"),
         overlap=figure(pooled("overlap"), f"{how}: block kernel and K/V transfer timed apart and together"),

@@ -32,10 +32,21 @@ from topology import bandwidth
 from topology.calibration import Figure
 
 
-def _timed(fn: Any, repeats: int, device: torch.device) -> list[float]:
+LOCAL_SECONDS = 0.5
+"""A rank-local measurement (a kernel, the dense layers) repeats until it has run this long: on a
+shared machine a few repeats of a millisecond kernel read whatever burst of load they met
+(3 repeats gave backward rates 5x apart within a minute here)."""
+MAX_REPEATS = 200
+
+
+def _timed(fn: Any, repeats: int, device: torch.device, min_s: float = 0.0) -> list[float]:
+    """Seconds of ``repeats`` calls after a warm-up one, and more (up to ``MAX_REPEATS``) until they add up to ``min_s``.
+
+    ``min_s`` only for work without collectives: ranks may then call ``fn`` a different number of times.
+    """
     fn()  # warm-up: allocation, kernel selection
-    out = []
-    for _ in range(repeats):
+    out: list[float] = []
+    while len(out) < repeats or (sum(out) < min_s and len(out) < MAX_REPEATS):
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         t0 = time.perf_counter()
@@ -61,7 +72,7 @@ def gemm_tflops(tokens: int, hidden: int, intermediate: int, device: torch.devic
         up[:, :intermediate] @ w_down
 
     flops = 2 * tokens * hidden * (4 * hidden + 3 * intermediate)
-    return [flops / s / 1e12 for s in _timed(layer, repeats, device)]
+    return [flops / s / 1e12 for s in _timed(layer, repeats, device, LOCAL_SECONDS)]
 
 
 def dense_tflops(model_cfg: dict[str, Any], params: int, tokens: int, device: torch.device, dtype: torch.dtype,
@@ -103,8 +114,9 @@ def dense_tflops(model_cfg: dict[str, Any], params: int, tokens: int, device: to
         return run
 
     small = min(SMALL_TOKENS, tokens // 2)
-    fixed = median(_timed(step(small), repeats, device))
-    return [6 * params * (tokens - small) / (s - fixed) / 1e12 for s in _timed(step(tokens), repeats, device) if s > fixed]
+    fixed = median(_timed(step(small), repeats, device, LOCAL_SECONDS / 2))
+    timed = _timed(step(tokens), repeats, device, LOCAL_SECONDS)
+    return [6 * params * (tokens - small) / (s - fixed) / 1e12 for s in timed if s > fixed]
 
 
 SMALL_TOKENS = 16
@@ -129,8 +141,8 @@ def attention_tflops(block: int, n_q: int, n_kv: int, head_dim: int, device: tor
     out, lse = block_forward(q, k, v, causal, scale)
     dout = torch.randn_like(out)
     flops = 4 * block * block * n_q * head_dim * (0.5 if causal else 1.0)
-    fwd = _timed(lambda: block_forward(q, k, v, causal, scale), repeats, device)
-    bwd = _timed(lambda: block_backward(dout, q, k, v, out, lse, causal, scale), repeats, device)
+    fwd = _timed(lambda: block_forward(q, k, v, causal, scale), repeats, device, LOCAL_SECONDS)
+    bwd = _timed(lambda: block_backward(dout, q, k, v, out, lse, causal, scale), repeats, device, LOCAL_SECONDS)
     return [flops / s / 1e12 for s in fwd], [2.5 * flops / s / 1e12 for s in bwd]
 
 
@@ -222,7 +234,7 @@ def _back_to_back(fn: Any, calls: int, repeats: int, device: torch.device) -> li
     return out
 
 
-def exchange_seconds(nbytes: int, repeats: int, device: torch.device, calls: int = 20) -> list[float]:
+def exchange_seconds(nbytes: int, repeats: int, device: torch.device, calls: int = 50) -> list[float]:
     """Seconds of one ring exchange (send to the next rank, receive from the previous, ``RingComm``'s pattern), all ranks at once."""
     world, me = dist.get_world_size(), dist.get_rank()
     if world < 2:
@@ -238,7 +250,7 @@ def exchange_seconds(nbytes: int, repeats: int, device: torch.device, calls: int
     return _back_to_back(exchange, calls, repeats, device)
 
 
-def all_to_all_seconds(nbytes: int, repeats: int, device: torch.device, calls: int = 20) -> list[float]:
+def all_to_all_seconds(nbytes: int, repeats: int, device: torch.device, calls: int = 50) -> list[float]:
     """Seconds of one ``all_to_all_single`` of ``nbytes`` per rank over all ranks (as ``trainer.attention.ulysses`` calls it)."""
     n = dist.get_world_size()
     if n < 2:
