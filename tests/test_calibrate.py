@@ -30,7 +30,11 @@ def test_calibrate_on_two_hosts_writes_sane_positive_figures(tmp_path, capsys):
         f = getattr(cal, name)
         assert 0 < f.low <= f.value <= f.high, name
     assert cal.gemm_tflops.value < 10 and cal.inter_host_gbps.value < 100  # a CPU over loopback, not a GPU
-    assert cal.intra_host_gbps is None and cal.meta["bus_gbps"]["value"] > 0
+    assert cal.intra_host_gbps is None and cal.bus_gbps.value > 0
+    for name in ("attn_causal_fwd_tflops", "attn_causal_bwd_tflops", "p2p_latency_s", "a2a_latency_s"):
+        f = getattr(cal, name)
+        assert 0 < f.low <= f.value <= f.high, name
+    assert cal.p2p_latency_s.value < 0.1 and cal.a2a_latency_s.value < 0.1  # a tiny message over loopback
     assert "wrote" in capsys.readouterr().out
 
 

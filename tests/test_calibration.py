@@ -148,3 +148,17 @@ def test_overlap_and_recompute_enter_the_step():
 
 
 LAYERS = 32
+
+
+def test_latencies_bus_and_causal_rates_round_trip_and_take_their_slow_end(tmp_path):
+    """Seconds (latencies) are slow at their high end, rates (bus, causal kernel) at their low end."""
+    cal = replace(slow_calibration(), p2p_latency_s=Figure(1e-4, 5e-5, 3e-4, "t"), a2a_latency_s=Figure(2e-4, 1e-4, 4e-4, "t"),
+                  bus_gbps=Figure(0.5, 0.2, 0.8, "t"), attn_causal_fwd_tflops=Figure(60.0, 50.0, 70.0, "t"),
+                  attn_causal_bwd_tflops=Figure(40.0, 30.0, 50.0, "t"))
+    path = tmp_path / "cal.json"
+    cal.save(path)
+    assert Calibration.load(path) == cal
+    slow, fast = HardwareRates.from_calibration(cal, "low"), HardwareRates.from_calibration(cal, "high")
+    assert (slow.p2p_latency_s, slow.a2a_latency_s, slow.bus_gbps, slow.attn_causal_fwd_tflops) == (3e-4, 4e-4, 0.2, 50.0)
+    assert (fast.p2p_latency_s, fast.a2a_latency_s, fast.bus_gbps, fast.attn_causal_bwd_tflops) == (5e-5, 1e-4, 0.8, 50.0)
+    assert HardwareRates.from_calibration(L40S).p2p_latency_s == 0.0 and HardwareRates.from_calibration(L40S).bus_gbps is None

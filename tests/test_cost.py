@@ -105,3 +105,57 @@ def test_report_is_plain_json():
     text = json.dumps(plan.cost, allow_nan=False)
     assert json.loads(text)["model"] == "Llama-3-8B"
     assert make_plan(load_topology("l40s-host"), 8, 1).cost["slowest_hop_gbps"] is None  # rings of one
+
+
+def _stage_plan(ring: int, ulysses: int, seq: int):
+    from launcher.estimate.fit import stage_topology
+    from topology.plan import Plan, RankPlacement
+
+    cp = ring * ulysses
+    plan = Plan("naive", 1, cp, ulysses, seq, [RankPlacement(r, "local", r) for r in range(cp)])
+    return plan, stage_topology(plan)
+
+
+TINY = dataclasses.replace(LLAMA3_8B, name="tiny", layers=2, hidden=64, n_q_heads=4, n_kv_heads=2, head_dim=16,
+                           vocab=264, params=107_584)
+
+
+@pytest.mark.parametrize("ring,ulysses,recompute,p2p,a2a", [
+    (1, 1, False, 0, 0), (2, 1, False, 1 + 3, 0), (4, 1, True, 2 * 3 + 7, 0),
+    (1, 2, True, 0, 2 * 4 + 4), (2, 2, False, 1 + 3, 4 + 4),
+])
+def test_each_collective_pays_its_measured_latency(ring, ulysses, recompute, p2p, a2a):
+    """Latency x collectives per layer: K/V exchanges R-1 forward, 2R-1 backward; 4 all-to-alls each way; recompute repeats the forward."""
+    from topology.cost import HardwareRates
+
+    plan, topo = _stage_plan(ring, ulysses, 64 * ring * ulysses)
+    base = HardwareRates(gemm_tflops=1.0, attn_fwd_tflops=1.0, attn_bwd_tflops=1.0)
+    lat = dataclasses.replace(base, p2p_latency_s=1e-3, a2a_latency_s=1e-2)
+    plain = estimate(plan, topo, TINY, rates=base, recompute=recompute).step_time_s
+    paid = estimate(plan, topo, TINY, rates=lat, recompute=recompute).step_time_s
+    assert paid - plain == pytest.approx(TINY.layers * (p2p * 1e-3 + a2a * 1e-2))
+
+
+def test_measured_bus_bandwidth_prices_the_zero_traffic():
+    """ZeRO-3 moves 3 x params (2 all-gathers, 1 reduce-scatter) at the measured bus bandwidth when it is the slower."""
+    from topology.cost import HardwareRates
+
+    plan, topo = _stage_plan(4, 1, 256)
+    rates = HardwareRates(gemm_tflops=1.0, attn_fwd_tflops=1.0, attn_bwd_tflops=1.0, dtype_bytes=4, bus_gbps=0.5)
+    r = estimate(plan, topo, TINY, rates=rates)
+    assert r.dp_allreduce_s == pytest.approx(3 * TINY.params * 4 * 3 / 4 / 0.5e9)
+    fast = estimate(plan, topo, TINY, rates=dataclasses.replace(rates, bus_gbps=1e6))
+    assert fast.dp_allreduce_s == pytest.approx(3 * TINY.params * 4 * 3 / 4 / 1000e9)  # the topology's links bind
+
+
+def test_the_causal_block_runs_at_its_own_rate():
+    """Step 0's causal block is priced at the causal kernel's rate, the other R-1 steps at the full block's."""
+    from topology.cost import HardwareRates
+
+    plan, topo = _stage_plan(2, 1, 512)
+    full = HardwareRates(gemm_tflops=1.0, attn_fwd_tflops=1.0, attn_bwd_tflops=1.0)
+    slow_diag = dataclasses.replace(full, attn_causal_fwd_tflops=0.5, attn_causal_bwd_tflops=0.25)
+    a, b = estimate(plan, topo, TINY, rates=full), estimate(plan, topo, TINY, rates=slow_diag)
+    fwd, bwd = a.ring_compute_fwd_s, a.ring_compute_bwd_s
+    assert b.ring_compute_fwd_s == pytest.approx(fwd)  # the reported ring step is an off-diagonal one
+    assert b.attention_s - a.attention_s == pytest.approx(TINY.layers * (fwd * (2 - 1) + bwd * (4 - 1)))

@@ -142,3 +142,17 @@ def test_bad_topology_is_one_line_and_exit_2(capsys):
 
 def test_theta_is_written_as_the_table_writes_it():
     assert [format_theta(t) for t in recipe().resolve_theta().values()] == ["15.3M", "207.1M", "1.06B", "2.80B", "45.2B"]
+
+
+def test_dry_run_prices_the_recomputed_forward_of_activation_checkpointing():
+    """The trainer checkpoints every layer by default, so the dry run's step carries the forward twice."""
+    from topology.calibration import defaults_for
+    from topology.cost import HardwareRates, estimate
+
+    first = plan_recipe(recipe(), "g6e-4x")[0]
+    plan, topo = first.size.plan, first.topology
+    once = estimate(plan, topo, LLAMA3_8B, rates=HardwareRates.from_calibration(defaults_for(topo.gpu)))
+    assert plan.cost["dense_compute_s"] == pytest.approx(once.dense_compute_s * 8 / 6)
+    assert plan.cost["step_time_s"] > once.step_time_s
+    fast, slow = first.step_range_s
+    assert fast < plan.cost["step_time_s"] < slow

@@ -82,12 +82,24 @@ class Calibration:
     """Measured GB/s of one in-host ring hop with every hop busy (None: from the topology)."""
     overlap: Figure | None = None
     """Fraction of a ring step's shorter part (transfer or compute) that hides behind the longer (None: 1)."""
+    attn_causal_fwd_tflops: Figure | None = None
+    """The causal (diagonal) block kernel, forward, FLOPs counted for the half it must compute (None: as ``attn_fwd``)."""
+    attn_causal_bwd_tflops: Figure | None = None
+    """The causal (diagonal) block kernel, backward (None: as ``attn_bwd``)."""
+    bus_gbps: Figure | None = None
+    """Measured all-reduce / reduce-scatter bus bandwidth of the ranks, GB/s (None: from the topology x ``bus_efficiency``)."""
+    p2p_latency_s: Figure | None = None
+    """Seconds of one ring exchange of a tiny message, every rank at once (None: the links' latency)."""
+    a2a_latency_s: Figure | None = None
+    """Seconds of one all-to-all of a tiny message (None: the links' latency)."""
     meta: dict[str, Any] = field(default_factory=dict)
     """How it was measured: shapes, sizes, repeats, the cluster; kept for the record."""
 
     FIGURES = ("gemm_tflops", "attn_fwd_tflops", "attn_bwd_tflops", "network_efficiency", "bus_efficiency",
-               "step_overhead_s", "layer_overhead_s", "inter_host_gbps", "intra_host_gbps", "overlap")
-    OPTIONAL = ("layer_overhead_s", "inter_host_gbps", "intra_host_gbps", "overlap")
+               "step_overhead_s", "layer_overhead_s", "inter_host_gbps", "intra_host_gbps", "overlap",
+               "attn_causal_fwd_tflops", "attn_causal_bwd_tflops", "bus_gbps", "p2p_latency_s", "a2a_latency_s")
+    OPTIONAL = ("layer_overhead_s", "inter_host_gbps", "intra_host_gbps", "overlap", "attn_causal_fwd_tflops",
+                "attn_causal_bwd_tflops", "bus_gbps", "p2p_latency_s", "a2a_latency_s")
 
     @property
     def calibrated(self) -> bool:
@@ -106,8 +118,8 @@ class Calibration:
             f = getattr(self, name)
             if f is None:
                 continue
-            slow = f.high if name.endswith("overhead_s") else f.low
-            fast = f.low if name.endswith("overhead_s") else f.high
+            slow = f.high if is_seconds(name) else f.low
+            fast = f.low if is_seconds(name) else f.high
             v = slow if which == "low" else fast
             changes[name] = Figure(v, v, v, f.source)
         return replace(self, **changes)
@@ -147,7 +159,7 @@ class Calibration:
                 if name in cls.OPTIONAL:
                     continue
                 raise ConfigError(f"{where}: figure {name!r} is missing; calibrate again or add it")
-            kw[name] = _figure(figs[name], f"{where}: {name}", zero_ok=name.endswith("overhead_s") or name == "overlap")
+            kw[name] = _figure(figs[name], f"{where}: {name}", zero_ok=is_seconds(name) or name == "overlap")
         meta = data.get("meta", {})
         if not isinstance(meta, dict):
             raise ConfigError(f"{where}: \"meta\" must be an object")
@@ -165,6 +177,11 @@ class Calibration:
         except json.JSONDecodeError as exc:
             raise ConfigError(f"calibration file {path} is not JSON (line {exc.lineno}: {exc.msg})") from None
         return cls.from_dict(data, str(path))
+
+
+def is_seconds(name: str) -> bool:
+    """Figures in seconds (overheads, latencies): their slow end is the high one."""
+    return name.endswith("_s")
 
 
 def _figure(raw: Any, where: str, zero_ok: bool) -> Figure:

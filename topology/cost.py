@@ -174,12 +174,16 @@ class StepModel:
         flops_rate = (rates.gemm_tflops or topo.gpu.tflops_bf16 * rates.efficiency) * 1e12
         attn_fwd = (rates.attn_fwd_tflops or topo.gpu.tflops_bf16 * rates.efficiency) * 1e12
         attn_bwd = (rates.attn_bwd_tflops or topo.gpu.tflops_bf16 * rates.efficiency) * 1e12
+        diag_fwd = rates.attn_causal_fwd_tflops * 1e12 if rates.attn_causal_fwd_tflops else attn_fwd
+        diag_bwd = rates.attn_causal_bwd_tflops * 1e12 if rates.attn_causal_bwd_tflops else attn_bwd
         c = seq_len // ring  # after the all-to-all each rank holds seq/ring tokens of n/U heads
         n_q = model.n_q_heads / ulysses
         n_kv = math.ceil(model.n_kv_heads / ulysses)  # KV heads are replicated when U exceeds them
         self.bytes_fwd = 2 * c * n_kv * model.head_dim * rates.dtype_bytes
         flops_fwd = 4 * rates.zigzag_a * c * c * n_q * model.head_dim
         self.comp_fwd, self.comp_bwd = flops_fwd / attn_fwd, rates.bwd_flops * flops_fwd / attn_bwd
+        # Step 0 computes the local block under the causal mask: as many FLOPs as a zigzag half, at the causal kernel's rate.
+        self.diag_fwd, self.diag_bwd = flops_fwd / diag_fwd, rates.bwd_flops * flops_fwd / diag_bwd
         self.dense = (8 if recompute else 6) * model.params * (seq_len / self.cp) / flops_rate
         self.volume = (3 if zero_stage == 3 else 2) * model.params * rates.dtype_bytes * (self.world - 1) / self.world
         tokens = seq_len // self.cp
@@ -199,17 +203,42 @@ class StepModel:
         step_bwd = max(comm_bwd, self.comp_bwd) + (1 - hide) * min(comm_bwd, self.comp_bwd)
         return comm_fwd, comm_bwd, step_fwd, step_bwd
 
+    def collectives(self) -> dict[str, tuple[int, int]]:
+        """Collectives of one layer, ``{kind: (forward, backward)}``: what each pays a latency for.
+
+        The forward ring waits on ``R - 1`` K/V exchanges; the backward ring
+        on ``R - 1`` K/V exchanges and ``R`` exchanges of their gradient
+        accumulators (the last brings a rank's own block home). Ulysses
+        exchanges q, k, v and the output (4 all-to-alls) forward and their
+        gradients backward. Activation checkpointing repeats the forward ones.
+        """
+        r = self.ring
+        p2p = (r - 1, 2 * r - 1) if r > 1 else (0, 0)
+        a2a = (4, 4) if self.ulysses > 1 else (0, 0)
+        return {"p2p": p2p, "a2a": a2a}
+
+    def latency(self) -> float:
+        """Fixed seconds of one layer's collectives, forward and backward (recompute included): count x measured latency."""
+        rates, again = self.rates, 2 if self.recompute else 1
+        lat = {"p2p": rates.p2p_latency_s, "a2a": rates.a2a_latency_s}
+        return sum(lat[k] * (again * fwd + bwd) for k, (fwd, bwd) in self.collectives().items())
+
     def attention(self, hop_gbps: float, hop_lat: float, a2a: float) -> float:
         """Ring attention (+ all-to-all) of all layers, forward and backward."""
         _, _, fwd, bwd = self.ring_layer(hop_gbps, hop_lat)
-        # The first step computes the local block while the first transfer runs.
+        # The first step computes the local (causal) block while the first transfer runs.
         overhead = self.ring * self.rates.layer_overhead_s
         # Activation checkpointing runs each layer's forward (its ring and all-to-all included) again in backward.
-        again = (self.comp_fwd + (self.ring - 1) * fwd + a2a / 2 + overhead / 2) if self.recompute else 0.0
-        return self.model.layers * (self.comp_fwd + self.comp_bwd + (self.ring - 1) * (fwd + bwd) + a2a + overhead + again)
+        again = (self.diag_fwd + (self.ring - 1) * fwd + a2a / 2 + overhead / 2) if self.recompute else 0.0
+        return self.model.layers * (self.diag_fwd + self.diag_bwd + (self.ring - 1) * (fwd + bwd) + a2a + overhead + again
+                                    + self.latency())
 
     def gradients(self, bus_gbps: float) -> float:
-        return transfer(self.volume, bus_gbps * self.rates.bus_efficiency, 0.0) if self.world > 1 else 0.0
+        """ZeRO / data-parallel traffic of a step at the bus bandwidth of the slowest link, capped by the measured one."""
+        rate = bus_gbps * self.rates.bus_efficiency
+        if self.rates.bus_gbps:
+            rate = min(rate, self.rates.bus_gbps)
+        return transfer(self.volume, rate, 0.0) if self.world > 1 else 0.0
 
     def hop_rates(self, pairs: list[tuple[str, str]]) -> list[tuple[float, float]]:
         """(GB/s, latency µs) of transfers that run at once: the flow model's share, scaled and capped by the rates."""
@@ -283,6 +312,16 @@ class HardwareRates:
     """Fixed seconds per step (optimizer, bookkeeping)."""
     layer_overhead_s: float = 0.0
     """Fixed seconds per layer and ring step, forward plus backward."""
+    attn_causal_fwd_tflops: float | None = None
+    """Achieved TFLOPS of the causal (diagonal) block kernel, forward (None: ``attn_fwd_tflops``)."""
+    attn_causal_bwd_tflops: float | None = None
+    """Achieved TFLOPS of the causal block kernel, backward (None: ``attn_bwd_tflops``)."""
+    bus_gbps: float | None = None
+    """Measured bus bandwidth of the ranks' all-reduce / reduce-scatter, GB/s: caps the gradient traffic's rate."""
+    p2p_latency_s: float = 0.0
+    """Fixed seconds of one ring exchange (``StepModel.collectives`` counts them)."""
+    a2a_latency_s: float = 0.0
+    """Fixed seconds of one Ulysses all-to-all."""
     source: str = "peak x efficiency"
     """Where the rates come from: a calibration's source, or the bare model."""
 
@@ -300,6 +339,8 @@ class HardwareRates:
                    network_efficiency=v("network_efficiency"), bus_efficiency=v("bus_efficiency"),
                    inter_host_gbps=v("inter_host_gbps"), intra_host_gbps=v("intra_host_gbps"),
                    step_overhead_s=v("step_overhead_s"), layer_overhead_s=v("layer_overhead_s") or 0.0,
+                   attn_causal_fwd_tflops=v("attn_causal_fwd_tflops"), attn_causal_bwd_tflops=v("attn_causal_bwd_tflops"),
+                   bus_gbps=v("bus_gbps"), p2p_latency_s=v("p2p_latency_s") or 0.0, a2a_latency_s=v("a2a_latency_s") or 0.0,
                    overlap=1.0 if cal.overlap is None else min(1.0, max(0.0, cal.overlap.value)), source=cal.source)
 
 

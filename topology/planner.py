@@ -78,6 +78,8 @@ class PlanRequest:
     """The cost model's rates (calibrated or defaults): the search ranks orders by the same step time the plan reports."""
     budget_s: float = 0.5
     """Wall-clock budget of the local search."""
+    recompute: bool = False
+    """Activation checkpointing: the step the search ranks by runs every layer's forward again."""
     info: dict = field(default_factory=dict)
     """What the strategy found out: the construction it kept, moves, optimality."""
 
@@ -103,6 +105,7 @@ def make_plan(
     rates: HardwareRates | None = None,
     *,
     budget_s: float | None = None,
+    recompute: bool = False,
 ) -> Plan:
     """Place ``gpus`` ranks in rings of ``cp`` GPUs on ``topo``.
 
@@ -131,6 +134,8 @@ def make_plan(
     budget_s
         Seconds the ``aware`` local search may take (default: scaled to the
         problem, at most ``SEARCH_BUDGET_S``).
+    recompute
+        Activation checkpointing is on (the trainer's default): the cost model adds the recomputed forward.
 
     Returns
     -------
@@ -146,7 +151,7 @@ def make_plan(
     """
     seq_len = TOKENS_PER_GPU * cp if seq_len is None else seq_len
     req = _request(topo, gpus, cp, ulysses, seq_len, strategy, seed, hosts, flows)
-    req.model, req.rates = model, rates
+    req.model, req.rates, req.recompute = model, rates, recompute
     req.budget_s = default_budget(gpus) if budget_s is None else budget_s
     order = STRATEGIES[strategy](req)
     placements = []
@@ -155,7 +160,7 @@ def make_plan(
         data = topo.graph.nodes[host]
         placements.append(RankPlacement(rank, host, topo.graph.nodes[gpu]["index"], data.get("node_id"), data.get("ip")))
     plan = Plan(strategy, gpus // cp, cp, ulysses, seq_len, placements, topology=topo.name)
-    plan.cost = estimate(plan, topo, model, flows=req.flows, rates=rates).to_dict()
+    plan.cost = estimate(plan, topo, model, flows=req.flows, rates=rates, recompute=recompute).to_dict()
     if req.info:
         plan.cost["search"] = req.info
     return plan
@@ -217,7 +222,8 @@ def aware_order(req: PlanRequest) -> list[str]:
     the best is improved by local search within ``req.budget_s``, and small
     problems are searched exhaustively (``topology.search``).
     """
-    sm = StepModel(req.topo, req.gpus // req.cp, req.ring, req.ulysses, req.seq_len, req.model, req.flows, req.rates)
+    sm = StepModel(req.topo, req.gpus // req.cp, req.ring, req.ulysses, req.seq_len, req.model, req.flows, req.rates,
+                   recompute=req.recompute)
     candidates = {"naive": naive_order(req), "hierarchical": hierarchical_order(req)}
     candidates.update(segment_orders(req))
     whole = whole_host_order(req)

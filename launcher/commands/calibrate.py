@@ -7,10 +7,12 @@
 Live: one Ray actor per rank slot (a GPU, or ``--ranks`` CPU slots when the
 cluster has no GPUs), ordered by host, joins one torch.distributed group
 (NCCL on GPUs, gloo on CPUs) and measures, every rank at once
-(``launcher.estimate.measure``): GEMMs at the recipe model's shapes, the
+(``launcher.estimate.measure``): the recipe model's dense work (the model
+without attention when it is small, GEMMs at its shapes otherwise), the
 ring attention block kernel forward and backward at the stage's tokens per
-rank, every ring hop sending at once, all-reduce / reduce-scatter bus
-bandwidth, and a DeepSpeed step of a tiny model. The result is a
+rank (full and causal blocks), every ring hop sending at once, the latency
+of one ring exchange and one all-to-all, all-reduce / reduce-scatter bus
+bandwidth, and a DeepSpeed step of the model. The result is a
 calibration file (``topology.calibration``) for ``plan``, ``run --dry-run``
 and ``run`` (``--calibration FILE``).
 
@@ -144,14 +146,12 @@ def measure_on_ray(shape: Any, tokens: int, ranks: int, use_gpus: bool, repeats:
     device = infos[0]["device"]
     when = datetime.now(timezone.utc).isoformat(timespec="seconds")
     meta = {"ranks": ranks, "hosts": len(set(hosts)), "tokens_per_rank": tokens, "model": shape.name, "backend": backend,
-            "repeats": repeats}
+            "repeats": repeats, "params": shape.params}
     return build(results, f"calibrated on {cluster} at {when}", device, meta)
 
 
 def build(results: list[dict[str, Any]], source: str, device: str, meta: dict[str, Any]) -> Any:
     """A Calibration from every rank's samples (``CalibrationRank.measure``)."""
-    from dataclasses import asdict
-
     from launcher.estimate.measure import figure
     from topology.calibration import Calibration, Figure
 
@@ -160,19 +160,35 @@ def build(results: list[dict[str, Any]], source: str, device: str, meta: dict[st
 
     how = f"measured on {meta['ranks']} rank(s), all at once"
     one = Figure(1.0, 1.0, 1.0, "measured hop rates are used as caps instead")
+    gemm = (figure(pooled("dense"), f"{how}: the model without attention, forward and backward through the loss, "
+                                    f"at {meta['tokens_per_rank']} tokens, counted as 6 x params x tokens")
+            or figure(pooled("gemm"), f"{how}: one layer's matmuls at {meta['tokens_per_rank']} tokens"))
+    bus = figure(pooled("bus"), f"{how}: all-reduce and reduce-scatter of 16 MiB, bus bandwidth (NCCL tests' busbw)")
+    # The DeepSpeed step also moves the ZeRO-3 traffic and computes 16 tokens; the model prices both on
+    # their own (bus bandwidth, GEMM rate), so only what is left is the fixed cost of a step.
+    ranks, params = meta["ranks"], meta.get("params", 0)
+    priced = 6 * params * 16 / (gemm.value * 1e12) if gemm and params else 0.0
+    if bus and params and ranks > 1:
+        priced += 3 * params * (2 if device != "cpu" else 4) * (ranks - 1) / ranks / (bus.value * 1e9)
+    steps = [max(0.0, s - priced) for s in pooled("overhead")]
     return Calibration(
         source=source, device=device,
-        gemm_tflops=figure(pooled("gemm"), f"{how}: one layer's matmuls at {meta['tokens_per_rank']} tokens"),
+        gemm_tflops=gemm,
         attn_fwd_tflops=figure(pooled("attn_fwd"), f"{how}: ring attention block kernel forward"),
         attn_bwd_tflops=figure(pooled("attn_bwd"), f"{how}: ring attention block kernel backward"),
+        attn_causal_fwd_tflops=figure(pooled("attn_causal_fwd"), f"{how}: causal (step 0) block kernel forward"),
+        attn_causal_bwd_tflops=figure(pooled("attn_causal_bwd"), f"{how}: causal (step 0) block kernel backward"),
         network_efficiency=one,
         bus_efficiency=one,
-        step_overhead_s=figure(pooled("overhead"), f"{how}: DeepSpeed ZeRO-3 step of the model on 16 tokens"),
-        layer_overhead_s=figure(pooled("layer_overhead"), f"{how}: one ring step of a one-token block"),
+        bus_gbps=bus,
+        step_overhead_s=figure(steps, f"{how}: DeepSpeed ZeRO-3 step of the model on 16 tokens, "
+                                      f"less its {priced * 1e3:.3g} ms of priced compute and ZeRO traffic"),
+        p2p_latency_s=figure(pooled("p2p_latency"), f"{how}: one ring exchange of 64 bytes, 50 in a row"),
+        a2a_latency_s=figure(pooled("a2a_latency"), f"{how}: one all-to-all of 64 bytes per peer, 50 in a row"),
         inter_host_gbps=figure(pooled("inter"), f"{how}: every ring hop sending at once, host to host"),
         intra_host_gbps=figure(pooled("intra"), f"{how}: every ring hop sending at once, inside a host"),
         overlap=figure(pooled("overlap"), f"{how}: block kernel and K/V transfer timed apart and together"),
-        meta={**meta, "bus_gbps": asdict(bus) if (bus := figure(pooled("bus"), "all-reduce and reduce-scatter busbw")) else None},
+        meta=meta,
     )
 
 
@@ -182,23 +198,28 @@ def measure_rank(spec: dict[str, Any], device: Any) -> dict[str, list[float]]:
     import torch.distributed as dist
 
     from launcher.estimate import measure
-    from topology import bandwidth
 
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     reps = spec["repeats"]
     out: dict[str, list[float]] = {}
-    out["gemm"] = measure.gemm_tflops(spec["tokens"], spec["hidden"], spec["intermediate"], device, dtype, reps)
+    if spec.get("model") and 0 < spec.get("params", 0) <= measure.SMALL_MODEL:
+        out["dense"] = measure.dense_tflops(spec["model"], spec["params"], spec["tokens"], device, dtype, reps)
+    else:
+        out["gemm"] = measure.gemm_tflops(spec["tokens"], spec["hidden"], spec["intermediate"], device, dtype, reps)
     block = max(16, spec["tokens"])
     out["attn_fwd"], out["attn_bwd"] = measure.attention_tflops(block, spec["n_q"], spec["n_kv"], spec["head_dim"], device, dtype, reps)
+    out["attn_causal_fwd"], out["attn_causal_bwd"] = measure.attention_tflops(
+        block, spec["n_q"], spec["n_kv"], spec["head_dim"], device, dtype, reps, causal=True)
     kv_bytes = 2 * spec["tokens"] * spec["n_kv"] * spec["head_dim"] * (2 if device.type == "cuda" else 4)
     out.update(measure.ring_hops(spec["hosts"], kv_bytes, reps, device))
     out["overlap"] = measure.overlap_fraction(block, spec["n_q"], spec["n_kv"], spec["head_dim"], kv_bytes, device, dtype, reps)
     if dist.get_world_size() > 1:
-        small = bandwidth.ring_step_seconds(list(range(dist.get_world_size())), 64, reps, device)
-        out["layer_overhead"] = [3 * s for s in small]  # one forward and about two backward messages per layer step
+        out["p2p_latency"] = measure.exchange_seconds(64, reps, device)
+        out["a2a_latency"] = measure.all_to_all_seconds(64 * dist.get_world_size(), reps, device)
     out["bus"] = measure.bus_gbps(16 * 2**20, reps, device)
-    out["overhead"] = measure.step_overhead_s(spec["hidden"], spec["layers"], device, repeats=reps,
-                                              model_cfg=spec.get("model"), params=spec.get("params", 0))
+    if spec.get("step_overhead", True):
+        out["overhead"] = measure.step_overhead_s(spec["hidden"], spec["layers"], device, repeats=reps,
+                                                  model_cfg=spec.get("model"), params=spec.get("params", 0))
     return out
 
 

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Callable, TextIO
 
 from launcher.estimate.data_readiness import Readiness, readiness
-from launcher.estimate.memory import GB, MemoryEstimate, model_shape, startup_host_bytes
+from launcher.estimate.memory import GB, MemoryAssumptions, MemoryEstimate, model_shape, startup_host_bytes
 from launcher.recipe import Recipe, RecipeStage
 from launcher.estimate.sizing import StageSize, size_stage
 from topology.calibration import Calibration, defaults_for
@@ -102,8 +102,10 @@ def plan_recipe(recipe: Recipe, topology_arg: str | None = None, calibration: st
     one each topology's GPU gets its published achieved figures
     (``topology.calibration.defaults_for``). The sizing, the placement and
     the printed times all use the same rates; the range comes from the
-    calibration's low and high ends.
+    calibration's low and high ends. Activation checkpointing (the trainer's
+    default) is priced in: every layer's forward runs again in backward.
     """
+    recompute = MemoryAssumptions().activation_checkpointing
     shape, _ = model_shape(recipe.model)
     thetas = recipe.resolve_theta()
     cal_file = Calibration.load(calibration) if calibration else None
@@ -118,8 +120,8 @@ def plan_recipe(recipe: Recipe, topology_arg: str | None = None, calibration: st
         size = size_stage(stage, topo, shape, recipe.deepspeed, flows=flows, rates=HardwareRates.from_calibration(cal))
         report = StageReport(stage, topo, size, thetas[stage.name])
         if size.plan is not None:
-            fast, slow = (estimate(size.plan, topo, shape, flows=flows, rates=HardwareRates.from_calibration(cal, end)).step_time_s
-                          for end in ("high", "low"))
+            fast, slow = (estimate(size.plan, topo, shape, flows=flows, rates=HardwareRates.from_calibration(cal, end),
+                                   recompute=recompute).step_time_s for end in ("high", "low"))
             report.step_range_s = (fast, slow)
         reports.append(report)
     return reports

@@ -10,7 +10,7 @@ so the model predicts their measured step times:
 
 ``x_i`` is stage i's predicted micro-step without fixed overhead under the
 starting calibration, ``t_i`` its measured micro-step (median over steps,
-the first left out: it pays for warm-up). Least squares gives the slowdown
+the warm-up ones left out: ``WARMUP_STEPS``). Least squares gives the slowdown
 ``s`` (every rate divided by it) and the overhead ``c``; with one stage,
 or stages of one shape, only ``c`` can be told apart and ``s`` stays 1
 unless ``c`` would be negative. Ranges come from the spread of the steps.
@@ -65,12 +65,37 @@ def predict_stage(cfg: Any, plan: Plan, rates: HardwareRates, on_cpu: bool = Tru
                     recompute=cfg.activation_checkpointing).step_time_s
 
 
+def overhead_figure(steps: list[float], cfg: Any, plan: Plan, cal: Calibration, what: str) -> Figure:
+    """The fixed cost of a step from a stage's measured micro-steps: each less everything else the model prices.
+
+    Run the stage at a size whose compute is small (tens of tokens per rank);
+    what the calibration prices on its own there (compute, each collective's
+    latency, ring and ZeRO bytes) is taken off, so nothing is counted twice.
+    """
+    from launcher.estimate.measure import figure
+
+    bare = replace(cal, step_overhead_s=Figure(0.0, 0.0, 0.0, "none"))
+    priced = predict_stage(cfg, plan, HardwareRates.from_calibration(bare))
+    return figure([max(0.0, t - priced) for t in steps],
+                  f"{what}: micro-steps less the {priced * 1e3:.3g} ms the model prices on its own")
+
+
+WARMUP_STEPS = 2
+"""Optimizer steps left out of a measured step time. The first builds and connects everything; the
+second still ran 2-3x slower than the rest on CPU ranks here (C = 2: 250-470 ms, then 120-160 ms)."""
+
+
+def steady(seconds: list[float]) -> list[float]:
+    """Step durations (the second step's first) without the warm-up ones; all of them when there are too few."""
+    return seconds[WARMUP_STEPS - 1:] if len(seconds) > WARMUP_STEPS else seconds
+
+
 def measured_steps(stage_dir: Path, grad_accum: int = 1) -> list[float]:
-    """Micro-step seconds of a stage's metrics.jsonl (steps after the first)."""
+    """Micro-step seconds of a stage's metrics.jsonl (steps after the warm-up ones, ``WARMUP_STEPS``)."""
     path = stage_dir / "metrics.jsonl"
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
     elapsed = [r["elapsed_s"] for r in rows if "step" in r and "elapsed_s" in r]
-    return [(b - a) / grad_accum for a, b in zip(elapsed, elapsed[1:])]
+    return steady([(b - a) / grad_accum for a, b in zip(elapsed, elapsed[1:])])
 
 
 def stage_dirs(run_dir: Path) -> list[Path]:

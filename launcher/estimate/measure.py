@@ -5,11 +5,14 @@ Every function runs inside a rank that has joined a torch.distributed group
 figure is taken under the load of all ranks working together, as in a step:
 
 - ``gemm_tflops``: the model's projection and MLP matmuls at a stage's tokens per rank;
+- ``dense_tflops``: the recipe's own model, forward and backward with attention left out,
+  at a stage's tokens per rank: matmuls and every per-token operation around them;
 - ``attention_tflops``: ``trainer.attention.ring_attention``'s block kernels, forward
-  and backward, at a ring step's block size;
+  and backward, at a ring step's block size: a full block, and the causal block of a ring's step 0;
 - ``ring_hops``: every rank sends a K/V-sized block to the next rank of one ring
   at once (``topology.bandwidth.ring_step_seconds``), split by in-host / host-to-host hop;
 - ``bus_gbps``: all-reduce and reduce-scatter bus bandwidth (NCCL tests' busbw);
+- ``all_to_all_seconds``: one all-to-all of a tiny message (the Ulysses exchange's latency);
 - ``step_overhead_s``: a DeepSpeed ZeRO step of the model on 16 tokens, whose compute is negligible.
 
 Each returns samples; ``topology.calibration.Figure`` ranges are taken over
@@ -29,10 +32,21 @@ from topology import bandwidth
 from topology.calibration import Figure
 
 
-def _timed(fn: Any, repeats: int, device: torch.device) -> list[float]:
+LOCAL_SECONDS = 0.5
+"""A rank-local measurement (a kernel, the dense layers) repeats until it has run this long: on a
+shared machine a few repeats of a millisecond kernel read whatever burst of load they met
+(3 repeats gave backward rates 5x apart within a minute here)."""
+MAX_REPEATS = 200
+
+
+def _timed(fn: Any, repeats: int, device: torch.device, min_s: float = 0.0) -> list[float]:
+    """Seconds of ``repeats`` calls after a warm-up one, and more (up to ``MAX_REPEATS``) until they add up to ``min_s``.
+
+    ``min_s`` only for work without collectives: ranks may then call ``fn`` a different number of times.
+    """
     fn()  # warm-up: allocation, kernel selection
-    out = []
-    for _ in range(repeats):
+    out: list[float] = []
+    while len(out) < repeats or (sum(out) < min_s and len(out) < MAX_REPEATS):
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         t0 = time.perf_counter()
@@ -58,14 +72,65 @@ def gemm_tflops(tokens: int, hidden: int, intermediate: int, device: torch.devic
         up[:, :intermediate] @ w_down
 
     flops = 2 * tokens * hidden * (4 * hidden + 3 * intermediate)
-    return [flops / s / 1e12 for s in _timed(layer, repeats, device)]
+    return [flops / s / 1e12 for s in _timed(layer, repeats, device, LOCAL_SECONDS)]
+
+
+def dense_tflops(model_cfg: dict[str, Any], params: int, tokens: int, device: torch.device, dtype: torch.dtype,
+                 repeats: int = 5) -> list[float]:
+    """Marginal TFLOPS of the model's work outside attention, counted as the cost model counts it (``6 * params * tokens``).
+
+    The recipe's model (``trainer.modeling.build_model``) runs forward and
+    backward through the trainer's loss (``trainer.loss.shard_loss_sum``) with
+    an attention that passes the queries through, so norms, RoPE, the MLP's
+    activation, residual adds and the loss head are timed with the matmuls.
+    On small models they cost more than the matmuls; a GEMM alone would miss them.
+    The rate is the slope between ``SMALL_TOKENS`` and ``tokens``: the cost of
+    each further token. What a step pays regardless of its tokens (a kernel
+    launch and Python per operation) is the step's fixed cost, measured apart.
+    """
+    from transformers import AttentionInterface
+
+    from trainer.config import ModelConfig
+    from trainer.loss import shard_loss_sum
+    from trainer.modeling import build_model
+    from trainer.tokenizer import load_tokenizer
+
+    def no_attention(module, query, key, value, attention_mask, **kwargs):
+        return query.transpose(1, 2), None
+
+    AttentionInterface.register("ringleader_no_attention", no_attention)
+    mc = ModelConfig(**model_cfg)
+    torch.manual_seed(0)
+    model = build_model(mc, mc.base_theta, tokens, tokenizer=load_tokenizer(mc, None), dtype=dtype).to(device)
+    model.set_attn_implementation("ringleader_no_attention")
+    model.config.use_cache = False
+    def step(n: int):
+        ids = torch.randint(0, model.config.vocab_size, (1, n), device=device)
+        positions = torch.arange(n, device=device)[None]
+
+        def run() -> None:
+            loss, _ = shard_loss_sum(model, ids, positions, ids)
+            loss.backward()
+        return run
+
+    small = min(SMALL_TOKENS, tokens // 2)
+    fixed = median(_timed(step(small), repeats, device, LOCAL_SECONDS / 2))
+    timed = _timed(step(tokens), repeats, device, LOCAL_SECONDS)
+    return [6 * params * (tokens - small) / (s - fixed) / 1e12 for s in timed if s > fixed]
+
+
+SMALL_TOKENS = 16
+"""Tokens of a step whose compute is negligible: the fixed cost of the model's operations."""
 
 
 def attention_tflops(block: int, n_q: int, n_kv: int, head_dim: int, device: torch.device, dtype: torch.dtype,
-                     repeats: int = 5) -> tuple[list[float], list[float]]:
-    """(forward, backward) TFLOPS of the ring's block kernel on a ``block`` x ``block`` non-causal step.
+                     repeats: int = 5, causal: bool = False) -> tuple[list[float], list[float]]:
+    """(forward, backward) TFLOPS of the ring's block kernel on a ``block`` x ``block`` step.
 
-    FLOPs as the cost model counts them: ``4 * block^2 * n_q * d`` forward, 2.5 x that backward.
+    FLOPs as the cost model counts them: ``4 * block^2 * n_q * d`` forward, 2.5 x that backward;
+    half of that for a ``causal`` block (the diagonal one of a ring's step 0), whatever the kernel
+    really spends on it: how much of the masked half a kernel skips differs (CPU flash kernels skip
+    little), and the achieved rate says it.
     """
     from trainer.attention.ring_attention import block_backward, block_forward
 
@@ -73,11 +138,11 @@ def attention_tflops(block: int, n_q: int, n_kv: int, head_dim: int, device: tor
     k = torch.randn(1, n_kv, block, head_dim, device=device, dtype=dtype)
     v = torch.randn_like(k)
     scale = head_dim ** -0.5
-    out, lse = block_forward(q, k, v, False, scale)
+    out, lse = block_forward(q, k, v, causal, scale)
     dout = torch.randn_like(out)
-    flops = 4 * block * block * n_q * head_dim
-    fwd = _timed(lambda: block_forward(q, k, v, False, scale), repeats, device)
-    bwd = _timed(lambda: block_backward(dout, q, k, v, out, lse, False, scale), repeats, device)
+    flops = 4 * block * block * n_q * head_dim * (0.5 if causal else 1.0)
+    fwd = _timed(lambda: block_forward(q, k, v, causal, scale), repeats, device, LOCAL_SECONDS)
+    bwd = _timed(lambda: block_backward(dout, q, k, v, out, lse, causal, scale), repeats, device, LOCAL_SECONDS)
     return [flops / s / 1e12 for s in fwd], [2.5 * flops / s / 1e12 for s in bwd]
 
 
@@ -151,6 +216,48 @@ def bus_gbps(nbytes: int, repeats: int, device: torch.device) -> list[float]:
     rs = _timed(lambda: (dist.reduce_scatter_tensor(out, x), dist.barrier()), repeats, device)
     size = numel * 4
     return [size / s / 1e9 * 2 * (n - 1) / n for s in ar] + [size / s / 1e9 * (n - 1) / n for s in rs]
+
+
+def _back_to_back(fn: Any, calls: int, repeats: int, device: torch.device) -> list[float]:
+    """Seconds per call of ``calls`` calls in a row, all ranks starting together: a collective's latency as a
+    layer pays it, without the barrier a single timed call would add."""
+    out = []
+    fn()
+    for _ in range(repeats):
+        dist.barrier()
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        out.append((time.perf_counter() - t0) / calls)
+    return out
+
+
+def exchange_seconds(nbytes: int, repeats: int, device: torch.device, calls: int = 50) -> list[float]:
+    """Seconds of one ring exchange (send to the next rank, receive from the previous, ``RingComm``'s pattern), all ranks at once."""
+    world, me = dist.get_world_size(), dist.get_rank()
+    if world < 2:
+        return []
+    send = torch.zeros(max(1, nbytes // 4), device=device)
+    recv = torch.empty_like(send)
+
+    def exchange() -> None:
+        ops = [dist.P2POp(dist.isend, send, (me + 1) % world), dist.P2POp(dist.irecv, recv, (me - 1) % world)]
+        for work in dist.batch_isend_irecv(ops):
+            work.wait()
+
+    return _back_to_back(exchange, calls, repeats, device)
+
+
+def all_to_all_seconds(nbytes: int, repeats: int, device: torch.device, calls: int = 50) -> list[float]:
+    """Seconds of one ``all_to_all_single`` of ``nbytes`` per rank over all ranks (as ``trainer.attention.ulysses`` calls it)."""
+    n = dist.get_world_size()
+    if n < 2:
+        return []
+    x = torch.zeros(max(n, nbytes // 4 // n * n), device=device)
+    y = torch.empty_like(x)
+    return _back_to_back(lambda: dist.all_to_all_single(y, x), calls, repeats, device)
 
 
 SMALL_MODEL = 1_000_000_000

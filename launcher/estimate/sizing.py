@@ -131,7 +131,8 @@ def size_stage(
     flows = flows or FlowModel(topo)
 
     def plan(ulysses: int) -> Plan:
-        return make_plan(topo, stage.gpus, cp, ulysses=ulysses, seq_len=stage.seq_len, model=model, flows=flows, rates=rates)
+        return make_plan(topo, stage.gpus, cp, ulysses=ulysses, seq_len=stage.seq_len, model=model, flows=flows, rates=rates,
+                         recompute=assumptions.activation_checkpointing)
 
     if stage.ulysses == AUTO:
         size.ulysses, size.plan, why = _choose_ulysses(cp, topo, model, plan, memory)
