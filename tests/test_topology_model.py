@@ -136,6 +136,11 @@ def test_measured_pairs_across_leaves_share_the_uplink_they_shared_while_measure
     assert fm.bandwidths([(g[0], g[2])])[0][0] == pytest.approx(0.025)  # alone: the whole uplink
     assert [r for r, _ in fm.bandwidths([(g[0], g[2]), (g[1], g[3])])] == pytest.approx([share, share])  # as measured
     assert fm.bandwidths([(g[0], g[1])])[0][0] == pytest.approx(alone)  # same leaf: the measured pair, direct
+    # Leaves that do not explain the measurements (here: a same-leaf pair put across leaves, so the model would
+    # promise flows more than they got) fall back to the measured pairs, each as it was.
+    wrong = {**data, "hosts": [{"name": f"h{i}", "gpus": 1, "leaf": ["a", "b", "a", "b"][i]} for i in range(4)]}
+    fallback = Topology.from_measured(wrong)
+    assert "measured-spine" not in fallback.graph and fallback.host_bandwidth("h0", "h2") == pytest.approx(share)
     # Without the flows on record (an older profile), pairs stay as measured.
     del data["meta"]
     assert Topology.from_measured(data).host_bandwidth("h0", "h2") == pytest.approx(share)

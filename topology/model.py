@@ -421,6 +421,10 @@ class Topology:
             topo.add_node(MEASURED_SPINE, "spine")
             for leaf, (cap, latency) in uplinks.items():
                 topo.add_link(str(leaf), MEASURED_SPINE, cap, latency)
+            if not _uplinks_explain(topo, names, data["meta"]["flows"]):
+                # The leaves do not explain what was measured (noise, or a wrong grouping): the measured pairs,
+                # each as it was, are the safer model.
+                return cls.from_measured({**data, "meta": {k: v for k, v in data["meta"].items() if k != "flows"}}, source)
         return topo
 
 
@@ -463,6 +467,27 @@ def _measured_uplinks(hosts: list[dict], bw: list[list[float]], flows: Any) -> d
             return {}
         out[str(leaf)] = (cap, 1.0)
     return out
+
+
+UPLINK_SLACK = 1.25
+"""A shared-uplink model of a profile must not promise any measured flow more than this times what it got."""
+
+
+def _uplinks_explain(topo: "Topology", names: list[str], flows: list[dict]) -> bool:
+    """Whether the shared-uplink model gives every flow of the profile, run with the flows measured beside it,
+    at most ``UPLINK_SLACK`` times the rate it measured."""
+    from topology.routing import FlowModel
+
+    fm = FlowModel(topo)
+    phases: dict[tuple, list[dict]] = {}
+    for f in flows:
+        phases.setdefault((f["round"], f["phase"]), []).append(f)
+    for group in phases.values():
+        pairs = [(f"{names[int(f['src'])]}/nic0", f"{names[int(f['dst'])]}/nic0") for f in group]
+        for f, (rate, _) in zip(group, fm.bandwidths(pairs)):
+            if rate > UPLINK_SLACK * float(f["gbps"]):
+                return False
+    return True
 
 
 MEASURED_FORMAT = "ringleader/measured-topology"
