@@ -35,6 +35,19 @@ from topology.cost import StepModel, transfer
 
 USED = 1e-9
 """Link loads below this are float residue of flows taken off, not traffic."""
+REL_TOL = 1e-9
+"""Step times within this relative distance are equal (plan figures keep 9 significant digits)."""
+
+
+def link_shares(bw: np.ndarray, load: np.ndarray) -> np.ndarray:
+    """GB/s each loaded link gives each unit of flow on it (``bw / load``); inf where nothing flows.
+
+    Its minimum is the rate of the slowest flow of the set that made ``load``.
+    """
+    share = np.full(len(bw), math.inf)
+    used = load > USED
+    share[used] = bw[used] / load[used]
+    return share
 
 
 class _FlowSet:
@@ -91,9 +104,7 @@ class _FlowSet:
         self.capped = False
         if not self.pairs:
             return math.inf, 0.0
-        used = self.load > USED
-        share = np.full(len(self.bw), math.inf)
-        share[used] = self.bw[used] / self.load[used]
+        share = link_shares(self.bw, self.load)
         rate = float(share.min())
         lat = max((self.lat[f] for i in np.flatnonzero(share <= rate * (1 + 1e-12)) for f in self.on_link.get(int(i), ())),
                   default=0.0)

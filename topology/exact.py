@@ -28,8 +28,7 @@ import math
 import numpy as np
 
 from topology.cost import StepModel, transfer
-
-REL_TOL = 1e-9
+from topology.delta import REL_TOL, link_shares
 
 
 class _Aborted(Exception):
@@ -62,8 +61,7 @@ def branch_and_bound(sm: StepModel, classes: list[list[str]], best: list[str], b
     efficiency = sm.rates.network_efficiency
 
     def slowest(load: np.ndarray) -> float:
-        on = load > 1e-9
-        return float((bw[on] / load[on]).min()) if on.any() else math.inf
+        return float(link_shares(bw, load).min()) if len(bw) else math.inf
 
     def lower() -> float:
         hop = slowest(loads[0]) * efficiency

@@ -36,7 +36,7 @@ import time
 from dataclasses import dataclass
 
 from topology.cost import StepModel, step_bound
-from topology.delta import DeltaOrder
+from topology.delta import REL_TOL, DeltaOrder
 from topology.exact import branch_and_bound
 
 EXACT_ORDERS = 20_000
@@ -47,7 +47,6 @@ EXACT_NODES = 3_000
 """Exact search of a larger problem stops after visiting this many partial orders: unproven, the best order stands."""
 SEARCH_BUDGET_S = 2.0
 """Most wall-clock seconds the local search takes by default: a safety net, above what its move count needs."""
-REL_TOL = 1e-9
 SIDEWAYS = 200
 """Local search takes at most this many moves that leave the step time exactly as it is (a plateau walk)."""
 STALE_MOVES = 1000
@@ -204,7 +203,7 @@ def _local_search(sm: StepModel, order: list[str], step: float, pool: list[str],
             trial[i], trial[j] = trial[j], trial[i]
             ranks = [i, j]
         bound = state.bound(ranks, trial)
-        if state.exact and bound <= step * (1 + REL_TOL) and bound >= step * (1 - REL_TOL) and sideways < SIDEWAYS:
+        if state.exact and abs(bound - step) <= step * REL_TOL and sideways < SIDEWAYS:
             state.keep()  # as good, exactly: walk on across the plateau (an improvement may lie past it)
             sideways += 1
             if unused:
