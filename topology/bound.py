@@ -164,3 +164,25 @@ def _exit_bound(caps: list[tuple[int, float]], rings: int, size: int) -> float:
         mid = (lo + hi) / 2
         lo, hi = (mid, hi) if feasible(mid) else (lo, mid)
     return lo
+
+
+def min_route_latency(topo: Topology, gpus: list[str] | None = None) -> float:
+    """The shortest latency, µs, of any route between two different GPUs of ``gpus`` (default: all).
+
+    A route leaves its source over the source GPU's links and enters its
+    destination over the destination's (the fractions on each side sum to
+    one), so it takes at least the fastest link of each end, unless the two
+    GPUs are linked directly, when that link is the whole route.
+    """
+    if gpus is None:
+        cache = topo.__dict__.setdefault("_bound_cache", {})
+        if "latency" not in cache:
+            cache["latency"] = min_route_latency(topo, topo.gpus())
+        return cache["latency"]
+    g = topo.graph
+    if len(gpus) < 2:
+        return 0.0
+    members = set(gpus)
+    fastest = sorted(min((d["lat_us"] for d in g.adj[x].values()), default=math.inf) for x in gpus)
+    direct = min((d["lat_us"] for x in gpus for v, d in g.adj[x].items() if v in members), default=math.inf)
+    return min(fastest[0] + fastest[1], direct)

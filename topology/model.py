@@ -98,7 +98,7 @@ class Topology:
 
     def _invalidate(self) -> None:
         for name in ("hosts", "routes", "_gpus_by_host", "_parts_by_host", "_signatures", "_switch_paths", "_bound_cache",
-                     "_locality_orders"):
+                     "_locality_orders", "_symmetry_cache"):
             self.__dict__.pop(name, None)
 
     # ----------------------------------------------------------------- query

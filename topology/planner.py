@@ -48,7 +48,7 @@ from topology.search import default_budget, optimise
 from topology.errors import ConfigError
 from topology.model import Topology
 from topology.plan import GroupLayout, Plan, RankPlacement
-from topology.ring_order import bottleneck_cycle, locality_order, through_order
+from topology.ring_order import bottleneck_cycle, locality_order, nic_spread_order, through_order
 
 TOKENS_PER_GPU = 16384
 """Default sequence length per GPU: the recipe's long stages hold 16K tokens per GPU."""
@@ -292,7 +292,10 @@ def segment_orders(req: PlanRequest) -> dict[str, list[str]]:
     lets rings that do not divide a host visit several hosts in equal runs.
     Segments are laid "layer by layer" (segment 0 of every host, then
     segment 1, ...) or "host by host"; either way consecutive segments come
-    from hosts in switch order, so a ring spans few switches.
+    from hosts in switch order, so a ring spans few switches. The ``u`` GPUs
+    are a host's first in PCIe order, or, on hosts with several NICs, taken
+    from each NIC's GPUs in turn ("across NICs"), so every GPU that talks to
+    other hosts has a NIC of its own.
     """
     topo, out = req.topo, {}
     sizes = sorted({req.gpu_count(h) for h in req.hosts})
@@ -306,9 +309,11 @@ def segment_orders(req: PlanRequest) -> dict[str, list[str]]:
             if sum(per_host.values()) * s < req.gpus:
                 continue
             hosts = _choose_hosts(req, per_host, s)
-            segments = {h: _segments(req, h, u, s) for h in hosts}
-            for layout in ("layers", "hosts"):
-                name = f"{u}/host x {s}-GPU segments by {layout}"
+            for spread, layout in itertools.product((False, True), ("layers", "hosts")):
+                segments = {h: _segments(req, h, u, s, spread) for h in hosts}
+                if spread and all(segments[h] == _segments(req, h, u, s, False) for h in hosts):
+                    continue
+                name = f"{u}/host{' across NICs' if spread else ''} x {s}-GPU segments by {layout}"
                 if layout == "layers":
                     seq = [seg for j in range(max(per_host[h] for h in hosts)) for h in hosts if j < per_host[h] for seg in [segments[h][j]]]
                 else:
@@ -327,8 +332,8 @@ def _halves(n: int) -> list[int]:
     return out
 
 
-def _segments(req: PlanRequest, host: str, u: int, s: int) -> list[list[str]]:
-    base = locality_order(req.topo, host)[:u]
+def _segments(req: PlanRequest, host: str, u: int, s: int, spread: bool = False) -> list[list[str]]:
+    base = (nic_spread_order if spread else locality_order)(req.topo, host)[:u]
     return [base[i:i + s] for i in range(0, len(base) - s + 1, s)]
 
 

@@ -178,6 +178,20 @@ def locality_order(topo: Topology, host: str) -> list[str]:
     return [by_index[i] for i in cache[sig]]
 
 
+def nic_spread_order(topo: Topology, host: str) -> list[str]:
+    """A host's GPUs taken from each NIC's GPUs in turn (each NIC's in PCIe order).
+
+    The first ``k`` of them, for ``k`` up to the NIC count, each leave the
+    host through a NIC of their own: a host lending a few GPUs to rings that
+    span hosts should lend these.
+    """
+    by_nic: dict[str | None, list[str]] = {}
+    for gpu in locality_order(topo, host):
+        by_nic.setdefault(topo.routes.nic_of(gpu), []).append(gpu)
+    runs = list(by_nic.values())
+    return [run[i] for i in range(max(map(len, runs), default=0)) for run in runs if i < len(run)]
+
+
 def _locality_walk(topo: Topology, host: str, gpus: list[str]) -> list[str]:
     nics = topo.nics(host)
     g = topo.graph
