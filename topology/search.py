@@ -85,7 +85,7 @@ class SearchResult:
 
     def info(self) -> dict:
         return {"construction": self.construction, "moves": self.moves, "optimal": self.optimal, "proof": self.proof,
-                "gap": float(f"{self.gap:.6g}"), "exact_nodes": self.nodes,
+                "gap": float(f"{self.gap:.6g}"), "nodes": self.nodes,
                 "candidates": {k: float(f"{v:.6g}") for k, v in self.candidates.items()}}
 
 
