@@ -213,3 +213,16 @@ def test_unproven_plan_states_its_gap_to_the_bound():
     assert not found["optimal"] and found["nodes"] == 2  # stopped at the node after its cap
     assert found["gap"] == pytest.approx(c["step_time_s"] / c["bound_step_s"] - 1, rel=1e-5) and found["gap"] > 0
     assert f"best found, gap {found['gap']:.1%} to bound" in summary(plan, topo)
+
+
+@pytest.mark.parametrize("hosts,gpus,cp,ulysses", [(1, 8, 8, 1), (1, 8, 4, 1), (1, 8, 8, 2), (1, 8, 4, 2), (2, 4, 4, 1),
+                                                   (2, 4, 2, 1), (2, 4, 4, 2)])
+def test_exact_search_up_to_symmetry_equals_brute_force_on_g6e_hosts(hosts, gpus, cp, ulysses):
+    """g6e hosts (128 automorphisms each, alike hosts): branch and bound from no incumbent finds the brute-force optimum."""
+    from topology.exact import branch_and_bound
+
+    topo = g6e(hosts)
+    sm = StepModel(topo, gpus // cp, cp // ulysses, ulysses, 2 * cp * 256)
+    best = min(sm.step(order) for order in all_orders(search.twin_classes(sm, topo.gpus()), gpus))
+    order, step, proven, nodes = branch_and_bound(sm, topo.gpus(), [], math.inf, math.inf)
+    assert proven and step == pytest.approx(best, rel=1e-12) and sm.step(order) == step
