@@ -297,6 +297,8 @@ def grouped_ring_orders(req: PlanRequest) -> dict[str, list[str]]:
         groups: dict[tuple, list[str]] = {}
         for h in req.hosts:
             groups.setdefault(paths[h][:depth], []).append(h)
+        if len(groups) < 2 or all(sum(sizes[h] for h in members) % req.cp == 0 for members in groups.values()):
+            continue  # one group, or groups that rings divide: the other constructions keep rings inside them
         rings: list[list[str]] = []
         for _, members in sorted(groups.items(), key=lambda kv: (-min(headroom[h] for h in kv[1]), kv[0])):
             bins: list[list[str]] = []
@@ -353,10 +355,9 @@ def segment_orders(req: PlanRequest) -> dict[str, list[str]]:
             if sum(per_host.values()) * s < req.gpus:
                 continue
             hosts = _choose_hosts(req, per_host, s)
-            for spread, layout in itertools.product((False, True), ("layers", "hosts")):
+            spreads = (False, True) if u < max(sizes) and any(len(topo.nics(h)) > 1 for h in hosts) else (False,)
+            for spread, layout in itertools.product(spreads, ("layers", "hosts")):
                 segments = {h: _segments(req, h, u, s, spread) for h in hosts}
-                if spread and all(segments[h] == _segments(req, h, u, s, False) for h in hosts):
-                    continue
                 name = f"{u}/host{' across NICs' if spread else ''} x {s}-GPU segments by {layout}"
                 if layout == "layers":
                     seq = [seg for j in range(max(per_host[h] for h in hosts)) for h in hosts if j < per_host[h] for seg in [segments[h][j]]]
