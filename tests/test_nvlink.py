@@ -72,3 +72,18 @@ def test_nvlink_switches_load_from_a_topology_file():
     assert sorted(topo.nodes_of_kind("nvswitch")) == ["nvl0/switch0", "nvl0/switch1", "nvl1/switch0", "nvl1/switch1"]
     assert nvlink_domain(topo, "r1t02/gpu3") == nvlink_domain(topo, "r1t00/gpu0") != nvlink_domain(topo, "r0t00/gpu0")
     assert nvlink_domain(topo, "r0t00/pcie0") is None
+
+
+@pytest.mark.parametrize("cp,ulysses,tokens", [(4, 1, 4096), (2, 1, 256), (4, 2, 4096), (4, 4, 256)])
+def test_small_nvlink_cluster_plan_is_the_brute_force_optimum(cp, ulysses, tokens):
+    """Two racks of two 2-GPU trays: the plan says optimal, equals brute force, and the bound holds."""
+    import itertools
+
+    topo = nvl_domains(domains=2, trays=2, gpus_per_tray=2, hosts_per_leaf=2)
+    seq = 2 * cp * tokens
+    sm = StepModel(topo, 4 // cp, cp // ulysses, ulysses, seq)
+    best = min(sm.step(list(order)) for order in itertools.permutations(topo.gpus(), 4))
+    plan = make_plan(topo, 4, cp, ulysses, seq_len=seq)
+    assert plan.cost["search"]["optimal"]
+    assert plan.cost["step_time_s"] == pytest.approx(best, rel=TOL)
+    assert plan.cost["bound_step_s"] <= best * (1 + TOL)
