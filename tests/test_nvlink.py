@@ -45,7 +45,7 @@ def test_two_domains_rings_stay_inside_and_only_gradients_cross():
     assert naive.cost["step_time_s"] > 1.3 * aware.cost["step_time_s"]
     for ring in aware.groups.ring_groups:
         assert len({_domain_of(topo, aware, r) for r in ring}) == 1
-    assert aware.cost["slowest_hop_gbps"] == 900.0  # every ring hop on NVLink
+    assert aware.cost["slowest_hop_gbps"] == 900.0 and aware.cost["cross_switch_hops"] == 0  # every ring hop on NVLink
     # Data-parallel traffic (NCCL's ring over all ranks) is what crosses between the racks, over the NICs.
     crossing = [r for r in range(32) if _domain_of(topo, aware, r) != _domain_of(topo, aware, (r + 1) % 32)]
     assert len(crossing) == 2

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING
 from topology.bound import gpu_access_bound, min_route_latency, ring_bandwidth_bound
 from topology.model import Topology
 from topology.plan import GroupLayout, Plan
-from topology.routing import FlowModel
+from topology.routing import FlowModel, same_nvlink_domain
 
 if TYPE_CHECKING:
     from topology.calibration import Calibration
@@ -86,7 +86,7 @@ class CostReport:
     """Whether ring communication hides behind compute, forward and backward."""
     inter_host_hops: int
     cross_switch_hops: int
-    """Ring hops between hosts under different leaf switches."""
+    """Ring hops between hosts under different leaf switches (a hop inside an NVLink domain takes no network switch)."""
     ulysses_a2a_s: float
     """All-to-all time per layer, forward plus backward."""
     attention_s: float
@@ -405,7 +405,8 @@ def estimate(
         slowest_hop=list(f["hop"]) if f["hop"] else None,
         hidden=comm_fwd <= sm.comp_fwd and comm_bwd <= sm.comp_bwd,
         inter_host_hops=sum(hosts[a] != hosts[b] for a, b in hops),
-        cross_switch_hops=sum(leaf[hosts[a]] != leaf[hosts[b]] for a, b in hops if hosts[a] != hosts[b]),
+        cross_switch_hops=sum(leaf[hosts[a]] != leaf[hosts[b]] for a, b in hops
+                              if hosts[a] != hosts[b] and not same_nvlink_domain(topo, nodes[a], nodes[b])),
         ulysses_a2a_s=f["a2a"],
         attention_s=attention,
         dense_compute_s=sm.dense,

@@ -206,6 +206,12 @@ def nvlink_domain(topo: "Topology", gpu: str) -> int | None:
     return topo.routes._domain.get(gpu)
 
 
+def same_nvlink_domain(topo: "Topology", a: str, b: str) -> bool:
+    """Whether a flow from ``a`` to ``b`` stays on NVLink switches (both GPUs in one NVLink domain)."""
+    domain = topo.routes._domain.get(a)
+    return domain is not None and domain == topo.routes._domain.get(b)
+
+
 def _nvlink_domains(g) -> tuple[dict[str, int], list[set[str]]]:
     """GPU -> domain index, and each domain's NVLink switches.
 
