@@ -341,7 +341,10 @@ def segment_orders(req: PlanRequest) -> dict[str, list[str]]:
     from hosts in switch order, so a ring spans few switches. The ``u`` GPUs
     are a host's first in PCIe order, or, on hosts with several NICs, taken
     from each NIC's GPUs in turn ("across NICs"), so every GPU that talks to
-    other hosts has a NIC of its own.
+    other hosts has a NIC of its own; with Ulysses, each group of ``ulysses``
+    consecutive GPUs spans as many NICs ("in Ulysses groups across NICs"):
+    its members sit on different rings, which then leave a host through
+    different NICs.
     """
     topo, out = req.topo, {}
     sizes = sorted({req.gpu_count(h) for h in req.hosts})
@@ -355,10 +358,15 @@ def segment_orders(req: PlanRequest) -> dict[str, list[str]]:
             if sum(per_host.values()) * s < req.gpus:
                 continue
             hosts = _choose_hosts(req, per_host, s)
-            spreads = (False, True) if u < max(sizes) and any(len(topo.nics(h)) > 1 for h in hosts) else (False,)
-            for spread, layout in itertools.product(spreads, ("layers", "hosts")):
-                segments = {h: _segments(req, h, u, s, spread) for h in hosts}
-                name = f"{u}/host{' across NICs' if spread else ''} x {s}-GPU segments by {layout}"
+            spreads: dict[str, int | None] = {"": 0}
+            if any(len(topo.nics(h)) > 1 for h in hosts):
+                if u < max(sizes):
+                    spreads[" across NICs"] = None
+                if req.ulysses > 1:
+                    spreads[" in Ulysses groups across NICs"] = req.ulysses
+            for (label, width), layout in itertools.product(spreads.items(), ("layers", "hosts")):
+                segments = {h: _segments(req, h, u, s, width) for h in hosts}
+                name = f"{u}/host{label} x {s}-GPU segments by {layout}"
                 if layout == "layers":
                     seq = [seg for j in range(max(per_host[h] for h in hosts)) for h in hosts if j < per_host[h] for seg in [segments[h][j]]]
                 else:
@@ -377,8 +385,9 @@ def _halves(n: int) -> list[int]:
     return out
 
 
-def _segments(req: PlanRequest, host: str, u: int, s: int, spread: bool = False) -> list[list[str]]:
-    base = (nic_spread_order if spread else locality_order)(req.topo, host)[:u]
+def _segments(req: PlanRequest, host: str, u: int, s: int, spread: int | None = 0) -> list[list[str]]:
+    """Runs of ``s`` of the host's first ``u`` GPUs: in PCIe order (``spread`` 0), or NIC-spread ``spread`` NICs at a time (None: all)."""
+    base = (locality_order(req.topo, host) if spread == 0 else nic_spread_order(req.topo, host, spread))[:u]
     return [base[i:i + s] for i in range(0, len(base) - s + 1, s)]
 
 

@@ -45,8 +45,9 @@ EXACT_ORDERS = 20_000
 EXACT_HOSTS, EXACT_GPUS = 8, 32
 """Pools of at most this many hosts, or plans of at most this many GPUs, are searched exactly (``topology.exact``)."""
 EXACT_NODES = 20_000
-"""Exact search of a larger problem stops after visiting this many partial orders (a few seconds on one core):
-unproven, the best order stands and the plan states its gap to the bound."""
+"""Exact search of a larger problem stops after visiting this many partial orders (a few seconds on one core)
+when its pool has at most ``EXACT_GPUS`` GPUs; a larger pool, whose nodes cost more, gets ``(EXACT_GPUS / pool)^2``
+of it. Unproven, the best order stands and the plan states its gap to the bound."""
 SEARCH_BUDGET_S = 2.0
 """Most wall-clock seconds the local search takes by default: a safety net, above what its move count needs."""
 SIDEWAYS = 200
@@ -133,8 +134,8 @@ def optimise(sm: StepModel, candidates: dict[str, list[str]], pool: list[str], b
             return result
     hosts = {sm.topo.host_of(g) for g in pool}
     if few or ((len(hosts) <= EXACT_HOSTS or sm.world <= EXACT_GPUS) and EXACT_NODES):
-        order, step, proven, result.nodes = branch_and_bound(sm, pool, result.order, result.step_s,
-                                                             math.inf if few else EXACT_NODES)
+        cap = math.inf if few else int(EXACT_NODES * min(1.0, EXACT_GPUS / len(pool)) ** 2)
+        order, step, proven, result.nodes = branch_and_bound(sm, pool, result.order, result.step_s, cap)
         if step < result.step_s * (1 - REL_TOL):
             result.order, result.step_s, result.construction = order, step, "exhaustive"
         if proven:
