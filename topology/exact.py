@@ -95,11 +95,12 @@ def branch_and_bound(sm: StepModel, pool: list[str], best: list[str], best_step:
     patterns = _RoutePatterns(bw, sm, sym)
     below = patterns.below
     # Rings that cannot all fit inside hosts: some ring hop runs between hosts, at most as fast and at
-    # least as late as the fastest and the shortest route between two hosts.
+    # least as late as the fastest and the shortest route between two hosts. (When the static cap is
+    # lower still, the slowest hop may run at that cap on any route: the cap alone says it.)
     fit = sum(len(gs) // sm.ring for gs in sym.gpus.values()) if sm.ring > 1 else sm.dp * sm.ulysses
     crossing = None
-    if fit < sm.dp * sm.ulysses and patterns.inter is not None and not capped:
-        crossing = min(patterns.inter[0], hop_cap), patterns.inter[1]
+    if fit < sm.dp * sm.ulysses and patterns.inter is not None and not capped and patterns.inter[0] <= hop_cap:
+        crossing = patterns.inter
 
     flows: dict[tuple[str, str], tuple[np.ndarray, np.ndarray, float]] = {}
 
