@@ -94,13 +94,18 @@ def branch_and_bound(sm: StepModel, pool: list[str], best: list[str], best_step:
 
     patterns = _RoutePatterns(bw, sm, sym)
     below = patterns.below
-    # Rings that cannot all fit inside hosts: some ring hop runs between hosts, at most as fast and at
-    # least as late as the fastest and the shortest route between two hosts. (When the static cap is
-    # lower still, the slowest hop may run at that cap on any route: the cap alone says it.)
-    fit = sum(len(gs) // sm.ring for gs in sym.gpus.values()) if sm.ring > 1 else sm.dp * sm.ulysses
-    crossing = None
-    if fit < sm.dp * sm.ulysses and patterns.inter is not None and not capped and patterns.inter[0] <= hop_cap:
-        crossing = patterns.inter
+    # Rings that cannot all fit inside hosts (or inside the hosts under one switch, at each level): some
+    # ring hop runs between two of them, no faster and no sooner than the fastest and the shortest route there.
+    crossings: list[tuple[float, float]] = []
+    if sm.ring > 1 and not capped:
+        for unit in patterns.levels:
+            sizes: dict[object, int] = {}
+            for h in sym.hosts:
+                sizes[unit[h]] = sizes.get(unit[h], 0) + len(sym.gpus[h])
+            if sum(n // sm.ring for n in sizes.values()) < sm.dp * sm.ulysses:
+                crossing = patterns.across(unit)
+                if crossing is not None:
+                    crossings.append(crossing)
 
     flows: dict[tuple[str, str], tuple[np.ndarray, np.ndarray, float]] = {}
 
@@ -139,11 +144,10 @@ def branch_and_bound(sm: StepModel, pool: list[str], best: list[str], best_step:
         if quick >= target:
             return quick
         a2a = a2a_term(shares(loads[1]), a2a_r) if placed_flows[1] else a2a_term(None, a2a_r)
-        if crossing is None:
-            floor = quick
-        else:  # the hop between hosts: the slowest hop runs at its rate, at least as late, or slower still
-            floor = min(total(crossing[0] * efficiency, crossing[1], a2a, bus),
-                        total(below(crossing[0]) * efficiency, l_min, a2a, bus))
+        floor = quick
+        for rate, lat in crossings:  # the slowest hop is that crossing hop (as late), or slower still
+            floor = max(floor, min(total(min(rate, hop_cap) * efficiency, lat, a2a, bus),
+                                   total(min(below(rate), hop_cap) * efficiency, l_min, a2a, bus)))
         if not placed_flows[0] or capped or hop_cap < hop_r:
             return max(floor, total(min(hop_r, hop_cap) * efficiency, l_min, a2a, bus))
         share = shares(loads[0])
@@ -212,7 +216,7 @@ def branch_and_bound(sm: StepModel, pool: list[str], best: list[str], best_step:
 
 
 class _RoutePatterns:
-    """What the routes among the pool allow: rates strictly below a given one, and the fastest hop between hosts.
+    """What the routes among the pool allow: rates strictly below a given one, and the fastest hops between units.
 
     A link of ``bw`` GB/s shares itself among flow fractions summing to a
     multiple of ``q``, the largest fraction dividing every route's fractions
@@ -223,32 +227,42 @@ class _RoutePatterns:
     """
 
     def __init__(self, bw: np.ndarray, sm: StepModel, sym: Symmetry):
+        topo = sm.topo
         reps: dict[str, list[str]] = {}
         for h in sym.hosts:
             if len(reps.setdefault(sym.host_class[h], [])) < 2:
                 reps[sym.host_class[h]].append(h)
         gpus = [g for hosts in reps.values() for h in hosts for g in sym.gpus[h]]
         self.scale: np.ndarray | None = None
-        self.inter: tuple[float, float] | None = None
-        """(fastest rate alone, shortest latency) of a flow between two hosts."""
+        self.pairs: list[tuple[str, str, float, float]] = []
+        """(host, host, rate alone, latency) of the routes between two hosts."""
+        paths = {h: topo.switch_path(h) for h in sym.hosts}
+        self.levels: list[dict[str, object]] = [{h: h for h in sym.hosts}]
+        """Units, finest first: each host, then the hosts under each switch, bottom-up."""
+        for depth in range(max(map(len, paths.values()), default=0), 1, -1):
+            self.levels.append({h: paths[h][:depth] for h in sym.hosts})
         if len(gpus) > REPRESENTATIVE_GPUS:
             return
-        fm, host_of = sm.flows, sm.topo.host_of
+        fm, host_of = sm.flows, topo.host_of
         fracs: set[float] = set()
-        fastest, soonest = 0.0, math.inf
         for a in gpus:
             for b in gpus:
                 if a == b:
                     continue
                 ids, fr = fm.compiled(a, b)
                 fracs.update(fr)
-                if host_of(a) != host_of(b):
-                    fastest = max(fastest, float(np.min(bw[ids] / np.asarray(fr))) if ids else math.inf)
-                    soonest = min(soonest, fm.route_latency(a, b))
+                if host_of(a) != host_of(b) and ids:
+                    self.pairs.append((host_of(a), host_of(b), float(np.min(bw[ids] / np.asarray(fr))),
+                                       fm.route_latency(a, b)))
         denominators = [Fraction(f).limit_denominator(1 << 12).denominator for f in fracs] or [1]
         self.scale = bw * math.lcm(*denominators)  # bw / (k q) = scale / k
-        if fastest > 0:
-            self.inter = fastest, soonest
+
+    def across(self, unit: dict[str, object]) -> tuple[float, float] | None:
+        """(fastest rate alone, shortest latency) of a route between two different units; None when unknown."""
+        between = [(rate, lat) for a, b, rate, lat in self.pairs if unit[a] != unit[b]]
+        if not between:
+            return None
+        return max(r for r, _ in between), min(lat for _, lat in between)
 
     def below(self, rate: float) -> float:
         """The largest share any link can give that is strictly below ``rate`` (``rate`` itself when unknown)."""
