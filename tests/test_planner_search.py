@@ -73,23 +73,24 @@ def all_orders(classes, k):
         yield out
 
 
-def exhaustive(topo, gpus, cp, seq_len):
+def exhaustive(topo, gpus, cp, seq_len, ulysses=1):
     """The smallest step time over every rank order (up to twin GPUs, which no route tells apart), by brute force."""
-    sm = StepModel(topo, gpus // cp, cp, 1, seq_len)
+    sm = StepModel(topo, gpus // cp, cp // ulysses, ulysses, seq_len)
     classes = search.twin_classes(sm, topo.gpus())
     assert search.count_orders(classes, gpus, 10**6) <= 10**6
     return min(sm.step(order) for order in all_orders(classes, gpus)), sm
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(small_clusters(), st.sampled_from([256, 4096, 65536]))
-def test_bound_le_optimum_le_aware_le_naive(problem, tokens):
+@given(small_clusters(), st.sampled_from([256, 4096, 65536]), st.sampled_from([1, 2]))
+def test_bound_le_optimum_le_aware_le_naive(problem, tokens, ulysses):
     topo, gpus, cp = problem
+    ulysses = ulysses if cp % ulysses == 0 else 1
     seq_len = 2 * cp * tokens
     flows = FlowModel(topo)
-    aware = make_plan(topo, gpus, cp, seq_len=seq_len, flows=flows, budget_s=0.05)
-    naive = make_plan(topo, gpus, cp, seq_len=seq_len, strategy="naive", flows=flows)
-    best, _ = exhaustive(topo, gpus, cp, seq_len)
+    aware = make_plan(topo, gpus, cp, ulysses, seq_len=seq_len, flows=flows, budget_s=0.05)
+    naive = make_plan(topo, gpus, cp, ulysses, seq_len=seq_len, strategy="naive", flows=flows)
+    best, _ = exhaustive(topo, gpus, cp, seq_len, ulysses)
     a = aware.cost
     assert a["step_time_s"] <= naive.cost["step_time_s"] * (1 + TOL)
     assert a["bound_step_s"] <= best * (1 + TOL)
