@@ -22,7 +22,11 @@ term no better than what no placement beats (``topology.cost.step_bound``):
   hop either runs at ``r`` too, and then it is at least as late as the
   latest hop at ``r`` now, or runs at the next achievable rate below ``r``
   (link bandwidth over a multiple of the routes' smallest flow fraction)
-  with at least the shortest latency any hop has (``min_route_latency``).
+  with at least the shortest latency any hop has (``min_route_latency``);
+* forced crossings: when the rings cannot all fit inside hosts (or inside
+  the hosts under one switch, at any level), some hop crosses between two
+  of them, and the same argument applies to it with the fastest rate and
+  the shortest latency of a route between two of them.
 
 A branch whose bound cannot beat the best order known (the constructions'
 and local search's) is cut. Children are tried GPUs of the previous rank's
