@@ -227,3 +227,22 @@ def test_exact_search_up_to_symmetry_equals_brute_force_on_g6e_hosts(hosts, gpus
     best = min(sm.step(order) for order in all_orders(search.twin_classes(sm, topo.gpus()), gpus))
     order, step, proven, nodes = branch_and_bound(sm, topo.gpus(), [], math.inf, math.inf)
     assert proven and step == pytest.approx(best, rel=1e-12) and sm.step(order) == step
+
+
+def test_hosts_with_too_many_automorphisms_fall_back_to_twin_swaps():
+    """Eight GPUs on one PCIe switch (8! automorphisms): twin swaps stand in, still one orbit per step."""
+    topo = Topology(name="flat")
+    topo.add_node("leaf", "leaf")
+    for h in ("a", "b"):
+        topo.add_node(h, "host")
+        sw = topo.add_node(f"{h}/pcie0", "pcie", host=h, index=0)
+        topo.add_link(topo.add_node(f"{h}/nic0", "nic", host=h, index=0), sw, 25.0)
+        topo.add_link(f"{h}/nic0", "leaf", 12.5)
+        for g in range(8):
+            topo.add_link(topo.add_node(f"{h}/gpu{g}", "gpu", host=h, index=g), sw, 25.0)
+    sym = Symmetry(topo, topo.gpus())
+    assert len(sym.perms["a"]) == 28  # the transpositions of twins, not the 40,320 automorphisms
+    assert sym.choices({}) == [tuple(topo.gpus("a"))]
+    assert sym.choices({"a": frozenset({"a/gpu0"})}) == [tuple(topo.gpus("a")[1:]), tuple(topo.gpus("b"))]
+    plan = make_plan(topo, 16, 16, seq_len=2 * 16 * 128)
+    assert plan.cost["search"]["optimal"]
