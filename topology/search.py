@@ -128,7 +128,8 @@ def optimise(sm: StepModel, candidates: dict[str, list[str]], pool: list[str], b
     classes = twin_classes(sm, pool)
     few = count_orders(classes, sm.world, EXACT_ORDERS) <= EXACT_ORDERS
     hosts = {sm.topo.host_of(g) for g in pool}
-    exact = few or ((len(hosts) <= EXACT_HOSTS or sm.world <= EXACT_GPUS) and EXACT_NODES > 0)
+    cap = math.inf if few else int(EXACT_NODES * min(1.0, EXACT_GPUS / len(pool)) ** 2)
+    exact = few or ((len(hosts) <= EXACT_HOSTS or sm.world <= EXACT_GPUS) and cap > 0)
     if not few:
         # Before an exact search, local search only sets its first incumbent: a quarter of the moves does.
         evals = MAX_EVALS // 4 if exact else MAX_EVALS
@@ -137,7 +138,6 @@ def optimise(sm: StepModel, candidates: dict[str, list[str]], pool: list[str], b
             result.optimal, result.proof = True, "meets bound"
             return result
     if exact:
-        cap = math.inf if few else int(EXACT_NODES * min(1.0, EXACT_GPUS / len(pool)) ** 2)
         order, step, proven, result.nodes = branch_and_bound(sm, pool, result.order, result.step_s, cap)
         if step < result.step_s * (1 - REL_TOL):
             result.order, result.step_s, result.construction = order, step, "exhaustive"
