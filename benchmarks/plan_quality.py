@@ -5,7 +5,8 @@
 
 Each case is a generated fabric (1:1, 2:1 and 4:1 oversubscription, uneven
 leaves, scattered degraded cables and uplinks, two spines, rails, three
-tiers, mixed 4- and 8-GPU hosts, partial clusters; 64 to 2,048 hosts) and a
+tiers, mixed 4- and 8-GPU hosts, partial clusters, NVLink racks (multi-node
+NVLink domains whose trays share leaf switches); 64 to 2,048 hosts) and a
 plan shape. Printed per case: predicted step time of the aware plan over
 Ray's order (naive) and over the lower bound, planning time, and whether
 the plan is proven optimal; then the worst and the median of each ratio.
@@ -24,7 +25,7 @@ from typing import Callable
 from topology.cost import FlowModel
 from topology.model import Topology
 from topology.planner import make_plan
-from topology.presets import g6e, leaf_spine, rails
+from topology.presets import g6e, leaf_spine, nvl_domains, rails
 
 Case = tuple[str, Callable[[], Topology], int, int, int, int]
 """(name, topology builder, GPUs, ring size cp, ulysses, tokens per GPU)."""
@@ -63,6 +64,9 @@ def suite(seed: int = 0) -> list[Case]:
                       (total * 3 // 4) // cp * cp, cp, 1, 16384))
     cases.append(("g6e 64x partial 480 ring 12", lambda: g6e(64), 480, 12, 1, 8192))
     cases.append(("g6e 64x partial 256 ring 64", lambda: g6e(64), 256, 64, 1, 2048))
+    for racks, gpus, cp in ((4, 288, 72), (4, 256, 64)):
+        cases.append((f"NVLink racks {racks}x18 trays, {gpus} ring {cp}",
+                      lambda r=racks: nvl_domains(r, trays=18, hosts_per_leaf=8, oversubscription=2.0), gpus, cp, 1, 4096))
     cases.append(("leafspine 1024x 2:1 ring 64", lambda: leaf_spine(1024), 8192, 64, 1, 16384))
     cases.append(("leafspine 2048x 2:1 ring 256", lambda: leaf_spine(2048), 16384, 256, 1, 16384))
     return cases

@@ -58,3 +58,9 @@ def test_every_plan_is_a_valid_layout(problem, seed):
         naive = make_plan(topo, gpus, cp, ulysses, seq_len=2 * cp * 128, strategy="naive")
         assert c["step_time_s"] <= naive.cost["step_time_s"] * (1 + 1e-7)
         assert make_plan(topo, gpus, cp, ulysses, seq_len=2 * cp * 128).placements == plan.placements
+        # Proven optimal, or the plan states how far from the bound it may be: never a silent claim.
+        found = c["search"]
+        if found["optimal"]:
+            assert found["gap"] == 0
+        else:
+            assert found["gap"] > 0 and abs(found["gap"] - (c["step_time_s"] / c["bound_step_s"] - 1)) <= 1e-5

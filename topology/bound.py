@@ -9,9 +9,10 @@ plan, and the cost model turns them into lower bounds on the ring step, the
 all-to-all and the gradient traffic (``topology.cost.step_bound``).
 
 Equal-cost multi-path routing splits a flow over parallel links, so a flow
-can run faster than any one switch-to-switch link: the arguments below
-count a unit's external capacity as a sum, and never cut the fabric at a
-switch-to-switch link.
+can run faster than any one switch-to-switch link (or any one of a GPU's
+links to its NVLink switch planes): the arguments below count a unit's
+external capacity as a sum, and never cut the fabric at a switch-to-switch
+or GPU-to-NVLink-switch link.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from __future__ import annotations
 import math
 
 from topology.model import Topology
+from topology.routing import NVLINK_KIND
 
 
 def ring_bandwidth_bound(topo: Topology, rings: int, size: int) -> float:
@@ -132,11 +134,15 @@ def _component_bound(topo: Topology, rings: int, size: int) -> float:
 
     fits = 0
     edges = []
+    nvlink = {n for n in topo.graph.nodes if topo.kind(n) == NVLINK_KIND}
     for u, v, bw in topo.graph.edges(data="bw_gbps"):
-        if topo.is_switch(u) and topo.is_switch(v):
-            fits += union(u, v)  # ECMP may combine parallel switch links: never a cut
+        if topo.is_switch(u) and topo.is_switch(v) or u in nvlink or v in nvlink:
+            # ECMP may combine parallel switch links, and a flow spreads over a GPU's NVLink switch planes: never a cut
+            fits += union(u, v)
         else:
             edges.append((u, v, bw))
+    if fits >= rings:
+        return math.inf  # the rings fit where no link is a cut: this argument bounds nothing
     edges.sort(key=lambda e: -e[2])
     for i, (u, v, bw) in enumerate(edges):
         fits += union(u, v)
@@ -164,3 +170,25 @@ def _exit_bound(caps: list[tuple[int, float]], rings: int, size: int) -> float:
         mid = (lo + hi) / 2
         lo, hi = (mid, hi) if feasible(mid) else (lo, mid)
     return lo
+
+
+def min_route_latency(topo: Topology, gpus: list[str] | None = None) -> float:
+    """The shortest latency, µs, of any route between two different GPUs of ``gpus`` (default: all).
+
+    A route leaves its source over the source GPU's links and enters its
+    destination over the destination's (the fractions on each side sum to
+    one), so it takes at least the fastest link of each end, unless the two
+    GPUs are linked directly, when that link is the whole route.
+    """
+    if gpus is None:
+        cache = topo.__dict__.setdefault("_bound_cache", {})
+        if "latency" not in cache:
+            cache["latency"] = min_route_latency(topo, topo.gpus())
+        return cache["latency"]
+    g = topo.graph
+    if len(gpus) < 2:
+        return 0.0
+    members = set(gpus)
+    fastest = sorted(min((d["lat_us"] for d in g.adj[x].values()), default=math.inf) for x in gpus)
+    direct = min((d["lat_us"] for x in gpus for v, d in g.adj[x].items() if v in members), default=math.inf)
+    return min(fastest[0] + fastest[1], direct)

@@ -24,10 +24,10 @@ from dataclasses import asdict, dataclass
 
 from typing import TYPE_CHECKING
 
-from topology.bound import gpu_access_bound, ring_bandwidth_bound
+from topology.bound import gpu_access_bound, min_route_latency, ring_bandwidth_bound
 from topology.model import Topology
 from topology.plan import GroupLayout, Plan
-from topology.routing import FlowModel
+from topology.routing import FlowModel, same_nvlink_domain
 
 if TYPE_CHECKING:
     from topology.calibration import Calibration
@@ -86,7 +86,7 @@ class CostReport:
     """Whether ring communication hides behind compute, forward and backward."""
     inter_host_hops: int
     cross_switch_hops: int
-    """Ring hops between hosts under different leaf switches."""
+    """Ring hops between hosts under different leaf switches (a hop inside an NVLink domain takes no network switch)."""
     ulysses_a2a_s: float
     """All-to-all time per layer, forward plus backward."""
     attention_s: float
@@ -405,7 +405,8 @@ def estimate(
         slowest_hop=list(f["hop"]) if f["hop"] else None,
         hidden=comm_fwd <= sm.comp_fwd and comm_bwd <= sm.comp_bwd,
         inter_host_hops=sum(hosts[a] != hosts[b] for a, b in hops),
-        cross_switch_hops=sum(leaf[hosts[a]] != leaf[hosts[b]] for a, b in hops if hosts[a] != hosts[b]),
+        cross_switch_hops=sum(leaf[hosts[a]] != leaf[hosts[b]] for a, b in hops
+                              if hosts[a] != hosts[b] and not same_nvlink_domain(topo, nodes[a], nodes[b])),
         ulysses_a2a_s=f["a2a"],
         attention_s=attention,
         dense_compute_s=sm.dense,
@@ -426,15 +427,19 @@ def step_bound(sm: StepModel) -> dict:
 
     Each term of the step is bounded on its own (ring hops, all-to-all,
     gradient bus), so their sum bounds the step; see ``topology.bound``.
+    Every hop and all-to-all transfer also waits at least the shortest
+    latency of any route between two GPUs.
     """
     topo = sm.topo
     hop = ring_bandwidth_bound(topo, sm.dp * sm.ulysses, sm.ring) * sm.rates.network_efficiency
-    _, _, fwd, _ = sm.ring_layer(hop, 0.0)
+    lat = min_route_latency(topo)
+    hop_lat = lat if sm.ring > 1 else 0.0
+    _, _, fwd, _ = sm.ring_layer(hop, hop_lat)
     a2a = 0.0
     if sm.ulysses > 1:
-        a2a = 2 * transfer(sm.a2a_per_peer * (sm.ulysses - 1), gpu_access_bound(topo) * sm.rates.network_efficiency, 0.0)
+        a2a = 2 * transfer(sm.a2a_per_peer * (sm.ulysses - 1), gpu_access_bound(topo) * sm.rates.network_efficiency, lat)
     bus = ring_bandwidth_bound(topo, 1, sm.world)
-    step = sm.dense + sm.attention(hop, 0.0, a2a) + sm.gradients(bus) + sm.rates.step_overhead_s
+    step = sm.dense + sm.attention(hop, hop_lat, a2a) + sm.gradients(bus) + sm.rates.step_overhead_s
     return {"hop_gbps": hop, "ring_step_fwd": fwd, "a2a": a2a, "bus_gbps": bus, "step": step}
 
 

@@ -1,21 +1,36 @@
-"""Exact rank orders for small problems: branch and bound over GPU sequences, up to twins.
+"""Exact rank orders for small problems: branch and bound over GPU sequences, up to symmetry.
 
 Algorithm
 ---------
-Ranks are placed one at a time, rank 0 first. A GPU is named by its twin
-class (``topology.search.twin_classes``: GPUs no route tells apart), and a
-class hands out its GPUs in listed order, so each distinct order is visited
-once. Placing rank ``i`` completes every flow whose later end is ``i``: the
-ring hop into it (and the ring's closing hop at its last rank), the Ulysses
-all-to-all pairs with earlier ranks of its group, and the gradient ring's
-hop from rank ``i - 1``. Their routes go onto the link loads at once.
+Ranks are placed one at a time, rank 0 first. The next rank tries one GPU
+of each orbit of the cluster's symmetries that fix the ranks already placed
+(``topology.symmetry``: alike hosts not yet used, automorphisms of a host's
+parts), so orders that only relabel each other are visited once. Placing
+rank ``i`` completes every flow whose later end is ``i``: the ring hop into
+it (and the ring's closing hop at its last rank), the Ulysses all-to-all
+pairs with earlier ranks of its group, and the gradient ring's hop from
+rank ``i - 1``. Their routes go onto the link loads at once.
 
 A partial order's step time is bounded from below by the same step model
-over the flows placed so far with zero latency: flows placed later only add
-load, which only slows the slowest flow of each kind. A branch whose bound
-cannot beat the best order known (the constructions' and local search's) is
-cut. Children are tried GPUs of the previous rank's host first, so good
-orders are met early.
+over the flows placed so far, since flows placed later only add load, each
+term no better than what no placement beats (``topology.cost.step_bound``):
+
+* gradient ring: its slowest flow's rate now;
+* all-to-all: the largest transfer of the pairs placed, each at its rate now
+  (a pair's latency is fixed once both ends are placed);
+* ring hops: the slowest hop now runs at ``r``; the finished order's slowest
+  hop either runs at ``r`` too, and then it is at least as late as the
+  latest hop at ``r`` now, or runs at the next achievable rate below ``r``
+  (link bandwidth over a multiple of the routes' smallest flow fraction)
+  with at least the shortest latency any hop has (``min_route_latency``);
+* forced crossings: when the rings cannot all fit inside hosts (or inside
+  the hosts under one switch, at any level), some hop crosses between two
+  of them, and the same argument applies to it with the fastest rate and
+  the shortest latency of a route between two of them.
+
+A branch whose bound cannot beat the best order known (the constructions'
+and local search's) is cut. Children are tried GPUs of the previous rank's
+host first, so good orders are met early.
 
 The search counts the nodes it visits; when it finishes under ``node_cap``
 the best order is proven optimal, otherwise the caller keeps what it had.
@@ -24,54 +39,155 @@ the best order is proven optimal, otherwise the caller keeps what it had.
 from __future__ import annotations
 
 import math
+from fractions import Fraction
+from functools import lru_cache
 
 import numpy as np
 
+from topology.bound import gpu_access_bound, min_route_latency, ring_bandwidth_bound
 from topology.cost import StepModel, transfer
-from topology.delta import REL_TOL, link_shares
+from topology.delta import REL_TOL, USED
+from topology.symmetry import Symmetry
+
+
+REPRESENTATIVE_GPUS = 96
+"""Routes among at most this many GPUs are read to learn the flow fractions ECMP makes."""
 
 
 class _Aborted(Exception):
     """The node budget ran out before the search finished."""
 
 
-def branch_and_bound(sm: StepModel, classes: list[list[str]], best: list[str], best_step: float,
-                     node_cap: int) -> tuple[list[str], float, bool]:
-    """The best order for ``sm`` among sequences of GPUs from ``classes``, starting from ``best``.
+def branch_and_bound(sm: StepModel, pool: list[str], best: list[str], best_step: float,
+                     node_cap: float) -> tuple[list[str], float, bool, int]:
+    """The best order for ``sm`` among sequences of GPUs from ``pool``, starting from ``best``.
 
     Returns
     -------
-    (order, step, proven)
+    (order, step, proven, nodes)
         ``proven`` is True when the search finished within ``node_cap`` nodes:
-        no order beats ``order``.
+        no order beats ``order``. ``nodes`` is how many partial orders it visited.
     """
     world = sm.world
     fm = sm.flows
+    topo = sm.topo
     bw = fm.link_bandwidths()
+    sym = Symmetry(topo, pool)
     kinds = (sm.hops, sm.a2a_pairs, [(i, (i + 1) % world) for i in range(world)] if world > 1 else [])
     completes: list[list[tuple[int, int, int]]] = [[] for _ in range(world)]
     for k, pairs in enumerate(kinds):
         for a, b in pairs:
             completes[max(a, b)].append((k, a, b))
     loads = [np.zeros(len(bw)) for _ in kinds]
-    host = [[sm.topo.host_of(g) for g in c] for c in classes]
+    placed_flows: list[list[tuple[np.ndarray, float]]] = [[] for _ in kinds]
+    on_link: list[list[float]] = [[] for _ in bw]
+    """Latencies of the ring hops placed on each link."""
     order: list[str | None] = [None] * world
-    left, used = [len(c) for c in classes], [0] * len(classes)
+    by_host: dict[str, frozenset[str]] = {}
     state = {"best": list(best), "step": best_step, "nodes": 0}
-    efficiency = sm.rates.network_efficiency
+    rates = sm.rates
+    efficiency = rates.network_efficiency
+    capped = bool(rates.intra_host_gbps or rates.inter_host_gbps)
+    l_min = min_route_latency(topo, pool)
+    # What no placement beats (``topology.cost.step_bound``'s terms): the flows placed so far only tighten them.
+    hop_cap = ring_bandwidth_bound(topo, sm.dp * sm.ulysses, sm.ring) if sm.ring > 1 else math.inf
+    bus_cap = ring_bandwidth_bound(topo, 1, world)
+    a2a_floor = 0.0
+    if kinds[1]:
+        a2a_floor = 2 * transfer(sm.a2a_per_peer * (sm.ulysses - 1), gpu_access_bound(topo) * efficiency, l_min)
+
+    patterns = _RoutePatterns(bw, sm, sym)
+    below = patterns.below
+    # Rings that cannot all fit inside hosts (or inside the hosts under one switch, at each level): some
+    # ring hop runs between two of them, no faster and no sooner than the fastest and the shortest route there.
+    crossings: list[tuple[float, float]] = []
+    if sm.ring > 1 and not capped:
+        for unit in patterns.levels:
+            sizes: dict[object, int] = {}
+            for h in sym.hosts:
+                sizes[unit[h]] = sizes.get(unit[h], 0) + len(sym.gpus[h])
+            if sum(n // sm.ring for n in sizes.values()) < sm.dp * sm.ulysses:
+                crossing = patterns.across(unit)
+                if crossing is not None:
+                    crossings.append(crossing)
+
+    flows: dict[tuple[str, str], tuple[np.ndarray, np.ndarray, float]] = {}
+
+    def flow(a: str, b: str) -> tuple[np.ndarray, np.ndarray, float]:
+        """Route of ``a -> b``: link indices, fractions and latency (a route crosses a link once)."""
+        if (a, b) not in flows:
+            ids, fracs = fm.compiled(a, b)
+            flows[a, b] = (np.asarray(ids, dtype=np.int64), np.asarray(fracs), fm.route_latency(a, b))
+        return flows[a, b]
+
+    def shares(load: np.ndarray) -> np.ndarray:
+        # Links without flow (or with float residue of flows taken off) get a share above any link's.
+        return bw / np.maximum(load, USED)
 
     def slowest(load: np.ndarray) -> float:
-        return float(link_shares(bw, load).min()) if len(bw) else math.inf
+        return float(shares(load).min()) if len(bw) else math.inf
+
+    def a2a_term(share: np.ndarray | None, rate: float) -> float:
+        if not kinds[1]:
+            return 0.0
+        if share is None:
+            return max(a2a_floor, 2 * transfer(sm.a2a_per_peer, rate * efficiency, l_min))
+        return max(a2a_floor, 2 * max(transfer(sm.a2a_per_peer, float(share[ids].min()) * efficiency, lat)
+                                      for ids, lat in placed_flows[1]))
+
+    @lru_cache(maxsize=1 << 16)  # rates and latencies come from a small set: most bounds repeat
+    def total(hop: float, hop_lat: float, a2a: float, bus: float) -> float:
+        return sm.dense + sm.attention(hop, hop_lat, a2a) + sm.gradients(bus) + rates.step_overhead_s
 
     def lower() -> float:
-        hop = slowest(loads[0]) * efficiency
-        a2a = 2 * transfer(sm.a2a_per_peer, slowest(loads[1]) * efficiency, 0.0) if kinds[1] else 0.0
-        return sm.dense + sm.attention(hop, 0.0, a2a) + sm.gradients(slowest(loads[2])) + sm.rates.step_overhead_s
+        """A lower bound of the step time of every completion of the current partial order."""
+        target = state["step"] * (1 - REL_TOL)
+        hop_r, a2a_r, bus = (slowest(x) for x in loads)
+        bus = min(bus, bus_cap)
+        quick = total(min(hop_r, hop_cap) * efficiency, l_min, a2a_term(None, a2a_r), bus)
+        if quick >= target:
+            return quick
+        a2a = a2a_term(shares(loads[1]), a2a_r) if placed_flows[1] else a2a_term(None, a2a_r)
+        floor = quick
+        for rate, lat in crossings:  # the slowest hop is that crossing hop (as late), or slower still
+            floor = max(floor, min(total(min(rate, hop_cap) * efficiency, lat, a2a, bus),
+                                   total(min(below(rate), hop_cap) * efficiency, l_min, a2a, bus)))
+        if not placed_flows[0] or capped or hop_cap < hop_r:
+            return max(floor, total(min(hop_r, hop_cap) * efficiency, l_min, a2a, bus))
+        share = shares(loads[0])
+        # A hop on a link that gives the smallest share runs at that share: the slowest hops are those.
+        at_r = max(max(on_link[i]) for i in np.flatnonzero(share <= hop_r * (1 + 1e-12)))
+        same = total(hop_r * efficiency, at_r, a2a, bus)
+        slower = total(below(hop_r) * efficiency, l_min, a2a, bus)
+        return max(floor, min(same, slower))
 
     def place(i: int, sign: int) -> None:
         for k, a, b in completes[i]:
-            ids, fracs = fm.compiled(order[a], order[b])
-            np.add.at(loads[k], ids, sign * np.asarray(fracs))
+            ids, fracs, lat = flow(order[a], order[b])
+            if sign > 0:
+                loads[k][ids] += fracs
+            else:
+                loads[k][ids] -= fracs
+            if k < 2:
+                if sign > 0:
+                    placed_flows[k].append((ids, lat))
+                else:
+                    placed_flows[k].pop()  # this rank's flows are the last ones on: which one goes first is moot
+            if k == 0:
+                for x in ids.tolist():
+                    (on_link[x].append if sign > 0 else on_link[x].remove)(lat)
+
+    def put(i: int, gpu: str | None) -> None:
+        """Give rank ``i`` to ``gpu``, or (None) take its GPU back."""
+        host = topo.host_of(gpu or order[i])
+        if gpu is None:
+            place(i, -1)
+            by_host[host] = by_host[host] - {order[i]}
+        else:
+            by_host[host] = by_host.get(host, frozenset()) | {gpu}
+        order[i] = gpu
+        if gpu is not None:
+            place(i, +1)
 
     def visit(i: int) -> None:
         if i == world:
@@ -79,26 +195,82 @@ def branch_and_bound(sm: StepModel, classes: list[list[str]], best: list[str], b
             if step < state["step"] * (1 - REL_TOL):
                 state["best"], state["step"] = list(order), step
             return
-        prev = sm.topo.host_of(order[i - 1]) if i else None
-        for c in sorted(range(len(classes)), key=lambda c: (left[c] == 0, host[c][0] != prev, c)):
-            if not left[c]:
-                break
+        prev = topo.host_of(order[i - 1]) if i else None
+        children = []
+        for n, orbit in enumerate(sym.choices(by_host)):
             state["nodes"] += 1
             if state["nodes"] > node_cap:
                 raise _Aborted
-            order[i] = classes[c][used[c]]
-            left[c] -= 1
-            used[c] += 1
-            place(i, +1)
-            if lower() < state["step"] * (1 - REL_TOL):
-                visit(i + 1)
-            place(i, -1)
-            left[c] += 1
-            used[c] -= 1
-        order[i] = None
+            put(i, orbit[0])
+            children.append((lower(), topo.host_of(orbit[0]) != prev, n, orbit[0]))
+            put(i, None)
+        # Most promising first: the best order is met early, and a better incumbent cuts more.
+        for bound, _, _, gpu in sorted(children):
+            if bound >= state["step"] * (1 - REL_TOL):
+                break
+            put(i, gpu)
+            visit(i + 1)
+            put(i, None)
 
     try:
         visit(0)
     except _Aborted:
-        return state["best"], state["step"], False
-    return state["best"], state["step"], True
+        return state["best"], state["step"], False, state["nodes"]
+    return state["best"], state["step"], True, state["nodes"]
+
+
+class _RoutePatterns:
+    """What the routes among the pool allow: rates strictly below a given one, and the fastest hops between units.
+
+    A link of ``bw`` GB/s shares itself among flow fractions summing to a
+    multiple of ``q``, the largest fraction dividing every route's fractions
+    (1 without ECMP), so its shares are ``bw / (k q)``. Routes are read
+    among two hosts of each class of alike hosts, which meet every route
+    pattern (in a host, between alike hosts, across classes); with more than
+    ``REPRESENTATIVE_GPUS`` GPUs there, nothing is claimed.
+    """
+
+    def __init__(self, bw: np.ndarray, sm: StepModel, sym: Symmetry):
+        topo = sm.topo
+        reps: dict[str, list[str]] = {}
+        for h in sym.hosts:
+            if len(reps.setdefault(sym.host_class[h], [])) < 2:
+                reps[sym.host_class[h]].append(h)
+        gpus = [g for hosts in reps.values() for h in hosts for g in sym.gpus[h]]
+        self.scale: np.ndarray | None = None
+        self.pairs: list[tuple[str, str, float, float]] = []
+        """(host, host, rate alone, latency) of the routes between two hosts."""
+        paths = {h: topo.switch_path(h) for h in sym.hosts}
+        self.levels: list[dict[str, object]] = [{h: h for h in sym.hosts}]
+        """Units, finest first: each host, then the hosts under each switch, bottom-up."""
+        for depth in range(max(map(len, paths.values()), default=0), 1, -1):
+            self.levels.append({h: paths[h][:depth] for h in sym.hosts})
+        if len(gpus) > REPRESENTATIVE_GPUS:
+            return
+        fm, host_of = sm.flows, topo.host_of
+        fracs: set[float] = set()
+        for a in gpus:
+            for b in gpus:
+                if a == b:
+                    continue
+                ids, fr = fm.compiled(a, b)
+                fracs.update(fr)
+                if host_of(a) != host_of(b) and ids:
+                    self.pairs.append((host_of(a), host_of(b), float(np.min(bw[ids] / np.asarray(fr))),
+                                       fm.route_latency(a, b)))
+        denominators = [Fraction(f).limit_denominator(1 << 12).denominator for f in fracs] or [1]
+        self.scale = bw * math.lcm(*denominators)  # bw / (k q) = scale / k
+
+    def across(self, unit: dict[str, object]) -> tuple[float, float] | None:
+        """(fastest rate alone, shortest latency) of a route between two different units; None when unknown."""
+        between = [(rate, lat) for a, b, rate, lat in self.pairs if unit[a] != unit[b]]
+        if not between:
+            return None
+        return max(r for r, _ in between), min(lat for _, lat in between)
+
+    def below(self, rate: float) -> float:
+        """The largest share any link can give that is strictly below ``rate`` (``rate`` itself when unknown)."""
+        if self.scale is None or math.isinf(rate) or rate <= 0:
+            return rate
+        k = np.floor(self.scale / rate * (1 + 1e-12)) + 1  # the smallest k with scale / k < rate
+        return float((self.scale / k).max())

@@ -18,7 +18,10 @@ The saved form (YAML or JSON, same dict) is::
     nodes: [{id: h00, kind: host}, {id: h00/gpu0, kind: gpu, host: h00, index: 0}, ...]
     links: [{a: h00/gpu0, b: h00/pcie0, bw_gbps: 25.0, lat_us: 1.0}, ...]
 
-Host nodes are containers: they have no links; their parts do.
+Host nodes are containers: they have no links; their parts do. Switches
+(network tiers, and ``nvswitch``: NVLink switches that GPUs of several
+hosts link to directly, one NVLink domain per connected set) belong to no
+host.
 """
 
 from __future__ import annotations
@@ -36,12 +39,13 @@ import networkx as nx
 import yaml
 
 from topology.errors import ConfigError, first_line
-from topology.routing import Routes
+from topology.routing import NVLINK_KIND, Routes
 
 FORMAT_VERSION = 1
 SWITCH_TIER = {"leaf": 0, "spine": 1, "pod": 1, "core": 2}
 """Network switches (nodes outside every host) by tier: leaf (hosts plug in), spine or pod, core."""
-SWITCH_KINDS = tuple(SWITCH_TIER)
+SWITCH_KINDS = (*SWITCH_TIER, NVLINK_KIND)
+"""Nodes outside every host: network switches, and NVLink switches that join GPUs of several hosts."""
 NODE_KINDS = ("host", "gpu", "socket", "pcie", "nic", *SWITCH_KINDS)
 NODE_ATTRS = ("kind", "host", "index", "ip", "node_id", "labels", "leaf", "network_nodes", "rail", "nic_gbps")
 
@@ -98,7 +102,7 @@ class Topology:
 
     def _invalidate(self) -> None:
         for name in ("hosts", "routes", "_gpus_by_host", "_parts_by_host", "_signatures", "_switch_paths", "_bound_cache",
-                     "_locality_orders"):
+                     "_locality_orders", "_symmetry_cache"):
             self.__dict__.pop(name, None)
 
     # ----------------------------------------------------------------- query

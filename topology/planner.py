@@ -18,7 +18,8 @@ it crosses). It scores these constructions and keeps the best:
   inner link), cut into runs of ``s`` that rings string together layer by
   layer or host by host (rings that do not divide a host);
 * whole hosts per ring: mixed host sizes packed first-fit, so no host
-  serves two rings through one NIC;
+  serves two rings through one NIC; or packed inside each group of close
+  hosts (NVLink domain, then switches), so no ring straddles two;
 * bus cycle: all hosts as one bottleneck cycle, for when gradient traffic
   decides;
 * ``naive`` itself, so the plan is never worse than Ray's order.
@@ -48,7 +49,8 @@ from topology.search import default_budget, optimise
 from topology.errors import ConfigError
 from topology.model import Topology
 from topology.plan import GroupLayout, Plan, RankPlacement
-from topology.ring_order import bottleneck_cycle, locality_order, through_order
+from topology.routing import nvlink_domain
+from topology.ring_order import bottleneck_cycle, locality_order, nic_spread_order, through_order
 
 TOKENS_PER_GPU = 16384
 """Default sequence length per GPU: the recipe's long stages hold 16K tokens per GPU."""
@@ -229,6 +231,7 @@ def aware_order(req: PlanRequest) -> list[str]:
     whole = whole_host_order(req)
     if whole is not None:
         candidates["whole hosts per ring"] = whole
+    candidates.update(grouped_ring_orders(req))
     if len(req.hosts) <= CYCLE_HOSTS:
         candidates["bus cycle"] = bus_cycle_order(req)
     seen: list[list[str]] = []
@@ -273,6 +276,49 @@ def whole_host_order(req: PlanRequest) -> list[str] | None:
     return [g for ring in full for g in _gpu_sequence(req, ring)]
 
 
+def grouped_ring_orders(req: PlanRequest) -> dict[str, list[str]]:
+    """Rings of whole hosts packed inside each group of close hosts: no ring straddles two groups.
+
+    Taking "enough hosts" in switch order cuts rings across group borders
+    when a group's GPUs are not a multiple of the ring (an NVLink domain of
+    18 trays holds one ring of 16); here each group contributes only the
+    rings it fills alone, the best-connected groups first. Groups are hosts
+    sharing the first ``d`` entries of ``group_path`` (NVLink domain, then
+    switches top-down), one construction per depth ``d`` that fills enough
+    rings; none when a host is larger than a ring.
+    """
+    sizes = {h: req.gpu_count(h) for h in req.hosts}
+    if req.ring < 2 or max(sizes.values()) > req.cp:
+        return {}
+    headroom = switch_headroom(req.topo)
+    paths = {h: group_path(req.topo, h) for h in req.hosts}
+    out: dict[str, list[str]] = {}
+    for depth in range(1, max(map(len, paths.values()), default=0) + 1):
+        groups: dict[tuple, list[str]] = {}
+        for h in req.hosts:
+            groups.setdefault(paths[h][:depth], []).append(h)
+        if len(groups) < 2 or all(sum(sizes[h] for h in members) % req.cp == 0 for members in groups.values()):
+            continue  # one group, or groups that rings divide: the other constructions keep rings inside them
+        rings: list[list[str]] = []
+        for _, members in sorted(groups.items(), key=lambda kv: (-min(headroom[h] for h in kv[1]), kv[0])):
+            bins: list[list[str]] = []
+            room: list[int] = []
+            for h in sorted(members, key=lambda h: -sizes[h]):
+                fit = next((i for i, r in enumerate(room) if r >= sizes[h]), None)
+                if fit is None:
+                    bins.append([])
+                    room.append(req.cp)
+                    fit = len(bins) - 1
+                bins[fit].append(h)
+                room[fit] -= sizes[h]
+            rings.extend(b for b, r in zip(bins, room) if r == 0)
+        if len(rings) >= req.gpus // req.cp:
+            order = [g for ring in rings[:req.gpus // req.cp] for g in _gpu_sequence(req, _cycle(req.topo, ring))]
+            if order not in out.values():
+                out[f"rings packed inside groups of depth {depth}"] = order
+    return out
+
+
 def bus_cycle_order(req: PlanRequest) -> list[str]:
     """Hosts in one bottleneck cycle (the gradient ring's host order), rings cut from it in turn.
 
@@ -292,7 +338,13 @@ def segment_orders(req: PlanRequest) -> dict[str, list[str]]:
     lets rings that do not divide a host visit several hosts in equal runs.
     Segments are laid "layer by layer" (segment 0 of every host, then
     segment 1, ...) or "host by host"; either way consecutive segments come
-    from hosts in switch order, so a ring spans few switches.
+    from hosts in switch order, so a ring spans few switches. The ``u`` GPUs
+    are a host's first in PCIe order, or, on hosts with several NICs, taken
+    from each NIC's GPUs in turn ("across NICs"), so every GPU that talks to
+    other hosts has a NIC of its own; with Ulysses, each group of ``ulysses``
+    consecutive GPUs spans as many NICs ("in Ulysses groups across NICs"):
+    its members sit on different rings, which then leave a host through
+    different NICs.
     """
     topo, out = req.topo, {}
     sizes = sorted({req.gpu_count(h) for h in req.hosts})
@@ -306,9 +358,15 @@ def segment_orders(req: PlanRequest) -> dict[str, list[str]]:
             if sum(per_host.values()) * s < req.gpus:
                 continue
             hosts = _choose_hosts(req, per_host, s)
-            segments = {h: _segments(req, h, u, s) for h in hosts}
-            for layout in ("layers", "hosts"):
-                name = f"{u}/host x {s}-GPU segments by {layout}"
+            spreads: dict[str, int | None] = {"": 0}
+            if any(len(topo.nics(h)) > 1 for h in hosts):
+                if u < max(sizes):
+                    spreads[" across NICs"] = None
+                if req.ulysses > 1:
+                    spreads[" in Ulysses groups across NICs"] = req.ulysses
+            for (label, width), layout in itertools.product(spreads.items(), ("layers", "hosts")):
+                segments = {h: _segments(req, h, u, s, width) for h in hosts}
+                name = f"{u}/host{label} x {s}-GPU segments by {layout}"
                 if layout == "layers":
                     seq = [seg for j in range(max(per_host[h] for h in hosts)) for h in hosts if j < per_host[h] for seg in [segments[h][j]]]
                 else:
@@ -327,8 +385,9 @@ def _halves(n: int) -> list[int]:
     return out
 
 
-def _segments(req: PlanRequest, host: str, u: int, s: int) -> list[list[str]]:
-    base = locality_order(req.topo, host)[:u]
+def _segments(req: PlanRequest, host: str, u: int, s: int, spread: int | None = 0) -> list[list[str]]:
+    """Runs of ``s`` of the host's first ``u`` GPUs: in PCIe order (``spread`` 0), or NIC-spread ``spread`` NICs at a time (None: all)."""
+    base = (locality_order(req.topo, host) if spread == 0 else nic_spread_order(req.topo, host, spread))[:u]
     return [base[i:i + s] for i in range(0, len(base) - s + 1, s)]
 
 
@@ -343,7 +402,7 @@ def _choose_hosts(req: PlanRequest, per_host: dict[str, int], s: int) -> list[st
         threshold = egress[h]
         if total >= req.gpus:
             break
-    paths = {h: topo.switch_path(h) for h in req.hosts}
+    paths = {h: group_path(topo, h) for h in req.hosts}
     headroom = switch_headroom(topo)
     groups: dict[tuple, list[str]] = {}
     for h in req.hosts:
@@ -393,6 +452,18 @@ def hierarchical_order(req: PlanRequest) -> list[str]:
     return _gpu_sequence(req, hosts)[: req.gpus]
 
 
+def group_path(topo: Topology, host: str) -> tuple[str, ...]:
+    """Where a host sits, outermost first: its NVLink domain (if any), then the switches above it.
+
+    Hosts sharing a prefix are close: constructions keep a ring's hosts
+    under one prefix, so a ring stays inside an NVLink domain before it
+    stays under one leaf (NVLink outruns any NIC).
+    """
+    gpus = topo.gpus(host)
+    domain = nvlink_domain(topo, gpus[0]) if gpus else None
+    return (() if domain is None else (f"nvlink domain {domain}",)) + topo.switch_path(host)
+
+
 def host_egress(topo: Topology, host: str) -> float:
     """Bandwidth a host's NIC has to the rest of the cluster (median over its external links)."""
     links = [d["bw_gbps"] for nic in topo.nics(host) for v, d in topo.graph.adj[nic].items()
@@ -418,7 +489,7 @@ def select_hosts(req: PlanRequest, egress: dict[str, float]) -> list[str]:
     by_leaf: dict[object, list[str]] = {}
     for h in req.hosts:
         if egress[h] >= threshold:
-            by_leaf.setdefault(topo.leaf_of(h), []).append(h)
+            by_leaf.setdefault(group_path(topo, h), []).append(h)
     leaves = sorted(by_leaf.values(), key=lambda hs: -sum(req.gpu_count(h) for h in hs))
     chosen, total = [], 0
     for members in leaves:
@@ -441,7 +512,7 @@ def _ring_host_order(req: PlanRequest, hosts: list[str], k: int) -> list[str]:
 def _cycle(topo: Topology, hosts: list[str]) -> list[str]:
     bw = topo.host_bandwidth_matrix(hosts)
     leaf_ids: dict[object, int] = {}
-    groups = tuple(leaf_ids.setdefault(topo.leaf_of(h), len(leaf_ids)) for h in hosts)
+    groups = tuple(leaf_ids.setdefault(group_path(topo, h), len(leaf_ids)) for h in hosts)
     return [hosts[i] for i in _cycle_indices(tuple(map(tuple, bw)), groups)]
 
 

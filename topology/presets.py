@@ -13,6 +13,12 @@ regenerates it and compares). The numbers:
 * AWS g6e.48xlarge: the same 8 L40S and 400 Gbps (50 GB/s) of network per
   host over four 100 Gbps network cards, one per PCIe switch, on a
   non-blocking fabric.
+* GB200 NVL72-style racks: compute trays of 4 GPUs (two Grace sockets,
+  each GPU with a 400 Gbps / 50 GB/s NIC of its own), and every GPU of a
+  rack linked to the rack's NVLink switches (900 GB/s per GPU and
+  direction, spread over the switch planes). Racks are NVLink domains;
+  between racks, traffic takes the NICs and an Ethernet / InfiniBand
+  leaf-spine whose leaves hold trays of several racks.
 * The on-prem leaf-spine: 8x L40S servers with one 100 Gbps (12.5 GB/s)
   NIC, 8 hosts per leaf switch, one logical spine. A leaf's uplink carries
   ``8 * host_bw / oversubscription``: at 2:1 each leaf has 400 Gbps up for
@@ -33,7 +39,7 @@ from typing import Callable
 
 from topology.errors import ConfigError
 from topology.hierarchy import from_ec2
-from topology.model import Topology, load_data
+from topology.model import GpuSpec, Topology, load_data
 
 PCIE_GBPS = 25.0
 """PCIe Gen4 x16, per direction, as measured in practice (not the 32 GB/s line rate)."""
@@ -227,6 +233,65 @@ def rails(hosts: int = 8, nics: int = 2, hosts_per_leaf: int = 8, nic_gbps: floa
     return topo
 
 
+GB200 = GpuSpec(name="GB200", tflops_bf16=2250.0, memory_gb=186.0, hbm_gbps=8000.0)
+"""One Blackwell GPU of a GB200 superchip: dense BF16 peak, HBM3e."""
+NVLINK5_GBPS = 900.0
+"""NVLink 5: 18 links of 50 GB/s per direction per GPU."""
+GB200_NIC_GBPS = 50.0
+"""ConnectX-7, 400 Gbps, one per GPU."""
+C2C_GBPS = 64.0
+"""What a GPU's traffic to its NIC crosses on the tray (PCIe Gen5 x16), per direction."""
+
+
+def nvl_domains(domains: int = 2, trays: int = 4, gpus_per_tray: int = 4, planes: int = 2,
+                hosts_per_leaf: int = 4, oversubscription: float = 1.0, name: str | None = None) -> Topology:
+    """NVLink domains (racks of ``trays`` compute trays) joined by a leaf-spine network.
+
+    Parameters
+    ----------
+    domains, trays, gpus_per_tray
+        Racks, trays (hosts) per rack, GPUs per tray (each GPU has its own NIC).
+    planes
+        NVLink switches per rack; each GPU links to every one with an equal
+        share of its NVLink bandwidth (the model's ECMP spreads a flow over them).
+    hosts_per_leaf, oversubscription
+        Trays per leaf switch, dealt round-robin over the racks so a leaf
+        holds trays of several racks (the switch tree does not follow the
+        NVLink domains); leaf uplinks carry ``hosts_per_leaf * gpus_per_tray
+        * 50 GB/s / oversubscription``.
+    """
+    if min(domains, trays, gpus_per_tray, planes, hosts_per_leaf) < 1 or gpus_per_tray % 2 or oversubscription <= 0:
+        raise ConfigError("nvl_domains needs domains, trays, planes, hosts_per_leaf >= 1, an even gpus_per_tray, oversubscription > 0")
+    topo = Topology(name=name or f"nvl-{domains}x{trays * gpus_per_tray}", gpu=GB200)
+    hosts = domains * trays
+    leaves = (hosts + hosts_per_leaf - 1) // hosts_per_leaf
+    topo.add_node("spine", "spine")
+    for leaf in range(leaves):
+        topo.add_node(f"leaf{leaf}", "leaf")
+        topo.add_link(f"leaf{leaf}", "spine", hosts_per_leaf * gpus_per_tray * GB200_NIC_GBPS / oversubscription, 2.0)
+    for d in range(domains):
+        for p in range(planes):
+            topo.add_node(f"nvl{d}/switch{p}", "nvswitch")
+    for i in ray_order(hosts):
+        d, t = divmod(i, trays)
+        host = f"r{d}t{t:02d}"
+        leaf = f"leaf{(t * domains + d) // hosts_per_leaf}"
+        topo.add_node(host, "host", leaf=leaf)
+        sockets = [topo.add_node(f"{host}/socket{s}", "socket", host=host, index=s) for s in range(2)]
+        topo.add_link(sockets[0], sockets[1], C2C_GBPS * 2, 1.0)
+        for g in range(gpus_per_tray):
+            gpu = topo.add_node(f"{host}/gpu{g}", "gpu", host=host, index=g)
+            sw = topo.add_node(f"{host}/pcie{g}", "pcie", host=host, index=g)
+            nic = topo.add_node(f"{host}/nic{g}", "nic", host=host, index=g)
+            topo.add_link(gpu, sw, C2C_GBPS, 0.5)
+            topo.add_link(nic, sw, C2C_GBPS, 0.5)
+            topo.add_link(sw, sockets[g * 2 // gpus_per_tray], C2C_GBPS, 0.5)
+            topo.add_link(nic, leaf, GB200_NIC_GBPS, 2.0)
+            for p in range(planes):
+                topo.add_link(gpu, f"nvl{d}/switch{p}", NVLINK5_GBPS / planes, 0.5)
+    return topo
+
+
 PRESETS: dict[str, Callable[[], Topology]] = {
     "l40s-host": l40s_host,
     "g6e-1x": partial(g6e, 1),
@@ -248,6 +313,8 @@ PRESETS: dict[str, Callable[[], Topology]] = {
     # 32 hosts, half with 4 GPUs, half with 8, in Ray's (shuffled) order: 192 GPUs.
     "mixed-32x": partial(leaf_spine, hosts=32, oversubscription=2.0, gpus=[4, 8] * 16, name="mixed-32x"),
     "rails-16x-2nic": partial(rails, hosts=16, nics=2),
+    # Two NVLink racks of 4 trays x 4 GPUs; their trays share leaf switches.
+    "nvl-2x16": partial(nvl_domains, domains=2, trays=4),
 }
 """Preset name -> generator. The recipe's sizes: 8 GPUs (l40s-host, g6e-1x),
 32 (g6e-4x), 512 (g6e-64x and the leaf-spines)."""

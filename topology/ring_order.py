@@ -178,6 +178,28 @@ def locality_order(topo: Topology, host: str) -> list[str]:
     return [by_index[i] for i in cache[sig]]
 
 
+def nic_spread_order(topo: Topology, host: str, width: int | None = None) -> list[str]:
+    """A host's GPUs taken from each NIC's GPUs in turn (each NIC's in PCIe order).
+
+    The first ``k`` of them, for ``k`` up to the NIC count, each leave the
+    host through a NIC of their own: a host lending a few GPUs to rings that
+    span hosts should lend these. With ``width``, NICs are taken ``width``
+    at a time in PCIe order and only their GPUs interleaved: runs of
+    ``width`` GPUs (a Ulysses group, whose members sit on different rings)
+    then use ``width`` different NICs, and the runs still follow PCIe order.
+    """
+    by_nic: dict[str | None, list[str]] = {}
+    for gpu in locality_order(topo, host):
+        by_nic.setdefault(topo.routes.nic_of(gpu), []).append(gpu)
+    runs = list(by_nic.values())
+    width = width or len(runs)
+    out: list[str] = []
+    for i in range(0, len(runs), width):
+        chunk = runs[i:i + width]
+        out.extend(run[j] for j in range(max(map(len, chunk))) for run in chunk if j < len(run))
+    return out
+
+
 def _locality_walk(topo: Topology, host: str, gpus: list[str]) -> list[str]:
     nics = topo.nics(host)
     g = topo.graph

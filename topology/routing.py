@@ -7,6 +7,14 @@ nearest NIC by hops, the lowest index on a tie: what NCCL's PCI-distance
 NIC choice does), crosses the fabric, and enters the peer GPU through its
 nearest NIC.
 
+The route depends on the destination where GPUs of several hosts share
+NVLink switches (``nvswitch`` nodes, outside every host: a multi-node
+NVLink domain such as a GB200 NVL72 rack). GPUs linked to the same
+connected set of NVLink switches form one domain; a flow between two GPUs
+of a domain, same host or not, crosses the NVLink switches (ECMP over
+them), as NCCL prefers NVLink over PCIe and the network; a flow to a GPU
+outside the domain takes the NIC as above.
+
 On the fabric, equal-cost multi-path (ECMP) routing: among the shortest
 switch paths, every switch splits a flow equally over its next hops, so
 two spines carry half each. A route is therefore a list of directed links
@@ -40,6 +48,9 @@ from topology.errors import ConfigError
 if TYPE_CHECKING:
     from topology.model import Topology
 
+NVLINK_KIND = "nvswitch"
+"""Node kind of an NVLink switch: GPUs of several hosts link to it directly; it carries no network traffic."""
+
 Link = tuple[str, str]
 Route = tuple[tuple[Link, float], ...]
 """Directed links of a flow with the fraction of the flow each carries."""
@@ -51,7 +62,7 @@ class Routes:
     def __init__(self, topo: "Topology"):
         self.topo = topo
         g = topo.graph
-        self._switches = {n for n in g.nodes if topo.is_switch(n)}
+        self._switches = {n for n in g.nodes if topo.is_switch(n) and g.nodes[n]["kind"] != NVLINK_KIND}
         self._switch_adj = {s: sorted(v for v in g.adj[s] if v in self._switches) for s in self._switches}
         self._host = {n: d.get("host") for n, d in g.nodes(data=True)}
         self._label = {n: (d["kind"], d.get("index", n)) for n, d in g.nodes(data=True)}
@@ -62,6 +73,7 @@ class Routes:
         self._fabric: dict[tuple, tuple] = {}
         self._templates: dict[tuple, Route | str | None] = {}
         self._labels: dict[str, dict[tuple, str]] = {}
+        self._domain, self._domain_switches = _nvlink_domains(g)
 
     # ------------------------------------------------------------ public
     def route(self, a: str, b: str) -> Route:
@@ -84,6 +96,9 @@ class Routes:
             if end not in self._host:
                 raise ConfigError(f"{end!r} is not a node of topology {self.topo.name!r}")
         ha, hb = self._host[a], self._host[b]
+        domain = self._domain.get(a)
+        if domain is not None and domain == self._domain.get(b):
+            return _ecmp(g.adj, a, b, self._domain_switches[domain] | {a})
         if ha is not None and ha == hb:
             return self._in_host(a, b)
         if ha is None or hb is None:  # a switch endpoint: plain ECMP over the whole graph
@@ -184,6 +199,43 @@ class Routes:
                         queue.append(v)
             self._switch_dist[switch] = dist
         return self._switch_dist[switch]
+
+
+def nvlink_domain(topo: "Topology", gpu: str) -> int | None:
+    """The NVLink domain of ``gpu`` (an index), or None when it links to no NVLink switch."""
+    return topo.routes._domain.get(gpu)
+
+
+def same_nvlink_domain(topo: "Topology", a: str, b: str) -> bool:
+    """Whether a flow from ``a`` to ``b`` stays on NVLink switches (both GPUs in one NVLink domain)."""
+    domain = topo.routes._domain.get(a)
+    return domain is not None and domain == topo.routes._domain.get(b)
+
+
+def _nvlink_domains(g) -> tuple[dict[str, int], list[set[str]]]:
+    """GPU -> domain index, and each domain's NVLink switches.
+
+    A domain is a connected set of NVLink switches and the GPUs linked to
+    them: separate switch planes are one domain through the GPUs they share.
+    """
+    domain: dict[str, int] = {}
+    switches: list[set[str]] = []
+    for s in g.nodes:
+        if g.nodes[s]["kind"] != NVLINK_KIND or any(s in d for d in switches):
+            continue
+        members, queue = {s}, deque([s])
+        while queue:
+            u = queue.popleft()
+            for v in g.adj[u]:
+                kind = g.nodes[v]["kind"]
+                if kind == NVLINK_KIND and v not in members:
+                    members.add(v)
+                    queue.append(v)
+                elif kind == "gpu" and v not in domain:
+                    domain[v] = len(switches)
+                    queue.append(v)
+        switches.append(members)
+    return domain, switches
 
 
 def _label(g, node: str) -> tuple:

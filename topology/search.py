@@ -12,10 +12,11 @@ Algorithms
   worse than it.
 * Exact search, for small problems (at most ``EXACT_HOSTS`` hosts or
   ``EXACT_GPUS`` GPUs, or few distinct orders): branch and bound over every
-  sequence of GPUs from the pool, up to twins (GPUs of one host with the
-  same links to the same parts are interchangeable: swapping them changes
-  no route), cut by a lower bound of each partial order
-  (``topology.exact``). Finished, it proves the result optimal.
+  sequence of GPUs from the pool, up to the cluster's symmetries (alike
+  hosts, automorphisms of a host's parts: ``topology.symmetry``), cut by a
+  lower bound of each partial order (``topology.exact``). Finished, it
+  proves the result optimal; stopped at ``EXACT_NODES``, the plan states
+  its gap to the lower bound instead.
 * Local search, otherwise: first-improvement moves, a fixed number (so a
   plan is reproducible), cut short by a time budget only on a machine too
   slow for it. A move swaps two ranks, moves a rank onto an unused GPU, or
@@ -43,8 +44,10 @@ EXACT_ORDERS = 20_000
 """Up to this many distinct rank orders (up to twins), exact search runs to the end, with no local search first."""
 EXACT_HOSTS, EXACT_GPUS = 8, 32
 """Pools of at most this many hosts, or plans of at most this many GPUs, are searched exactly (``topology.exact``)."""
-EXACT_NODES = 3_000
-"""Exact search of a larger problem stops after visiting this many partial orders: unproven, the best order stands."""
+EXACT_NODES = 20_000
+"""Exact search of a larger problem stops after visiting this many partial orders (a few seconds on one core)
+when its pool has at most ``EXACT_GPUS`` GPUs; a larger pool, whose nodes cost more, gets ``(EXACT_GPUS / pool)^2``
+of it. Unproven, the best order stands and the plan states its gap to the bound."""
 SEARCH_BUDGET_S = 2.0
 """Most wall-clock seconds the local search takes by default: a safety net, above what its move count needs."""
 SIDEWAYS = 200
@@ -76,9 +79,14 @@ class SearchResult:
     optimal: bool
     proof: str | None
     """``exhaustive`` or ``meets bound`` when optimal."""
+    gap: float = 0.0
+    """How far the step time may be above the optimum: step time over the lower bound, minus one (0 when optimal)."""
+    nodes: int = 0
+    """Partial orders the exact search visited (0: it did not run)."""
 
     def info(self) -> dict:
         return {"construction": self.construction, "moves": self.moves, "optimal": self.optimal, "proof": self.proof,
+                "gap": float(f"{self.gap:.6g}"), "nodes": self.nodes,
                 "candidates": {k: float(f"{v:.6g}") for k, v in self.candidates.items()}}
 
 
@@ -119,18 +127,24 @@ def optimise(sm: StepModel, candidates: dict[str, list[str]], pool: list[str], b
         return result
     classes = twin_classes(sm, pool)
     few = count_orders(classes, sm.world, EXACT_ORDERS) <= EXACT_ORDERS
+    hosts = {sm.topo.host_of(g) for g in pool}
+    cap = math.inf if few else int(EXACT_NODES * min(1.0, EXACT_GPUS / len(pool)) ** 2)
+    exact = few or ((len(hosts) <= EXACT_HOSTS or sm.world <= EXACT_GPUS) and cap > 0)
     if not few:
-        result.order, result.step_s, result.moves = _local_search(sm, best, best_step, pool, budget_s, seed)
+        # Before an exact search, local search only sets its first incumbent: a quarter of the moves does.
+        evals = MAX_EVALS // 4 if exact else MAX_EVALS
+        result.order, result.step_s, result.moves = _local_search(sm, best, best_step, pool, budget_s, seed, evals)
         if result.step_s <= bound * (1 + REL_TOL):
             result.optimal, result.proof = True, "meets bound"
             return result
-    hosts = {sm.topo.host_of(g) for g in pool}
-    if few or ((len(hosts) <= EXACT_HOSTS or sm.world <= EXACT_GPUS) and EXACT_NODES):
-        order, step, proven = branch_and_bound(sm, classes, result.order, result.step_s, math.inf if few else EXACT_NODES)
+    if exact:
+        order, step, proven, result.nodes = branch_and_bound(sm, pool, result.order, result.step_s, cap)
         if step < result.step_s * (1 - REL_TOL):
             result.order, result.step_s, result.construction = order, step, "exhaustive"
         if proven:
             result.optimal, result.proof = True, "exhaustive"
+    if not result.optimal:
+        result.gap = result.step_s / bound - 1
     return result
 
 
@@ -161,7 +175,8 @@ def count_orders(classes: list[list[str]], k: int, cap: int) -> int:
 
 
 # ------------------------------------------------------------------ local search
-def _local_search(sm: StepModel, order: list[str], step: float, pool: list[str], budget_s: float, seed: int) -> tuple[list[str], float, int]:
+def _local_search(sm: StepModel, order: list[str], step: float, pool: list[str], budget_s: float, seed: int,
+                  max_evals: int = MAX_EVALS) -> tuple[list[str], float, int]:
     rng = random.Random(seed)
     deadline = time.perf_counter() + budget_s
     n = len(order)
@@ -172,7 +187,7 @@ def _local_search(sm: StepModel, order: list[str], step: float, pool: list[str],
     hot = sm.figures(order)["hop"]
     best = list(order)
     moves = stale = sideways = 0
-    for _ in range(MAX_EVALS):  # a count, not a clock: the same input gives the same plan
+    for _ in range(max_evals):  # a count, not a clock: the same input gives the same plan
         if stale >= STALE_MOVES or time.perf_counter() > deadline:
             break
         stale += 1

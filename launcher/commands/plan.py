@@ -90,7 +90,8 @@ def summary(plan: Plan, topo: Topology) -> str:
     )
     if "search" in c:
         found = c["search"]
-        proof = f"optimal ({found['proof']})" if found["optimal"] else f"{c['step_time_s'] / c['bound_step_s']:.3f} x bound, not proven optimal"
+        proof = (f"optimal ({found['proof']})" if found["optimal"]
+                 else f"best found, gap {c['step_time_s'] / c['bound_step_s'] - 1:.1%} to bound (not proven optimal)")
         lines.append(f"search: kept {found['construction']!r} of {len(found['candidates'])} constructions scored,"
                      f" {found['moves']} improving moves; {proof}")
     if c.get("rates_source"):

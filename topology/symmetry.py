@@ -1,0 +1,162 @@
+"""Symmetries of a cluster that no rank order can tell apart, for exact search.
+
+Two rank orders that a graph automorphism maps onto each other have the same
+step time: every route, and so every link load, maps along. Exact search
+(``topology.exact``) therefore tries, for its next rank, one GPU of each
+orbit of the automorphisms that fix the ranks already placed (isomorphism
+pruning); every other child's subtree is a relabelled copy of a sibling's.
+
+Algorithm
+---------
+Two kinds of automorphisms are used, and the orbits of the group they
+generate (a subgroup of the cluster's automorphism group, so its orbits are
+no coarser than the true ones: the pruning stays exact):
+
+* Host swaps: hosts built alike (same layout in (kind, index) labels) whose
+  parts link to the same switches over links of the same bandwidth and
+  latency. Among such hosts that hold no placed rank yet, only the first is
+  tried.
+* In-host automorphisms: permutations of one host's parts that keep every
+  link (with its bandwidth and latency), every part's links to the outside
+  and the NIC each GPU uses (``networkx`` VF2 over the host's subgraph).
+  For a host holding placed ranks, the ones that fix those GPUs give the
+  orbits. A host with more than ``MAX_AUTOMORPHISMS`` of them (many GPUs on
+  one switch) falls back to swapping twin GPUs (same links to the same
+  parts), each of which is itself an automorphism.
+"""
+
+from __future__ import annotations
+
+import networkx as nx
+from networkx.algorithms.isomorphism import GraphMatcher
+
+from topology.model import Topology
+
+MAX_AUTOMORPHISMS = 4096
+"""In-host automorphisms enumerated at most; beyond, twin swaps alone are used."""
+
+
+class Symmetry:
+    """Orbit representatives of the next rank's GPU, given the GPUs already placed.
+
+    Parameters
+    ----------
+    topo
+        The cluster.
+    pool
+        GPUs a plan may use; hosts are interchangeable only with the same pool GPUs.
+    """
+
+    def __init__(self, topo: Topology, pool: list[str]):
+        self.topo = topo
+        self.pool = list(pool)
+        in_pool = set(pool)
+        self.hosts = list(dict.fromkeys(topo.host_of(g) for g in pool))
+        self.gpus = {h: [g for g in topo.gpus(h) if g in in_pool] for h in self.hosts}
+        keys = {h: _host_key(topo, h, self.gpus[h]) for h in self.hosts}
+        classes: dict[tuple, str] = {}
+        self.host_class = {h: classes.setdefault(keys[h], h) for h in self.hosts}
+        # Alike hosts share their automorphisms, in GPU indices; cached on the topology across plans.
+        cache = topo.__dict__.setdefault("_symmetry_cache", {})
+        self.perms: dict[str, list[dict[str, str]]] = {}
+        for h in self.hosts:
+            if keys[h] not in cache:
+                index = {x: topo.graph.nodes[x]["index"] for x in topo.gpus(h)}
+                cache[keys[h]] = [{index[a]: index[b] for a, b in p.items()}
+                                  for p in _automorphisms(topo, h, frozenset(self.gpus[h]))]
+            node = {topo.graph.nodes[x]["index"]: x for x in topo.gpus(h)}
+            self.perms[h] = [{node[a]: node[b] for a, b in p.items()} for p in cache[keys[h]]]
+        self._orbits: dict[tuple[str, frozenset[str]], tuple[tuple[str, ...], ...]] = {}
+
+    def orbits(self, host: str, placed: frozenset[str]) -> tuple[tuple[str, ...], ...]:
+        """Orbits of ``host``'s unplaced pool GPUs under its automorphisms that fix ``placed``, in pool order."""
+        key = (host, placed)
+        if key not in self._orbits:
+            free = [g for g in self.gpus[host] if g not in placed]
+            parent = {g: g for g in free}
+
+            def find(x: str) -> str:
+                while parent[x] != x:
+                    x = parent[x]
+                return x
+
+            for perm in self.perms[host]:
+                if all(perm[g] == g for g in placed):
+                    for g in free:
+                        a, b = find(g), find(perm[g])
+                        if a != b:
+                            parent[max(a, b, key=free.index)] = min(a, b, key=free.index)
+            groups: dict[str, list[str]] = {}
+            for g in free:
+                groups.setdefault(find(g), []).append(g)
+            self._orbits[key] = tuple(tuple(v) for v in groups.values())
+        return self._orbits[key]
+
+    def choices(self, placed_by_host: dict[str, frozenset[str]]) -> list[tuple[str, ...]]:
+        """Orbits of the GPUs the next rank may take: one host per class of untouched alike hosts.
+
+        Each orbit is listed with its members in pool order; the caller
+        places the first. ``placed_by_host`` maps a host to its placed GPUs
+        (hosts with none may be left out).
+        """
+        out: list[tuple[str, ...]] = []
+        seen_class: set[str] = set()
+        for h in self.hosts:
+            placed = placed_by_host.get(h, frozenset())
+            if not placed:
+                if self.host_class[h] in seen_class:
+                    continue
+                seen_class.add(self.host_class[h])
+            out.extend(self.orbits(h, placed))
+        return out
+
+
+def _host_key(topo: Topology, host: str, gpus: list[str]) -> tuple:
+    """What makes two hosts interchangeable: layout, pool GPUs and links to the outside, in part labels."""
+    sig = topo.host_signature(host)
+    if sig == (host,):
+        return (host, tuple(sorted(gpus)))
+    g = topo.graph
+    label = lambda n: (g.nodes[n]["kind"], g.nodes[n].get("index"))  # noqa: E731
+    parts = set(topo.parts(host))
+    outside = tuple(sorted((label(u), v, d["bw_gbps"], d["lat_us"]) for u in parts for v, d in g.adj[u].items()
+                           if v not in parts))
+    return sig, tuple(sorted(label(x) for x in gpus)), outside
+
+
+def _automorphisms(topo: Topology, host: str, pool: frozenset[str]) -> list[dict[str, str]]:
+    """Permutations of ``host``'s GPUs induced by automorphisms of its parts that keep routes (see module docstring)."""
+    g = topo.graph
+    parts = set(topo.parts(host))
+    sub = nx.Graph()
+    for u in parts:
+        outside = frozenset((v, d["bw_gbps"], d["lat_us"]) for v, d in g.adj[u].items() if v not in parts)
+        sub.add_node(u, key=(g.nodes[u]["kind"], u in pool, outside))
+    sub.add_edges_from((u, v, d) for u, v, d in g.edges(parts, data=True) if u in parts and v in parts)
+    gpus = [n for n in topo.gpus(host)]
+    routes = topo.routes
+    nic = {x: routes.nic_of(x) for x in gpus}
+    matcher = GraphMatcher(sub, sub, node_match=lambda a, b: a["key"] == b["key"],
+                           edge_match=lambda a, b: (a["bw_gbps"], a["lat_us"]) == (b["bw_gbps"], b["lat_us"]))
+    perms: list[dict[str, str]] = []
+    for n, iso in enumerate(matcher.isomorphisms_iter()):
+        if n >= MAX_AUTOMORPHISMS:
+            return _twin_swaps(topo, host, pool)
+        if all(nic[iso[x]] == (None if nic[x] is None else iso[nic[x]]) for x in gpus):
+            perms.append({x: iso[x] for x in gpus})
+    return perms
+
+
+def _twin_swaps(topo: Topology, host: str, pool: frozenset[str]) -> list[dict[str, str]]:
+    """Transpositions of twin GPUs (same neighbours over links of the same bandwidth and latency)."""
+    g = topo.graph
+    gpus = [x for x in topo.gpus(host) if x in pool]
+    key = lambda x: frozenset((v, d["bw_gbps"], d["lat_us"]) for v, d in g.adj[x].items())  # noqa: E731
+    perms = []
+    for i, a in enumerate(gpus):
+        for b in gpus[i + 1:]:
+            if key(a) == key(b):
+                perm = {x: x for x in topo.gpus(host)}
+                perm[a], perm[b] = b, a
+                perms.append(perm)
+    return perms
