@@ -246,3 +246,20 @@ def test_hosts_with_too_many_automorphisms_fall_back_to_twin_swaps():
     assert sym.choices({"a": frozenset({"a/gpu0"})}) == [tuple(topo.gpus("a")[1:]), tuple(topo.gpus("b"))]
     plan = make_plan(topo, 16, 16, seq_len=2 * 16 * 128)
     assert plan.cost["search"]["optimal"]
+
+
+@pytest.mark.parametrize("tokens", [128, 4096])
+def test_rank_rotations_are_searched_once(tokens):
+    """Two g6e hosts, one ring pair of 16 GPUs: one rotation of the rings proves the same optimum in fewer nodes."""
+    from topology.exact import branch_and_bound
+    from topology.symmetry import RingRotation
+
+    topo = g6e(2)
+    sm = StepModel(topo, 1, 8, 2, 2 * 16 * tokens)
+    order, step, proven, _ = branch_and_bound(sm, topo.gpus(), [], math.inf, math.inf)
+    with patch.object(RingRotation, "canonical", lambda self, i, order: True):
+        _, step_all, proven_all, _ = branch_and_bound(sm, topo.gpus(), [], math.inf, math.inf)
+        *_, nodes_all = branch_and_bound(sm, topo.gpus(), order, step, math.inf)  # the proof alone
+    assert proven and proven_all and step == pytest.approx(step_all, rel=1e-12) and sm.step(order) == step
+    *_, nodes = branch_and_bound(sm, topo.gpus(), order, step, math.inf)
+    assert nodes < nodes_all
