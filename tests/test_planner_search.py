@@ -190,6 +190,16 @@ def test_32_gpus_on_four_g6e_hosts_are_proven_optimal(cp, tokens):
     assert "optimal (" in summary(plan, g6e(4))
 
 
+@pytest.mark.parametrize("cp", [8, 16, 32])
+def test_32_gpus_on_four_g6e_hosts_with_ulysses_2_are_proven_optimal(cp):
+    """Ulysses pairs in every ring size of the 32-GPU stage, short sequences (the all-to-all against the ring)."""
+    plan = make_plan(g6e(4), 32, cp, 2, seq_len=2 * cp * 128)
+    found = plan.cost["search"]
+    assert found["optimal"] and found["proof"] == "exhaustive" and found["gap"] == 0
+    assert found["nodes"] <= search.EXACT_NODES
+    assert "optimal (" in summary(plan, g6e(4))
+
+
 def test_alike_hosts_and_host_automorphisms_are_tried_once():
     """g6e hosts: four alike hosts, and each host's 8 GPUs are one orbit (sockets, PCIe switches, twins swap)."""
     topo = g6e(4)
