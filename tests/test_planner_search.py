@@ -190,6 +190,16 @@ def test_32_gpus_on_four_g6e_hosts_are_proven_optimal(cp, tokens):
     assert "optimal (" in summary(plan, g6e(4))
 
 
+@pytest.mark.parametrize("cp", [8, 16, 32])
+def test_32_gpus_on_four_g6e_hosts_with_ulysses_2_are_proven_optimal(cp):
+    """Ulysses pairs in every ring size of the 32-GPU stage, short sequences (the all-to-all against the ring)."""
+    plan = make_plan(g6e(4), 32, cp, 2, seq_len=2 * cp * 128)
+    found = plan.cost["search"]
+    assert found["optimal"] and found["proof"] == "exhaustive" and found["gap"] == 0
+    assert found["nodes"] <= search.EXACT_NODES
+    assert "optimal (" in summary(plan, g6e(4))
+
+
 def test_alike_hosts_and_host_automorphisms_are_tried_once():
     """g6e hosts: four alike hosts, and each host's 8 GPUs are one orbit (sockets, PCIe switches, twins swap)."""
     topo = g6e(4)
@@ -246,3 +256,20 @@ def test_hosts_with_too_many_automorphisms_fall_back_to_twin_swaps():
     assert sym.choices({"a": frozenset({"a/gpu0"})}) == [tuple(topo.gpus("a")[1:]), tuple(topo.gpus("b"))]
     plan = make_plan(topo, 16, 16, seq_len=2 * 16 * 128)
     assert plan.cost["search"]["optimal"]
+
+
+@pytest.mark.parametrize("tokens", [128, 4096])
+def test_rank_rotations_are_searched_once(tokens):
+    """Two g6e hosts, one ring pair of 16 GPUs: one rotation of the rings proves the same optimum in fewer nodes."""
+    from topology.exact import branch_and_bound
+    from topology.symmetry import RingRotation
+
+    topo = g6e(2)
+    sm = StepModel(topo, 1, 8, 2, 2 * 16 * tokens)
+    order, step, proven, _ = branch_and_bound(sm, topo.gpus(), [], math.inf, math.inf)
+    with patch.object(RingRotation, "canonical", lambda self, i, order: True):
+        _, step_all, proven_all, _ = branch_and_bound(sm, topo.gpus(), [], math.inf, math.inf)
+        *_, nodes_all = branch_and_bound(sm, topo.gpus(), order, step, math.inf)  # the proof alone
+    assert proven and proven_all and step == pytest.approx(step_all, rel=1e-12) and sm.step(order) == step
+    *_, nodes = branch_and_bound(sm, topo.gpus(), order, step, math.inf)
+    assert nodes < nodes_all

@@ -266,3 +266,29 @@ def test_hand_checked_examples_in_docstrings(module):
 
     result = doctest.testmod(importlib.import_module(module))
     assert result.attempted > 0 and result.failed == 0
+
+
+def test_nvlink_switches_are_a_layer_above_the_hosts(tmp_path):
+    """nvl-2x16: each NVLink switch is a box of its own above every host, every GPU's NVLink runs up to it."""
+    topo = load_topology("nvl-2x16")
+    plan = make_plan(topo, 32, 16)
+    root = _svg(render_html(topo, plan), "topology")
+    boxes = {g.get("data-switch"): g.find(f"{SVG}rect") for g in _groups(root, "nvswitch")}
+    assert sorted(boxes) == sorted(topo.nodes_of_kind("nvswitch"))
+    assert not {g.get("data-leaf") for g in _groups(root, "leaf")} & set(boxes)  # not drawn as a leaf
+    top = min(float(g.find(f"{SVG}rect").get("y")) for g in _groups(root, "host"))
+    assert all(float(r.get("y")) + float(r.get("height")) < top for r in boxes.values())
+    # One group of switches per NVLink domain, side by side.
+    xs = {s: float(r.get("x")) for s, r in boxes.items()}
+    assert max(x for s, x in xs.items() if s.startswith("nvl0/")) < min(x for s, x in xs.items() if s.startswith("nvl1/"))
+    uplinks = [p for p in root.iter(f"{SVG}path") if "uplink" in (p.get("class") or "").split()]
+    for s, r in boxes.items():
+        end = (float(r.get("x")) + float(r.get("width")) / 2, float(r.get("y")) + float(r.get("height")))
+        ends = [p for p in uplinks if p.get("d").endswith(f"{end[0]:.1f},{end[1]:.1f}")]
+        assert len(ends) == topo.graph.degree(s) == 16
+        assert all(f" — {s}:" in p.find(f"{SVG}title").text or p.find(f"{SVG}title").text.startswith(s) for p in ends)
+    render_image(topo, plan, tmp_path / "nvl.png")
+    assert (tmp_path / "nvl.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    save(topo, plan, tmp_path / "nvl.svg")
+    svg = (tmp_path / "nvl.svg").read_text()
+    assert all(s in svg for s in boxes)  # the switches are labelled in the image too

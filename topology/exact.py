@@ -5,7 +5,9 @@ Algorithm
 Ranks are placed one at a time, rank 0 first. The next rank tries one GPU
 of each orbit of the cluster's symmetries that fix the ranks already placed
 (``topology.symmetry``: alike hosts not yet used, automorphisms of a host's
-parts), so orders that only relabel each other are visited once. Placing
+parts), so orders that only relabel each other are visited once, and only
+one of the rank rotations that keep every flow (``RingRotation``: turning
+a single cp group's rings, or shifting whole cp groups) is extended. Placing
 rank ``i`` completes every flow whose later end is ``i``: the ring hop into
 it (and the ring's closing hop at its last rank), the Ulysses all-to-all
 pairs with earlier ranks of its group, and the gradient ring's hop from
@@ -47,7 +49,7 @@ import numpy as np
 from topology.bound import gpu_access_bound, min_route_latency, ring_bandwidth_bound
 from topology.cost import StepModel, transfer
 from topology.delta import REL_TOL, USED
-from topology.symmetry import Symmetry
+from topology.symmetry import RingRotation, Symmetry
 
 
 REPRESENTATIVE_GPUS = 96
@@ -112,6 +114,7 @@ def branch_and_bound(sm: StepModel, pool: list[str], best: list[str], best_step:
                     crossings.append(crossing)
 
     flows: dict[tuple[str, str], tuple[np.ndarray, np.ndarray, float]] = {}
+    rotation = RingRotation(sm)
 
     def flow(a: str, b: str) -> tuple[np.ndarray, np.ndarray, float]:
         """Route of ``a -> b``: link indices, fractions and latency (a route crosses a link once)."""
@@ -202,6 +205,9 @@ def branch_and_bound(sm: StepModel, pool: list[str], best: list[str], best_step:
             if state["nodes"] > node_cap:
                 raise _Aborted
             put(i, orbit[0])
+            if not rotation.canonical(i, order):
+                put(i, None)
+                continue
             children.append((lower(), topo.host_of(orbit[0]) != prev, n, orbit[0]))
             put(i, None)
         # Most promising first: the best order is met early, and a better incumbent cuts more.

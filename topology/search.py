@@ -44,8 +44,8 @@ EXACT_ORDERS = 20_000
 """Up to this many distinct rank orders (up to twins), exact search runs to the end, with no local search first."""
 EXACT_HOSTS, EXACT_GPUS = 8, 32
 """Pools of at most this many hosts, or plans of at most this many GPUs, are searched exactly (``topology.exact``)."""
-EXACT_NODES = 20_000
-"""Exact search of a larger problem stops after visiting this many partial orders (a few seconds on one core)
+EXACT_NODES = 80_000
+"""Exact search of a larger problem stops after visiting this many partial orders (about 5 s on one core)
 when its pool has at most ``EXACT_GPUS`` GPUs; a larger pool, whose nodes cost more, gets ``(EXACT_GPUS / pool)^2``
 of it. Unproven, the best order stands and the plan states its gap to the bound."""
 SEARCH_BUDGET_S = 2.0

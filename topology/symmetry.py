@@ -30,7 +30,9 @@ from __future__ import annotations
 import networkx as nx
 from networkx.algorithms.isomorphism import GraphMatcher
 
+from topology.cost import StepModel, transfer
 from topology.model import Topology
+from topology.plan import GroupLayout
 
 MAX_AUTOMORPHISMS = 4096
 """In-host automorphisms enumerated at most; beyond, twin swaps alone are used."""
@@ -160,3 +162,70 @@ def _twin_swaps(topo: Topology, host: str, pool: frozenset[str]) -> list[dict[st
                 perm[a], perm[b] = b, a
                 perms.append(perm)
     return perms
+
+
+class RingRotation:
+    """Rank rotations that keep every flow of the step: only one rotation of each order is searched.
+
+    Algorithm
+    ---------
+    Shifting every rank by ``s`` (mod the world size) keeps the gradient
+    ring (rank ``i`` to ``i + 1``) and, with ``s`` one cp group (several
+    data-parallel groups) or one Ulysses group (a single cp group, where it
+    turns the rings by one position), the ring hops and all-to-all pairs
+    too: the step time is unchanged. The world falls into ``m`` segments of
+    ``s`` ranks that the shift cycles through. Each segment has anchor hops:
+    its first ring position's hop to the next position, one per Ulysses
+    index. Key a hop by the seconds a ring step's bytes take on its route
+    alone (read from the route, so every automorphism of the cluster keeps
+    it); among the ``m`` rotations of an order, one puts a segment whose
+    slowest anchor is the slowest of all first: call it canonical. Exact
+    search extends only canonical partial orders: once segment 0's anchors
+    are placed, no anchor placed may be slower than the slowest of them
+    (beyond float noise). Canonical form is kept by the cluster's
+    automorphisms, so it combines with the orbits of ``Symmetry``.
+    """
+
+    def __init__(self, sm: StepModel):
+        self.sm = sm
+        cp, u, world = sm.cp, sm.ulysses, sm.world
+        self.shift = cp if sm.dp > 1 else u
+        segments = world // self.shift if sm.ring > 1 else 1
+        self.anchors: list[list[tuple[int, int, int]]] = [[] for _ in range(world)]
+        """Per rank, the anchor hops it completes: (segment, from rank, to rank)."""
+        self.first: list[tuple[int, int]] = []
+        """Segment 0's anchors."""
+        self.ready = 0
+        """The rank whose placement completes segment 0's anchors."""
+        self._keys: dict[tuple[str, str], float] = {}
+        if segments < 2:
+            return
+        rings = GroupLayout.from_grid(sm.dp, sm.ring, sm.ulysses).ring_groups
+        pos = {r: (i, g) for g in rings for i, r in enumerate(g)}
+        for j in range(segments):
+            for a in range(j * self.shift, j * self.shift + u):
+                i, g = pos[a]
+                b = g[(i + 1) % len(g)]
+                self.anchors[max(a, b)].append((j, a, b))
+                if j == 0:
+                    self.first.append((a, b))
+        self.ready = max(max(a, b) for a, b in self.first)
+
+    def key(self, a: str, b: str) -> float:
+        """Seconds a ring step's bytes take on the route ``a -> b`` alone (``topology.cost.transfer``)."""
+        if (a, b) not in self._keys:
+            fm = self.sm.flows
+            ids, fracs = fm.compiled(a, b)
+            bw = fm.link_bandwidths()
+            rate = min((float(bw[x]) / f for x, f in zip(ids, fracs)), default=float("inf"))
+            self._keys[a, b] = transfer(self.sm.bytes_fwd, rate, fm.route_latency(a, b))
+        return self._keys[a, b]
+
+    def canonical(self, i: int, order: list[str | None]) -> bool:
+        """Whether ranks ``0..i`` placed in ``order`` can still be a canonical order."""
+        if not self.first or i < self.ready or (i > self.ready and not self.anchors[i]):
+            return True
+        top = max(self.key(order[a], order[b]) for a, b in self.first) * (1 + 1e-9)
+        done = (hop for r in (range(i + 1) if i == self.ready else (i,)) for hop in self.anchors[r])
+        return all(self.key(order[a], order[b]) <= top for j, a, b in done if j)
+

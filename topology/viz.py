@@ -29,7 +29,7 @@ from topology.plan import Plan
 from topology.viz_figures import Figure, figures
 from topology.viz_layout import (
     DIRECT_LINK_HOSTS, Layout, RankInfo, bend_point, cycle_hops, group_colours, heat_names, host_cycle, layout, load_matrix, rank_table,
-    switch_point, uplink_route,
+    natural_key, switch_point, uplink_route,
 )
 
 TEMPLATE = Path(__file__).with_name("viz_template.html")
@@ -150,6 +150,12 @@ def _topology_svg(topo: Topology, lay: Layout, ranks: list[RankInfo], groups: di
         out.append(f'<g class="leaf" data-leaf="{_a(leaf)}"><title>{_t(f"leaf switch {leaf}: {len(lay.leaf_hosts[leaf])} hosts")}</title>'
                    f'<rect class="leaf-bar" x="{bar.x:.1f}" y="{bar.y:.1f}" width="{bar.w:.1f}" height="{bar.h:.1f}" rx="2"/>'
                    f'<text class="leaf-name" x="{bar.x:.1f}" y="{bar.y + bar.h + 13:.1f}">{_t(leaf)}</text></g>')
+    for s, b in lay.nvswitches.items():
+        linked = sorted({topo.host_of(v) for v in topo.graph.neighbors(s)}, key=natural_key)
+        tip = f"NVLink switch {s}: GPUs of {len(linked)} hosts ({', '.join(linked)})"
+        out.append(f'<g class="switch nvswitch" data-switch="{_a(s)}"><title>{_t(tip)}</title>'
+                   f'<rect class="nvswitch" x="{b.x:.1f}" y="{b.y:.1f}" width="{b.w:.1f}" height="{b.h:.1f}" rx="3"/>'
+                   f'<text class="nvswitch-name" x="{b.cx:.1f}" y="{b.cy + 0.5:.1f}">{_t(s)}</text></g>')
     for s in topo.nodes_of_kind("spine"):
         x, y = lay.points[s]
         out.append(f'<g class="switch"><title>{_t(f"spine switch {s}")}</title><rect class="spine" x="{x - 24:.1f}" y="{y - 9:.1f}" width="48" height="18" rx="3"/>'

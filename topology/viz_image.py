@@ -84,6 +84,9 @@ def draw(topo: Topology, plan: Plan | None, out: BinaryIO, fmt: str = "png", sho
         if leaf:
             ax.add_patch(Rectangle((bar.x, bar.y), bar.w, bar.h, color="#4d4d5c", zorder=2))
             ax.text(bar.x, bar.y + bar.h + 12, leaf, fontsize=7, va="center")
+    for s, b in lay.nvswitches.items():
+        ax.add_patch(Rectangle((b.x, b.y), b.w, b.h, color="#76b900", zorder=2))
+        ax.text(b.cx, b.cy, s, fontsize=6, ha="center", va="center", color="white", zorder=5)
     for s in topo.nodes_of_kind("spine"):
         x, y = lay.points[s]
         ax.add_patch(Rectangle((x - 24, y - 9), 48, 18, color="#4d4d5c", zorder=2))

@@ -3,7 +3,9 @@
 The picture is a rack diagram: each leaf switch is a bar with its hosts in
 rows above it (at most ``HOSTS_PER_ROW`` a row), spines in a column to the
 right, and inside each host its GPUs on top with the PCIe switches, sockets
-and NICs below them. Coordinates are SVG pixels (y grows downwards).
+and NICs below them. NVLink switches (``nvswitch``: GPUs of several hosts
+link to them directly, they carry no network traffic) are a layer of their
+own, a band of switch boxes above every host, one group per NVLink domain. Coordinates are SVG pixels (y grows downwards).
 
 The figures drawn (bandwidth per link, per ring hop, host to host) are
 computed here too, so both renderers show the same numbers.
@@ -22,6 +24,7 @@ from topology.errors import ConfigError
 from topology.load import FlowLoad, flow_loads, ring_flows
 from topology.model import Topology
 from topology.plan import Plan
+from topology.routing import NVLINK_KIND
 
 GPU = 16.0
 """Side of a GPU square."""
@@ -33,6 +36,9 @@ ROW_GAP = 14.0
 LEAF_BAR = 10.0
 LEAF_GAP = 34.0
 MARGIN = 20.0
+NVLINK_BAND = 44.0
+"""Height of the band of NVLink switches above the hosts (boxes, then room for GPU links to fan out)."""
+NVLINK_BOX = (64.0, 16.0)
 PART_ROWS = {"pcie": 1, "socket": 2, "nic": 2}
 """Row inside a host (0 is the GPUs) for each other kind of part."""
 DETAIL_MAX_GPUS = 64
@@ -71,6 +77,8 @@ class Layout:
 
     leaves: dict[str, Box] = field(default_factory=dict)
     """Leaf name (or "" for hosts under no switch) -> its bar."""
+    nvswitches: dict[str, Box] = field(default_factory=dict)
+    """NVLink switch -> its box in the band above the hosts (empty without NVLink switches)."""
     leaf_hosts: dict[str, list[str]] = field(default_factory=dict)
     hosts: dict[str, Box] = field(default_factory=dict)
     points: dict[str, tuple[float, float]] = field(default_factory=dict)
@@ -108,7 +116,8 @@ def layout(topo: Topology) -> Layout:
     cols = max(4, max((len(topo.gpus(h)) for h in topo.hosts), default=1))
     cols = min(cols, 8)
     host_w = 2 * PAD + cols * PITCH
-    y = MARGIN
+    nvswitches = _nvlink_domains(topo)
+    y = MARGIN + (NVLINK_BAND if nvswitches else 0.0)
     for leaf in sorted(groups, key=natural_key):
         hosts = sorted(groups[leaf], key=natural_key)
         out.leaf_hosts[leaf] = hosts
@@ -122,6 +131,15 @@ def layout(topo: Topology) -> Layout:
         out.leaves[leaf] = Box(MARGIN, y, bar_w, LEAF_BAR)
         y += LEAF_BAR + LEAF_GAP
     right = max((b.x + b.w for b in out.leaves.values()), default=MARGIN)
+    box_w, box_h = NVLINK_BOX
+    x = MARGIN
+    for domain in nvswitches:
+        for sw in domain:
+            out.nvswitches[sw] = Box(x, MARGIN, box_w, box_h)
+            out.points[sw] = (x + box_w / 2, MARGIN + box_h)
+            x += box_w + 6
+        x += ROW_GAP
+    right = max(right, x - ROW_GAP - 6)
     spines = sorted(topo.nodes_of_kind("spine"), key=natural_key)
     for i, s in enumerate(spines):
         out.points[s] = (right + 90, MARGIN + (y - MARGIN) * (i + 1) / (len(spines) + 1))
@@ -132,6 +150,15 @@ def layout(topo: Topology) -> Layout:
         # Real link speeds sit within a few x of each other; a 100x jump marks the stand-ins above it.
         out.bw_cap = next((b for a, b in zip(speeds, speeds[1:]) if b >= UNBOUNDED * a), math.inf)
     return out
+
+
+def _nvlink_domains(topo: Topology) -> list[list[str]]:
+    """NVLink switches grouped by the hosts they link (one NVLink domain a group), in name order."""
+    by_hosts: dict[frozenset, list[str]] = {}
+    for s in sorted(topo.nodes_of_kind(NVLINK_KIND), key=natural_key):
+        hosts = frozenset(topo.graph.nodes[v].get("host") for v in topo.graph.neighbors(s))
+        by_hosts.setdefault(hosts, []).append(s)
+    return list(by_hosts.values())
 
 
 def _place_parts(topo: Topology, host: str, box: Box, cols: int, points: dict[str, tuple[float, float]]) -> None:
@@ -145,6 +172,10 @@ def _place_parts(topo: Topology, host: str, box: Box, cols: int, points: dict[st
     for n, data in topo.graph.nodes(data=True):
         if data.get("host") == host and data["kind"] != "gpu":
             parts.setdefault(PART_ROWS.get(data["kind"], 2), []).append(n)
+    room = int((box.w - 2 * PAD - 16) // 22) + 1
+    if len(parts.get(2, [])) > room:  # NICs beside the sockets would not fit: a row of their own
+        parts[3] = [n for n in parts[2] if topo.kind(n) == "nic"]
+        parts[2] = [n for n in parts[2] if topo.kind(n) != "nic"]
     for row in sorted(parts):
         nodes = sorted(parts[row], key=lambda n: (topo.kind(n) == "nic", topo.graph.nodes[n].get("index", 0), n))
         y = base + (row - 0.5) * 16
@@ -180,6 +211,12 @@ def uplink_route(lay: Layout, host: str, part: str, switch: str) -> list[tuple[f
     so no uplink crosses a host below it."""
     x, y = lay.points[part]
     box = lay.hosts[host]
+    if switch in lay.nvswitches:  # up to the NVLink band, by the gap left of the host past any host above
+        top = lay.nvswitches[switch].y + lay.nvswitches[switch].h
+        if box.y - top <= NVLINK_BAND:
+            return [(x, y), (x, box.y - 3), lay.points[switch]]
+        gx = box.x - ROW_GAP / 2
+        return [(x, y), (x, box.y - 3), (gx, box.y - 3), (gx, top + 6), lay.points[switch]]
     bar = lay.leaves.get(switch)
     if bar is None:
         return [(x, y), lay.points.get(switch, (x, box.y + box.h + ROW_GAP))]
