@@ -112,18 +112,18 @@ def one_run(configs: list[tuple[int, int, int]], args: argparse.Namespace) -> li
 
     rows, pairs = [], {}
     for c in sorted({c for c, _, _ in configs}):
-        overhead = None
         for seq, u in [(s, u) for cc, s, u in configs if cc == c]:
             t0 = time.perf_counter()
             # Calibrate for this stage (its tokens per rank set the blocks), then run it: a pair, back to back.
             cal = calibrate(c, seq // c, args.repeats, step_overhead=args.deepspeed_overhead)
             if not args.deepspeed_overhead:
-                if overhead is None:
-                    # The fixed cost of a step as the trainer pays it (data, loss, ZeRO, optimizer, metrics): the
-                    # real stage at 32 tokens per rank, less what the model prices on its own at that size.
-                    _, cfg, plan, steps = measure(c, 32 * c, 1, args.steps, keep_all=True)
-                    overhead = overhead_figure(steps, cfg, plan, cal, f"stage at {32 * c} tokens on {c} rank(s)")
-                cal = replace(cal, step_overhead_s=overhead)
+                # The fixed cost of a step as the trainer pays it (data, loss, ZeRO, optimizer, metrics): the
+                # real stage at 32 tokens per rank, less what the model prices on its own at that size. Taken
+                # for every stage, right before it: on C ranks sharing 2 cores it is most of a step, and
+                # it moves with the machine's load.
+                _, cfg, plan, steps = measure(c, 32 * c, 1, args.steps, keep_all=True)
+                cal = replace(cal, step_overhead_s=overhead_figure(steps, cfg, plan, cal,
+                                                                   f"stage at {32 * c} tokens on {c} rank(s)"))
             print(summary(cal), flush=True)
             if args.save_dir:
                 Path(args.save_dir).mkdir(parents=True, exist_ok=True)

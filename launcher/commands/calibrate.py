@@ -161,9 +161,9 @@ def build(results: list[dict[str, Any]], source: str, device: str, meta: dict[st
     how = f"measured on {meta['ranks']} rank(s), all at once"
     one = Figure(1.0, 1.0, 1.0, "measured hop rates are used as caps instead")
     gemm = (figure(pooled("dense"), f"{how}: the model without attention, forward and backward through the loss, "
-                                    f"at {meta['tokens_per_rank']} tokens, counted as 6 x params x tokens")
-            or figure(pooled("gemm"), f"{how}: one layer's matmuls at {meta['tokens_per_rank']} tokens"))
-    bus = figure(pooled("bus"), f"{how}: all-reduce and reduce-scatter of 16 MiB, bus bandwidth (NCCL tests' busbw)")
+                                    f"at {meta['tokens_per_rank']} tokens, counted as 6 x params x tokens", "rate")
+            or figure(pooled("gemm"), f"{how}: one layer's matmuls at {meta['tokens_per_rank']} tokens", "rate"))
+    bus = figure(pooled("bus"), f"{how}: all-reduce and reduce-scatter of 16 MiB, bus bandwidth (NCCL tests' busbw)", "rate")
     # The DeepSpeed step also moves the ZeRO-3 traffic and computes 16 tokens; the model prices both on
     # their own (bus bandwidth, GEMM rate), so only what is left is the fixed cost of a step.
     ranks, params = meta["ranks"], meta.get("params", 0)
@@ -174,19 +174,21 @@ def build(results: list[dict[str, Any]], source: str, device: str, meta: dict[st
     return Calibration(
         source=source, device=device,
         gemm_tflops=gemm,
-        attn_fwd_tflops=figure(pooled("attn_fwd"), f"{how}: ring attention block kernel forward"),
-        attn_bwd_tflops=figure(pooled("attn_bwd"), f"{how}: ring attention block kernel backward"),
-        attn_causal_fwd_tflops=figure(pooled("attn_causal_fwd"), f"{how}: causal (step 0) block kernel forward"),
-        attn_causal_bwd_tflops=figure(pooled("attn_causal_bwd"), f"{how}: causal (step 0) block kernel backward"),
+        attn_fwd_tflops=figure(pooled("attn_fwd"), f"{how}: ring attention block kernel forward", "rate"),
+        attn_bwd_tflops=figure(pooled("attn_bwd"), f"{how}: ring attention block kernel backward", "rate"),
+        attn_causal_fwd_tflops=figure(pooled("attn_causal_fwd"), f"{how}: causal (step 0) block kernel forward", "rate"),
+        attn_causal_bwd_tflops=figure(pooled("attn_causal_bwd"), f"{how}: causal (step 0) block kernel backward", "rate"),
         network_efficiency=one,
         bus_efficiency=one,
         bus_gbps=bus,
         step_overhead_s=figure(steps, f"{how}: DeepSpeed ZeRO-3 step of the model on 16 tokens, "
-                                      f"less its {priced * 1e3:.3g} ms of priced compute and ZeRO traffic"),
-        p2p_latency_s=figure(pooled("p2p_latency"), f"{how}: one ring exchange of 64 bytes, 50 in a row"),
-        a2a_latency_s=figure(pooled("a2a_latency"), f"{how}: one all-to-all of 64 bytes per peer, 50 in a row"),
-        inter_host_gbps=figure(pooled("inter"), f"{how}: every ring hop sending at once, host to host"),
-        intra_host_gbps=figure(pooled("intra"), f"{how}: every ring hop sending at once, inside a host"),
+                                      f"less its {priced * 1e3:.3g} ms of priced compute and ZeRO traffic", "seconds"),
+        p2p_latency_s=figure(pooled("p2p_latency"), f"{how}: one ring exchange of 64 bytes, 50 in a row", "seconds"),
+        a2a_latency_s=figure(pooled("a2a_latency"), f"{how}: one all-to-all of 64 bytes per peer, 50 in a row", "seconds"),
+        inter_host_gbps=figure(pooled("inter"), f"{how}: every ring hop sending at once, host to host, "
+                                          "bytes over time beyond a 64-byte hop's", "rate"),
+        intra_host_gbps=figure(pooled("intra"), f"{how}: every ring hop sending at once, inside a host, "
+                                          "bytes over time beyond a 64-byte hop's", "rate"),
         overlap=figure(pooled("overlap"), f"{how}: block kernel and K/V transfer timed apart and together"),
         meta=meta,
     )
