@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     from launcher.estimate.fit import overhead_figure
 
     c, seq, u, skip = args.ranks, args.seq_len, args.ulysses, 2
-    cal = calibrate(c, seq // c, args.repeats, step_overhead=False)
+    cal = calibrate(c, seq // c, args.repeats, step_overhead=False, ulysses=u)
     _, small_cfg, small_plan, small = measure(c, 32 * c, 1, args.steps, keep_all=True)
     cal = replace(cal, step_overhead_s=overhead_figure(small, small_cfg, small_plan, cal, "small stage"))
     with tempfile.TemporaryDirectory(prefix="breakdown-") as tmp:
