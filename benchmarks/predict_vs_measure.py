@@ -8,7 +8,7 @@ For each configuration the benchmark starts C gloo ranks once, and on them,
 back to back: calibrates (``launcher.commands.calibrate.measure_rank``: the
 model's dense work, the full and the causal ring attention block kernels at
 the block a ring step computes, ring hops with every hop busy, ring exchange
-and all-to-all latency, bus bandwidth), runs the stage at 32 tokens per rank,
+and all-to-all latency, bus bandwidth), runs the stage's layout at 32 tokens per rank,
 then runs the stage itself (``trainer.stage.run_stage``, as tests/stage_helpers
 does). So the calibration and the check see the machine's load of the same
 minute. The fixed cost of a step is the small stage's measured step less
@@ -137,12 +137,19 @@ def measure(c: int, seq: int, ulysses: int, steps: int, keep_all: bool = False) 
     return (statistics.median(times), cfg, plan) + ((times,) if keep_all else ())
 
 
+def steps_for(tokens_per_rank: int, steps: int) -> int:
+    """Optimizer steps of a stage at ``tokens_per_rank``: ``steps``, more for small stages (up to 30), so that
+    each stage is timed over about as long a stretch as the larger ones and one burst of load elsewhere on
+    the machine weighs no more in it."""
+    return min(30, max(steps, -(-steps * 512 // tokens_per_rank)))
+
+
 def pair(c: int, seq: int, u: int, args: argparse.Namespace) -> tuple:
     """Calibrate for one stage and run it, back to back on the same C gloo ranks; (calibration, StageConfig, Plan, measured).
 
     The ranks calibrate at the stage's tokens per rank and Ulysses degree, then run
-    the stage at 32 tokens per rank (the fixed cost of a step as the trainer pays
-    it: data, loss, ZeRO, optimizer, metrics, less what the model prices on its
+    the stage's layout at 32 tokens per rank (the fixed cost of a step as the trainer
+    pays it: data, loss, ZeRO, optimizer, metrics, less what the model prices on its
     own at that size), then the stage itself. One start-up for all three, so the
     calibration and the check see the machine's load of the same minute.
     """
@@ -154,15 +161,15 @@ def pair(c: int, seq: int, u: int, args: argparse.Namespace) -> tuple:
 
     spec, meta = _spec(c, seq // c, args.repeats, args.deepspeed_overhead, u)
     with tempfile.TemporaryDirectory(prefix="pvm-") as tmp:
-        small = _stage(Path(tmp), c, 32 * c, 1, args.steps, "small")
-        stage = _stage(Path(tmp), c, seq, u, args.steps, "stage")
+        small = _stage(Path(tmp), c, 32 * c, u, steps_for(32, args.steps), "small")
+        stage = _stage(Path(tmp), c, seq, u, steps_for(seq // c, args.steps), "stage")
         stages = [stage] if args.deepspeed_overhead else [small, stage]
         out = run_distributed(_pair_rank, c, spec, [(cfg.to_dict(), plan.to_dict()) for cfg, plan in stages], timeout=1200)
     cal = _build([samples for samples, _ in out], c, meta)
     stamps = out[0][1]
     if not args.deepspeed_overhead:
         cal = replace(cal, step_overhead_s=overhead_figure(_steps(stamps[0]), *small, cal,
-                                                           f"stage at {32 * c} tokens on {c} rank(s)"))
+                                                           f"stage at {32 * c} tokens on {c} rank(s), ulysses {u}"))
     return cal, stage[0], stage[1], statistics.median(_steps(stamps[-1]))
 
 
@@ -206,7 +213,8 @@ def table(rows: list[tuple], pairs: dict[int, float], title: str) -> float:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="three configurations instead of all")
-    parser.add_argument("--steps", type=int, default=8, help="optimizer steps per stage (the first two are not timed)")
+    parser.add_argument("--steps", type=int, default=8,
+                        help="optimizer steps per stage, more below 512 tokens per rank (the first two are not timed)")
     parser.add_argument("--repeats", type=int, default=5, help="repeats of each calibration measurement")
     parser.add_argument("--runs", type=int, default=1, help="consecutive runs, each calibrating afresh")
     parser.add_argument("--neighbour", action="store_true", help="run beside a CPU-bound process (`while 1: pass`)")
