@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from dist_utils import run_distributed
-    from predict_vs_measure import MODEL, calibrate, measure
+    from predict_vs_measure import MODEL, calibrate, measure, steps_for
     from stage_helpers import plan_for, stage_config
 
     from launcher.commands.calibrate import summary
@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
 
     c, seq, u, skip = args.ranks, args.seq_len, args.ulysses, 2
     cal = calibrate(c, seq // c, args.repeats, step_overhead=False, ulysses=u)
-    _, small_cfg, small_plan, small = measure(c, 32 * c, 1, args.steps, keep_all=True)
+    _, small_cfg, small_plan, small = measure(c, 32 * c, u, steps_for(32, args.steps), keep_all=True)
     cal = replace(cal, step_overhead_s=overhead_figure(small, small_cfg, small_plan, cal, "small stage"))
     with tempfile.TemporaryDirectory(prefix="breakdown-") as tmp:
         cfg = stage_config(Path(tmp), seq_len=seq, gpus=c, batch=1, steps=args.steps, ulysses=u, model=MODEL)
