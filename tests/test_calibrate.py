@@ -66,3 +66,36 @@ def test_from_run_fits_a_finished_stage_within_25_percent(tmp_path, capsys):
     assert main(["calibrate", "--from-run", str(tmp_path / "nothing-here"), "-o", str(out)]) == 2
     err = capsys.readouterr().err.strip()
     assert "holds no finished stage" in err and "\n" not in err
+
+
+def test_rates_are_total_work_over_total_time_and_seconds_their_mean():
+    from launcher.estimate.measure import figure
+
+    # Three samples at full speed and one stalled for a scheduler slice: the median reads the full speed,
+    # four equal pieces of work really took 3 x 1 + 10 time units.
+    rate = figure([1.0, 1.0, 1.0, 0.1], "test", "rate")
+    assert rate.value == pytest.approx(4 / 13) and rate.low <= rate.value <= rate.high
+    seconds = figure([1.0, 1.0, 1.0, 10.0], "test", "seconds")
+    assert seconds.value == pytest.approx(13 / 4) and seconds.low <= seconds.value <= seconds.high
+    assert figure([1.0, 1.0, 1.0, 10.0], "test").value == 1.0
+    assert figure([], "test", "rate") is None
+
+
+def _hop_rank(rank, world, nbytes):
+    import torch
+
+    from launcher.estimate.measure import ring_hops
+    from topology import bandwidth
+
+    whole = bandwidth.ring_step_seconds(list(range(world)), nbytes, 5, torch.device("cpu"))
+    return ring_hops(["local"] * world, nbytes, 5, torch.device("cpu")), nbytes / statistics.mean(whole) / 1e9
+
+
+def test_ring_hop_rate_leaves_out_the_exchange_fixed_cost():
+    from dist_utils import run_distributed
+
+    # A K/V-sized hop of 64 KiB timed whole reads mostly the exchange's fixed cost, which the model prices apart
+    # (per exchange); the hop's rate is what further bytes cost.
+    for hops, whole in run_distributed(_hop_rank, 2, 64 << 10, timeout=120):
+        assert set(hops) == {"intra"} and hops["intra"], hops
+        assert statistics.mean(hops["intra"]) > whole > 0

@@ -92,6 +92,11 @@ def shapes(recipe_path: str, stage_name: str | None) -> tuple[Any, Any, int, dic
     return shape, stage, stage.seq_len // cp, asdict(recipe.model)
 
 
+def ulysses_of(stage: Any) -> int:
+    """The stage's Ulysses degree (1 while it is still ``auto``)."""
+    return stage.ulysses if isinstance(stage.ulysses, int) else 1
+
+
 def calibrate_live(args: argparse.Namespace) -> Any:
     import ray
 
@@ -111,14 +116,15 @@ def calibrate_live(args: argparse.Namespace) -> Any:
         gpus = int(ray.cluster_resources().get("GPU", 0))
         ranks = gpus if gpus else (args.ranks or stage.gpus)
         cluster = "local Ray" if not target else target
-        return measure_on_ray(shape, tokens, ranks, use_gpus=bool(gpus), repeats=args.repeats, cluster=cluster, model_cfg=model_cfg)
+        return measure_on_ray(shape, tokens, ranks, use_gpus=bool(gpus), repeats=args.repeats, cluster=cluster, model_cfg=model_cfg,
+                              ulysses=ulysses_of(stage))
     finally:
         if started:
             ray.shutdown()
 
 
 def measure_on_ray(shape: Any, tokens: int, ranks: int, use_gpus: bool, repeats: int, cluster: str,
-                   model_cfg: dict[str, Any] | None = None, timeout_s: float = 600.0) -> Any:
+                   model_cfg: dict[str, Any] | None = None, timeout_s: float = 600.0, ulysses: int = 1) -> Any:
     """Start ``ranks`` actors, join them in one group ordered by host, measure, and build a Calibration."""
     import ray
 
@@ -137,7 +143,7 @@ def measure_on_ray(shape: Any, tokens: int, ranks: int, use_gpus: bool, repeats:
              "joining the calibration group")
         spec = {"tokens": tokens, "hidden": shape.hidden, "intermediate": getattr(shape, "intermediate", 4 * shape.hidden),
                 "n_q": shape.n_q_heads, "n_kv": shape.n_kv_heads, "head_dim": shape.head_dim, "layers": shape.layers,
-                "hosts": hosts, "repeats": repeats, "model": model_cfg, "params": shape.params}
+                "hosts": hosts, "repeats": repeats, "model": model_cfg, "params": shape.params, "ulysses": ulysses}
         results = _get([a.measure.remote(spec) for a in actors], timeout_s, "measuring")
         _get([a.leave.remote() for a in actors], timeout_s, "leaving the group")
     finally:
@@ -146,7 +152,7 @@ def measure_on_ray(shape: Any, tokens: int, ranks: int, use_gpus: bool, repeats:
     device = infos[0]["device"]
     when = datetime.now(timezone.utc).isoformat(timespec="seconds")
     meta = {"ranks": ranks, "hosts": len(set(hosts)), "tokens_per_rank": tokens, "model": shape.name, "backend": backend,
-            "repeats": repeats, "params": shape.params}
+            "repeats": repeats, "params": shape.params, "ulysses": ulysses}
     return build(results, f"calibrated on {cluster} at {when}", device, meta)
 
 
@@ -161,9 +167,9 @@ def build(results: list[dict[str, Any]], source: str, device: str, meta: dict[st
     how = f"measured on {meta['ranks']} rank(s), all at once"
     one = Figure(1.0, 1.0, 1.0, "measured hop rates are used as caps instead")
     gemm = (figure(pooled("dense"), f"{how}: the model without attention, forward and backward through the loss, "
-                                    f"at {meta['tokens_per_rank']} tokens, counted as 6 x params x tokens")
-            or figure(pooled("gemm"), f"{how}: one layer's matmuls at {meta['tokens_per_rank']} tokens"))
-    bus = figure(pooled("bus"), f"{how}: all-reduce and reduce-scatter of 16 MiB, bus bandwidth (NCCL tests' busbw)")
+                                    f"at {meta['tokens_per_rank']} tokens, counted as 6 x params x tokens", "rate")
+            or figure(pooled("gemm"), f"{how}: one layer's matmuls at {meta['tokens_per_rank']} tokens", "rate"))
+    bus = figure(pooled("bus"), f"{how}: all-reduce and reduce-scatter of 16 MiB, bus bandwidth (NCCL tests' busbw)", "rate")
     # The DeepSpeed step also moves the ZeRO-3 traffic and computes 16 tokens; the model prices both on
     # their own (bus bandwidth, GEMM rate), so only what is left is the fixed cost of a step.
     ranks, params = meta["ranks"], meta.get("params", 0)
@@ -174,19 +180,21 @@ def build(results: list[dict[str, Any]], source: str, device: str, meta: dict[st
     return Calibration(
         source=source, device=device,
         gemm_tflops=gemm,
-        attn_fwd_tflops=figure(pooled("attn_fwd"), f"{how}: ring attention block kernel forward"),
-        attn_bwd_tflops=figure(pooled("attn_bwd"), f"{how}: ring attention block kernel backward"),
-        attn_causal_fwd_tflops=figure(pooled("attn_causal_fwd"), f"{how}: causal (step 0) block kernel forward"),
-        attn_causal_bwd_tflops=figure(pooled("attn_causal_bwd"), f"{how}: causal (step 0) block kernel backward"),
+        attn_fwd_tflops=figure(pooled("attn_fwd"), f"{how}: ring attention block kernel forward", "rate"),
+        attn_bwd_tflops=figure(pooled("attn_bwd"), f"{how}: ring attention block kernel backward", "rate"),
+        attn_causal_fwd_tflops=figure(pooled("attn_causal_fwd"), f"{how}: causal (step 0) block kernel forward", "rate"),
+        attn_causal_bwd_tflops=figure(pooled("attn_causal_bwd"), f"{how}: causal (step 0) block kernel backward", "rate"),
         network_efficiency=one,
         bus_efficiency=one,
         bus_gbps=bus,
         step_overhead_s=figure(steps, f"{how}: DeepSpeed ZeRO-3 step of the model on 16 tokens, "
-                                      f"less its {priced * 1e3:.3g} ms of priced compute and ZeRO traffic"),
-        p2p_latency_s=figure(pooled("p2p_latency"), f"{how}: one ring exchange of 64 bytes, 50 in a row"),
-        a2a_latency_s=figure(pooled("a2a_latency"), f"{how}: one all-to-all of 64 bytes per peer, 50 in a row"),
-        inter_host_gbps=figure(pooled("inter"), f"{how}: every ring hop sending at once, host to host"),
-        intra_host_gbps=figure(pooled("intra"), f"{how}: every ring hop sending at once, inside a host"),
+                                      f"less its {priced * 1e3:.3g} ms of priced compute and ZeRO traffic", "seconds"),
+        p2p_latency_s=figure(pooled("p2p_latency"), f"{how}: one ring exchange of 64 bytes, 50 in a row", "seconds"),
+        a2a_latency_s=figure(pooled("a2a_latency"), f"{how}: one all-to-all of 64 bytes per peer, 50 in a row", "seconds"),
+        inter_host_gbps=figure(pooled("inter"), f"{how}: every ring hop sending at once, host to host, "
+                                          "bytes over time beyond a 64-byte hop's", "rate"),
+        intra_host_gbps=figure(pooled("intra"), f"{how}: every ring hop sending at once, inside a host, "
+                                          "bytes over time beyond a 64-byte hop's", "rate"),
         overlap=figure(pooled("overlap"), f"{how}: block kernel and K/V transfer timed apart and together"),
         meta=meta,
     )
@@ -206,13 +214,16 @@ def measure_rank(spec: dict[str, Any], device: Any) -> dict[str, list[float]]:
         out["dense"] = measure.dense_tflops(spec["model"], spec["params"], spec["tokens"], device, dtype, reps)
     else:
         out["gemm"] = measure.gemm_tflops(spec["tokens"], spec["hidden"], spec["intermediate"], device, dtype, reps)
-    block = max(16, spec["tokens"])
-    out["attn_fwd"], out["attn_bwd"] = measure.attention_tflops(block, spec["n_q"], spec["n_kv"], spec["head_dim"], device, dtype, reps)
+    # The block one ring step computes: after a Ulysses exchange over U ranks a rank holds U x its tokens of
+    # 1/U of the heads (KV heads repeated when U exceeds them), as ``StepModel`` prices it.
+    u = spec.get("ulysses", 1)
+    block, n_q, n_kv = max(16, spec["tokens"] * u), max(1, spec["n_q"] // u), -(-spec["n_kv"] // u)
+    out["attn_fwd"], out["attn_bwd"] = measure.attention_tflops(block, n_q, n_kv, spec["head_dim"], device, dtype, reps)
     out["attn_causal_fwd"], out["attn_causal_bwd"] = measure.attention_tflops(
-        block, spec["n_q"], spec["n_kv"], spec["head_dim"], device, dtype, reps, causal=True)
-    kv_bytes = 2 * spec["tokens"] * spec["n_kv"] * spec["head_dim"] * (2 if device.type == "cuda" else 4)
+        block, n_q, n_kv, spec["head_dim"], device, dtype, reps, causal=True)
+    kv_bytes = 2 * block * n_kv * spec["head_dim"] * (2 if device.type == "cuda" else 4)
     out.update(measure.ring_hops(spec["hosts"], kv_bytes, reps, device))
-    out["overlap"] = measure.overlap_fraction(block, spec["n_q"], spec["n_kv"], spec["head_dim"], kv_bytes, device, dtype, reps)
+    out["overlap"] = measure.overlap_fraction(block, n_q, n_kv, spec["head_dim"], kv_bytes, device, dtype, reps)
     if dist.get_world_size() > 1:
         out["p2p_latency"] = measure.exchange_seconds(64, reps, device)
         out["a2a_latency"] = measure.all_to_all_seconds(64 * dist.get_world_size(), reps, device)

@@ -114,7 +114,8 @@ def dense_tflops(model_cfg: dict[str, Any], params: int, tokens: int, device: to
         return run
 
     small = min(SMALL_TOKENS, tokens // 2)
-    fixed = median(_timed(step(small), repeats, device, LOCAL_SECONDS / 2))
+    small_s = _timed(step(small), repeats, device, LOCAL_SECONDS / 2)
+    fixed = sum(small_s) / len(small_s)  # the expected cost, stalls included (see ``figure``)
     timed = _timed(step(tokens), repeats, device, LOCAL_SECONDS)
     return [6 * params * (tokens - small) / (s - fixed) / 1e12 for s in timed if s > fixed]
 
@@ -146,17 +147,31 @@ def attention_tflops(block: int, n_q: int, n_kv: int, head_dim: int, device: tor
     return [flops / s / 1e12 for s in fwd], [2.5 * flops / s / 1e12 for s in bwd]
 
 
-def ring_hops(hosts: list[str], nbytes: int, steps: int, device: torch.device) -> dict[str, list[float]]:
-    """GB/s of this rank's incoming hop with all ranks in one ring sending at once, keyed ``intra``/``inter``.
+HOP_MIN_BYTES = 4 << 20
+"""Ring hops are timed with at least this many bytes: smaller transfers time mostly the exchange's fixed cost."""
 
-    ``hosts`` is every rank's host, rank order; the ring is rank order.
+
+def ring_hops(hosts: list[str], nbytes: int, steps: int, device: torch.device) -> dict[str, list[float]]:
+    """Marginal GB/s of this rank's incoming hop with all ranks in one ring sending at once, keyed ``intra``/``inter``.
+
+    ``hosts`` is every rank's host, rank order; the ring is rank order. Each
+    hop is timed with ``max(nbytes, HOP_MIN_BYTES)`` bytes and with 64 bytes,
+    the same way (``topology.bandwidth.ring_step_seconds``), and the rate is
+    the extra bytes over the extra time: what one more byte costs. The cost
+    model prices the fixed part of every exchange apart (``p2p_latency_s``,
+    once per exchange), so a rate that kept it would count it twice: on 4
+    gloo ranks sharing 2 cores a 64 KiB hop "ran at" 0.014 GB/s, nearly all
+    of it the exchange's fixed cost.
     """
     world, me = dist.get_world_size(), dist.get_rank()
     if world < 2:
         return {}
-    seconds = bandwidth.ring_step_seconds(list(range(world)), nbytes, steps, device)
+    ring, size, steps = list(range(world)), max(nbytes, HOP_MIN_BYTES), max(steps, 5)
+    base = bandwidth.ring_step_seconds(ring, 64, steps, device)
+    seconds = bandwidth.ring_step_seconds(ring, size, steps, device)
+    fixed = sum(base) / len(base)
     kind = "intra" if hosts[(me - 1) % world] == hosts[me] else "inter"
-    return {kind: [nbytes / s / 1e9 for s in seconds]}
+    return {kind: [(size - 64) / (s - fixed) / 1e9 for s in seconds if s > fixed]}
 
 
 def overlap_fraction(block: int, n_q: int, n_kv: int, head_dim: int, nbytes: int, device: torch.device, dtype: torch.dtype,
@@ -317,10 +332,28 @@ def step_overhead_s(hidden: int, layers: int, device: torch.device, zero_stage: 
         engine.destroy()
 
 
-def figure(samples: list[float], source: str) -> Figure | None:
-    """Median with the 10th-90th percentile range of ``samples``; None when there are none."""
+def figure(samples: list[float], source: str, kind: str = "median") -> Figure | None:
+    """A figure of ``samples`` with their 10th-90th percentile range; None when there are none.
+
+    ``kind`` says what the expected value is. ``"rate"``: samples are rates of
+    equal work, and the expected rate is their harmonic mean, the total work
+    over the total time. ``"seconds"``: the arithmetic mean, the expected
+    time. ``"median"``: the median. A rank that shares its core with others
+    (more ranks than cores, or a neighbour process) runs most short samples
+    at full speed and a few stalled for a whole scheduler time slice; the
+    median then reads the unshared speed, while a step, long enough to meet
+    its share of the stalls, runs at the mean one.
+    """
     if not samples:
         return None
     s = sorted(samples)
     pick = lambda q: s[min(len(s) - 1, max(0, round(q * (len(s) - 1))))]  # noqa: E731
-    return Figure(median(s), pick(0.1), pick(0.9), source)
+    if kind == "rate":
+        value = len(s) / sum(1.0 / v for v in s) if all(v > 0 for v in s) else median(s)
+    elif kind == "seconds":
+        value = sum(s) / len(s)
+    elif kind == "median":
+        value = median(s)
+    else:
+        raise ValueError(kind)
+    return Figure(value, min(pick(0.1), value), max(pick(0.9), value), source)
