@@ -103,12 +103,14 @@ def test_ulysses_auto_splits_a_communication_bound_ring():
 
     first, second = plan_recipe(recipe(short_rings), "g6e-4x")
     assert first.size.ulysses == 1 and "hides behind compute" in first.size.reasons[-1]
-    topo = load_topology("g6e-4x")
-    steps = {u: make_plan(topo, 32, 32, ulysses=u, seq_len=65536).cost for u in (1, 2, 4, 8)}
-    assert not steps[1]["hidden"]
-    best = min(steps, key=lambda u: steps[u]["step_time_s"])
+    # Every degree the sizing tried, with its plan's step time: the fastest is chosen, and it is not the plain ring.
+    steps = {int(u): float(s) for u, s in re.findall(r"ulysses (\d+): ([\d.]+) s", second.size.reasons[-1])}
+    assert set(steps) == {1, 2, 4, 8}
+    best = min(steps, key=steps.get)
     assert best > 1 and second.size.ulysses == best and second.size.plan.ulysses == best
+    assert second.size.plan.cost["step_time_s"] == pytest.approx(steps[best], abs=0.006)
     assert f"ulysses {best} x ring {32 // best}: the ring of 32 is communication-bound" in second.size.reasons[-1]
+    assert not make_plan(load_topology("g6e-4x"), 32, 32, ulysses=1, seq_len=65536).cost["hidden"]
     fixed = plan_recipe(recipe(lambda st: (short_rings(st), st[1].update(ulysses=1))), "g6e-4x")[1]
     assert any("not hidden behind compute" in w and "ulysses: auto" in w for w in fixed.size.warnings)
     assert not fixed.size.problems

@@ -47,7 +47,12 @@ EXACT_HOSTS, EXACT_GPUS = 8, 32
 EXACT_NODES = 80_000
 """Exact search of a larger problem stops after visiting this many partial orders (about 5 s on one core)
 when its pool has at most ``EXACT_GPUS`` GPUs; a larger pool, whose nodes cost more, gets ``(EXACT_GPUS / pool)^2``
-of it. Unproven, the best order stands and the plan states its gap to the bound."""
+of it, and an order with more than ``EXACT_FLOWS`` flows to price gets proportionally fewer. Unproven, the
+best order stands and the plan states its gap to the bound."""
+EXACT_FLOWS = 3 * EXACT_GPUS
+"""Flows of a 32-GPU plan with Ulysses pairs (ring hops, all-to-all pairs, gradient ring): pricing a partial order
+costs about in proportion to its flows, so plans with more (Ulysses 4 or 8) get proportionally fewer nodes and every
+exact search stays near ``EXACT_NODES``' time."""
 SEARCH_BUDGET_S = 2.0
 """Most wall-clock seconds the local search takes by default: a safety net, above what its move count needs."""
 SIDEWAYS = 200
@@ -128,7 +133,8 @@ def optimise(sm: StepModel, candidates: dict[str, list[str]], pool: list[str], b
     classes = twin_classes(sm, pool)
     few = count_orders(classes, sm.world, EXACT_ORDERS) <= EXACT_ORDERS
     hosts = {sm.topo.host_of(g) for g in pool}
-    cap = math.inf if few else int(EXACT_NODES * min(1.0, EXACT_GPUS / len(pool)) ** 2)
+    flows = len(sm.hops) + len(sm.a2a_pairs) + sm.world  # ring hops, all-to-all pairs, the gradient ring
+    cap = math.inf if few else int(EXACT_NODES * min(1.0, EXACT_GPUS / len(pool)) ** 2 * min(1.0, EXACT_FLOWS / flows))
     exact = few or ((len(hosts) <= EXACT_HOSTS or sm.world <= EXACT_GPUS) and cap > 0)
     if not few:
         # Before an exact search, local search only sets its first incumbent: a quarter of the moves does.
