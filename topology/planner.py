@@ -258,19 +258,8 @@ def whole_host_order(req: PlanRequest) -> list[str] | None:
         return None
     sizes = {h: req.gpu_count(h) for h in req.hosts}
     hosts = _choose_hosts(req, {h: n for h, n in sizes.items() if n <= req.cp} | {h: 0 for h, n in sizes.items() if n > req.cp}, 1)
-    bins: list[list[str]] = []
-    room: list[int] = []
-    for h in hosts + [h for h in req.hosts if h not in set(hosts) and 0 < sizes[h] <= req.cp]:
-        fit = next((i for i in range(len(bins) - 1, -1, -1) if room[i] >= sizes[h]), None)
-        if fit is None:
-            bins.append([])
-            room.append(req.cp)
-            fit = len(bins) - 1
-        bins[fit].append(h)
-        room[fit] -= sizes[h]
-        if sum(r == 0 for r in room) >= req.gpus // req.cp:
-            break
-    full = [b for b, r in zip(bins, room) if r == 0][: req.gpus // req.cp]
+    candidates = hosts + [h for h in req.hosts if h not in set(hosts) and 0 < sizes[h] <= req.cp]
+    full = _pack_rings(candidates, sizes, req.cp, newest_first=True, enough=req.gpus // req.cp)[: req.gpus // req.cp]
     if len(full) < req.gpus // req.cp:
         return None
     return [g for ring in full for g in _gpu_sequence(req, ring)]
@@ -301,22 +290,37 @@ def grouped_ring_orders(req: PlanRequest) -> dict[str, list[str]]:
             continue  # one group, or groups that rings divide: the other constructions keep rings inside them
         rings: list[list[str]] = []
         for _, members in sorted(groups.items(), key=lambda kv: (-min(headroom[h] for h in kv[1]), kv[0])):
-            bins: list[list[str]] = []
-            room: list[int] = []
-            for h in sorted(members, key=lambda h: -sizes[h]):
-                fit = next((i for i, r in enumerate(room) if r >= sizes[h]), None)
-                if fit is None:
-                    bins.append([])
-                    room.append(req.cp)
-                    fit = len(bins) - 1
-                bins[fit].append(h)
-                room[fit] -= sizes[h]
-            rings.extend(b for b, r in zip(bins, room) if r == 0)
+            rings.extend(_pack_rings(sorted(members, key=lambda h: -sizes[h]), sizes, req.cp))
         if len(rings) >= req.gpus // req.cp:
             order = [g for ring in rings[:req.gpus // req.cp] for g in _gpu_sequence(req, _cycle(req.topo, ring))]
             if order not in out.values():
                 out[f"rings packed inside groups of depth {depth}"] = order
     return out
+
+
+def _pack_rings(hosts: list[str], sizes: dict[str, int], cp: int, newest_first: bool = False,
+                enough: int | None = None) -> list[list[str]]:
+    """Whole hosts packed into rings of ``cp`` GPUs, in ``hosts`` order; the rings filled exactly.
+
+    Each host goes into the first open ring with room (the most recently
+    opened first with ``newest_first``, which keeps neighbours in the given
+    order together), else opens a new one; packing stops once ``enough``
+    rings are full.
+    """
+    bins: list[list[str]] = []
+    room: list[int] = []
+    for h in hosts:
+        order = range(len(bins) - 1, -1, -1) if newest_first else range(len(bins))
+        fit = next((i for i in order if room[i] >= sizes[h]), None)
+        if fit is None:
+            bins.append([])
+            room.append(cp)
+            fit = len(bins) - 1
+        bins[fit].append(h)
+        room[fit] -= sizes[h]
+        if enough is not None and sum(r == 0 for r in room) >= enough:
+            break
+    return [b for b, r in zip(bins, room) if r == 0]
 
 
 def bus_cycle_order(req: PlanRequest) -> list[str]:
