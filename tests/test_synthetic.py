@@ -72,3 +72,28 @@ def test_data_takes_a_path_or_a_generated_corpus_not_both():
         DataConfig(path="x", synthetic={"retrieval": {}})
     with pytest.raises(ConfigError, match="exactly one of 'path'"):
         DataConfig()
+
+
+def test_answer_only_loss_learns_each_answer_and_nothing_else():
+    from trainer.data import build_dataset
+    from trainer.tokenizer import byte_tokenizer
+
+    raw = {"retrieval": {"documents": 40, "chars": [20, 200], "facts": [1, 2], "asks": [1, 2], "loss": "answers"}}
+    cfg = DataConfig(synthetic=raw, upsample_long=False)
+    ds = build_dataset(cfg, byte_tokenizer(), seq_len=256)
+    tok = byte_tokenizer()
+    texts = "".join(retrieval_document(corpus_spec(raw), i) for i in range(40))
+    answers = re.findall(r"\? The [a-z ]+ is:( \d{8})\n", texts)
+    learned = 0
+    for i in range(len(ds)):
+        sample = ds[i]
+        ids, labels = sample["input_ids"], sample["labels"]
+        keep = labels != -100
+        learned += int(keep.sum())
+        # Every learned label is a digit or the space before a number; its input ends a question or is the answer so far.
+        assert set(tok.decode(labels[keep].tolist())) <= set(" 0123456789")
+        for p in keep.nonzero().flatten().tolist():
+            assert p == 0 or tok.decode(ids[max(0, p - 2):p + 1].tolist()).endswith("is:") or labels[p - 1] == ids[p]
+    assert 0.8 * 9 * len(answers) <= learned <= 9 * len(answers)  # packing drops at most a sample's tail
+    full = build_dataset(DataConfig(synthetic={"retrieval": {**raw["retrieval"], "loss": "all"}}, upsample_long=False), tok, seq_len=256)
+    assert (full[0]["labels"] != -100).all() and full[0]["input_ids"].tolist() == ds[0]["input_ids"].tolist()

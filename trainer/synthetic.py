@@ -67,8 +67,9 @@ KEY_NOUNS = KEY_WORDS + "winning personal security master access backup referenc
 """A fact's key is ``<word> <noun> number``: the needle's shape ("The special magic number is: N."),
 never its words (neither "special" nor "magic" is here)."""
 
-QUESTIONS = ("\nWhat is the {key} mentioned in the text? The {key} is: {value}\n",
-             "\nWhat is the {key}? The {key} is: {value}\n")
+QUESTIONS = ("\nWhat is the {key} mentioned in the text? The {key} is:",
+             "\nWhat is the {key}? The {key} is:")
+"""A question ends where its answer, `` <value>`` (leading space included, as NIAH scores it), begins."""
 
 
 @dataclass(frozen=True)
@@ -91,13 +92,18 @@ class RetrievalCorpus:
     dense, direct reward for looking the key up, many times per sample."""
     digits: int = 8
     seed: int = 0
+    loss: str = "all"
+    """Which tokens a model learns from: ``all`` (plain language modelling) or ``answers`` (only
+    each question's answer, as instruction data masks its prompts): every gradient then goes to
+    retrieval, the one skill the corpus is for, instead of to predicting filler."""
 
     def check(self) -> None:
         lo, hi = self.chars
         if not (self.documents >= 1 and 1 <= lo <= hi and 1 <= self.facts[0] <= self.facts[1] and 1 <= self.digits <= 18
-                and 1 <= self.asks[0] <= self.asks[1] and 1 <= self.sentences[0] <= self.sentences[1]):
+                and 1 <= self.asks[0] <= self.asks[1] and 1 <= self.sentences[0] <= self.sentences[1]
+                and self.loss in ("all", "answers")):
             raise ConfigError(f"data.synthetic.retrieval: {self} is out of range; documents >= 1, 1 <= chars[0] <= chars[1], "
-                              "1 <= sentences[0] <= sentences[1], 1 <= facts[0] <= facts[1], 1 <= asks[0] <= asks[1], 1 <= digits <= 18")
+                              "1 <= sentences[0] <= sentences[1], 1 <= facts[0] <= facts[1], 1 <= asks[0] <= asks[1], 1 <= digits <= 18, loss 'all' or 'answers'")
 
 
 def _word(rng: random.Random) -> str:
@@ -132,27 +138,39 @@ def _fact(rng: random.Random, digits: int, used: set[str]) -> tuple[str, str]:
             return key, str(rng.randrange(10 ** (digits - 1), 10**digits))
 
 
-def retrieval_document(spec: RetrievalCorpus, index: int) -> str:
-    """Document ``index``: filler with facts at random depths, each asked about at random points after it."""
+def retrieval_segments(spec: RetrievalCorpus, index: int) -> list[tuple[str, bool]]:
+    """Document ``index`` as ``(text, is_answer)`` pieces: filler with facts at random depths, each
+    asked about at random points after it; the answers are the pieces marked True."""
     rng = random.Random(f"{spec.seed}:{index}")
     pool, target, filler = [_sentence(rng) for _ in range(rng.randint(*spec.sentences))], rng.randint(*spec.chars), []
     while sum(len(s) + 1 for s in filler) < target:
         filler.append(rng.choice(pool))
     used: set[str] = set()
-    inserts: list[tuple[float, str]] = []
+    inserts: list[tuple[float, list[tuple[str, bool]]]] = []
     for key, value in (_fact(rng, spec.digits, used) for _ in range(rng.randint(*spec.facts))):
         depth = rng.random()
-        inserts.append((depth, f" The {key} is: {value}. "))
+        inserts.append((depth, [(f" The {key} is: {value}. ", False)]))
         for _ in range(rng.randint(*spec.asks)):
-            inserts.append((rng.uniform(depth, 1.0001), rng.choice(QUESTIONS).format(key=key, value=value)))
+            at = rng.uniform(depth, 1.0001)
+            inserts.append((at, [(rng.choice(QUESTIONS).format(key=key), False), (f" {value}", True), ("\n", False)]))
     inserts.sort(key=lambda item: item[0])
-    out: list[str] = []
+    out: list[tuple[str, bool]] = []
     for i, sentence in enumerate(filler):
         while inserts and inserts[0][0] <= i / len(filler):
-            out.append(inserts.pop(0)[1])
-        out.append((" " if out and not out[-1].endswith("\n") else "") + sentence)
-    out += [text for _, text in inserts]
-    return "".join(out).strip() + "\n"
+            out += inserts.pop(0)[1]
+        out.append(((" " if out and not out[-1][0].endswith("\n") else "") + sentence, False))
+    for _, pieces in inserts:
+        out += pieces
+    out[0] = (out[0][0].lstrip(), out[0][1])
+    while out and not out[-1][0].strip():
+        out.pop()
+    out[-1] = (out[-1][0].rstrip(), out[-1][1])
+    return out + [("\n", False)]
+
+
+def retrieval_document(spec: RetrievalCorpus, index: int) -> str:
+    """Document ``index`` as one text (``retrieval_segments`` joined)."""
+    return "".join(text for text, _ in retrieval_segments(spec, index))
 
 
 GENERATORS = {"retrieval": RetrievalCorpus}
@@ -179,9 +197,12 @@ def corpus_spec(raw: dict[str, Any]) -> RetrievalCorpus:
     return spec
 
 
-def synthetic_documents(raw: dict[str, Any]) -> list[str]:
-    """Every document of the corpus a recipe's ``data.synthetic`` names."""
+def synthetic_documents(raw: dict[str, Any]) -> list[str] | list[list[tuple[str, bool]]]:
+    """Every document of the corpus a recipe's ``data.synthetic`` names: texts, or with
+    ``loss: answers`` each as ``(text, learned)`` segments (``trainer.data.tokenize``)."""
     spec = corpus_spec(raw)
+    if spec.loss == "answers":
+        return [retrieval_segments(spec, i) for i in range(spec.documents)]
     return [retrieval_document(spec, i) for i in range(spec.documents)]
 
 

@@ -22,6 +22,21 @@ def document_tokens(tokenizer: PreTrainedTokenizerBase, texts: list[str]) -> lis
     return [head + ids + [tokenizer.eos_token_id] for ids in encoded]
 
 
+def segment_tokens(tokenizer: PreTrainedTokenizerBase, segments: list[tuple[str, bool]]) -> tuple[list[int], list[bool]]:
+    """``[BOS] + tokens + [EOS]`` of a document given as ``(text, learned)`` pieces, and which tokens are learned.
+
+    Each piece is tokenised on its own, so a learned span never shares a token
+    with the text around it (a byte tokenizer gives the same ids as the whole text).
+    """
+    ids = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    learn = [False] * len(ids)
+    for text, learned in segments:
+        piece = tokenizer(text, add_special_tokens=False)["input_ids"]
+        ids += piece
+        learn += [learned] * len(piece)
+    return ids + [tokenizer.eos_token_id], learn + [False]
+
+
 def conversation_tokens(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]]) -> tuple[list[int], list[bool]]:
     """Token ids of one conversation and which of them are assistant tokens (learned).
 
@@ -45,11 +60,15 @@ def conversation_tokens(tokenizer: PreTrainedTokenizerBase, messages: list[dict[
 
 
 def tokenize_documents(tokenizer: PreTrainedTokenizerBase, docs: list[Any], kind: str) -> list[tuple[np.ndarray, np.ndarray | None]]:
-    """``(token ids uint32, learned-mask bool or None)`` per document of ``kind``."""
-    if kind == "chat":
+    """``(token ids uint32, learned-mask bool or None)`` per document of ``kind``.
+
+    A pretrain document that is a list of ``(text, learned)`` pieces rather than
+    a string (``trainer.synthetic`` with ``loss: answers``) carries its mask too.
+    """
+    if kind == "chat" or (docs and not isinstance(docs[0], str)):
         out = []
-        for conv in docs:
-            ids, learn = conversation_tokens(tokenizer, conv)
+        for doc in docs:
+            ids, learn = conversation_tokens(tokenizer, doc) if kind == "chat" else segment_tokens(tokenizer, doc)
             out.append((np.asarray(ids, dtype=np.uint32), np.asarray(learn, dtype=np.bool_)))
         return out
     return [(np.asarray(ids, dtype=np.uint32), None) for ids in document_tokens(tokenizer, docs)]
