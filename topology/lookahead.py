@@ -129,7 +129,8 @@ def all_to_all_reach(seconds: np.ndarray, free: np.ndarray, groups: list[tuple[l
         reach = max(reach, kth_smallest(both[np.ix_(placed, free_ids)].max(axis=0), left))
     if fresh:
         among = both[np.ix_(free_ids, free_ids)]
-        partners = (among.min(axis=1, initial=math.inf) if size == 2
-                    else np.array([kth_smallest(row, size - 1) for row in among]))
+        if size - 1 > len(free_ids):
+            return math.inf
+        partners = np.partition(among, size - 2, axis=1)[:, size - 2]  # each free GPU's (u - 1)-th soonest partner
         reach = max(reach, kth_smallest(partners, size * fresh))
     return reach
