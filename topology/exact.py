@@ -165,7 +165,7 @@ def branch_and_bound(sm: StepModel, pool: list[str], best: list[str], best_step:
 
     def a2a_ahead(i: int) -> float:
         """Seconds of the slowest all-to-all still to come, ranks ``0..i`` placed (0 when none is)."""
-        groups = [([index[order[r]] for r in g if r <= i], sum(r > i for r in g)) for g in a2a_groups if g[-1] > i]
+        groups = [([index[order[r]] for r in g if r <= i], sum(r > i for r in g)) for g in a2a_groups if max(g) > i]
         if pair_rates is None or not groups:
             return 0.0
         return 2 * all_to_all_reach(pair_rates.seconds(loads[1], sm.a2a_per_peer, efficiency), free, groups, sm.ulysses)
