@@ -253,6 +253,29 @@ def test_all_to_all_lookahead_keeps_exact_search_exact(problem, ulysses, tokens)
     assert proven and step == pytest.approx(best, rel=1e-12) and sm.step(order) == step
 
 
+def test_pair_rates_are_the_flow_models_rates_of_one_more_flow():
+    """``PairRates`` prices every pair at once as ``FlowModel.bandwidths`` prices that flow joining the placed ones."""
+    import numpy as np
+
+    from topology.cost import transfer
+    from topology.lookahead import PairRates
+
+    topo = g6e(2)
+    fm, pool = FlowModel(topo), topo.gpus()
+    placed = [(pool[0], pool[2]), (pool[1], pool[3]), (pool[6], pool[9])]
+    load = np.zeros(len(fm.link_bandwidths()))
+    for a, b in placed:
+        ids, fracs = fm.compiled(a, b)
+        np.add.at(load, ids, fracs)
+    pairs = PairRates(fm, pool)
+    rates, seconds = pairs.matrix(load), pairs.seconds(load, 1e6, 0.9)
+    for i, j in [(0, 1), (0, 3), (1, 2), (4, 7), (7, 8), (2, 14), (15, 0)]:
+        gbps, lat = fm.bandwidths([*placed, (pool[i], pool[j])])[-1]
+        assert rates[i, j] == pytest.approx(gbps, rel=1e-12)
+        assert seconds[i, j] == pytest.approx(transfer(1e6, 0.9 * gbps, lat), rel=1e-12)
+    assert (np.diag(rates) == 0).all() and np.isinf(np.diag(seconds)).all()
+
+
 def test_hosts_with_too_many_automorphisms_fall_back_to_twin_swaps():
     """Eight GPUs on one PCIe switch (8! automorphisms): twin swaps stand in, still one orbit per step."""
     topo = Topology(name="flat")

@@ -53,7 +53,7 @@ from functools import lru_cache
 import numpy as np
 
 from topology.bound import gpu_access_bound, min_route_latency, ring_bandwidth_bound
-from topology.cost import StepModel, transfer
+from topology.cost import StepModel, transfer, transfers
 from topology.delta import REL_TOL, USED
 from topology.lookahead import PairRates, all_to_all_reach
 from topology.plan import GroupLayout
@@ -151,13 +151,12 @@ def branch_and_bound(sm: StepModel, pool: list[str], best: list[str], best_step:
             return 0.0
         if share is None:
             return max(a2a_floor, 2 * transfer(sm.a2a_per_peer, rate * efficiency, l_min))
-        # Every placed pair at its share now, all at once: the slowest transfer, as ``transfer`` prices each.
+        # Every placed pair at its share now, all at once: the slowest transfer.
         placed = placed_flows[1]
         ids = np.concatenate([x for x, _ in placed])
         starts = np.cumsum([0] + [len(x) for x, _ in placed[:-1]])
         rate = np.minimum.reduceat(share[ids], starts) * efficiency
-        seconds = np.where(np.isinf(rate), 0.0, sm.a2a_per_peer / (rate * 1e9) + np.array([lat for _, lat in placed]) * 1e-6)
-        return max(a2a_floor, 2 * float(seconds.max()) if sm.a2a_per_peer else 0.0)  # no bytes: as ``transfer``, 0
+        return max(a2a_floor, 2 * float(transfers(sm.a2a_per_peer, rate, np.array([lat for _, lat in placed])).max()))
 
     @lru_cache(maxsize=1 << 16)  # rates and latencies come from a small set: most bounds repeat
     def total(hop: float, hop_lat: float, a2a: float, bus: float) -> float:

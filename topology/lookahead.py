@@ -35,6 +35,7 @@ import math
 
 import numpy as np
 
+from topology.cost import transfers
 from topology.routing import FlowModel
 
 
@@ -79,13 +80,10 @@ class PairRates:
     def seconds(self, load: np.ndarray, nbytes: float, scale: float = 1.0) -> np.ndarray:
         """``[i, j]``: seconds ``nbytes`` from pool GPU ``i`` to ``j`` would take at least, on top of ``load``.
 
-        The rate is scaled by ``scale`` (the network's efficiency); as
-        ``topology.cost.transfer``; ``inf`` on the diagonal.
+        The rate is scaled by ``scale`` (the network's efficiency), the time
+        priced as ``topology.cost.transfer``; ``inf`` on the diagonal.
         """
-        rates = self.matrix(load) * scale
-        with np.errstate(divide="ignore"):
-            out = nbytes / (rates * 1e9) + self.latency * 1e-6
-        out[np.isinf(rates) | (nbytes == 0)] = 0.0  # as ``transfer``: nothing to move, or no link to move it over
+        out = transfers(nbytes, self.matrix(load) * scale, self.latency)
         out[self.diagonal] = math.inf
         return out
 
