@@ -1,13 +1,15 @@
-"""What the ranks not yet placed can still reach: upper bounds on the rates of flows whose ends are free.
+"""What the ranks not yet placed can still reach: lower bounds on the transfers of flows whose ends are free.
 
 Exact search (``topology.exact``) bounds a partial rank order by the flows
 it has placed. The flows still to come are bounded here, from the GPUs left
 free and the loads the placed flows already put on the links: a flow from
 ``x`` to ``y`` added now would run at ``min(bw / (load + f))`` over its
 route's links (``f`` its own fraction there), and later flows only add load,
-so that is the fastest it can ever run. A rank not yet placed will sit on
-one free GPU, and the ranks of one group on distinct ones; so the slowest of
-the flows to come is no faster than what the free GPUs allow every group.
+so that is the fastest it can ever run, and its transfer (bytes over that
+rate, plus the route's latency) the soonest it can end. A rank not yet
+placed will sit on one free GPU, and the ranks of one group on distinct
+ones; so the slowest transfer still to come takes no less than what the
+free GPUs allow every group.
 
 Algorithm
 ---------
@@ -40,7 +42,7 @@ from topology.routing import FlowModel
 
 
 class PairRates:
-    """The rate each ordered pair of pool GPUs would get now, over a load vector, for all pairs at once, and its latency.
+    """The rate each ordered pair of pool GPUs would get on top of a load vector, all pairs at once.
 
     Parameters
     ----------
