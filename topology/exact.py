@@ -129,8 +129,12 @@ def branch_and_bound(sm: StepModel, pool: list[str], best: list[str], best_step:
     # The flows still to come (``topology.lookahead``): the free GPUs and the loads placed bound them too.
     index = {g: k for k, g in enumerate(pool)}
     free = np.ones(len(pool), dtype=bool)
-    pair_rates = PairRates(fm, pool) if kinds[1] and len(pool) <= LOOKAHEAD_GPUS else None
+    lookahead = bool(kinds[1]) and len(pool) <= LOOKAHEAD_GPUS
     a2a_groups = GroupLayout.from_grid(sm.dp, sm.ring, sm.ulysses).ulysses_groups if kinds[1] else []
+
+    @lru_cache(maxsize=1)  # built on first use: many searches end before any bound needs it
+    def pair_rates() -> PairRates:
+        return PairRates(fm, pool)
 
     def flow(a: str, b: str) -> tuple[np.ndarray, np.ndarray, float]:
         """Route of ``a -> b``: link indices, fractions and latency (a route crosses a link once)."""
@@ -165,9 +169,9 @@ def branch_and_bound(sm: StepModel, pool: list[str], best: list[str], best_step:
     def a2a_ahead(i: int) -> float:
         """Seconds of the slowest all-to-all still to come, ranks ``0..i`` placed (0 when none is)."""
         groups = [([index[order[r]] for r in g if r <= i], sum(r > i for r in g)) for g in a2a_groups if max(g) > i]
-        if pair_rates is None or not groups:
+        if not lookahead or not groups:
             return 0.0
-        return 2 * all_to_all_reach(pair_rates.seconds(loads[1], sm.a2a_per_peer, efficiency), free, groups, sm.ulysses)
+        return 2 * all_to_all_reach(pair_rates(), loads[1], sm.a2a_per_peer, efficiency, free, groups, sm.ulysses)
 
     def lower(i: int) -> float:
         """A lower bound of the step time of every completion of the current partial order (ranks ``0..i``)."""

@@ -65,28 +65,34 @@ class PairRates:
             for j, (ids, fracs) in enumerate(row):
                 self.ids[i, j, :len(ids)] = ids
                 self.fracs[i, j, :len(fracs)] = fracs
-        self.bw = np.append(bw, math.inf)
+        self.bw_at = np.append(bw, math.inf)[self.ids]
+        """Bandwidth of each route's links (padding: inf)."""
         self.diagonal = np.eye(n, dtype=bool)
         self.latency = np.array([[flows.route_latency(a, b) if a != b else 0.0 for b in pool] for a in pool])
         """µs of each pair's route."""
 
-    def matrix(self, load: np.ndarray) -> np.ndarray:
-        """``[i, j]``: GB/s a flow from pool GPU ``i`` to ``j`` would get on top of ``load``; 0 on the diagonal."""
+    def matrix(self, load: np.ndarray, among: np.ndarray | None = None) -> np.ndarray:
+        """``[i, j]``: GB/s a flow from pool GPU ``i`` to ``j`` would get on top of ``load``; 0 on the diagonal.
+
+        With ``among`` (distinct pool indices), only the pairs among those GPUs, in that order.
+        """
+        pick = (slice(None), slice(None)) if among is None else np.ix_(among, among)
         ext = np.append(load, 0.0)
         with np.errstate(divide="ignore"):
-            rates = (self.bw[self.ids] / (ext[self.ids] + self.fracs)).min(axis=2)
-        rates[self.diagonal] = 0.0
+            rates = (self.bw_at[pick] / (ext[self.ids[pick]] + self.fracs[pick])).min(axis=2)
+        np.fill_diagonal(rates, 0.0)
         return rates
 
-
-    def seconds(self, load: np.ndarray, nbytes: float, scale: float = 1.0) -> np.ndarray:
+    def seconds(self, load: np.ndarray, nbytes: float, scale: float = 1.0, among: np.ndarray | None = None) -> np.ndarray:
         """``[i, j]``: seconds ``nbytes`` from pool GPU ``i`` to ``j`` would take at least, on top of ``load``.
 
         The rate is scaled by ``scale`` (the network's efficiency), the time
         priced as ``topology.cost.transfer``; ``inf`` on the diagonal.
+        ``among`` as for ``matrix``.
         """
-        out = transfers(nbytes, self.matrix(load) * scale, self.latency)
-        out[self.diagonal] = math.inf
+        latency = self.latency if among is None else self.latency[np.ix_(among, among)]
+        out = transfers(nbytes, self.matrix(load, among) * scale, latency)
+        np.fill_diagonal(out, math.inf)
         return out
 
 
@@ -99,13 +105,15 @@ def kth_smallest(values: np.ndarray, k: int) -> float:
     return float(np.partition(values, k - 1)[k - 1])
 
 
-def all_to_all_reach(seconds: np.ndarray, free: np.ndarray, groups: list[tuple[list[int], int]], size: int) -> float:
+def all_to_all_reach(pairs: PairRates, load: np.ndarray, nbytes: float, scale: float, free: np.ndarray,
+                     groups: list[tuple[list[int], int]], size: int) -> float:
     """Lower bound on the slowest all-to-all transfer of the groups still to place (see the module docstring).
 
     Parameters
     ----------
-    seconds
-        ``PairRates.seconds`` of one peer's bytes over the all-to-all load now.
+    pairs, load, nbytes, scale
+        The pool's routes, the all-to-all load now, one peer's bytes and the network's efficiency
+        (``PairRates.seconds``).
     free
         Mask of the pool GPUs no rank holds.
     groups
@@ -118,19 +126,24 @@ def all_to_all_reach(seconds: np.ndarray, free: np.ndarray, groups: list[tuple[l
     float
         Seconds; 0 when no group is left.
     """
-    both = np.maximum(seconds, seconds.T)  # two members exchange both ways: the later transfer counts
     free_ids = np.flatnonzero(free)
+    placed = sorted({x for members, _ in groups for x in members})
+    # Only pairs that touch a free GPU count: the free GPUs first, then the placed members of open groups.
+    among = np.concatenate([free_ids, np.asarray(placed, dtype=np.int64)])
+    seconds = pairs.seconds(load, nbytes, scale, among)
+    both = np.maximum(seconds, seconds.T)  # two members exchange both ways: the later transfer counts
+    at = {x: len(free_ids) + k for k, x in enumerate(placed)}
+    n_free = len(free_ids)
     reach = 0.0
     fresh = 0
-    for placed, left in groups:
-        if not placed:
+    for members, left in groups:
+        if not members:
             fresh += 1
             continue
-        reach = max(reach, kth_smallest(both[np.ix_(placed, free_ids)].max(axis=0), left))
+        reach = max(reach, kth_smallest(both[[at[x] for x in members], :n_free].max(axis=0), left))
     if fresh:
-        among = both[np.ix_(free_ids, free_ids)]
-        if size - 1 > len(free_ids):
+        if size - 1 > n_free:
             return math.inf
-        partners = np.partition(among, size - 2, axis=1)[:, size - 2]  # each free GPU's (u - 1)-th soonest partner
+        partners = np.partition(both[:n_free, :n_free], size - 2, axis=1)[:, size - 2]  # (u - 1)-th soonest partner
         reach = max(reach, kth_smallest(partners, size * fresh))
     return reach
