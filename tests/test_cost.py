@@ -159,3 +159,13 @@ def test_the_causal_block_runs_at_its_own_rate():
     fwd, bwd = a.ring_compute_fwd_s, a.ring_compute_bwd_s
     assert b.ring_compute_fwd_s == pytest.approx(fwd)  # the reported ring step is an off-diagonal one
     assert b.attention_s - a.attention_s == pytest.approx(TINY.layers * (fwd * (2 - 1) + bwd * (4 - 1)))
+
+
+def test_transfers_price_arrays_as_transfer_prices_each():
+    import numpy as np
+
+    from topology.cost import transfer, transfers
+
+    gbps, lat = np.array([12.5, 0.0, math.inf, 3.0]), np.array([4.0, 1.0, 2.0, 0.0])
+    for nbytes in (0.0, 1e6):
+        assert transfers(nbytes, gbps, lat).tolist() == [transfer(nbytes, g, t) for g, t in zip(gbps, lat)]

@@ -5,7 +5,7 @@ import math
 from unittest.mock import patch
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from topology import search
@@ -190,10 +190,11 @@ def test_32_gpus_on_four_g6e_hosts_are_proven_optimal(cp, tokens):
     assert "optimal (" in summary(plan, g6e(4))
 
 
-@pytest.mark.parametrize("cp", [8, 16, 32])
-def test_32_gpus_on_four_g6e_hosts_with_ulysses_2_are_proven_optimal(cp):
-    """Ulysses pairs in every ring size of the 32-GPU stage, short sequences (the all-to-all against the ring)."""
-    plan = make_plan(g6e(4), 32, cp, 2, seq_len=2 * cp * 128)
+@pytest.mark.parametrize("cp,tokens", [(8, 128), (16, 128), (32, 128), (16, 4096), (32, 4096)])
+def test_32_gpus_on_four_g6e_hosts_with_ulysses_2_are_proven_optimal(cp, tokens):
+    """Ulysses pairs in every ring size of the 32-GPU stage (the all-to-all against the ring): short sequences, and long
+    ones where the ring hides behind compute and only pairs on one PCIe switch would beat the plan's all-to-all."""
+    plan = make_plan(g6e(4), 32, cp, 2, seq_len=2 * cp * tokens)
     found = plan.cost["search"]
     assert found["optimal"] and found["proof"] == "exhaustive" and found["gap"] == 0
     assert found["nodes"] <= search.EXACT_NODES
@@ -237,6 +238,42 @@ def test_exact_search_up_to_symmetry_equals_brute_force_on_g6e_hosts(hosts, gpus
     best = min(sm.step(order) for order in all_orders(search.twin_classes(sm, topo.gpus()), gpus))
     order, step, proven, nodes = branch_and_bound(sm, topo.gpus(), [], math.inf, math.inf)
     assert proven and step == pytest.approx(best, rel=1e-12) and sm.step(order) == step
+
+
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
+@given(small_clusters(), st.sampled_from([2, 3]), st.sampled_from([256, 65536]))
+def test_all_to_all_lookahead_keeps_exact_search_exact(problem, ulysses, tokens):
+    """Bounding the all-to-all still to come by the free GPUs never cuts the optimum (from no incumbent, so it cuts a lot)."""
+    from topology.exact import branch_and_bound
+
+    topo, gpus, cp = problem
+    assume(cp % ulysses == 0)
+    best, sm = exhaustive(topo, gpus, cp, 2 * cp * tokens, ulysses)
+    order, step, proven, _ = branch_and_bound(sm, topo.gpus(), [], math.inf, math.inf)
+    assert proven and step == pytest.approx(best, rel=1e-12) and sm.step(order) == step
+
+
+def test_pair_rates_are_the_flow_models_rates_of_one_more_flow():
+    """``PairRates`` prices every pair at once as ``FlowModel.bandwidths`` prices that flow joining the placed ones."""
+    import numpy as np
+
+    from topology.cost import transfer
+    from topology.lookahead import PairRates
+
+    topo = g6e(2)
+    fm, pool = FlowModel(topo), topo.gpus()
+    placed = [(pool[0], pool[2]), (pool[1], pool[3]), (pool[6], pool[9])]
+    load = np.zeros(len(fm.link_bandwidths()))
+    for a, b in placed:
+        ids, fracs = fm.compiled(a, b)
+        np.add.at(load, ids, fracs)
+    pairs = PairRates(fm, pool)
+    rates, seconds = pairs.matrix(load), pairs.seconds(load, 1e6, 0.9)
+    for i, j in [(0, 1), (0, 3), (1, 2), (4, 7), (7, 8), (2, 14), (15, 0)]:
+        gbps, lat = fm.bandwidths([*placed, (pool[i], pool[j])])[-1]
+        assert rates[i, j] == pytest.approx(gbps, rel=1e-12)
+        assert seconds[i, j] == pytest.approx(transfer(1e6, 0.9 * gbps, lat), rel=1e-12)
+    assert (np.diag(rates) == 0).all() and np.isinf(np.diag(seconds)).all()
 
 
 def test_hosts_with_too_many_automorphisms_fall_back_to_twin_swaps():

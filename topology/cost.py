@@ -24,6 +24,8 @@ from dataclasses import asdict, dataclass
 
 from typing import TYPE_CHECKING
 
+import numpy as np
+
 from topology.bound import gpu_access_bound, min_route_latency, ring_bandwidth_bound
 from topology.model import Topology
 from topology.plan import GroupLayout, Plan
@@ -448,3 +450,14 @@ def transfer(nbytes: float, gbps: float, lat_us: float) -> float:
     if nbytes == 0 or math.isinf(gbps):
         return 0.0
     return math.inf if gbps <= 0 else nbytes / (gbps * 1e9) + lat_us * 1e-6
+
+
+def transfers(nbytes: float, gbps: np.ndarray, lat_us: np.ndarray) -> np.ndarray:
+    """``transfer`` over arrays of rates and latencies, element by element."""
+    if nbytes == 0:
+        return np.zeros(np.shape(gbps))
+    with np.errstate(divide="ignore"):
+        out = nbytes / (np.asarray(gbps) * 1e9) + np.asarray(lat_us) * 1e-6
+    out[np.isinf(gbps)] = 0.0
+    out[np.asarray(gbps) <= 0] = math.inf
+    return out

@@ -29,6 +29,12 @@ term no better than what no placement beats (``topology.cost.step_bound``):
   the hosts under one switch, at any level), some hop crosses between two
   of them, and the same argument applies to it with the fastest rate and
   the shortest latency of a route between two of them.
+* all-to-all still to come: every Ulysses group not wholly placed needs
+  free GPUs close enough to each other (and to its placed members) over
+  the links as loaded now; the soonest its slowest transfer can end bounds
+  the term too (``topology.lookahead``). Pairs of GPUs that would be fast
+  alone but share a PCIe link with a placed pair are seen at once, not
+  when the rank that pays for it is reached.
 
 A branch whose bound cannot beat the best order known (the constructions'
 and local search's) is cut. Children are tried GPUs of the previous rank's
@@ -47,13 +53,18 @@ from functools import lru_cache
 import numpy as np
 
 from topology.bound import gpu_access_bound, min_route_latency, ring_bandwidth_bound
-from topology.cost import StepModel, transfer
+from topology.cost import StepModel, transfer, transfers
 from topology.delta import REL_TOL, USED
+from topology.lookahead import PairRates, all_to_all_reach
+from topology.plan import GroupLayout
 from topology.symmetry import RingRotation, Symmetry
 
 
 REPRESENTATIVE_GPUS = 96
 """Routes among at most this many GPUs are read to learn the flow fractions ECMP makes."""
+LOOKAHEAD_GPUS = 64
+"""Pools of at most this many GPUs bound the flows still to come (``topology.lookahead``): its pair matrix
+grows with the square of the pool."""
 
 
 class _Aborted(Exception):
@@ -115,6 +126,15 @@ def branch_and_bound(sm: StepModel, pool: list[str], best: list[str], best_step:
 
     flows: dict[tuple[str, str], tuple[np.ndarray, np.ndarray, float]] = {}
     rotation = RingRotation(sm)
+    # The flows still to come (``topology.lookahead``): the free GPUs and the loads placed bound them too.
+    index = {g: k for k, g in enumerate(pool)}
+    free = np.ones(len(pool), dtype=bool)
+    lookahead = bool(kinds[1]) and len(pool) <= LOOKAHEAD_GPUS
+    a2a_groups = GroupLayout.from_grid(sm.dp, sm.ring, sm.ulysses).ulysses_groups if kinds[1] else []
+
+    @lru_cache(maxsize=1)  # built on first use: many searches end before any bound needs it
+    def pair_rates() -> PairRates:
+        return PairRates(fm, pool)
 
     def flow(a: str, b: str) -> tuple[np.ndarray, np.ndarray, float]:
         """Route of ``a -> b``: link indices, fractions and latency (a route crosses a link once)."""
@@ -135,15 +155,26 @@ def branch_and_bound(sm: StepModel, pool: list[str], best: list[str], best_step:
             return 0.0
         if share is None:
             return max(a2a_floor, 2 * transfer(sm.a2a_per_peer, rate * efficiency, l_min))
-        return max(a2a_floor, 2 * max(transfer(sm.a2a_per_peer, float(share[ids].min()) * efficiency, lat)
-                                      for ids, lat in placed_flows[1]))
+        # Every placed pair at its share now, all at once: the slowest transfer.
+        placed = placed_flows[1]
+        ids = np.concatenate([x for x, _ in placed])
+        starts = np.cumsum([0] + [len(x) for x, _ in placed[:-1]])
+        rate = np.minimum.reduceat(share[ids], starts) * efficiency
+        return max(a2a_floor, 2 * float(transfers(sm.a2a_per_peer, rate, np.array([lat for _, lat in placed])).max()))
 
     @lru_cache(maxsize=1 << 16)  # rates and latencies come from a small set: most bounds repeat
     def total(hop: float, hop_lat: float, a2a: float, bus: float) -> float:
         return sm.dense + sm.attention(hop, hop_lat, a2a) + sm.gradients(bus) + rates.step_overhead_s
 
-    def lower() -> float:
-        """A lower bound of the step time of every completion of the current partial order."""
+    def a2a_ahead(i: int) -> float:
+        """Seconds of the slowest all-to-all still to come, ranks ``0..i`` placed (0 when none is)."""
+        groups = [([index[order[r]] for r in g if r <= i], sum(r > i for r in g)) for g in a2a_groups if max(g) > i]
+        if not lookahead or not groups:
+            return 0.0
+        return 2 * all_to_all_reach(pair_rates(), loads[1], sm.a2a_per_peer, efficiency, free, groups, sm.ulysses)
+
+    def lower(i: int) -> float:
+        """A lower bound of the step time of every completion of the current partial order (ranks ``0..i``)."""
         target = state["step"] * (1 - REL_TOL)
         hop_r, a2a_r, bus = (slowest(x) for x in loads)
         bus = min(bus, bus_cap)
@@ -151,6 +182,7 @@ def branch_and_bound(sm: StepModel, pool: list[str], best: list[str], best_step:
         if quick >= target:
             return quick
         a2a = a2a_term(shares(loads[1]), a2a_r) if placed_flows[1] else a2a_term(None, a2a_r)
+        a2a = max(a2a, a2a_ahead(i))
         floor = quick
         for rate, lat in crossings:  # the slowest hop is that crossing hop (as late), or slower still
             floor = max(floor, min(total(min(rate, hop_cap) * efficiency, lat, a2a, bus),
@@ -183,6 +215,7 @@ def branch_and_bound(sm: StepModel, pool: list[str], best: list[str], best_step:
     def put(i: int, gpu: str | None) -> None:
         """Give rank ``i`` to ``gpu``, or (None) take its GPU back."""
         host = topo.host_of(gpu or order[i])
+        free[index[gpu or order[i]]] = gpu is None
         if gpu is None:
             place(i, -1)
             by_host[host] = by_host[host] - {order[i]}
@@ -208,7 +241,7 @@ def branch_and_bound(sm: StepModel, pool: list[str], best: list[str], best_step:
             if not rotation.canonical(i, order):
                 put(i, None)
                 continue
-            children.append((lower(), topo.host_of(orbit[0]) != prev, n, orbit[0]))
+            children.append((lower(i), topo.host_of(orbit[0]) != prev, n, orbit[0]))
             put(i, None)
         # Most promising first: the best order is met early, and a better incumbent cuts more.
         for bound, _, _, gpu in sorted(children):
