@@ -80,23 +80,26 @@ def main(argv: list[str] | None = None) -> int:
     scheduled = args.out / "theta-schedule"
     wall_scheduled = run(args.recipe, scheduled, [])
 
+    # The positive control is the last stage at the base length; the stages after it extend.
+    first_index = max(i for i, st in enumerate(recipe["stages"]) if st["seq_len"] == recipe["model"]["base_len"])
     # The control: the same recipe with the extension's theta held at the base model's,
-    # its run directory seeded with the scheduled arm's finished stage 1.
+    # its run directory seeded with the scheduled arm's finished stages up to the positive control.
     control_recipe = dict(recipe, name=recipe["name"] + "-same-theta")
-    control_recipe["stages"] = [dict(s) for s in recipe["stages"]]
-    for s in control_recipe["stages"][1:]:
-        s["rope_theta"] = base_theta
+    control_recipe["stages"] = [dict(st) for st in recipe["stages"]]
+    for st in control_recipe["stages"][first_index + 1:]:
+        st["rope_theta"] = base_theta
     control_path = args.out / "same-theta.yaml"
     # Relative paths in a recipe are relative to its file: keep them pointing where the original's do.
     control_recipe["data"] = _absolute(recipe["data"], args.recipe.parent)
     control_path.write_text(yaml.safe_dump(control_recipe, sort_keys=False))
     control = args.out / "same-theta"
-    first = stage_dir(scheduled, 0)
     control.mkdir()
-    shutil.copytree(first, control / first.name)
+    for i in range(first_index + 1):
+        shutil.copytree(stage_dir(scheduled, i), control / stage_dir(scheduled, i).name)
+    first = stage_dir(scheduled, first_index)
     wall_control = run(control_path, control, [])
 
-    s1, sched, ctrl = stage_summary(first), stage_summary(stage_dir(scheduled, 1)), stage_summary(stage_dir(control, 1))
+    s1, sched, ctrl = stage_summary(first), stage_summary(stage_dir(scheduled, first_index + 1)), stage_summary(stage_dir(control, first_index + 1))
     lengths = sorted(set(s1["niah"]) | set(sched["niah"]))
     short = min(lengths)
     print()

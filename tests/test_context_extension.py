@@ -1,4 +1,4 @@
-"""The context-extension recipe, cut to CI size: stage 1 at 256 tokens, then 4x with the NTK theta.
+"""The context-extension recipe, cut to CI size: copy drills and stage 1 at 256 tokens, then 4x with the NTK theta.
 
 clusters/recipes/tiny-retrieval.yaml is what benchmarks/context_extension.py
 runs for its table (about 20 minutes). Here the same recipe runs for a few
@@ -29,19 +29,23 @@ RECIPE = REPO / "clusters" / "recipes" / "tiny-retrieval.yaml"
 
 def _ci_sized(recipe: Recipe) -> Recipe:
     """The recipe on 2 ranks (a ring of 2 per stage), a few steps each, a small corpus, NIAH at 1024 only."""
-    for stage, steps in zip(recipe.stages, (12, 4)):
-        stage.steps, stage.gpus, stage.batch, stage.grad_accum, stage.checkpoint_every = steps, 2, 1, 2, 0
+    *drills, first, second = recipe.stages
+    for stage in recipe.stages:
+        stage.steps, stage.gpus, stage.batch, stage.grad_accum, stage.checkpoint_every = 4, 2, 1, 2, 0
         stage.niah = None
-    recipe.stages[1].niah = {"min_len": 1024, "max_len": 1024, "depth_interval": 0.5}
+    first.steps = 12
+    second.niah = {"min_len": 1024, "max_len": 1024, "depth_interval": 0.5}
+    for stage in drills:
+        stage.data.synthetic = {"copy": {**stage.data.synthetic["copy"], "documents": 300}}
     recipe.data.synthetic = {"retrieval": {**recipe.data.synthetic["retrieval"], "documents": 300}}
-    recipe.stages[1].data.synthetic = {"retrieval": {**recipe.stages[1].data.synthetic["retrieval"], "documents": 100}}
+    second.data.synthetic = {"retrieval": {**second.data.synthetic["retrieval"], "documents": 100}}
     recipe.deepspeed["scheduler"]["params"]["warmup_num_steps"] = 3
     return recipe
 
 
 def test_deepspeed_cosine_schedule_spans_each_stage(tmp_path):
-    first, second = Recipe.load(RECIPE).stage_configs(tmp_path)
-    for cfg in (first, second):
+    *drills, first, second = Recipe.load(RECIPE).stage_configs(tmp_path)
+    for cfg in (*drills, first, second):
         ds = deepspeed_config(cfg, cuda=False)
         assert ds["scheduler"]["type"] == "WarmupCosineLR" and ds["scheduler"]["params"]["total_num_steps"] == cfg.steps
         assert ds["optimizer"]["params"]["lr"] == cfg.lr  # the schedule's peak is the stage's lr
@@ -51,14 +55,15 @@ def test_deepspeed_cosine_schedule_spans_each_stage(tmp_path):
 @pytest.mark.timeout(240)
 def test_tiny_retrieval_extends_to_4x_with_the_ntk_theta(tmp_path):
     recipe = _ci_sized(Recipe.load(RECIPE))
-    first, second = recipe.stage_configs(tmp_path)
+    stages = recipe.stage_configs(tmp_path)
+    *drills, first, second = stages
     base = recipe.model.base_theta
     theta = ntk_theta(base, 256, 1024, recipe.model.head_dim)
     assert (first.rope_theta, second.seq_len) == (base, 4 * first.seq_len)
     assert second.rope_theta == pytest.approx(theta) and theta > 4 * base
 
-    run_distributed(run_stage_ranks, 2, [first.to_dict(), second.to_dict()],
-                    [plan_for(first).to_dict(), plan_for(second).to_dict()], timeout=200)
+    assert all(d.rope_theta == base for d in drills) and first.init_from == str(tmp_path / drills[-1].output_dir / "hf")
+    run_distributed(run_stage_ranks, 2, [c.to_dict() for c in stages], [plan_for(c).to_dict() for c in stages], timeout=200)
 
     for cfg, want in ((first, base), (second, theta)):
         hf = tmp_path / cfg.output_dir / "hf"

@@ -97,3 +97,19 @@ def test_answer_only_loss_learns_each_answer_and_nothing_else():
     assert 0.8 * 9 * len(answers) <= learned <= 9 * len(answers)  # packing drops at most a sample's tail
     full = build_dataset(DataConfig(synthetic={"retrieval": {**raw["retrieval"], "loss": "all"}}, upsample_long=False), tok, seq_len=256)
     assert (full[0]["labels"] != -100).all() and full[0]["input_ids"].tolist() == ds[0]["input_ids"].tolist()
+
+
+def test_copy_drills_repeat_a_span_and_learn_only_its_predictable_digits():
+    from trainer.synthetic import CopyDrills
+
+    spec = corpus_spec({"copy": {"documents": 50, "length": 32, "span": 8}})
+    assert isinstance(spec, CopyDrills)
+    for doc in synthetic_documents({"copy": {"documents": 50, "length": 32, "span": 8}}):
+        text = "".join(t for t, _ in doc)
+        assert len(text) == 32 and text.isdigit()
+        (before, _), (learned, flag), _ = doc
+        assert flag and len(learned) == 7
+        start = len(before) - 1  # the repeat starts with the last digit of the unlearned prefix
+        assert start >= 16 and text[start:start + 8] in text[:16]
+    with pytest.raises(ConfigError, match="data.synthetic.copy"):
+        corpus_spec({"copy": {"length": 10, "span": 8}})

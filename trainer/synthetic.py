@@ -105,6 +105,13 @@ class RetrievalCorpus:
             raise ConfigError(f"data.synthetic.retrieval: {self} is out of range; documents >= 1, 1 <= chars[0] <= chars[1], "
                               "1 <= sentences[0] <= sentences[1], 1 <= facts[0] <= facts[1], 1 <= asks[0] <= asks[1], 1 <= digits <= 18, loss 'all' or 'answers'")
 
+    @property
+    def learns_part(self) -> bool:
+        return self.loss == "answers"
+
+    def segments(self, index: int) -> list[tuple[str, bool]]:
+        return retrieval_segments(self, index)
+
 
 def _word(rng: random.Random) -> str:
     draw = rng.random()
@@ -173,11 +180,51 @@ def retrieval_document(spec: RetrievalCorpus, index: int) -> str:
     return "".join(text for text, _ in retrieval_segments(spec, index))
 
 
-GENERATORS = {"retrieval": RetrievalCorpus}
+@dataclass(frozen=True)
+class CopyDrills:
+    """Short strings of random digits, each with a span repeated later: loss on the repeat only.
+
+    Retrieval is copying: find where the key last appeared and repeat the digits
+    after it. A tiny model learns to copy (an induction head) within a few hundred
+    steps of short, dense drills, but not within a few thousand steps of long
+    documents, where one question's answer is a few tokens among hundreds. A stage
+    of drills (packed with ``document_mask``, so each stays a short context)
+    before the retrieval corpus gives the later stage the circuit it needs.
+    """
+
+    documents: int = 20000
+    length: int = 32
+    """Digits per drill."""
+    span: int = 8
+    """Digits repeated: copied from the first half into the second."""
+    seed: int = 0
+    loss: str = "copies"
+    """``copies``: learn only the repeat's digits after its first (the first cannot be known); ``all``: every token."""
+
+    def check(self) -> None:
+        if not (self.documents >= 1 and 1 <= self.span and 4 * self.span <= 2 * self.length and self.loss in ("copies", "all")):
+            raise ConfigError(f"data.synthetic.copy: {self} is out of range; documents >= 1, span >= 1, "
+                              "length >= 2 * span, loss 'copies' or 'all'")
+
+    @property
+    def learns_part(self) -> bool:
+        return self.loss == "copies"
+
+    def segments(self, index: int) -> list[tuple[str, bool]]:
+        rng = random.Random(f"copy:{self.seed}:{index}")
+        digits = [rng.choice("0123456789") for _ in range(self.length)]
+        half = self.length // 2
+        src, dst = rng.randrange(0, half - self.span + 1), rng.randrange(half, self.length - self.span + 1)
+        digits[dst:dst + self.span] = digits[src:src + self.span]
+        text = "".join(digits)
+        return [(text[:dst + 1], False), (text[dst + 1:dst + self.span], True), (text[dst + self.span:], False)]
+
+
+GENERATORS = {"retrieval": RetrievalCorpus, "copy": CopyDrills}
 """Generators a recipe's ``data.synthetic`` may name."""
 
 
-def corpus_spec(raw: dict[str, Any]) -> RetrievalCorpus:
+def corpus_spec(raw: dict[str, Any]) -> RetrievalCorpus | CopyDrills:
     """``{retrieval: {documents: 3000, chars: [60, 460]}}`` -> the generator's spec; one-line error otherwise."""
     if not isinstance(raw, dict) or len(raw) != 1 or next(iter(raw)) not in GENERATORS:
         raise ConfigError(f"data.synthetic is {raw!r}; give one generator as a mapping, e.g. {{retrieval: {{documents: 3000}}}} "
@@ -198,15 +245,14 @@ def corpus_spec(raw: dict[str, Any]) -> RetrievalCorpus:
 
 
 def synthetic_documents(raw: dict[str, Any]) -> list[str] | list[list[tuple[str, bool]]]:
-    """Every document of the corpus a recipe's ``data.synthetic`` names: texts, or with
-    ``loss: answers`` each as ``(text, learned)`` segments (``trainer.data.tokenize``)."""
+    """Every document of the corpus a recipe's ``data.synthetic`` names: texts, or where the loss
+    falls on part of each (``loss: answers``, ``loss: copies``) ``(text, learned)`` pieces (``trainer.data.tokenize``)."""
     spec = corpus_spec(raw)
-    if spec.loss == "answers":
-        return [retrieval_segments(spec, i) for i in range(spec.documents)]
-    return [retrieval_document(spec, i) for i in range(spec.documents)]
+    docs = [spec.segments(i) for i in range(spec.documents)]
+    return docs if spec.learns_part else ["".join(text for text, _ in doc) for doc in docs]
 
 
-def write_corpus(path: str | os.PathLike, spec: RetrievalCorpus) -> Path:
+def write_corpus(path: str | os.PathLike, spec: RetrievalCorpus | CopyDrills) -> Path:
     """Write the corpus as JSON lines (``{"text": ...}``) at ``path``; an up-to-date file is kept.
 
     A sidecar ``<path>.spec.json`` records the options: the file is rewritten only
@@ -221,7 +267,7 @@ def write_corpus(path: str | os.PathLike, spec: RetrievalCorpus) -> Path:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     with open(tmp, "w") as f:
         for i in range(spec.documents):
-            f.write(json.dumps({"text": retrieval_document(spec, i)}) + "\n")
+            f.write(json.dumps({"text": "".join(text for text, _ in spec.segments(i))}) + "\n")
     os.replace(tmp, path)
     stamp.write_text(wanted)
     return path
