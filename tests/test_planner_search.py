@@ -253,6 +253,26 @@ def test_all_to_all_lookahead_keeps_exact_search_exact(problem, ulysses, tokens)
     assert proven and step == pytest.approx(best, rel=1e-12) and sm.step(order) == step
 
 
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
+@given(small_clusters(), st.sampled_from([2, 3]), st.sampled_from([256, 65536]), st.integers(1, 40))
+def test_joint_all_to_all_floor_is_the_brute_force_minimum(problem, ulysses, tokens, cap):
+    """All Ulysses groups priced together: finished, the floor is the smallest all-to-all term of any order; stopped
+    early (at ``cap`` nodes), it is still no larger."""
+    from topology.a2a_floor import joint_all_to_all_floor
+
+    topo, gpus, cp = problem
+    assume(cp % ulysses == 0)
+    sm = StepModel(topo, gpus // cp, cp // ulysses, ulysses, 2 * cp * tokens)
+    pool = topo.gpus()
+    classes = search.twin_classes(sm, pool)
+    least = min(sm.figures(order)["a2a"] for order in all_orders(classes, gpus))
+    full = joint_all_to_all_floor(sm, pool, classes, math.inf, math.inf)
+    assert full.exact and full.seconds == pytest.approx(least, rel=1e-12)
+    assert sm.figures([g for group in full.groups for g in group])["a2a"] == pytest.approx(least, rel=1e-12)
+    stopped = joint_all_to_all_floor(sm, pool, classes, math.inf, cap)
+    assert stopped.seconds <= least * (1 + 1e-12)
+
+
 def test_pair_rates_are_the_flow_models_rates_of_one_more_flow():
     """``PairRates`` prices every pair at once as ``FlowModel.bandwidths`` prices that flow joining the placed ones."""
     import numpy as np

@@ -72,8 +72,10 @@ class _Aborted(Exception):
 
 
 def branch_and_bound(sm: StepModel, pool: list[str], best: list[str], best_step: float,
-                     node_cap: float) -> tuple[list[str], float, bool, int]:
+                     node_cap: float, joint_a2a: float = 0.0) -> tuple[list[str], float, bool, int]:
     """The best order for ``sm`` among sequences of GPUs from ``pool``, starting from ``best``.
+
+    ``joint_a2a`` is a lower bound of the all-to-all term of every order (``topology.a2a_floor``), used with the rest.
 
     Returns
     -------
@@ -108,6 +110,7 @@ def branch_and_bound(sm: StepModel, pool: list[str], best: list[str], best_step:
     a2a_floor = 0.0
     if kinds[1]:
         a2a_floor = 2 * transfer(sm.a2a_per_peer * (sm.ulysses - 1), gpu_access_bound(topo) * efficiency, l_min)
+    a2a_floor = max(a2a_floor, joint_a2a)
 
     patterns = _RoutePatterns(bw, sm, sym)
     below = patterns.below

@@ -38,6 +38,7 @@ from dataclasses import dataclass
 
 from topology.cost import StepModel, step_bound
 from topology.delta import REL_TOL, DeltaOrder
+from topology.a2a_floor import FLOOR_GPUS, joint_all_to_all_floor
 from topology.exact import branch_and_bound
 
 EXACT_ORDERS = 20_000
@@ -88,10 +89,12 @@ class SearchResult:
     """How far the step time may be above the optimum: step time over the lower bound, minus one (0 when optimal)."""
     nodes: int = 0
     """Partial orders the exact search visited (0: it did not run)."""
+    a2a_floor_s: float = 0.0
+    """Joint lower bound of the all-to-all term over every order (``topology.a2a_floor``; 0: not computed)."""
 
     def info(self) -> dict:
         return {"construction": self.construction, "moves": self.moves, "optimal": self.optimal, "proof": self.proof,
-                "gap": float(f"{self.gap:.6g}"), "nodes": self.nodes,
+                "gap": float(f"{self.gap:.6g}"), "nodes": self.nodes, "a2a_floor_s": self.a2a_floor_s,
                 "candidates": {k: float(f"{v:.6g}") for k, v in self.candidates.items()}}
 
 
@@ -121,18 +124,24 @@ def optimise(sm: StepModel, candidates: dict[str, list[str]], pool: list[str], b
         scores[name] = sm.step(candidates[name])
         if scores[name] <= bound * (1 + REL_TOL):
             break  # nothing beats the bound, Ray's order included
+    hosts = {sm.topo.host_of(g) for g in pool}
+    joint = 0.0
+    if sm.ulysses > 1 and len(pool) <= FLOOR_GPUS and (len(hosts) <= EXACT_HOSTS or sm.world <= EXACT_GPUS):
+        # All groups' all-to-all priced together over the GPUs they must share, once per problem.
+        known = min(sm.figures(candidates[k])["a2a"] for k in scores)
+        joint = joint_all_to_all_floor(sm, pool, twin_classes(sm, pool), known).seconds
+        bound = step_bound(sm, joint)["step"]
     # Ties go to the constructions (in the order given), Ray's order last: they keep rings under few switches,
     # which costs nothing in the model and guards against what it leaves out.
     rank = {k: i for i, k in enumerate(candidates)}
     name = min(scores, key=lambda k: (scores[k], k == "naive", rank[k]))
     best, best_step = list(candidates[name]), scores[name]
-    result = SearchResult(best, best_step, name, scores, 0, False, None)
+    result = SearchResult(best, best_step, name, scores, 0, False, None, a2a_floor_s=joint)
     if best_step <= bound * (1 + REL_TOL):
         result.optimal, result.proof = True, "meets bound"
         return result
     classes = twin_classes(sm, pool)
     few = count_orders(classes, sm.world, EXACT_ORDERS) <= EXACT_ORDERS
-    hosts = {sm.topo.host_of(g) for g in pool}
     flows = len(sm.hops) + len(sm.a2a_pairs) + sm.world  # ring hops, all-to-all pairs, the gradient ring
     cap = math.inf if few else int(EXACT_NODES * min(1.0, EXACT_GPUS / len(pool)) ** 2 * min(1.0, EXACT_FLOWS / flows))
     exact = few or ((len(hosts) <= EXACT_HOSTS or sm.world <= EXACT_GPUS) and cap > 0)
@@ -144,7 +153,7 @@ def optimise(sm: StepModel, candidates: dict[str, list[str]], pool: list[str], b
             result.optimal, result.proof = True, "meets bound"
             return result
     if exact:
-        order, step, proven, result.nodes = branch_and_bound(sm, pool, result.order, result.step_s, cap)
+        order, step, proven, result.nodes = branch_and_bound(sm, pool, result.order, result.step_s, cap, joint)
         if step < result.step_s * (1 - REL_TOL):
             result.order, result.step_s, result.construction = order, step, "exhaustive"
         if proven:
