@@ -201,6 +201,17 @@ def test_32_gpus_on_four_g6e_hosts_with_ulysses_2_are_proven_optimal(cp, tokens)
     assert "optimal (" in summary(plan, g6e(4))
 
 
+@pytest.mark.parametrize("cp", [16, 32])
+def test_32_gpus_on_four_g6e_hosts_with_ulysses_8_are_proven_optimal(cp):
+    """Four Ulysses groups of 8 fill the 32 GPUs: one group alone could spread over every host's PCIe switches, four
+    together cannot. Priced jointly, the best all-to-all (each group 4 + 4 across two hosts) is the bound the plan meets."""
+    plan = make_plan(g6e(4), 32, cp, 8, seq_len=2 * cp * 4096)
+    found = plan.cost["search"]
+    assert found["optimal"] and found["proof"] == "meets bound" and found["gap"] == 0
+    assert plan.cost["ulysses_a2a_s"] == pytest.approx(found["a2a_floor_s"], rel=TOL)
+    assert "optimal (" in summary(plan, g6e(4))
+
+
 def test_alike_hosts_and_host_automorphisms_are_tried_once():
     """g6e hosts: four alike hosts, and each host's 8 GPUs are one orbit (sockets, PCIe switches, twins swap)."""
     topo = g6e(4)
