@@ -29,6 +29,8 @@ term no better than what no placement beats (``topology.cost.step_bound``):
   the hosts under one switch, at any level), some hop crosses between two
   of them, and the same argument applies to it with the fastest rate and
   the shortest latency of a route between two of them.
+* all-to-all of the whole order: at least the joint floor of all groups
+  over the pool (``topology.a2a_floor``), when the caller gives it;
 * all-to-all still to come: every Ulysses group not wholly placed needs
   free GPUs close enough to each other (and to its placed members) over
   the links as loaded now; the soonest its slowest transfer can end bounds

@@ -26,7 +26,10 @@ Algorithms
   bound of its step time); a move that could improve is then priced by the
   full step time, and only strict improvements are kept.
 * Certificate: a plan whose step time meets the lower bound
-  (``topology.cost.step_bound``) is optimal too.
+  (``topology.cost.step_bound``) is optimal too. For problems searched
+  exactly with Ulysses groups, the bound's all-to-all term is the joint
+  floor of all groups over the pool they must fill (``topology.a2a_floor``),
+  computed once and used by the exact search too.
 """
 
 from __future__ import annotations
