@@ -129,8 +129,9 @@ def optimise(sm: StepModel, candidates: dict[str, list[str]], pool: list[str], b
             break  # nothing beats the bound, Ray's order included
     hosts = {sm.topo.host_of(g) for g in pool}
     joint = 0.0
-    if sm.ulysses > 1 and len(pool) <= FLOOR_GPUS and (len(hosts) <= EXACT_HOSTS or sm.world <= EXACT_GPUS):
-        # All groups' all-to-all priced together over the GPUs they must share, once per problem.
+    if sm.ulysses > 1 and sm.world == len(pool) <= FLOOR_GPUS and (len(hosts) <= EXACT_HOSTS or sm.world <= EXACT_GPUS):
+        # All groups' all-to-all priced together over the GPUs they must share, once per problem; only where
+        # the groups fill the pool (with GPUs left free it rarely beats the per-group floor and costs ~1.4 s).
         known = min(sm.figures(candidates[k])["a2a"] for k in scores)
         joint = joint_all_to_all_floor(sm, pool, twin_classes(sm, pool), known).seconds
         bound = step_bound(sm, joint)["step"]
