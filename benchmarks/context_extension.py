@@ -14,8 +14,8 @@ Both extended arms start from the same stage-1 checkpoint (the control's run
 directory is seeded with a copy of stage 1, which ``ringleader run`` skips as
 finished), so they differ in theta alone. NIAH runs at the end of each stage
 (the recipe's ``niah:`` blocks) on the haystack essays of clusters/data/corpus,
-which the training corpus never contains. Run by hand (about 20 minutes on a
-loaded 2-core machine, most of it stage 1)::
+which the training corpus never contains. Run by hand (about 16 minutes on a
+2-core machine, most of it the drills and stage 1)::
 
     python benchmarks/context_extension.py [--out runs/context-extension]
 """
@@ -56,12 +56,15 @@ def stage_summary(directory: Path) -> dict:
     niah_json = next((directory / "niah").glob("*.json"))
     cells = json.loads(niah_json.read_text())["cells"]
     by_len: dict[int, list[bool]] = {}
+    tokens: dict[int, list[tuple[int, int]]] = {}
     for c in cells:
         by_len.setdefault(int(c["length"]), []).append(bool(c["correct"]))
+        tokens.setdefault(int(c["length"]), []).append((int(c["tokens_correct"]), int(c["answer_tokens"])))
     return {
         "loss": losses[-1]["loss"] if losses else float("nan"),
         "steps": losses[-1]["step"] if losses else 0,
         "niah": {n: sum(v) / len(v) for n, v in sorted(by_len.items())},
+        "tokens": {n: sum(t for t, _ in v) / sum(a for _, a in v) for n, v in sorted(tokens.items())},
         "heatmaps": sorted(str(p) for p in (directory / "niah").glob("*.png")),
     }
 
@@ -105,14 +108,17 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(f"NIAH (cells with the 8-digit number exactly right), base theta {base_theta:,.0f}, "
           f"trained at {short:,} tokens, extended to {max(lengths):,}")
-    header = f"{'arm':<16}" + "".join(f"{f'@{n:,}':>10}" for n in lengths) + f"{'final loss':>12}{'steps':>7}{'wall':>9}"
+    header = (f"{'arm':<16}" + "".join(f"{f'@{n:,}':>10}" for n in lengths) + "".join(f"{f'tok@{n:,}':>11}" for n in lengths)
+              + f"{'final loss':>12}{'steps':>7}{'wall':>9}")
     print(header)
     rows = [("stage 1", s1, None), ("same theta", ctrl, wall_control), ("theta schedule", sched, wall_scheduled)]
     for name, summary, wall in rows:
         cells = "".join(f"{summary['niah'][n] * 100:>9.0f}%" if n in summary["niah"] else f"{'-':>10}" for n in lengths)
+        cells += "".join(f"{summary['tokens'][n] * 100:>10.0f}%" if n in summary["tokens"] else f"{'-':>11}" for n in lengths)
         wall_s = f"{wall:>8.0f}s" if wall is not None else f"{'-':>9}"
         print(f"{name:<16}{cells}{summary['loss']:>12.3f}{summary['steps']:>7}{wall_s}")
-    print("(wall: the whole ringleader run of that arm; the scheduled arm's includes stage 1)")
+    print("(@N: cells whose whole number is right; tok@N: answer tokens right, teacher-forced; "
+          "wall: the whole ringleader run of that arm, the scheduled arm's including every stage before the extension)")
     print("heatmaps:")
     for name, summary, _ in rows:
         for h in summary["heatmaps"]:
