@@ -33,6 +33,7 @@ LABELS = {
     "efficiency": "assumed kernel efficiency", "tokens_per_rank": "tokens per rank",
     "ring_bytes_fwd": "K/V block per ring step", "slowest_hop": "slowest hop (ranks)",
     "bound_hop_gbps": "best possible slowest hop", "bound_ring_step_s": "best possible ring step",
+    "a2a_floor_s": "all-to-all floor",
 }
 """Labels for the cost model's fields; others are shown as their field name in words."""
 
@@ -47,9 +48,10 @@ def is_prediction(key: str) -> bool:
 
 def figures(cost: dict[str, Any], on_gpus: bool = True) -> tuple[list[Figure], list[Figure]]:
     """(headline, rest) of ``cost`` formatted; GPU predictions only when ``on_gpus``."""
-    keys = [k for k in cost if on_gpus or not is_prediction(k)]
-    head = [k for k in HEADLINE if k in keys]
-    return [fmt(k, cost[k]) for k in head], [fmt(k, cost[k]) for k in keys if k not in head]
+    shown = {k: ({i: x for i, x in v.items() if on_gpus or not is_prediction(i)} if isinstance(v, dict) else v)
+             for k, v in cost.items() if on_gpus or not is_prediction(k)}
+    head = [k for k in HEADLINE if k in shown]
+    return [fmt(k, shown[k]) for k in head], [fmt(k, v) for k, v in shown.items() if k not in head]
 
 
 def fmt(key: str, value: Any) -> Figure:
@@ -76,6 +78,8 @@ def fmt(key: str, value: Any) -> Figure:
         text = f"{value:.3g} GB/s"
     elif "bytes" in key:
         text = nbytes(value)
+    elif isinstance(value, dict):  # e.g. the planner's search record: each field formatted the same way
+        text = "; ".join(str(fmt(k, v)) for k, v in value.items())
     elif key == "slowest_hop" and isinstance(value, list):
         text = " → ".join(map(str, value))
     elif isinstance(value, int):
