@@ -3,7 +3,9 @@
 import hashlib
 import json
 import random
+import re
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +19,7 @@ from stage_helpers import CHAT, CORPUS
 from topology.errors import ConfigError
 from trainer.config import DataConfig
 from trainer.data import build_dataset, read_documents, sample_index, upsample_factor
-from trainer.data.packing import PackedDataset, spread_copies
+from trainer.data.packing import IGNORE_INDEX, PackedDataset, place_whole_documents, spread_copies
 from trainer.data.store import TokenStore
 from trainer.tokenizer import EOT, byte_tokenizer
 
@@ -173,6 +175,50 @@ def test_no_window_holds_two_copies_of_one_document(lengths, window, seed, data)
         pos += lengths[d]
     if max(copies) == 1:
         assert order.tolist() == pool.tolist()
+
+
+@settings(max_examples=80, deadline=None)
+@given(st.lists(st.integers(1, 40), min_size=1, max_size=30), st.integers(2, 50), st.integers(0, 1000), st.data())
+def test_whole_documents_are_cut_only_when_longer_than_a_window(lengths, window, seed, data):
+    copies = data.draw(st.lists(st.integers(1, 3), min_size=len(lengths), max_size=len(lengths)))
+    pool = np.random.default_rng(seed).permutation(np.repeat(np.arange(len(lengths)), copies))
+    lengths = np.array(lengths)
+    order, starts, dropped = place_whole_documents(pool, lengths, window, np.array(copies) > 1)
+    assert len(order) + dropped == len(pool) and Counter(order.tolist()) <= Counter(pool.tolist())
+    ends = starts + lengths[order]
+    assert (starts[1:] >= ends[:-1]).all()
+    for k, d in enumerate(order.tolist()):
+        first, last = starts[k] // window, (ends[k] - 1) // window
+        if lengths[d] <= window:
+            assert first == last, f"document {d} ({lengths[d]} tokens) cut at a window boundary"
+        else:
+            assert starts[k] % window == 0  # a long document starts a window
+        # padding only fills a window's end: a gap before a document means it starts a window
+        assert k == 0 or starts[k] == ends[k - 1] or starts[k] % window == 0
+    seen = Counter((d, w) for k, d in enumerate(order.tolist()) for w in range(starts[k] // window, (ends[k] - 1) // window + 1))
+    assert max(seen.values()) == 1, "a window holds two copies of one document"
+    if max(copies) == 1:
+        assert dropped == 0 and sorted(order.tolist()) == sorted(pool.tolist())
+
+
+def test_whole_documents_samples_hold_every_document_that_fits_uncut_and_learn_no_padding(tmp_path):
+    texts = [f"<{i}>" + "x" * (5 * i % 37) + f"</{i}>" for i in range(40)] + ["L" * 150]
+    ds = build_dataset(replace(_docs(tmp_path, texts), whole_documents=True), TOK, seq_len=63, seed=2)
+    whole = {}
+    for i in range(len(ds)):
+        s = ds[i]
+        ids, labels, docs = s["input_ids"].tolist(), s["labels"].tolist(), s["doc_ids"].tolist()
+        text = bytes(t for t in ids if t < 256).decode()
+        whole.update({int(m): text for m in re.findall(r"<(\d+)>", text) if f"</{m}>" in text})
+        pad = [j for j in range(63) if ids[j] == 0]
+        assert pad == list(range(pad[0], 63)) if pad else True  # padding only at the end
+        assert all(labels[j - 1] == IGNORE_INDEX for j in pad if j > 0) and all(labels[j] == IGNORE_INDEX for j in pad)
+        assert docs == sorted(docs) and (not pad or docs[pad[0]] > docs[pad[0] - 1])
+    # every short document of the epoch's windows (the stream's tail is no whole sample) is read uncut
+    in_epoch = [int(d) for d, end in zip(ds.order, ds.ends) if end <= len(ds) * 64 and d < 40]
+    assert sorted(whole) == sorted(in_epoch) and len(in_epoch) >= 35
+    plain = build_dataset(_docs(tmp_path, texts), TOK, seq_len=63, seed=2)
+    assert plain.starts.tolist() == (plain.ends - plain.store.lengths[plain.order]).tolist() and 0 not in plain[0]["input_ids"].tolist()
 
 
 def test_prepared_store_on_disk_gives_the_same_samples(tmp_path):

@@ -79,6 +79,12 @@ class DataConfig:
     restart_positions: bool = False
     """RoPE positions restart at 0 at every document start (needs ``document_mask``);
     False: positions run over the whole sample."""
+    whole_documents: bool = False
+    """Never cut a document that fits in one sample across two: when the next documents do not
+    fit in what is left of a sample, the rest is padding (never learned) and they start the next
+    one (Ding et al. 2024, "Fewer Truncations Improve Language Modeling"). A question whose
+    answer sits in the previous sample only teaches guessing; longer documents are still cut,
+    starting at a sample's start. False: one continuous stream, cut every ``seq_len + 1`` tokens."""
     on_bad_record: Literal["error", "skip"] = "error"
     """A record that cannot be a document (not UTF-8, no text, empty, malformed conversation):
     ``error`` refuses the data naming file and record; ``skip`` leaves it out and counts it."""

@@ -18,6 +18,9 @@ its window overlaps, from the store's memory-mapped shards.
   passage twice in one context can learn to copy instead of to predict.
 * Chat conversations carry a learned mask; labels are ``-100`` except on
   assistant tokens.
+* With ``whole_documents``, a document that fits in a sample is never cut
+  across two: the stream gets padding (unlearned) at the end of a sample
+  instead, and documents just behind in the order fill what they can of it.
 
 Sample ``i`` is a pure function of ``(store, data options, seed, i)``: a
 resumed run reading sample ``i`` gets the same tokens as an uninterrupted
@@ -26,7 +29,9 @@ one. Indices past one epoch wrap around with a fresh permutation per epoch.
 
 from __future__ import annotations
 
+import itertools
 import math
+from collections import deque
 from dataclasses import dataclass
 
 import numpy as np
@@ -39,6 +44,11 @@ from trainer.data.store import TokenStore
 
 MAX_UPSAMPLE = 4
 """Most copies of one long document in a pass over the corpus."""
+LOOKAHEAD = 64
+"""Documents ``place_whole_documents`` looks ahead in the order for one that fits a sample's rest."""
+PAD_ID = 0
+"""Token of the padding after the last document of a sample (never learned, never attended
+to by a document: it only ever follows them)."""
 
 
 def upsample_factor(n_tokens: int, long_doc_tokens: int) -> int:
@@ -128,8 +138,69 @@ def spread_copies(order: np.ndarray, lengths: np.ndarray, window: int) -> tuple[
     return np.asarray(out, dtype=order.dtype), len(waiting)
 
 
-def stream_layout(lengths: np.ndarray, data_cfg: DataConfig, seq_len: int, seed: int) -> tuple[np.ndarray, int, int]:
-    """Document order of the stream, the sample-order seed and the copies dropped by ``spread_copies``.
+def place_whole_documents(order: np.ndarray, lengths: np.ndarray, window: int,
+                          repeated: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, int]:
+    """Stream positions at which no document that fits in a window is cut by a window boundary.
+
+    Parameters
+    ----------
+    order
+        Document numbers in stream order.
+    lengths
+        Tokens per document number.
+    window
+        Stream tokens per sample (``seq_len + 1``); windows start at multiples of it.
+    repeated
+        Per document number, whether it has several copies in a pass: no window
+        may then hold two of them (as ``spread_copies`` keeps it).
+
+    Returns
+    -------
+    order, starts, dropped
+        The documents in their new order, where each starts, and how many copies
+        were left out because nothing but copies of themselves was left to place.
+
+    Notes
+    -----
+    Greedy: the first of the next ``LOOKAHEAD`` documents that fits in the
+    window's rest goes next; when none fits, the rest is padding. A document
+    longer than a window starts at a window's start. Linear in the documents
+    for a fixed look-ahead; the padding is small when documents are short next
+    to the window and about half a document per window when they are not.
+
+    >>> place_whole_documents(np.array([0, 1, 2]), np.array([3, 3, 1]), window=4)
+    (array([0, 2, 1]), array([0, 3, 4]), 0)
+    """
+    pending = deque(order.tolist())
+    out: list[int] = []
+    starts: list[int] = []
+    last_window: dict[int, int] = {}
+    pos = dropped = 0
+    while pending:
+        room, here = window - pos % window, pos // window
+        # A fresh window takes any document but a copy already in it, looking as far as needed.
+        ahead = itertools.islice(pending, None if room == window else LOOKAHEAD)
+        i = next((k for k, d in enumerate(ahead)
+                  if (lengths[d] <= room or room == window) and last_window.get(d, -1) < here), None)
+        if i is None:
+            if room == window:  # only copies of documents in this very window are left
+                dropped = len(pending)
+                break
+            pos += room
+            continue
+        d = pending[i]
+        del pending[i]
+        out.append(d)
+        starts.append(pos)
+        pos += int(lengths[d])
+        if repeated is not None and repeated[d]:
+            last_window[d] = (pos - 1) // window
+    return np.asarray(out, dtype=order.dtype), np.asarray(starts, dtype=np.int64), dropped
+
+
+def stream_layout(lengths: np.ndarray, data_cfg: DataConfig, seq_len: int,
+                  seed: int) -> tuple[np.ndarray, np.ndarray, int, int]:
+    """Document order of the stream, where each document starts, the sample-order seed and the copies dropped.
 
     Documents are ordered by a permutation seeded by ``(data_cfg.seed, seed)``;
     when one pass holds less than a sample, passes repeat (new order each),
@@ -137,14 +208,21 @@ def stream_layout(lengths: np.ndarray, data_cfg: DataConfig, seq_len: int, seed:
     """
     pool = np.repeat(np.arange(len(lengths)), upsample_factors(lengths, data_cfg))
     total = int(lengths[pool].sum())
-    passes = max(1, math.ceil((seq_len + 1) / max(total, 1)))
+    window = seq_len + 1
+    passes = max(1, math.ceil(window / max(total, 1)))
     rng = np.random.default_rng([data_cfg.seed, seed])
+    if data_cfg.whole_documents:
+        perms = np.concatenate([rng.permutation(pool) for _ in range(passes)])
+        order, starts, dropped = place_whole_documents(perms, lengths, window, np.bincount(pool, minlength=len(lengths)) > 1)
+        return order, starts, int(rng.integers(1 << 31)), dropped
     parts, dropped = [], 0
     for _ in range(passes):
-        part, lost = spread_copies(rng.permutation(pool), lengths, seq_len + 1)
+        part, lost = spread_copies(rng.permutation(pool), lengths, window)
         parts.append(part)
         dropped += lost
-    return np.concatenate(parts), int(rng.integers(1 << 31)), dropped
+    order = np.concatenate(parts)
+    ends = np.cumsum(lengths[order])
+    return order, ends - lengths[order], int(rng.integers(1 << 31)), dropped
 
 
 class PackedDataset:
@@ -159,8 +237,8 @@ class PackedDataset:
     def __init__(self, store: TokenStore, seq_len: int, data_cfg: DataConfig, seed: int = 0) -> None:
         self.store, self.seq_len = store, seq_len
         lengths = store.lengths
-        self.order, self.seed, self.dropped_copies = stream_layout(lengths, data_cfg, seq_len, seed)
-        self.ends = np.cumsum(lengths[self.order])
+        self.order, self.starts, self.seed, self.dropped_copies = stream_layout(lengths, data_cfg, seq_len, seed)
+        self.ends = self.starts + lengths[self.order]
         total = int(self.ends[-1]) if len(self.ends) else 0
         self.num_samples = total // (seq_len + 1)
         if self.num_samples < 1:
@@ -176,21 +254,27 @@ class PackedDataset:
         return int(self.ends[-1])
 
     def window(self, j: int) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
-        """Tokens, learned mask (chat) and document number of stream window ``j`` (``seq_len + 1`` tokens)."""
+        """Tokens, learned mask (chat, padding) and document number of stream window ``j`` (``seq_len + 1`` tokens).
+
+        Padding (only ever at a window's end, with ``whole_documents``) is a document of its own, never learned.
+        """
         size = self.seq_len + 1
         a, b = j * size, (j + 1) * size
         first = int(np.searchsorted(self.ends, a, side="right"))
-        last = int(np.searchsorted(self.ends, b - 1, side="right"))
-        tokens, learn, docs = [], [], []
+        last = int(np.searchsorted(self.starts, b, side="left")) - 1
+        tokens = np.full(size, PAD_ID, dtype=np.int64)
+        learn = np.zeros(size, dtype=np.bool_)
+        docs = np.full(size, max(last - first + 1, 0), dtype=np.int64)
         for k in range(first, last + 1):
-            doc_start = int(self.ends[k]) - int(self.store.lengths[self.order[k]])
-            lo, hi = max(a, doc_start) - doc_start, min(b, int(self.ends[k])) - doc_start
+            start = int(self.starts[k])
+            lo, hi = max(a, start) - start, min(b, int(self.ends[k])) - start
             ids, mask = self.store.read(int(self.order[k]), lo, hi)
-            tokens.append(ids)
-            learn.append(mask)
-            docs.append(np.full(hi - lo, k - first, dtype=np.int64))
-        mask = np.concatenate(learn).astype(np.bool_) if self.store.has_learn else None
-        return np.concatenate(tokens).astype(np.int64), mask, np.concatenate(docs)
+            at = start + lo - a
+            tokens[at:at + hi - lo] = ids
+            learn[at:at + hi - lo] = True if mask is None else mask
+            docs[at:at + hi - lo] = k - first
+        padded = int(self.ends[last]) < b if last >= first else True
+        return tokens, learn if (self.store.has_learn or padded) else None, docs
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         """``input_ids``, ``labels`` and ``doc_ids`` (all ``[seq_len]``) of sample ``index >= 0``."""
