@@ -284,6 +284,39 @@ def test_joint_all_to_all_floor_is_the_brute_force_minimum(problem, ulysses, tok
     assert stopped.seconds <= least * (1 + 1e-12)
 
 
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
+@given(small_clusters(), st.sampled_from([2, 3]), st.sampled_from([256, 65536]), st.sampled_from([3, 40, math.inf]))
+def test_ring_and_all_to_all_floor_is_no_more_than_the_brute_force_minimum(problem, ulysses, tokens, cap):
+    """The ring priced with the all-to-all over every partition (finished, or stopped at ``cap`` nodes): no order's
+    attention time is below it, and the step bound it raises stays at or below the brute-force optimum."""
+    from topology.a2a_floor import joint_all_to_all_floor
+
+    topo, gpus, cp = problem
+    assume(cp % ulysses == 0 and cp // ulysses > 1)
+    sm = StepModel(topo, gpus // cp, cp // ulysses, ulysses, 2 * cp * tokens)
+    pool = topo.gpus()
+    classes = search.twin_classes(sm, pool)
+    figures = [sm.figures(order) for order in all_orders(classes, gpus)]
+    least = min(sm.attention(f["hop_gbps"], f["hop_lat"], f["a2a"]) for f in figures)
+    floor = joint_all_to_all_floor(sm, pool, classes, math.inf, cap, ring=True)
+    assert floor.seconds <= least * (1 + 1e-12)
+    a2a = joint_all_to_all_floor(sm, pool, classes, math.inf, math.inf).seconds
+    assert step_bound(sm, a2a, floor.seconds)["step"] <= min(f["step"] for f in figures) * (1 + 1e-12)
+
+
+@pytest.mark.parametrize("cp,tokens", [(4, 128), (16, 4096)])
+def test_ring_priced_with_the_all_to_all_proves_16_gpus_on_two_g6e_hosts(cp, tokens):
+    """Ulysses pairs on two g6e hosts: the pairs that make the all-to-all quickest leave the ring hops between them
+    slower than either term's own bound says; priced together, the bound is met, with no exact search."""
+    topo = g6e(2)
+    plan = make_plan(topo, 16, cp, 2, seq_len=2 * cp * tokens)
+    found, c = plan.cost["search"], plan.cost
+    assert found["optimal"] and found["proof"] == "meets bound" and found["nodes"] == 0
+    sm = StepModel(topo, 16 // cp, cp // 2, 2, plan.seq_len)
+    assert c["bound_step_s"] > step_bound(sm, found["a2a_floor_s"])["step"] * (1 + 1e-9)  # the joint floor raised it
+    assert found["attention_floor_s"] > 0 and c["step_time_s"] <= c["bound_step_s"] * (1 + TOL)
+
+
 def test_pair_rates_are_the_flow_models_rates_of_one_more_flow():
     """``PairRates`` prices every pair at once as ``FlowModel.bandwidths`` prices that flow joining the placed ones."""
     import numpy as np
