@@ -100,7 +100,8 @@ def pool_units(sm: StepModel, gpus: list[str], dense: np.ndarray, lat_via: np.nd
     for host in dict.fromkeys(topo.host_of(g) for g in gpus):
         parts = set(topo.parts(host))
         sub = topo.graph.subgraph(parts)
-        sides = [parts] + [c for u, v in sub.edges for c in nx.connected_components(nx.restricted_view(sub, [], [(u, v)]))]
+        cuts = (nx.connected_components(nx.restricted_view(sub, [], [edge])) for edge in sub.edges)
+        sides = [parts, *(side for cut in cuts for side in cut)]
         for side in sides:
             held = frozenset(index[x] for x in side if x in index)
             if not held or len(held) == n:
@@ -194,7 +195,7 @@ class RingPricer:
         return np.where(at, lat, -math.inf).max(axis=1)
 
     def price(self, rate: float, lat: float, a2a: float) -> float:
-        """Least attention time (``StepModel.attention``) when some ring hop runs at ``rate`` at most (after ``lat``)."""
+        """Least attention time (``StepModel.attention``) when some ring hop runs at ``rate`` at most, after ``lat``."""
         key = (rate, lat, a2a)
         if key not in self._prices:
             sm, cap = self.sm, self.hop_cap

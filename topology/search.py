@@ -29,7 +29,9 @@ Algorithms
   (``topology.cost.step_bound``) is optimal too. For problems searched
   exactly with Ulysses groups, the bound's all-to-all term is the joint
   floor of all groups over the pool they must fill (``topology.a2a_floor``),
-  computed once and used by the exact search too.
+  computed once and used by the exact search too; on pools of at most
+  ``RING_FLOOR_GPUS``, the ring and all-to-all terms are bounded together
+  as well (``topology.ring_floor``).
 """
 
 from __future__ import annotations
