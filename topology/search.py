@@ -62,7 +62,7 @@ exact search stays near ``EXACT_NODES``' time."""
 RING_FLOOR_GPUS = 16
 """Pools of at most this many GPUs (filled by the plan) get the ring priced with the all-to-all
 (``topology.ring_floor``): its partition search costs far more per node than the all-to-all's alone."""
-RING_FLOOR_NODES = 300
+RING_FLOOR_NODES = 150
 """Partial partitions that search visits at most."""
 SEARCH_BUDGET_S = 2.0
 """Most wall-clock seconds the local search takes by default: a safety net, above what its move count needs."""
