@@ -32,6 +32,11 @@ every completion by the largest of
   more than its share, after no less than the quickest route through it;
 * what the free GPUs allow each open group alone (``topology.lookahead``).
 
+With ``ring``, the same search bounds the attention time instead (ring
+hops and all-to-all together): each partition is priced with the ring hops
+its groups force, and each partial one by its groups with members
+(``topology.ring_floor``).
+
 A branch whose bound is no sooner than the best known is cut; children
 are tried soonest first. Stopped at ``node_cap`` nodes, the floor is the
 smallest bound among the branches left open (and the best partition
@@ -217,12 +222,10 @@ def joint_all_to_all_floor(sm: StepModel, pool: list[str], classes: list[list[st
             if g >= 0:
                 add(i, g, +1)
                 members[g].append(i)
-                label[i] = g
                 children.append((score(i + 1), g))
                 members[g].pop()
                 add(i, g, -1)
             else:
-                label[i] = g
                 children.append((score(i + 1), g))
         children.sort()
         left = [b for b, _ in children]
