@@ -23,9 +23,10 @@ TOL = 1e-7
 
 # ------------------------------------------------------------------ generated small clusters
 @st.composite
-def small_clusters(draw):
-    """Up to 6 GPUs on hosts of 1-3 GPUs: mixed sizes, one or two NICs (rails), degraded cables, two or three tiers."""
-    sizes = draw(st.lists(st.integers(1, 3), min_size=1, max_size=4).filter(lambda s: sum(s) <= 6))
+def small_clusters(draw, most: int = 6):
+    """Up to ``most`` GPUs on hosts of 1-3 GPUs: mixed sizes, one or two NICs (rails), degraded cables, two or three
+    tiers."""
+    sizes = draw(st.lists(st.integers(1, 3), min_size=1, max_size=4).filter(lambda s: sum(s) <= most))
     leaves = draw(st.integers(1, min(3, len(sizes))))
     three_tier = draw(st.booleans()) and leaves > 1
     rails = draw(st.booleans())
@@ -287,21 +288,41 @@ def test_joint_all_to_all_floor_is_the_brute_force_minimum(problem, ulysses, tok
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
 @given(small_clusters(), st.sampled_from([2, 3]), st.sampled_from([256, 65536]), st.sampled_from([3, 40, math.inf]))
 def test_ring_and_all_to_all_floor_is_no_more_than_the_brute_force_minimum(problem, ulysses, tokens, cap):
-    """The ring priced with the all-to-all over every partition (finished, or stopped at ``cap`` nodes): no order's
-    attention time is below it, and the step bound it raises stays at or below the brute-force optimum."""
-    from topology.a2a_floor import joint_all_to_all_floor
-
+    """The ring priced with the all-to-all (and the gradient ring's excess) over every partition (finished, or
+    stopped at ``cap`` nodes): no order is below it, and the step bound it raises stays at or below the optimum."""
     topo, gpus, cp = problem
     assume(cp % ulysses == 0 and cp // ulysses > 1)
-    sm = StepModel(topo, gpus // cp, cp // ulysses, ulysses, 2 * cp * tokens)
-    pool = topo.gpus()
+    _check_ring_floor(StepModel(topo, gpus // cp, cp // ulysses, ulysses, 2 * cp * tokens), gpus, cap)
+
+
+@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
+@given(small_clusters(most=8), st.sampled_from([256, 65536]))
+def test_ring_floor_with_data_parallel_replicas_is_no_more_than_the_brute_force_minimum(problem, tokens):
+    """Two replicas of a ring of two Ulysses pairs (8 GPUs): the gradient ring runs through both replicas' groups,
+    and the floor still stays at or below every order."""
+    topo, _, _ = problem
+    assume(len(topo.gpus()) == 8)
+    sm = StepModel(topo, 2, 2, 2, 2 * 4 * tokens)
+    assume(search.count_orders(search.twin_classes(sm, topo.gpus()), 8, 3000) <= 3000)
+    _check_ring_floor(sm, 8, math.inf)
+
+
+def _check_ring_floor(sm, gpus, cap):
+    """The joint floor of ``sm`` against every order of ``gpus`` GPUs of its topology."""
+    from topology.a2a_floor import joint_all_to_all_floor
+    from topology.bound import ring_bandwidth_bound
+
+    pool = sm.topo.gpus()
     classes = search.twin_classes(sm, pool)
     figures = [sm.figures(order) for order in all_orders(classes, gpus)]
-    least = min(sm.attention(f["hop_gbps"], f["hop_lat"], f["a2a"]) for f in figures)
+    base = sm.gradients(ring_bandwidth_bound(sm.topo, 1, sm.world))
+    least = min(sm.attention(f["hop_gbps"], f["hop_lat"], f["a2a"]) + sm.gradients(f["bus_gbps"]) - base
+                for f in figures)
     floor = joint_all_to_all_floor(sm, pool, classes, math.inf, cap, ring=True)
     assert floor.seconds <= least * (1 + 1e-12)
     a2a = joint_all_to_all_floor(sm, pool, classes, math.inf, math.inf).seconds
     assert step_bound(sm, a2a, floor.seconds)["step"] <= min(f["step"] for f in figures) * (1 + 1e-12)
+    return floor
 
 
 @pytest.mark.parametrize("cp,tokens", [(4, 128), (16, 4096)])

@@ -381,8 +381,8 @@ def estimate(
     a2a_floor
         A known lower bound of the all-to-all term over every placement (``topology.a2a_floor``), for the bound.
     attention_floor
-        A known lower bound of the attention time (ring and all-to-all together) over every placement
-        (``topology.ring_floor``), for the bound.
+        A known lower bound of the attention time (ring and all-to-all together) plus the gradient term's excess
+        over its own bound, over every placement (``topology.ring_floor``), for the bound.
 
     Returns
     -------
@@ -440,7 +440,8 @@ def step_bound(sm: StepModel, a2a_floor: float = 0.0, attention_floor: float = 0
     latency of any route between two GPUs. ``a2a_floor`` is a known lower
     bound of the all-to-all term (``topology.a2a_floor``): the larger one counts.
     ``attention_floor`` bounds the ring and all-to-all terms together (``topology.ring_floor``,
-    ``StepModel.attention``): where it is above the sum of their own bounds, it counts instead.
+    ``StepModel.attention``) plus what the gradient term takes beyond its own bound (the bus bound here):
+    where it is above the ring and all-to-all's own bounds, it counts instead.
     """
     topo = sm.topo
     hop = ring_bandwidth_bound(topo, sm.dp * sm.ulysses, sm.ring) * sm.rates.network_efficiency

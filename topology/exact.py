@@ -81,7 +81,8 @@ def branch_and_bound(sm: StepModel, pool: list[str], best: list[str], best_step:
     """The best order for ``sm`` among sequences of GPUs from ``pool``, starting from ``best``.
 
     ``joint_a2a`` is a lower bound of the all-to-all term of every order (``topology.a2a_floor``), used with the rest;
-    ``joint_attention`` one of the ring and all-to-all terms together (``topology.ring_floor``).
+    ``joint_attention`` one of the ring and all-to-all terms together, plus the gradient term's excess over its
+    own bound (``topology.ring_floor``).
 
     Returns
     -------
@@ -188,8 +189,8 @@ def branch_and_bound(sm: StepModel, pool: list[str], best: list[str], best_step:
         hop_r, a2a_r, bus = (slowest(x) for x in loads)
         bus = min(bus, bus_cap)
         quick = total(min(hop_r, hop_cap) * efficiency, l_min, a2a_term(None, a2a_r), bus)
-        if joint_attention:
-            quick = max(quick, sm.dense + joint_attention + sm.gradients(bus) + rates.step_overhead_s)
+        if joint_attention:  # it holds the gradient term's excess over the bus bound: add that bound, not this bus
+            quick = max(quick, sm.dense + joint_attention + sm.gradients(bus_cap) + rates.step_overhead_s)
         if quick >= target:
             return quick
         a2a = a2a_term(shares(loads[1]), a2a_r) if placed_flows[1] else a2a_term(None, a2a_r)

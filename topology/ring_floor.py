@@ -37,6 +37,16 @@ waits at least the quickest route through such a link) or slower, at the
 next rate any link can give, after the shortest latency of any route (the
 argument ``topology.exact`` makes for placed hops).
 
+The gradient ring (``StepModel.gradients``) walks the ranks in order: each
+Ulysses group's members in a row, then on to the next group. A group with
+members on both sides of a unit's cut crosses it inside its own stretch, so
+a unit splitting ``s`` groups is crossed ``s`` times at least, and left
+``ceil(s / 2)`` times; all the ring's flows run at the bus rate, which the
+cut rates above cap. What that costs beyond the gradient term's own bound
+(``topology.bound.ring_bandwidth_bound`` over the world) is added to the
+partition's price: the floor is then of the attention time plus that excess,
+which ``topology.cost.step_bound`` adds to the gradient bound.
+
 A complete partition is priced by its best cover: depth-first over cycles
 (each starts at the first group no cycle holds), cut when a partial cover
 already costs no less than the best known, stopped after ``COVER_NODES``
@@ -55,6 +65,7 @@ from typing import Callable
 import networkx as nx
 import numpy as np
 
+from topology.bound import ring_bandwidth_bound
 from topology.cost import StepModel
 
 COVER_NODES = 20_000
@@ -154,6 +165,8 @@ class RingPricer:
                  l_min: float, hop_cap: float, below: Callable[[float], float]):
         self.sm, self.dense, self.bw, self.lat_via, self.units = sm, dense, bw, lat_via, units
         self.l_min, self.hop_cap, self.below = l_min, hop_cap, below
+        self.gradient_base = sm.gradients(ring_bandwidth_bound(sm.topo, 1, sm.world))
+        """The gradient term's own bound (as ``topology.cost.step_bound`` counts it)."""
         self.eff = sm.rates.network_efficiency
         self.capped = bool(sm.rates.intra_host_gbps or sm.rates.inter_host_gbps)
         self.nodes = 0
@@ -244,12 +257,38 @@ class RingPricer:
         k_in = np.maximum(held[None, :, :] - reach[:, None, :], 0)
         return load, k_out, k_in
 
+    def gradient_excess(self, groups: list[list[int]]) -> float:
+        """Seconds the gradient term of any order with these groups (members placed so far) takes beyond its bound.
+
+        A unit splitting ``s`` groups is left ``ceil(s / 2)`` times by the gradient ring (each group's stretch
+        crosses the cut once at least, and the ring leaves as often as it enters); the bus runs no faster
+        than those flows can all cross.
+        """
+        if not groups or self.sm.world < 2:
+            return 0.0
+        u = self.units
+        member = np.zeros((len(groups), self.dense.shape[0]))
+        for a, g in enumerate(groups):
+            member[a, g] = 1
+        held = member @ u.members.T
+        split = ((held > 0) & (held < member.sum(axis=1)[:, None])).sum(axis=0)
+        exits = np.minimum(np.ceil(split / 2), u.rate_out.shape[1] - 1).astype(int)
+        busy = exits > 0
+        if not busy.any():
+            return 0.0
+        rows = self._unit_idx[busy]
+        bus = float(min(u.rate_out[rows, exits[busy]].min(), u.rate_in[rows, exits[busy]].min()))
+        return max(0.0, self.sm.gradients(bus) - self.gradient_base)
+
     # -------------------------------------------------------------- a complete partition
     def leaf(self, groups: list[list[int]], a2a: float, best: float) -> float:
-        """Least attention time of any order with Ulysses groups ``groups`` (pool indices) and all-to-all ``a2a``.
+        """Least attention time (plus gradient excess) of any order with Ulysses groups ``groups`` (pool indices)
+        and all-to-all ``a2a``.
 
         Returns no less than ``best`` when no cover beats it.
         """
+        excess = self.gradient_excess(groups)
+        best -= excess
         m, length = len(groups), self.sm.ring
         load, k_out, k_in = self.edges(groups, self.dense.shape[0])
         state = {"best": best, "steps": 0}
@@ -293,11 +332,12 @@ class RingPricer:
         zero = np.zeros(load.shape[2]), np.zeros(k_out.shape[2]), np.zeros(k_in.shape[2])
         result = extend(zero, 0, 0, 1)
         self.nodes += state["steps"]
-        return result
+        return result + excess
 
     # -------------------------------------------------------------- a partial partition
     def partial(self, groups: list[list[int]], first_free: int, fresh: bool, a2a: float) -> float:
-        """Least attention time of any completion: each group with members needs an edge out and one in.
+        """Least attention time (plus gradient excess) of any completion: each group with members needs an edge
+        out and one in, and a group split by a cut stays split.
 
         ``groups`` are the groups with members (pool indices below ``first_free``); GPUs from
         ``first_free`` on are free, and (``fresh``) may form groups of their own.
@@ -307,6 +347,7 @@ class RingPricer:
         best = float(self.prices(*zero, a2a)[0])
         if not groups:
             return best
+        excess = self.gradient_excess(groups)
         load, k_out, k_in = self.edges(groups, first_free)
         size = m + 1
         costs = self.prices(load.reshape(size * size, -1), k_out.reshape(size * size, -1),
@@ -315,4 +356,4 @@ class RingPricer:
         if not (fresh and self.dense.shape[0] - first_free >= self.sm.ulysses):
             costs[m, :] = costs[:, m] = math.inf
         # Each group with members sends to one other group and receives from one.
-        return max(best, float(costs[:m].min(axis=1).max()), float(costs[:, :m].min(axis=0).max()))
+        return max(best, float(costs[:m].min(axis=1).max()), float(costs[:, :m].min(axis=0).max())) + excess

@@ -31,7 +31,8 @@ Algorithms
   floor of all groups over the pool they must fill (``topology.a2a_floor``),
   computed once and used by the exact search too; on pools of at most
   ``RING_FLOOR_GPUS``, the ring and all-to-all terms are bounded together
-  as well (``topology.ring_floor``).
+  as well (``topology.ring_floor``), with what the groups force on the
+  gradient ring.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ import random
 import time
 from dataclasses import dataclass
 
+from topology.bound import ring_bandwidth_bound
 from topology.cost import StepModel, step_bound
 from topology.delta import REL_TOL, DeltaOrder
 from topology.a2a_floor import FLOOR_GPUS, joint_all_to_all_floor
@@ -102,8 +104,8 @@ class SearchResult:
     a2a_floor_s: float = 0.0
     """Joint lower bound of the all-to-all term over every order (``topology.a2a_floor``; 0: not computed)."""
     attention_floor_s: float = 0.0
-    """Joint lower bound of the ring and all-to-all terms together over every order (``topology.ring_floor``;
-    0: not computed)."""
+    """Joint lower bound of the ring and all-to-all terms together, plus the gradient term's excess over its own
+    bound, over every order (``topology.ring_floor``; 0: not computed)."""
 
     def info(self) -> dict:
         return {"construction": self.construction, "moves": self.moves, "optimal": self.optimal, "proof": self.proof,
@@ -186,9 +188,11 @@ def optimise(sm: StepModel, candidates: dict[str, list[str]], pool: list[str], b
 
 
 def _attention(sm: StepModel, order: list[str]) -> float:
-    """Attention time (ring and all-to-all, ``StepModel.attention``) of an order."""
+    """Attention time (ring and all-to-all, ``StepModel.attention``) of an order, plus its gradient term's excess
+    over that term's own bound: what ``topology.ring_floor`` bounds."""
     f = sm.figures(order)
-    return sm.attention(f["hop_gbps"], f["hop_lat"], f["a2a"])
+    excess = sm.gradients(f["bus_gbps"]) - sm.gradients(ring_bandwidth_bound(sm.topo, 1, sm.world))
+    return sm.attention(f["hop_gbps"], f["hop_lat"], f["a2a"]) + max(0.0, excess)
 
 
 # ------------------------------------------------------------------ exhaustive
