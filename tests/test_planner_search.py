@@ -307,6 +307,34 @@ def test_ring_floor_with_data_parallel_replicas_is_no_more_than_the_brute_force_
     _check_ring_floor(sm, 8, math.inf)
 
 
+def test_groups_split_across_railed_hosts_raise_the_floor_by_their_gradient_crossings():
+    """Two 3-GPU hosts whose NICs sit on two rails, one cable degraded (3 GB/s): the quickest attention pairs every
+    GPU with one on the other host, and three pairs split across the hosts make the gradient ring leave each host
+    twice. The floor rises above every order's attention time alone (it holds the gradient excess), and the step
+    bound with it, still below the optimum."""
+    topo = Topology(name="two railed hosts")
+    for n in ("core", "pod0", "leaf0", "leaf1"):
+        topo.add_node(n, n.rstrip("0123456789"))
+    for a, b, gbps in (("pod0", "core", 10.0), ("leaf0", "pod0", 25.0), ("leaf1", "pod0", 10.0)):
+        topo.add_link(a, b, gbps)
+    for i, cables in enumerate(((3.0, 12.5), (12.5, 12.5))):
+        host = f"h{i}"
+        topo.add_node(host, "host")
+        sw = topo.add_node(f"{host}/pcie0", "pcie", host=host, index=0)
+        for k, cable in enumerate(cables):
+            nic = topo.add_node(f"{host}/nic{k}", "nic", host=host, index=k)
+            topo.add_link(nic, f"leaf{(i + k) % 2}", cable)
+            topo.add_link(nic, sw, 25.0)
+        for g in range(3):
+            topo.add_link(topo.add_node(f"{host}/gpu{g}", "gpu", host=host, index=g), sw if g == 0 else f"{host}/nic1",
+                          25.0)
+    sm = StepModel(topo, 1, 3, 2, 2 * 6 * 256)
+    floor = _check_ring_floor(sm, 6, math.inf)
+    figures = [sm.figures(list(order)) for order in itertools.permutations(topo.gpus())]
+    assert floor.exact and floor.seconds > min(sm.attention(f["hop_gbps"], f["hop_lat"], f["a2a"]) for f in figures)
+    assert step_bound(sm, 0.0, floor.seconds)["step"] > step_bound(sm)["step"] * 1.04
+
+
 def _check_ring_floor(sm, gpus, cap):
     """The joint floor of ``sm`` against every order of ``gpus`` GPUs of its topology."""
     from topology.a2a_floor import joint_all_to_all_floor
