@@ -23,9 +23,10 @@ TOL = 1e-7
 
 # ------------------------------------------------------------------ generated small clusters
 @st.composite
-def small_clusters(draw):
-    """Up to 6 GPUs on hosts of 1-3 GPUs: mixed sizes, one or two NICs (rails), degraded cables, two or three tiers."""
-    sizes = draw(st.lists(st.integers(1, 3), min_size=1, max_size=4).filter(lambda s: sum(s) <= 6))
+def small_clusters(draw, most: int = 6):
+    """Up to ``most`` GPUs on hosts of 1-3 GPUs: mixed sizes, one or two NICs (rails), degraded cables, two or three
+    tiers."""
+    sizes = draw(st.lists(st.integers(1, 3), min_size=1, max_size=4).filter(lambda s: sum(s) <= most))
     leaves = draw(st.integers(1, min(3, len(sizes))))
     three_tier = draw(st.booleans()) and leaves > 1
     rails = draw(st.booleans())
@@ -282,6 +283,87 @@ def test_joint_all_to_all_floor_is_the_brute_force_minimum(problem, ulysses, tok
     assert sm.figures([g for group in full.groups for g in group])["a2a"] == pytest.approx(least, rel=1e-12)
     stopped = joint_all_to_all_floor(sm, pool, classes, math.inf, cap)
     assert stopped.seconds <= least * (1 + 1e-12)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
+@given(small_clusters(), st.sampled_from([2, 3]), st.sampled_from([256, 65536]), st.sampled_from([3, 40, math.inf]))
+def test_ring_and_all_to_all_floor_is_no_more_than_the_brute_force_minimum(problem, ulysses, tokens, cap):
+    """The ring priced with the all-to-all (and the gradient ring's excess) over every partition (finished, or
+    stopped at ``cap`` nodes): no order is below it, and the step bound it raises stays at or below the optimum."""
+    topo, gpus, cp = problem
+    assume(cp % ulysses == 0 and cp // ulysses > 1)
+    _check_ring_floor(StepModel(topo, gpus // cp, cp // ulysses, ulysses, 2 * cp * tokens), gpus, cap)
+
+
+@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
+@given(small_clusters(most=8), st.sampled_from([256, 65536]))
+def test_ring_floor_with_data_parallel_replicas_is_no_more_than_the_brute_force_minimum(problem, tokens):
+    """Two replicas of a ring of two Ulysses pairs (8 GPUs): the gradient ring runs through both replicas' groups,
+    and the floor still stays at or below every order."""
+    topo, _, _ = problem
+    assume(len(topo.gpus()) == 8)
+    sm = StepModel(topo, 2, 2, 2, 2 * 4 * tokens)
+    assume(search.count_orders(search.twin_classes(sm, topo.gpus()), 8, 3000) <= 3000)
+    _check_ring_floor(sm, 8, math.inf)
+
+
+def test_groups_split_across_railed_hosts_raise_the_floor_by_their_gradient_crossings():
+    """Two 3-GPU hosts whose NICs sit on two rails, one cable degraded (3 GB/s): the quickest attention pairs every
+    GPU with one on the other host, and three pairs split across the hosts make the gradient ring leave each host
+    twice. The floor rises above every order's attention time alone (it holds the gradient excess), and the step
+    bound with it, still below the optimum."""
+    topo = Topology(name="two railed hosts")
+    for n in ("core", "pod0", "leaf0", "leaf1"):
+        topo.add_node(n, n.rstrip("0123456789"))
+    for a, b, gbps in (("pod0", "core", 10.0), ("leaf0", "pod0", 25.0), ("leaf1", "pod0", 10.0)):
+        topo.add_link(a, b, gbps)
+    for i, cables in enumerate(((3.0, 12.5), (12.5, 12.5))):
+        host = f"h{i}"
+        topo.add_node(host, "host")
+        sw = topo.add_node(f"{host}/pcie0", "pcie", host=host, index=0)
+        for k, cable in enumerate(cables):
+            nic = topo.add_node(f"{host}/nic{k}", "nic", host=host, index=k)
+            topo.add_link(nic, f"leaf{(i + k) % 2}", cable)
+            topo.add_link(nic, sw, 25.0)
+        for g in range(3):
+            topo.add_link(topo.add_node(f"{host}/gpu{g}", "gpu", host=host, index=g), sw if g == 0 else f"{host}/nic1",
+                          25.0)
+    sm = StepModel(topo, 1, 3, 2, 2 * 6 * 256)
+    floor = _check_ring_floor(sm, 6, math.inf)
+    figures = [sm.figures(list(order)) for order in itertools.permutations(topo.gpus())]
+    assert floor.exact and floor.seconds > min(sm.attention(f["hop_gbps"], f["hop_lat"], f["a2a"]) for f in figures)
+    assert step_bound(sm, 0.0, floor.seconds)["step"] > step_bound(sm)["step"] * 1.04
+
+
+def _check_ring_floor(sm, gpus, cap):
+    """The joint floor of ``sm`` against every order of ``gpus`` GPUs of its topology."""
+    from topology.a2a_floor import joint_all_to_all_floor
+    from topology.bound import ring_bandwidth_bound
+
+    pool = sm.topo.gpus()
+    classes = search.twin_classes(sm, pool)
+    figures = [sm.figures(order) for order in all_orders(classes, gpus)]
+    base = sm.gradients(ring_bandwidth_bound(sm.topo, 1, sm.world))
+    least = min(sm.attention(f["hop_gbps"], f["hop_lat"], f["a2a"]) + sm.gradients(f["bus_gbps"]) - base
+                for f in figures)
+    floor = joint_all_to_all_floor(sm, pool, classes, math.inf, cap, ring=True)
+    assert floor.seconds <= least * (1 + 1e-12)
+    a2a = joint_all_to_all_floor(sm, pool, classes, math.inf, math.inf).seconds
+    assert step_bound(sm, a2a, floor.seconds)["step"] <= min(f["step"] for f in figures) * (1 + 1e-12)
+    return floor
+
+
+@pytest.mark.parametrize("cp,tokens", [(4, 128), (16, 4096)])
+def test_ring_priced_with_the_all_to_all_proves_16_gpus_on_two_g6e_hosts(cp, tokens):
+    """Ulysses pairs on two g6e hosts: the pairs that make the all-to-all quickest leave the ring hops between them
+    slower than either term's own bound says; priced together, the bound is met, with no exact search."""
+    topo = g6e(2)
+    plan = make_plan(topo, 16, cp, 2, seq_len=2 * cp * tokens)
+    found, c = plan.cost["search"], plan.cost
+    assert found["optimal"] and found["proof"] == "meets bound" and found["nodes"] == 0
+    sm = StepModel(topo, 16 // cp, cp // 2, 2, plan.seq_len)
+    assert c["bound_step_s"] > step_bound(sm, found["a2a_floor_s"])["step"] * (1 + 1e-9)  # the joint floor raised it
+    assert found["attention_floor_s"] > 0 and c["step_time_s"] <= c["bound_step_s"] * (1 + TOL)
 
 
 def test_pair_rates_are_the_flow_models_rates_of_one_more_flow():

@@ -32,6 +32,11 @@ every completion by the largest of
   more than its share, after no less than the quickest route through it;
 * what the free GPUs allow each open group alone (``topology.lookahead``).
 
+With ``ring``, the same search bounds the attention time instead (ring
+hops and all-to-all together): each partition is priced with the ring hops
+its groups force, and each partial one by its groups with members
+(``topology.ring_floor``).
+
 A branch whose bound is no sooner than the best known is cut; children
 are tried soonest first. Stopped at ``node_cap`` nodes, the floor is the
 smallest bound among the branches left open (and the best partition
@@ -70,7 +75,7 @@ class JointFloor:
 
 
 def joint_all_to_all_floor(sm: StepModel, pool: list[str], classes: list[list[str]], best_s: float = math.inf,
-                           node_cap: float = FLOOR_NODES) -> JointFloor:
+                           node_cap: float = FLOOR_NODES, ring: bool = False) -> JointFloor:
     """The smallest all-to-all term over every partition of ``pool`` into ``sm``'s Ulysses groups.
 
     Parameters
@@ -85,6 +90,9 @@ def joint_all_to_all_floor(sm: StepModel, pool: list[str], classes: list[list[st
         All-to-all term of an order known (it seeds the cut): the floor is never above it.
     node_cap
         Nodes after which the search stops with the floor of the branches left open.
+    ring
+        Price the ring hops too (``topology.ring_floor``): the floor is then of the attention time
+        (``StepModel.attention``: ring and all-to-all together), and ``best_s`` is in those terms.
 
     Returns
     -------
@@ -145,6 +153,7 @@ def joint_all_to_all_floor(sm: StepModel, pool: list[str], classes: list[list[st
     np.minimum.at(lat_via, pr.ids[off], np.where(pr.fracs[off] > 0, pr.latency[off][:, None], math.inf))
     host_ids = {h: k for k, h in enumerate(dict.fromkeys(host))}
     host_of = np.array([host_ids[h] for h in host])
+    pricer = _ring_pricer(sm, gpus, dense, bw, lat_via) if ring and sm.ring > 1 else None
 
     def forced(i: int) -> float:
         """Bound from the loads the placed GPUs' flows still to come surely add (GPUs ``0..i - 1`` placed)."""
@@ -176,6 +185,13 @@ def joint_all_to_all_floor(sm: StepModel, pool: list[str], classes: list[list[st
         gbps = np.minimum(gbps * eff, cap[a, b])
         return max(ahead, 2 * float(transfers(nbytes, gbps, pr.latency[a, b]).max()))
 
+    def score(i: int) -> float:
+        """Bound of the partial partition (GPUs ``0..i - 1`` placed): the all-to-all, or with the ring, attention."""
+        a2a = slowest(i)
+        if pricer is None:
+            return a2a
+        return pricer.partial([g for g in members if g], i, any(not g for g in members), a2a)
+
     class _Stop(Exception):
         pass
 
@@ -185,6 +201,8 @@ def joint_all_to_all_floor(sm: StepModel, pool: list[str], classes: list[list[st
         i_now[0] = i
         if i == n:
             t = slowest(n)
+            if pricer is not None:
+                t = pricer.leaf([list(g) for g in members], t, state["best"])
             if t < state["best"]:
                 state["best"], state["groups"] = t, [[gpus[k] for k in g] for g in members]
             return
@@ -204,11 +222,11 @@ def joint_all_to_all_floor(sm: StepModel, pool: list[str], classes: list[list[st
             if g >= 0:
                 add(i, g, +1)
                 members[g].append(i)
-                children.append((slowest(i + 1), g))
+                children.append((score(i + 1), g))
                 members[g].pop()
                 add(i, g, -1)
             else:
-                children.append((slowest(i + 1), g))
+                children.append((score(i + 1), g))
         children.sort()
         left = [b for b, _ in children]
         open_bounds.append(left)
@@ -230,6 +248,19 @@ def joint_all_to_all_floor(sm: StepModel, pool: list[str], classes: list[list[st
     try:
         visit(0)
     except _Stop:
-        pending = [slowest(i_now[0]), *(b for level in open_bounds for b in level)]  # the node it stopped at, and those left
+        pending = [score(i_now[0]), *(b for level in open_bounds for b in level)]  # the node it stopped at, and those left
         return JointFloor(min([state["best"], *pending]), False, state["nodes"], state["groups"])
     return JointFloor(state["best"], True, state["nodes"], state["groups"])
+
+
+def _ring_pricer(sm: StepModel, gpus: list[str], dense: np.ndarray, bw: np.ndarray, lat_via: np.ndarray):
+    """The ring pricing of ``topology.ring_floor`` over these GPUs' routes."""
+    from topology.bound import min_route_latency, ring_bandwidth_bound
+    from topology.exact import _RoutePatterns
+    from topology.ring_floor import RingPricer, pool_units
+    from topology.symmetry import Symmetry
+
+    patterns = _RoutePatterns(sm.flows.link_bandwidths(), sm, Symmetry(sm.topo, gpus))
+    hop_cap = ring_bandwidth_bound(sm.topo, sm.dp * sm.ulysses, sm.ring)
+    return RingPricer(sm, dense, bw, lat_via, pool_units(sm, gpus, dense, lat_via), min_route_latency(sm.topo, gpus),
+                      hop_cap, patterns.below)

@@ -359,6 +359,7 @@ def estimate(
     rates: HardwareRates | None = None,
     recompute: bool = False,
     a2a_floor: float = 0.0,
+    attention_floor: float = 0.0,
 ) -> CostReport:
     """Predict a plan's ring step, step time, tokens/s and MFU, and the bound.
 
@@ -379,6 +380,9 @@ def estimate(
         ``HardwareRates``; default: 0.6 of peak, bf16.
     a2a_floor
         A known lower bound of the all-to-all term over every placement (``topology.a2a_floor``), for the bound.
+    attention_floor
+        A known lower bound of the attention time (ring and all-to-all together) plus the gradient term's excess
+        over its own bound, over every placement (``topology.ring_floor``), for the bound.
 
     Returns
     -------
@@ -392,7 +396,7 @@ def estimate(
     attention = sm.attention(f["hop_gbps"], f["hop_lat"], f["a2a"])
     dp = sm.gradients(f["bus_gbps"])
     step = f["step"]
-    b = step_bound(sm, a2a_floor)
+    b = step_bound(sm, a2a_floor, attention_floor)
     seq = plan.seq_len
     causal = 0.5  # a causal sequence computes half of its seq x seq scores
     attn_flops = (1 + rates.bwd_flops) * 4 * causal * seq * seq * model.n_q_heads * model.head_dim * model.layers
@@ -427,7 +431,7 @@ def estimate(
     )
 
 
-def step_bound(sm: StepModel, a2a_floor: float = 0.0) -> dict:
+def step_bound(sm: StepModel, a2a_floor: float = 0.0, attention_floor: float = 0.0) -> dict:
     """Lower bounds, over every placement of ``sm``'s shape, on the ring step and the step time.
 
     Each term of the step is bounded on its own (ring hops, all-to-all,
@@ -435,6 +439,9 @@ def step_bound(sm: StepModel, a2a_floor: float = 0.0) -> dict:
     Every hop and all-to-all transfer also waits at least the shortest
     latency of any route between two GPUs. ``a2a_floor`` is a known lower
     bound of the all-to-all term (``topology.a2a_floor``): the larger one counts.
+    ``attention_floor`` bounds the ring and all-to-all terms together (``topology.ring_floor``,
+    ``StepModel.attention``) plus what the gradient term takes beyond its own bound (the bus bound here):
+    where it is above the ring and all-to-all's own bounds, it counts instead.
     """
     topo = sm.topo
     hop = ring_bandwidth_bound(topo, sm.dp * sm.ulysses, sm.ring) * sm.rates.network_efficiency
@@ -446,7 +453,8 @@ def step_bound(sm: StepModel, a2a_floor: float = 0.0) -> dict:
         a2a = 2 * transfer(sm.a2a_per_peer * (sm.ulysses - 1), gpu_access_bound(topo) * sm.rates.network_efficiency, lat)
     a2a = max(a2a, a2a_floor)
     bus = ring_bandwidth_bound(topo, 1, sm.world)
-    step = sm.dense + sm.attention(hop, hop_lat, a2a) + sm.gradients(bus) + sm.rates.step_overhead_s
+    attention = max(sm.attention(hop, hop_lat, a2a), attention_floor)
+    step = sm.dense + attention + sm.gradients(bus) + sm.rates.step_overhead_s
     return {"hop_gbps": hop, "ring_step_fwd": fwd, "a2a": a2a, "bus_gbps": bus, "step": step}
 
 

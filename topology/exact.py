@@ -30,7 +30,9 @@ term no better than what no placement beats (``topology.cost.step_bound``):
   of them, and the same argument applies to it with the fastest rate and
   the shortest latency of a route between two of them.
 * all-to-all of the whole order: at least the joint floor of all groups
-  over the pool (``topology.a2a_floor``), when the caller gives it;
+  over the pool (``topology.a2a_floor``), when the caller gives it, and the
+  ring and all-to-all together at least their joint floor
+  (``topology.ring_floor``);
 * all-to-all still to come: every Ulysses group not wholly placed needs
   free GPUs close enough to each other (and to its placed members) over
   the links as loaded now; the soonest its slowest transfer can end bounds
@@ -74,10 +76,13 @@ class _Aborted(Exception):
 
 
 def branch_and_bound(sm: StepModel, pool: list[str], best: list[str], best_step: float,
-                     node_cap: float, joint_a2a: float = 0.0) -> tuple[list[str], float, bool, int]:
+                     node_cap: float, joint_a2a: float = 0.0,
+                     joint_attention: float = 0.0) -> tuple[list[str], float, bool, int]:
     """The best order for ``sm`` among sequences of GPUs from ``pool``, starting from ``best``.
 
-    ``joint_a2a`` is a lower bound of the all-to-all term of every order (``topology.a2a_floor``), used with the rest.
+    ``joint_a2a`` is a lower bound of the all-to-all term of every order (``topology.a2a_floor``), used with the rest;
+    ``joint_attention`` one of the ring and all-to-all terms together, plus the gradient term's excess over its
+    own bound (``topology.ring_floor``).
 
     Returns
     -------
@@ -184,6 +189,8 @@ def branch_and_bound(sm: StepModel, pool: list[str], best: list[str], best_step:
         hop_r, a2a_r, bus = (slowest(x) for x in loads)
         bus = min(bus, bus_cap)
         quick = total(min(hop_r, hop_cap) * efficiency, l_min, a2a_term(None, a2a_r), bus)
+        if joint_attention:  # it holds the gradient term's excess over the bus bound: add that bound, not this bus
+            quick = max(quick, sm.dense + joint_attention + sm.gradients(bus_cap) + rates.step_overhead_s)
         if quick >= target:
             return quick
         a2a = a2a_term(shares(loads[1]), a2a_r) if placed_flows[1] else a2a_term(None, a2a_r)

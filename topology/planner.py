@@ -163,7 +163,8 @@ def make_plan(
         placements.append(RankPlacement(rank, host, topo.graph.nodes[gpu]["index"], data.get("node_id"), data.get("ip")))
     plan = Plan(strategy, gpus // cp, cp, ulysses, seq_len, placements, topology=topo.name)
     plan.cost = estimate(plan, topo, model, flows=req.flows, rates=rates, recompute=recompute,
-                         a2a_floor=req.info.get("a2a_floor_s", 0.0)).to_dict()
+                         a2a_floor=req.info.get("a2a_floor_s", 0.0),
+                         attention_floor=req.info.get("attention_floor_s", 0.0)).to_dict()
     if req.info:
         plan.cost["search"] = req.info
     return plan

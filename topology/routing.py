@@ -326,6 +326,10 @@ class FlowModel:
     def path(self, a: str, b: str) -> Route:
         return self.routes.route(a, b)
 
+    def link_index(self, link: Link) -> int:
+        """Index of a directed link in ``link_bandwidths`` and ``compiled``."""
+        return self._id[link]
+
     def capacity(self, link: Link) -> float:
         """GB/s of a directed link."""
         return float(self._bw_arr[self._id[link]])

@@ -29,7 +29,10 @@ Algorithms
   (``topology.cost.step_bound``) is optimal too. For problems searched
   exactly with Ulysses groups, the bound's all-to-all term is the joint
   floor of all groups over the pool they must fill (``topology.a2a_floor``),
-  computed once and used by the exact search too.
+  computed once and used by the exact search too; on pools of at most
+  ``RING_FLOOR_GPUS``, the ring and all-to-all terms are bounded together
+  as well (``topology.ring_floor``), with what the groups force on the
+  gradient ring.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ import random
 import time
 from dataclasses import dataclass
 
+from topology.bound import ring_bandwidth_bound
 from topology.cost import StepModel, step_bound
 from topology.delta import REL_TOL, DeltaOrder
 from topology.a2a_floor import FLOOR_GPUS, joint_all_to_all_floor
@@ -57,6 +61,11 @@ EXACT_FLOWS = 3 * EXACT_GPUS
 """Flows of a 32-GPU plan with Ulysses pairs (ring hops, all-to-all pairs, gradient ring): pricing a partial order
 costs about in proportion to its flows, so plans with more (Ulysses 4 or 8) get proportionally fewer nodes and every
 exact search stays near ``EXACT_NODES``' time."""
+RING_FLOOR_GPUS = 16
+"""Pools of at most this many GPUs (filled by the plan) get the ring priced with the all-to-all
+(``topology.ring_floor``): its partition search costs far more per node than the all-to-all's alone."""
+RING_FLOOR_NODES = 150
+"""Partial partitions that search visits at most."""
 SEARCH_BUDGET_S = 2.0
 """Most wall-clock seconds the local search takes by default: a safety net, above what its move count needs."""
 SIDEWAYS = 200
@@ -94,10 +103,14 @@ class SearchResult:
     """Partial orders the exact search visited (0: it did not run)."""
     a2a_floor_s: float = 0.0
     """Joint lower bound of the all-to-all term over every order (``topology.a2a_floor``; 0: not computed)."""
+    attention_floor_s: float = 0.0
+    """Joint lower bound of the ring and all-to-all terms together, plus the gradient term's excess over its own
+    bound, over every order (``topology.ring_floor``; 0: not computed)."""
 
     def info(self) -> dict:
         return {"construction": self.construction, "moves": self.moves, "optimal": self.optimal, "proof": self.proof,
                 "gap": float(f"{self.gap:.6g}"), "nodes": self.nodes, "a2a_floor_s": self.a2a_floor_s,
+                "attention_floor_s": self.attention_floor_s,
                 "candidates": {k: float(f"{v:.6g}") for k, v in self.candidates.items()}}
 
 
@@ -135,12 +148,18 @@ def optimise(sm: StepModel, candidates: dict[str, list[str]], pool: list[str], b
         known = min(sm.figures(candidates[k])["a2a"] for k in scores)
         joint = joint_all_to_all_floor(sm, pool, twin_classes(sm, pool), known).seconds
         bound = step_bound(sm, joint)["step"]
+    attention = 0.0
+    if joint and sm.ring > 1 and len(pool) <= RING_FLOOR_GPUS and min(scores.values()) > bound * (1 + REL_TOL):
+        # The ring priced with the all-to-all: the groups that minimise one may cost the other.
+        known = min(_attention(sm, candidates[k]) for k in scores)
+        attention = joint_all_to_all_floor(sm, pool, twin_classes(sm, pool), known, RING_FLOOR_NODES, ring=True).seconds
+        bound = step_bound(sm, joint, attention)["step"]
     # Ties go to the constructions (in the order given), Ray's order last: they keep rings under few switches,
     # which costs nothing in the model and guards against what it leaves out.
     rank = {k: i for i, k in enumerate(candidates)}
     name = min(scores, key=lambda k: (scores[k], k == "naive", rank[k]))
     best, best_step = list(candidates[name]), scores[name]
-    result = SearchResult(best, best_step, name, scores, 0, False, None, a2a_floor_s=joint)
+    result = SearchResult(best, best_step, name, scores, 0, False, None, a2a_floor_s=joint, attention_floor_s=attention)
     if best_step <= bound * (1 + REL_TOL):
         result.optimal, result.proof = True, "meets bound"
         return result
@@ -157,7 +176,8 @@ def optimise(sm: StepModel, candidates: dict[str, list[str]], pool: list[str], b
             result.optimal, result.proof = True, "meets bound"
             return result
     if exact:
-        order, step, proven, result.nodes = branch_and_bound(sm, pool, result.order, result.step_s, cap, joint)
+        order, step, proven, result.nodes = branch_and_bound(sm, pool, result.order, result.step_s, cap, joint,
+                                                             attention)
         if step < result.step_s * (1 - REL_TOL):
             result.order, result.step_s, result.construction = order, step, "exhaustive"
         if proven:
@@ -165,6 +185,14 @@ def optimise(sm: StepModel, candidates: dict[str, list[str]], pool: list[str], b
     if not result.optimal:
         result.gap = result.step_s / bound - 1
     return result
+
+
+def _attention(sm: StepModel, order: list[str]) -> float:
+    """Attention time (ring and all-to-all, ``StepModel.attention``) of an order, plus its gradient term's excess
+    over that term's own bound: what ``topology.ring_floor`` bounds."""
+    f = sm.figures(order)
+    excess = sm.gradients(f["bus_gbps"]) - sm.gradients(ring_bandwidth_bound(sm.topo, 1, sm.world))
+    return sm.attention(f["hop_gbps"], f["hop_lat"], f["a2a"]) + max(0.0, excess)
 
 
 # ------------------------------------------------------------------ exhaustive

@@ -33,7 +33,7 @@ LABELS = {
     "efficiency": "assumed kernel efficiency", "tokens_per_rank": "tokens per rank",
     "ring_bytes_fwd": "K/V block per ring step", "slowest_hop": "slowest hop (ranks)",
     "bound_hop_gbps": "best possible slowest hop", "bound_ring_step_s": "best possible ring step",
-    "a2a_floor_s": "all-to-all floor",
+    "a2a_floor_s": "all-to-all floor", "attention_floor_s": "ring, all-to-all and gradient floor",
 }
 """Labels for the cost model's fields; others are shown as their field name in words."""
 
