@@ -52,8 +52,10 @@ SUBNET = ipaddress.ip_network("198.18.0.0/15")
 """The benchmarking range (RFC 2544): never routed, so lab traffic cannot leak."""
 HEAD_PORT = 6379
 DASHBOARD_PORT = 8265
-TBF = "burst 64kb latency 25ms"
-"""A burst of 64 KiB keeps tbf within 5% of its rate at 100-1000 Mbit/s with TCP."""
+TBF = "burst 64kb latency 100ms"
+"""A burst of 64 KiB and room for 100 ms of queue keep tbf within 5% of its rate at 100-1000 Mbit/s
+with TCP. With 25 ms the queue overflowed whenever the machine was slow to run the senders, and
+TCP's backing off cost 15-20% of the rate on some links."""
 OBJECT_STORE_BYTES = 200 * 2**20
 """Small object stores: the lab's nodes share one machine's memory."""
 REPO = Path(__file__).resolve().parents[1]
