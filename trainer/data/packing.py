@@ -165,8 +165,9 @@ def place_whole_documents(order: np.ndarray, lengths: np.ndarray, window: int,
     window's rest goes next; when none fits, the rest is padding. A document
     longer than a window starts at a window's start, and a fresh window always
     takes the next document (a copy's window is behind it), so every document
-    is placed. Linear in the documents for a fixed look-ahead; the padding is small when documents are short next
-    to the window and about half a document per window when they are not.
+    is placed. Linear in the documents for a fixed look-ahead; the padding is
+    small when documents are short next to the window and about half a
+    document per window when they are not.
 
     >>> place_whole_documents(np.array([0, 1, 2]), np.array([3, 3, 1]), window=4)
     (array([0, 2, 1]), array([0, 3, 4]))
