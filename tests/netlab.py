@@ -52,10 +52,24 @@ SUBNET = ipaddress.ip_network("198.18.0.0/15")
 """The benchmarking range (RFC 2544): never routed, so lab traffic cannot leak."""
 HEAD_PORT = 6379
 DASHBOARD_PORT = 8265
-TBF = "burst 64kb latency 100ms"
-"""A burst of 64 KiB and room for 100 ms of queue keep tbf within 5% of its rate at 100-1000 Mbit/s
-with TCP. With 25 ms the queue overflowed whenever the machine was slow to run the senders, and
-TCP's backing off cost 15-20% of the rate on some links."""
+TBF_LATENCY = "100ms"
+"""Room for 100 ms of queue keeps tbf within 5% of its rate at 100-1000 Mbit/s with TCP. With 25 ms
+the queue overflowed whenever the machine was slow to run the senders, and TCP's backing off cost
+15-20% of the rate on some links."""
+TBF_STALL_S = 0.02
+"""The bucket holds 20 ms of the rate (64 KiB at least). tbf caps its tokens at the bucket, so a
+link whose timer fires late (a busy or descheduled virtual machine) loses every ms past the
+bucket's worth for good: with 64 KiB, a few ms per 2 MiB message cost CI runs 17% of a 150 Mbit/s
+link. A real NIC keeps sending through such a stall; 20 ms of tokens let the lab catch up as it
+would. Short idle gaps give credit only for the time they idled, so no timed transfer beats the rate."""
+
+
+def tbf_args(mbit: float) -> list[str]:
+    """``tc qdisc ... tbf`` parameters for a link of ``mbit`` Mbit/s."""
+    burst = max(64 * 1024, int(mbit * 1e6 / 8 * TBF_STALL_S))
+    return ["rate", f"{mbit:g}mbit", "burst", str(burst), "latency", TBF_LATENCY]
+
+
 OBJECT_STORE_BYTES = 200 * 2**20
 """Small object stores: the lab's nodes share one machine's memory."""
 REPO = Path(__file__).resolve().parents[1]
@@ -297,7 +311,7 @@ class NetLab:
         return name
 
     def _shape(self, ns: str, dev: str, mbit: float) -> None:
-        _sh("ip", "netns", "exec", ns, "tc", "qdisc", "add", "dev", dev, "root", "tbf", "rate", f"{mbit:g}mbit", *TBF.split())
+        _sh("ip", "netns", "exec", ns, "tc", "qdisc", "add", "dev", dev, "root", "tbf", *tbf_args(mbit))
 
     def _build_network(self) -> None:
         fab = self._netns(self.fabric)
