@@ -261,6 +261,8 @@ class NetLab:
         # A home of the lab's own: the machine's ~/.ray (auth tokens, sessions) belongs to other clusters.
         env["HOME"] = str(self.tmp / "home")
         env["XDG_CACHE_HOME"] = str(self.tmp / "home" / ".cache")
+        # ...but DeepSpeed's compiled ops are the machine's, as a cluster image ships them: built once, not per lab.
+        env["TORCH_EXTENSIONS_DIR"] = os.environ.get("TORCH_EXTENSIONS_DIR") or str(Path.home() / ".cache" / "torch_extensions")
         # Ray turns token auth on in a process once an embedded cluster has started there (RAY_AUTH_MODE in its
         # environment); the lab's nodes sit on a private test network, so it runs without, whatever ran before.
         for key in ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):

@@ -39,7 +39,7 @@ def test_shipped_config_is_a_fake_multinode_cluster_of_8_gpu_workers():
 
 
 @pytest.mark.ray
-def test_second_stage_scales_the_cluster_up(tmp_path):
+def test_second_stage_scales_the_cluster_up(tmp_path, run_dir):
     from ray._private.services import get_node_ip_address
 
     port = free_port()
@@ -57,7 +57,6 @@ def test_second_stage_scales_the_cluster_up(tmp_path):
         stage.update(gpus=gpus, steps=2, checkpoint_every=0)
     recipe_path = tmp_path / "grow.yaml"
     recipe_path.write_text(yaml.safe_dump(recipe))
-    run_dir = tmp_path / "run"
 
     head = RayHead.start(f"--autoscaling-config={config_path}", "--num-cpus=4", "--num-gpus=0", port=port,
                          env={"RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1"})

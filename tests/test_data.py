@@ -2,6 +2,7 @@
 
 import hashlib
 import json
+import os
 import random
 import re
 from collections import Counter
@@ -279,8 +280,10 @@ def _probe(store, samples):
 
     from ray_utils import REPO
 
+    # The script runs by path, so its own folder (tests/) leads sys.path: the repository goes first for its imports.
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
     out = subprocess.run([sys.executable, str(REPO / "tests" / "data_probe.py"), "--store", str(store), "--seq-len", "4096",
-                          "--samples", *map(str, samples)], capture_output=True, text=True, cwd=REPO, check=True)
+                          "--samples", *map(str, samples)], capture_output=True, text=True, cwd=REPO, env=env, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 

@@ -51,14 +51,14 @@ def kill_a_host(lc, stage_dir: Path, step: int) -> dict:
     return {"ip": lc.ips[victim], "at_step": step}
 
 
-def run_with_a_host_killed(tmp_path: Path, recipe_dict: dict, hosts: int) -> tuple[dict, dict, list[dict], Path]:
+def run_with_a_host_killed(tmp_path: Path, run_dir: Path, recipe_dict: dict, hosts: int) -> tuple[dict, dict, list[dict], Path]:
     """Run the recipe on ``hosts`` one-GPU hosts, killing one mid-stage; (result, killed, metrics lines, stage dir)."""
     path = tmp_path / "fault.yaml"
     path.write_text(yaml.safe_dump(recipe_dict))
     recipe = Recipe.load(path)
-    options = ControllerOptions(run_dir=tmp_path / "run", profile_cache=tmp_path / "profiles", resource_timeout_s=90,
+    options = ControllerOptions(run_dir=run_dir, profile_cache=tmp_path / "profiles", resource_timeout_s=90,
                                 profile_transfer_mb=1, profile_repeats=2, progress_bar=False)
-    stage_dir = tmp_path / "run" / "stage0-s"
+    stage_dir = run_dir / "stage0-s"
     with local_cluster(hosts=hosts, gpus_per_host=1, cpus_per_host=1, system_config=FAST_HEALTH_CHECKS) as lc:
         with when_step_reached(stage_dir, KILL_AFTER_STEP, lambda step: kill_a_host(lc, stage_dir, step)) as killed:
             results = Controller(recipe, options).run_all()
@@ -81,8 +81,8 @@ def check_resumed(result: dict, lines: list[dict], steps: int) -> dict:
 
 
 @pytest.mark.ray
-def test_host_removed_mid_stage_resumes_on_remaining_hosts(tmp_path):
-    result, killed, lines, stage_dir = run_with_a_host_killed(tmp_path, RECIPE, hosts=3)
+def test_host_removed_mid_stage_resumes_on_remaining_hosts(tmp_path, run_dir):
+    result, killed, lines, stage_dir = run_with_a_host_killed(tmp_path, run_dir, RECIPE, hosts=3)
     retry = check_resumed(result, lines, STEPS)
     assert retry["world_size"] == 2
     # The new plan avoids the dead host.
@@ -91,12 +91,12 @@ def test_host_removed_mid_stage_resumes_on_remaining_hosts(tmp_path):
 
 
 @pytest.mark.ray
-def test_host_removed_with_no_spare_continues_on_fewer_ranks(tmp_path):
+def test_host_removed_with_no_spare_continues_on_fewer_ranks(tmp_path, run_dir):
     """Two hosts, a ring of 2 under ZeRO-3, ``min_gpus`` 1: the lost host is not replaced, the ring shrinks to one
     rank, and the ZeRO-3 checkpoint of 2 ranks is re-partitioned for it."""
     recipe = {**RECIPE, "deepspeed": {"zero_optimization": {"stage": 3}},
               "stages": [{**RECIPE["stages"][0], "min_gpus": 1}]}
-    result, killed, lines, stage_dir = run_with_a_host_killed(tmp_path, recipe, hosts=2)
+    result, killed, lines, stage_dir = run_with_a_host_killed(tmp_path, run_dir, recipe, hosts=2)
     retry = check_resumed(result, lines, STEPS)
     assert (retry["world_size"], retry["ring"]) == (1, 1)
     plan = json.loads((stage_dir / "plan.json").read_text())

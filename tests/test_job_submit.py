@@ -65,9 +65,8 @@ def test_token_head_refuses_requests_without_the_token(token_head, tmp_path):
 
 
 @pytest.mark.ray
-def test_ray_job_submit_runs_the_demo_recipe(token_head, tmp_path):
+def test_ray_job_submit_runs_the_demo_recipe(token_head, tmp_path, run_dir):
     head, _ = token_head
-    run_dir = tmp_path / "run"
     stages = yaml.safe_load(DEMO.read_text())["stages"]
     # The README's command: RAY_AUTH_MODE=token and the token's file in the environment of `ray job submit`.
     proc = ray_job_submit(head, ["python", "-m", "launcher", "run", str(DEMO.relative_to(REPO)), "--run-dir", str(run_dir),

@@ -110,7 +110,7 @@ def test_aware_ring_order_beats_naive(lab, measured):
     assert res["speedup"] > 1.3
 
 
-def test_demo_recipe_runs_across_the_lab(lab, measured):
+def test_demo_recipe_runs_across_the_lab(lab, measured, run_dir):
     recipe = yaml.safe_load((REPO / "clusters/recipes/demo.yaml").read_text())
     # The demo's first stage, one step: placement and training across the lab's hosts is the point here;
     # the next stage starting from this one's checkpoint is tests/test_job_submit.py's.
@@ -118,7 +118,6 @@ def test_demo_recipe_runs_across_the_lab(lab, measured):
     recipe["data"]["path"] = str(REPO / "clusters/data/corpus")
     path = lab.tmp / "demo-short.yaml"
     path.write_text(yaml.safe_dump(recipe, sort_keys=False))
-    run_dir = lab.tmp / "run"
     done = lab.run(["ray", "job", "submit", "--address", lab.dashboard_url, "--working-dir", str(REPO), "--",
                     "python", "-m", "launcher", "run", str(path), "--run-dir", str(run_dir)], timeout=600, check=False)
     assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]

@@ -45,8 +45,8 @@ def recipe(tmp_path: Path, name: str = "r", **stage) -> Recipe:
     return Recipe.load(path)
 
 
-def options(tmp_path: Path, **kw) -> ControllerOptions:
-    return ControllerOptions(run_dir=tmp_path / "run", profile_cache=tmp_path / "profiles", resource_timeout_s=30,
+def options(tmp_path: Path, run_dir: Path, **kw) -> ControllerOptions:
+    return ControllerOptions(run_dir=run_dir, profile_cache=tmp_path / "profiles", resource_timeout_s=30,
                              profile_transfer_mb=1, profile_repeats=2, progress_bar=False, **kw)
 
 
@@ -92,7 +92,7 @@ def resource_request(address: str) -> list:
 
 
 @pytest.mark.ray
-def test_sigterm_withdraws_the_autoscaler_request(tmp_path):
+def test_sigterm_withdraws_the_autoscaler_request(tmp_path, run_dir):
     """A driver waiting for GPUs the autoscaler cannot bring (no worker may start) is sent SIGTERM.
 
     Runs before the tests below start their module-wide cluster: this process connects to the head here."""
@@ -112,7 +112,7 @@ def test_sigterm_withdraws_the_autoscaler_request(tmp_path):
     try:
         driver = subprocess.Popen(
             [sys.executable, "-m", "launcher", "run", str(tmp_path / "wait.yaml"), "--address", head.address,
-             "--run-dir", str(tmp_path / "run"), "--resource-timeout", "300", "--profile-cache", str(tmp_path / "profiles")],
+             "--run-dir", str(run_dir), "--resource-timeout", "300", "--profile-cache", str(tmp_path / "profiles")],
             cwd=REPO, env=head.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         log = []
         for line in driver.stdout:
@@ -125,7 +125,7 @@ def test_sigterm_withdraws_the_autoscaler_request(tmp_path):
         assert driver.returncode == 128 + signal.SIGTERM, "".join(log) + rest
         assert "terminated (signal 15)" in rest
         assert resource_request(head.address) == []
-        assert not (tmp_path / "run" / "run.lock").exists()  # released on the way out too
+        assert not (run_dir / "run.lock").exists()  # released on the way out too
     finally:
         head.stop()
 
@@ -162,11 +162,11 @@ def freeze_a_rank(lc, stage_dir: Path, after_step: int, frozen: dict, stop: thre
 
 
 @pytest.mark.ray
-def test_stalled_rank_is_torn_down_and_retried(tmp_path, cluster):
+def test_stalled_rank_is_torn_down_and_retried(tmp_path, run_dir, cluster):
     steps = 16
     r = recipe(tmp_path, gpus=2, seq_len=256, steps=steps, checkpoint_every=3)
-    opt = options(tmp_path, watchdog=WatchdogPolicy(factor=10, floor_s=10, startup_s=300))
-    stage_dir = tmp_path / "run" / "stage0-s"
+    opt = options(tmp_path, run_dir, watchdog=WatchdogPolicy(factor=10, floor_s=10, startup_s=300))
+    stage_dir = run_dir / "stage0-s"
     frozen: dict = {}
     stop = threading.Event()
     freezer = threading.Thread(target=freeze_a_rank, args=(cluster, stage_dir, 4, frozen, stop), daemon=True)
@@ -194,19 +194,19 @@ def test_stalled_rank_is_torn_down_and_retried(tmp_path, cluster):
 
 
 @pytest.mark.ray
-def test_restart_from_redoes_a_changed_stage(tmp_path, cluster):
-    first = Controller(recipe(tmp_path), options(tmp_path)).run_all()[0]
-    done = tmp_path / "run" / "stage0-s" / "done.json"
+def test_restart_from_redoes_a_changed_stage(tmp_path, run_dir, cluster):
+    first = Controller(recipe(tmp_path), options(tmp_path, run_dir)).run_all()[0]
+    done = run_dir / "stage0-s" / "done.json"
     stamp = done.stat().st_mtime_ns
-    assert Controller(recipe(tmp_path), options(tmp_path)).run_all()[0] == first  # unchanged and finished: skipped
+    assert Controller(recipe(tmp_path), options(tmp_path, run_dir)).run_all()[0] == first  # unchanged and finished: skipped
     assert done.stat().st_mtime_ns == stamp
     changed = recipe(tmp_path, steps=3)
     with pytest.raises(ConfigError, match=r"stage 's' differs .*steps 2 -> 3"):
-        Controller(changed, options(tmp_path)).run_all()
-    result = Controller(changed, options(tmp_path, restart_from="s")).run_all()[0]
+        Controller(changed, options(tmp_path, run_dir)).run_all()
+    result = Controller(changed, options(tmp_path, run_dir, restart_from="s")).run_all()[0]
     assert result["steps"] == 3 and result["resumed_from"] is None  # redone from the start, not resumed
-    replaced = list((tmp_path / "run" / "replaced").iterdir())
+    replaced = list((run_dir / "replaced").iterdir())
     assert len(replaced) == 1 and json.loads((replaced[0] / "stage0-s" / "done.json").read_text())["steps"] == 2
-    recorded = json.loads((tmp_path / "run" / "stage0-s" / "identity.json").read_text())
+    recorded = json.loads((run_dir / "stage0-s" / "identity.json").read_text())
     assert recorded["settings"]["steps"] == 3
-    assert yaml.safe_load((tmp_path / "run" / "recipe.yaml").read_text())["stages"][0]["steps"] == 3
+    assert yaml.safe_load((run_dir / "recipe.yaml").read_text())["stages"][0]["steps"] == 3
