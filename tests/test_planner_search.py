@@ -250,6 +250,28 @@ def test_exact_search_up_to_symmetry_equals_brute_force_on_g6e_hosts(hosts, gpus
     best = min(sm.step(order) for order in all_orders(search.twin_classes(sm, topo.gpus()), gpus))
     order, step, proven, nodes = branch_and_bound(sm, topo.gpus(), [], math.inf, math.inf)
     assert proven and step == pytest.approx(best, rel=1e-12) and sm.step(order) == step
+    # A guide (groups from the pool read backwards) picks other members of the orbits: the same optimum.
+    back = topo.gpus()[::-1]
+    guide = [back[k:k + ulysses] for k in range(0, len(back), ulysses)]
+    order, step, proven, _ = branch_and_bound(sm, topo.gpus(), [], math.inf, math.inf, guide=guide)
+    assert proven and step == pytest.approx(best, rel=1e-12) and sm.step(order) == step
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
+@given(small_clusters(), st.sampled_from([2, 3]), st.sampled_from([256, 65536]), st.randoms(use_true_random=False))
+def test_a_guide_orders_exact_search_but_never_changes_its_optimum(problem, ulysses, tokens, rng):
+    """Any partition of the pool guiding the child order (and the orbit member tried): exact search still finds the
+    brute-force optimum and proves it."""
+    from topology.exact import branch_and_bound
+
+    topo, gpus, cp = problem
+    assume(cp % ulysses == 0)
+    best, sm = exhaustive(topo, gpus, cp, 2 * cp * tokens, ulysses)
+    pool = topo.gpus()
+    shuffled = rng.sample(pool, len(pool))
+    guide = [shuffled[k:k + ulysses] for k in range(0, len(pool), ulysses)]
+    order, step, proven, _ = branch_and_bound(sm, pool, [], math.inf, math.inf, guide=guide)
+    assert proven and step == pytest.approx(best, rel=1e-12) and sm.step(order) == step
 
 
 @settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
@@ -364,6 +386,18 @@ def test_ring_priced_with_the_all_to_all_proves_16_gpus_on_two_g6e_hosts(cp, tok
     sm = StepModel(topo, 16 // cp, cp // 2, 2, plan.seq_len)
     assert c["bound_step_s"] > step_bound(sm, found["a2a_floor_s"])["step"] * (1 + 1e-9)  # the joint floor raised it
     assert found["attention_floor_s"] > 0 and c["step_time_s"] <= c["bound_step_s"] * (1 + TOL)
+
+
+@pytest.mark.parametrize("cp", [8, 16])
+def test_ulysses_4_on_two_g6e_hosts_with_short_sequences_are_proven_optimal(cp):
+    """Groups of 4 on two g6e hosts at 128 tokens per rank: the joint floor's best groups seed local search and
+    guide the exact search, which finds the optimum early and finishes within its node budget."""
+    topo = g6e(2)
+    plan = make_plan(topo, 16, cp, 4, seq_len=2 * cp * 128)
+    found = plan.cost["search"]
+    assert found["optimal"] and found["proof"] in ("exhaustive", "meets bound") and found["gap"] == 0
+    assert found["nodes"] <= search.EXACT_NODES
+    assert "optimal (" in summary(plan, topo)
 
 
 def test_pair_rates_are_the_flow_models_rates_of_one_more_flow():

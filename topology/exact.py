@@ -41,8 +41,11 @@ term no better than what no placement beats (``topology.cost.step_bound``):
   when the rank that pays for it is reached.
 
 A branch whose bound cannot beat the best order known (the constructions'
-and local search's) is cut. Children are tried GPUs of the previous rank's
-host first, so good orders are met early.
+and local search's) is cut. Children are tried lowest bound first, then
+(given a ``guide``, a partition into Ulysses groups) a GPU of the group the
+guide gives the rank's Ulysses group, or of a group none of whose GPUs is
+placed yet, then GPUs of the previous rank's host, so good orders are met
+early. Any GPU of an orbit may stand for it: the guide picks which.
 
 The search counts the nodes it visits; when it finishes under ``node_cap``
 the best order is proven optimal, otherwise the caller keeps what it had.
@@ -77,12 +80,14 @@ class _Aborted(Exception):
 
 def branch_and_bound(sm: StepModel, pool: list[str], best: list[str], best_step: float,
                      node_cap: float, joint_a2a: float = 0.0,
-                     joint_attention: float = 0.0) -> tuple[list[str], float, bool, int]:
+                     joint_attention: float = 0.0,
+                     guide: list[list[str]] | None = None) -> tuple[list[str], float, bool, int]:
     """The best order for ``sm`` among sequences of GPUs from ``pool``, starting from ``best``.
 
     ``joint_a2a`` is a lower bound of the all-to-all term of every order (``topology.a2a_floor``), used with the rest;
     ``joint_attention`` one of the ring and all-to-all terms together, plus the gradient term's excess over its
-    own bound (``topology.ring_floor``).
+    own bound (``topology.ring_floor``). ``guide``, a partition of (some of) the pool into Ulysses groups,
+    only orders the children: the result is the same without it.
 
     Returns
     -------
@@ -237,6 +242,19 @@ def branch_and_bound(sm: StepModel, pool: list[str], best: list[str], best_step:
         if gpu is not None:
             place(i, +1)
 
+    group_of = {g: k for k, grp in enumerate(guide or []) for g in grp}
+
+    def preferred(i: int) -> set[str]:
+        """GPUs the guide's groups suggest for rank ``i``: its Ulysses group's guide group, or an untouched one."""
+        if not group_of:
+            return set()
+        start = i - i % sm.ulysses
+        if i > start and order[start] in group_of:
+            k = group_of[order[start]]
+            return set(guide[k]) - set(order)
+        touched = {group_of.get(g) for g in order if g is not None}
+        return {g for g, k in group_of.items() if k not in touched}
+
     def visit(i: int) -> None:
         if i == world:
             step = sm.step(order)
@@ -244,19 +262,22 @@ def branch_and_bound(sm: StepModel, pool: list[str], best: list[str], best_step:
                 state["best"], state["step"] = list(order), step
             return
         prev = topo.host_of(order[i - 1]) if i else None
+        wanted = preferred(i)
         children = []
         for n, orbit in enumerate(sym.choices(by_host)):
             state["nodes"] += 1
             if state["nodes"] > node_cap:
                 raise _Aborted
-            put(i, orbit[0])
+            # Any member of an orbit stands for it: the one the guide prefers, when there is one.
+            gpu = next((g for g in orbit if g in wanted), orbit[0])
+            put(i, gpu)
             if not rotation.canonical(i, order):
                 put(i, None)
                 continue
-            children.append((lower(i), topo.host_of(orbit[0]) != prev, n, orbit[0]))
+            children.append((lower(i), gpu not in wanted, topo.host_of(gpu) != prev, n, gpu))
             put(i, None)
         # Most promising first: the best order is met early, and a better incumbent cuts more.
-        for bound, _, _, gpu in sorted(children):
+        for bound, *_, gpu in sorted(children):
             if bound >= state["step"] * (1 - REL_TOL):
                 break
             put(i, gpu)

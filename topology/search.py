@@ -33,6 +33,10 @@ Algorithms
   ``RING_FLOOR_GPUS``, the ring and all-to-all terms are bounded together
   as well (``topology.ring_floor``), with what the groups force on the
   gradient ring.
+* Floor groups: the partition into Ulysses groups that priced lowest in
+  that joint floor is a construction too (``partition_order``), local
+  search starts from it as well, and it guides the exact search's child
+  order, so the order that meets the floor is met early.
 """
 
 from __future__ import annotations
@@ -47,13 +51,14 @@ from topology.cost import StepModel, step_bound
 from topology.delta import REL_TOL, DeltaOrder
 from topology.a2a_floor import FLOOR_GPUS, joint_all_to_all_floor
 from topology.exact import branch_and_bound
+from topology.symmetry import RingRotation
 
 EXACT_ORDERS = 20_000
 """Up to this many distinct rank orders (up to twins), exact search runs to the end, with no local search first."""
 EXACT_HOSTS, EXACT_GPUS = 8, 32
 """Pools of at most this many hosts, or plans of at most this many GPUs, are searched exactly (``topology.exact``)."""
-EXACT_NODES = 80_000
-"""Exact search of a larger problem stops after visiting this many partial orders (about 5 s on one core)
+EXACT_NODES = 100_000
+"""Exact search of a larger problem stops after visiting this many partial orders (about 6 s on one core)
 when its pool has at most ``EXACT_GPUS`` GPUs; a larger pool, whose nodes cost more, gets ``(EXACT_GPUS / pool)^2``
 of it, and an order with more than ``EXACT_FLOWS`` flows to price gets proportionally fewer. Unproven, the
 best order stands and the plan states its gap to the bound."""
@@ -64,8 +69,9 @@ exact search stays near ``EXACT_NODES``' time."""
 RING_FLOOR_GPUS = 16
 """Pools of at most this many GPUs (filled by the plan) get the ring priced with the all-to-all
 (``topology.ring_floor``): its partition search costs far more per node than the all-to-all's alone."""
-RING_FLOOR_NODES = 150
-"""Partial partitions that search visits at most."""
+RING_FLOOR_NODES = 2_000
+"""Partial partitions that search visits at most (about 1.5 s on one core for 16 GPUs; its floor only rises
+above the open branches' bounds when it finishes, as it does for two g6e hosts with Ulysses 4 and cp 8)."""
 SEARCH_BUDGET_S = 2.0
 """Most wall-clock seconds the local search takes by default: a safety net, above what its move count needs."""
 SIDEWAYS = 200
@@ -149,11 +155,18 @@ def optimise(sm: StepModel, candidates: dict[str, list[str]], pool: list[str], b
         joint = joint_all_to_all_floor(sm, pool, twin_classes(sm, pool), known).seconds
         bound = step_bound(sm, joint)["step"]
     attention = 0.0
+    seeds: list[list[str]] = []
+    guide: list[list[str]] | None = None
     if joint and sm.ring > 1 and len(pool) <= RING_FLOOR_GPUS and min(scores.values()) > bound * (1 + REL_TOL):
         # The ring priced with the all-to-all: the groups that minimise one may cost the other.
         known = min(_attention(sm, candidates[k]) for k in scores)
-        attention = joint_all_to_all_floor(sm, pool, twin_classes(sm, pool), known, RING_FLOOR_NODES, ring=True).seconds
+        floor = joint_all_to_all_floor(sm, pool, twin_classes(sm, pool), known, RING_FLOOR_NODES, ring=True)
+        attention = floor.seconds
         bound = step_bound(sm, joint, attention)["step"]
+        if floor.groups:
+            # The groups that priced lowest beat every construction's: local search starts from them too.
+            seeds.append(partition_order(sm, floor.groups))
+            guide = floor.groups
     # Ties go to the constructions (in the order given), Ray's order last: they keep rings under few switches,
     # which costs nothing in the model and guards against what it leaves out.
     rank = {k: i for i, k in enumerate(candidates)}
@@ -172,12 +185,16 @@ def optimise(sm: StepModel, candidates: dict[str, list[str]], pool: list[str], b
         # Before an exact search, local search only sets its first incumbent: a quarter of the moves does.
         evals = MAX_EVALS // 4 if exact else MAX_EVALS
         result.order, result.step_s, result.moves = _local_search(sm, best, best_step, pool, budget_s, seed, evals)
+        for start in seeds:
+            order, step, moves = _local_search(sm, start, sm.step(start), pool, budget_s, seed, evals)
+            if step < result.step_s * (1 - REL_TOL):
+                result.order, result.step_s, result.moves, result.construction = order, step, moves, "floor groups"
         if result.step_s <= bound * (1 + REL_TOL):
             result.optimal, result.proof = True, "meets bound"
             return result
     if exact:
         order, step, proven, result.nodes = branch_and_bound(sm, pool, result.order, result.step_s, cap, joint,
-                                                             attention)
+                                                             attention, guide)
         if step < result.step_s * (1 - REL_TOL):
             result.order, result.step_s, result.construction = order, step, "exhaustive"
         if proven:
@@ -219,6 +236,34 @@ def count_orders(classes: list[list[str]], k: int, cap: int) -> int:
                     nxt[j + t] += w * math.comb(j + t, t)
         ways = nxt
     return ways[k]
+
+
+def partition_order(sm: StepModel, groups: list[list[str]]) -> list[str]:
+    """A rank order whose Ulysses groups are ``groups``: cp groups chained and members aligned greedily.
+
+    Each cp group starts at the first group left and takes, ``ring - 1`` times, the group left whose members
+    (each matched in turn to the quickest route from the previous group's member at its position, as
+    ``RingRotation.key`` times a ring step alone) make the slowest such hop quickest.
+    """
+    key = RingRotation(sm).key
+    left = [list(g) for g in groups]
+    order: list[str] = []
+    while left:
+        chain = [left.pop(0)]
+        for _ in range(sm.ring - 1):
+            options = []
+            for k, group in enumerate(left):
+                free, aligned = list(group), []
+                for a in chain[-1]:
+                    b = min(free, key=lambda x: key(a, x))
+                    free.remove(b)
+                    aligned.append(b)
+                options.append((max(key(a, b) for a, b in zip(chain[-1], aligned)), k, aligned))
+            _, k, aligned = min(options, key=lambda o: o[:2])
+            left.pop(k)
+            chain.append(aligned)
+        order.extend(g for group in chain for g in group)
+    return order
 
 
 # ------------------------------------------------------------------ local search
