@@ -49,7 +49,7 @@ def test_deepspeed_cosine_schedule_spans_each_stage(tmp_path):
         ds = deepspeed_config(cfg, cuda=False)
         assert ds["scheduler"]["type"] == "WarmupCosineLR" and ds["scheduler"]["params"]["total_num_steps"] == cfg.steps
         assert ds["optimizer"]["params"]["lr"] == cfg.lr  # the schedule's peak is the stage's lr
-    assert second.steps <= first.steps // 10  # the extension is a small fraction of stage 1
+    assert second.steps <= first.steps // 4  # the extension is a small fraction of stage 1
 
 
 @pytest.mark.timeout(240)
