@@ -59,9 +59,9 @@ the queue overflowed whenever the machine was slow to run the senders, and TCP's
 TBF_STALL_S = 0.02
 """The bucket holds 20 ms of the rate (64 KiB at least). tbf caps its tokens at the bucket, so a
 link whose timer fires late (a busy or descheduled virtual machine) loses every ms past the
-bucket's worth for good: with 64 KiB, a few ms per 2 MiB message cost CI runs 17% of a 150 Mbit/s
-link. A real NIC keeps sending through such a stall; 20 ms of tokens let the lab catch up as it
-would. Short idle gaps give credit only for the time they idled, so no timed transfer beats the rate."""
+bucket's worth for good: with 64 KiB (3 ms at 150 Mbit/s), 20 ms lost per 2 MiB message would
+cost 17% of the rate, as one CI run measured. A real NIC keeps sending through such a stall;
+20 ms of tokens let the lab catch up as it would. Short idle gaps give credit only for the time they idled, so no timed transfer beats the rate."""
 
 
 def tbf_args(mbit: float) -> list[str]:
