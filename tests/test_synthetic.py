@@ -9,12 +9,13 @@ from topology.errors import ConfigError
 from trainer.config import DataConfig
 from trainer.synthetic import RetrievalCorpus, corpus_spec, retrieval_document, synthetic_documents, write_corpus
 
-FACT = re.compile(r" The ([a-z ]+ number) is: (\d+)\. ")
+FACT = re.compile(r"(?:^| )The ([a-z ]+ number) is: (\d+)\. ")
 QUESTION = re.compile(r"\nWhat is the ([a-z ]+ number)(?: mentioned in the text)?\? The \1 is: (\d+)\n")
 
 
-def test_every_question_asks_a_fact_planted_earlier_in_its_document():
-    spec = RetrievalCorpus(documents=200, chars=(40, 600), facts=(1, 3), asks=(1, 2))
+@pytest.mark.parametrize("spacing", ["after", "uniform"])
+def test_every_question_asks_a_fact_planted_earlier_in_its_document(spacing):
+    spec = RetrievalCorpus(documents=200, chars=(40, 600), facts=(1, 3), asks=(1, 2), spacing=spacing)
     for i in range(spec.documents):
         doc = retrieval_document(spec, i)
         facts = {m.group(1): (m.group(2), m.start()) for m in FACT.finditer(doc)}
@@ -28,6 +29,29 @@ def test_every_question_asks_a_fact_planted_earlier_in_its_document():
         assert doc.count("What is the") == sum(asked.values())
         assert all(len(v) == spec.digits for v, _ in facts.values())
         assert "special" not in doc and "magic" not in doc  # the evaluation's needle is never trained on
+
+
+def _question_distances(spec: RetrievalCorpus) -> list[float]:
+    """Each question's distance from its fact, as a fraction of its document's length."""
+    out = []
+    for i in range(spec.documents):
+        doc = retrieval_document(spec, i)
+        facts = {m.group(1): m.end() for m in FACT.finditer(doc)}
+        out += [(q.start() - facts[q.group(1)]) / len(doc) for q in QUESTION.finditer(doc + "\n")]
+    return out
+
+
+def test_uniform_spacing_asks_across_the_whole_document_as_often_as_close_by():
+    """``spacing: uniform`` draws each question's distance from its fact uniformly (in filler pieces): over a tenth of
+    them span more than three quarters of the document (fact and questions take room too), where ``after`` (a random
+    depth, then a random point after it) puts under 2% there."""
+    after = _question_distances(RetrievalCorpus(documents=400, chars=(300, 600), facts=(1, 1), asks=(1, 2)))
+    uniform = _question_distances(RetrievalCorpus(documents=400, chars=(300, 600), facts=(1, 1), asks=(1, 2), spacing="uniform"))
+    far = lambda d: sum(x > 0.75 for x in d) / len(d)  # noqa: E731
+    assert far(after) < 0.02 and 0.1 < far(uniform) < 0.25
+    assert all(x >= 0 for x in uniform)  # every question still comes after its fact
+    with pytest.raises(ConfigError, match="spacing 'after' or 'uniform'"):
+        corpus_spec({"retrieval": {"spacing": "far"}})
 
 
 def test_documents_are_a_pure_function_of_seed_and_index():

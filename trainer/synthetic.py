@@ -90,6 +90,11 @@ class RetrievalCorpus:
     """Fewest and most times each fact is asked, each time at a random point after it: the
     answer is the only thing in the document that predicts the digits, so a question is a
     dense, direct reward for looking the key up, many times per sample."""
+    spacing: str = "after"
+    """Where a fact's questions fall: ``after`` (the fact at a random depth, each question at a random
+    point after it: most questions sit close to their fact) or ``uniform`` (each question's distance
+    from its fact drawn uniformly over the document, so a lookup across the whole document is as
+    common as a short one: what an extension to a longer context has to learn)."""
     digits: int = 8
     seed: int = 0
     loss: str = "all"
@@ -101,9 +106,9 @@ class RetrievalCorpus:
         lo, hi = self.chars
         if not (self.documents >= 1 and 1 <= lo <= hi and 1 <= self.facts[0] <= self.facts[1] and 1 <= self.digits <= 18
                 and 1 <= self.asks[0] <= self.asks[1] and 1 <= self.sentences[0] <= self.sentences[1]
-                and self.loss in ("all", "answers")):
+                and self.loss in ("all", "answers") and self.spacing in ("after", "uniform")):
             raise ConfigError(f"data.synthetic.retrieval: {self} is out of range; documents >= 1, 1 <= chars[0] <= chars[1], "
-                              "1 <= sentences[0] <= sentences[1], 1 <= facts[0] <= facts[1], 1 <= asks[0] <= asks[1], 1 <= digits <= 18, loss 'all' or 'answers'")
+                              "1 <= sentences[0] <= sentences[1], 1 <= facts[0] <= facts[1], 1 <= asks[0] <= asks[1], 1 <= digits <= 18, loss 'all' or 'answers', spacing 'after' or 'uniform'")
 
     @property
     def learns_part(self) -> bool:
@@ -155,10 +160,18 @@ def retrieval_segments(spec: RetrievalCorpus, index: int) -> list[tuple[str, boo
     used: set[str] = set()
     inserts: list[tuple[float, list[tuple[str, bool]]]] = []
     for key, value in (_fact(rng, spec.digits, used) for _ in range(rng.randint(*spec.facts))):
-        depth = rng.random()
+        if spec.spacing == "uniform":
+            # In slots between filler pieces (slot s: before piece s; slot n: after the last), so a fact
+            # can open the document and a question close it: the gap is uniform over 0..n slots.
+            n = len(filler)
+            gaps = [rng.randint(0, n) for _ in range(rng.randint(*spec.asks))]
+            slot = rng.randint(0, n - max(gaps))
+            depth, points = slot / n, iter([(slot + gap) / n for gap in gaps])
+        else:
+            depth = rng.random()
+            points = (rng.uniform(depth, 1.0001) for _ in range(rng.randint(*spec.asks)))
         inserts.append((depth, [(f" The {key} is: {value}. ", False)]))
-        for _ in range(rng.randint(*spec.asks)):
-            at = rng.uniform(depth, 1.0001)
+        for at in points:
             inserts.append((at, [(rng.choice(QUESTIONS).format(key=key), False), (f" {value}", True), ("\n", False)]))
     inserts.sort(key=lambda item: item[0])
     out: list[tuple[str, bool]] = []
