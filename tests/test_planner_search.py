@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from topology import search
 from topology.cost import FlowModel, StepModel, step_bound
 from topology.model import Topology
+from topology.plan import GroupLayout
 from topology.planner import make_plan
 from topology.presets import PRESETS, g6e, leaf_spine
 from topology.symmetry import Symmetry
@@ -274,6 +275,41 @@ def test_a_guide_orders_exact_search_but_never_changes_its_optimum(problem, ulys
     assert proven and step == pytest.approx(best, rel=1e-12) and sm.step(order) == step
 
 
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
+@given(small_clusters(), st.sampled_from([2, 3]), st.sampled_from([256, 65536]), st.randoms(use_true_random=False))
+def test_exact_search_placing_ranks_ring_by_ring_finds_the_brute_force_optimum(problem, ulysses, tokens, rng):
+    """Ranks placed ring by ring (every bound, rotation and guide keyed by placement step, not rank): from no
+    incumbent, the search still finds the brute-force optimum and proves it."""
+    from topology.exact import _search, placement_sequence
+
+    topo, gpus, cp = problem
+    assume(cp % ulysses == 0 and cp > ulysses)
+    best, sm = exhaustive(topo, gpus, cp, 2 * cp * tokens, ulysses)
+    sequence = [r for ring in GroupLayout.from_grid(sm.dp, sm.ring, sm.ulysses).ring_groups for r in ring]
+    assert sequence == placement_sequence(sm) or ulysses <= sm.ring
+    pool = topo.gpus()
+    shuffled = rng.sample(pool, len(pool))
+    guide = [shuffled[k:k + ulysses] for k in range(0, len(pool), ulysses)]
+    for given_guide in (None, guide):
+        order, step, proven, _ = _search(sm, pool, [], math.inf, math.inf, 0.0, 0.0, given_guide, sequence)
+        assert proven and step == pytest.approx(best, rel=1e-12) and sm.step(order) == step
+
+
+def test_exact_search_with_a_node_budget_ends_ring_by_ring_from_the_rank_order_searchs_best():
+    """Stopped in rank order, the search goes on ring by ring from the best order met, within the same budget."""
+    from topology.exact import RANK_ORDER_SHARE, branch_and_bound
+
+    topo = g6e(2)
+    sm = StepModel(topo, 1, 2, 4, 2 * 8 * 128)
+    order, step, proven, nodes = branch_and_bound(sm, topo.gpus(), [], math.inf, math.inf)  # rank order alone
+    assert proven
+    cap = nodes - 1
+    found, found_step, proven_capped, nodes_capped = branch_and_bound(sm, topo.gpus(), [], math.inf, cap)
+    assert nodes_capped <= cap + 2 and int(cap * RANK_ORDER_SHARE) < nodes_capped
+    assert found_step >= step * (1 - 1e-12) and sm.step(found) == found_step
+    assert not proven_capped or found_step == pytest.approx(step, rel=1e-12)
+
+
 @settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
 @given(small_clusters(), st.sampled_from([2, 3]), st.sampled_from([256, 65536]))
 def test_all_to_all_lookahead_keeps_exact_search_exact(problem, ulysses, tokens):
@@ -396,6 +432,18 @@ def test_ulysses_4_on_two_g6e_hosts_with_short_sequences_are_proven_optimal(cp):
     plan = make_plan(topo, 16, cp, 4, seq_len=2 * cp * 128)
     found = plan.cost["search"]
     assert found["optimal"] and found["proof"] in ("exhaustive", "meets bound") and found["gap"] == 0
+    assert found["nodes"] <= search.EXACT_NODES
+    assert "optimal (" in summary(plan, topo)
+
+
+def test_ulysses_8_on_two_g6e_hosts_with_short_sequences_are_proven_optimal():
+    """Two groups of 8 on two g6e hosts, one ring pair, 128 tokens per rank: the bound is not met (it does not tie the
+    ring pairs to the gradient ring's exits), but the search placing ranks ring by ring, from the order the
+    rank-order search met first, proves the optimum within the node budget."""
+    topo = g6e(2)
+    plan = make_plan(topo, 16, 16, 8, seq_len=2 * 16 * 128)
+    found = plan.cost["search"]
+    assert found["optimal"] and found["proof"] == "exhaustive" and found["gap"] == 0
     assert found["nodes"] <= search.EXACT_NODES
     assert "optimal (" in summary(plan, topo)
 

@@ -13,6 +13,18 @@ it (and the ring's closing hop at its last rank), the Ulysses all-to-all
 pairs with earlier ranks of its group, and the gradient ring's hop from
 rank ``i - 1``. Their routes go onto the link loads at once.
 
+With Ulysses groups larger than the rings, rank order completes a ring
+hop only a whole Ulysses group after its first end (rank ``i`` to
+``i + u``), so the ring term stays unbounded while a group is placed and
+proofs run long (two g6e hosts, cp 16 with Ulysses 8: about 630,000
+nodes). Placed ring by ring instead (``placement_sequence``), each hop is
+priced at its second end, and the gradient ring's crossings that a ring
+pairing forces show soon; but good orders are met later. So a budgeted
+search runs in rank order first, for ``RANK_ORDER_SHARE`` of its nodes,
+and then ring by ring from the best order met: the same two g6e hosts
+prove in about 36,000. The orbits, bounds and rotations are the same in
+either order, keyed by the placement step instead of the rank.
+
 A partial order's step time is bounded from below by the same step model
 over the flows placed so far, since flows placed later only add load, each
 term no better than what no placement beats (``topology.cost.step_bound``):
@@ -69,6 +81,8 @@ from topology.symmetry import RingRotation, Symmetry
 
 REPRESENTATIVE_GPUS = 96
 """Routes among at most this many GPUs are read to learn the flow fractions ECMP makes."""
+RANK_ORDER_SHARE = 0.5
+"""Share of the node budget the search placing ranks in rank order gets before the one placing them ring by ring."""
 LOOKAHEAD_GPUS = 64
 """Pools of at most this many GPUs bound the flows still to come (``topology.lookahead``): its pair matrix
 grows with the square of the pool."""
@@ -83,6 +97,36 @@ def branch_and_bound(sm: StepModel, pool: list[str], best: list[str], best_step:
                      joint_attention: float = 0.0,
                      guide: list[list[str]] | None = None) -> tuple[list[str], float, bool, int]:
     """The best order for ``sm`` among sequences of GPUs from ``pool``, starting from ``best``.
+
+    With Ulysses groups larger than the rings, the search runs twice over the same orders: first placing ranks
+    in rank order (the gradient ring's flows complete at once, which meets good orders early) for
+    ``RANK_ORDER_SHARE`` of the nodes, then ring by ring (``placement_sequence``: ring hops complete at once,
+    which cuts more) from the best order the first found, for the rest. Either finishing proves its result.
+    ``joint_a2a`` etc. are as for ``_search``.
+
+    Returns
+    -------
+    (order, step, proven, nodes)
+        ``proven`` is True when a search finished within ``node_cap`` nodes in all:
+        no order beats ``order``. ``nodes`` is how many partial orders they visited.
+    """
+    ring_first = placement_sequence(sm)
+    rank_first = list(range(sm.world))
+    if ring_first == rank_first:
+        return _search(sm, pool, best, best_step, node_cap, joint_a2a, joint_attention, guide, rank_first)
+    first_cap = node_cap * RANK_ORDER_SHARE
+    best, best_step, proven, nodes = _search(sm, pool, best, best_step, first_cap, joint_a2a, joint_attention, guide,
+                                             rank_first)
+    if proven:
+        return best, best_step, True, nodes
+    best, best_step, proven, more = _search(sm, pool, best, best_step, node_cap - nodes, joint_a2a, joint_attention,
+                                            guide, ring_first)
+    return best, best_step, proven, nodes + more
+
+
+def _search(sm: StepModel, pool: list[str], best: list[str], best_step: float, node_cap: float, joint_a2a: float,
+            joint_attention: float, guide: list[list[str]] | None, sequence: list[int]) -> tuple[list[str], float, bool, int]:
+    """Branch and bound placing ranks in the order ``sequence``, starting from ``best``.
 
     ``joint_a2a`` is a lower bound of the all-to-all term of every order (``topology.a2a_floor``), used with the rest;
     ``joint_attention`` one of the ring and all-to-all terms together, plus the gradient term's excess over its
@@ -101,10 +145,12 @@ def branch_and_bound(sm: StepModel, pool: list[str], best: list[str], best_step:
     bw = fm.link_bandwidths()
     sym = Symmetry(topo, pool)
     kinds = (sm.hops, sm.a2a_pairs, [(i, (i + 1) % world) for i in range(world)] if world > 1 else [])
+    step_of = {r: k for k, r in enumerate(sequence)}
     completes: list[list[tuple[int, int, int]]] = [[] for _ in range(world)]
+    """Per placement step, the flows whose later end it places."""
     for k, pairs in enumerate(kinds):
         for a, b in pairs:
-            completes[max(a, b)].append((k, a, b))
+            completes[max(step_of[a], step_of[b])].append((k, a, b))
     loads = [np.zeros(len(bw)) for _ in kinds]
     placed_flows: list[list[tuple[np.ndarray, float]]] = [[] for _ in kinds]
     on_link: list[list[float]] = [[] for _ in bw]
@@ -140,7 +186,7 @@ def branch_and_bound(sm: StepModel, pool: list[str], best: list[str], best_step:
                     crossings.append(crossing)
 
     flows: dict[tuple[str, str], tuple[np.ndarray, np.ndarray, float]] = {}
-    rotation = RingRotation(sm)
+    rotation = RingRotation(sm, sequence)
     # The flows still to come (``topology.lookahead``): the free GPUs and the loads placed bound them too.
     index = {g: k for k, g in enumerate(pool)}
     free = np.ones(len(pool), dtype=bool)
@@ -182,14 +228,15 @@ def branch_and_bound(sm: StepModel, pool: list[str], best: list[str], best_step:
         return sm.dense + sm.attention(hop, hop_lat, a2a) + sm.gradients(bus) + rates.step_overhead_s
 
     def a2a_ahead(i: int) -> float:
-        """Seconds of the slowest all-to-all still to come, ranks ``0..i`` placed (0 when none is)."""
-        groups = [([index[order[r]] for r in g if r <= i], sum(r > i for r in g)) for g in a2a_groups if max(g) > i]
+        """Seconds of the slowest all-to-all still to come, the ranks of steps ``0..i`` placed (0 when none is)."""
+        groups = [([index[order[r]] for r in g if step_of[r] <= i], sum(step_of[r] > i for r in g))
+                  for g in a2a_groups if max(step_of[r] for r in g) > i]
         if not lookahead or not groups:
             return 0.0
         return 2 * all_to_all_reach(pair_rates(), loads[1], sm.a2a_per_peer, efficiency, free, groups, sm.ulysses)
 
     def lower(i: int) -> float:
-        """A lower bound of the step time of every completion of the current partial order (ranks ``0..i``)."""
+        """A lower bound of the step time of every completion of the current partial order (steps ``0..i``)."""
         target = state["step"] * (1 - REL_TOL)
         hop_r, a2a_r, bus = (slowest(x) for x in loads)
         bus = min(bus, bus_cap)
@@ -230,27 +277,30 @@ def branch_and_bound(sm: StepModel, pool: list[str], best: list[str], best_step:
                     (on_link[x].append if sign > 0 else on_link[x].remove)(lat)
 
     def put(i: int, gpu: str | None) -> None:
-        """Give rank ``i`` to ``gpu``, or (None) take its GPU back."""
-        host = topo.host_of(gpu or order[i])
-        free[index[gpu or order[i]]] = gpu is None
+        """Give step ``i``'s rank to ``gpu``, or (None) take its GPU back."""
+        rank = sequence[i]
+        host = topo.host_of(gpu or order[rank])
+        free[index[gpu or order[rank]]] = gpu is None
         if gpu is None:
             place(i, -1)
-            by_host[host] = by_host[host] - {order[i]}
+            by_host[host] = by_host[host] - {order[rank]}
         else:
             by_host[host] = by_host.get(host, frozenset()) | {gpu}
-        order[i] = gpu
+        order[rank] = gpu
         if gpu is not None:
             place(i, +1)
 
     group_of = {g: k for k, grp in enumerate(guide or []) for g in grp}
+    ulysses_of = {r: grp for grp in GroupLayout.from_grid(sm.dp, sm.ring, sm.ulysses).ulysses_groups for r in grp}
 
     def preferred(i: int) -> set[str]:
-        """GPUs the guide's groups suggest for rank ``i``: its Ulysses group's guide group, or an untouched one."""
+        """GPUs the guide's groups suggest for step ``i``'s rank: its Ulysses group's guide group (that of its first
+        member placed), or an untouched one."""
         if not group_of:
             return set()
-        start = i - i % sm.ulysses
-        if i > start and order[start] in group_of:
-            k = group_of[order[start]]
+        first = next((order[r] for r in ulysses_of[sequence[i]] if order[r] is not None), None)
+        if first in group_of:
+            k = group_of[first]
             return set(guide[k]) - set(order)
         touched = {group_of.get(g) for g in order if g is not None}
         return {g for g, k in group_of.items() if k not in touched}
@@ -261,7 +311,7 @@ def branch_and_bound(sm: StepModel, pool: list[str], best: list[str], best_step:
             if step < state["step"] * (1 - REL_TOL):
                 state["best"], state["step"] = list(order), step
             return
-        prev = topo.host_of(order[i - 1]) if i else None
+        prev = topo.host_of(order[sequence[i - 1]]) if i else None
         wanted = preferred(i)
         children = []
         for n, orbit in enumerate(sym.choices(by_host)):
@@ -289,6 +339,19 @@ def branch_and_bound(sm: StepModel, pool: list[str], best: list[str], best_step:
     except _Aborted:
         return state["best"], state["step"], False, state["nodes"]
     return state["best"], state["step"], True, state["nodes"]
+
+
+def placement_sequence(sm: StepModel) -> list[int]:
+    """Ranks in the order the second search places them: ring by ring (each cp group's rings in turn, a ring's
+    ranks in ring order), where Ulysses groups are larger than rings; otherwise rank order.
+
+    In rank order a ring hop is priced ``ulysses`` steps after its first end is placed; ring by ring it is
+    priced at once, but a gradient hop ``ring`` steps after its first end (and an all-to-all pair up to
+    ``ring`` times later than in rank order): worth it only where the ring hop waits longer.
+    """
+    if sm.ring < 2 or sm.ulysses <= sm.ring:
+        return list(range(sm.world))
+    return [r for ring in GroupLayout.from_grid(sm.dp, sm.ring, sm.ulysses).ring_groups for r in ring]
 
 
 class _RoutePatterns:

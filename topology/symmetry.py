@@ -186,17 +186,19 @@ class RingRotation:
     automorphisms, so it combines with the orbits of ``Symmetry``.
     """
 
-    def __init__(self, sm: StepModel):
+    def __init__(self, sm: StepModel, sequence: list[int] | None = None):
         self.sm = sm
         cp, u, world = sm.cp, sm.ulysses, sm.world
+        step = {r: k for k, r in enumerate(sequence or range(world))}
         self.shift = cp if sm.dp > 1 else u
         segments = world // self.shift if sm.ring > 1 else 1
         self.anchors: list[list[tuple[int, int, int]]] = [[] for _ in range(world)]
-        """Per rank, the anchor hops it completes: (segment, from rank, to rank)."""
+        """Per placement step (``sequence``: ranks in the order they are placed), the anchor hops it completes:
+        (segment, from rank, to rank)."""
         self.first: list[tuple[int, int]] = []
         """Segment 0's anchors."""
         self.ready = 0
-        """The rank whose placement completes segment 0's anchors."""
+        """The step whose placement completes segment 0's anchors."""
         self._keys: dict[tuple[str, str], float] = {}
         if segments < 2:
             return
@@ -206,10 +208,10 @@ class RingRotation:
             for a in range(j * self.shift, j * self.shift + u):
                 i, g = pos[a]
                 b = g[(i + 1) % len(g)]
-                self.anchors[max(a, b)].append((j, a, b))
+                self.anchors[max(step[a], step[b])].append((j, a, b))
                 if j == 0:
                     self.first.append((a, b))
-        self.ready = max(max(a, b) for a, b in self.first)
+        self.ready = max(max(step[a], step[b]) for a, b in self.first)
 
     def key(self, a: str, b: str) -> float:
         """Seconds a ring step's bytes take on the route ``a -> b`` alone (``topology.cost.transfer``)."""
@@ -222,7 +224,7 @@ class RingRotation:
         return self._keys[a, b]
 
     def canonical(self, i: int, order: list[str | None]) -> bool:
-        """Whether ranks ``0..i`` placed in ``order`` can still be a canonical order."""
+        """Whether the ranks of steps ``0..i`` placed in ``order`` (by rank) can still be a canonical order."""
         if not self.first or i < self.ready or (i > self.ready and not self.anchors[i]):
             return True
         top = max(self.key(order[a], order[b]) for a, b in self.first) * (1 + 1e-9)
