@@ -14,7 +14,7 @@ Both extended arms start from the same stage-1 checkpoint (the control's run
 directory is seeded with a copy of stage 1, which ``ringleader run`` skips as
 finished), so they differ in theta alone. NIAH runs at the end of each stage
 (the recipe's ``niah:`` blocks) on the haystack essays of clusters/data/corpus,
-which the training corpus never contains. Run by hand (about 16 minutes on a
+which the training corpus never contains. Run by hand (about 20 minutes on a
 2-core machine, most of it the drills and stage 1)::
 
     python benchmarks/context_extension.py [--out runs/context-extension]
