@@ -282,7 +282,7 @@ def test_a_guide_orders_exact_search_but_never_changes_its_optimum(problem, ulys
     assert proven and step == pytest.approx(best, rel=1e-12) and sm.step(order) == step
 
 
-@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
 @given(small_clusters(), st.sampled_from([2, 3]), st.sampled_from([256, 65536]), st.randoms(use_true_random=False))
 def test_exact_search_placing_ranks_ring_by_ring_finds_the_brute_force_optimum(problem, ulysses, tokens, rng):
     """Ranks placed ring by ring (every bound, rotation and guide keyed by placement step, not rank): from no
