@@ -27,7 +27,7 @@ import random
 import sys
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 from topology.errors import ConfigError
 
@@ -150,6 +150,22 @@ def _fact(rng: random.Random, digits: int, used: set[str]) -> tuple[str, str]:
             return key, str(rng.randrange(10 ** (digits - 1), 10**digits))
 
 
+def _fact_and_questions(spec: RetrievalCorpus, rng: random.Random, pieces: int) -> tuple[float, Iterable[float]]:
+    """Depth of one fact and of each of its questions, as fractions of the ``pieces`` filler pieces.
+
+    ``uniform`` counts in slots between pieces (slot s: before piece s; slot ``pieces``: after the
+    last), so a fact can open the document and a question close it, and each gap is uniform over
+    them. ``after`` yields its questions lazily: their draws interleave with the caller's choice of
+    wording, as they always have, so its corpora stay byte-identical.
+    """
+    if spec.spacing == "uniform":
+        gaps = [rng.randint(0, pieces) for _ in range(rng.randint(*spec.asks))]
+        slot = rng.randint(0, pieces - max(gaps))
+        return slot / pieces, [(slot + gap) / pieces for gap in gaps]
+    depth = rng.random()
+    return depth, (rng.uniform(depth, 1.0001) for _ in range(rng.randint(*spec.asks)))
+
+
 def retrieval_segments(spec: RetrievalCorpus, index: int) -> list[tuple[str, bool]]:
     """Document ``index`` as ``(text, is_answer)`` pieces: filler with facts at random depths, each
     asked about at random points after it; the answers are the pieces marked True."""
@@ -160,16 +176,7 @@ def retrieval_segments(spec: RetrievalCorpus, index: int) -> list[tuple[str, boo
     used: set[str] = set()
     inserts: list[tuple[float, list[tuple[str, bool]]]] = []
     for key, value in (_fact(rng, spec.digits, used) for _ in range(rng.randint(*spec.facts))):
-        if spec.spacing == "uniform":
-            # In slots between filler pieces (slot s: before piece s; slot n: after the last), so a fact
-            # can open the document and a question close it: the gap is uniform over 0..n slots.
-            n = len(filler)
-            gaps = [rng.randint(0, n) for _ in range(rng.randint(*spec.asks))]
-            slot = rng.randint(0, n - max(gaps))
-            depth, points = slot / n, iter([(slot + gap) / n for gap in gaps])
-        else:
-            depth = rng.random()
-            points = (rng.uniform(depth, 1.0001) for _ in range(rng.randint(*spec.asks)))
+        depth, points = _fact_and_questions(spec, rng, len(filler))
         inserts.append((depth, [(f" The {key} is: {value}. ", False)]))
         for at in points:
             inserts.append((at, [(rng.choice(QUESTIONS).format(key=key), False), (f" {value}", True), ("\n", False)]))
