@@ -37,9 +37,9 @@ from launcher.runtime.controller import placement_nodes, with_slots  # noqa: E40
 from launcher.runtime.resources import ClusterView  # noqa: E402
 from launcher.runtime.workers import WorkerGroup  # noqa: E402
 from tests.ray_utils import local_cluster  # noqa: E402
-from topology.model import Topology  # noqa: E402
-from topology.planner import make_plan  # noqa: E402
-from topology.profile import profile_cluster  # noqa: E402
+from topology.network.model import Topology  # noqa: E402
+from topology.planning.planner import make_plan  # noqa: E402
+from topology.profiling.profile import profile_cluster  # noqa: E402
 
 HOSTS, GPUS_PER_HOST = 4, 2
 WORLD = HOSTS * GPUS_PER_HOST

@@ -44,9 +44,9 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from topology.cost import estimate  # noqa: E402
-from topology.model import Topology, load_data  # noqa: E402
-from topology.plan import Plan, RankPlacement  # noqa: E402
-from topology.planner import make_plan  # noqa: E402
+from topology.network.model import Topology, load_data  # noqa: E402
+from topology.planning.plan import Plan, RankPlacement  # noqa: E402
+from topology.planning.planner import make_plan  # noqa: E402
 
 
 def run_ring(plan: Plan, steps: int, timeout_s: float = 120.0, nbytes: int | None = None) -> list[float]:
@@ -58,7 +58,7 @@ def run_ring(plan: Plan, steps: int, timeout_s: float = 120.0, nbytes: int | Non
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    from topology.profile import HostProbe
+    from topology.profiling.profile import HostProbe
 
     ranks = [HostProbe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(p.node_id, soft=False)).remote(p.ip, timeout_s)
              for p in plan.placements]
@@ -89,7 +89,7 @@ def on_declared(plan: Plan, declared: Topology) -> float:
 def ring_size(measured: Topology, declared: Topology | None) -> int:
     """GPUs per ring: one leaf's worth, from the lab's declared layout when there is one.
 
-    The leaves inferred from a profile (``topology.switches``) follow the
+    The leaves inferred from a profile (``topology.network.switches``) follow the
     measured bandwidths; under load one slow pair can leave a host in a leaf
     of its own, which made rings of one rank, and a rank "sending" to itself
     is what gloo rejects with "Pair is not connected". The ring size is the
@@ -186,7 +186,7 @@ def inside(args: argparse.Namespace) -> int:
         if args.profile:
             measured = load_data(args.profile)
         else:
-            from topology.profile import profile_cluster
+            from topology.profiling.profile import profile_cluster
 
             measured = profile_cluster(transfer_mb=2, repeats=3)
         declared = Topology.load(args.declared) if args.declared else None

@@ -23,9 +23,9 @@ import time
 from typing import Callable
 
 from topology.cost import FlowModel
-from topology.model import Topology
-from topology.planner import make_plan
-from topology.presets import g6e, leaf_spine, nvl_domains, rails
+from topology.network.model import Topology
+from topology.planning.planner import make_plan
+from topology.network.presets import g6e, leaf_spine, nvl_domains, rails
 
 Case = tuple[str, Callable[[], Topology], int, int, int, int]
 """(name, topology builder, GPUs, ring size cp, ulysses, tokens per GPU)."""

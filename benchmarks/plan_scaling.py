@@ -15,8 +15,8 @@ from __future__ import annotations
 import argparse
 import time
 
-from topology.planner import make_plan
-from topology.presets import leaf_spine
+from topology.planning.planner import make_plan
+from topology.network.presets import leaf_spine
 
 TARGETS = {512: 0.5, 16384: 20.0}
 

@@ -91,7 +91,7 @@ def _calibrate_rank(rank: int, world: int, spec: dict) -> dict:
 
 def _stage_stamps(cfg: dict, plan: dict) -> list[float]:
     """Wall clock at the end of every optimizer step of one real stage on this process group."""
-    from topology.plan import Plan
+    from topology.planning.plan import Plan
     from trainer.config import StageConfig
     from trainer.stage import run_stage
 

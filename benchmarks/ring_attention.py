@@ -52,7 +52,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from topology.plan import Plan, RankPlacement  # noqa: E402
+from topology.planning.plan import Plan, RankPlacement  # noqa: E402
 from trainer.engine import init_process_group  # noqa: E402
 from trainer.groups import ParallelGroups  # noqa: E402
 from trainer.attention.documents import Documents  # noqa: E402

@@ -49,7 +49,7 @@ OPTIMIZER = "Optimizer.step#AdamW.step"
 def _profiled_rank(rank: int, world: int, cfg: dict, plan: dict, skip: int) -> dict:
     from torch.profiler import ProfilerActivity, profile
 
-    from topology.plan import Plan
+    from topology.planning.plan import Plan
     from trainer.config import StageConfig
     from trainer.stage import run_stage
 

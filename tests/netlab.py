@@ -20,7 +20,7 @@ both directions of every host link and uplink run at their set rate. Nothing
 is attached to the machine's own namespace: traffic only ever goes between
 the lab's addresses.
 
-The lab is described by the node/link topology form (topology/model.py):
+The lab is described by the node/link topology form (topology/network/model.py):
 hosts with one NIC each linked to a leaf (host link), leaves linked to one
 spine (uplink); ``bw_gbps`` is GB/s per direction (400 Mbit/s = 0.05).
 """
@@ -44,7 +44,7 @@ from pathlib import Path
 from typing import Sequence
 
 from topology.errors import ConfigError
-from topology.model import Topology
+from topology.network.model import Topology
 
 PREFIX = "rlab-"
 """Every namespace and temp dir this lab makes starts with it; ``down`` only touches those."""

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from ray_utils import REPO, free_port
-from topology.plan import Plan, RankPlacement
+from topology.planning.plan import Plan, RankPlacement
 from trainer.config import StageConfig
 
 CORPUS = REPO / "clusters" / "data" / "corpus"

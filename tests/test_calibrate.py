@@ -39,7 +39,7 @@ def test_calibrate_on_two_hosts_writes_sane_positive_figures(tmp_path, capsys):
 
 
 def _stage_rank(rank, world, cfg, plan):
-    from topology.plan import Plan
+    from topology.planning.plan import Plan
     from trainer.config import StageConfig
     from trainer.stage import run_stage
 
@@ -85,7 +85,7 @@ def _hop_rank(rank, world, nbytes):
     import torch
 
     from launcher.estimate.measure import ring_hops
-    from topology import bandwidth
+    from topology.profiling import bandwidth
 
     whole = bandwidth.ring_step_seconds(list(range(world)), nbytes, 5, torch.device("cpu"))
     return ring_hops(["local"] * world, nbytes, 5, torch.device("cpu")), nbytes / statistics.mean(whole) / 1e9

@@ -10,9 +10,9 @@ import pytest
 from launcher.cli import main
 from topology.calibration import L40S, Calibration, Figure, defaults_for
 from topology.cost import HardwareRates
-from topology.model import GpuSpec
-from topology.planner import make_plan
-from topology.presets import load_topology
+from topology.network.model import GpuSpec
+from topology.planning.planner import make_plan
+from topology.network.presets import load_topology
 
 RECIPE = Path(__file__).resolve().parents[1] / "clusters" / "recipes" / "llama3-8b-4194k.yaml"
 
@@ -120,7 +120,7 @@ def test_a_ring_of_one_is_refused_before_gloo_sees_a_send_to_itself():
     import torch.distributed as dist
 
     from ray_utils import free_port
-    from topology import bandwidth
+    from topology.profiling import bandwidth
 
     store = dist.TCPStore("127.0.0.1", free_port(), 1, True)
     dist.init_process_group("gloo", store=store, rank=0, world_size=1)

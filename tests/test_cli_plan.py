@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from launcher.cli import main
-from topology.plan import Plan
-from topology.presets import load_topology
+from topology.planning.plan import Plan
+from topology.network.presets import load_topology
 
 REPO = Path(__file__).resolve().parent.parent
 

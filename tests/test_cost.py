@@ -6,11 +6,11 @@ import math
 
 import pytest
 
-from topology.bound import ring_bandwidth_bound
+from topology.planning.bound import ring_bandwidth_bound
 from topology.cost import LLAMA3_8B, FlowModel, estimate
-from topology.model import Topology
-from topology.planner import make_plan
-from topology.presets import leaf_spine, load_topology
+from topology.network.model import Topology
+from topology.planning.planner import make_plan
+from topology.network.presets import leaf_spine, load_topology
 
 
 def test_kv_bytes_per_token_are_gqa_aware():
@@ -109,7 +109,7 @@ def test_report_is_plain_json():
 
 def _stage_plan(ring: int, ulysses: int, seq: int):
     from launcher.estimate.fit import stage_topology
-    from topology.plan import Plan, RankPlacement
+    from topology.planning.plan import Plan, RankPlacement
 
     cp = ring * ulysses
     plan = Plan("naive", 1, cp, ulysses, seq, [RankPlacement(r, "local", r) for r in range(cp)])

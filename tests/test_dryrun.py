@@ -13,8 +13,8 @@ from launcher.estimate.memory import estimate_memory
 from launcher.recipe import Recipe
 from launcher.estimate.sizing import resolve_stage
 from topology.cost import LLAMA3_8B
-from topology.planner import make_plan
-from topology.presets import load_topology
+from topology.planning.planner import make_plan
+from topology.network.presets import load_topology
 
 RECIPE = Path(__file__).resolve().parents[1] / "clusters" / "recipes" / "llama3-8b-4194k.yaml"
 PRESETS_512 = ["g6e-64x", "leafspine-64x-1to1", "leafspine-64x-2to1", "leafspine-64x-4to1", "leafspine-64x-2to1-degraded"]

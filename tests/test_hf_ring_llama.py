@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from dist_utils import run_distributed
-from topology.plan import Plan, RankPlacement
+from topology.planning.plan import Plan, RankPlacement
 from trainer.groups import ParallelGroups
 from trainer.attention.documents import Documents, drop_cross_document_labels
 from trainer.attention.hf_attention import register_ring_attention

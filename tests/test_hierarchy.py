@@ -7,10 +7,10 @@ import pytest
 from launcher.cli import main
 from topology.cost import FlowModel
 from topology.errors import ConfigError
-from topology.hierarchy import network_nodes_from_ec2, network_nodes_from_labels
-from topology.model import MEASURED_FORMAT, Topology
-from topology.planner import make_plan
-from topology.presets import load_topology
+from topology.network.hierarchy import network_nodes_from_ec2, network_nodes_from_labels
+from topology.network.model import MEASURED_FORMAT, Topology
+from topology.planning.planner import make_plan
+from topology.network.presets import load_topology
 
 KEYS = ["topology.k8s.aws/network-node-layer-1", "topology.k8s.aws/network-node-layer-2",
         "topology.k8s.aws/network-node-layer-3"]

@@ -20,9 +20,9 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from launcher.runtime.workers import WorkerGroup
 from tests.ray_utils import local_cluster
-from topology.listen import bound_socket, store_server
-from topology.plan import Plan, RankPlacement
-from topology.profile import HostProbe
+from topology.profiling.listen import bound_socket, store_server
+from topology.planning.plan import Plan, RankPlacement
+from topology.profiling.profile import HostProbe
 
 
 def listeners(pid: int) -> set[tuple[str, int]]:

@@ -8,7 +8,7 @@ from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRot
 from launcher.estimate.memory import MemoryAssumptions, estimate_memory, intermediate_size, layer_saved_bytes, model_shape
 from topology.cost import LLAMA3_8B, ModelShape
 from topology.errors import ConfigError
-from topology.model import GpuSpec
+from topology.network.model import GpuSpec
 from trainer.config import ModelConfig
 
 L40S = GpuSpec()

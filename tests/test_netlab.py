@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from tests.netlab import REPO, LabUnavailable, NetLab, gbps_to_mbit, lab_topology, unavailable_reason
-from topology.model import Topology
+from topology.network.model import Topology
 
 pytestmark = [pytest.mark.netlab, pytest.mark.ray]
 
@@ -133,7 +133,7 @@ def test_demo_recipe_runs_across_the_lab(lab, measured, run_dir):
 def test_mixed_hosts_case_keeps_rings_on_one_leaf_off_the_slow_host():
     """The lab case ``benchmarks/netlab_ring.py --case mixed-hosts`` (hosts of 3, 1, 2, 2 GPUs, h0's link at half
     rate), planned on its declared topology: whole-host rings on one leaf, half Ray's predicted ring time."""
-    from topology.planner import make_plan
+    from topology.planning.planner import make_plan
 
     topo = lab_topology(4, 2, 400, 200, {"h0": 200}, gpus_per_host=(3, 1, 2, 2), interleaved=False)
     assert [(len(topo.gpus(h)), topo.leaf_of(h)) for h in topo.hosts] == [(3, "leaf0"), (1, "leaf0"), (2, "leaf1"), (2, "leaf1")]

@@ -3,10 +3,10 @@
 import pytest
 
 from topology.cost import FlowModel, StepModel
-from topology.model import Topology
-from topology.planner import make_plan
-from topology.presets import PRESETS, nvl_domains
-from topology.routing import nvlink_domain
+from topology.network.model import Topology
+from topology.planning.planner import make_plan
+from topology.network.presets import PRESETS, nvl_domains
+from topology.network.routing import nvlink_domain
 
 TOL = 1e-7
 

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from topology.errors import ConfigError
-from topology.plan import GroupLayout, Plan, RankPlacement
+from topology.planning.plan import GroupLayout, Plan, RankPlacement
 
 
 @pytest.mark.parametrize("dp,ring,ulysses", [(1, 1, 1), (2, 2, 1), (2, 2, 2), (3, 4, 2), (1, 8, 1)])

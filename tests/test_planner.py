@@ -6,12 +6,12 @@ import random
 
 import pytest
 
-from topology import ring_order
+from topology.planning import ring_order
 from topology.cost import FlowModel, StepModel
 from topology.errors import ConfigError
-from topology.model import MEASURED_FORMAT, Topology
-from topology.planner import make_plan
-from topology.presets import leaf_spine, load_topology
+from topology.network.model import MEASURED_FORMAT, Topology
+from topology.planning.planner import make_plan
+from topology.network.presets import leaf_spine, load_topology
 
 BANDWIDTHS = [5.0, 10.0, 12.5, 25.0, 40.0, 50.0]
 

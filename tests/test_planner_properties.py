@@ -3,8 +3,8 @@
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from topology.planner import STRATEGIES, make_plan
-from topology.presets import g6e, l40s_host, leaf_spine
+from topology.planning.planner import STRATEGIES, make_plan
+from topology.network.presets import g6e, l40s_host, leaf_spine
 
 
 @st.composite

@@ -8,15 +8,15 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from topology import search
+from topology.planning import search
 from topology.cost import FlowModel, StepModel, step_bound
-from topology.model import Topology
-from topology.plan import GroupLayout
-from topology.planner import make_plan
-from topology.presets import PRESETS, g6e, leaf_spine
-from topology.symmetry import Symmetry
+from topology.network.model import Topology
+from topology.planning.plan import GroupLayout
+from topology.planning.planner import make_plan
+from topology.network.presets import PRESETS, g6e, leaf_spine
+from topology.planning.symmetry import Symmetry
 from launcher.commands.plan import summary
-from topology.load import link_loads, ring_flows
+from topology.network.load import link_loads, ring_flows
 
 TOL = 1e-7
 """Plan figures are stored to 9 significant digits."""
@@ -251,7 +251,7 @@ def test_unproven_plan_states_its_gap_to_the_bound():
                                                    (2, 4, 2, 1), (2, 4, 4, 2)])
 def test_exact_search_up_to_symmetry_equals_brute_force_on_g6e_hosts(hosts, gpus, cp, ulysses):
     """g6e hosts (128 automorphisms each, alike hosts): branch and bound from no incumbent finds the brute-force optimum."""
-    from topology.exact import branch_and_bound
+    from topology.planning.exact import branch_and_bound
 
     topo = g6e(hosts)
     sm = StepModel(topo, gpus // cp, cp // ulysses, ulysses, 2 * cp * 256)
@@ -270,7 +270,7 @@ def test_exact_search_up_to_symmetry_equals_brute_force_on_g6e_hosts(hosts, gpus
 def test_a_guide_orders_exact_search_but_never_changes_its_optimum(problem, ulysses, tokens, rng):
     """Any partition of the pool guiding the child order (and the orbit member tried): exact search still finds the
     brute-force optimum and proves it."""
-    from topology.exact import branch_and_bound
+    from topology.planning.exact import branch_and_bound
 
     topo, gpus, cp = problem
     assume(cp % ulysses == 0)
@@ -287,7 +287,7 @@ def test_a_guide_orders_exact_search_but_never_changes_its_optimum(problem, ulys
 def test_exact_search_placing_ranks_ring_by_ring_finds_the_brute_force_optimum(problem, ulysses, tokens, rng):
     """Ranks placed ring by ring (every bound, rotation and guide keyed by placement step, not rank): from no
     incumbent, the search still finds the brute-force optimum and proves it."""
-    from topology.exact import _search, placement_sequence
+    from topology.planning.exact import _search, placement_sequence
 
     topo, gpus, cp = problem
     assume(cp % ulysses == 0 and cp > ulysses)
@@ -304,7 +304,7 @@ def test_exact_search_placing_ranks_ring_by_ring_finds_the_brute_force_optimum(p
 
 def test_exact_search_with_a_node_budget_ends_ring_by_ring_from_the_rank_order_searchs_best():
     """Stopped in rank order, the search goes on ring by ring from the best order met, within the same budget."""
-    from topology.exact import RANK_ORDER_SHARE, branch_and_bound
+    from topology.planning.exact import RANK_ORDER_SHARE, branch_and_bound
 
     topo = g6e(2)
     sm = StepModel(topo, 1, 2, 4, 2 * 8 * 128)
@@ -321,7 +321,7 @@ def test_exact_search_with_a_node_budget_ends_ring_by_ring_from_the_rank_order_s
 @given(small_clusters(), st.sampled_from([2, 3]), st.sampled_from([256, 65536]))
 def test_all_to_all_lookahead_keeps_exact_search_exact(problem, ulysses, tokens):
     """Bounding the all-to-all still to come by the free GPUs never cuts the optimum (from no incumbent, so it cuts a lot)."""
-    from topology.exact import branch_and_bound
+    from topology.planning.exact import branch_and_bound
 
     topo, gpus, cp = problem
     assume(cp % ulysses == 0)
@@ -335,7 +335,7 @@ def test_all_to_all_lookahead_keeps_exact_search_exact(problem, ulysses, tokens)
 def test_joint_all_to_all_floor_is_the_brute_force_minimum(problem, ulysses, tokens, cap):
     """All Ulysses groups priced together: finished, the floor is the smallest all-to-all term of any order; stopped
     early (at ``cap`` nodes), it is still no larger."""
-    from topology.a2a_floor import joint_all_to_all_floor
+    from topology.planning.a2a_floor import joint_all_to_all_floor
 
     topo, gpus, cp = problem
     assume(cp % ulysses == 0)
@@ -402,8 +402,8 @@ def test_groups_split_across_railed_hosts_raise_the_floor_by_their_gradient_cros
 
 def _check_ring_floor(sm, gpus, cap):
     """The joint floor of ``sm`` against every order of ``gpus`` GPUs of its topology."""
-    from topology.a2a_floor import joint_all_to_all_floor
-    from topology.bound import ring_bandwidth_bound
+    from topology.planning.a2a_floor import joint_all_to_all_floor
+    from topology.planning.bound import ring_bandwidth_bound
 
     pool = sm.topo.gpus()
     classes = search.twin_classes(sm, pool)
@@ -460,7 +460,7 @@ def test_pair_rates_are_the_flow_models_rates_of_one_more_flow():
     import numpy as np
 
     from topology.cost import transfer
-    from topology.lookahead import PairRates
+    from topology.planning.lookahead import PairRates
 
     topo = g6e(2)
     fm, pool = FlowModel(topo), topo.gpus()
@@ -500,8 +500,8 @@ def test_hosts_with_too_many_automorphisms_fall_back_to_twin_swaps():
 @pytest.mark.parametrize("tokens", [128, 4096])
 def test_rank_rotations_are_searched_once(tokens):
     """Two g6e hosts, one ring pair of 16 GPUs: one rotation of the rings proves the same optimum in fewer nodes."""
-    from topology.exact import branch_and_bound
-    from topology.symmetry import RingRotation
+    from topology.planning.exact import branch_and_bound
+    from topology.planning.symmetry import RingRotation
 
     topo = g6e(2)
     sm = StepModel(topo, 1, 8, 2, 2 * 16 * tokens)

@@ -3,15 +3,15 @@
 import pytest
 
 from topology.errors import ConfigError
-from topology.model import dump_text
-from topology.presets import PRESETS, TOPOLOGY_DIR, l40s_host, leaf_spine, load_topology
+from topology.network.model import dump_text
+from topology.network.presets import PRESETS, TOPOLOGY_DIR, l40s_host, leaf_spine, load_topology
 
 
 @pytest.mark.parametrize("name", list(PRESETS))
 def test_checked_in_yaml_equals_the_generator(name):
     path = TOPOLOGY_DIR / f"{name}.yaml"
     assert path.read_text() == dump_text(PRESETS[name]().to_dict(), path), (
-        f"{path} is stale; regenerate with `python -m topology.presets`"
+        f"{path} is stale; regenerate with `python -m topology.network.presets`"
     )
 
 

@@ -12,8 +12,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from tests.ray_utils import REPO, local_cluster
-from topology.model import MEASURED_FORMAT, Topology
-from topology.profile import cache_key, round_robin
+from topology.network.model import MEASURED_FORMAT, Topology
+from topology.profiling.profile import cache_key, round_robin
 
 
 @given(st.integers(min_value=0, max_value=40))
@@ -45,7 +45,7 @@ def cluster():
 
 @pytest.mark.ray
 def test_profile_four_hosts(cluster, profiles):
-    from topology.profile import profile_cluster
+    from topology.profiling.profile import profile_cluster
 
     data = profile_cluster(transfer_mb=1, repeats=3, cache_dir=profiles, timeout_s=60, latency_iters=5)
     n = 4

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from dist_utils import run_distributed
 from topology.errors import ConfigError
-from topology.plan import Plan, RankPlacement
+from topology.planning.plan import Plan, RankPlacement
 from trainer.groups import ParallelGroups
 from trainer.attention.documents import Documents
 from trainer.attention.ring_attention import ZigzagRingAttention, _merge, block_backward, block_forward, ring_attention, select_backend

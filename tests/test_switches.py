@@ -10,9 +10,9 @@ from hypothesis import strategies as st
 
 from topology.cost import FlowModel
 from topology.errors import ConfigError
-from topology.presets import PRESETS
-from topology.profile import round_robin
-from topology.switches import leaf_groups, leaf_names
+from topology.network.presets import PRESETS
+from topology.profiling.profile import round_robin
+from topology.network.switches import leaf_groups, leaf_names
 
 
 def partition(groups):

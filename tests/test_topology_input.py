@@ -6,8 +6,8 @@ import re
 import pytest
 
 from launcher.cli import main
-from topology.model import MEASURED_FORMAT
-from topology.presets import load_topology
+from topology.network.model import MEASURED_FORMAT
+from topology.network.presets import load_topology
 
 
 def _host_file(edit):

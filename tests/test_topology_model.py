@@ -7,8 +7,8 @@ import networkx as nx
 import pytest
 
 from topology.errors import ConfigError
-from topology.model import MEASURED_FORMAT, Topology
-from topology.presets import leaf_spine, load_topology
+from topology.network.model import MEASURED_FORMAT, Topology
+from topology.network.presets import leaf_spine, load_topology
 
 
 def measured(bw, gpus=1, leaves=None):
@@ -120,7 +120,7 @@ def test_measured_pairs_across_leaves_share_the_uplink_they_shared_while_measure
     """Four hosts on two leaves behind 0.025 GB/s uplinks, host links 0.05. The profile's rounds ran two
     cross-leaf pairs at once, so each recorded half the uplink; the model must put them back on one
     uplink (two at once: half each, as measured) rather than give each a private link of that half."""
-    from topology.routing import FlowModel
+    from topology.network.routing import FlowModel
 
     leaf = ["a", "a", "b", "b"]
     share, alone = 0.0125, 0.05

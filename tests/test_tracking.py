@@ -20,7 +20,7 @@ from launcher.recipe import Recipe
 from stage_helpers import CORPUS, MODEL, launch_ranks, plan_for, stage_config
 from tests.ray_utils import REPO
 from topology.errors import ConfigError
-from topology.plan import Plan, RankPlacement
+from topology.planning.plan import Plan, RankPlacement
 from trainer.config import StageConfig
 from trainer.tracking import MlflowConfig, TrackingConfig, WandbConfig, plan_figures
 

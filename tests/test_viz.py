@@ -10,11 +10,11 @@ import pytest
 
 from launcher.cli import main
 from topology.errors import ConfigError
-from topology.plan import Plan, RankPlacement
-from topology.planner import make_plan
-from topology.presets import load_topology
-from topology.viz import render_html, render_image, save
-from topology.viz_layout import cycle_hops
+from topology.planning.plan import Plan, RankPlacement
+from topology.planning.planner import make_plan
+from topology.network.presets import load_topology
+from topology.viz.page import render_html, render_image, save
+from topology.viz.layout import cycle_hops
 
 SVG = "{http://www.w3.org/2000/svg}"
 
@@ -139,7 +139,7 @@ def test_cli_cpu_slots_leaves_out_the_gpu_predictions(tmp_path):
 
 
 def test_measured_profile_draws_direct_host_links_and_never_limiting_ties():
-    from topology.model import MEASURED_FORMAT, Topology
+    from topology.network.model import MEASURED_FORMAT, Topology
 
     profile = {
         "format": MEASURED_FORMAT, "version": 1, "name": "ray-cluster",
@@ -167,7 +167,7 @@ def _link_colours(page: str) -> dict[float, set[str]]:
 
 
 def test_one_absolute_bandwidth_scale_for_every_picture(tmp_path):
-    from topology.colour_scale import BANDWIDTH
+    from topology.viz.colour_scale import BANDWIDTH
 
     small, big = load_topology("g6e-4x"), load_topology("leafspine-64x-2to1")
     a, b = _link_colours(render_html(small)), _link_colours(render_html(big))
@@ -186,7 +186,7 @@ def test_one_absolute_bandwidth_scale_for_every_picture(tmp_path):
 
 
 def test_load_heatmap_marks_the_oversubscribed_links():
-    from topology.load import link_loads, ring_flows
+    from topology.network.load import link_loads, ring_flows
 
     topo = load_topology("leafspine-64x-2to1")
     naive, aware = (make_plan(topo, 512, 64, strategy=s) for s in ("naive", "aware"))
@@ -212,7 +212,7 @@ def test_neighbouring_rings_get_different_hues():
 
     from matplotlib.colors import to_rgb
 
-    from topology.viz_layout import group_colours, host_cycle, layout
+    from topology.viz.layout import group_colours, host_cycle, layout
 
     topo = load_topology("leafspine-64x-2to1")
     for cp in (32, 8):  # two rings per leaf row; eight per row
@@ -259,7 +259,7 @@ def test_svg_is_deterministic_with_hover_titles_and_a_ring_legend(tmp_path):
     assert all(any(titled[f"ring-{i}"].startswith(entry) for entry in legend) for i in range(4))  # one legend entry per ring
 
 
-@pytest.mark.parametrize("module", ["topology.colour_scale", "topology.load", "topology.viz_figures"])
+@pytest.mark.parametrize("module", ["topology.viz.colour_scale", "topology.network.load", "topology.viz.figures"])
 def test_hand_checked_examples_in_docstrings(module):
     import doctest
     import importlib

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from topology.planner import make_plan
-from topology.presets import load_topology
-from topology.viz import save
+from topology.planning.planner import make_plan
+from topology.network.presets import load_topology
+from topology.viz.page import save
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -125,8 +125,8 @@ def _reachable_point(page, selector: str) -> tuple[float, float]:
 
 def test_512_gpu_page_focuses_a_ring_and_shows_oversubscription(browser, shots, tmp_path):
     """The 512-GPU page with a ring-64 plan in Ray's order (rings cross leaves on a 2:1 fabric)."""
-    from topology.colour_scale import LOAD
-    from topology.viz_layout import layout, load_matrix
+    from topology.viz.colour_scale import LOAD
+    from topology.viz.layout import layout, load_matrix
 
     topo = load_topology("leafspine-64x-2to1")
     plan = make_plan(topo, 512, 64, strategy="naive")

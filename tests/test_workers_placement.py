@@ -16,7 +16,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from launcher.runtime.workers import PlacementFailed, WorkerGroup, match_gpus, rank_env
 from tests.ray_utils import local_cluster
-from topology.plan import Plan, RankPlacement
+from topology.planning.plan import Plan, RankPlacement
 
 GPU_RANK = {"GPU": 1.0, "CPU": 1.0}
 

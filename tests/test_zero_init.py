@@ -14,7 +14,7 @@ import torch.distributed as dist
 from transformers import AutoModelForCausalLM
 
 from dist_utils import run_distributed
-from topology.plan import Plan, RankPlacement
+from topology.planning.plan import Plan, RankPlacement
 from trainer.attention.documents import Documents
 from trainer.attention.hf_attention import register_ring_attention
 from trainer.config import ModelConfig

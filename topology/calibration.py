@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from topology.errors import ConfigError
-from topology.model import GpuSpec, write_atomic
+from topology.network.model import GpuSpec, write_atomic
 
 FORMAT = "ringleader-calibration"
 VERSION = 1

@@ -6,14 +6,14 @@ not query heads) while it computes attention of its queries against the
 block it holds (``4 * a * c^2 * n_q * d_h`` FLOPs, ``a = 0.5`` for zigzag
 halves). All rings step at once, so a hop gets, on each link it crosses,
 the link's bandwidth over the flows (ECMP shares) crossing it in the same
-direction (``topology.routing``). Communication hides behind compute when
+direction (``topology.network.routing``). Communication hides behind compute when
 the slowest hop finishes first. Backward moves about 3x the bytes (dK, dV
 travel in fp32) for about 2.5x the FLOPs. The Ulysses all-to-all and the
 ZeRO gradient traffic (over NCCL's ring in rank order) add to the step.
 
 ``StepModel`` computes the step time of any rank order (the planner's
 objective); ``estimate`` reports a plan's figures with lower bounds over all
-placements (``step_bound``, ``topology.bound``), so a plan's distance from
+placements (``step_bound``, ``topology.planning.bound``), so a plan's distance from
 the best possible shows. The rates live in ``HardwareRates``.
 """
 
@@ -26,10 +26,10 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from topology.bound import gpu_access_bound, min_route_latency, ring_bandwidth_bound
-from topology.model import Topology
-from topology.plan import GroupLayout, Plan
-from topology.routing import FlowModel, same_nvlink_domain
+from topology.planning.bound import gpu_access_bound, min_route_latency, ring_bandwidth_bound
+from topology.network.model import Topology
+from topology.planning.plan import GroupLayout, Plan
+from topology.network.routing import FlowModel, same_nvlink_domain
 
 if TYPE_CHECKING:
     from topology.calibration import Calibration
@@ -379,10 +379,10 @@ def estimate(
     rates
         ``HardwareRates``; default: 0.6 of peak, bf16.
     a2a_floor
-        A known lower bound of the all-to-all term over every placement (``topology.a2a_floor``), for the bound.
+        A known lower bound of the all-to-all term over every placement (``topology.planning.a2a_floor``), for the bound.
     attention_floor
         A known lower bound of the attention time (ring and all-to-all together) plus the gradient term's excess
-        over its own bound, over every placement (``topology.ring_floor``), for the bound.
+        over its own bound, over every placement (``topology.planning.ring_floor``), for the bound.
 
     Returns
     -------
@@ -435,11 +435,11 @@ def step_bound(sm: StepModel, a2a_floor: float = 0.0, attention_floor: float = 0
     """Lower bounds, over every placement of ``sm``'s shape, on the ring step and the step time.
 
     Each term of the step is bounded on its own (ring hops, all-to-all,
-    gradient bus), so their sum bounds the step; see ``topology.bound``.
+    gradient bus), so their sum bounds the step; see ``topology.planning.bound``.
     Every hop and all-to-all transfer also waits at least the shortest
     latency of any route between two GPUs. ``a2a_floor`` is a known lower
-    bound of the all-to-all term (``topology.a2a_floor``): the larger one counts.
-    ``attention_floor`` bounds the ring and all-to-all terms together (``topology.ring_floor``,
+    bound of the all-to-all term (``topology.planning.a2a_floor``): the larger one counts.
+    ``attention_floor`` bounds the ring and all-to-all terms together (``topology.planning.ring_floor``,
     ``StepModel.attention``) plus what the gradient term takes beyond its own bound (the bus bound here):
     where it is above the ring and all-to-all's own bounds, it counts instead.
     """

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch.distributed as dist
 
 from topology.errors import ConfigError
-from topology.plan import Plan
+from topology.planning.plan import Plan
 
 
 @dataclass

@@ -34,7 +34,7 @@ import torch
 import torch.distributed as dist
 
 from topology.errors import ConfigError
-from topology.plan import Plan
+from topology.planning.plan import Plan
 from trainer import checkpoint, storage
 from trainer.config import COLLECTIVE_TIMEOUT_S, StageConfig
 from trainer.data import build_dataset, sample_index

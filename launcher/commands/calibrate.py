@@ -128,7 +128,7 @@ def measure_on_ray(shape: Any, tokens: int, ranks: int, use_gpus: bool, repeats:
     """Start ``ranks`` actors, join them in one group ordered by host, measure, and build a Calibration."""
     import ray
 
-    from topology.profile import _get
+    from topology.profiling.profile import _get
 
     opts = {"num_gpus": 1, "num_cpus": 0} if use_gpus else {"num_cpus": 1}
     actors = [rank_actor().options(**opts).remote() for _ in range(ranks)]
@@ -246,7 +246,7 @@ def rank_actor() -> Any:
         def __init__(self) -> None:
             import torch
 
-            from topology import bandwidth
+            from topology.profiling import bandwidth
 
             self.ip = ray.util.get_node_ip_address()
             bandwidth.bind_to(self.ip)
@@ -263,13 +263,13 @@ def rank_actor() -> Any:
                     "device": torch.cuda.get_device_name() if cuda else "cpu"}
 
         def listen(self) -> int:
-            from topology import bandwidth
+            from topology.profiling import bandwidth
 
             self.store = bandwidth.serve_store(self.ip, 600.0)
             return self.store.port
 
         def join(self, rank: int, master: tuple[str, int], backend: str, world: int) -> None:
-            from topology import bandwidth
+            from topology.profiling import bandwidth
 
             bandwidth.join_group(self.store if rank == 0 else tuple(master), rank, world, backend, 600.0)
             self.device = bandwidth.device_for(backend)
@@ -279,7 +279,7 @@ def rank_actor() -> Any:
             return measure_rank(spec, self.device)
 
         def leave(self) -> None:
-            from topology import bandwidth
+            from topology.profiling import bandwidth
 
             bandwidth.leave_group()
 

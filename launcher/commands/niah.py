@@ -25,8 +25,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from topology.errors import ConfigError
-from topology.listen import store_server
-from topology.plan import Plan, RankPlacement
+from topology.profiling.listen import store_server
+from topology.planning.plan import Plan, RankPlacement
 from trainer import storage
 from trainer.config import ModelConfig
 from trainer.engine import init_process_group

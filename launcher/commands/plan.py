@@ -12,10 +12,10 @@ import os
 from topology.calibration import load_calibration
 from topology.cost import FlowModel, HardwareRates
 from topology.errors import ConfigError
-from topology.model import Topology
-from topology.plan import Plan
-from topology.planner import STRATEGIES, TOKENS_PER_GPU, make_plan
-from topology.presets import PRESETS, load_topology
+from topology.network.model import Topology
+from topology.planning.plan import Plan
+from topology.planning.planner import STRATEGIES, TOKENS_PER_GPU, make_plan
+from topology.network.presets import PRESETS, load_topology
 
 SHOWN_RINGS = 8
 """Rings printed in full; larger plans end with a count of the rest."""

@@ -7,7 +7,7 @@
 
 Without --address or RAY_ADDRESS it starts an embedded Ray and measures this machine only.
 
-The output is the measured topology (topology/model.py's MEASURED_FORMAT):
+The output is the measured topology (topology/network/model.py's MEASURED_FORMAT):
 ``ringleader plan --topology topology.json`` places ranks on it.
 """
 
@@ -22,9 +22,9 @@ from launcher.commands.options import add_cluster_arguments, add_profile_argumen
 from launcher.runtime.attach import attach
 from launcher.runtime.controller import default_profile_cache
 from topology.errors import ConfigError
-from topology.hierarchy import INSTANCE_ID_LABEL, ec2_instances, network_nodes_from_ec2, network_nodes_from_labels
-from topology.model import Topology, dump_text, load_data, write_atomic
-from topology.profile import ProfileError, profile_cluster
+from topology.network.hierarchy import INSTANCE_ID_LABEL, ec2_instances, network_nodes_from_ec2, network_nodes_from_labels
+from topology.network.model import Topology, dump_text, load_data, write_atomic
+from topology.profiling.profile import ProfileError, profile_cluster
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import argparse
 
-from topology.plan import Plan
-from topology.presets import load_topology
-from topology.viz import save
+from topology.planning.plan import Plan
+from topology.network.presets import load_topology
+from topology.viz.page import save
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

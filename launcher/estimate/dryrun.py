@@ -2,7 +2,7 @@
 
 No Ray, no worker: each stage is sized (``launcher.estimate.sizing``), its memory per
 GPU estimated (``launcher.estimate.memory``) and its ranks placed topology-aware on a
-topology (``topology.planner``), whose cost model predicts the step time,
+topology (``topology.planning.planner``), whose cost model predicts the step time,
 tokens/s and MFU. The report is one table, a column per stage, then what
 the sizing chose and why, and everything that does not add up::
 
@@ -29,8 +29,8 @@ from launcher.estimate.sizing import StageSize, size_stage
 from topology.calibration import Calibration, defaults_for
 from topology.cost import FlowModel, HardwareRates, estimate
 from topology.errors import ConfigError
-from topology.model import Topology
-from topology.presets import PRESETS, load_topology
+from topology.network.model import Topology
+from topology.network.presets import PRESETS, load_topology
 from trainer.config import DEFAULT_DEEPSPEED
 from trainer.niah.evaluate import NiahConfig
 

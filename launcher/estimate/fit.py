@@ -30,8 +30,8 @@ import numpy as np
 from topology.calibration import Calibration, Figure, defaults_for, load_calibration
 from topology.cost import HardwareRates, estimate
 from topology.errors import ConfigError
-from topology.model import GpuSpec, Topology
-from topology.plan import Plan
+from topology.network.model import GpuSpec, Topology
+from topology.planning.plan import Plan
 
 CPU = GpuSpec(name="cpu", tflops_bf16=1.0, memory_gb=1.0, hbm_gbps=10.0)
 """The "accelerator" of ranks on CPU slots; only the calibration's achieved figures matter for them."""

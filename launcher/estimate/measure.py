@@ -10,7 +10,7 @@ figure is taken under the load of all ranks working together, as in a step:
 - ``attention_tflops``: ``trainer.attention.ring_attention``'s block kernels, forward
   and backward, at a ring step's block size: a full block, and the causal block of a ring's step 0;
 - ``ring_hops``: every rank sends a K/V-sized block to the next rank of one ring
-  at once (``topology.bandwidth.ring_step_seconds``), split by in-host / host-to-host hop;
+  at once (``topology.profiling.bandwidth.ring_step_seconds``), split by in-host / host-to-host hop;
 - ``bus_gbps``: all-reduce and reduce-scatter bus bandwidth (NCCL tests' busbw);
 - ``all_to_all_seconds``: one all-to-all of a tiny message (the Ulysses exchange's latency);
 - ``step_overhead_s``: a DeepSpeed ZeRO step of the model on 16 tokens, whose compute is negligible.
@@ -28,7 +28,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from topology import bandwidth
+from topology.profiling import bandwidth
 from topology.calibration import Figure
 
 
@@ -156,7 +156,7 @@ def ring_hops(hosts: list[str], nbytes: int, steps: int, device: torch.device) -
 
     ``hosts`` is every rank's host, rank order; the ring is rank order. Each
     hop is timed with ``max(nbytes, HOP_MIN_BYTES)`` bytes and with 64 bytes,
-    the same way (``topology.bandwidth.ring_step_seconds``), and the rate is
+    the same way (``topology.profiling.bandwidth.ring_step_seconds``), and the rate is
     the extra bytes over the extra time: what one more byte costs. The cost
     model prices the fixed part of every exchange apart (``p2p_latency_s``,
     once per exchange), so a rate that kept it would count it twice: on 4

@@ -58,7 +58,7 @@ from transformers import AutoConfig, LlamaConfig
 
 from topology.cost import LLAMA3_8B, ModelShape
 from topology.errors import ConfigError
-from topology.model import GpuSpec
+from topology.network.model import GpuSpec
 from trainer.config import ModelConfig
 from trainer.loss import LOGITS_CHUNK_BYTES
 

@@ -23,9 +23,9 @@ from launcher.estimate.memory import GB, MemoryAssumptions, MemoryEstimate, esti
 from launcher.recipe import AUTO, RecipeStage
 from topology.cost import LLAMA3_8B, FlowModel, HardwareRates, ModelShape
 from topology.errors import ConfigError
-from topology.model import Topology
-from topology.plan import Plan
-from topology.planner import make_plan
+from topology.network.model import Topology
+from topology.planning.plan import Plan
+from topology.planning.planner import make_plan
 
 
 @dataclass

@@ -37,12 +37,12 @@ from launcher.estimate.memory import model_shape
 from launcher.recipe import Recipe
 from launcher.runtime.resources import ClusterView, ResourcesUnavailable
 from launcher.runtime.workers import PlacementFailed, WorkerFailure, WorkerGroup, read_on_nodes
-from topology.model import Topology, dump_text
-from topology.plan import Plan
+from topology.network.model import Topology, dump_text
+from topology.planning.plan import Plan
 from topology.calibration import load_calibration
 from topology.cost import HardwareRates
-from topology.planner import make_plan
-from topology.profile import ProfileError, profile_cluster
+from topology.planning.planner import make_plan
+from topology.profiling.profile import ProfileError, profile_cluster
 from trainer import storage
 from trainer.checkpoint import latest_step
 from trainer.config import DataConfig, StageConfig
@@ -258,7 +258,7 @@ class Controller:
         storage.write_bytes(storage.join(d, rundir.TOPOLOGY_JSON), dump_text(self._measured, "topology.json"))
         storage.write_bytes(storage.join(d, rundir.PLAN_JSON), dump_text(plan.to_dict(), rundir.PLAN_JSON))
         storage.write_bytes(storage.join(d, rundir.STAGE_JSON), json.dumps(cfg.to_dict(), indent=1) + "\n")
-        from topology.viz import render_html  # matplotlib: imported once a stage is planned, not at start-up
+        from topology.viz.page import render_html  # matplotlib: imported once a stage is planned, not at start-up
 
         storage.write_bytes(storage.join(d, rundir.TOPOLOGY_HTML), render_html(topo, plan, on_gpus=self.use_gpus))  # CPU slots: no GPU predictions
 

@@ -33,7 +33,7 @@ from ray.util.placement_group import placement_group, placement_group_table, rem
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy, PlacementGroupSchedulingStrategy
 
 from topology.errors import ConfigError, first_line
-from topology.plan import Plan
+from topology.planning.plan import Plan
 
 log = logging.getLogger("ringleader")
 
@@ -77,7 +77,7 @@ class RankWorker:
         included, joins it as a client (torchrun's agent-store mode), so no
         rank opens a store of its own on every interface.
         """
-        from topology.listen import store_server
+        from topology.profiling.listen import store_server
 
         self._rendezvous = store_server(ray.util.get_node_ip_address(), timeout_s)
         return self._rendezvous.port

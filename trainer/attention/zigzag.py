@@ -106,7 +106,7 @@ def unshard(local: torch.Tensor, groups: ParallelGroups, dim: int = 1, documents
     seq_len = local.shape[dim] * cp
     pieces = [torch.empty_like(local) for _ in range(cp)]
     dist.all_gather(pieces, local.contiguous(), group=groups.cp_group)
-    # cp rank i sits at (ring i // U, ulysses i % U) of the grid (topology.plan).
+    # cp rank i sits at (ring i // U, ulysses i % U) of the grid (topology.planning.plan).
     grid = [(i // groups.ulysses_size, groups.ulysses_size, i % groups.ulysses_size) for i in range(cp)]
     if documents is None:
         index = torch.cat([zigzag_indices(seq_len, groups.ring_size, r, u, ur) for r, u, ur in grid])[None]

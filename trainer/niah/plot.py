@@ -3,7 +3,7 @@
 Context length runs along x, needle depth down y (0% = the start of the
 context), and each cell is coloured from red (number not reproduced) to
 green (reproduced exactly), with the average in the title. The colours are
-``topology.colour_scale.SCORE``: the same red-amber-green that marks
+``topology.viz.colour_scale.SCORE``: the same red-amber-green that marks
 oversubscribed and idle links in the topology pictures.
 """
 
@@ -21,8 +21,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.ticker import FixedLocator, FuncFormatter  # noqa: E402
 
-from topology.colour_scale import SCORE  # noqa: E402
-from topology.model import write_atomic  # noqa: E402
+from topology.viz.colour_scale import SCORE  # noqa: E402
+from topology.network.model import write_atomic  # noqa: E402
 
 
 def short_count(n: int) -> str:

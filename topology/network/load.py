@@ -12,7 +12,7 @@ it and ``flow_loads`` read routes from ``FlowModel`` (equal-cost multi-path:
 a flow split over two spines puts half of itself on each), the same routes
 the cost model and the planner use.
 
->>> from topology.presets import load_topology
+>>> from topology.network.presets import load_topology
 >>> topo = load_topology("leafspine-64x-2to1")
 >>> out = [(f"h{i:02d}/gpu0", f"h{i + 8:02d}/gpu0") for i in range(8)]  # leaf0 -> leaf1, eight at once
 >>> load = link_loads(topo, out)[("leaf0", "spine")]
@@ -27,9 +27,9 @@ from dataclasses import dataclass
 from typing import Iterable
 
 from topology.cost import gpu_nodes, ring_hops
-from topology.routing import FlowModel
-from topology.model import Topology
-from topology.plan import Plan
+from topology.network.routing import FlowModel
+from topology.network.model import Topology
+from topology.planning.plan import Plan
 
 
 @dataclass(frozen=True)

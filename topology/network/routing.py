@@ -46,7 +46,7 @@ import numpy as np
 from topology.errors import ConfigError
 
 if TYPE_CHECKING:
-    from topology.model import Topology
+    from topology.network.model import Topology
 
 NVLINK_KIND = "nvswitch"
 """Node kind of an NVLink switch: GPUs of several hosts link to it directly; it carries no network traffic."""

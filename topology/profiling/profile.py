@@ -1,7 +1,7 @@
 """Measure a Ray cluster's network: bandwidth and latency between every pair of hosts.
 
     import ray
-    from topology.profile import profile_cluster
+    from topology.profiling.profile import profile_cluster
     ray.init(address="auto")
     data = profile_cluster(transfer_mb=64, repeats=5, cache_dir="~/.cache/ringleader")
     topo = Topology.from_measured(data)
@@ -25,9 +25,9 @@ that two flows into one host share its link). Inside a host with several
 GPUs, a device-to-device copy matrix is measured too, and ``nvidia-smi
 topo -m`` is kept when the tool is there.
 
-The result is the measured format of topology/model.py (``MEASURED_FORMAT``).
+The result is the measured format of topology/network/model.py (``MEASURED_FORMAT``).
 Hosts are named by node IP (``-2``, ``-3`` added when nodes share one) and
-ordered by IP; their leaf comes from node labels (``topology.switches``)
+ordered by IP; their leaf comes from node labels (``topology.network.switches``)
 or is inferred from the bandwidth matrix. Profiles are cached in
 ``cache_dir`` by the set of node ids, so the same cluster is measured once.
 """
@@ -50,10 +50,10 @@ import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from tqdm import tqdm
 
-from topology import bandwidth
+from topology.profiling import bandwidth
 from topology.errors import ConfigError, first_line
-from topology.model import FORMAT_VERSION, MEASURED_FORMAT, dump_text, write_atomic
-from topology.switches import leaf_names
+from topology.network.model import FORMAT_VERSION, MEASURED_FORMAT, dump_text, write_atomic
+from topology.network.switches import leaf_names
 
 log = logging.getLogger("ringleader.profile")
 
@@ -239,7 +239,7 @@ def profile_cluster(
     Returns
     -------
     dict
-        The measured topology (see ``topology.model.MEASURED_FORMAT``).
+        The measured topology (see ``topology.network.model.MEASURED_FORMAT``).
 
     Raises
     ------

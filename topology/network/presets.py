@@ -38,8 +38,8 @@ from pathlib import Path
 from typing import Callable
 
 from topology.errors import ConfigError
-from topology.hierarchy import from_ec2
-from topology.model import GpuSpec, Topology, load_data
+from topology.network.hierarchy import from_ec2
+from topology.network.model import GpuSpec, Topology, load_data
 
 PCIE_GBPS = 25.0
 """PCIe Gen4 x16, per direction, as measured in practice (not the 32 GB/s line rate)."""
@@ -52,7 +52,7 @@ G6E_NICS = 4
 ONPREM_NIC_GBPS = 12.5
 """One 100 Gbps NIC per on-prem server."""
 
-TOPOLOGY_DIR = Path(__file__).resolve().parent.parent / "clusters" / "topologies"
+TOPOLOGY_DIR = Path(__file__).resolve().parents[2] / "clusters" / "topologies"
 
 
 def add_l40s_host(

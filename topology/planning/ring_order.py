@@ -26,8 +26,8 @@ from __future__ import annotations
 
 from typing import Callable, Hashable, Sequence, TypeVar
 
-from topology.routing import FlowModel
-from topology.model import Topology
+from topology.network.routing import FlowModel
+from topology.network.model import Topology
 
 H = TypeVar("H", bound=Hashable)
 EXACT_LIMIT = 9

@@ -24,7 +24,7 @@ from __future__ import annotations
 from typing import Any
 
 from topology.errors import ConfigError
-from topology.model import Topology
+from topology.network.model import Topology
 
 INSTANCE_ID_LABEL = "ringleader.io/instance-id"
 """Node label that ties a Ray node to its EC2 instance (any label whose value is the instance id also does)."""
@@ -88,7 +88,7 @@ def network_nodes_from_ec2(hosts: list[dict[str, Any]], data: Any, source: str) 
 
 def from_ec2(data: Any, source: str = "EC2 topology") -> Topology:
     """A node/link topology from a DescribeInstanceTopology answer: known instance types under their network nodes."""
-    from topology.presets import INSTANCE_TYPES  # the server layouts live with the presets
+    from topology.network.presets import INSTANCE_TYPES  # the server layouts live with the presets
 
     instances = ec2_instances(data, source)
     kinds = layer_kinds(len(instances[0]["NetworkNodes"]))

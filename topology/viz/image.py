@@ -4,7 +4,7 @@ Left: hosts under their leaf switches, links coloured by bandwidth, rings
 as coloured cycles (GPU to GPU up to 64 GPUs, host to host above) with their
 legend; right: the single-flow bandwidth heatmap and, with a plan, the load
 of its ring traffic, each with its colour bar. Colours come from
-``topology.colour_scale``, so a GB/s figure has the same colour here as on
+``topology.viz.colour_scale``, so a GB/s figure has the same colour here as on
 the HTML page. The SVG carries a ``<title>`` (hover text) on every ring and
 heatmap, and no timestamp: the same input gives the same bytes.
 """
@@ -26,11 +26,11 @@ from matplotlib.patches import PathPatch, Rectangle
 from matplotlib.path import Path as MplPath
 from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator
 
-from topology.colour_scale import BANDWIDTH, LOAD, Scale
-from topology.model import Topology
-from topology.plan import Plan
-from topology.viz_figures import figures
-from topology.viz_layout import (
+from topology.viz.colour_scale import BANDWIDTH, LOAD, Scale
+from topology.network.model import Topology
+from topology.planning.plan import Plan
+from topology.viz.figures import figures
+from topology.viz.layout import (
     DIRECT_LINK_HOSTS, bend_point, cycle_hops, group_colours, heat_names, host_cycle, layout, load_matrix, rank_table, switch_point,
     uplink_route,
 )
@@ -45,7 +45,7 @@ LEGEND_MAX = 32
 
 def draw(topo: Topology, plan: Plan | None, out: BinaryIO, fmt: str = "png", show_dp: bool = False, on_gpus: bool = True) -> None:
     """Render to ``out`` in ``fmt`` (png or svg); ``on_gpus=False`` leaves out GPU predictions."""
-    from topology.viz import title as page_title
+    from topology.viz.page import title as page_title
 
     lay = layout(topo)
     ranks = rank_table(topo, plan) if plan else []

@@ -21,18 +21,18 @@ import io
 import os
 from pathlib import Path
 
-from topology.colour_scale import BANDWIDTH, LOAD, Scale
+from topology.viz.colour_scale import BANDWIDTH, LOAD, Scale
 from topology.errors import ConfigError
-from topology.load import LinkLoad, link_loads, ring_flows
-from topology.model import Topology, write_atomic
-from topology.plan import Plan
-from topology.viz_figures import Figure, figures
-from topology.viz_layout import (
+from topology.network.load import LinkLoad, link_loads, ring_flows
+from topology.network.model import Topology, write_atomic
+from topology.planning.plan import Plan
+from topology.viz.figures import Figure, figures
+from topology.viz.layout import (
     DIRECT_LINK_HOSTS, Layout, RankInfo, bend_point, cycle_hops, group_colours, heat_names, host_cycle, layout, load_matrix, rank_table,
     natural_key, switch_point, uplink_route,
 )
 
-TEMPLATE = Path(__file__).with_name("viz_template.html")
+TEMPLATE = Path(__file__).with_name("template.html")
 _PART_LABEL = {"pcie": "sw", "socket": "cpu", "nic": "nic"}
 
 
@@ -78,7 +78,7 @@ def _count(n: int, noun: str) -> str:
 
 def render_image(topo: Topology, plan: Plan | None, path: str | os.PathLike, show_dp: bool = False, on_gpus: bool = True) -> None:
     """A static PNG or SVG (by suffix) of the same drawing, via matplotlib, written atomically."""
-    from topology.viz_image import draw
+    from topology.viz.image import draw
 
     suffix = Path(path).suffix.lower()
     if suffix not in (".png", ".svg"):

@@ -39,7 +39,7 @@ import networkx as nx
 import yaml
 
 from topology.errors import ConfigError, first_line
-from topology.routing import NVLINK_KIND, Routes
+from topology.network.routing import NVLINK_KIND, Routes
 
 FORMAT_VERSION = 1
 SWITCH_TIER = {"leaf": 0, "spine": 1, "pod": 1, "core": 2}
@@ -180,7 +180,7 @@ class Topology:
 
     @cached_property
     def routes(self) -> Routes:
-        """ECMP routes of this topology (``topology.routing``), cached per node pair."""
+        """ECMP routes of this topology (``topology.network.routing``), cached per node pair."""
         return Routes(self)
 
     def path(self, a: str, b: str) -> list[tuple[str, str]]:
@@ -291,7 +291,7 @@ class Topology:
             raise ConfigError(f"{source}: version {version} is not supported; this ringleader reads version {FORMAT_VERSION}")
         for key in ("nodes", "links"):
             if not isinstance(data.get(key), list):
-                raise ConfigError(f"{source}: '{key}' is missing or not a list; see topology/model.py for the format")
+                raise ConfigError(f"{source}: '{key}' is missing or not a list; see topology/network/model.py for the format")
         spec = _gpu_spec(data.get("gpu"), source)
         topo = cls(name=str(data.get("name", "cluster")), gpu=spec)
         for i, node in enumerate(data["nodes"]):
@@ -480,7 +480,7 @@ UPLINK_SLACK = 1.25
 def _uplinks_explain(topo: "Topology", names: list[str], flows: list[dict]) -> bool:
     """Whether the shared-uplink model gives every flow of the profile, run with the flows measured beside it,
     at most ``UPLINK_SLACK`` times the rate it measured."""
-    from topology.routing import FlowModel
+    from topology.network.routing import FlowModel
 
     fm = FlowModel(topo)
     phases: dict[tuple, list[dict]] = {}
@@ -495,7 +495,7 @@ def _uplinks_explain(topo: "Topology", names: list[str], flows: list[dict]) -> b
 
 
 MEASURED_FORMAT = "ringleader/measured-topology"
-"""Profiles (written by ``topology.profile``) look like::
+"""Profiles (written by ``topology.profiling.profile``) look like::
 
     format: ringleader/measured-topology
     version: 1

@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import math
 
-from topology.model import Topology
-from topology.routing import NVLINK_KIND
+from topology.network.model import Topology
+from topology.network.routing import NVLINK_KIND
 
 
 def ring_bandwidth_bound(topo: Topology, rings: int, size: int) -> float:

@@ -2,7 +2,7 @@
 
 NCCL, torchrun and Ray Train connect ranks in rank order, so the rank order
 is the lever. The plan's rank grid is ``(dp, ring, ulysses)`` (see
-``topology.plan``): a context-parallel group is ``cp`` consecutive ranks,
+``topology.planning.plan``): a context-parallel group is ``cp`` consecutive ranks,
 and its ring visits them in order.
 
 The ``aware`` strategy is an optimiser. Its objective is the predicted step
@@ -26,7 +26,7 @@ it crosses). It scores these constructions and keeps the best:
 
 Hosts are chosen under the widest uplinks first (a leaf behind a degraded
 uplink is left out when the GPUs allow) and in switch order, any depth.
-``topology.search`` then searches small pools exhaustively or improves the
+``topology.planning.search`` then searches small pools exhaustively or improves the
 best construction by local search, and says when the plan is optimal.
 
 Baselines: ``naive`` (hosts as listed, i.e. Ray's order, GPUs by CUDA index)
@@ -43,14 +43,14 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Callable
 
-from topology.bound import switch_headroom
+from topology.planning.bound import switch_headroom
 from topology.cost import LLAMA3_8B, FlowModel, HardwareRates, ModelShape, StepModel, estimate
-from topology.search import default_budget, optimise
+from topology.planning.search import default_budget, optimise
 from topology.errors import ConfigError
-from topology.model import Topology
-from topology.plan import GroupLayout, Plan, RankPlacement
-from topology.routing import nvlink_domain
-from topology.ring_order import bottleneck_cycle, locality_order, nic_spread_order, through_order
+from topology.network.model import Topology
+from topology.planning.plan import GroupLayout, Plan, RankPlacement
+from topology.network.routing import nvlink_domain
+from topology.planning.ring_order import bottleneck_cycle, locality_order, nic_spread_order, through_order
 
 TOKENS_PER_GPU = 16384
 """Default sequence length per GPU: the recipe's long stages hold 16K tokens per GPU."""
@@ -224,7 +224,7 @@ def aware_order(req: PlanRequest) -> list[str]:
 
     Every construction is scored by the cost model's step time (``StepModel``);
     the best is improved by local search within ``req.budget_s``, and small
-    problems are searched exhaustively (``topology.search``).
+    problems are searched exhaustively (``topology.planning.search``).
     """
     sm = StepModel(req.topo, req.gpus // req.cp, req.ring, req.ulysses, req.seq_len, req.model, req.flows, req.rates,
                    recompute=req.recompute)

@@ -27,7 +27,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from topology.listen import store_server
+from topology.profiling.listen import store_server
 
 WARMUP = 1
 """Untimed transfers first: the first message pays for connection set-up and TCP slow start."""

@@ -19,12 +19,12 @@ from dataclasses import dataclass, field
 
 import networkx as nx
 
-from topology.colour_scale import BANDWIDTH, UNBOUNDED_COLOUR, bandwidth_stroke, distinct_colours
+from topology.viz.colour_scale import BANDWIDTH, UNBOUNDED_COLOUR, bandwidth_stroke, distinct_colours
 from topology.errors import ConfigError
-from topology.load import FlowLoad, flow_loads, ring_flows
-from topology.model import Topology
-from topology.plan import Plan
-from topology.routing import NVLINK_KIND
+from topology.network.load import FlowLoad, flow_loads, ring_flows
+from topology.network.model import Topology
+from topology.planning.plan import Plan
+from topology.network.routing import NVLINK_KIND
 
 GPU = 16.0
 """Side of a GPU square."""

@@ -2,7 +2,7 @@
 
 Two rank orders that a graph automorphism maps onto each other have the same
 step time: every route, and so every link load, maps along. Exact search
-(``topology.exact``) therefore tries, for its next rank, one GPU of each
+(``topology.planning.exact``) therefore tries, for its next rank, one GPU of each
 orbit of the automorphisms that fix the ranks already placed (isomorphism
 pruning); every other child's subtree is a relabelled copy of a sibling's.
 
@@ -31,8 +31,8 @@ import networkx as nx
 from networkx.algorithms.isomorphism import GraphMatcher
 
 from topology.cost import StepModel, transfer
-from topology.model import Topology
-from topology.plan import GroupLayout
+from topology.network.model import Topology
+from topology.planning.plan import GroupLayout
 
 MAX_AUTOMORPHISMS = 4096
 """In-host automorphisms enumerated at most; beyond, twin swaps alone are used."""

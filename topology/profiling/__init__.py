@@ -1,0 +1,1 @@
+"""Measuring a live cluster's links with the transport training uses, and turning the figures into a topology."""

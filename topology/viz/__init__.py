@@ -1,0 +1,1 @@
+"""Pictures of a topology and its plan: the interactive page, PNG/SVG figures and their shared colour scales."""
