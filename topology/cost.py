@@ -379,7 +379,8 @@ def estimate(
     rates
         ``HardwareRates``; default: 0.6 of peak, bf16.
     a2a_floor
-        A known lower bound of the all-to-all term over every placement (``topology.planning.a2a_floor``), for the bound.
+        A known lower bound of the all-to-all term over every placement (``topology.planning.a2a_floor``),
+        for the bound.
     attention_floor
         A known lower bound of the attention time (ring and all-to-all together) plus the gradient term's excess
         over its own bound, over every placement (``topology.planning.ring_floor``), for the bound.

@@ -22,7 +22,8 @@ from launcher.commands.options import add_cluster_arguments, add_profile_argumen
 from launcher.runtime.attach import attach
 from launcher.runtime.controller import default_profile_cache
 from topology.errors import ConfigError
-from topology.network.hierarchy import INSTANCE_ID_LABEL, ec2_instances, network_nodes_from_ec2, network_nodes_from_labels
+from topology.network.hierarchy import (INSTANCE_ID_LABEL, ec2_instances, network_nodes_from_ec2,
+                                        network_nodes_from_labels)
 from topology.network.model import Topology, dump_text, load_data, write_atomic
 from topology.profiling.profile import ProfileError, profile_cluster
 

@@ -291,7 +291,8 @@ class Topology:
             raise ConfigError(f"{source}: version {version} is not supported; this ringleader reads version {FORMAT_VERSION}")
         for key in ("nodes", "links"):
             if not isinstance(data.get(key), list):
-                raise ConfigError(f"{source}: '{key}' is missing or not a list; see topology/network/model.py for the format")
+                raise ConfigError(f"{source}: '{key}' is missing or not a list; "
+                                  "see topology/network/model.py for the format")
         spec = _gpu_spec(data.get("gpu"), source)
         topo = cls(name=str(data.get("name", "cluster")), gpu=spec)
         for i, node in enumerate(data["nodes"]):

@@ -128,10 +128,10 @@ def _search(sm: StepModel, pool: list[str], best: list[str], best_step: float, n
             joint_attention: float, guide: list[list[str]] | None, sequence: list[int]) -> tuple[list[str], float, bool, int]:
     """Branch and bound placing ranks in the order ``sequence``, starting from ``best``.
 
-    ``joint_a2a`` is a lower bound of the all-to-all term of every order (``topology.planning.a2a_floor``), used with the rest;
-    ``joint_attention`` one of the ring and all-to-all terms together, plus the gradient term's excess over its
-    own bound (``topology.planning.ring_floor``). ``guide``, a partition of (some of) the pool into Ulysses groups,
-    only orders the children: the result is the same without it.
+    ``joint_a2a`` is a lower bound of the all-to-all term of every order (``topology.planning.a2a_floor``),
+    used with the rest; ``joint_attention`` one of the ring and all-to-all terms together, plus the gradient
+    term's excess over its own bound (``topology.planning.ring_floor``). ``guide``, a partition of (some of)
+    the pool into Ulysses groups, only orders the children: the result is the same without it.
 
     Returns
     -------

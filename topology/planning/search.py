@@ -56,7 +56,8 @@ from topology.planning.symmetry import RingRotation
 EXACT_ORDERS = 20_000
 """Up to this many distinct rank orders (up to twins), exact search runs to the end, with no local search first."""
 EXACT_HOSTS, EXACT_GPUS = 8, 32
-"""Pools of at most this many hosts, or plans of at most this many GPUs, are searched exactly (``topology.planning.exact``)."""
+"""Pools of at most this many hosts, or plans of at most this many GPUs, are searched exactly
+(``topology.planning.exact``)."""
 EXACT_NODES = 100_000
 """Exact search of a larger problem stops after visiting this many partial orders (about 6 s on one core)
 when its pool has at most ``EXACT_GPUS`` GPUs; a larger pool, whose nodes cost more, gets ``(EXACT_GPUS / pool)^2``
