@@ -350,7 +350,8 @@ class NetLab:
         workers = [self._ray_start(h, f"--address={self.address}") for h in self.hosts[1:]]
         self._wait_started(workers, self.hosts[1:])
 
-    def _wait_started(self, procs: list[subprocess.Popen], hosts: list[LabHost], timeout: float = 120) -> None:
+    def _wait_started(self, procs: list[subprocess.Popen], hosts: list[LabHost], timeout: float = 240) -> None:
+        """Wait for every ``ray start``; five raylets starting at once on a busy 2-core machine took over 2 minutes."""
         deadline = time.monotonic() + timeout
         for proc, host in zip(procs, hosts):
             try:

@@ -63,8 +63,8 @@ def test_second_stage_scales_the_cluster_up(tmp_path, run_dir):
     try:
         proc = subprocess.run(
             [sys.executable, "-m", "launcher", "run", str(recipe_path), "--address", head.address,
-             "--run-dir", str(run_dir), "--resource-timeout", "120", "--profile-cache", str(tmp_path / "profiles")],
-            cwd=REPO, env=head.env, capture_output=True, text=True, timeout=400,
+             "--run-dir", str(run_dir), "--resource-timeout", "240", "--profile-cache", str(tmp_path / "profiles")],
+            cwd=REPO, env=head.env, capture_output=True, text=True, timeout=500,
         )
     finally:
         head.stop()
