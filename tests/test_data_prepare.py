@@ -6,18 +6,16 @@ same samples, and the demo recipe's first stage trained from the store.
 """
 
 import json
-import math
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from dist_utils import run_distributed
 from launcher.cli import main
 from launcher.recipe import Recipe
 from ray_utils import REPO, local_cluster
-from stage_helpers import CHAT, CORPUS, plan_for, run_stage_ranks
+from stage_helpers import CHAT, CORPUS
 from topology.errors import ConfigError
 from trainer.config import DataConfig
 from trainer.data import build_dataset, read_documents
@@ -83,7 +81,9 @@ def test_bad_records_refuse_the_store_or_are_skipped_and_counted(cluster, tmp_pa
 
 
 @pytest.mark.timeout(300)
-def test_demo_recipe_trains_on_a_prepared_store(cluster, tmp_path):
+def test_demo_recipe_store_gives_the_samples_tokenising_in_process_gives(cluster, tmp_path):
+    """The samples ranks read from a prepared store are the ones in-process tokenisation makes (every controller run
+    in the suite then trains on a store: ``Controller`` prepares one before a stage starts)."""
     recipe = Recipe.load(REPO / "clusters" / "recipes" / "demo.yaml")
     cfg = recipe.stage_configs(tmp_path / "run")[0]
     data = ensure_prepared(cfg.data, cfg.model, tmp_path / "tokens")
@@ -91,10 +91,8 @@ def test_demo_recipe_trains_on_a_prepared_store(cluster, tmp_path):
     assert ensure_prepared(data, cfg.model, tmp_path / "tokens") is data  # a stage given a store keeps it
     stored = build_dataset(data, TOK, cfg.seq_len, cfg.seed)
     in_process = build_dataset(cfg.data, TOK, cfg.seq_len, cfg.seed)
-    assert all(stored[i]["input_ids"].equal(in_process[i]["input_ids"]) for i in range(4))
-    cfg.data, cfg.steps, cfg.checkpoint_every = data, 2, 0
-    [(result, metrics)] = run_distributed(run_stage_ranks, cfg.gpus, [cfg.to_dict()], [plan_for(cfg).to_dict()], timeout=240)[0]
-    assert [m["step"] for m in metrics] == [1, 2] and math.isfinite(result.final_loss)
+    assert len(stored) == len(in_process)
+    assert all(stored[i]["input_ids"].equal(in_process[i]["input_ids"]) for i in range(len(stored)))
 
 
 def test_data_prepare_takes_a_recipe_or_an_input(capsys):
