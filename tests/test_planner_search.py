@@ -14,6 +14,7 @@ from topology.network.model import Topology
 from topology.planning.plan import GroupLayout
 from topology.planning.planner import make_plan
 from topology.network.presets import PRESETS, g6e, leaf_spine
+from topology.planning.ring_order import nic_spread_order
 from topology.planning.symmetry import Symmetry
 from launcher.commands.plan import summary
 from topology.network.load import link_loads, ring_flows
@@ -219,6 +220,48 @@ def test_32_gpus_on_four_g6e_hosts_with_ulysses_8_are_proven_optimal(cp):
     assert found["optimal"] and found["proof"] == "meets bound" and found["gap"] == 0
     assert plan.cost["ulysses_a2a_s"] == pytest.approx(found["a2a_floor_s"], rel=TOL)
     assert "optimal (" in summary(plan, g6e(4))
+
+
+def _groups_across_nics_with_crossing_hops(topo):
+    """32 ranks, cp 16 with Ulysses 4, built from the topology: each cp group on two hosts; per host one group with
+    the first GPU behind each NIC, then one with the second GPU behind each NIC, rotated by half a group, so ring
+    hops between the two stay in the host, hops between hosts leave through four different NICs, and the gradient
+    ring crosses between a host's halves once each way."""
+    order = []
+    for host in topo.hosts:
+        by_nic = {}
+        for gpu in topo.gpus(host):
+            by_nic.setdefault(topo.routes.nic_of(gpu), []).append(gpu)
+        first, second = [run[0] for run in by_nic.values()], [run[1] for run in by_nic.values()]
+        half = len(second) // 2
+        order += first + second[half:] + second[:half]
+    return order
+
+
+def test_ulysses_4_plan_on_four_g6e_hosts_is_no_slower_than_groups_across_nics():
+    """cp 16 with Ulysses 4 at 128 tokens: the gradient ring (all 32 ranks) outweighs the ring hops, so the plan must
+    keep it at the NIC rate and win the hops under that constraint. Groups spread over NICs and turned alike in every
+    host do both; no single swap reaches them, a periodic group turn does."""
+    topo = g6e(4)
+    sm = StepModel(topo, 2, 4, 4, 2 * 16 * 128)
+    built = _groups_across_nics_with_crossing_hops(topo)
+    assert sorted(built) == sorted(topo.gpus())
+    plan = make_plan(topo, 32, 16, 4, seq_len=2 * 16 * 128)
+    assert plan.cost["step_time_s"] <= sm.step(built) * (1 + TOL)
+
+
+@pytest.mark.parametrize("cp,ulysses", [(16, 4), (32, 4), (16, 8), (8, 2)])
+def test_group_turns_keep_every_group_and_never_slow_an_order(cp, ulysses):
+    """``turn_groups`` only permutes members inside each Ulysses group (the all-to-all's pairs stay), and keeps a
+    turn only when it lowers the step time."""
+    topo = g6e(4)
+    sm = StepModel(topo, 32 // cp, cp // ulysses, ulysses, 2 * cp * 128)
+    for order in (topo.gpus(), [g for h in topo.hosts for g in nic_spread_order(topo, h, ulysses)]):
+        turned = search.turn_groups(sm, order)
+        groups = lambda o: [sorted(o[k:k + ulysses]) for k in range(0, len(o), ulysses)]
+        assert groups(turned) == groups(order)
+        assert sm.step(turned) <= sm.step(order)
+        assert sm.figures(turned)["a2a"] == pytest.approx(sm.figures(order)["a2a"], rel=1e-12)
 
 
 def test_alike_hosts_and_host_automorphisms_are_tried_once():
