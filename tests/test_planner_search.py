@@ -123,6 +123,37 @@ def test_local_search_alone_reaches_the_optimum_within_one_percent(problem):
     assert plan.cost["step_time_s"] <= best * 1.01
 
 
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(small_clusters(), st.sampled_from([1, 2]), st.randoms(use_true_random=False))
+def test_crowd_counts_the_flows_at_each_kinds_slowest_rate(problem, ulysses, rng):
+    """``DeltaOrder.crowd``, read from link loads after a move, is the number of ring hops, all-to-all pairs and
+    gradient-ring flows that the flow model prices at their own kind's slowest rate."""
+    from topology.planning.delta import DeltaOrder
+
+    topo, gpus, cp = problem
+    ulysses = ulysses if cp % ulysses == 0 else 1
+    sm = StepModel(topo, gpus // cp, cp // ulysses, ulysses, 2 * cp * 256)
+    order = rng.sample(topo.gpus(), gpus)
+    state = DeltaOrder(sm, order)
+    trial = list(order)
+    spare = [g for g in topo.gpus() if g not in order]
+    i = rng.randrange(gpus)
+    if spare and rng.random() < 0.5:
+        trial[i] = rng.choice(spare)
+        ranks = [i]
+    else:
+        j = rng.randrange(gpus)
+        trial[i], trial[j] = trial[j], trial[i]
+        ranks = [i, j]
+    state.bound(ranks, trial)
+    ring = [(i, (i + 1) % gpus) for i in range(gpus)] if gpus > 1 else []
+    expected = 0
+    for pairs in (sm.hops, sm.a2a_pairs, ring):
+        rates = [r for r, _ in sm.flows.bandwidths([(trial[a], trial[b]) for a, b in pairs])]
+        expected += sum(r <= min(rates) * (1 + 1e-9) for r in rates) if rates else 0
+    assert state.crowd() == expected
+
+
 # ------------------------------------------------------------------ cases Ray's order used to win
 def _pair(topo, gpus, cp, seq_len=None, ulysses=1):
     flows = FlowModel(topo)
