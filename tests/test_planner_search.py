@@ -14,6 +14,7 @@ from topology.network.model import Topology
 from topology.planning.plan import GroupLayout
 from topology.planning.planner import make_plan
 from topology.network.presets import PRESETS, g6e, leaf_spine
+from topology.planning.ring_order import nic_spread_order
 from topology.planning.symmetry import Symmetry
 from launcher.commands.plan import summary
 from topology.network.load import link_loads, ring_flows
@@ -122,6 +123,37 @@ def test_local_search_alone_reaches_the_optimum_within_one_percent(problem):
     assert plan.cost["step_time_s"] <= best * 1.01
 
 
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(small_clusters(), st.sampled_from([1, 2]), st.randoms(use_true_random=False))
+def test_crowd_counts_the_flows_at_each_kinds_slowest_rate(problem, ulysses, rng):
+    """``DeltaOrder.crowd``, read from link loads after a move, is the number of ring hops, all-to-all pairs and
+    gradient-ring flows that the flow model prices at their own kind's slowest rate."""
+    from topology.planning.delta import DeltaOrder
+
+    topo, gpus, cp = problem
+    ulysses = ulysses if cp % ulysses == 0 else 1
+    sm = StepModel(topo, gpus // cp, cp // ulysses, ulysses, 2 * cp * 256)
+    order = rng.sample(topo.gpus(), gpus)
+    state = DeltaOrder(sm, order)
+    trial = list(order)
+    spare = [g for g in topo.gpus() if g not in order]
+    i = rng.randrange(gpus)
+    if spare and rng.random() < 0.5:
+        trial[i] = rng.choice(spare)
+        ranks = [i]
+    else:
+        j = rng.randrange(gpus)
+        trial[i], trial[j] = trial[j], trial[i]
+        ranks = [i, j]
+    state.bound(ranks, trial)
+    ring = [(i, (i + 1) % gpus) for i in range(gpus)] if gpus > 1 else []
+    expected = 0
+    for pairs in (sm.hops, sm.a2a_pairs, ring):
+        rates = [r for r, _ in sm.flows.bandwidths([(trial[a], trial[b]) for a, b in pairs])]
+        expected += sum(r <= min(rates) * (1 + 1e-9) for r in rates) if rates else 0
+    assert state.crowd() == expected
+
+
 # ------------------------------------------------------------------ cases Ray's order used to win
 def _pair(topo, gpus, cp, seq_len=None, ulysses=1):
     flows = FlowModel(topo)
@@ -219,6 +251,48 @@ def test_32_gpus_on_four_g6e_hosts_with_ulysses_8_are_proven_optimal(cp):
     assert found["optimal"] and found["proof"] == "meets bound" and found["gap"] == 0
     assert plan.cost["ulysses_a2a_s"] == pytest.approx(found["a2a_floor_s"], rel=TOL)
     assert "optimal (" in summary(plan, g6e(4))
+
+
+def _groups_across_nics_with_crossing_hops(topo):
+    """32 ranks, cp 16 with Ulysses 4, built from the topology: each cp group on two hosts; per host one group with
+    the first GPU behind each NIC, then one with the second GPU behind each NIC, rotated by half a group, so ring
+    hops between the two stay in the host, hops between hosts leave through four different NICs, and the gradient
+    ring crosses between a host's halves once each way."""
+    order = []
+    for host in topo.hosts:
+        by_nic = {}
+        for gpu in topo.gpus(host):
+            by_nic.setdefault(topo.routes.nic_of(gpu), []).append(gpu)
+        first, second = [run[0] for run in by_nic.values()], [run[1] for run in by_nic.values()]
+        half = len(second) // 2
+        order += first + second[half:] + second[:half]
+    return order
+
+
+def test_ulysses_4_plan_on_four_g6e_hosts_is_no_slower_than_groups_across_nics():
+    """cp 16 with Ulysses 4 at 128 tokens: the gradient ring (all 32 ranks) outweighs the ring hops, so the plan must
+    keep it at the NIC rate and win the hops under that constraint. Groups spread over NICs and turned alike in every
+    host do both; no single swap reaches them, a periodic group turn does."""
+    topo = g6e(4)
+    sm = StepModel(topo, 2, 4, 4, 2 * 16 * 128)
+    built = _groups_across_nics_with_crossing_hops(topo)
+    assert sorted(built) == sorted(topo.gpus())
+    plan = make_plan(topo, 32, 16, 4, seq_len=2 * 16 * 128)
+    assert plan.cost["step_time_s"] <= sm.step(built) * (1 + TOL)
+
+
+@pytest.mark.parametrize("cp,ulysses", [(16, 4), (32, 4), (16, 8), (8, 2)])
+def test_group_turns_keep_every_group_and_never_slow_an_order(cp, ulysses):
+    """``turn_groups`` only permutes members inside each Ulysses group (the all-to-all's pairs stay), and keeps a
+    turn only when it lowers the step time."""
+    topo = g6e(4)
+    sm = StepModel(topo, 32 // cp, cp // ulysses, ulysses, 2 * cp * 128)
+    for order in (topo.gpus(), [g for h in topo.hosts for g in nic_spread_order(topo, h, ulysses)]):
+        turned = search.turn_groups(sm, order)
+        groups = lambda o: [sorted(o[k:k + ulysses]) for k in range(0, len(o), ulysses)]
+        assert groups(turned) == groups(order)
+        assert sm.step(turned) <= sm.step(order)
+        assert sm.figures(turned)["a2a"] == pytest.approx(sm.figures(order)["a2a"], rel=1e-12)
 
 
 def test_alike_hosts_and_host_automorphisms_are_tried_once():

@@ -99,6 +99,14 @@ class _FlowSet:
             self._place(f, new, +1)
         return flows
 
+    def crowd(self) -> int:
+        """Flows that run at this set's slowest rate: how many must move before that rate can rise."""
+        if not self.pairs:
+            return 0
+        share = link_shares(self.bw, self.load)
+        rate = float(share.min())
+        return len({f for i in np.flatnonzero(share <= rate * (1 + 1e-12)) for f in self.on_link.get(int(i), ())})
+
     def slowest(self, scaled: bool = True) -> tuple[float, float]:
         """(GB/s, latency µs) of the slowest flow, as ``StepModel.hop_rates`` scales and caps it (or raw)."""
         self.capped = False
@@ -153,6 +161,12 @@ class DeltaOrder:
         bus_gbps = bus.slowest(scaled=False)[0]
         self.exact = not a2a.pairs and not hops.capped
         return sm.dense + sm.attention(hop_gbps, hop_lat, a2a_s) + sm.gradients(bus_gbps) + sm.rates.step_overhead_s
+
+    def crowd(self) -> int:
+        """Flows at their kind's slowest rate (ring hops, all-to-all pairs, gradient ring), under the loads as they
+        stand (the current order, or the move last priced by ``bound``):
+        a move that leaves the step time as it is but lowers this is progress on a plateau of the slowest flow."""
+        return sum(s.crowd() for s in self.sets)
 
     def keep(self) -> None:
         """The move last priced by ``bound`` becomes the current order."""

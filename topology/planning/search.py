@@ -17,10 +17,22 @@ Algorithms
   lower bound of each partial order (``topology.planning.exact``). Finished, it
   proves the result optimal; stopped at ``EXACT_NODES``, the plan states
   its gap to the lower bound instead.
+* Group turns, for plans of at most ``TURN_GPUS`` GPUs with Ulysses groups:
+  each construction is also scored with its groups turned (``turn_groups``:
+  members of every group at one index modulo a period rotated or reversed
+  alike, while the step time drops). A construction that repeats from host
+  to host often needs the same turn in every host before its gradient ring
+  stops crossing a slow link twice in one direction, and only then does its
+  step time drop: no single move of local search gets there.
 * Local search, otherwise: first-improvement moves, a fixed number (so a
   plan is reproducible), cut short by a time budget only on a machine too
   slow for it. A move swaps two ranks, moves a rank onto an unused GPU, or
   reverses a run of a ring; half the moves touch the slowest hop's ends.
+  On plans of at most ``TURN_GPUS`` GPUs, a move may also turn a Ulysses
+  group or swap two whole groups, and a move that keeps the step time but
+  leaves fewer flows at their kind's slowest rate (``DeltaOrder.crowd``) is
+  taken: the step time is set by the slowest flows, so it stays flat until
+  the last of them moves, and this walks that plateau toward it.
   Each move is first priced incrementally (``topology.planning.delta``: only the
   flows touching the moved ranks are re-routed, and the result is a lower
   bound of its step time); a move that could improve is then priced by the
@@ -79,6 +91,10 @@ SIDEWAYS = 200
 """Local search takes at most this many moves that leave the step time exactly as it is (a plateau walk)."""
 STALE_MOVES = 1000
 """Local search stops after this many moves in a row without improvement."""
+TURN_PASSES = 3
+"""Passes of ``turn_groups`` over its periodic group turns (each pass prices about ``2 u`` turns per set of groups)."""
+TURN_GPUS = 64
+"""Constructions of plans up to this many GPUs get their Ulysses groups turned (``turn_groups``) before scoring."""
 MAX_EVALS = 3000
 """Local search tries at most this many moves; each is priced by the flows it touches (``topology.planning.delta``)."""
 
@@ -142,6 +158,7 @@ def optimise(sm: StepModel, candidates: dict[str, list[str]], pool: list[str], b
     SearchResult
     """
     bound = step_bound(sm)["step"]
+    candidates = with_turned_groups(sm, candidates)
     scores: dict[str, float] = {}
     for name in sorted(candidates, key=lambda k: k == "naive"):  # Ray's order is scored last
         scores[name] = sm.step(candidates[name])
@@ -267,6 +284,64 @@ def partition_order(sm: StepModel, groups: list[list[str]]) -> list[str]:
     return order
 
 
+# ------------------------------------------------------------------ group turns
+def with_turned_groups(sm: StepModel, candidates: dict[str, list[str]]) -> dict[str, list[str]]:
+    """The candidates, and after each one with Ulysses groups that ``turn_groups`` improves, the turned order.
+
+    Plans of more than ``TURN_GPUS`` GPUs are left as they are: the turns' count grows with the group count and
+    each prices a whole order.
+    """
+    if sm.ulysses < 2 or sm.world > TURN_GPUS:
+        return candidates
+    out: dict[str, list[str]] = {}
+    for name, order in candidates.items():
+        out[name] = order
+        turned = turn_groups(sm, order)
+        if turned != order:
+            out[f"{name}, groups turned"] = turned
+    return out
+
+
+def turn_groups(sm: StepModel, order: list[str], max_passes: int = TURN_PASSES) -> list[str]:
+    """``order`` with its Ulysses groups turned in place, periodically, while that lowers the step time.
+
+    A turn rotates or reverses the members of every Ulysses group whose index
+    is ``g`` modulo a period ``m`` (a divisor of the group count; ``m`` equal
+    to it turns one group). Turning a group re-pairs all its ring hops at once
+    and re-routes the gradient ring through it, and leaves its all-to-all as
+    it is. Constructions repeat from host to host, so the turn that lets the
+    gradient ring through one host without crossing a slow link twice in one
+    direction is needed in every host alike: the step time (the slowest flow)
+    improves only when all turn together, and no single move gets there.
+    Greedy, first improvement, at most ``max_passes`` passes.
+    """
+    u = sm.ulysses
+    count = len(order) // u
+    if u < 2 or count < 2:
+        return list(order)
+    best, step = list(order), sm.step(order)
+    sets = [range(g, count, m) for m in range(1, count + 1) if count % m == 0 for g in range(m)]
+    for _ in range(max_passes):
+        improved = False
+        for groups in sets:
+            for turn in _turns(u):
+                trial = list(best)
+                for k in groups:
+                    trial[k * u:(k + 1) * u] = [best[k * u + j] for j in turn]
+                t = sm.step(trial)
+                if t < step * (1 - REL_TOL):
+                    best, step, improved = trial, t, True
+        if not improved:
+            break
+    return best
+
+
+def _turns(u: int) -> list[tuple[int, ...]]:
+    """Every rotation and reflection of ``u`` positions but the identity (the dihedral group's other elements)."""
+    rotations = [tuple((j + k) % u for j in range(u)) for k in range(u)]
+    return [t for t in dict.fromkeys(rotations + [r[::-1] for r in rotations]) if t != rotations[0]]
+
+
 # ------------------------------------------------------------------ local search
 def _local_search(sm: StepModel, order: list[str], step: float, pool: list[str], budget_s: float, seed: int,
                   max_evals: int = MAX_EVALS) -> tuple[list[str], float, int]:
@@ -276,9 +351,11 @@ def _local_search(sm: StepModel, order: list[str], step: float, pool: list[str],
     if n < 2 or budget_s <= 0:
         return list(order), step, 0
     state = DeltaOrder(sm, order)
+    small = n <= TURN_GPUS  # where pricing a whole order is cheap enough for plateau moves and group moves
     unused, free = _unused(sm, pool, order)
     hot = sm.figures(order)["hop"]
     best = list(order)
+    best_crowd = state.crowd()
     moves = stale = sideways = 0
     for _ in range(max_evals):  # a count, not a clock: the same input gives the same plan
         if stale >= STALE_MOVES or time.perf_counter() > deadline:
@@ -306,14 +383,27 @@ def _local_search(sm: StepModel, order: list[str], step: float, pool: list[str],
             a, b = sorted(rng.sample(range(group, group + size), 2))
             trial[a:b + 1] = trial[a:b + 1][::-1]
             ranks = list(range(a, b + 1))
+        elif small and sm.ulysses > 1 and kind < 0.65:
+            trial, ranks = _group_move(sm, trial, i, rng)
         else:
             j = rng.randrange(n)
             trial[i], trial[j] = trial[j], trial[i]
             ranks = [i, j]
         bound = state.bound(ranks, trial)
+        if small and abs(bound - step) <= step * REL_TOL and (crowd := state.crowd()) < best_crowd:
+            # As fast, with fewer flows at the slowest rates: the slowest rate is nearer to rising.
+            f = sm.figures(trial)
+            if f["step"] <= step:
+                state.keep()
+                step, hot, best_crowd, stale = f["step"], f["hop"], crowd, 0
+                best = list(trial)
+                if unused:
+                    unused, free = _unused(sm, pool, trial)
+                continue
         if state.exact and abs(bound - step) <= step * REL_TOL and sideways < SIDEWAYS:
             state.keep()  # as good, exactly: walk on across the plateau (an improvement may lie past it)
             sideways += 1
+            best_crowd = state.crowd() if small else best_crowd
             if unused:
                 unused, free = _unused(sm, pool, trial)
             continue
@@ -324,12 +414,39 @@ def _local_search(sm: StepModel, order: list[str], step: float, pool: list[str],
         if f["step"] < step * (1 - REL_TOL):
             state.keep()
             step, hot, moves, stale = f["step"], f["hop"], moves + 1, 0
+            best_crowd = state.crowd() if small else best_crowd
             best = list(trial)
             if unused:
                 unused, free = _unused(sm, pool, trial)
         else:
             state.undo()
     return best, step, moves
+
+
+def _group_move(sm: StepModel, order: list[str], i: int, rng: random.Random) -> tuple[list[str], list[int]]:
+    """Rank ``i``'s Ulysses group turned (its members rotated or reversed in place) or swapped whole with another.
+
+    A ring hop pairs the members at one position of consecutive groups, and a
+    better pairing often needs every member re-paired at once (the hops move
+    together off a shared link), which no single swap does.
+    """
+    u, n = sm.ulysses, len(order)
+    start = i // u * u
+    ranks = list(range(start, start + u))
+    group = order[start:start + u]
+    pick = rng.random()
+    if pick < 0.5:
+        k = rng.randrange(1, u)
+        order[start:start + u] = group[k:] + group[:k]
+    elif pick < 0.7:
+        order[start:start + u] = group[::-1]
+    else:
+        other = rng.randrange(n // u) * u
+        if other == start:
+            return order, []
+        order[start:start + u], order[other:other + u] = order[other:other + u], group
+        ranks += range(other, other + u)
+    return order, ranks
 
 
 def _unused(sm: StepModel, pool: list[str], order: list[str]) -> tuple[list[str], dict[str, list[str]]]:
