@@ -7,9 +7,11 @@ Each case is a generated fabric (1:1, 2:1 and 4:1 oversubscription, uneven
 leaves, scattered degraded cables and uplinks, two spines, rails, three
 tiers, mixed 4- and 8-GPU hosts, partial clusters, NVLink racks (multi-node
 NVLink domains whose trays share leaf switches); 64 to 2,048 hosts) and a
-plan shape. Printed per case: predicted step time of the aware plan over
-Ray's order (naive) and over the lower bound, planning time, and whether
-the plan is proven optimal; then the worst and the median of each ratio.
+plan shape, and small g6e clusters (2 and 4 hosts) with Ulysses groups at
+128 tokens per GPU, which the exact search is meant to prove. Printed per
+case: predicted step time of the aware plan over Ray's order (naive) and
+over the lower bound, planning time, and whether the plan is proven
+optimal; then the worst and the median of each ratio.
 Targets: aware <= naive everywhere; aware within 6% of the bound where the
 bound is reachable (here: wherever a plan is proven optimal shows it is).
 """
@@ -29,6 +31,12 @@ from topology.network.presets import g6e, leaf_spine, nvl_domains, rails
 
 Case = tuple[str, Callable[[], Topology], int, int, int, int]
 """(name, topology builder, GPUs, ring size cp, ulysses, tokens per GPU)."""
+
+
+SMALL_ULYSSES = [(2, 8, 4), (2, 16, 4), (2, 16, 8), (4, 8, 2), (4, 16, 2), (4, 32, 2),
+                 (4, 8, 4), (4, 16, 4), (4, 32, 4), (4, 16, 8), (4, 32, 8)]
+"""(hosts, cp, ulysses) on g6e hosts at 128 tokens per GPU: small enough for the exact search, and short enough that
+the all-to-all, the ring hops and the gradient ring all weigh in the step time."""
 
 
 def suite(seed: int = 0) -> list[Case]:
@@ -67,6 +75,8 @@ def suite(seed: int = 0) -> list[Case]:
     for racks, gpus, cp in ((4, 288, 72), (4, 256, 64)):
         cases.append((f"NVLink racks {racks}x18 trays, {gpus} ring {cp}",
                       lambda r=racks: nvl_domains(r, trays=18, hosts_per_leaf=8, oversubscription=2.0), gpus, cp, 1, 4096))
+    for hosts, cp, ulysses in SMALL_ULYSSES:
+        cases.append((f"g6e {hosts}x ring {cp} ulysses {ulysses}, 128 tokens", lambda h=hosts: g6e(h), hosts * 8, cp, ulysses, 128))
     cases.append(("leafspine 1024x 2:1 ring 64", lambda: leaf_spine(1024), 8192, 64, 1, 16384))
     cases.append(("leafspine 2048x 2:1 ring 256", lambda: leaf_spine(2048), 16384, 256, 1, 16384))
     return cases
