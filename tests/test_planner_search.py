@@ -586,3 +586,73 @@ def test_rank_rotations_are_searched_once(tokens):
     assert proven and proven_all and step == pytest.approx(step_all, rel=1e-12) and sm.step(order) == step
     *_, nodes = branch_and_bound(sm, topo.gpus(), order, step, math.inf)
     assert nodes < nodes_all
+
+
+# ------------------------------------------------------------------ the gradient gate
+def _runs(members: set[int], world: int) -> int:
+    """Runs of ``members`` in the cyclic order of ``world`` ranks (0 when it holds none or all)."""
+    if not members or len(members) == world:
+        return 0
+    return sum(r in members and (r + 1) % world not in members for r in range(world))
+
+
+@pytest.mark.parametrize("dp,ring,ulysses", [(1, 3, 2), (2, 2, 2), (1, 4, 3), (2, 3, 2), (1, 2, 4), (1, 3, 4),
+                                             (3, 2, 2), (1, 5, 2)])
+def test_leaving_hops_is_no_more_than_the_hops_any_set_of_ranks_sends_out(dp, ring, ulysses):
+    """Every set of ranks (up to ``ulysses`` of them) sends at least ``leaving_hops`` ring hops out of itself, given
+    its runs in the rank order: the lemma the gate rests on, over every subset."""
+    from topology.planning.gradient_gate import leaving_hops
+
+    world = dp * ring * ulysses
+    hops = GroupLayout.from_grid(dp, ring, ulysses)
+    succ = {g[i]: g[(i + 1) % len(g)] for g in hops.ring_groups for i in range(len(g))}
+    for m in range(1, ulysses + 1):
+        for members in map(set, itertools.combinations(range(world), m)):
+            out = sum(succ[r] not in members for r in members)
+            runs = _runs(members, world)
+            for allowed in range(runs, runs + 3):  # any allowance the order meets
+                assert out >= leaving_hops(m, allowed, ulysses, ring)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
+@given(small_clusters(most=7), st.sampled_from([2, 3]), st.sampled_from([256, 65536]), st.booleans())
+def test_gradient_gated_bound_is_no_more_than_the_brute_force_optimum(problem, ulysses, tokens, replicas):
+    """Every GPU holds a rank (where the gate applies), with Ulysses 2 or 3 and, now and then, data parallelism:
+    an order's bus is the best one or at most the next share below it, an order at the best bus has its slowest hop
+    within the gate's cap, and the gated step bound stays at or below the brute-force optimum."""
+    from topology.planning.gradient_gate import gradient_gate
+
+    topo, _, _ = problem
+    world = len(topo.gpus())
+    dp = 2 if replicas and world % (2 * ulysses) == 0 and world // (2 * ulysses) > 1 else 1
+    assume(world % (dp * ulysses) == 0 and world // (dp * ulysses) > 1)
+    cp = world // dp
+    sm = StepModel(topo, dp, cp // ulysses, ulysses, 2 * cp * tokens)
+    classes = search.twin_classes(sm, topo.gpus())
+    assume(search.count_orders(classes, world, 5000) <= 5000)
+    figures = [sm.figures(order) for order in all_orders(classes, world)]
+    gate = gradient_gate(sm)
+    assert gate is not None
+    for f in figures:
+        if f["bus_gbps"] < gate.bus * (1 - 1e-9):
+            assert f["bus_gbps"] <= gate.bus_below * (1 + 1e-9)
+        else:
+            assert f["hop_gbps"] <= gate.hop_cap * (1 + 1e-9)
+    assert step_bound(sm)["step"] <= min(f["step"] for f in figures) * (1 + 1e-12)
+
+
+def test_gradient_gate_caps_ring_hops_on_four_g6e_hosts_at_the_nic_rate():
+    """32 GPUs on four g6e hosts, Ulysses 4 in rings of 8: at the best bus (12.5 GB/s, one NIC) a socket holds its
+    four ranks in at most three runs, so two ring hops leave it and share its two NICs and the socket link; the
+    bound rises above the ungated one and stays below a constructed order's step."""
+    from topology.planning.gradient_gate import gradient_gate
+
+    topo = g6e(4)
+    sm = StepModel(topo, 1, 8, 4, 2 * 32 * 128)
+    gate = gradient_gate(sm)
+    assert gate.bus == 12.5 and gate.bus_below < 12.5 and gate.hop_cap == 12.5
+    with patch("topology.cost.gradient_gate", lambda sm: None):
+        ungated = step_bound(sm)["step"]
+    bound = step_bound(sm)["step"]
+    assert bound > ungated * (1 + 1e-3)
+    assert bound <= sm.step(topo.gpus())

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from topology.planning.bound import gpu_access_bound, min_route_latency, ring_bandwidth_bound
+from topology.planning.gradient_gate import gradient_gate
 from topology.network.model import Topology
 from topology.planning.plan import GroupLayout, Plan
 from topology.network.routing import FlowModel, same_nvlink_domain
@@ -443,6 +444,8 @@ def step_bound(sm: StepModel, a2a_floor: float = 0.0, attention_floor: float = 0
     ``attention_floor`` bounds the ring and all-to-all terms together (``topology.planning.ring_floor``,
     ``StepModel.attention``) plus what the gradient term takes beyond its own bound (the bus bound here):
     where it is above the ring and all-to-all's own bounds, it counts instead.
+    Where the ranks fill a small cluster, the bound also splits on the gradient bus (``_gated_step``,
+    ``topology.planning.gradient_gate``): the larger of the two bounds counts.
     """
     topo = sm.topo
     hop = ring_bandwidth_bound(topo, sm.dp * sm.ulysses, sm.ring) * sm.rates.network_efficiency
@@ -456,7 +459,28 @@ def step_bound(sm: StepModel, a2a_floor: float = 0.0, attention_floor: float = 0
     bus = ring_bandwidth_bound(topo, 1, sm.world)
     attention = max(sm.attention(hop, hop_lat, a2a), attention_floor)
     step = sm.dense + attention + sm.gradients(bus) + sm.rates.step_overhead_s
+    gated = _gated_step(sm, hop, hop_lat, a2a, attention_floor)
+    if gated > step:
+        step = gated
     return {"hop_gbps": hop, "ring_step_fwd": fwd, "a2a": a2a, "bus_gbps": bus, "step": step}
+
+
+def _gated_step(sm: StepModel, hop: float, hop_lat: float, a2a: float, attention_floor: float) -> float:
+    """The step bound split on the gradient bus (``topology.planning.gradient_gate``); 0 where the gate says nothing.
+
+    An order whose bus is below the best ``B*`` runs at ``B'`` at most; one at ``B*`` sends ring hops out of
+    crowded units, whose exits cap its slowest hop. Every order is one or the other, so the smaller of the two
+    bounds holds. ``attention_floor`` already counts the gradient term's excess over ``gradients(B*)``.
+    """
+    gate = gradient_gate(sm)
+    if gate is None or gate.bus_below >= gate.bus:
+        return 0.0
+    rest = sm.dense + sm.rates.step_overhead_s
+    best_bus = sm.gradients(gate.bus)
+    slower_bus = rest + max(sm.attention(hop, hop_lat, a2a) + sm.gradients(gate.bus_below), attention_floor + best_bus)
+    capped = min(hop, gate.hop_cap * sm.rates.network_efficiency)
+    at_best = rest + max(sm.attention(capped, hop_lat, a2a), attention_floor) + best_bus
+    return min(slower_bus, at_best)
 
 
 def transfer(nbytes: float, gbps: float, lat_us: float) -> float:

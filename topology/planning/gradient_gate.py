@@ -1,0 +1,165 @@
+"""The ring hops an order must send out of a unit when its gradient ring runs at its best bus rate.
+
+The step prices the gradient ring (``topology.cost.StepModel.gradients``: rank
+``r`` to ``r + 1``, cyclically) in its own phase, after the ring attention, so
+its flows never share a link with the ring hops; but both follow the same
+rank order. Let ``B*`` be the best bus any order reaches
+(``topology.planning.bound.ring_bandwidth_bound`` over the world) and ``B'``
+the largest share any link gives strictly below it. Every order's bus is
+``B*`` or at most ``B'``:
+
+* at most ``B'``: the gradient term costs at least ``gradients(B')``;
+* exactly ``B*``: every gradient flow runs at ``B*`` or faster, so each link
+  carries at most ``bw / B*`` of them (counted by flow fraction; whole flows
+  where no route splits on a unit's exits), and a unit (a host, or one side
+  of a link inside a host: a socket, a PCIe switch with its GPUs) whose GPUs
+  all hold ranks holds them in at most ``k_U`` runs of the cyclic rank order,
+  ``k_U`` the gradient flows its exits (and its entrances) carry at ``B*``.
+
+Ring hops (``rank -> rank + u`` inside a cp group, wrapping at the group's
+end) restricted to a unit's ranks split into whole rings and paths; each path
+sends one hop out of the unit and takes one in (``leaving_hops``). Those hops
+share the unit's exits, so the slowest hop runs no faster than ``p`` flows
+across them allow. The step bound is then the smaller of the two cases
+(``topology.cost.step_bound``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from fractions import Fraction
+
+import networkx as nx
+import numpy as np
+
+from topology.planning.bound import ring_bandwidth_bound
+
+GATE_GPUS = 64
+"""Clusters of at most this many GPUs get the gate: it reads the routes between every pair of GPUs."""
+_TOL = 1e-9
+
+
+@dataclass(frozen=True)
+class Gate:
+    """What the gradient bus decides about an order of one shape."""
+
+    bus: float
+    """``B*``: the best bus any order reaches."""
+    bus_below: float
+    """``B'``: the largest link share below ``B*`` (``B*`` itself when unknown: then the gate proves nothing)."""
+    hop_cap: float
+    """GB/s the slowest ring hop cannot exceed in any order whose bus is ``B*`` (inf: no claim)."""
+
+
+def _cut_rate(bws: list[float], whole: bool, k: int) -> float:
+    """The most GB/s ``k`` flows across links of ``bws`` can all reach (``whole``: no flow splits there)."""
+    if k <= 0:
+        return math.inf
+    if not whole:
+        return sum(bws) / k
+    candidates = sorted({b / j for b in bws for j in range(1, k + 1)}, reverse=True)
+    return next((t for t in candidates if sum(math.floor(b / t * (1 + 1e-12)) for b in bws) >= k), 0.0)
+
+
+def _flows_at(bws: list[float], whole: bool, rate: float) -> int:
+    """How many flows across links of ``bws`` can all run at ``rate`` or faster."""
+    if whole:
+        return sum(math.floor(b / rate * (1 + 1e-12)) for b in bws)
+    return math.floor(sum(bws) / rate * (1 + 1e-12))
+
+
+def leaving_hops(m: int, runs: int, u: int, ring: int) -> int:
+    """Fewest ring hops out of a unit whose ``m`` ranks lie in at most ``runs`` runs of the rank order.
+
+    Valid for ``2 <= u`` and ``m <= u`` (otherwise 0: no claim). A run then
+    spans fewer than ``u`` ranks, so its ranks lie in distinct rings (ranks
+    of one ring are ``u`` or more apart): the longest run, at least
+    ``ceil(m / runs)`` ranks, touches as many rings. A ring wholly inside the
+    unit puts each of its ``ring`` ranks in a run of its own (so needs
+    ``runs >= ring``), at most ``m // ring`` of them; every other ring touched
+    holds at least one path, and each path sends one hop out.
+    """
+    if u < 2 or ring < 2 or m > u or m < 1 or runs < 1:
+        return 0
+    whole = m // ring if runs >= ring else 0
+    touched = -(-m // runs)
+    return max(touched - whole, int(m > whole * ring))
+
+
+def _units(sm, gpus: list[str]) -> list[tuple[int, list[float], bool, list[float], bool]]:
+    """Every host, and each side of every link between two of a host's parts: (GPUs, exit GB/s, exits whole,
+    entrance GB/s, entrances whole)."""
+    topo, fm = sm.topo, sm.flows
+    bw = fm.link_bandwidths()
+    found: dict[tuple, tuple] = {}
+    for host in dict.fromkeys(topo.host_of(g) for g in gpus):
+        parts = set(topo.parts(host))
+        sub = topo.graph.subgraph(parts)
+        sides = [parts, *(side for edge in sub.edges
+                          for side in nx.connected_components(nx.restricted_view(sub, [], [edge])))]
+        for side in sides:
+            inside = [g for g in gpus if g in side]
+            outside = [g for g in gpus if g not in side]
+            if not inside or not outside:
+                continue
+            exits = sorted(fm.link_index((a, b)) for a in side for b in topo.graph.adj[a] if b not in side)
+            entrances = sorted(fm.link_index((b, a)) for a in side for b in topo.graph.adj[a] if b not in side)
+            found.setdefault((frozenset(inside), tuple(exits)), (
+                len(inside), [float(bw[i]) for i in exits], _whole(fm, inside, outside, set(exits)),
+                [float(bw[i]) for i in entrances], _whole(fm, outside, inside, set(entrances))))
+    return list(found.values())
+
+
+def _whole(fm, src: list[str], dst: list[str], links: set[int]) -> bool:
+    """Whether every route from ``src`` to ``dst`` crosses each of ``links`` wholly or not at all."""
+    for a in src:
+        for b in dst:
+            ids, fracs = fm.compiled(a, b)
+            if any(i in links and 1e-12 < f < 1 - 1e-12 for i, f in zip(ids, fracs)):
+                return False
+    return True
+
+
+def share_below(sm, gpus: list[str], rate: float) -> float:
+    """The largest share any link gives strictly below ``rate``: ``bw / (k q)``, ``q`` the largest fraction dividing
+    every route's fractions among ``gpus`` (so every link's load is a multiple of it)."""
+    fm = sm.flows
+    fracs = {f for a in gpus for b in gpus if a != b for f in fm.compiled(a, b)[1]}
+    denominators = [Fraction(f).limit_denominator(1 << 12).denominator for f in fracs] or [1]
+    scale = fm.link_bandwidths() * math.lcm(*denominators)
+    if math.isinf(rate) or rate <= 0 or not len(scale):
+        return rate
+    k = np.floor(scale / rate * (1 + 1e-12)) + 1
+    return float((scale / k).max())
+
+
+def gradient_gate(sm) -> Gate | None:
+    """The gate of ``sm``'s shape on its cluster; None where it proves nothing (one rank, spare GPUs, a large
+    cluster, no ring, or caps on the measured rates).
+
+    Only where the world fills the cluster: then a unit's GPUs all hold ranks, which ``leaving_hops`` needs.
+    """
+    topo = sm.topo
+    gpus = topo.gpus()
+    rates = sm.rates
+    if (sm.world < 2 or sm.ring < 2 or len(gpus) != sm.world or len(gpus) > GATE_GPUS
+            or rates.intra_host_gbps or rates.inter_host_gbps):
+        return None
+    cache = topo.__dict__.setdefault("_bound_cache", {})
+    key = ("gate", sm.dp, sm.ring, sm.ulysses)
+    if key not in cache:
+        cache[key] = _gate(sm, gpus)
+    return cache[key]
+
+
+def _gate(sm, gpus: list[str]) -> Gate:
+    bus = ring_bandwidth_bound(sm.topo, 1, sm.world)
+    cap = math.inf
+    for m, out_bw, out_whole, in_bw, in_whole in _units(sm, gpus):
+        # Runs leave through the exits and come back through the entrances, one gradient flow each way per run.
+        runs = min(_flows_at(out_bw, out_whole, bus), _flows_at(in_bw, in_whole, bus))
+        hops = leaving_hops(m, runs, sm.ulysses, sm.ring)
+        if hops:
+            cap = min(cap, _cut_rate(out_bw, out_whole, hops), _cut_rate(in_bw, in_whole, hops))
+    return Gate(bus, share_below(sm, gpus, bus), cap)
