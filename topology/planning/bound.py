@@ -19,8 +19,10 @@ from __future__ import annotations
 
 import math
 
+import networkx as nx
+
 from topology.network.model import Topology
-from topology.network.routing import NVLINK_KIND
+from topology.network.routing import NVLINK_KIND, FlowModel
 
 
 def ring_bandwidth_bound(topo: Topology, rings: int, size: int) -> float:
@@ -192,3 +194,42 @@ def min_route_latency(topo: Topology, gpus: list[str] | None = None) -> float:
     fastest = sorted(min((d["lat_us"] for d in g.adj[x].values()), default=math.inf) for x in gpus)
     direct = min((d["lat_us"] for x in gpus for v, d in g.adj[x].items() if v in members), default=math.inf)
     return min(fastest[0] + fastest[1], direct)
+
+
+def cut_rate(bws: list[float], whole: bool, k: int) -> float:
+    """The most GB/s ``k`` flows across links of ``bws`` can all reach.
+
+    ``whole``: no route splits across these links, so each carries whole
+    flows and ``k`` flows at ``t`` need ``sum(floor(bw / t)) >= k``; the
+    best ``t`` is some ``bw / j`` with ``j <= k``. Otherwise the flows share
+    the links' sum.
+    """
+    if k <= 0:
+        return math.inf
+    if not whole:
+        return sum(bws) / k
+    candidates = sorted({b / j for b in bws for j in range(1, k + 1)}, reverse=True)
+    return next((t for t in candidates if sum(math.floor(b / t * (1 + 1e-12)) for b in bws) >= k), 0.0)
+
+
+def host_units(topo: Topology, fm: FlowModel, gpus: list[str]) -> list[tuple[frozenset[str], list[int], list[int]]]:
+    """The cuts inside hosts that flows among ``gpus`` cross: every host, and each side of every link between two
+    of a host's parts (a socket, a PCIe switch with its GPUs).
+
+    Returns (the GPUs of ``gpus`` inside, exit link ids, entrance link ids) per unit; a side holding none or all of
+    ``gpus`` cuts nothing and is left out, and sides with the same GPUs and exits are one.
+    """
+    found: dict[tuple, tuple[frozenset[str], list[int], list[int]]] = {}
+    members = set(gpus)
+    for host in dict.fromkeys(topo.host_of(g) for g in gpus):
+        parts = set(topo.parts(host))
+        sub = topo.graph.subgraph(parts)
+        cuts = (nx.connected_components(nx.restricted_view(sub, [], [edge])) for edge in sub.edges)
+        for side in [parts, *(side for cut in cuts for side in cut)]:
+            held = frozenset(x for x in side if x in members)
+            if not held or len(held) == len(members):
+                continue
+            exits = sorted(fm.link_index((a, b)) for a in side for b in topo.graph.adj[a] if b not in side)
+            entrances = sorted(fm.link_index((b, a)) for a in side for b in topo.graph.adj[a] if b not in side)
+            found.setdefault((held, tuple(exits)), (held, exits, entrances))
+    return list(found.values())

@@ -30,10 +30,9 @@ import math
 from dataclasses import dataclass
 from fractions import Fraction
 
-import networkx as nx
 import numpy as np
 
-from topology.planning.bound import ring_bandwidth_bound
+from topology.planning.bound import cut_rate, host_units, ring_bandwidth_bound
 
 GATE_GPUS = 64
 """Clusters of at most this many GPUs get the gate: it reads the routes between every pair of GPUs."""
@@ -50,16 +49,6 @@ class Gate:
     """``B'``: the largest link share below ``B*`` (``B*`` itself when unknown: then the gate proves nothing)."""
     hop_cap: float
     """GB/s the slowest ring hop cannot exceed in any order whose bus is ``B*`` (inf: no claim)."""
-
-
-def _cut_rate(bws: list[float], whole: bool, k: int) -> float:
-    """The most GB/s ``k`` flows across links of ``bws`` can all reach (``whole``: no flow splits there)."""
-    if k <= 0:
-        return math.inf
-    if not whole:
-        return sum(bws) / k
-    candidates = sorted({b / j for b in bws for j in range(1, k + 1)}, reverse=True)
-    return next((t for t in candidates if sum(math.floor(b / t * (1 + 1e-12)) for b in bws) >= k), 0.0)
 
 
 def _flows_at(bws: list[float], whole: bool, rate: float) -> int:
@@ -88,27 +77,16 @@ def leaving_hops(m: int, runs: int, u: int, ring: int) -> int:
 
 
 def _units(sm, gpus: list[str]) -> list[tuple[int, list[float], bool, list[float], bool]]:
-    """Every host, and each side of every link between two of a host's parts: (GPUs, exit GB/s, exits whole,
-    entrance GB/s, entrances whole)."""
-    topo, fm = sm.topo, sm.flows
+    """Every host, and each side of every link between two of a host's parts (``topology.planning.bound.host_units``):
+    (GPUs, exit GB/s, exits whole, entrance GB/s, entrances whole)."""
+    fm = sm.flows
     bw = fm.link_bandwidths()
-    found: dict[tuple, tuple] = {}
-    for host in dict.fromkeys(topo.host_of(g) for g in gpus):
-        parts = set(topo.parts(host))
-        sub = topo.graph.subgraph(parts)
-        sides = [parts, *(side for edge in sub.edges
-                          for side in nx.connected_components(nx.restricted_view(sub, [], [edge])))]
-        for side in sides:
-            inside = [g for g in gpus if g in side]
-            outside = [g for g in gpus if g not in side]
-            if not inside or not outside:
-                continue
-            exits = sorted(fm.link_index((a, b)) for a in side for b in topo.graph.adj[a] if b not in side)
-            entrances = sorted(fm.link_index((b, a)) for a in side for b in topo.graph.adj[a] if b not in side)
-            found.setdefault((frozenset(inside), tuple(exits)), (
-                len(inside), [float(bw[i]) for i in exits], _whole(fm, inside, outside, set(exits)),
-                [float(bw[i]) for i in entrances], _whole(fm, outside, inside, set(entrances))))
-    return list(found.values())
+    units = []
+    for held, exits, entrances in host_units(sm.topo, fm, gpus):
+        inside, outside = [g for g in gpus if g in held], [g for g in gpus if g not in held]
+        units.append((len(inside), [float(bw[i]) for i in exits], _whole(fm, inside, outside, set(exits)),
+                      [float(bw[i]) for i in entrances], _whole(fm, outside, inside, set(entrances))))
+    return units
 
 
 def _whole(fm, src: list[str], dst: list[str], links: set[int]) -> bool:
@@ -161,5 +139,5 @@ def _gate(sm, gpus: list[str]) -> Gate:
         runs = min(_flows_at(out_bw, out_whole, bus), _flows_at(in_bw, in_whole, bus))
         hops = leaving_hops(m, runs, sm.ulysses, sm.ring)
         if hops:
-            cap = min(cap, _cut_rate(out_bw, out_whole, hops), _cut_rate(in_bw, in_whole, hops))
+            cap = min(cap, cut_rate(out_bw, out_whole, hops), cut_rate(in_bw, in_whole, hops))
     return Gate(bus, share_below(sm, gpus, bus), cap)

@@ -62,10 +62,9 @@ import math
 from dataclasses import dataclass
 from typing import Callable
 
-import networkx as nx
 import numpy as np
 
-from topology.planning.bound import ring_bandwidth_bound
+from topology.planning.bound import cut_rate, host_units, ring_bandwidth_bound
 from topology.cost import StepModel
 
 COVER_NODES = 20_000
@@ -89,38 +88,18 @@ class _Units:
 
 
 def _cut_rates(bws: list[float], whole: bool, most: int) -> np.ndarray:
-    """``[k]``: the most GB/s ``k`` flows across links of ``bws`` can all reach (``whole``: no flow splits there)."""
-    out = np.full(most + 1, math.inf)
-    total = sum(bws)
-    candidates = sorted({b / j for b in bws for j in range(1, most + 1)}, reverse=True)
-    for k in range(1, most + 1):
-        if not whole:
-            out[k] = total / k
-            continue
-        out[k] = next((t for t in candidates if sum(math.floor(b / t * (1 + 1e-12)) for b in bws) >= k), 0.0)
-    return out
+    """``[k]``: the most GB/s ``k`` flows across links of ``bws`` can all reach (``topology.planning.bound.cut_rate``)."""
+    return np.array([cut_rate(bws, whole, k) for k in range(most + 1)])
 
 
 def pool_units(sm: StepModel, gpus: list[str], dense: np.ndarray, lat_via: np.ndarray) -> _Units:
     """The units of ``gpus``: every host, and each side of every link between two of a host's parts."""
-    topo, fm = sm.topo, sm.flows
+    fm = sm.flows
     index = {g: i for i, g in enumerate(gpus)}
     n = len(gpus)
     bw = fm.link_bandwidths()
-    found: dict[tuple, tuple[frozenset[int], list[int], list[int]]] = {}
-    for host in dict.fromkeys(topo.host_of(g) for g in gpus):
-        parts = set(topo.parts(host))
-        sub = topo.graph.subgraph(parts)
-        cuts = (nx.connected_components(nx.restricted_view(sub, [], [edge])) for edge in sub.edges)
-        sides = [parts, *(side for cut in cuts for side in cut)]
-        for side in sides:
-            held = frozenset(index[x] for x in side if x in index)
-            if not held or len(held) == n:
-                continue
-            exits = sorted(fm.link_index((a, b)) for a in side for b in topo.graph.adj[a] if b not in side)
-            entrances = sorted(fm.link_index((b, a)) for a in side for b in topo.graph.adj[a] if b not in side)
-            found.setdefault((held, tuple(exits)), (held, exits, entrances))
-    units = list(found.values())
+    units = [(frozenset(index[g] for g in held), exits, entrances)
+             for held, exits, entrances in host_units(sm.topo, fm, gpus)]
     members = np.zeros((len(units), n))
     rate_out, rate_in = np.full((len(units), n + 1), math.inf), np.full((len(units), n + 1), math.inf)
     lat_out, lat_in = np.zeros(len(units)), np.zeros(len(units))
