@@ -62,7 +62,7 @@ import torch
 import torch.distributed as dist
 
 from trainer import storage
-from trainer.engine import agree
+from trainer.engine import agree, import_deepspeed
 from trainer.modeling import write_rope_compat
 
 log = logging.getLogger(__name__)
@@ -284,6 +284,7 @@ def to_universal(tag_dir: Path, out_dir: Path) -> None:
     """
     import argparse
 
+    import_deepspeed()
     from deepspeed.checkpoint import ds_to_universal
 
     args = argparse.Namespace(input_folder=str(tag_dir), output_folder=str(out_dir), num_extract_workers=1,
@@ -300,8 +301,7 @@ def gathered_state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor] | No
     Parameters only: Llama's one buffer (RoPE frequencies) is not persistent
     and is rebuilt from the config on load.
     """
-    import deepspeed
-
+    deepspeed = import_deepspeed()
     rank = dist.get_rank()
     state: dict[str, torch.Tensor] = {}
     for prefix, sub in module.named_modules():

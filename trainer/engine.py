@@ -17,6 +17,7 @@ import copy
 import datetime
 import logging
 import os
+import sys
 from types import SimpleNamespace
 from typing import Any, Iterator
 
@@ -103,6 +104,29 @@ def deepspeed_config(cfg: StageConfig, cuda: bool) -> dict[str, Any]:
     return ds
 
 
+def import_deepspeed() -> Any:
+    """``deepspeed``, imported without its autotuner's optional MLflow hook.
+
+    DeepSpeed's autotuner imports ``mlflow`` whenever it is installed (the
+    ``tracking`` extra installs it), which costs every rank about 2.5 s of
+    CPU at start-up; ringleader never runs the autotuner. The hook is kept
+    out only while DeepSpeed loads: ``mlflow`` imports as usual afterwards,
+    for the MLflow tracker (``trainer.tracking``). Every first import of
+    DeepSpeed in ringleader's ranks goes through here.
+    """
+    if "deepspeed" in sys.modules:
+        return sys.modules["deepspeed"]
+    hide = "mlflow" not in sys.modules
+    if hide:
+        sys.modules["mlflow"] = None  # type: ignore[assignment]  # "import mlflow" raises ImportError meanwhile
+    try:
+        import deepspeed
+    finally:
+        if hide:
+            del sys.modules["mlflow"]
+    return deepspeed
+
+
 def make_engine(model: torch.nn.Module, ds_config: dict[str, Any], device: torch.device,
                 timeout_s: float = COLLECTIVE_TIMEOUT_S) -> Any:
     """``deepspeed.initialize`` on an existing process group and device; returns the engine.
@@ -112,8 +136,7 @@ def make_engine(model: torch.nn.Module, ds_config: dict[str, Any], device: torch
     backend is set up first with the stage's collective timeout (DeepSpeed's own
     default is 10 minutes, ``DEEPSPEED_TIMEOUT``).
     """
-    import deepspeed
-
+    deepspeed = import_deepspeed()
     deepspeed.init_distributed(timeout=datetime.timedelta(seconds=timeout_s), dist_init_required=False, verbose=False)
     args = SimpleNamespace(device_rank=device.index) if device.type == "cuda" else None
     engine, *_ = deepspeed.initialize(args=args, model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
@@ -140,6 +163,7 @@ def zero3_construction(ds_config: dict[str, Any]) -> Iterator[None]:
     if zero_stage(ds_config) != 3:
         yield
         return
+    import_deepspeed()  # before transformers imports it
     from transformers.integrations import HfDeepSpeedConfig
     from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 

@@ -290,8 +290,9 @@ def step_overhead_s(hidden: int, layers: int, device: torch.device, zero_stage: 
     stepped when it has at most ``SMALL_MODEL`` parameters; a larger one is
     stood in for by an MLP of its width and depth.
     """
-    import deepspeed
+    from trainer.engine import import_deepspeed
 
+    deepspeed = import_deepspeed()
     torch.manual_seed(0)
     hf = model_cfg is not None and 0 < params <= SMALL_MODEL
     if hf:
