@@ -108,7 +108,7 @@ def import_deepspeed() -> Any:
     """``deepspeed``, imported without its autotuner's optional MLflow hook.
 
     DeepSpeed's autotuner imports ``mlflow`` whenever it is installed (the
-    ``tracking`` extra installs it), which costs every rank about 2.5 s of
+    ``tracking`` extra installs it), which costs every rank about 2 s of
     CPU at start-up; ringleader never runs the autotuner. The hook is kept
     out only while DeepSpeed loads: ``mlflow`` imports as usual afterwards,
     for the MLflow tracker (``trainer.tracking``). Every first import of
