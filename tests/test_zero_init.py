@@ -8,6 +8,7 @@ hold about half of the parameters; the DeepSpeed engine's loss must equal
 the loss of the whole model on one process.
 """
 
+import sys
 
 import torch
 import torch.distributed as dist
@@ -19,7 +20,7 @@ from trainer.attention.documents import Documents
 from trainer.attention.hf_attention import register_ring_attention
 from trainer.config import ModelConfig
 from trainer.groups import ParallelGroups
-from trainer.engine import make_engine, zero3_construction
+from trainer.engine import MUON_MODULE, import_deepspeed, make_engine, zero3_construction
 from trainer.loss import ShardLoss, shard_loss_sum
 from trainer.modeling import build_model
 from trainer.attention.zigzag import shift_labels
@@ -56,6 +57,7 @@ def _start_up(rank: int, world: int, model_dir: str) -> dict:
     results["tiny"] = _local_numel(build_model(ModelConfig(tiny=TINY), 10_000.0, SEQ, seed=3, ds_config=DS_CONFIG))
     results["after"] = _local_numel(AutoModelForCausalLM.from_config(whole.config))
     engine = make_engine(ShardLoss(loaded), DS_CONFIG, torch.device("cpu"))
+    results["inductor"] = "torch._inductor.compile_fx" in sys.modules  # Muon's kernels were never compiled
     with torch.no_grad():
         loss, _ = engine(ids, positions, labels)
     results["loss"], results["reference"] = loss.item(), reference.item()
@@ -85,3 +87,14 @@ def test_zero3_start_up_partitions_and_matches_whole_model(tmp_path):
         assert results["reference"] > 1.0
         assert abs(results["masked"] - results["masked_reference"]) <= 1e-4 * abs(results["masked_reference"])
         assert abs(results["masked"] - results["loss"]) > 1e-3  # the mask changed what the tokens see
+        assert not results["inductor"]
+
+
+def test_a_stage_that_asks_for_muon_gets_deepspeeds_muon():
+    sys.modules.pop(MUON_MODULE, None)
+    import_deepspeed()
+    assert sys.modules[MUON_MODULE].MuonWithAuxAdam.__module__ == "trainer.engine"  # the stand-in, nothing compiled
+    import_deepspeed(muon=True)
+    from deepspeed.runtime.zero.muon.muon_optimizer import MuonWithAuxAdam
+
+    assert MuonWithAuxAdam.__module__ == MUON_MODULE and hasattr(MuonWithAuxAdam, "step")

@@ -18,7 +18,7 @@ import datetime
 import logging
 import os
 import sys
-from types import SimpleNamespace
+from types import ModuleType, SimpleNamespace
 from typing import Any, Iterator
 
 import torch
@@ -104,16 +104,37 @@ def deepspeed_config(cfg: StageConfig, cuda: bool) -> dict[str, Any]:
     return ds
 
 
-def import_deepspeed() -> Any:
-    """``deepspeed``, imported without its autotuner's optional MLflow hook.
+MUON_MODULE = "deepspeed.runtime.zero.muon.muon_optimizer"
 
-    DeepSpeed's autotuner imports ``mlflow`` whenever it is installed (the
-    ``tracking`` extra installs it), which costs every rank about 2 s of
-    CPU at start-up; ringleader never runs the autotuner. The hook is kept
-    out only while DeepSpeed loads: ``mlflow`` imports as usual afterwards,
-    for the MLflow tracker (``trainer.tracking``). Every first import of
-    DeepSpeed in ringleader's ranks goes through here.
+
+class _MuonNotUsed:
+    """Takes the place of DeepSpeed's ``MuonWithAuxAdam`` in a process that never builds it."""
+
+
+def import_deepspeed(muon: bool = False) -> Any:
+    """``deepspeed``, imported without two optional parts that ringleader's ranks never run.
+
+    * DeepSpeed's autotuner imports ``mlflow`` whenever it is installed (the
+      ``tracking`` extra installs it), which costs every rank about 2 s of
+      CPU at start-up. The hook is kept out only while DeepSpeed loads:
+      ``mlflow`` imports as usual afterwards, for the MLflow tracker
+      (``trainer.tracking``).
+    * ZeRO-1/2/3 and the bf16 optimizer import ``MuonWithAuxAdam`` when they
+      are built, only to test ``isinstance(optimizer, MuonWithAuxAdam)``.
+      That import applies ``torch.compile`` to Muon's kernels, which loads
+      TorchInductor: about 2 s of CPU per rank, in every stage. Unless
+      ``muon`` (the stage's DeepSpeed config asks for Muon), a class that
+      no optimizer is an instance of answers the test instead.
+
+    Every import of DeepSpeed in ringleader goes through here.
     """
+    if muon:
+        if getattr(sys.modules.get(MUON_MODULE), "MuonWithAuxAdam", None) is _MuonNotUsed:
+            del sys.modules[MUON_MODULE]
+    elif MUON_MODULE not in sys.modules:
+        stand_in = ModuleType(MUON_MODULE, "Stands in for DeepSpeed's Muon optimizer (see trainer.engine.import_deepspeed).")
+        stand_in.MuonWithAuxAdam = _MuonNotUsed  # type: ignore[attr-defined]
+        sys.modules[MUON_MODULE] = stand_in
     if "deepspeed" in sys.modules:
         return sys.modules["deepspeed"]
     hide = "mlflow" not in sys.modules
@@ -136,7 +157,7 @@ def make_engine(model: torch.nn.Module, ds_config: dict[str, Any], device: torch
     backend is set up first with the stage's collective timeout (DeepSpeed's own
     default is 10 minutes, ``DEEPSPEED_TIMEOUT``).
     """
-    deepspeed = import_deepspeed()
+    deepspeed = import_deepspeed(muon=str(ds_config.get("optimizer", {}).get("type", "")).lower() == "muon")
     deepspeed.init_distributed(timeout=datetime.timedelta(seconds=timeout_s), dist_init_required=False, verbose=False)
     args = SimpleNamespace(device_rank=device.index) if device.type == "cuda" else None
     engine, *_ = deepspeed.initialize(args=args, model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
