@@ -20,7 +20,7 @@ from topology.errors import ConfigError
 from trainer.config import DataConfig
 from trainer.data import build_dataset, read_documents
 from trainer.data.packing import PackedDataset
-from trainer.data.prepare import PrepareSpec, ensure_prepared, prepare
+from trainer.data.prepare import PrepareSpec, ensure_prepared, prepare, tokenizer_workers
 from trainer.data.store import TokenStore
 from trainer.data.tokenize import conversation_tokens, document_tokens
 from trainer.tokenizer import byte_tokenizer
@@ -33,6 +33,15 @@ TOK = byte_tokenizer()
 def cluster():
     with local_cluster(hosts=2, gpus_per_host=0, cpus_per_host=2) as lc:
         yield lc
+
+
+def test_a_small_corpus_gets_one_tokenizer_actor_and_a_large_one_every_cpu():
+    mb = 1_000_000
+    assert tokenizer_workers(43_165, files=8, cpus=5) == 1  # the demo corpus: one actor's start-up is the whole job
+    assert tokenizer_workers(40 * mb, files=8, cpus=5) == 3
+    assert tokenizer_workers(400 * mb, files=8, cpus=5) == 5
+    assert tokenizer_workers(400 * mb, files=2, cpus=5) == 2
+    assert tokenizer_workers(10, files=3, cpus=5, asked=4) == 3  # --workers, still one file per actor at most
 
 
 def test_prepare_on_two_nodes_equals_single_process_tokenisation(cluster, tmp_path):

@@ -36,7 +36,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--on-bad-record", default="error", choices=("error", "skip"), help="with --input (default: %(default)s)")
     parser.add_argument("--store", metavar="DIR", help="store root on shared storage, a path or a URI such as s3://BUCKET/tokens "
                         "(default: the recipe's run_dir/tokens, or runs/tokens)")
-    parser.add_argument("--workers", type=int, metavar="N", help="tokenizer actors (default: one per CPU, at most one per file)")
+    parser.add_argument("--workers", type=int, metavar="N", help="tokenizer actors (default: one per 16 MB of input, at most one per CPU and one per file)")
     add_cluster_arguments(parser)
 
 

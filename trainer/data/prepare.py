@@ -25,6 +25,7 @@ bars on the driver while it runs.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -42,6 +43,10 @@ from trainer.tokenizer import tokenizer_by_name
 
 log = logging.getLogger("ringleader")
 
+BYTES_PER_WORKER = 16e6
+"""Input per tokenizer actor, at least (default sizing). An actor's start (Ray worker, torch, transformers,
+the tokenizer) costs about 5-10 s of CPU, and a fast tokenizer reads about 1.5 MB/s per CPU: an actor is
+only worth starting for more text than it takes that long to tokenise."""
 STORE_DIR = "tokens"
 """Name of the store root beside a recipe's run directories (``RUN_BASE/tokens``)."""
 
@@ -98,7 +103,8 @@ def prepare(spec: PrepareSpec, root: str | Path, workers: int | None = None, pro
     Parameters
     ----------
     workers
-        Tokenizer actors, one CPU each (default: one per CPU of the cluster, at most one per file).
+        Tokenizer actors, one CPU each (default: one per ``BYTES_PER_WORKER`` of input, at most one per CPU of
+        the cluster; never more than one per file).
     progress
         Show Ray Data's progress bars.
 
@@ -113,10 +119,10 @@ def prepare(spec: PrepareSpec, root: str | Path, workers: int | None = None, pro
     final, files, _ = locate(spec, root)
     if token_store.is_complete(final):
         return Prepared(final, False, token_store.TokenStore.open(final).meta)
-    cpus = int(ray.cluster_resources().get("CPU", 1))
-    workers = max(1, min(workers or cpus, len(files)))
+    size = sum(f.stat().st_size for f in files)
+    workers = tokenizer_workers(size, len(files), int(ray.cluster_resources().get("CPU", 1)), workers)
     log.info("tokenising %d file(s) of %s (%s, %.3g MB) on %d Ray worker(s) into %s", len(files), spec.path, spec.kind,
-             sum(f.stat().st_size for f in files) / 1e6, workers, final)
+             size / 1e6, workers, final)
     tmp = token_store.new_build_dir(final)
     start = time.perf_counter()
     try:
@@ -127,6 +133,14 @@ def prepare(spec: PrepareSpec, root: str | Path, workers: int | None = None, pro
         raise _config_error(exc) or exc
     meta["seconds"] = time.perf_counter() - start
     return Prepared(final, True, meta)
+
+
+def tokenizer_workers(size: int, files: int, cpus: int, asked: int | None = None) -> int:
+    """Tokenizer actors for ``files`` files of ``size`` bytes in all: ``asked``, else one per
+    ``BYTES_PER_WORKER`` up to one per CPU; never more than one per file, and at least one."""
+    if not asked:
+        asked = min(cpus, math.ceil(size / BYTES_PER_WORKER))
+    return max(1, min(asked, files))
 
 
 def ensure_prepared(data: DataConfig, model: ModelConfig, root: str | Path, workers: int | None = None) -> DataConfig:
