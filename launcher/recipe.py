@@ -31,7 +31,7 @@ from typing import Annotated, Any, Literal, Union
 from pydantic import Discriminator, Field, Tag
 
 from topology.errors import ConfigError
-from topology.network.model import load_data
+from topology.files import load_data
 from trainer import storage
 from trainer.config import COLLECTIVE_TIMEOUT_S, DEFAULT_DEEPSPEED, DataConfig, ModelConfig, StageConfig
 from trainer.rope import ntk_theta, scaling_law_theta

@@ -3,7 +3,7 @@
 import pytest
 
 from topology.errors import ConfigError
-from topology.network.model import dump_text
+from topology.files import dump_text
 from topology.network.presets import PRESETS, TOPOLOGY_DIR, l40s_host, leaf_spine, load_topology
 
 

@@ -28,7 +28,8 @@ from pathlib import Path
 from typing import Any
 
 from topology.errors import ConfigError
-from topology.network.model import GpuSpec, write_atomic
+from topology.files import write_atomic
+from topology.network.model import GpuSpec
 
 FORMAT = "ringleader-calibration"
 VERSION = 1

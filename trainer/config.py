@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 from topology.errors import ConfigError
-from topology.network.model import load_data, write_atomic
+from topology.files import load_data, write_atomic
 from trainer.schema import Count, PathName, PositiveFloat, PositiveInt, Seed, validate
 from trainer.tracking import TrackingConfig
 

@@ -27,7 +27,7 @@ from transformers import (AutoConfig, AutoModelForCausalLM, LlamaConfig, PreTrai
                           PreTrainedTokenizerBase)
 
 from topology.errors import ConfigError, first_line
-from topology.network.model import write_atomic
+from topology.files import write_atomic
 from trainer.config import ModelConfig
 from trainer.engine import zero3_construction
 

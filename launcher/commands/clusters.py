@@ -17,7 +17,7 @@ from launcher.cluster_configs.summary import describe
 from launcher.cluster_configs.validate import check_file
 from launcher.recipe import Recipe
 from topology.errors import ConfigError
-from topology.network.model import write_atomic
+from topology.files import write_atomic
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -24,7 +24,8 @@ from launcher.runtime.controller import default_profile_cache
 from topology.errors import ConfigError
 from topology.network.hierarchy import (INSTANCE_ID_LABEL, ec2_instances, network_nodes_from_ec2,
                                         network_nodes_from_labels)
-from topology.network.model import Topology, dump_text, load_data, write_atomic
+from topology.files import dump_text, load_data, write_atomic
+from topology.network.model import Topology
 from topology.profiling.profile import ProfileError, profile_cluster
 
 

@@ -37,7 +37,8 @@ from launcher.estimate.memory import model_shape
 from launcher.recipe import Recipe
 from launcher.runtime.resources import ClusterView, ResourcesUnavailable
 from launcher.runtime.workers import PlacementFailed, WorkerFailure, WorkerGroup, read_on_nodes
-from topology.network.model import Topology, dump_text
+from topology.files import dump_text
+from topology.network.model import Topology
 from topology.planning.plan import Plan
 from topology.calibration import load_calibration
 from topology.cost import HardwareRates

@@ -26,19 +26,16 @@ host.
 
 from __future__ import annotations
 
-import json
 import math
 import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from functools import cached_property
-from pathlib import Path
 from typing import Any, Iterable
 
 import networkx as nx
-import yaml
 
-from topology.errors import ConfigError, first_line
+from topology.errors import ConfigError
+from topology.files import dump_text, load_data, write_atomic
 from topology.network.routing import NVLINK_KIND, Routes
 
 FORMAT_VERSION = 1
@@ -512,44 +509,6 @@ MEASURED_FORMAT = "ringleader/measured-topology"
 
 
 # ------------------------------------------------------------------ file helpers
-def load_data(path: str | os.PathLike) -> Any:
-    """Read a YAML or JSON file with a one-line ConfigError on any problem."""
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"{p}: file not found; check the path")
-    try:
-        text = p.read_text()
-        return json.loads(text) if p.suffix == ".json" else yaml.safe_load(text)
-    except (yaml.YAMLError, json.JSONDecodeError, UnicodeDecodeError) as exc:
-        first = first_line(exc)
-        raise ConfigError(f"{p}: not valid {'JSON' if p.suffix == '.json' else 'YAML'} ({first})") from None
-
-
-def dump_text(data: Any, path: str | os.PathLike) -> str:
-    if str(path).endswith(".json"):
-        return json.dumps(data, indent=1) + "\n"
-    return yaml.safe_dump(data, sort_keys=False, width=120)
-
-
-def write_atomic(path: str | os.PathLike, content: str | bytes) -> None:
-    """Write to a temporary file beside ``path`` and rename: readers never see half a file."""
-    p = Path(path)
-    if p.is_dir():
-        raise ConfigError(f"{p} is a directory; give a file name to write")
-    p.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(content.encode() if isinstance(content, str) else content)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; a saved file should read like any other
-        os.replace(tmp, p)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _check_positive(what: str, value: Any, allow_zero: bool = False) -> None:
     ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
     if not ok or value < 0 or (value == 0 and not allow_zero):

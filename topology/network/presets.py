@@ -38,8 +38,9 @@ from pathlib import Path
 from typing import Callable
 
 from topology.errors import ConfigError
+from topology.files import load_data
 from topology.network.hierarchy import from_ec2
-from topology.network.model import GpuSpec, Topology, load_data
+from topology.network.model import GpuSpec, Topology
 
 PCIE_GBPS = 25.0
 """PCIe Gen4 x16, per direction, as measured in practice (not the 32 GB/s line rate)."""

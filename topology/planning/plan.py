@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from topology.errors import ConfigError
-from topology.network.model import dump_text, load_data, write_atomic
+from topology.files import dump_text, load_data, write_atomic
 
 PLAN_VERSION = 1
 

@@ -52,7 +52,8 @@ from tqdm import tqdm
 
 from topology.profiling import bandwidth
 from topology.errors import ConfigError, first_line
-from topology.network.model import FORMAT_VERSION, MEASURED_FORMAT, dump_text, write_atomic
+from topology.files import dump_text, write_atomic
+from topology.network.model import FORMAT_VERSION, MEASURED_FORMAT
 from topology.network.switches import leaf_names
 
 log = logging.getLogger("ringleader.profile")

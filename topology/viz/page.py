@@ -24,7 +24,8 @@ from pathlib import Path
 from topology.viz.colour_scale import BANDWIDTH, LOAD, Scale
 from topology.errors import ConfigError
 from topology.network.load import LinkLoad, link_loads, ring_flows
-from topology.network.model import Topology, write_atomic
+from topology.files import write_atomic
+from topology.network.model import Topology
 from topology.planning.plan import Plan
 from topology.viz.figures import Figure, figures
 from topology.viz.layout import (

@@ -34,7 +34,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from topology.errors import ConfigError, first_line
-from topology.network.model import write_atomic
+from topology.files import write_atomic
 from trainer.config import ModelConfig
 from trainer.niah.prompts import PromptBuilder, load_haystack
 from trainer.tokenizer import load_tokenizer

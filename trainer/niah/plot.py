@@ -22,7 +22,7 @@ import numpy as np  # noqa: E402
 from matplotlib.ticker import FixedLocator, FuncFormatter  # noqa: E402
 
 from topology.viz.colour_scale import SCORE  # noqa: E402
-from topology.network.model import write_atomic  # noqa: E402
+from topology.files import write_atomic  # noqa: E402
 
 
 def short_count(n: int) -> str:
