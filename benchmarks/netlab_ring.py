@@ -60,11 +60,12 @@ from topology.planning.plan import Plan, RankPlacement  # noqa: E402
 from topology.planning.planner import make_plan  # noqa: E402
 
 
-def run_ring(plan: Plan, steps: int, timeout_s: float = 120.0, nbytes: int | None = None) -> list[float]:
-    """Seconds of each ring step with every ring of ``plan`` running, one process per rank on its planned node.
+def run_ring(plan: Plan, steps: int, sizes: list[int], timeout_s: float = 120.0) -> list[list[float]]:
+    """Seconds of each ring step at each of ``sizes`` bytes per hop, with every ring of ``plan`` running.
 
-    Each rank sends ``nbytes`` (default ``plan.cost["ring_bytes_fwd"]``, as one
-    forward ring step of one layer does) per step.
+    One process per rank on its planned node joins one gloo group; each size
+    runs ``steps`` ring steps on those same processes and connections, one
+    size after the other.
     """
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
@@ -78,13 +79,15 @@ def run_ring(plan: Plan, steps: int, timeout_s: float = 120.0, nbytes: int | Non
         master = (plan.placements[0].ip, port)
         ray.get([r.join.remote(i, master, "gloo", plan.world_size) for i, r in enumerate(ranks)], timeout=timeout_s)
         ring_of = {rank: ring for ring in plan.groups.ring_groups for rank in ring}
-        nbytes = plan.cost["ring_bytes_fwd"] if nbytes is None else nbytes
-        times = ray.get([r.ring.remote(ring_of[i], nbytes, steps) for i, r in enumerate(ranks)], timeout=timeout_s)
+        per_size = []
+        for nbytes in sizes:
+            times = ray.get([r.ring.remote(ring_of[i], nbytes, steps) for i, r in enumerate(ranks)], timeout=timeout_s)
+            per_size.append([max(per_rank[s] for per_rank in times) for s in range(steps)])
         ray.get([r.leave.remote() for r in ranks], timeout=timeout_s)
     finally:
         for r in ranks:
             ray.kill(r)
-    return [max(per_rank[s] for per_rank in times) for s in range(steps)]
+    return per_size
 
 
 def on_declared(plan: Plan, declared: Topology) -> float:
@@ -169,8 +172,8 @@ def measure(measured: dict[str, Any], kv_tokens: int, steps: int, declared: Topo
             plan = make_plan(topo, world, cp, seq_len=kv_tokens * cp, strategy=strategy)
         # The fixed cost of a ring step (barrier, gloo progress, scheduling: what a CPU-bound neighbour
         # stretches), measured on the same ranks right before the timed steps, under the same load.
-        fixed = statistics.median(run_ring(plan, steps, nbytes=64))
-        times = run_ring(plan, steps)
+        small, times = run_ring(plan, steps, [64, plan.cost["ring_bytes_fwd"]])
+        fixed = statistics.median(small)
         rings = [[plan.placements[r].host for r in ring] for ring in plan.groups.ring_groups]
         out[strategy] = {
             "rings": rings,
@@ -253,6 +256,8 @@ def outside(args: argparse.Namespace) -> int:
         prof = lab.run(["python", "-m", "launcher", "profile", "--address", lab.address, "-o", str(profile),
                         "--transfer-mb", "2", "--repeats", "3", "--cache-dir", tmp])
         print(prof.stdout, flush=True)
+        if args.save_profile:
+            Path(args.save_profile).write_text(profile.read_text())
         done = lab.run(["python", "-m", "benchmarks.netlab_ring", "--address", lab.address, "--profile", str(profile),
                         "--declared", str(decl), "--kv-tokens", str(args.kv_tokens), "--steps", str(args.steps),
                         *(["--ring", str(case.ring)] if case.ring else []), *(["--gpus", str(case.gpus)] if case.gpus else []),
@@ -328,6 +333,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--plan", type=_named_file, action="append", default=[], metavar="NAME=PLAN.json",
                         help="also run this plan, made on the lab's declared topology (host names h0, h1, ...)")
     parser.add_argument("--save-declared", metavar="FILE", help="write the lab's declared topology here (to plan on it)")
+    parser.add_argument("--save-profile", metavar="FILE", help="write the lab's measured topology here (to replay its predictions)")
     parser.add_argument("--hosts", type=int, default=6)
     parser.add_argument("--per-leaf", type=int, default=3)
     parser.add_argument("--host-mbit", type=float, default=100.0, help="host link rate (default 100: see the module docstring)")
