@@ -10,6 +10,7 @@ the loss of the whole model on one process.
 
 import sys
 
+import pytest
 import torch
 import torch.distributed as dist
 from transformers import AutoModelForCausalLM
@@ -90,6 +91,7 @@ def test_zero3_start_up_partitions_and_matches_whole_model(tmp_path):
         assert not results["inductor"]
 
 
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # TorchInductor's own, as it loads
 def test_a_stage_that_asks_for_muon_gets_deepspeeds_muon():
     sys.modules.pop(MUON_MODULE, None)
     import_deepspeed()
