@@ -233,20 +233,24 @@ def inside(args: argparse.Namespace) -> int:
     return 0
 
 
-def outside(args: argparse.Namespace) -> int:
-    """Build a lab, profile it, run the measuring half in the head's namespace, tear down."""
-    from tests.netlab import LabUnavailable, NetLab
+def lab_run(args: argparse.Namespace, neighbour: bool | None = None) -> dict[str, Any]:
+    """Build ``args.case``'s lab, profile it, run the measuring half in the head's namespace, tear down;
+    returns the measuring half's figures (``measure``). ``neighbour`` overrides ``args.neighbour``.
+
+    Raises
+    ------
+    LabUnavailable
+        No network lab on this machine (not root, no iproute2, ...).
+    """
+    from tests.netlab import NetLab
 
     case = CASES[args.case]
     declared = case.topology(args)
     if args.save_declared:
         declared.save(args.save_declared)
-    try:
-        lab = NetLab(declared)
-    except LabUnavailable as exc:
-        print(f"netlab_ring: {exc}", file=sys.stderr)
-        return 2
-    with lab, tempfile.TemporaryDirectory(prefix="rlab-bench-") as tmp, cpu_neighbour(args.neighbour):
+    lab = NetLab(declared)
+    with lab, tempfile.TemporaryDirectory(prefix="rlab-bench-") as tmp, \
+            cpu_neighbour(args.neighbour if neighbour is None else neighbour):
         # The neighbour (when asked for) runs from before the profile to after the last ring step, so the
         # profile the predictions are made from is measured under the same load as the rings it predicts.
         print(f"lab {args.case}: {case.about}; {len(lab.hosts)} hosts, {args.host_mbit:g} Mbit/s host links, "
@@ -259,10 +263,22 @@ def outside(args: argparse.Namespace) -> int:
         if args.save_profile:
             Path(args.save_profile).write_text(profile.read_text())
         done = lab.run(["python", "-m", "benchmarks.netlab_ring", "--address", lab.address, "--profile", str(profile),
-                        "--declared", str(decl), "--kv-tokens", str(args.kv_tokens), "--steps", str(args.steps),
+                        "--declared", str(decl), "--kv-tokens", str(args.kv_tokens), "--steps", str(args.steps), "--json",
                         *(["--ring", str(case.ring)] if case.ring else []), *(["--gpus", str(case.gpus)] if case.gpus else []),
                         *(f for name, path in args.plan for f in ("--plan", f"{name}={Path(path).resolve()}"))])
-        print(done.stdout)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def outside(args: argparse.Namespace) -> int:
+    """Build a lab, profile it, measure inside it, tear down, print the figures."""
+    from tests.netlab import LabUnavailable
+
+    try:
+        res = lab_run(args)
+    except LabUnavailable as exc:
+        print(f"netlab_ring: {exc}", file=sys.stderr)
+        return 2
+    print(report(res))
     return 0
 
 
@@ -321,7 +337,7 @@ def cpu_neighbour(on: bool) -> Iterator[None]:
         proc.wait()
 
 
-def main(argv: list[str] | None = None) -> int:
+def parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--address", help="run inside an existing lab: its Ray GCS address")
     parser.add_argument("--profile", help="with --address: measured topology to plan on (default: profile now)")
@@ -342,7 +358,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--neighbour", action="store_true",
                         help="keep one core busy with another process through profile and measurement (a loaded machine)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
     return inside(args) if args.address else outside(args)
 
 

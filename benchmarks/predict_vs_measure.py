@@ -3,6 +3,7 @@
     python benchmarks/predict_vs_measure.py                 # every configuration below
     python benchmarks/predict_vs_measure.py --quick         # three of them
     python benchmarks/predict_vs_measure.py --runs 3 --neighbour   # three runs beside a CPU-bound process
+    sudo python benchmarks/predict_vs_measure.py --lab      # and the network lab's cases (netlab_ring.py)
 
 For each configuration the benchmark starts C gloo ranks once, and on them,
 back to back: calibrates (``launcher.commands.calibrate.measure_rank``: the
@@ -220,6 +221,41 @@ def table(rows: list[tuple], pairs: dict[int, float], title: str) -> float:
     return errors[worst]
 
 
+LAB_STEPS = 7
+RATIO_TARGET = 0.20
+"""The network lab's predicted naive/aware ratio must be within this of the measured one (issue: 20%)."""
+
+
+def lab_rows() -> list[tuple[str, str, float, float]]:
+    """Each network-lab case of ``benchmarks/netlab_ring.py`` at its defaults: (case, order, predicted, measured)
+    ring step for the aware and the naive order. Needs root. The lab profiles under the load it measures in
+    (with ``--neighbour``, this benchmark's own neighbour process)."""
+    from benchmarks import netlab_ring
+
+    rows = []
+    for case in sorted(netlab_ring.CASES):
+        res = netlab_ring.lab_run(netlab_ring.parser().parse_args(["--case", case, "--steps", str(LAB_STEPS)]), neighbour=False)
+        print(netlab_ring.report(res), flush=True)
+        rows += [(case, order, res[order]["predicted_s"], res[order]["step_s"]) for order in ("aware", "naive")]
+    return rows
+
+
+def lab_table(rows: list[tuple[str, str, float, float]]) -> float:
+    """Print the network lab's predicted-vs-measured ring steps and naive/aware ratios; returns the worst step error."""
+    print(f"{'lab case':<12} {'order':<12} {'predicted':>10} {'measured':>10} {'error':>7}")
+    errors, ratio_errors = [], []
+    for case, order, p, m in rows:
+        errors.append(abs(p - m) / m)
+        print(f"{case:<12} {order:<12} {p * 1e3:>8.0f}ms {m * 1e3:>8.0f}ms {(p - m) / m:>+7.0%}")
+    for (case, _, pa, ma), (_, _, pn, mn) in zip(rows[::2], rows[1::2]):
+        predicted, measured = pn / pa, mn / ma
+        ratio_errors.append(abs(predicted - measured) / measured)
+        print(f"{case:<12} {'naive/aware':<12} {predicted:>9.2f}x {measured:>9.2f}x {(predicted - measured) / measured:>+7.0%}")
+    print(f"lab worst: {max(errors):.0%}; within 25%: {sum(e <= 0.25 for e in errors)} of {len(errors)}; "
+          f"ratios within {RATIO_TARGET:.0%}: {sum(e <= RATIO_TARGET for e in ratio_errors)} of {len(ratio_errors)}")
+    return max(errors)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="three configurations instead of all")
@@ -231,6 +267,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--save-dir", help="keep each ring size's calibration file here")
     parser.add_argument("--deepspeed-overhead", action="store_true",
                         help="take the step overhead from `ringleader calibrate`'s DeepSpeed step, not a stage at 32 tokens per rank")
+    parser.add_argument("--lab", action="store_true", help="also the network lab's cases (benchmarks/netlab_ring.py; needs root): "
+                        "aware and naive ring steps and their ratio, predicted from the lab's profile")
     args = parser.parse_args(argv)
 
     configs = QUICK if args.quick else CONFIGS
@@ -241,6 +279,8 @@ def main(argv: list[str] | None = None) -> int:
             rows, pairs = one_run(configs, args)
             title = f"run {run + 1} of {args.runs}" + (" (beside a CPU-bound process)" if neighbour else "")
             worst.append(table(rows, pairs, title))
+            if args.lab:
+                worst[-1] = max(worst[-1], lab_table(lab_rows()))
     finally:
         if neighbour is not None:
             neighbour.kill()
