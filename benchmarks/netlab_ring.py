@@ -233,9 +233,9 @@ def inside(args: argparse.Namespace) -> int:
     return 0
 
 
-def lab_run(args: argparse.Namespace, neighbour: bool | None = None) -> dict[str, Any]:
+def lab_run(args: argparse.Namespace) -> dict[str, Any]:
     """Build ``args.case``'s lab, profile it, run the measuring half in the head's namespace, tear down;
-    returns the measuring half's figures (``measure``). ``neighbour`` overrides ``args.neighbour``.
+    returns the measuring half's figures (``measure``).
 
     Raises
     ------
@@ -249,8 +249,7 @@ def lab_run(args: argparse.Namespace, neighbour: bool | None = None) -> dict[str
     if args.save_declared:
         declared.save(args.save_declared)
     lab = NetLab(declared)
-    with lab, tempfile.TemporaryDirectory(prefix="rlab-bench-") as tmp, \
-            cpu_neighbour(args.neighbour if neighbour is None else neighbour):
+    with lab, tempfile.TemporaryDirectory(prefix="rlab-bench-") as tmp, cpu_neighbour(args.neighbour):
         # The neighbour (when asked for) runs from before the profile to after the last ring step, so the
         # profile the predictions are made from is measured under the same load as the rings it predicts.
         print(f"lab {args.case}: {case.about}; {len(lab.hosts)} hosts, {args.host_mbit:g} Mbit/s host links, "

@@ -234,7 +234,7 @@ def lab_rows() -> list[tuple[str, str, float, float]]:
 
     rows = []
     for case in sorted(netlab_ring.CASES):
-        res = netlab_ring.lab_run(netlab_ring.parser().parse_args(["--case", case, "--steps", str(LAB_STEPS)]), neighbour=False)
+        res = netlab_ring.lab_run(netlab_ring.parser().parse_args(["--case", case, "--steps", str(LAB_STEPS)]))
         print(netlab_ring.report(res), flush=True)
         rows += [(case, order, res[order]["predicted_s"], res[order]["step_s"]) for order in ("aware", "naive")]
     return rows
