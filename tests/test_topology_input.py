@@ -47,6 +47,16 @@ CASES = {
     "duplicate-gpu-index": (_host_file(lambda d: _gpu(d, 1).update(index=0)), "both have index 0"),
     "measured-string-bandwidth": (_measured(host_bw_gbps=[[0, "fast"], [10, 0]]), r"host_bw_gbps\[0\]\[1\] is 'fast'"),
     "measured-string-tflops": (_measured(gpu={"tflops_bf16": "lots"}), "tflops_bf16 is 'lots'"),
+    "link-unknown-field": (_host_file(lambda d: d["links"][0].update(latency=3)), r"unknown field\(s\) latency"),
+    "duplicate-link": (_host_file(lambda d: d["links"].append({**d["links"][0], "a": d["links"][0]["b"], "b": d["links"][0]["a"]})),
+                       "already linked"),
+    "unknown-top-level-field": (_host_file(lambda d: d.update(link=[])), r"unknown field\(s\) link"),
+    "labels-not-a-mapping": (_host_file(lambda d: d["nodes"][0].update(labels=["rack1"])), "labels is \\['rack1'\\]"),
+    "measured-host-unknown-field": (_measured(hosts=[{"name": "a", "gpus": 8, "nic": 10}, {"name": "b", "gpus": 8}]),
+                                    r"hosts\[0\]: unknown field\(s\) nic"),
+    "measured-leaf-not-a-name": (_measured(hosts=[{"name": "a", "gpus": 8, "leaf": 5}, {"name": "b", "gpus": 8}]), "leaf is 5"),
+    "measured-gpu-matrix-of-no-host": (_measured(gpu_bw_gbps={"c": [[0]]}), "gpu_bw_gbps names no host 'c'"),
+    "measured-misspelt-field": (_measured(host_latency_us=[[0, 5], [5, 0]]), r"unknown field\(s\) host_latency_us"),
 }
 
 
@@ -68,3 +78,18 @@ def test_output_naming_a_directory_is_refused_before_planning(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "is a directory" in err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_output_under_a_file_is_refused_before_planning(tmp_path, capsys):
+    blocker = tmp_path / "plan.json"
+    blocker.write_text("{}")
+    assert main(["plan", "--topology", "g6e-1x", "--gpus", "8", "--ring", "8", "-o", str(blocker / "plan.json")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "is a file, not a folder" in err, err
+    assert blocker.read_text() == "{}"
+
+
+def test_topology_naming_a_directory_is_one_line(tmp_path, capsys):
+    assert main(["plan", "--topology", str(tmp_path), "--gpus", "8", "--ring", "8"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "is a directory" in err, err

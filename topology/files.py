@@ -22,6 +22,8 @@ from topology.errors import ConfigError, first_line
 def load_data(path: str | os.PathLike) -> Any:
     """Read a YAML or JSON file with a one-line ConfigError on any problem."""
     p = Path(path)
+    if p.is_dir():
+        raise ConfigError(f"{p} is a directory; give the path of a file")
     if not p.is_file():
         raise ConfigError(f"{p}: file not found; check the path")
     try:
@@ -38,13 +40,30 @@ def dump_text(data: Any, path: str | os.PathLike) -> str:
     return yaml.safe_dump(data, sort_keys=False, width=120)
 
 
+def check_writable(path: str | os.PathLike) -> None:
+    """Raise a one-line ConfigError unless ``path`` can be written as a file (missing folders are made):
+    commands call it before their work, so a bad ``-o`` costs nothing."""
+    p = Path(path)
+    if p.is_dir():
+        raise ConfigError(f"{p} is a directory; give a file name to write, such as {p / 'out.json'}")
+    parent = p.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ConfigError(f"cannot write {p}: {parent} is a file, not a folder; choose another path")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ConfigError(f"cannot write {p}: no permission to write in {parent}; choose another path")
+
+
 def write_atomic(path: str | os.PathLike, content: str | bytes) -> None:
     """Write to a temporary file beside ``path`` and rename: readers never see half a file."""
     p = Path(path)
-    if p.is_dir():
-        raise ConfigError(f"{p} is a directory; give a file name to write")
-    p.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.", suffix=".tmp")
+    check_writable(p)
+    try:
+        p.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.", suffix=".tmp")
+    except OSError as exc:
+        raise ConfigError(f"cannot write {p}: {exc.strerror or exc}; choose another path") from None
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(content.encode() if isinstance(content, str) else content)

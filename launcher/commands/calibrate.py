@@ -32,6 +32,7 @@ from typing import Any
 
 from launcher.commands.options import add_cluster_arguments
 from topology.errors import ConfigError
+from topology.files import check_writable
 
 log = logging.getLogger("ringleader")
 
@@ -52,8 +53,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     out = Path(args.output)
-    if out.is_dir():
-        raise ConfigError(f"-o {out} is a directory; give a file name such as {out / 'calibration.json'}")
+    check_writable(out)
     if args.repeats < 1 or (args.ranks is not None and args.ranks < 1):
         raise ConfigError(f"--repeats ({args.repeats}) and --ranks ({args.ranks}) must be at least 1")
     if args.from_run:

@@ -7,11 +7,11 @@
 from __future__ import annotations
 
 import argparse
-import os
 
 from topology.calibration import load_calibration
 from topology.cost import FlowModel, HardwareRates
 from topology.errors import ConfigError
+from topology.files import check_writable
 from topology.network.model import Topology
 from topology.planning.plan import Plan
 from topology.planning.planner import STRATEGIES, TOKENS_PER_GPU, make_plan
@@ -38,8 +38,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.output and os.path.isdir(args.output):
-        raise ConfigError(f"-o {args.output} is a directory; give a file name such as {os.path.join(args.output, 'plan.json')}")
+    if args.output:
+        check_writable(args.output)
     topo = load_topology(args.topology)
     flows = FlowModel(topo)
     rates = HardwareRates.from_calibration(load_calibration(args.calibration, topo.gpu))

@@ -24,7 +24,7 @@ from launcher.runtime.controller import default_profile_cache
 from topology.errors import ConfigError
 from topology.network.hierarchy import (INSTANCE_ID_LABEL, ec2_instances, network_nodes_from_ec2,
                                         network_nodes_from_labels)
-from topology.files import dump_text, load_data, write_atomic
+from topology.files import check_writable, dump_text, load_data, write_atomic
 from topology.network.model import Topology
 from topology.profiling.profile import ProfileError, profile_cluster
 
@@ -42,8 +42,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     check_profile_arguments(args)
-    if os.path.isdir(args.output):
-        raise ConfigError(f"-o {args.output} is a directory; give a file name such as {os.path.join(args.output, 'topology.json')}")
+    for out in (args.output, args.heatmap):
+        if out:
+            check_writable(out)
     if args.label_keys and args.ec2_topology:
         raise ConfigError("--label-keys and --ec2-topology both name the switch layers; give one")
     ec2 = load_data(args.ec2_topology) if args.ec2_topology else None

@@ -45,6 +45,9 @@ SWITCH_KINDS = (*SWITCH_TIER, NVLINK_KIND)
 """Nodes outside every host: network switches, and NVLink switches that join GPUs of several hosts."""
 NODE_KINDS = ("host", "gpu", "socket", "pcie", "nic", *SWITCH_KINDS)
 NODE_ATTRS = ("kind", "host", "index", "ip", "node_id", "labels", "leaf", "network_nodes", "rail", "nic_gbps")
+LINK_FIELDS = ("a", "b", "bw_gbps", "lat_us")
+HOST_FIELDS = ("name", "node_id", "ip", "labels", "gpus", "leaf", "network_nodes", "nic_gbps")
+"""The fields of a host in the measured format (``MEASURED_FORMAT``)."""
 
 
 @dataclass(frozen=True)
@@ -283,6 +286,7 @@ class Topology:
             raise ConfigError(f"{source}: expected a mapping with 'nodes' and 'links', got {type(data).__name__}")
         if data.get("format") == MEASURED_FORMAT:
             return cls.from_measured(data, source)
+        _known_fields(data, ("version", "name", "gpu", "nodes", "links"), source)
         version = data.get("version", FORMAT_VERSION)
         if version != FORMAT_VERSION:
             raise ConfigError(f"{source}: version {version} is not supported; this ringleader reads version {FORMAT_VERSION}")
@@ -302,8 +306,14 @@ class Topology:
         for i, link in enumerate(data["links"]):
             if not isinstance(link, dict) or "a" not in link or "b" not in link:
                 raise ConfigError(f"{source}: links[{i}] needs endpoints 'a' and 'b'")
+            where = f"{source}: links[{i}] ({link['a']} - {link['b']})"
+            unknown = set(link) - set(LINK_FIELDS)
+            if unknown:
+                raise ConfigError(f"{where}: unknown field(s) {', '.join(sorted(unknown))}; known fields are {', '.join(LINK_FIELDS)}")
             if "bw_gbps" not in link:
-                raise ConfigError(f"{source}: links[{i}] ({link['a']} - {link['b']}): bw_gbps is missing; give GB/s per direction")
+                raise ConfigError(f"{where}: bw_gbps is missing; give GB/s per direction")
+            if topo.graph.has_edge(str(link["a"]), str(link["b"])):
+                raise ConfigError(f"{where}: the two nodes are already linked; give each pair one link (GB/s per direction)")
             topo.add_link(str(link["a"]), str(link["b"]), link["bw_gbps"], link.get("lat_us", 1.0))
         topo.check(source)
         return topo
@@ -314,6 +324,10 @@ class Topology:
         indices: dict[tuple[str, int], str] = {}
         for n, d in g.nodes(data=True):
             kind = d["kind"]
+            if d.get("labels") is not None and not isinstance(d["labels"], dict):
+                raise ConfigError(f"{source}: node {n!r}: labels is {d['labels']!r}; give Ray's node labels as a mapping")
+            if d.get("nic_gbps") is not None:
+                _check_positive(f"{source}: node {n!r}: nic_gbps", d["nic_gbps"])
             if kind in SWITCH_KINDS:
                 continue
             if kind == "host":
@@ -357,6 +371,7 @@ class Topology:
         shared an uplink, so each pair's figure is a share of it, and a
         direct link of that share would count the sharing twice.
         """
+        _known_fields(data, ("format", "version", "name", "gpu", "hosts", "host_bw_gbps", "host_lat_us", "gpu_bw_gbps", "meta"), source)
         hosts = data.get("hosts")
         if not isinstance(hosts, list) or not hosts:
             raise ConfigError(f"{source}: 'hosts' is missing or empty")
@@ -366,12 +381,22 @@ class Topology:
         gpu_bw = data.get("gpu_bw_gbps") or {}
         if not isinstance(gpu_bw, dict):
             raise ConfigError(f"{source}: gpu_bw_gbps must map host names to matrices")
+        stray = set(gpu_bw) - {str(h.get("name", f"h{i:02d}")) for i, h in enumerate(hosts) if isinstance(h, dict)}
+        if stray:
+            raise ConfigError(f"{source}: gpu_bw_gbps names no host {', '.join(map(repr, sorted(map(str, stray))))}; key it by the names in 'hosts'")
         spec = _gpu_spec(data.get("gpu"), source)
         topo = cls(name=str(data.get("name", "measured")), gpu=spec)
         names = []
         for i, h in enumerate(hosts):
             if not isinstance(h, dict):
                 raise ConfigError(f"{source}: hosts[{i}] must be a mapping with name and gpus")
+            unknown = set(h) - set(HOST_FIELDS)
+            if unknown:
+                raise ConfigError(f"{source}: hosts[{i}]: unknown field(s) {', '.join(sorted(unknown))}; known fields are {', '.join(HOST_FIELDS)}")
+            if h.get("leaf") is not None and not (isinstance(h["leaf"], str) and h["leaf"]):
+                raise ConfigError(f"{source}: hosts[{i}]: leaf is {h['leaf']!r}; name the host's switch with a string")
+            if h.get("labels") is not None and not isinstance(h["labels"], dict):
+                raise ConfigError(f"{source}: hosts[{i}]: labels is {h['labels']!r}; give Ray's node labels as a mapping")
             count = h.get("gpus", 0)
             if not isinstance(count, int) or isinstance(count, bool) or count < 0:
                 raise ConfigError(f"{source}: hosts[{i}]: gpus is {count!r}; give the host's GPU count as an integer >= 0")
@@ -513,6 +538,12 @@ def _check_positive(what: str, value: Any, allow_zero: bool = False) -> None:
     ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
     if not ok or value < 0 or (value == 0 and not allow_zero):
         raise ConfigError(f"{what} is {value!r}; it must be a {'non-negative' if allow_zero else 'positive'} number")
+
+
+def _known_fields(data: dict[str, Any], known: tuple[str, ...], source: str) -> None:
+    unknown = set(data) - set(known)
+    if unknown:
+        raise ConfigError(f"{source}: unknown field(s) {', '.join(sorted(map(str, unknown)))}; known fields are {', '.join(known)}")
 
 
 def _square(matrix: Any, n: int, what: str) -> list[list[float]]:
