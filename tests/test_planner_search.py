@@ -182,6 +182,19 @@ def test_degraded_leaf_uplink_is_left_out_when_gradients_would_cross_it():
     assert a["step_time_s"] <= a["bound_step_s"] * (1 + TOL) < n["step_time_s"]
 
 
+def test_a_leaf_whose_uplinks_are_too_slow_for_the_bound_holds_rings_alone():
+    """Each leaf holds one good host and one on a 3 GB/s cable. A 16-GPU gradient ring at the cable-free NIC rate
+    (12.5 GB/s) would need 16 good GPUs under one leaf, since the 6.25 GB/s uplinks cannot carry a flow at that
+    rate; so no order beats the uplink rate, and the exact search proves its plan."""
+    from topology.planning.bound import ring_bandwidth_bound
+
+    topo = leaf_spine(4, hosts_per_leaf=2, oversubscription=4.0, degraded={1: 3.0, 3: 3.0})
+    assert ring_bandwidth_bound(topo, 1, 16) == pytest.approx(6.25)
+    assert ring_bandwidth_bound(topo, 1, 8) == pytest.approx(20.0)  # one good host holds 8
+    found = make_plan(topo, 16, 4, 4, seq_len=2 * 4 * 1024).cost["search"]
+    assert found["optimal"] and found["proof"] == "exhaustive" and found["gap"] == 0
+
+
 def test_three_tier_rings_stay_inside_a_pod():
     topo = PRESETS["threetier-128x"]()
     a, n, plan = _pair(topo, 512, 64)

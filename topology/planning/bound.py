@@ -49,8 +49,10 @@ def ring_bandwidth_bound(topo: Topology, rings: int, size: int) -> float:
     unit (host, then each switch level above) has touches at least
     ``ceil(size / largest)`` units and leaves each; a unit can send at most
     ``sum(bw) / t`` such flows over its external links. (3) Access: every
-    hop leaves one GPU through its links. O(E log E) for (1),
-    O(units x links x 60) for (2).
+    hop leaves one GPU through its links. (1) also cuts a unit of hosts
+    under a switch from the rest when its links out carry less than ``t``
+    in all: no flow at ``t`` leaves it. O(E log E) for (1) without such
+    units, O(E log V) more with them; O(units x links x 60) for (2).
     """
     if size < 2:
         return math.inf
@@ -93,7 +95,7 @@ def _unit_levels(topo: Topology) -> list[list[tuple[int, float]]]:
             members.append(h)
             switches.update(s for s in paths[h][cut - 1:] if s in g)
         groupings.append(by)
-    levels, headroom = [], {h: math.inf for h in hosts}
+    levels, headroom, seals = [], {h: math.inf for h in hosts}, []
     for k, by in enumerate(groupings):
         caps = []
         for members, switches in by.values():
@@ -104,8 +106,9 @@ def _unit_levels(topo: Topology) -> list[list[tuple[int, float]]]:
             if k:
                 for h in members:
                     headroom[h] = min(headroom[h], cap / n_gpus)
+                seals.append((cap, [(u, v) for u in switches for v in g.adj[u] if v not in nodes and topo.is_switch(v)]))
         levels.append(caps)
-    cache["units"], cache["headroom"] = levels, headroom
+    cache["units"], cache["headroom"], cache["seals"] = levels, headroom, seals
     return levels
 
 
@@ -116,6 +119,59 @@ def switch_headroom(topo: Topology) -> dict[str, float]:
 
 
 def _component_bound(topo: Topology, rings: int, size: int) -> float:
+    """Argument (1) of ``ring_bandwidth_bound``, then the same with sealed switch units.
+
+    Switch-to-switch links are never cut on their own (ECMP may combine them), but a unit of hosts under a switch
+    whose links out carry less than ``t`` in all sends no flow at ``t``: at ``t`` its switch links to the rest
+    are cut too. The largest ``t`` at which the pieces still hold the rings is a link's or a unit's figure.
+    """
+    bound = _edge_component_bound(topo, rings, size)
+    _unit_levels(topo)
+    seals = topo.__dict__["_bound_cache"]["seals"]
+    values = sorted({v for v in [*(bw for *_, bw in topo.graph.edges(data="bw_gbps")), *(c for c, _ in seals)]
+                     if v <= bound})
+    if not values or not any(c < bound for c, _ in seals):
+        return bound  # no unit is sealed below the bound
+    if math.isinf(bound) and _fits_at(topo, math.inf, seals, size) >= rings:
+        return bound
+    lo, hi = -1, len(values) - 1  # values[lo] feasible (lo = -1: below every value), values[hi + 1:] not
+    if _fits_at(topo, values[hi], seals, size) >= rings:
+        return values[hi]
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if _fits_at(topo, values[mid], seals, size) >= rings else (lo, mid)
+    return values[lo] if lo >= 0 else 0.0
+
+
+def _fits_at(topo: Topology, t: float, seals: list[tuple[float, list[tuple[str, str]]]], size: int) -> int:
+    """Rings of ``size`` that fit in the pieces of the cluster joined by links of ``t`` GB/s or more, switch links
+    included unless they leave a unit whose links out carry less than ``t``."""
+    g = topo.graph
+    parent = {n: n for n in g.nodes}
+
+    def find(x: str) -> str:
+        while parent[x] != x:
+            parent[x] = parent[parent[x]]
+            x = parent[x]
+        return x
+
+    cut = {frozenset(e) for cap, edges in seals if cap < t for e in edges}
+    nvlink = {n for n in g.nodes if topo.kind(n) == NVLINK_KIND}
+    for u, v, bw in g.edges(data="bw_gbps"):
+        if topo.is_switch(u) and topo.is_switch(v):
+            keep = frozenset((u, v)) not in cut
+        else:
+            keep = bw >= t or u in nvlink or v in nvlink
+        if keep:
+            parent[find(u)] = find(v)
+    count: dict[str, int] = {}
+    for gpu in topo.gpus():
+        root = find(gpu)
+        count[root] = count.get(root, 0) + 1
+    return sum(n // size for n in count.values())
+
+
+def _edge_component_bound(topo: Topology, rings: int, size: int) -> float:
     parent = {n: n for n in topo.graph.nodes}
     gpus = {n: int(k == "gpu") for n, k in topo.graph.nodes(data="kind")}
 
