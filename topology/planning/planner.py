@@ -268,15 +268,21 @@ def whole_host_order(req: PlanRequest) -> list[str] | None:
 
 
 def grouped_ring_orders(req: PlanRequest) -> dict[str, list[str]]:
-    """Rings of whole hosts packed inside each group of close hosts: no ring straddles two groups.
+    """Rings of whole hosts packed inside each group of close hosts, then whole groups' remainders packed together.
 
     Taking "enough hosts" in switch order cuts rings across group borders
     when a group's GPUs are not a multiple of the ring (an NVLink domain of
-    18 trays holds one ring of 16); here each group contributes only the
-    rings it fills alone, the best-connected groups first. Groups are hosts
-    sharing the first ``d`` entries of ``group_path`` (NVLink domain, then
-    switches top-down), one construction per depth ``d`` that fills enough
-    rings; none when a host is larger than a ring.
+    18 trays holds one ring of 16); here each group first contributes the
+    rings it fills alone, the best-connected groups first. What each group
+    has left is then one piece, and rings are made of whole pieces whose
+    sizes add up to the ring (``_pack_pieces``): leaves of 12, 12 and 4 GPUs
+    make a ring of 28 that leaves each of them once, where cutting the
+    leaves in order would make two rings share a leaf's uplink. Groups are
+    hosts sharing the first ``d`` entries of ``group_path`` (NVLink domain,
+    then switches top-down), one construction per depth ``d`` that fills
+    enough rings, and with GPUs to spare a second that may use a group's
+    last host in part (``_group_rings``); none when a host is larger than a
+    ring.
     """
     sizes = {h: req.gpu_count(h) for h in req.hosts}
     if req.ring < 2 or max(sizes.values()) > req.cp:
@@ -290,14 +296,46 @@ def grouped_ring_orders(req: PlanRequest) -> dict[str, list[str]]:
             groups.setdefault(paths[h][:depth], []).append(h)
         if len(groups) < 2 or all(sum(sizes[h] for h in members) % req.cp == 0 for members in groups.values()):
             continue  # one group, or groups that rings divide: the other constructions keep rings inside them
-        rings: list[list[str]] = []
-        for _, members in sorted(groups.items(), key=lambda kv: (-min(headroom[h] for h in kv[1]), kv[0])):
-            rings.extend(_pack_rings(sorted(members, key=lambda h: -sizes[h]), sizes, req.cp))
-        if len(rings) >= req.gpus // req.cp:
-            order = [g for ring in rings[:req.gpus // req.cp] for g in _gpu_sequence(req, _cycle(req.topo, ring))]
+        ordered = [members for _, members in sorted(groups.items(), key=lambda kv: (-min(headroom[h] for h in kv[1]), kv[0]))]
+        spare = sum(sizes.values()) > req.gpus
+        for partial in (False, True) if spare else (False,):
+            rings = _group_rings(ordered, sizes, req.cp, req.gpus // req.cp, partial)
+            if rings is None:
+                continue
+            order = [g for hosts, take in rings for h in _open_cycle(req.topo, hosts) for g in _gpu_sequence(req, [h])[:take.get(h)]]
             if order not in out.values():
-                out[f"rings packed inside groups of depth {depth}"] = order
+                out[f"rings {'cut' if partial else 'packed'} inside groups of depth {depth}"] = order
     return out
+
+
+def _group_rings(groups: list[list[str]], sizes: dict[str, int], cp: int, need: int,
+                 partial: bool) -> list[tuple[list[str], dict[str, int]]] | None:
+    """``need`` rings of ``cp`` GPUs: each group's own first, then the groups' remainders packed whole; None if
+    they make fewer.
+
+    A ring is its hosts and, for a host it uses only in part, how many of its GPUs. With ``partial`` (a cluster
+    with GPUs to spare), a group whose whole hosts cannot fill a ring exactly still makes one from its largest
+    hosts, the last in part, leaving that host's other GPUs free rather than sending two rings through its card.
+    """
+    rings: list[tuple[list[str], dict[str, int]]] = []
+    pieces: list[list[str]] = []
+    for members in groups:
+        rest = sorted(members, key=lambda h: -sizes[h])
+        inside = _pack_rings(rest, sizes, cp)
+        rings.extend((ring, {}) for ring in inside)
+        used = {h for ring in inside for h in ring}
+        rest = [h for h in rest if h not in used]
+        while partial and len(rings) < need and sum(sizes[h] for h in rest) >= cp:
+            ring, total = [], 0
+            while total < cp:
+                ring.append(rest.pop(0))
+                total += sizes[ring[-1]]
+            rings.append((ring, {ring[-1]: sizes[ring[-1]] - (total - cp)} if total > cp else {}))
+        if rest:
+            pieces.append(rest)
+    if len(rings) < need:
+        rings.extend((ring, {}) for ring in _pack_pieces(pieces, sizes, cp, need - len(rings)))
+    return rings[:need] if len(rings) >= need else None
 
 
 def _pack_rings(hosts: list[str], sizes: dict[str, int], cp: int, newest_first: bool = False,
@@ -323,6 +361,62 @@ def _pack_rings(hosts: list[str], sizes: dict[str, int], cp: int, newest_first: 
         if enough is not None and sum(r == 0 for r in room) >= enough:
             break
     return [b for b, r in zip(bins, room) if r == 0]
+
+
+def _pack_pieces(pieces: list[list[str]], sizes: dict[str, int], cp: int, want: int) -> list[list[str]]:
+    """Up to ``want`` rings of ``cp`` GPUs, each made of whole pieces (lists of hosts) whose sizes add up to ``cp``.
+
+    Each ring takes the fewest pieces that fill it exactly (a 0/1 knapsack over the pieces' sizes, so each
+    piece it joins is left once), until no set of the remaining pieces fills one; a set of sizes found once is
+    taken again while the remaining pieces still have those sizes. Hosts keep their piece's order.
+    """
+    left = [(sum(sizes[h] for h in piece), piece) for piece in pieces]
+    rings: list[list[str]] = []
+    chosen: list[int] = []
+    while len(rings) < want and left:
+        picked = _with_sizes(left, chosen) if chosen else None
+        if picked is None:
+            chosen = _fewest_exact([n for n, _ in left], cp) or []
+            picked = _with_sizes(left, chosen) if chosen else None
+            if picked is None:
+                break
+        rings.append([h for i in picked for h in left[i][1]])
+        for i in reversed(picked):
+            del left[i]
+    return rings
+
+
+def _fewest_exact(values: list[int], target: int) -> list[int] | None:
+    """Sizes of the fewest of ``values`` that add up to ``target`` exactly, or None."""
+    inf = len(values) + 1
+    best = [0] + [inf] * target
+    took: list[list[bool]] = []
+    for v in values:
+        row = [False] * (target + 1)
+        for total in range(target, v - 1, -1):
+            if best[total - v] + 1 < best[total]:
+                best[total] = best[total - v] + 1
+                row[total] = True
+        took.append(row)
+    if best[target] >= inf:
+        return None
+    out, total = [], target
+    for i in range(len(values) - 1, -1, -1):
+        if took[i][total]:
+            out.append(values[i])
+            total -= values[i]
+    return out
+
+
+def _with_sizes(left: list[tuple[int, list[str]]], wanted: list[int]) -> list[int] | None:
+    """Indices into ``left`` of one piece of each size in ``wanted`` (the first ones, in order), or None."""
+    need = list(wanted)
+    picked = []
+    for i, (n, _) in enumerate(left):
+        if n in need:
+            need.remove(n)
+            picked.append(i)
+    return None if need else picked
 
 
 def bus_cycle_order(req: PlanRequest) -> list[str]:
@@ -520,6 +614,15 @@ def _cycle(topo: Topology, hosts: list[str]) -> list[str]:
     leaf_ids: dict[object, int] = {}
     groups = tuple(leaf_ids.setdefault(group_path(topo, h), len(leaf_ids)) for h in hosts)
     return [hosts[i] for i in _cycle_indices(tuple(map(tuple, bw)), groups)]
+
+
+def _open_cycle(topo: Topology, hosts: list[str]) -> list[str]:
+    """``_cycle`` turned to start where its switch group changes: the ring's hops are the same, and the gradient
+    ring, which walks the ranks in order, then enters and leaves each group of the ring once."""
+    cycle = _cycle(topo, hosts)
+    paths = [group_path(topo, h) for h in cycle]
+    start = next((i for i in range(len(cycle)) if paths[i] != paths[i - 1]), 0)
+    return cycle[start:] + cycle[:start]
 
 
 @lru_cache(maxsize=4096)
