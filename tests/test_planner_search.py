@@ -195,6 +195,26 @@ def test_a_leaf_whose_uplinks_are_too_slow_for_the_bound_holds_rings_alone():
     assert found["optimal"] and found["proof"] == "exhaustive" and found["gap"] == 0
 
 
+def test_leaves_of_mixed_sizes_are_packed_whole_into_rings():
+    """Leaves of 12, 8, 12, 12, 8 and 4 GPUs (4- and 8-GPU hosts) and two rings of 28: cut in order, two rings
+    would share a leaf's uplink; 12+12+4 and 12+8+8 fill them exactly, and the plan comes within 1% of the bound."""
+    topo = leaf_spine(11, hosts_per_leaf=2, gpus=[8, 4, 4, 4, 8, 4, 4, 8, 4, 4, 4])
+    a, n, plan = _pair(topo, 56, 28, seq_len=2 * 28 * 1024, ulysses=2)
+    leaves = [{topo.leaf_of(p.host) for p in plan.placements[i * 28:(i + 1) * 28]} for i in range(2)]
+    assert leaves[0].isdisjoint(leaves[1])
+    assert a["step_time_s"] <= a["bound_step_s"] * 1.01 < n["step_time_s"]
+
+
+def test_spare_gpus_let_each_pod_hold_a_ring_of_its_own():
+    """Three tiers, 8-GPU hosts, pods of 32 GPUs, 78 GPUs in rings of 26 with Ulysses 2: whole hosts cannot add up
+    to 26, so each pod's ring takes three hosts and a quarter of a fourth, and no ring crosses the core."""
+    topo = leaf_spine(13, hosts_per_leaf=2, leaves_per_pod=2, core_oversubscription=2.0)
+    a, n, plan = _pair(topo, 78, 26, seq_len=2 * 26 * 1024, ulysses=2)
+    pods = [{topo.switch_path(p.host)[1] for p in plan.placements[i * 26:(i + 1) * 26]} for i in range(3)]
+    assert all(len(p) == 1 for p in pods) and len(set.union(*pods)) == 3
+    assert a["step_time_s"] < n["step_time_s"]
+
+
 def test_three_tier_rings_stay_inside_a_pod():
     topo = PRESETS["threetier-128x"]()
     a, n, plan = _pair(topo, 512, 64)
