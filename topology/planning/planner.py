@@ -335,6 +335,24 @@ def _group_rings(groups: list[list[str]], sizes: dict[str, int], cp: int, need: 
             pieces.append(rest)
     if len(rings) < need:
         rings.extend((ring, {}) for ring in _pack_pieces(pieces, sizes, cp, need - len(rings)))
+    while partial and len(rings) < need and sum(sizes[h] for piece in pieces for h in piece) >= cp:
+        # The largest piece, then the smallest that completes the ring (its last host in part): each piece joins
+        # one ring, and what a ring leaves of its last piece stays free.
+        pieces.sort(key=lambda piece: -sum(sizes[h] for h in piece))
+        ring, total = [], 0
+        while total < cp and pieces:
+            short = cp - total
+            fits = [piece for piece in pieces if sum(sizes[h] for h in piece) >= short]
+            piece = min(fits, key=lambda piece: sum(sizes[h] for h in piece)) if total and fits else pieces[0]
+            pieces.remove(piece)
+            for h in sorted(piece, key=lambda h: -sizes[h]):
+                if total >= cp:
+                    break
+                ring.append(h)
+                total += sizes[h]
+        if total < cp:
+            break
+        rings.append((ring, {ring[-1]: sizes[ring[-1]] - (total - cp)} if total > cp else {}))
     return rings[:need] if len(rings) >= need else None
 
 
@@ -368,7 +386,8 @@ def _pack_pieces(pieces: list[list[str]], sizes: dict[str, int], cp: int, want: 
 
     Each ring takes the fewest pieces that fill it exactly (a 0/1 knapsack over the pieces' sizes, so each
     piece it joins is left once), until no set of the remaining pieces fills one; a set of sizes found once is
-    taken again while the remaining pieces still have those sizes. Hosts keep their piece's order.
+    taken again while the remaining pieces still have those sizes. Hosts keep their piece's order; ``pieces``
+    keeps the pieces no ring took.
     """
     left = [(sum(sizes[h] for h in piece), piece) for piece in pieces]
     rings: list[list[str]] = []
@@ -383,6 +402,7 @@ def _pack_pieces(pieces: list[list[str]], sizes: dict[str, int], cp: int, want: 
         rings.append([h for i in picked for h in left[i][1]])
         for i in reversed(picked):
             del left[i]
+    pieces[:] = [piece for _, piece in left]
     return rings
 
 
@@ -617,11 +637,15 @@ def _cycle(topo: Topology, hosts: list[str]) -> list[str]:
 
 
 def _open_cycle(topo: Topology, hosts: list[str]) -> list[str]:
-    """``_cycle`` turned to start where its switch group changes: the ring's hops are the same, and the gradient
-    ring, which walks the ranks in order, then enters and leaves each group of the ring once."""
+    """``_cycle`` turned to start where it crosses the highest switch: the ring's hops are the same, and the
+    gradient ring, which walks the ranks in order, then enters and leaves each group of the ring once."""
     cycle = _cycle(topo, hosts)
     paths = [group_path(topo, h) for h in cycle]
-    start = next((i for i in range(len(cycle)) if paths[i] != paths[i - 1]), 0)
+
+    def shared(i: int) -> int:  # switches above both hosts i - 1 and i
+        return next((k for k, (a, b) in enumerate(zip(paths[i - 1], paths[i])) if a != b), len(paths[i]))
+
+    start = min(range(len(cycle)), key=shared)
     return cycle[start:] + cycle[:start]
 
 
