@@ -215,6 +215,17 @@ def test_spare_gpus_let_each_pod_hold_a_ring_of_its_own():
     assert a["step_time_s"] < n["step_time_s"]
 
 
+def test_a_ring_larger_than_a_pod_takes_one_pod_and_part_of_another():
+    """Pods of 32 GPUs, two rings of 38: each takes a pod whole and six GPUs of a pod of its own, so every pod's
+    uplinks carry one ring each way, and the gradient ring leaves each pod once."""
+    topo = leaf_spine(16, hosts_per_leaf=2, leaves_per_pod=2, core_oversubscription=2.0)
+    a, n, plan = _pair(topo, 76, 38, seq_len=2 * 38 * 1024)
+    pods = [[topo.switch_path(p.host)[1] for p in plan.placements[i * 38:(i + 1) * 38]] for i in range(2)]
+    assert set(pods[0]).isdisjoint(pods[1])
+    assert a["slowest_hop_gbps"] == pytest.approx(a["bound_hop_gbps"])
+    assert a["step_time_s"] <= a["bound_step_s"] * 1.01 < n["step_time_s"]
+
+
 def test_three_tier_rings_stay_inside_a_pod():
     topo = PRESETS["threetier-128x"]()
     a, n, plan = _pair(topo, 512, 64)
