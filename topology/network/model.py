@@ -102,7 +102,7 @@ class Topology:
 
     def _invalidate(self) -> None:
         for name in ("hosts", "routes", "_gpus_by_host", "_parts_by_host", "_signatures", "_switch_paths", "_bound_cache",
-                     "_locality_orders", "_symmetry_cache"):
+                     "_locality_orders", "_symmetry_cache", "_nics_by_host", "_host_bw"):
             self.__dict__.pop(name, None)
 
     # ----------------------------------------------------------------- query
@@ -149,7 +149,11 @@ class Topology:
         raise ConfigError(f"host {host!r} has no GPU with index {index}")
 
     def nics(self, host: str) -> list[str]:
-        return [n for n in self._parts_by_host.get(host, ()) if self.graph.nodes[n]["kind"] == "nic"]
+        return list(self._nics_by_host.get(host, ()))
+
+    @cached_property
+    def _nics_by_host(self) -> dict[str, list[str]]:
+        return {h: [n for n in parts if self.graph.nodes[n]["kind"] == "nic"] for h, parts in self._parts_by_host.items()}
 
     def parts(self, host: str) -> list[str]:
         """Every node inside ``host`` (GPUs, NICs, PCIe switches, sockets), in insertion order."""
@@ -259,7 +263,10 @@ class Topology:
         return nics[0]
 
     def host_bandwidth(self, a: str, b: str) -> float:
-        return self.bandwidth(self.host_endpoint(a), self.host_endpoint(b))
+        cache = self.__dict__.setdefault("_host_bw", {})  # constructions ask for the same pairs ring after ring
+        if (a, b) not in cache:
+            cache[a, b] = self.bandwidth(self.host_endpoint(a), self.host_endpoint(b))
+        return cache[a, b]
 
     def host_bandwidth_matrix(self, hosts: Iterable[str] | None = None) -> list[list[float]]:
         """Host-to-host GB/s, 0 on the diagonal; symmetric (links are undirected), so half is computed."""
