@@ -8,7 +8,8 @@ Each case is a generated fabric (1:1, 2:1 and 4:1 oversubscription, uneven
 leaves, scattered degraded cables and uplinks, two spines, rails, three
 tiers, mixed 4- and 8-GPU hosts, partial clusters, NVLink racks (multi-node
 NVLink domains whose trays share leaf switches); 64 to 2,048 hosts) and a
-plan shape, and small g6e clusters (2 and 4 hosts) with Ulysses groups at
+plan shape, switch groups that rings do not divide (leaves of mixed host
+sizes, pods smaller than a ring; 11 to 16 hosts), and small g6e clusters (2 and 4 hosts) with Ulysses groups at
 256 tokens per GPU, which the exact search is meant to prove. Printed per
 case: predicted step time of the aware plan over Ray's order (naive) and
 over the lower bound, planning time, and whether the plan is proven
@@ -78,6 +79,13 @@ def suite(seed: int = 0) -> list[Case]:
                       lambda r=racks: nvl_domains(r, trays=18, hosts_per_leaf=8, oversubscription=2.0), gpus, cp, 1, 4096))
     for hosts, cp, ulysses in SMALL_ULYSSES:
         cases.append((f"g6e {hosts}x ring {cp} ulysses {ulysses}, 256 tokens", lambda h=hosts: g6e(h), hosts * 8, cp, ulysses, 256))
+    # Switch groups whose sizes rings do not divide: leaves of mixed 4/8-GPU hosts, pods smaller than a ring.
+    cases.append(("mixed leaves 11x (12/8/12/12/8/4) ring 28 ulysses 2",
+                  lambda: leaf_spine(11, hosts_per_leaf=2, gpus=[8, 4, 4, 4, 8, 4, 4, 8, 4, 4, 4]), 56, 28, 2, 2048))
+    for hosts, gpus, cp, ulysses in ((16, 76, 38, 1), (13, 78, 26, 2)):
+        cases.append((f"three tiers {hosts}x partial {gpus} ring {cp}" + (f" ulysses {ulysses}" if ulysses > 1 else ""),
+                      lambda h=hosts: leaf_spine(h, hosts_per_leaf=2, leaves_per_pod=2, core_oversubscription=2.0),
+                      gpus, cp, ulysses, 2048))
     cases.append(("leafspine 1024x 2:1 ring 64", lambda: leaf_spine(1024), 8192, 64, 1, 16384))
     cases.append(("leafspine 2048x 2:1 ring 256", lambda: leaf_spine(2048), 16384, 256, 1, 16384))
     return cases
