@@ -51,8 +51,8 @@ def ring_bandwidth_bound(topo: Topology, rings: int, size: int) -> float:
     ``sum(bw) / t`` such flows over its external links. (3) Access: every
     hop leaves one GPU through its links. (1) also cuts a unit of hosts
     under a switch from the rest when its links out carry less than ``t``
-    in all: no flow at ``t`` leaves it. O(E log E) for (1) without such
-    units, O(E log V) more with them; O(units x links x 60) for (2).
+    in all: no flow at ``t`` leaves it. O(E log E) for (1),
+    O(units x links x 60) for (2).
     """
     if size < 2:
         return math.inf
@@ -119,24 +119,20 @@ def switch_headroom(topo: Topology) -> dict[str, float]:
 
 
 def _component_bound(topo: Topology, rings: int, size: int) -> float:
-    """Argument (1) of ``ring_bandwidth_bound``, then the same with sealed switch units.
+    """Argument (1) of ``ring_bandwidth_bound``: the largest ``t`` at which the pieces joined by links of ``t``
+    GB/s or more still hold the rings.
 
     Switch-to-switch links are never cut on their own (ECMP may combine them), but a unit of hosts under a switch
     whose links out carry less than ``t`` in all sends no flow at ``t``: at ``t`` its switch links to the rest
-    are cut too. The largest ``t`` at which the pieces still hold the rings is a link's or a unit's figure.
+    are cut too. The pieces only shrink as ``t`` grows, so the answer is a link's or a unit's figure, found by
+    bisection over them.
     """
-    bound = _edge_component_bound(topo, rings, size)
     _unit_levels(topo)
     seals = topo.__dict__["_bound_cache"]["seals"]
-    values = sorted({v for v in [*(bw for *_, bw in topo.graph.edges(data="bw_gbps")), *(c for c, _ in seals)]
-                     if v <= bound})
-    if not values or not any(c < bound for c, _ in seals):
-        return bound  # no unit is sealed below the bound
-    if math.isinf(bound) and _fits_at(topo, math.inf, seals, size) >= rings:
-        return bound
-    lo, hi = -1, len(values) - 1  # values[lo] feasible (lo = -1: below every value), values[hi + 1:] not
-    if _fits_at(topo, values[hi], seals, size) >= rings:
-        return values[hi]
+    if _fits_at(topo, math.inf, seals, size) >= rings:
+        return math.inf  # the rings fit where no link is a cut: this argument bounds nothing
+    values = sorted({*(bw for *_, bw in topo.graph.edges(data="bw_gbps")), *(cap for cap, _ in seals)})
+    lo, hi = -1, len(values)  # values[lo] holds the rings (lo = -1: none known to), values[hi:] do not
     while hi - lo > 1:
         mid = (lo + hi) // 2
         lo, hi = (mid, hi) if _fits_at(topo, values[mid], seals, size) >= rings else (lo, mid)
@@ -144,8 +140,9 @@ def _component_bound(topo: Topology, rings: int, size: int) -> float:
 
 
 def _fits_at(topo: Topology, t: float, seals: list[tuple[float, list[tuple[str, str]]]], size: int) -> int:
-    """Rings of ``size`` that fit in the pieces of the cluster joined by links of ``t`` GB/s or more, switch links
-    included unless they leave a unit whose links out carry less than ``t``."""
+    """Rings of ``size`` that fit in the pieces of the cluster joined by links of ``t`` GB/s or more: switch
+    links and a GPU's NVLink switch planes included, unless they leave a unit whose links out carry less than
+    ``t``."""
     g = topo.graph
     parent = {n: n for n in g.nodes}
 
@@ -169,45 +166,6 @@ def _fits_at(topo: Topology, t: float, seals: list[tuple[float, list[tuple[str, 
         root = find(gpu)
         count[root] = count.get(root, 0) + 1
     return sum(n // size for n in count.values())
-
-
-def _edge_component_bound(topo: Topology, rings: int, size: int) -> float:
-    parent = {n: n for n in topo.graph.nodes}
-    gpus = {n: int(k == "gpu") for n, k in topo.graph.nodes(data="kind")}
-
-    def find(x: str) -> str:
-        while parent[x] != x:
-            parent[x] = parent[parent[x]]
-            x = parent[x]
-        return x
-
-    def union(u: str, v: str) -> int:
-        ru, rv = find(u), find(v)
-        if ru == rv:
-            return 0
-        before = gpus[ru] // size + gpus[rv] // size
-        parent[rv] = ru
-        gpus[ru] += gpus[rv]
-        return gpus[ru] // size - before
-
-    fits = 0
-    edges = []
-    nvlink = {n for n in topo.graph.nodes if topo.kind(n) == NVLINK_KIND}
-    for u, v, bw in topo.graph.edges(data="bw_gbps"):
-        if topo.is_switch(u) and topo.is_switch(v) or u in nvlink or v in nvlink:
-            # ECMP may combine parallel switch links, and a flow spreads over a GPU's NVLink switch planes: never a cut
-            fits += union(u, v)
-        else:
-            edges.append((u, v, bw))
-    if fits >= rings:
-        return math.inf  # the rings fit where no link is a cut: this argument bounds nothing
-    edges.sort(key=lambda e: -e[2])
-    for i, (u, v, bw) in enumerate(edges):
-        fits += union(u, v)
-        last_of_value = i + 1 == len(edges) or edges[i + 1][2] < bw
-        if last_of_value and fits >= rings:
-            return bw
-    return math.inf if fits >= rings else 0.0
 
 
 def _exit_bound(caps: list[tuple[int, float]], rings: int, size: int) -> float:

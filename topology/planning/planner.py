@@ -330,7 +330,7 @@ def _group_rings(groups: list[list[str]], sizes: dict[str, int], cp: int, need: 
             while total < cp:
                 ring.append(rest.pop(0))
                 total += sizes[ring[-1]]
-            rings.append((ring, {ring[-1]: sizes[ring[-1]] - (total - cp)} if total > cp else {}))
+            rings.append(_in_part(ring, sizes, total - cp))
         if rest:
             pieces.append(rest)
     if len(rings) < need:
@@ -352,8 +352,13 @@ def _group_rings(groups: list[list[str]], sizes: dict[str, int], cp: int, need: 
                 total += sizes[h]
         if total < cp:
             break
-        rings.append((ring, {ring[-1]: sizes[ring[-1]] - (total - cp)} if total > cp else {}))
+        rings.append(_in_part(ring, sizes, total - cp))
     return rings[:need] if len(rings) >= need else None
+
+
+def _in_part(ring: list[str], sizes: dict[str, int], surplus: int) -> tuple[list[str], dict[str, int]]:
+    """A ring whose hosts hold ``surplus`` GPUs more than it needs, with its last host used in part."""
+    return ring, {ring[-1]: sizes[ring[-1]] - surplus} if surplus else {}
 
 
 def _pack_rings(hosts: list[str], sizes: dict[str, int], cp: int, newest_first: bool = False,
