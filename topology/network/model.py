@@ -306,17 +306,13 @@ class Topology:
         for i, node in enumerate(data["nodes"]):
             if not isinstance(node, dict) or "id" not in node or "kind" not in node:
                 raise ConfigError(f"{source}: nodes[{i}] needs 'id' and 'kind'")
-            unknown = set(node) - {"id", *NODE_ATTRS}
-            if unknown:
-                raise ConfigError(f"{source}: nodes[{i}] ({node['id']}): unknown field(s) {', '.join(sorted(unknown))}")
+            _known_fields(node, ("id", *NODE_ATTRS), f"{source}: nodes[{i}] ({node['id']})")
             topo.add_node(str(node["id"]), **{k: v for k, v in node.items() if k != "id"})
         for i, link in enumerate(data["links"]):
             if not isinstance(link, dict) or "a" not in link or "b" not in link:
                 raise ConfigError(f"{source}: links[{i}] needs endpoints 'a' and 'b'")
             where = f"{source}: links[{i}] ({link['a']} - {link['b']})"
-            unknown = set(link) - set(LINK_FIELDS)
-            if unknown:
-                raise ConfigError(f"{where}: unknown field(s) {', '.join(sorted(unknown))}; known fields are {', '.join(LINK_FIELDS)}")
+            _known_fields(link, LINK_FIELDS, where)
             if "bw_gbps" not in link:
                 raise ConfigError(f"{where}: bw_gbps is missing; give GB/s per direction")
             if topo.graph.has_edge(str(link["a"]), str(link["b"])):
@@ -397,9 +393,7 @@ class Topology:
         for i, h in enumerate(hosts):
             if not isinstance(h, dict):
                 raise ConfigError(f"{source}: hosts[{i}] must be a mapping with name and gpus")
-            unknown = set(h) - set(HOST_FIELDS)
-            if unknown:
-                raise ConfigError(f"{source}: hosts[{i}]: unknown field(s) {', '.join(sorted(unknown))}; known fields are {', '.join(HOST_FIELDS)}")
+            _known_fields(h, HOST_FIELDS, f"{source}: hosts[{i}]")
             if h.get("leaf") is not None and not (isinstance(h["leaf"], str) and h["leaf"]):
                 raise ConfigError(f"{source}: hosts[{i}]: leaf is {h['leaf']!r}; name the host's switch with a string")
             if h.get("labels") is not None and not isinstance(h["labels"], dict):
@@ -568,9 +562,7 @@ def _gpu_spec(gpu: Any, source: str) -> GpuSpec:
         return GpuSpec()
     if not isinstance(gpu, dict):
         raise ConfigError(f"{source}: gpu must be a mapping such as {{name: L40S, tflops_bf16: 362}}")
-    unknown = set(gpu) - set(GpuSpec.__dataclass_fields__)
-    if unknown:
-        raise ConfigError(f"{source}: gpu: unknown field(s) {', '.join(sorted(unknown))}; known fields are {', '.join(GpuSpec.__dataclass_fields__)}")
+    _known_fields(gpu, tuple(GpuSpec.__dataclass_fields__), f"{source}: gpu")
     try:
         return GpuSpec(**gpu)
     except ConfigError as exc:
