@@ -444,7 +444,7 @@ def step_bound(sm: StepModel, a2a_floor: float = 0.0, attention_floor: float = 0
     ``attention_floor`` bounds the ring and all-to-all terms together (``topology.planning.ring_floor``,
     ``StepModel.attention``) plus what the gradient term takes beyond its own bound (the bus bound here):
     where it is above the ring and all-to-all's own bounds, it counts instead.
-    Where the ranks fill a small cluster, the bound also splits on the gradient bus (``_gated_step``,
+    In a small cluster, the bound also splits on the gradient bus (``_gated_step``,
     ``topology.planning.gradient_gate``): the larger of the two bounds counts.
     """
     topo = sm.topo
@@ -468,19 +468,23 @@ def step_bound(sm: StepModel, a2a_floor: float = 0.0, attention_floor: float = 0
 def _gated_step(sm: StepModel, hop: float, hop_lat: float, a2a: float, attention_floor: float) -> float:
     """The step bound split on the gradient bus (``topology.planning.gradient_gate``); 0 where the gate says nothing.
 
-    An order whose bus is below the best ``B*`` runs at ``B'`` at most; one at ``B*`` sends ring hops out of
-    crowded units, whose exits cap its slowest hop. Every order is one or the other, so the smaller of the two
-    bounds holds. ``attention_floor`` already counts the gradient term's excess over ``gradients(B*)``.
+    An order at the best bus ``B*`` keeps out of units too slow for it and sends ring hops out of crowded
+    units, whose exits cap its slowest hop; one whose bus is slower falls in one of the gate's ranges of slower
+    buses, each with its own hop ceiling. Every order is in one case, so the smallest of their bounds holds. ``attention_floor`` already counts the gradient term's excess over ``gradients(B*)``.
     """
     gate = gradient_gate(sm)
     if gate is None or gate.bus_below >= gate.bus:
         return 0.0
     rest = sm.dense + sm.rates.step_overhead_s
     best_bus = sm.gradients(gate.bus)
-    slower_bus = rest + max(sm.attention(hop, hop_lat, a2a) + sm.gradients(gate.bus_below), attention_floor + best_bus)
-    capped = min(hop, gate.hop_cap * sm.rates.network_efficiency)
-    at_best = rest + max(sm.attention(capped, hop_lat, a2a), attention_floor) + best_bus
-    return min(slower_bus, at_best)
+
+    def attention(cap: float) -> float:  # the ring and all-to-all with the slowest hop at most ``cap``
+        return math.inf if cap <= 0 else sm.attention(min(hop, cap * sm.rates.network_efficiency), hop_lat, a2a)
+
+    bounds = [rest + max(attention(gate.hop_cap), attention_floor) + best_bus]
+    for top, _, cap in gate.slower:  # each range of slower buses, its hop ceiling with it
+        bounds.append(rest + max(attention(cap) + sm.gradients(top), attention_floor + best_bus))
+    return min(bounds)
 
 
 def transfer(nbytes: float, gbps: float, lat_us: float) -> float:

@@ -95,7 +95,7 @@ def _unit_levels(topo: Topology) -> list[list[tuple[int, float]]]:
             members.append(h)
             switches.update(s for s in paths[h][cut - 1:] if s in g)
         groupings.append(by)
-    levels, headroom, seals = [], {h: math.inf for h in hosts}, []
+    levels, headroom, seals, members_of = [], {h: math.inf for h in hosts}, [], []
     for k, by in enumerate(groupings):
         caps = []
         for members, switches in by.values():
@@ -103,13 +103,34 @@ def _unit_levels(topo: Topology) -> list[list[tuple[int, float]]]:
             n_gpus = sum(len(topo.gpus(h)) for h in members)
             cap = sum(d["bw_gbps"] for u in nodes for v, d in g.adj[u].items() if v not in nodes)
             caps.append((n_gpus, cap))
+            members_of.append((members, n_gpus, cap))
             if k:
                 for h in members:
                     headroom[h] = min(headroom[h], cap / n_gpus)
                 seals.append((cap, [(u, v) for u in switches for v in g.adj[u] if v not in nodes and topo.is_switch(v)]))
         levels.append(caps)
-    cache["units"], cache["headroom"], cache["seals"] = levels, headroom, seals
+    cache["units"], cache["headroom"], cache["seals"], cache["members"] = levels, headroom, seals, members_of
     return levels
+
+
+def small_units(topo: Topology, ranks: int) -> list[tuple[list[str], float]]:
+    """(hosts, GB/s of their links out in all) of every unit (a host, or the hosts under a switch) of fewer GPUs
+    than ``ranks``.
+
+    A ring over ``ranks`` ranks that puts some of them in such a unit enters
+    and leaves it over those links, which carry at most their sum to one
+    flow: a ring whose flows all run faster keeps out of the unit. For the
+    gradient ring this says which hosts an order at a given bus leaves out
+    (``topology.planning.gradient_gate``).
+    """
+    _unit_levels(topo)
+    return [(members, cap) for members, n_gpus, cap in topo.__dict__["_bound_cache"]["members"] if n_gpus < ranks]
+
+
+def without_hosts(topo: Topology, hosts: set[str]) -> Topology:
+    """``topo`` with ``hosts`` (and their GPUs, NICs and other parts) taken out; switches and other hosts stay."""
+    keep = [n for n, host in topo.graph.nodes(data="host") if n not in hosts and host not in hosts]
+    return Topology(name=topo.name, gpu=topo.gpu, graph=topo.graph.subgraph(keep).copy())
 
 
 def switch_headroom(topo: Topology) -> dict[str, float]:

@@ -9,12 +9,17 @@ the largest share any link gives strictly below it. Every order's bus is
 ``B*`` or at most ``B'``:
 
 * at most ``B'``: the gradient term costs at least ``gradients(B')``;
-* exactly ``B*``: every gradient flow runs at ``B*`` or faster, so each link
-  carries at most ``bw / B*`` of them (counted by flow fraction; whole flows
-  where no route splits on a unit's exits), and a unit (a host, or one side
-  of a link inside a host: a socket, a PCIe switch with its GPUs) whose GPUs
-  all hold ranks holds them in at most ``k_U`` runs of the cyclic rank order,
-  ``k_U`` the gradient flows its exits (and its entrances) carry at ``B*``.
+* exactly ``B*``: every gradient flow runs at ``B*`` or faster. A host
+  inside a unit (a host, or the hosts under a switch) of fewer GPUs than
+  the world whose links out sum to less than ``B*`` holds no rank
+  (``topology.planning.bound.hosts_off_a_ring``), so the rings live on the
+  other hosts and their hops run no faster than those allow. Each link
+  carries at most ``bw / B*`` gradient flows (counted by flow fraction;
+  whole flows where no route splits on a unit's exits), and where the ranks
+  fill the hosts left, a unit (a host, or one side of a link inside a host:
+  a socket, a PCIe switch with its GPUs) holds its ranks in at most ``k_U``
+  runs of the cyclic rank order, ``k_U`` the gradient flows its exits (and
+  its entrances) carry at ``B*``.
 
 Ring hops (``rank -> rank + u`` inside a cp group, wrapping at the group's
 end) restricted to a unit's ranks split into whole rings and paths; each path
@@ -32,7 +37,7 @@ from fractions import Fraction
 
 import numpy as np
 
-from topology.planning.bound import cut_rate, host_units, ring_bandwidth_bound
+from topology.planning.bound import cut_rate, host_units, ring_bandwidth_bound, small_units, without_hosts
 
 GATE_GPUS = 64
 """Clusters of at most this many GPUs get the gate: it reads the routes between every pair of GPUs."""
@@ -49,6 +54,9 @@ class Gate:
     """``B'``: the largest link share below ``B*`` (``B*`` itself when unknown: then the gate proves nothing)."""
     hop_cap: float
     """GB/s the slowest ring hop cannot exceed in any order whose bus is ``B*`` (inf: no claim)."""
+    slower: tuple[tuple[float, float, float], ...] = ()
+    """(top, floor, hop cap) of ranges of slower buses, from ``B'`` down to 0: an order whose bus is above ``floor``
+    and at most ``top`` has its slowest hop at no more than ``hop cap``."""
 
 
 def _flows_at(bws: list[float], whole: bool, rate: float) -> int:
@@ -113,16 +121,12 @@ def share_below(sm, gpus: list[str], rate: float) -> float:
 
 
 def gradient_gate(sm) -> Gate | None:
-    """The gate of ``sm``'s shape on its cluster; None where it proves nothing (one rank, spare GPUs, a large
-    cluster, no ring, or caps on the measured rates).
-
-    Only where the world fills the cluster: then a unit's GPUs all hold ranks, which ``leaving_hops`` needs.
-    """
+    """The gate of ``sm``'s shape on its cluster; None where it proves nothing (one rank, a large cluster, no
+    ring, or caps on the measured rates)."""
     topo = sm.topo
     gpus = topo.gpus()
     rates = sm.rates
-    if (sm.world < 2 or sm.ring < 2 or len(gpus) != sm.world or len(gpus) > GATE_GPUS
-            or rates.intra_host_gbps or rates.inter_host_gbps):
+    if sm.world < 2 or sm.ring < 2 or len(gpus) > GATE_GPUS or rates.intra_host_gbps or rates.inter_host_gbps:
         return None
     cache = topo.__dict__.setdefault("_bound_cache", {})
     key = ("gate", sm.dp, sm.ring, sm.ulysses)
@@ -132,12 +136,41 @@ def gradient_gate(sm) -> Gate | None:
 
 
 def _gate(sm, gpus: list[str]) -> Gate:
-    bus = ring_bandwidth_bound(sm.topo, 1, sm.world)
-    cap = math.inf
-    for m, out_bw, out_whole, in_bw, in_whole in _units(sm, gpus):
-        # Runs leave through the exits and come back through the entrances, one gradient flow each way per run.
-        runs = min(_flows_at(out_bw, out_whole, bus), _flows_at(in_bw, in_whole, bus))
-        hops = leaving_hops(m, runs, sm.ulysses, sm.ring)
-        if hops:
-            cap = min(cap, cut_rate(out_bw, out_whole, hops), cut_rate(in_bw, in_whole, hops))
-    return Gate(bus, share_below(sm, gpus, bus), cap)
+    topo = sm.topo
+    bus = ring_bandwidth_bound(topo, 1, sm.world)
+    below = share_below(sm, gpus, bus)
+    units = small_units(topo, sm.world)
+    left = [g for g in gpus if topo.host_of(g) not in _off(units, bus, strictly=True)]
+    cap = _hop_cap(sm, units, bus, strictly=True)
+    if len(left) == sm.world:
+        # The ranks fill the hosts left: a unit's GPUs all hold ranks, which ``leaving_hops`` needs.
+        for m, out_bw, out_whole, in_bw, in_whole in _units(sm, left):
+            # Runs leave through the exits and come back through the entrances, one gradient flow each way per run.
+            runs = min(_flows_at(out_bw, out_whole, bus), _flows_at(in_bw, in_whole, bus))
+            hops = leaving_hops(m, runs, sm.ulysses, sm.ring)
+            if hops:
+                cap = min(cap, cut_rate(out_bw, out_whole, hops), cut_rate(in_bw, in_whole, hops))
+    # Below B*, each unit's figure that a bus may pass starts a range: faster buses leave that unit out too.
+    slower, top = [], below
+    for floor in sorted({c for _, c in units if c < top}, reverse=True):
+        slower.append((top, floor, _hop_cap(sm, units, floor, strictly=False)))
+        top = floor
+    slower.append((top, 0.0, math.inf))
+    return Gate(bus, below, cap, tuple(slower))
+
+
+def _off(units: list[tuple[list[str], float]], rate: float, strictly: bool) -> set[str]:
+    """Hosts of the units whose links out carry less than ``rate`` (or no more, unless ``strictly``)."""
+    return {h for members, cap in units if (cap < rate if strictly else cap <= rate) for h in members}
+
+
+def _hop_cap(sm, units: list[tuple[list[str], float]], rate: float, strictly: bool) -> float:
+    """The slowest hop's ceiling when the gradient ring's flows all run at ``rate`` or more (or above it, unless
+    ``strictly``): the rings live on the hosts the bus leaves in (0: too few GPUs there)."""
+    topo = sm.topo
+    off = _off(units, rate, strictly)
+    if not off:
+        return math.inf
+    if sum(len(topo.gpus(h)) for h in topo.hosts if h not in off) < sm.world:
+        return 0.0
+    return ring_bandwidth_bound(without_hosts(topo, off), sm.dp * sm.ulysses, sm.ring)

@@ -282,22 +282,37 @@ def grouped_ring_orders(req: PlanRequest) -> dict[str, list[str]]:
     then switches top-down), one construction per depth ``d`` that fills
     enough rings, and with GPUs to spare a second that may use a group's
     last host in part (``_group_rings``); none when a host is larger than a
-    ring.
+    ring. Each is built on the fastest hosts that hold the GPUs (a host on a
+    degraded cable only where the GPUs need it), and on all hosts.
     """
     sizes = {h: req.gpu_count(h) for h in req.hosts}
     if req.ring < 2 or max(sizes.values()) > req.cp:
         return {}
+    egress = {h: host_egress(req.topo, h) for h in req.hosts}
+    ranked = sorted(req.hosts, key=lambda h: -egress[h])
+    need = next(i for i, total in enumerate(itertools.accumulate(sizes[h] for h in ranked)) if total >= req.gpus)
+    fast = [h for h in req.hosts if egress[h] >= egress[ranked[need]]]
+    out: dict[str, list[str]] = {}
+    for hosts, suffix in [(fast, ", fastest hosts"), (req.hosts, "")][len(fast) == len(req.hosts):]:
+        for name, order in _grouped_rings(req, hosts, sizes).items():
+            if order not in out.values():
+                out[name + suffix] = order
+    return out
+
+
+def _grouped_rings(req: PlanRequest, hosts: list[str], sizes: dict[str, int]) -> dict[str, list[str]]:
+    """``grouped_ring_orders`` on ``hosts``."""
     headroom = switch_headroom(req.topo)
-    paths = {h: group_path(req.topo, h) for h in req.hosts}
+    paths = {h: group_path(req.topo, h) for h in hosts}
     out: dict[str, list[str]] = {}
     for depth in range(1, max(map(len, paths.values()), default=0) + 1):
         groups: dict[tuple, list[str]] = {}
-        for h in req.hosts:
+        for h in hosts:
             groups.setdefault(paths[h][:depth], []).append(h)
         if len(groups) < 2 or all(sum(sizes[h] for h in members) % req.cp == 0 for members in groups.values()):
             continue  # one group, or groups that rings divide: the other constructions keep rings inside them
         ordered = [members for _, members in sorted(groups.items(), key=lambda kv: (-min(headroom[h] for h in kv[1]), kv[0]))]
-        spare = sum(sizes.values()) > req.gpus
+        spare = sum(sizes[h] for h in hosts) > req.gpus
         for partial in (False, True) if spare else (False,):
             rings = _group_rings(ordered, sizes, req.cp, req.gpus // req.cp, partial)
             if rings is None:
@@ -449,10 +464,26 @@ def bus_cycle_order(req: PlanRequest) -> list[str]:
 
     NCCL's all-reduce ring follows the rank order, so when gradient traffic
     decides, the hosts' order as one cycle matters more than each ring's own.
+    Where rings do not divide the hosts, the cycle's start decides which
+    hosts a ring crosses: one that holds a whole ring and part of the next
+    takes one crossing ring through its card, not two.
     """
     per_host = {h: req.gpu_count(h) for h in req.hosts}
-    hosts = _choose_hosts(req, per_host, 1)
-    return _gpu_sequence(req, _cycle(req.topo, hosts))[: req.gpus]
+    hosts = _cycle(req.topo, _choose_hosts(req, per_host, 1))
+    seq = _gpu_sequence(req, hosts)
+    if req.ring < 2 or len(seq) != req.gpus:
+        return seq[: req.gpus]
+    # The gradient ring is the same cycle from any start, but the start decides where rings are cut, so which
+    # hosts they cross: start at the host border that makes the slowest hop fastest.
+    rings = GroupLayout.from_grid(req.gpus // req.cp, req.ring, req.ulysses).ring_groups
+    borders = sorted({i % req.cp for i in itertools.accumulate([0] + [per_host[h] for h in hosts[:-1]])})
+
+    def key(start: int) -> tuple[float, int, float]:
+        rate, lat, cross = _score(req, rings, seq[start:] + seq[:start])
+        return -rate, cross, lat
+
+    start = min(borders, key=key)
+    return seq[start:] + seq[:start]
 
 
 def segment_orders(req: PlanRequest) -> dict[str, list[str]]:
