@@ -257,6 +257,8 @@ def _search(sm: StepModel, pool: list[str], best: list[str], best_step: float, n
         # A hop on a link that gives the smallest share runs at that share: the slowest hops are those.
         at_r = max(max(on_link[i]) for i in np.flatnonzero(share <= hop_r * (1 + 1e-12)))
         same = total(hop_r * efficiency, at_r, a2a, bus)
+        if i == world - 1:  # every flow is placed: no later one slows a hop
+            return max(floor, same)
         slower = total(below(hop_r) * efficiency, l_min, a2a, bus)
         return max(floor, min(same, slower))
 
