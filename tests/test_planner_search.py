@@ -237,6 +237,17 @@ def test_rings_on_the_fastest_hosts_leave_gpus_spare_rather_than_share_a_card():
     assert a["step_time_s"] <= a["bound_step_s"] * (1 + TOL) and a["search"]["optimal"]
 
 
+def test_one_leaf_with_gpus_to_spare_gives_each_ring_hosts_of_its_own():
+    """Twelve 8-GPU hosts on one leaf, four rings of 15: cut in order, a host is shared by two rings and its card
+    carries two flows each way; eight hosts, one GPU left free in each pair, give every ring two hosts alone."""
+    topo = leaf_spine(12, hosts_per_leaf=12, oversubscription=1.0)
+    a, n, plan = _pair(topo, 60, 15, seq_len=2 * 15 * 1024)
+    rings = [{p.host for p in plan.placements[i * 15:(i + 1) * 15]} for i in range(4)]
+    assert all(len(r) == 2 for r in rings) and len(set.union(*rings)) == 8
+    assert a["slowest_hop_gbps"] == pytest.approx(a["bound_hop_gbps"])
+    assert a["step_time_s"] <= a["bound_step_s"] * 1.005 < n["step_time_s"]
+
+
 def test_a_slow_host_the_gpus_need_holds_one_ring_and_the_start_of_the_next():
     """Eight hosts, one on a 1 GB/s cable and one on 3.125 GB/s; 56 GPUs in rings of 7 need the second. At the best
     gradient bus (3.125 GB/s) the gradient ring enters it once and the first host is left out, so the rings live

@@ -309,11 +309,12 @@ def _grouped_rings(req: PlanRequest, hosts: list[str], sizes: dict[str, int]) ->
         groups: dict[tuple, list[str]] = {}
         for h in hosts:
             groups.setdefault(paths[h][:depth], []).append(h)
-        if len(groups) < 2 or all(sum(sizes[h] for h in members) % req.cp == 0 for members in groups.values()):
-            continue  # one group, or groups that rings divide: the other constructions keep rings inside them
+        # Whole hosts only where there are groups that rings do not divide (elsewhere the other constructions keep
+        # rings inside groups); hosts in part wherever GPUs are spare, for rings that hosts do not divide.
+        packed = len(groups) > 1 and any(sum(sizes[h] for h in members) % req.cp for members in groups.values())
+        cut = sum(sizes[h] for h in hosts) > req.gpus
         ordered = [members for _, members in sorted(groups.items(), key=lambda kv: (-min(headroom[h] for h in kv[1]), kv[0]))]
-        spare = sum(sizes[h] for h in hosts) > req.gpus
-        for partial in (False, True) if spare else (False,):
+        for partial in [p for p, wanted in ((False, packed), (True, cut)) if wanted]:
             rings = _group_rings(ordered, sizes, req.cp, req.gpus // req.cp, partial)
             if rings is None:
                 continue

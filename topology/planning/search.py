@@ -202,7 +202,9 @@ def optimise(sm: StepModel, candidates: dict[str, list[str]], pool: list[str], b
     if not few:
         # Before an exact search, local search only sets its first incumbent: a quarter of the moves does.
         evals = MAX_EVALS // 4 if exact else MAX_EVALS
-        result.order, result.step_s, result.moves = _local_search(sm, best, best_step, pool, budget_s, seed, evals)
+        order, step, moves = _local_search(sm, best, best_step, pool, budget_s, seed, evals)
+        if step < result.step_s * (1 - REL_TOL):  # a tie keeps the construction, as among the constructions
+            result.order, result.step_s, result.moves = order, step, moves
         for start in seeds:
             order, step, moves = _local_search(sm, start, sm.step(start), pool, budget_s, seed, evals)
             if step < result.step_s * (1 - REL_TOL):
