@@ -248,6 +248,16 @@ def test_one_leaf_with_gpus_to_spare_gives_each_ring_hosts_of_its_own():
     assert a["step_time_s"] <= a["bound_step_s"] * 1.005 < n["step_time_s"]
 
 
+def test_gpus_to_spare_keep_the_gradient_ring_off_the_slowest_leaf():
+    """32 hosts on two spines; one leaf's uplinks carry 8 GB/s in all, another's 4. 203 GPUs in rings of 7 need some
+    of their hosts: cutting rings of 7 inside hosts needs 29 hosts, the slowest leaf among them, while hosts taken
+    whole as one cycle, its start chosen by the step time, need two hosts of the 8 GB/s leaf only."""
+    topo = leaf_spine(32, hosts_per_leaf=4, spines=2, uplinks={6: 4.0, 1: 2.0})
+    a, n, plan = _pair(topo, 203, 7, seq_len=2 * 7 * 8192)
+    assert "leaf1" not in {topo.leaf_of(h) for h in plan.hosts}
+    assert a["step_time_s"] <= a["bound_step_s"] * 1.1 < n["step_time_s"]
+
+
 def test_a_slow_host_the_gpus_need_holds_one_ring_and_the_start_of_the_next():
     """Eight hosts, one on a 1 GB/s cable and one on 3.125 GB/s; 56 GPUs in rings of 7 need the second. At the best
     gradient bus (3.125 GB/s) the gradient ring enters it once and the first host is left out, so the rings live

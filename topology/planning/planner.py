@@ -235,7 +235,7 @@ def aware_order(req: PlanRequest) -> list[str]:
         candidates["whole hosts per ring"] = whole
     candidates.update(grouped_ring_orders(req))
     if len(req.hosts) <= CYCLE_HOSTS:
-        candidates["bus cycle"] = bus_cycle_order(req)
+        candidates["bus cycle"] = bus_cycle_order(req, sm)
     seen: list[list[str]] = []
     for name in list(candidates):  # the same order under two names is scored once
         if candidates[name] in seen:
@@ -460,31 +460,26 @@ def _with_sizes(left: list[tuple[int, list[str]]], wanted: list[int]) -> list[in
     return None if need else picked
 
 
-def bus_cycle_order(req: PlanRequest) -> list[str]:
+def bus_cycle_order(req: PlanRequest, sm: StepModel) -> list[str]:
     """Hosts in one bottleneck cycle (the gradient ring's host order), rings cut from it in turn.
 
     NCCL's all-reduce ring follows the rank order, so when gradient traffic
     decides, the hosts' order as one cycle matters more than each ring's own.
-    Where rings do not divide the hosts, the cycle's start decides which
-    hosts a ring crosses: one that holds a whole ring and part of the next
-    takes one crossing ring through its card, not two.
+    The cycle's start decides where rings are cut, so which hosts and
+    switches a ring crosses (a host that holds a whole ring and part of the
+    next takes one crossing ring through its card, not two), and, with GPUs
+    to spare, which ones are left out: each host border is tried as the
+    start, by the step time.
     """
     per_host = {h: req.gpu_count(h) for h in req.hosts}
     hosts = _cycle(req.topo, _choose_hosts(req, per_host, 1))
     seq = _gpu_sequence(req, hosts)
-    if req.ring < 2 or len(seq) != req.gpus:
-        return seq[: req.gpus]
-    # The gradient ring is the same cycle from any start, but the start decides where rings are cut, so which
-    # hosts they cross: start at the host border that makes the slowest hop fastest.
-    rings = GroupLayout.from_grid(req.gpus // req.cp, req.ring, req.ulysses).ring_groups
-    borders = sorted({i % req.cp for i in itertools.accumulate([0] + [per_host[h] for h in hosts[:-1]])})
-
-    def key(start: int) -> tuple[float, int, float]:
-        rate, lat, cross = _score(req, rings, seq[start:] + seq[:start])
-        return -rate, cross, lat
-
-    start = min(borders, key=key)
-    return seq[start:] + seq[:start]
+    starts = list(dict.fromkeys(itertools.accumulate([0] + [per_host[h] for h in hosts[:-1]])))
+    if req.ring < 2:
+        starts = [0]
+    elif len(seq) == req.gpus:
+        starts = list(dict.fromkeys(i % req.cp for i in starts))  # the same cuts come back every ring
+    return min(((seq[i:] + seq[:i])[: req.gpus] for i in starts), key=sm.step)
 
 
 def segment_orders(req: PlanRequest) -> dict[str, list[str]]:
