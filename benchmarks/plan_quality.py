@@ -8,12 +8,13 @@ Each case is a generated fabric (1:1, 2:1 and 4:1 oversubscription, uneven
 leaves, scattered degraded cables and uplinks, two spines, rails, three
 tiers, mixed 4- and 8-GPU hosts, partial clusters, NVLink racks (multi-node
 NVLink domains whose trays share leaf switches); 64 to 2,048 hosts) and a
-plan shape, switch groups that rings do not divide (leaves of mixed host
-sizes, pods smaller than a ring; 11 to 16 hosts), and small g6e clusters (2 and 4 hosts) with Ulysses groups at
-256 tokens per GPU, which the exact search is meant to prove. Printed per
-case: predicted step time of the aware plan over Ray's order (naive) and
-over the lower bound, planning time, and whether the plan is proven
-optimal; then the worst and the median of each ratio.
+plan shape; switch groups that rings do not divide (leaves of mixed host
+sizes, pods smaller than a ring; 11 to 16 hosts); GPUs to spare beside slow
+hosts and leaves (8 to 48 hosts); and small g6e clusters (2 and 4 hosts)
+with Ulysses groups at 256 tokens per GPU, which the exact search is meant
+to prove. Printed per case: predicted step time of the aware plan over Ray's
+order (naive) and over the lower bound, planning time, and whether the plan
+is proven optimal; then the worst and the median of each ratio.
 Targets: aware <= naive everywhere; aware within 6% of the bound where the
 bound is reachable (here: wherever a plan is proven optimal shows it is).
 """
@@ -86,6 +87,14 @@ def suite(seed: int = 0) -> list[Case]:
         cases.append((f"three tiers {hosts}x partial {gpus} ring {cp}" + (f" ulysses {ulysses}" if ulysses > 1 else ""),
                       lambda h=hosts: leaf_spine(h, hosts_per_leaf=2, leaves_per_pod=2, core_oversubscription=2.0),
                       gpus, cp, ulysses, 2048))
+    # Spare GPUs and slow hosts or leaves: rings of hosts in part, the gradient ring kept off what is slow.
+    cases.append(("one leaf 12x partial 60 ring 15", lambda: leaf_spine(12, hosts_per_leaf=12, oversubscription=1.0),
+                  60, 15, 1, 16384))
+    cases.append(("g6e 48x partial 315 ring 15", lambda: g6e(48), 315, 15, 1, 16384))
+    cases.append(("slow leaves, 2 spines 32x partial 203 ring 7",
+                  lambda: leaf_spine(32, hosts_per_leaf=4, spines=2, uplinks={6: 4.0, 1: 2.0}), 203, 7, 1, 16384))
+    cases.append(("two slow cables 8x, 56 ring 7", lambda: leaf_spine(8, hosts_per_leaf=2, degraded={5: 1.0, 2: 3.125}),
+                  56, 7, 1, 16384))
     cases.append(("leafspine 1024x 2:1 ring 64", lambda: leaf_spine(1024), 8192, 64, 1, 16384))
     cases.append(("leafspine 2048x 2:1 ring 256", lambda: leaf_spine(2048), 16384, 256, 1, 16384))
     return cases
