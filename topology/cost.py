@@ -444,7 +444,7 @@ def step_bound(sm: StepModel, a2a_floor: float = 0.0, attention_floor: float = 0
     ``attention_floor`` bounds the ring and all-to-all terms together (``topology.planning.ring_floor``,
     ``StepModel.attention``) plus what the gradient term takes beyond its own bound (the bus bound here):
     where it is above the ring and all-to-all's own bounds, it counts instead.
-    In a small cluster, the bound also splits on the gradient bus (``_gated_step``,
+    The bound also splits on the gradient bus (``_gated_step``,
     ``topology.planning.gradient_gate``): the larger of the two bounds counts.
     """
     topo = sm.topo
@@ -473,7 +473,7 @@ def _gated_step(sm: StepModel, hop: float, hop_lat: float, a2a: float, attention
     buses, each with its own hop ceiling. Every order is in one case, so the smallest of their bounds holds. ``attention_floor`` already counts the gradient term's excess over ``gradients(B*)``.
     """
     gate = gradient_gate(sm)
-    if gate is None or gate.bus_below >= gate.bus:
+    if gate is None:
         return 0.0
     rest = sm.dense + sm.rates.step_overhead_s
     best_bus = sm.gradients(gate.bus)

@@ -5,27 +5,33 @@ The step prices the gradient ring (``topology.cost.StepModel.gradients``: rank
 its flows never share a link with the ring hops; but both follow the same
 rank order. Let ``B*`` be the best bus any order reaches
 (``topology.planning.bound.ring_bandwidth_bound`` over the world) and ``B'``
-the largest share any link gives strictly below it. Every order's bus is
-``B*`` or at most ``B'``:
+the largest share any link gives strictly below it (on a cluster of more
+than ``GATE_GPUS`` GPUs, ``B*`` itself: finding it reads every route). Every
+order's bus is ``B*`` or at most ``B'``:
 
-* at most ``B'``: the gradient term costs at least ``gradients(B')``;
-* exactly ``B*``: every gradient flow runs at ``B*`` or faster. A host
-  inside a unit (a host, or the hosts under a switch) of fewer GPUs than
-  the world whose links out sum to less than ``B*`` holds no rank
-  (``topology.planning.bound.hosts_off_a_ring``), so the rings live on the
+* exactly ``B*``: every gradient flow runs at ``B*`` or faster. A unit (a
+  host, or the hosts under a switch) of fewer GPUs than the world whose
+  links out sum to less than ``B*`` holds no rank
+  (``topology.planning.bound.small_units``), so the rings live on the
   other hosts and their hops run no faster than those allow. Each link
   carries at most ``bw / B*`` gradient flows (counted by flow fraction;
   whole flows where no route splits on a unit's exits), and where the ranks
-  fill the hosts left, a unit (a host, or one side of a link inside a host:
-  a socket, a PCIe switch with its GPUs) holds its ranks in at most ``k_U``
-  runs of the cyclic rank order, ``k_U`` the gradient flows its exits (and
-  its entrances) carry at ``B*``.
+  fill the hosts left (on clusters of up to ``GATE_GPUS`` GPUs), a unit (a
+  host, or one side of a link inside a host: a socket, a PCIe switch with
+  its GPUs) holds its ranks in at most ``k_U`` runs of the cyclic rank
+  order, ``k_U`` the gradient flows its exits (and its entrances) carry at
+  ``B*``.
+* at most ``B'``: the gradient term costs at least ``gradients(B')``, and
+  the same exclusion splits the slower buses into ranges: an order whose
+  bus is above a unit's figure keeps out of that unit (and out of every
+  slower one), so each range between two figures has its own hop ceiling
+  and its own gradient cost.
 
 Ring hops (``rank -> rank + u`` inside a cp group, wrapping at the group's
 end) restricted to a unit's ranks split into whole rings and paths; each path
 sends one hop out of the unit and takes one in (``leaving_hops``). Those hops
 share the unit's exits, so the slowest hop runs no faster than ``p`` flows
-across them allow. The step bound is then the smaller of the two cases
+across them allow. The step bound is then the smallest over the cases
 (``topology.cost.step_bound``).
 """
 
@@ -40,7 +46,8 @@ import numpy as np
 from topology.planning.bound import cut_rate, host_units, ring_bandwidth_bound, small_units, without_hosts
 
 GATE_GPUS = 64
-"""Clusters of at most this many GPUs get the gate: it reads the routes between every pair of GPUs."""
+"""Clusters of at most this many GPUs get the whole gate (``B'`` and ``leaving_hops``): they read the routes between
+every pair of GPUs."""
 _TOL = 1e-9
 
 
@@ -51,7 +58,7 @@ class Gate:
     bus: float
     """``B*``: the best bus any order reaches."""
     bus_below: float
-    """``B'``: the largest link share below ``B*`` (``B*`` itself when unknown: then the gate proves nothing)."""
+    """``B'``: the largest link share below ``B*`` (``B*`` itself when unknown)."""
     hop_cap: float
     """GB/s the slowest ring hop cannot exceed in any order whose bus is ``B*`` (inf: no claim)."""
     slower: tuple[tuple[float, float, float], ...] = ()
@@ -121,28 +128,33 @@ def share_below(sm, gpus: list[str], rate: float) -> float:
 
 
 def gradient_gate(sm) -> Gate | None:
-    """The gate of ``sm``'s shape on its cluster; None where it proves nothing (one rank, a large cluster, no
-    ring, or caps on the measured rates)."""
+    """The gate of ``sm``'s shape on its cluster; None where it proves nothing (one rank, no ring, or caps on the
+    measured rates).
+
+    Clusters of more than ``GATE_GPUS`` GPUs get the slow units' part only, with ``B'`` taken as ``B*`` (the
+    share below it needs every route's fractions): still a split on the bus at each unit's figure.
+    """
     topo = sm.topo
-    gpus = topo.gpus()
     rates = sm.rates
-    if sm.world < 2 or sm.ring < 2 or len(gpus) > GATE_GPUS or rates.intra_host_gbps or rates.inter_host_gbps:
+    if sm.world < 2 or sm.ring < 2 or rates.intra_host_gbps or rates.inter_host_gbps:
         return None
     cache = topo.__dict__.setdefault("_bound_cache", {})
     key = ("gate", sm.dp, sm.ring, sm.ulysses)
     if key not in cache:
-        cache[key] = _gate(sm, gpus)
+        cache[key] = _gate(sm, topo.gpus())
     return cache[key]
 
 
 def _gate(sm, gpus: list[str]) -> Gate:
     topo = sm.topo
+    small = len(gpus) <= GATE_GPUS
     bus = ring_bandwidth_bound(topo, 1, sm.world)
-    below = share_below(sm, gpus, bus)
+    below = share_below(sm, gpus, bus) if small else bus
     units = small_units(topo, sm.world)
-    left = [g for g in gpus if topo.host_of(g) not in _off(units, bus, strictly=True)]
     cap = _hop_cap(sm, units, bus, strictly=True)
-    if len(left) == sm.world:
+    off = _off(units, bus, strictly=True)
+    left = [g for g in gpus if topo.host_of(g) not in off]
+    if small and len(left) == sm.world:
         # The ranks fill the hosts left: a unit's GPUs all hold ranks, which ``leaving_hops`` needs.
         for m, out_bw, out_whole, in_bw, in_whole in _units(sm, left):
             # Runs leave through the exits and come back through the entrances, one gradient flow each way per run.
