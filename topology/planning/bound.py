@@ -25,7 +25,7 @@ from topology.network.model import Topology
 from topology.network.routing import NVLINK_KIND, FlowModel
 
 
-def ring_bandwidth_bound(topo: Topology, rings: int, size: int) -> float:
+def ring_bandwidth_bound(topo: Topology, rings: int, size: int, without: frozenset[str] = frozenset()) -> float:
     """Upper bound on the slowest hop of any placement of ``rings`` disjoint rings of ``size`` GPUs.
 
     Parameters
@@ -34,6 +34,8 @@ def ring_bandwidth_bound(topo: Topology, rings: int, size: int) -> float:
         The cluster.
     rings, size
         Number of ring groups running at once and GPUs in each.
+    without
+        Hosts no ring may use: their GPUs hold no rank (their links still carry flows between others).
 
     Returns
     -------
@@ -52,11 +54,21 @@ def ring_bandwidth_bound(topo: Topology, rings: int, size: int) -> float:
     hop leaves one GPU through its links. (1) also cuts a unit of hosts
     under a switch from the rest when its links out carry less than ``t``
     in all: no flow at ``t`` leaves it. O(E log E) for (1),
-    O(units x links x 60) for (2).
+    O(units x links x 60) for (2). Hosts ``without`` only take GPUs away from
+    (1): a placement off them is one of the whole cluster, so (2) and (3)
+    hold as they are.
     """
     if size < 2:
         return math.inf
     cache = topo.__dict__.setdefault("_bound_cache", {})
+    if without:
+        if (rings, size, without) not in cache:
+            whole = ring_bandwidth_bound(topo, rings, size)
+            _unit_levels(topo)
+            # Most often the rings still fit at the whole cluster's bound: one pass, no bisection.
+            fits = _fits_at(topo, whole, cache["seals"], size, without) >= rings
+            cache[rings, size, without] = whole if fits else min(whole, _component_bound(topo, rings, size, without))
+        return cache[rings, size, without]
     if (rings, size) not in cache:
         bound = min(_component_bound(topo, rings, size), gpu_access_bound(topo))
         for caps in _unit_levels(topo):
@@ -127,19 +139,13 @@ def small_units(topo: Topology, ranks: int) -> list[tuple[list[str], float]]:
     return [(members, cap) for members, n_gpus, cap in topo.__dict__["_bound_cache"]["members"] if n_gpus < ranks]
 
 
-def without_hosts(topo: Topology, hosts: set[str]) -> Topology:
-    """``topo`` with ``hosts`` (and their GPUs, NICs and other parts) taken out; switches and other hosts stay."""
-    keep = [n for n, host in topo.graph.nodes(data="host") if n not in hosts and host not in hosts]
-    return Topology(name=topo.name, gpu=topo.gpu, graph=topo.graph.subgraph(keep).copy())
-
-
 def switch_headroom(topo: Topology) -> dict[str, float]:
     """Per host, the smallest share per GPU of the uplinks above it (leaf, pod, ...): low under a degraded uplink."""
     _unit_levels(topo)
     return topo.__dict__["_bound_cache"]["headroom"]
 
 
-def _component_bound(topo: Topology, rings: int, size: int) -> float:
+def _component_bound(topo: Topology, rings: int, size: int, without: frozenset[str] = frozenset()) -> float:
     """Argument (1) of ``ring_bandwidth_bound``: the largest ``t`` at which the pieces joined by links of ``t``
     GB/s or more still hold the rings.
 
@@ -150,20 +156,21 @@ def _component_bound(topo: Topology, rings: int, size: int) -> float:
     """
     _unit_levels(topo)
     seals = topo.__dict__["_bound_cache"]["seals"]
-    if _fits_at(topo, math.inf, seals, size) >= rings:
+    if _fits_at(topo, math.inf, seals, size, without) >= rings:
         return math.inf  # the rings fit where no link is a cut: this argument bounds nothing
     values = sorted({*(bw for *_, bw in topo.graph.edges(data="bw_gbps")), *(cap for cap, _ in seals)})
     lo, hi = -1, len(values)  # values[lo] holds the rings (lo = -1: none known to), values[hi:] do not
     while hi - lo > 1:
         mid = (lo + hi) // 2
-        lo, hi = (mid, hi) if _fits_at(topo, values[mid], seals, size) >= rings else (lo, mid)
+        lo, hi = (mid, hi) if _fits_at(topo, values[mid], seals, size, without) >= rings else (lo, mid)
     return values[lo] if lo >= 0 else 0.0
 
 
-def _fits_at(topo: Topology, t: float, seals: list[tuple[float, list[tuple[str, str]]]], size: int) -> int:
+def _fits_at(topo: Topology, t: float, seals: list[tuple[float, list[tuple[str, str]]]], size: int,
+             without: frozenset[str] = frozenset()) -> int:
     """Rings of ``size`` that fit in the pieces of the cluster joined by links of ``t`` GB/s or more: switch
     links and a GPU's NVLink switch planes included, unless they leave a unit whose links out carry less than
-    ``t``."""
+    ``t``. GPUs of hosts ``without`` hold none."""
     g = topo.graph
     parent = {n: n for n in g.nodes}
 
@@ -184,6 +191,8 @@ def _fits_at(topo: Topology, t: float, seals: list[tuple[float, list[tuple[str, 
             parent[find(u)] = find(v)
     count: dict[str, int] = {}
     for gpu in topo.gpus():
+        if without and topo.host_of(gpu) in without:
+            continue
         root = find(gpu)
         count[root] = count.get(root, 0) + 1
     return sum(n // size for n in count.values())

@@ -43,11 +43,14 @@ from fractions import Fraction
 
 import numpy as np
 
-from topology.planning.bound import cut_rate, host_units, ring_bandwidth_bound, small_units, without_hosts
+from topology.planning.bound import cut_rate, host_units, ring_bandwidth_bound, small_units
 
 GATE_GPUS = 64
 """Clusters of at most this many GPUs get the whole gate (``B'`` and ``leaving_hops``): they read the routes between
 every pair of GPUs."""
+SLOW_RANGES = 8
+"""Ranges of slower buses the gate splits off at most, at the fastest units' figures below ``B'`` (a measured
+cluster may give every host a figure of its own); the last range reaches down to 0 and leaves no unit out."""
 _TOL = 1e-9
 
 
@@ -164,7 +167,7 @@ def _gate(sm, gpus: list[str]) -> Gate:
                 cap = min(cap, cut_rate(out_bw, out_whole, hops), cut_rate(in_bw, in_whole, hops))
     # Below B*, each unit's figure that a bus may pass starts a range: faster buses leave that unit out too.
     slower, top = [], below
-    for floor in sorted({c for _, c in units if c < top}, reverse=True):
+    for floor in sorted({c for _, c in units if c < top}, reverse=True)[:SLOW_RANGES]:
         slower.append((top, floor, _hop_cap(sm, units, floor, strictly=False)))
         top = floor
     slower.append((top, 0.0, math.inf))
@@ -185,4 +188,4 @@ def _hop_cap(sm, units: list[tuple[list[str], float]], rate: float, strictly: bo
         return math.inf
     if sum(len(topo.gpus(h)) for h in topo.hosts if h not in off) < sm.world:
         return 0.0
-    return ring_bandwidth_bound(without_hosts(topo, off), sm.dp * sm.ulysses, sm.ring)
+    return ring_bandwidth_bound(topo, sm.dp * sm.ulysses, sm.ring, frozenset(off))
