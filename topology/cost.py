@@ -470,7 +470,8 @@ def _gated_step(sm: StepModel, hop: float, hop_lat: float, a2a: float, attention
 
     An order at the best bus ``B*`` keeps out of units too slow for it and sends ring hops out of crowded
     units, whose exits cap its slowest hop; one whose bus is slower falls in one of the gate's ranges of slower
-    buses, each with its own hop ceiling. Every order is in one case, so the smallest of their bounds holds. ``attention_floor`` already counts the gradient term's excess over ``gradients(B*)``.
+    buses, each with its own hop ceiling. Every order is in one case, so the smallest of their bounds holds.
+    ``attention_floor`` already counts the gradient term's excess over ``gradients(B*)``.
     """
     gate = gradient_gate(sm)
     if gate is None:

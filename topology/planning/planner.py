@@ -474,10 +474,10 @@ def bus_cycle_order(req: PlanRequest, sm: StepModel) -> list[str]:
     per_host = {h: req.gpu_count(h) for h in req.hosts}
     hosts = _cycle(req.topo, _choose_hosts(req, per_host, 1))
     seq = _gpu_sequence(req, hosts)
-    starts = list(dict.fromkeys(itertools.accumulate([0] + [per_host[h] for h in hosts[:-1]])))
     if req.ring < 2:
-        starts = [0]
-    elif len(seq) == req.gpus:
+        return seq[: req.gpus]
+    starts = list(dict.fromkeys(itertools.accumulate([0] + [per_host[h] for h in hosts[:-1]])))
+    if len(seq) == req.gpus:
         starts = list(dict.fromkeys(i % req.cp for i in starts))  # the same cuts come back every ring
     return min(((seq[i:] + seq[:i])[: req.gpus] for i in starts), key=sm.step)
 
