@@ -154,8 +154,8 @@ def _gate(sm, gpus: list[str]) -> Gate:
     bus = ring_bandwidth_bound(topo, 1, sm.world)
     below = share_below(sm, gpus, bus) if small else bus
     units = small_units(topo, sm.world)
-    cap = _hop_cap(sm, units, bus, strictly=True)
     off = _off(units, bus, strictly=True)
+    cap = _hop_cap(sm, off)
     left = [g for g in gpus if topo.host_of(g) not in off]
     if small and len(left) == sm.world:
         # The ranks fill the hosts left: a unit's GPUs all hold ranks, which ``leaving_hops`` needs.
@@ -168,7 +168,7 @@ def _gate(sm, gpus: list[str]) -> Gate:
     # Below B*, each unit's figure that a bus may pass starts a range: faster buses leave that unit out too.
     slower, top = [], below
     for floor in sorted({c for _, c in units if c < top}, reverse=True)[:SLOW_RANGES]:
-        slower.append((top, floor, _hop_cap(sm, units, floor, strictly=False)))
+        slower.append((top, floor, _hop_cap(sm, _off(units, floor, strictly=False))))
         top = floor
     slower.append((top, 0.0, math.inf))
     return Gate(bus, below, cap, tuple(slower))
@@ -179,11 +179,10 @@ def _off(units: list[tuple[list[str], float]], rate: float, strictly: bool) -> s
     return {h for members, cap in units if (cap < rate if strictly else cap <= rate) for h in members}
 
 
-def _hop_cap(sm, units: list[tuple[list[str], float]], rate: float, strictly: bool) -> float:
-    """The slowest hop's ceiling when the gradient ring's flows all run at ``rate`` or more (or above it, unless
-    ``strictly``): the rings live on the hosts the bus leaves in (0: too few GPUs there)."""
+def _hop_cap(sm, off: set[str]) -> float:
+    """The slowest hop's ceiling when the gradient ring keeps out of the hosts ``off``: the rings live on the
+    others (0: too few GPUs there)."""
     topo = sm.topo
-    off = _off(units, rate, strictly)
     if not off:
         return math.inf
     if sum(len(topo.gpus(h)) for h in topo.hosts if h not in off) < sm.world:

@@ -289,9 +289,8 @@ def grouped_ring_orders(req: PlanRequest) -> dict[str, list[str]]:
     if req.ring < 2 or max(sizes.values()) > req.cp:
         return {}
     egress = {h: host_egress(req.topo, h) for h in req.hosts}
-    ranked = sorted(req.hosts, key=lambda h: -egress[h])
-    need = next(i for i, total in enumerate(itertools.accumulate(sizes[h] for h in ranked)) if total >= req.gpus)
-    fast = [h for h in req.hosts if egress[h] >= egress[ranked[need]]]
+    threshold = _needed_egress(egress, sizes, req.gpus)
+    fast = [h for h in req.hosts if egress[h] >= threshold]
     out: dict[str, list[str]] = {}
     for hosts, suffix in [(fast, ", fastest hosts"), (req.hosts, "")][len(fast) == len(req.hosts):]:
         for name, order in _grouped_rings(req, hosts, sizes).items():
@@ -547,13 +546,7 @@ def _choose_hosts(req: PlanRequest, per_host: dict[str, int], s: int) -> list[st
     """Enough hosts for ``req.gpus``, fastest first, from the best-connected switches, in switch order."""
     topo = req.topo
     egress = {h: host_egress(topo, h) for h in req.hosts}
-    ranked = sorted((h for h in req.hosts if per_host[h]), key=lambda h: -egress[h])
-    total, threshold = 0, math.inf
-    for h in ranked:
-        total += per_host[h] * s
-        threshold = egress[h]
-        if total >= req.gpus:
-            break
+    threshold = _needed_egress(egress, {h: n * s for h, n in per_host.items()}, req.gpus)
     paths = {h: group_path(topo, h) for h in req.hosts}
     headroom = switch_headroom(topo)
     groups: dict[tuple, list[str]] = {}
@@ -623,6 +616,18 @@ def host_egress(topo: Topology, host: str) -> float:
     return statistics.median(links) if links else math.inf
 
 
+def _needed_egress(egress: dict[str, float], gpus_on: dict[str, int], want: int) -> float:
+    """The slowest egress among hosts taken fastest first until they hold ``want`` GPUs (all of them if they never
+    do): the hosts at least that fast hold the GPUs, and one on a degraded cable joins only when they need it."""
+    total, threshold = 0, math.inf
+    for h in sorted((h for h in gpus_on if gpus_on[h]), key=lambda h: -egress[h]):
+        total += gpus_on[h]
+        threshold = egress[h]
+        if total >= want:
+            break
+    return threshold
+
+
 def select_hosts(req: PlanRequest, egress: dict[str, float]) -> list[str]:
     """The hosts to use, leaf by leaf (the list the ring runs are cut from).
 
@@ -631,13 +636,7 @@ def select_hosts(req: PlanRequest, egress: dict[str, float]) -> list[str]:
     leaves that hold the most of them, so rings span few switches.
     """
     topo = req.topo
-    ranked = sorted(req.hosts, key=lambda h: -egress[h])
-    total, threshold = 0, math.inf
-    for h in ranked:
-        total += req.gpu_count(h)
-        threshold = egress[h]
-        if total >= req.gpus:
-            break
+    threshold = _needed_egress(egress, {h: req.gpu_count(h) for h in req.hosts}, req.gpus)
     by_leaf: dict[object, list[str]] = {}
     for h in req.hosts:
         if egress[h] >= threshold:
