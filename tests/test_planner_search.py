@@ -15,6 +15,7 @@ from topology.planning.plan import GroupLayout
 from topology.planning.planner import make_plan
 from topology.network.presets import PRESETS, g6e, leaf_spine
 from topology.planning.ring_order import nic_spread_order
+from topology.planning.split_groups import _nonsplit_table, split_attention
 from topology.planning.symmetry import Symmetry
 from launcher.commands.plan import summary
 from topology.network.load import link_loads, ring_flows
@@ -563,7 +564,7 @@ def test_groups_split_across_railed_hosts_raise_the_floor_by_their_gradient_cros
     floor = _check_ring_floor(sm, 6, math.inf)
     figures = [sm.figures(list(order)) for order in itertools.permutations(topo.gpus())]
     assert floor.exact and floor.seconds > min(sm.attention(f["hop_gbps"], f["hop_lat"], f["a2a"]) for f in figures)
-    assert step_bound(sm, 0.0, floor.seconds)["step"] > step_bound(sm)["step"] * 1.04
+    assert step_bound(sm, 0.0, floor.seconds)["step"] > step_bound(sm)["step"] * 1.02
 
 
 def _check_ring_floor(sm, gpus, cap):
@@ -755,3 +756,59 @@ def test_gradient_gate_caps_ring_hops_on_four_g6e_hosts_at_the_nic_rate():
     bound = step_bound(sm)["step"]
     assert bound > ungated * (1 + 1e-3)
     assert bound <= sm.step(topo.gpus())
+
+
+# ------------------------------------------------------------------ ring hops out of a unit, or Ulysses groups split
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
+@given(small_clusters(most=8), st.sampled_from([2, 3, 4]), st.sampled_from([256, 65536]))
+def test_split_group_floor_is_no_more_than_any_orders_attention(problem, ulysses, tokens):
+    """Partial pools included: the attention priced with the all-to-all that a unit's split groups force (or the
+    ring hops its whole groups send out) is at or below every order's, and the step bound it raises at or below
+    the optimum."""
+    topo, gpus, cp = problem
+    assume(cp % ulysses == 0 and cp // ulysses > 1)
+    sm = StepModel(topo, gpus // cp, cp // ulysses, ulysses, 2 * cp * tokens)
+    classes = search.twin_classes(sm, topo.gpus())
+    assume(search.count_orders(classes, gpus, 20_000) <= 20_000)
+    figures = [sm.figures(order) for order in all_orders(classes, gpus)]
+    least = min(sm.attention(f["hop_gbps"], f["hop_lat"], f["a2a"]) for f in figures)
+    assert split_attention(sm, math.inf, 0.0, 0.0) <= least * (1 + 1e-9)
+    assert step_bound(sm)["step"] <= min(f["step"] for f in figures) * (1 + 1e-9)
+
+
+def test_nonsplit_table_matches_counting_by_hand():
+    """Rings of 13 in pairs (cp 26): a host of 8 GPUs holds no whole pair unless both rings leave it; a leaf of 16
+    holding one ring whole and 3 ranks of the other keeps 3 pairs whole with one hop out."""
+    table = _nonsplit_table(13, 2, 32)
+    assert table[8, 1] == 0 and table[8, 2] == 8
+    assert table[16, 1] == 6 and table[13, 1] == 0 and table[12, 0] == -1
+    assert table[26, 0] == 26 and table[27, 0] == -1 and table[27, 1] == 26
+
+
+def test_three_tier_pairs_either_share_a_nic_with_both_rings_or_split_across_hosts():
+    """13 hosts of 8 GPUs in pods of two leaves, 78 GPUs in rings of 13 Ulysses pairs: a host holding a whole pair
+    sends both rings out of its NIC (half the rate); keeping one ring per host splits every pair across hosts or
+    leaves. The bound prices both and the plan comes within 1% of it."""
+    topo = leaf_spine(13, hosts_per_leaf=2, leaves_per_pod=2, core_oversubscription=2.0)
+    plan = make_plan(topo, 78, 26, 2, seq_len=2 * 26 * 2048)
+    sm = StepModel(topo, 3, 13, 2, 2 * 26 * 2048)
+    assert split_attention(sm, math.inf, 0.0, 0.0) > 1.8 * sm.attention(math.inf, 0.0, 0.0)
+    assert plan.cost["step_time_s"] <= plan.cost["bound_step_s"] * 1.01
+
+
+@pytest.mark.parametrize("ring, ulysses", [(2, 2), (3, 2), (2, 3), (4, 2)])
+def test_nonsplit_table_is_never_below_any_set_of_ranks(ring, ulysses):
+    """Every set of ranks of two cp groups a unit could hold: its hops out and whole groups, counted directly. The
+    table (which drops which group a rank is in) allows at least as many whole groups for as few hops out."""
+    layout = GroupLayout.from_grid(2, ring, ulysses)
+    world = 2 * ring * ulysses
+    table = _nonsplit_table(ring, ulysses, world)
+    best: dict[tuple[int, int], int] = {}
+    for mask in range(1 << world):
+        held = {r for r in range(world) if mask >> r & 1}
+        out = sum(1 for g in layout.ring_groups for i, r in enumerate(g) if r in held and g[(i + 1) % ring] not in held)
+        whole = sum(len(g) for g in layout.ulysses_groups if set(g) <= held)
+        key = (len(held), out)
+        best[key] = max(best.get(key, -1), whole)
+    for (n, out), whole in best.items():
+        assert table[n, out] >= whole, (n, out, whole)

@@ -125,6 +125,12 @@ def _unit_levels(topo: Topology) -> list[list[tuple[int, float]]]:
     return levels
 
 
+def all_units(topo: Topology) -> list[tuple[list[str], int, float]]:
+    """(hosts, GPUs, GB/s of their links out in all) of every unit: each host, then the hosts under each switch."""
+    _unit_levels(topo)
+    return topo.__dict__["_bound_cache"]["members"]
+
+
 def small_units(topo: Topology, ranks: int) -> list[tuple[list[str], float]]:
     """(hosts, GB/s of their links out in all) of every unit (a host, or the hosts under a switch) of fewer GPUs
     than ``ranks``.
@@ -135,8 +141,7 @@ def small_units(topo: Topology, ranks: int) -> list[tuple[list[str], float]]:
     gradient ring this says which hosts an order at a given bus leaves out
     (``topology.planning.gradient_gate``).
     """
-    _unit_levels(topo)
-    return [(members, cap) for members, n_gpus, cap in topo.__dict__["_bound_cache"]["members"] if n_gpus < ranks]
+    return [(members, cap) for members, n_gpus, cap in all_units(topo) if n_gpus < ranks]
 
 
 def switch_headroom(topo: Topology) -> dict[str, float]:
