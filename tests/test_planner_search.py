@@ -15,7 +15,7 @@ from topology.planning.plan import GroupLayout
 from topology.planning.planner import make_plan
 from topology.network.presets import PRESETS, g6e, leaf_spine
 from topology.planning.ring_order import nic_spread_order
-from topology.planning.split_groups import _nonsplit_table, split_attention
+from topology.planning.split_groups import _nonsplit_table, split_step
 from topology.planning.symmetry import Symmetry
 from launcher.commands.plan import summary
 from topology.network.load import link_loads, ring_flows
@@ -762,17 +762,17 @@ def test_gradient_gate_caps_ring_hops_on_four_g6e_hosts_at_the_nic_rate():
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
 @given(small_clusters(most=8), st.sampled_from([2, 3, 4]), st.sampled_from([256, 65536]))
 def test_split_group_floor_is_no_more_than_any_orders_attention(problem, ulysses, tokens):
-    """Partial pools included: the attention priced with the all-to-all that a unit's split groups force (or the
-    ring hops its whole groups send out) is at or below every order's, and the step bound it raises at or below
-    the optimum."""
+    """Partial pools included: the attention and gradients priced with the all-to-all and gradient flows that a
+    unit's split groups force (or the ring hops its whole groups send out) are at or below every order's, and the
+    step bound they raise at or below the optimum."""
     topo, gpus, cp = problem
     assume(cp % ulysses == 0 and cp // ulysses > 1)
     sm = StepModel(topo, gpus // cp, cp // ulysses, ulysses, 2 * cp * tokens)
     classes = search.twin_classes(sm, topo.gpus())
     assume(search.count_orders(classes, gpus, 20_000) <= 20_000)
     figures = [sm.figures(order) for order in all_orders(classes, gpus)]
-    least = min(sm.attention(f["hop_gbps"], f["hop_lat"], f["a2a"]) for f in figures)
-    assert split_attention(sm, math.inf, 0.0, 0.0) <= least * (1 + 1e-9)
+    least = min(sm.attention(f["hop_gbps"], f["hop_lat"], f["a2a"]) + sm.gradients(f["bus_gbps"]) for f in figures)
+    assert split_step(sm, math.inf, 0.0, 0.0, math.inf) <= least * (1 + 1e-9)
     assert step_bound(sm)["step"] <= min(f["step"] for f in figures) * (1 + 1e-9)
 
 
@@ -792,7 +792,7 @@ def test_three_tier_pairs_either_share_a_nic_with_both_rings_or_split_across_hos
     topo = leaf_spine(13, hosts_per_leaf=2, leaves_per_pod=2, core_oversubscription=2.0)
     plan = make_plan(topo, 78, 26, 2, seq_len=2 * 26 * 2048)
     sm = StepModel(topo, 3, 13, 2, 2 * 26 * 2048)
-    assert split_attention(sm, math.inf, 0.0, 0.0) > 1.8 * sm.attention(math.inf, 0.0, 0.0)
+    assert split_step(sm, math.inf, 0.0, 0.0, math.inf) > 1.8 * sm.attention(math.inf, 0.0, 0.0)
     assert plan.cost["step_time_s"] <= plan.cost["bound_step_s"] * 1.01
 
 

@@ -28,7 +28,7 @@ import numpy as np
 
 from topology.planning.bound import gpu_access_bound, min_route_latency, ring_bandwidth_bound
 from topology.planning.gradient_gate import gradient_gate
-from topology.planning.split_groups import split_attention
+from topology.planning.split_groups import split_step
 from topology.network.model import Topology
 from topology.planning.plan import GroupLayout, Plan
 from topology.network.routing import FlowModel, same_nvlink_domain
@@ -447,8 +447,8 @@ def step_bound(sm: StepModel, a2a_floor: float = 0.0, attention_floor: float = 0
     where it is above the ring and all-to-all's own bounds, it counts instead.
     The bound also splits on the gradient bus (``_gated_step``,
     ``topology.planning.gradient_gate``): the larger of the two bounds counts.
-    Ring and all-to-all are priced together where Ulysses groups must either
-    send ring hops out of a unit or split across it (``topology.planning.split_groups``).
+    Ring, all-to-all and gradients are priced together where Ulysses groups must
+    either send ring hops out of a unit or split across it (``topology.planning.split_groups``).
     """
     topo = sm.topo
     hop = ring_bandwidth_bound(topo, sm.dp * sm.ulysses, sm.ring) * sm.rates.network_efficiency
@@ -460,8 +460,8 @@ def step_bound(sm: StepModel, a2a_floor: float = 0.0, attention_floor: float = 0
         a2a = 2 * transfer(sm.a2a_per_peer * (sm.ulysses - 1), gpu_access_bound(topo) * sm.rates.network_efficiency, lat)
     a2a = max(a2a, a2a_floor)
     bus = ring_bandwidth_bound(topo, 1, sm.world)
-    attention = max(split_attention(sm, hop, hop_lat, a2a), attention_floor)
-    step = sm.dense + attention + sm.gradients(bus) + sm.rates.step_overhead_s
+    step = sm.dense + sm.rates.step_overhead_s + max(split_step(sm, hop, hop_lat, a2a, bus),
+                                                    attention_floor + sm.gradients(bus))
     gated = _gated_step(sm, hop, hop_lat, a2a, attention_floor)
     if gated > step:
         step = gated
@@ -482,12 +482,12 @@ def _gated_step(sm: StepModel, hop: float, hop_lat: float, a2a: float, attention
     rest = sm.dense + sm.rates.step_overhead_s
     best_bus = sm.gradients(gate.bus)
 
-    def attention(cap: float) -> float:  # the ring and all-to-all with the slowest hop at most ``cap``
-        return math.inf if cap <= 0 else split_attention(sm, min(hop, cap * sm.rates.network_efficiency), hop_lat, a2a)
+    def traffic(cap: float, bus: float) -> float:  # ring, all-to-all and gradients: slowest hop at most ``cap``
+        return math.inf if cap <= 0 else split_step(sm, min(hop, cap * sm.rates.network_efficiency), hop_lat, a2a, bus)
 
-    bounds = [rest + max(attention(gate.hop_cap), attention_floor) + best_bus]
+    bounds = [rest + max(traffic(gate.hop_cap, gate.bus), attention_floor + best_bus)]
     for top, _, cap in gate.slower:  # each range of slower buses, its hop ceiling with it
-        bounds.append(rest + max(attention(cap) + sm.gradients(top), attention_floor + best_bus))
+        bounds.append(rest + max(traffic(cap, top), attention_floor + best_bus))
     return min(bounds)
 
 

@@ -12,19 +12,26 @@ all-to-all flow out. Either way the unit's links out carry the flows, and
 of a link it crosses). So a fast slowest ring hop forces split groups, and
 split groups slow the all-to-all.
 
+A split group costs the gradient ring too: its ``u`` ranks are consecutive
+in the rank order the gradient ring follows, so the ring crosses the unit's
+border inside every group split across it, and half of those crossings
+leave the unit: ``s`` split ranks send at least ``s / (2 (u - 1))``
+gradient flows out.
+
 The bound splits on the slowest ring hop's rate ``r`` (before efficiency).
-In the range ``[tau, next)`` of a threshold ``tau``, a unit of external
-bandwidth ``C`` sends at most ``floor(C / tau)`` ring hops out.
+In the range ``(tau, next]`` below a threshold ``next``, a unit of external
+bandwidth ``C`` sends fewer than ``C / tau`` ring hops out.
 ``_nonsplit_table`` gives, for ``n`` ranks in a unit and at most ``e`` hops
 out, the most ranks whose Ulysses group the unit holds whole (or that no
-such arrangement exists); the rest are split, so the unit sends at least
-``s(n)`` all-to-all flows out. Which units hold how many ranks is the
-placement's choice: ``_least_share`` finds, by a sum over the tree of units,
-the smallest ``t`` at which every unit can keep ``s(n) <= t C`` and still
-hold the world, so some unit's all-to-all flows share at most ``1 / t`` GB/s
-each. The range's bound is then the attention at a hop of at most ``next``
-and that all-to-all; the smallest over the ranges (the last reaching down to
-0 with no claim on the units) bounds every order.
+such arrangement exists); the rest are split. Which units hold how many
+ranks is the placement's choice: ``_least_share`` finds, by a sum over the
+tree of units, the smallest ``t`` at which every unit can keep its split
+ranks ``s <= t C`` and still hold the world, so in every order some unit
+splits ``t C`` ranks or more: its all-to-all flows share at most ``1 / t``
+GB/s each and its gradient flows ``2 (u - 1) / t``. The range's bound is
+the attention at a hop of at most ``next`` with that all-to-all, plus the
+gradient term at that bus; the smallest over the ranges (the last reaching
+down to 0 with no claim on the units) bounds every order.
 
 Dropped for a lower bound: which cp group or ring a rank belongs to across
 units (each unit is priced on its own), the number of cp groups, and the
@@ -48,19 +55,19 @@ SPLIT_RANGES = 8
 _TOL = 1e-9
 
 
-def split_attention(sm, hop: float, hop_lat: float, a2a: float) -> float:
-    """A lower bound on ``sm.attention`` of every order whose slowest hop is at most ``hop`` (GB/s, after efficiency)
-    and whose all-to-all takes at least ``a2a``: the smallest over the ranges of ``_ranges``."""
-    best = sm.attention(hop, hop_lat, a2a)
-    ranges = _ranges(sm)
-    if not ranges:
-        return best
+def split_step(sm, hop: float, hop_lat: float, a2a: float, bus: float) -> float:
+    """A lower bound on ``sm.attention`` plus ``sm.gradients`` of every order whose slowest hop is at most ``hop``
+    (GB/s, after efficiency), whose all-to-all takes at least ``a2a`` and whose gradient bus is at most ``bus``: the
+    smallest over the ranges of ``_ranges``."""
+    ranges = _ranges(sm) or [(math.inf, 0.0, math.inf)]
     eff = sm.rates.network_efficiency
-    return min(sm.attention(min(hop, top * eff), hop_lat, max(a2a, forced)) for top, forced in ranges)
+    return min(sm.attention(min(hop, top * eff), hop_lat, max(a2a, forced)) + sm.gradients(min(bus, bus_cap))
+               for top, forced, bus_cap in ranges)
 
 
-def _ranges(sm) -> list[tuple[float, float]]:
-    """(highest raw rate of the slowest hop, all-to-all seconds every order in the range takes) of each range."""
+def _ranges(sm) -> list[tuple[float, float, float]]:
+    """(highest raw rate of the slowest hop, all-to-all seconds and highest gradient bus of every order in the range)
+    of each range."""
     if sm.ulysses < 2 or sm.ring < 2 or sm.world > SPLIT_GPUS:
         return []
     cache = sm.topo.__dict__.setdefault("_bound_cache", {})
@@ -70,7 +77,7 @@ def _ranges(sm) -> list[tuple[float, float]]:
     return cache[key]
 
 
-def _compute_ranges(sm) -> list[tuple[float, float]]:
+def _compute_ranges(sm) -> list[tuple[float, float, float]]:
     topo, world = sm.topo, sm.world
     units = _unit_tree(topo)
     if units is None:
@@ -89,12 +96,13 @@ def _compute_ranges(sm) -> list[tuple[float, float]]:
     for tau in thresholds:
         if above > tau * (1 + _TOL):  # the range (tau, above]; empty when tau is the top itself
             t = _least_share(units, table, world, tau)
-            forced = math.inf if t is None else 0.0
+            forced, bus = (math.inf, 0.0) if t is None else (0.0, math.inf)
             if t:
                 forced = 2 * (sm.a2a_per_peer / (min(eff / t, inter) * 1e9) + lat * 1e-6)
-            ranges.append((above, forced))
+                bus = 2 * (sm.ulysses - 1) / t
+            ranges.append((above, forced, bus))
         above = tau
-    ranges.append((above, 0.0))  # every slower hop: no claim on the units
+    ranges.append((above, 0.0, math.inf))  # every slower hop: no claim on the units
     return ranges
 
 
