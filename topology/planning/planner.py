@@ -39,7 +39,7 @@ import itertools
 import math
 import random
 import statistics
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from typing import Callable
 
@@ -234,6 +234,7 @@ def aware_order(req: PlanRequest) -> list[str]:
     if whole is not None:
         candidates["whole hosts per ring"] = whole
     candidates.update(grouped_ring_orders(req))
+    candidates.update(rings_apart_orders(req))
     if len(req.hosts) <= CYCLE_HOSTS:
         candidates["bus cycle"] = bus_cycle_order(req, sm)
     seen: list[list[str]] = []
@@ -265,6 +266,28 @@ def whole_host_order(req: PlanRequest) -> list[str] | None:
     if len(full) < req.gpus // req.cp:
         return None
     return [g for ring in full for g in _gpu_sequence(req, ring)]
+
+
+def rings_apart_orders(req: PlanRequest) -> dict[str, list[str]]:
+    """Each ring placed as a cp group of its own, and each Ulysses group made of one rank of each of ``u`` such rings.
+
+    The other constructions keep a Ulysses group on one host, so every ring
+    of its cp group leaves that host, and ``u`` ring flows share its links.
+    Where a ring fits in a fast group of GPUs that a whole cp group does not
+    (an NVLink domain, a leaf), the rings run inside those groups at their
+    speed and only the all-to-all (and the gradient ring, which steps through
+    each Ulysses group's ranks) crosses between them. Built from the
+    hierarchical and grouped-ring orders for ``dp x u`` rings of ``ring``
+    GPUs: rings ``d u .. d u + u - 1`` (neighbours in that order) make cp group ``d``.
+    """
+    if req.ulysses < 2 or req.ring < 2:
+        return {}
+    alone = replace(req, cp=req.ring, ulysses=1, cuts={}, info={})
+    orders = {"hierarchical": hierarchical_order(alone), **grouped_ring_orders(alone)}
+    r, u = req.ring, req.ulysses
+    return {f"{name}, Ulysses groups across rings": [order[(d * u + k) * r + i] for d in range(req.gpus // req.cp)
+                                                     for i in range(r) for k in range(u)]
+            for name, order in orders.items()}
 
 
 def grouped_ring_orders(req: PlanRequest) -> dict[str, list[str]]:
