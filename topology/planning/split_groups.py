@@ -83,7 +83,7 @@ def _compute_ranges(sm) -> list[tuple[float, float, float]]:
     if units is None:
         return []
     top = ring_bandwidth_bound(topo, sm.dp * sm.ulysses, sm.ring)  # no hop runs faster
-    caps = {cap for _, _, cap, _ in units}
+    caps = {cap for _, cap, _ in units}
     # A unit's figure over 1 .. 8u hops out; the fastest at or below ``top`` split, slower ones merge into the last.
     thresholds = sorted({c / k for c in caps if c > 0 for k in range(1, sm.ulysses * 8 + 1)
                          if c / k <= top * (1 + _TOL)},
@@ -96,22 +96,31 @@ def _compute_ranges(sm) -> list[tuple[float, float, float]]:
     for tau in thresholds:
         if above > tau * (1 + _TOL):  # the range (tau, above]; empty when tau is the top itself
             t = _least_share(units, table, world, tau)
-            forced, bus = (math.inf, 0.0) if t is None else (0.0, math.inf)
-            if t:
+            if t is None:  # no order has its slowest hop in this range
+                ranges.append((above, math.inf, 0.0))
+            elif t == 0:  # no unit need split a group
+                ranges.append((above, 0.0, math.inf))
+            else:
                 forced = 2 * (sm.a2a_per_peer / (min(eff / t, inter) * 1e9) + lat * 1e-6)
-                bus = 2 * (sm.ulysses - 1) / t
-            ranges.append((above, forced, bus))
+                ranges.append((above, forced, 2 * (sm.ulysses - 1) / t))
         above = tau
     ranges.append((above, 0.0, math.inf))  # every slower hop: no claim on the units
     return ranges
 
 
-def _unit_tree(topo) -> list[tuple[int, int, float, int]] | None:
-    """The units as a tree, children before parents: (index, GPUs, GB/s out, parent index or -1).
+def _unit_tree(topo) -> list[tuple[int, float, int]] | None:
+    """The units as a tree, children before parents: (GPUs, GB/s out, parent's index or -1); cached on the topology.
 
     Units with the same hosts are one, at the smaller figure (their flows out cross both cuts). ``None`` where the
     units do not nest (a host under two switches of one level).
     """
+    cache = topo.__dict__.setdefault("_bound_cache", {})
+    if "unit_tree" not in cache:
+        cache["unit_tree"] = _build_unit_tree(topo)
+    return cache["unit_tree"]
+
+
+def _build_unit_tree(topo) -> list[tuple[int, float, int]] | None:
     merged: dict[frozenset[str], tuple[int, float]] = {}
     for members, n_gpus, cap in all_units(topo):
         key = frozenset(members)
@@ -132,7 +141,7 @@ def _unit_tree(topo) -> list[tuple[int, int, float, int]] | None:
         parent.append(j)
     if any(covered[j] != len(order[j]) for j in range(len(order)) if covered[j]):
         return None  # children overlap: the units do not nest
-    return [(i, merged[a][0], merged[a][1], parent[i]) for i, a in enumerate(order)]
+    return [(*merged[a], parent[i]) for i, a in enumerate(order)]
 
 
 @lru_cache(maxsize=32)
@@ -166,13 +175,13 @@ def _nonsplit_table(ring: int, u: int, most: int) -> np.ndarray:
     return np.maximum.accumulate(table, axis=1)
 
 
-def _least_share(units: list[tuple[int, int, float, int]], table: np.ndarray, world: int, tau: float) -> float | None:
+def _least_share(units: list[tuple[int, float, int]], table: np.ndarray, world: int, tau: float) -> float | None:
     """The smallest ``t`` such that ``world`` ranks fit in the units with every unit of ``n`` ranks splitting at most
     ``t x`` its GB/s out, when each sends only the ring hops its links out carry faster than ``tau``; ``None`` if
     none fits."""
     most = table.shape[0] - 1
     rows: dict[tuple[int, float], np.ndarray] = {}  # per kind of unit, the ranks it must split to hold n (inf: never)
-    for _, n_gpus, cap, _ in units:
+    for n_gpus, cap, _ in units:
         if (n_gpus, cap) not in rows:
             e = min(most, max(0, math.ceil(cap / tau * (1 - _TOL)) - 1))  # hops out at a rate above tau
             full = table[: min(n_gpus, world) + 1, e]
@@ -185,15 +194,15 @@ def _least_share(units: list[tuple[int, int, float, int]], table: np.ndarray, wo
                    for kind, row in rows.items()}
         children: list[list[int]] = [[] for _ in units]  # the counts each child can hold, as bit sets
         top = []
-        for i, n_gpus, cap, parent in units:
+        for i, (n_gpus, cap, parent) in enumerate(units):
             held = allowed[n_gpus, cap]
             if children[i]:
                 held &= _sum_all(children[i], world)
             (children[parent] if parent >= 0 else top).append(held)
         return bool(_sum_all(top, world) >> world & 1)
 
-    lo, hi = -1, len(candidates) - 1
-    if hi < 0 or not fits(candidates[hi]):
+    lo, hi = -1, len(candidates) - 1  # candidates hold 0 at least
+    if not fits(candidates[hi]):
         return None
     while hi - lo > 1:
         mid = (lo + hi) // 2
