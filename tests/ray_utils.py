@@ -64,7 +64,7 @@ class LocalCluster:
         """Kill host ``i`` (not the head, which the driver is attached to)."""
         if i == 0:
             raise ValueError("host 0 is the head node the driver is attached to")
-        self.cluster.remove_node(self.nodes[i], allow_graceful=False)
+        remove_node(self.cluster, self.nodes[i])
 
     def add_host(self, gpus: int = 0, cpus: int = 2, labels: dict[str, str] | None = None) -> str:
         """Start one more host at the next free IP; returns its IP."""
@@ -116,12 +116,31 @@ def local_cluster(
     finally:
         if ray.is_initialized():
             ray.shutdown()
-        # Killing outright: a graceful stop waits on every worker process of every node.
         for node in list(cluster.worker_nodes):
-            cluster.remove_node(node, allow_graceful=False)
+            remove_node(cluster, node)
         if cluster.head_node is not None:
-            cluster.remove_node(cluster.head_node, allow_graceful=False)
+            remove_node(cluster, cluster.head_node)
         cluster.shutdown()
+
+
+def remove_node(cluster: Any, node: Any) -> None:
+    """Kill a node outright, with the processes its raylet started.
+
+    A graceful stop waits on every worker process of the node. Killed
+    outright, the raylet leaves its agents (dashboard, runtime env) behind,
+    polling for minutes on a machine the next tests need: they go too.
+    """
+    import psutil
+
+    children = []
+    for infos in node.all_processes.values():
+        for info in infos:
+            with contextlib.suppress(psutil.Error):
+                children += psutil.Process(info.process.pid).children(recursive=True)
+    cluster.remove_node(node, allow_graceful=False)
+    for child in children:
+        with contextlib.suppress(psutil.Error):
+            child.kill()
 
 
 @contextlib.contextmanager

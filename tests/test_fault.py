@@ -24,7 +24,7 @@ from launcher.recipe import Recipe
 from launcher.runtime.rundir import read_metrics
 from tests.ray_utils import REPO, local_cluster, when_step_reached
 
-STEPS = 80
+STEPS = 40
 """Tiny steps take well under 0.1 s; a killed host's ranks take a few seconds to notice, and the stage must outlast that."""
 RECIPE = {
     "name": "fault",
