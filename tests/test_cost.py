@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from topology.planning.bound import ring_bandwidth_bound
+from topology.planning.bounds.rates import ring_bandwidth_bound
 from topology.cost import LLAMA3_8B, FlowModel, estimate
 from topology.network.model import Topology
 from topology.planning.planner import make_plan

@@ -8,15 +8,15 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from topology.planning import search
+from topology.planning.search import optimise
 from topology.cost import FlowModel, StepModel, step_bound
 from topology.network.model import Topology
 from topology.planning.plan import GroupLayout
 from topology.planning.planner import make_plan
 from topology.network.presets import PRESETS, g6e, leaf_spine, nvl_domains
 from topology.planning.ring_order import nic_spread_order
-from topology.planning.split_groups import _nonsplit_table, split_step
-from topology.planning.symmetry import Symmetry
+from topology.planning.bounds.split_groups import _nonsplit_table, split_step
+from topology.planning.search.symmetry import Symmetry
 from launcher.commands.plan import summary
 from topology.network.load import link_loads, ring_flows
 
@@ -28,7 +28,7 @@ TOL = 1e-7
 def _moves_not_the_clock(monkeypatch):
     """Local search ends on its move count; its clock is a safety net for a machine too slow for it. The proofs
     below count on the incumbent those moves find, so a test machine busy with other work must not cut them short."""
-    monkeypatch.setattr(search, "SEARCH_BUDGET_S", 60.0)
+    monkeypatch.setattr(optimise, "SEARCH_BUDGET_S", 60.0)
 
 
 # ------------------------------------------------------------------ generated small clusters
@@ -87,8 +87,8 @@ def all_orders(classes, k):
 def exhaustive(topo, gpus, cp, seq_len, ulysses=1):
     """The smallest step time over every rank order (up to twin GPUs, which no route tells apart), by brute force."""
     sm = StepModel(topo, gpus // cp, cp // ulysses, ulysses, seq_len)
-    classes = search.twin_classes(sm, topo.gpus())
-    assert search.count_orders(classes, gpus, 10**6) <= 10**6
+    classes = optimise.twin_classes(sm, topo.gpus())
+    assert optimise.count_orders(classes, gpus, 10**6) <= 10**6
     return min(sm.step(order) for order in all_orders(classes, gpus)), sm
 
 
@@ -117,7 +117,7 @@ def test_local_search_alone_reaches_the_optimum_within_one_percent(problem):
     """With exhaustive search switched off, constructions plus local search stay within 1% of the optimum."""
     topo, gpus, cp = problem
     seq_len = 2 * cp * 4096
-    with patch.object(search, "EXACT_ORDERS", 0), patch.object(search, "EXACT_HOSTS", 0), patch.object(search, "EXACT_GPUS", 0):
+    with patch.object(optimise, "EXACT_ORDERS", 0), patch.object(optimise, "EXACT_HOSTS", 0), patch.object(optimise, "EXACT_GPUS", 0):
         plan = make_plan(topo, gpus, cp, seq_len=seq_len)
     best, _ = exhaustive(topo, gpus, cp, seq_len)
     assert plan.cost["search"]["proof"] != "exhaustive"
@@ -129,7 +129,7 @@ def test_local_search_alone_reaches_the_optimum_within_one_percent(problem):
 def test_crowd_counts_the_flows_at_each_kinds_slowest_rate(problem, ulysses, rng):
     """``DeltaOrder.crowd``, read from link loads after a move, is the number of ring hops, all-to-all pairs and
     gradient-ring flows that the flow model prices at their own kind's slowest rate."""
-    from topology.planning.delta import DeltaOrder
+    from topology.planning.search.delta import DeltaOrder
 
     topo, gpus, cp = problem
     ulysses = ulysses if cp % ulysses == 0 else 1
@@ -187,7 +187,7 @@ def test_a_leaf_whose_uplinks_are_too_slow_for_the_bound_holds_rings_alone():
     """Each leaf holds one good host and one on a 3 GB/s cable. A 16-GPU gradient ring at the cable-free NIC rate
     (12.5 GB/s) would need 16 good GPUs under one leaf, since the 6.25 GB/s uplinks cannot carry a flow at that
     rate; so no order beats the uplink rate, and the exact search proves its plan."""
-    from topology.planning.bound import ring_bandwidth_bound
+    from topology.planning.bounds.rates import ring_bandwidth_bound
 
     topo = leaf_spine(4, hosts_per_leaf=2, oversubscription=4.0, degraded={1: 3.0, 3: 3.0})
     assert ring_bandwidth_bound(topo, 1, 16) == pytest.approx(6.25)
@@ -331,7 +331,7 @@ def test_32_gpus_on_four_g6e_hosts_with_ulysses_2_are_proven_optimal(cp, tokens)
     plan = make_plan(g6e(4), 32, cp, 2, seq_len=2 * cp * tokens)
     found = plan.cost["search"]
     assert found["optimal"] and found["proof"] == "exhaustive" and found["gap"] == 0
-    assert found["nodes"] <= search.EXACT_NODES
+    assert found["nodes"] <= optimise.EXACT_NODES
     assert "optimal (" in summary(plan, g6e(4))
 
 
@@ -381,7 +381,7 @@ def test_group_turns_keep_every_group_and_never_slow_an_order(cp, ulysses):
     topo = g6e(4)
     sm = StepModel(topo, 32 // cp, cp // ulysses, ulysses, 2 * cp * 128)
     for order in (topo.gpus(), [g for h in topo.hosts for g in nic_spread_order(topo, h, ulysses)]):
-        turned = search.turn_groups(sm, order)
+        turned = optimise.turn_groups(sm, order)
         groups = lambda o: [sorted(o[k:k + ulysses]) for k in range(0, len(o), ulysses)]
         assert groups(turned) == groups(order)
         assert sm.step(turned) <= sm.step(order)
@@ -406,7 +406,7 @@ def test_alike_hosts_and_host_automorphisms_are_tried_once():
 def test_unproven_plan_states_its_gap_to_the_bound():
     """When the exact search stops short, the plan says how far it may be from the optimum instead of claiming it."""
     topo = g6e(4)
-    with patch.object(search, "EXACT_NODES", 1):
+    with patch.object(optimise, "EXACT_NODES", 1):
         plan = make_plan(topo, 32, 16, 2, seq_len=2 * 16 * 4096)
     c, found = plan.cost, plan.cost["search"]
     assert not found["optimal"] and found["nodes"] == 2  # stopped at the node after its cap
@@ -418,11 +418,11 @@ def test_unproven_plan_states_its_gap_to_the_bound():
                                                    (2, 4, 2, 1), (2, 4, 4, 2)])
 def test_exact_search_up_to_symmetry_equals_brute_force_on_g6e_hosts(hosts, gpus, cp, ulysses):
     """g6e hosts (128 automorphisms each, alike hosts): branch and bound from no incumbent finds the brute-force optimum."""
-    from topology.planning.exact import branch_and_bound
+    from topology.planning.search.exact import branch_and_bound
 
     topo = g6e(hosts)
     sm = StepModel(topo, gpus // cp, cp // ulysses, ulysses, 2 * cp * 256)
-    best = min(sm.step(order) for order in all_orders(search.twin_classes(sm, topo.gpus()), gpus))
+    best = min(sm.step(order) for order in all_orders(optimise.twin_classes(sm, topo.gpus()), gpus))
     order, step, proven, nodes = branch_and_bound(sm, topo.gpus(), [], math.inf, math.inf)
     assert proven and step == pytest.approx(best, rel=1e-12) and sm.step(order) == step
     # A guide (groups from the pool read backwards) picks other members of the orbits: the same optimum.
@@ -437,7 +437,7 @@ def test_exact_search_up_to_symmetry_equals_brute_force_on_g6e_hosts(hosts, gpus
 def test_a_guide_orders_exact_search_but_never_changes_its_optimum(problem, ulysses, tokens, rng):
     """Any partition of the pool guiding the child order (and the orbit member tried): exact search still finds the
     brute-force optimum and proves it."""
-    from topology.planning.exact import branch_and_bound
+    from topology.planning.search.exact import branch_and_bound
 
     topo, gpus, cp = problem
     assume(cp % ulysses == 0)
@@ -454,7 +454,7 @@ def test_a_guide_orders_exact_search_but_never_changes_its_optimum(problem, ulys
 def test_exact_search_placing_ranks_ring_by_ring_finds_the_brute_force_optimum(problem, ulysses, tokens, rng):
     """Ranks placed ring by ring (every bound, rotation and guide keyed by placement step, not rank): from no
     incumbent, the search still finds the brute-force optimum and proves it."""
-    from topology.planning.exact import _search, placement_sequence
+    from topology.planning.search.exact import _search, placement_sequence
 
     topo, gpus, cp = problem
     assume(cp % ulysses == 0 and cp > ulysses)
@@ -471,7 +471,7 @@ def test_exact_search_placing_ranks_ring_by_ring_finds_the_brute_force_optimum(p
 
 def test_exact_search_with_a_node_budget_ends_ring_by_ring_from_the_rank_order_searchs_best():
     """Stopped in rank order, the search goes on ring by ring from the best order met, within the same budget."""
-    from topology.planning.exact import RANK_ORDER_SHARE, branch_and_bound
+    from topology.planning.search.exact import RANK_ORDER_SHARE, branch_and_bound
 
     topo = g6e(2)
     sm = StepModel(topo, 1, 2, 4, 2 * 8 * 128)
@@ -488,7 +488,7 @@ def test_exact_search_with_a_node_budget_ends_ring_by_ring_from_the_rank_order_s
 @given(small_clusters(), st.sampled_from([2, 3]), st.sampled_from([256, 65536]))
 def test_all_to_all_lookahead_keeps_exact_search_exact(problem, ulysses, tokens):
     """Bounding the all-to-all still to come by the free GPUs never cuts the optimum (from no incumbent, so it cuts a lot)."""
-    from topology.planning.exact import branch_and_bound
+    from topology.planning.search.exact import branch_and_bound
 
     topo, gpus, cp = problem
     assume(cp % ulysses == 0)
@@ -502,13 +502,13 @@ def test_all_to_all_lookahead_keeps_exact_search_exact(problem, ulysses, tokens)
 def test_joint_all_to_all_floor_is_the_brute_force_minimum(problem, ulysses, tokens, cap):
     """All Ulysses groups priced together: finished, the floor is the smallest all-to-all term of any order; stopped
     early (at ``cap`` nodes), it is still no larger."""
-    from topology.planning.a2a_floor import joint_all_to_all_floor
+    from topology.planning.bounds.a2a_floor import joint_all_to_all_floor
 
     topo, gpus, cp = problem
     assume(cp % ulysses == 0)
     sm = StepModel(topo, gpus // cp, cp // ulysses, ulysses, 2 * cp * tokens)
     pool = topo.gpus()
-    classes = search.twin_classes(sm, pool)
+    classes = optimise.twin_classes(sm, pool)
     least = min(sm.figures(order)["a2a"] for order in all_orders(classes, gpus))
     full = joint_all_to_all_floor(sm, pool, classes, math.inf, math.inf)
     assert full.exact and full.seconds == pytest.approx(least, rel=1e-12)
@@ -535,7 +535,7 @@ def test_ring_floor_with_data_parallel_replicas_is_no_more_than_the_brute_force_
     topo, _, _ = problem
     assume(len(topo.gpus()) == 8)
     sm = StepModel(topo, 2, 2, 2, 2 * 4 * tokens)
-    assume(search.count_orders(search.twin_classes(sm, topo.gpus()), 8, 3000) <= 3000)
+    assume(optimise.count_orders(optimise.twin_classes(sm, topo.gpus()), 8, 3000) <= 3000)
     _check_ring_floor(sm, 8, math.inf)
 
 
@@ -569,11 +569,11 @@ def test_groups_split_across_railed_hosts_raise_the_floor_by_their_gradient_cros
 
 def _check_ring_floor(sm, gpus, cap):
     """The joint floor of ``sm`` against every order of ``gpus`` GPUs of its topology."""
-    from topology.planning.a2a_floor import joint_all_to_all_floor
-    from topology.planning.bound import ring_bandwidth_bound
+    from topology.planning.bounds.a2a_floor import joint_all_to_all_floor
+    from topology.planning.bounds.rates import ring_bandwidth_bound
 
     pool = sm.topo.gpus()
-    classes = search.twin_classes(sm, pool)
+    classes = optimise.twin_classes(sm, pool)
     figures = [sm.figures(order) for order in all_orders(classes, gpus)]
     base = sm.gradients(ring_bandwidth_bound(sm.topo, 1, sm.world))
     least = min(sm.attention(f["hop_gbps"], f["hop_lat"], f["a2a"]) + sm.gradients(f["bus_gbps"]) - base
@@ -606,7 +606,7 @@ def test_ulysses_4_on_two_g6e_hosts_with_short_sequences_are_proven_optimal():
     plan = make_plan(topo, 16, cp, 4, seq_len=2 * cp * 128)
     found = plan.cost["search"]
     assert found["optimal"] and found["proof"] in ("exhaustive", "meets bound") and found["gap"] == 0
-    assert found["nodes"] <= search.EXACT_NODES
+    assert found["nodes"] <= optimise.EXACT_NODES
     assert "optimal (" in summary(plan, topo)
 
 
@@ -618,7 +618,7 @@ def test_ulysses_8_on_two_g6e_hosts_with_short_sequences_are_proven_optimal():
     plan = make_plan(topo, 16, 16, 8, seq_len=2 * 16 * 128)
     found = plan.cost["search"]
     assert found["optimal"] and found["proof"] == "exhaustive" and found["gap"] == 0
-    assert found["nodes"] <= search.EXACT_NODES
+    assert found["nodes"] <= optimise.EXACT_NODES
     assert "optimal (" in summary(plan, topo)
 
 
@@ -627,7 +627,7 @@ def test_pair_rates_are_the_flow_models_rates_of_one_more_flow():
     import numpy as np
 
     from topology.cost import transfer
-    from topology.planning.lookahead import PairRates
+    from topology.planning.search.lookahead import PairRates
 
     topo = g6e(2)
     fm, pool = FlowModel(topo), topo.gpus()
@@ -667,8 +667,8 @@ def test_hosts_with_too_many_automorphisms_fall_back_to_twin_swaps():
 @pytest.mark.parametrize("tokens", [128, 4096])
 def test_rank_rotations_are_searched_once(tokens):
     """Two g6e hosts, one ring pair of 16 GPUs: one rotation of the rings proves the same optimum in fewer nodes."""
-    from topology.planning.exact import branch_and_bound
-    from topology.planning.symmetry import RingRotation
+    from topology.planning.search.exact import branch_and_bound
+    from topology.planning.search.symmetry import RingRotation
 
     topo = g6e(2)
     sm = StepModel(topo, 1, 8, 2, 2 * 16 * tokens)
@@ -694,7 +694,7 @@ def _runs(members: set[int], world: int) -> int:
 def test_leaving_hops_is_no_more_than_the_hops_any_set_of_ranks_sends_out(dp, ring, ulysses):
     """Every set of ranks (up to ``ulysses`` of them) sends at least ``leaving_hops`` ring hops out of itself, given
     its runs in the rank order: the lemma the gate rests on, over every subset."""
-    from topology.planning.gradient_gate import leaving_hops
+    from topology.planning.bounds.gradient_gate import leaving_hops
 
     world = dp * ring * ulysses
     hops = GroupLayout.from_grid(dp, ring, ulysses)
@@ -714,8 +714,8 @@ def test_gradient_gated_bound_is_no_more_than_the_brute_force_optimum(problem, u
     """With Ulysses 1 to 3, now and then data parallelism, on every GPU or on some, with the whole gate or the part
     larger clusters get: an order's bus is the best one, or falls in one of the gate's ranges of slower buses; its
     slowest hop stays within that case's cap, and the gated step bound stays at or below the brute-force optimum."""
-    from topology.planning import gradient_gate as gates
-    from topology.planning.gradient_gate import gradient_gate
+    from topology.planning.bounds import gradient_gate as gates
+    from topology.planning.bounds.gradient_gate import gradient_gate
 
     topo, gpus, _ = problem
     world = len(topo.gpus()) if fill else gpus
@@ -723,8 +723,8 @@ def test_gradient_gated_bound_is_no_more_than_the_brute_force_optimum(problem, u
     assume(world % (dp * ulysses) == 0 and world // (dp * ulysses) > 1)
     cp = world // dp
     sm = StepModel(topo, dp, cp // ulysses, ulysses, 2 * cp * tokens)
-    classes = search.twin_classes(sm, topo.gpus())
-    assume(search.count_orders(classes, world, 5000) <= 5000)
+    classes = optimise.twin_classes(sm, topo.gpus())
+    assume(optimise.count_orders(classes, world, 5000) <= 5000)
     figures = [sm.figures(order) for order in all_orders(classes, world)]
     with patch.object(gates, "GATE_GPUS", gates.GATE_GPUS if whole else 0):
         gate = gradient_gate(sm)
@@ -745,7 +745,7 @@ def test_gradient_gate_caps_ring_hops_on_four_g6e_hosts_at_the_nic_rate():
     """32 GPUs on four g6e hosts, Ulysses 4 in rings of 8: at the best bus (12.5 GB/s, one NIC) a socket holds its
     four ranks in at most three runs, so two ring hops leave it and share its two NICs and the socket link; the
     bound rises above the ungated one and stays below a constructed order's step."""
-    from topology.planning.gradient_gate import gradient_gate
+    from topology.planning.bounds.gradient_gate import gradient_gate
 
     topo = g6e(4)
     sm = StepModel(topo, 1, 8, 4, 2 * 32 * 128)
@@ -768,8 +768,8 @@ def test_split_group_floor_is_no_more_than_any_orders_attention(problem, ulysses
     topo, gpus, cp = problem
     assume(cp % ulysses == 0 and cp // ulysses > 1)
     sm = StepModel(topo, gpus // cp, cp // ulysses, ulysses, 2 * cp * tokens)
-    classes = search.twin_classes(sm, topo.gpus())
-    assume(search.count_orders(classes, gpus, 10_000) <= 10_000)
+    classes = optimise.twin_classes(sm, topo.gpus())
+    assume(optimise.count_orders(classes, gpus, 10_000) <= 10_000)
     figures = [sm.figures(order) for order in all_orders(classes, gpus)]
     least = min(sm.attention(f["hop_gbps"], f["hop_lat"], f["a2a"]) + sm.gradients(f["bus_gbps"]) for f in figures)
     assert split_step(sm, math.inf, 0.0, 0.0, math.inf) <= least * (1 + 1e-9)

@@ -13,7 +13,7 @@ ZeRO gradient traffic (over NCCL's ring in rank order) add to the step.
 
 ``StepModel`` computes the step time of any rank order (the planner's
 objective); ``estimate`` reports a plan's figures with lower bounds over all
-placements (``step_bound``, ``topology.planning.bound``), so a plan's distance from
+placements (``step_bound``, ``topology.planning.bounds.rates``), so a plan's distance from
 the best possible shows. The rates live in ``HardwareRates``.
 """
 
@@ -26,9 +26,9 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from topology.planning.bound import gpu_access_bound, min_route_latency, ring_bandwidth_bound
-from topology.planning.gradient_gate import gradient_gate
-from topology.planning.split_groups import split_step
+from topology.planning.bounds.rates import gpu_access_bound, min_route_latency, ring_bandwidth_bound
+from topology.planning.bounds.gradient_gate import gradient_gate
+from topology.planning.bounds.split_groups import split_step
 from topology.network.model import Topology
 from topology.planning.plan import GroupLayout, Plan
 from topology.network.routing import FlowModel, same_nvlink_domain
@@ -381,11 +381,11 @@ def estimate(
     rates
         ``HardwareRates``; default: 0.6 of peak, bf16.
     a2a_floor
-        A known lower bound of the all-to-all term over every placement (``topology.planning.a2a_floor``),
+        A known lower bound of the all-to-all term over every placement (``topology.planning.bounds.a2a_floor``),
         for the bound.
     attention_floor
         A known lower bound of the attention time (ring and all-to-all together) plus the gradient term's excess
-        over its own bound, over every placement (``topology.planning.ring_floor``), for the bound.
+        over its own bound, over every placement (``topology.planning.bounds.ring_floor``), for the bound.
 
     Returns
     -------
@@ -438,17 +438,17 @@ def step_bound(sm: StepModel, a2a_floor: float = 0.0, attention_floor: float = 0
     """Lower bounds, over every placement of ``sm``'s shape, on the ring step and the step time.
 
     Each term of the step is bounded on its own (ring hops, all-to-all,
-    gradient bus), so their sum bounds the step; see ``topology.planning.bound``.
+    gradient bus), so their sum bounds the step; see ``topology.planning.bounds.rates``.
     Every hop and all-to-all transfer also waits at least the shortest
     latency of any route between two GPUs. ``a2a_floor`` is a known lower
-    bound of the all-to-all term (``topology.planning.a2a_floor``): the larger one counts.
-    ``attention_floor`` bounds the ring and all-to-all terms together (``topology.planning.ring_floor``,
+    bound of the all-to-all term (``topology.planning.bounds.a2a_floor``): the larger one counts.
+    ``attention_floor`` bounds the ring and all-to-all terms together (``topology.planning.bounds.ring_floor``,
     ``StepModel.attention``) plus what the gradient term takes beyond its own bound (the bus bound here):
     where it is above the ring and all-to-all's own bounds, it counts instead.
     The bound also splits on the gradient bus (``_gated_step``,
-    ``topology.planning.gradient_gate``): the larger of the two bounds counts.
+    ``topology.planning.bounds.gradient_gate``): the larger of the two bounds counts.
     Ring, all-to-all and gradients are priced together where Ulysses groups must
-    either send ring hops out of a unit or split across it (``topology.planning.split_groups``).
+    either send ring hops out of a unit or split across it (``topology.planning.bounds.split_groups``).
     """
     topo = sm.topo
     hop = ring_bandwidth_bound(topo, sm.dp * sm.ulysses, sm.ring) * sm.rates.network_efficiency
@@ -469,7 +469,7 @@ def step_bound(sm: StepModel, a2a_floor: float = 0.0, attention_floor: float = 0
 
 
 def _gated_step(sm: StepModel, hop: float, hop_lat: float, a2a: float, attention_floor: float) -> float:
-    """The step bound split on the gradient bus (``topology.planning.gradient_gate``); 0 where the gate says nothing.
+    """The step bound split on the gradient bus (``topology.planning.bounds.gradient_gate``); 0 where the gate says nothing.
 
     An order at the best bus ``B*`` keeps out of units too slow for it and sends ring hops out of crowded
     units, whose exits cap its slowest hop; one whose bus is slower falls in one of the gate's ranges of slower

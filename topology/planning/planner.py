@@ -26,7 +26,7 @@ it crosses). It scores these constructions and keeps the best:
 
 Hosts are chosen under the widest uplinks first (a leaf behind a degraded
 uplink is left out when the GPUs allow) and in switch order, any depth.
-``topology.planning.search`` then searches small pools exhaustively or improves the
+``topology.planning.search.optimise`` then searches small pools exhaustively or improves the
 best construction by local search, and says when the plan is optimal.
 
 Baselines: ``naive`` (hosts as listed, i.e. Ray's order, GPUs by CUDA index)
@@ -43,9 +43,9 @@ from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from typing import Callable
 
-from topology.planning.bound import switch_headroom
+from topology.planning.bounds.rates import switch_headroom
 from topology.cost import LLAMA3_8B, FlowModel, HardwareRates, ModelShape, StepModel, estimate
-from topology.planning.search import default_budget, optimise
+from topology.planning.search.optimise import default_budget, optimise
 from topology.errors import ConfigError
 from topology.network.model import Topology
 from topology.planning.plan import GroupLayout, Plan, RankPlacement
@@ -224,7 +224,7 @@ def aware_order(req: PlanRequest) -> list[str]:
 
     Every construction is scored by the cost model's step time (``StepModel``);
     the best is improved by local search within ``req.budget_s``, and small
-    problems are searched exhaustively (``topology.planning.search``).
+    problems are searched exhaustively (``topology.planning.search.optimise``).
     """
     sm = StepModel(req.topo, req.gpus // req.cp, req.ring, req.ulysses, req.seq_len, req.model, req.flows, req.rates,
                    recompute=req.recompute)

@@ -139,7 +139,7 @@ def small_units(topo: Topology, ranks: int) -> list[tuple[list[str], float]]:
     and leaves it over those links, which carry at most their sum to one
     flow: a ring whose flows all run faster keeps out of the unit. For the
     gradient ring this says which hosts an order at a given bus leaves out
-    (``topology.planning.gradient_gate``).
+    (``topology.planning.bounds.gradient_gate``).
     """
     return [(members, cap) for members, n_gpus, cap in all_units(topo) if n_gpus < ranks]
 

@@ -4,7 +4,7 @@ The all-to-all term of a step is the slowest transfer among all Ulysses
 groups' pairs running at once (``topology.cost.StepModel``). It depends only
 on which GPUs form each group, not on the ranks' order inside a group, nor
 on the ring or gradient flows. Bounding one group at a time
-(``topology.planning.bound.gpu_access_bound``, ``topology.planning.lookahead``) lets every
+(``topology.planning.bounds.rates.gpu_access_bound``, ``topology.planning.search.lookahead``) lets every
 group take the best GPUs of the pool; when the groups must together fill
 the pool (or all but a known number of its GPUs), they cannot, and their
 flows contend on the same NIC, socket and PCIe links. The minimum of the
@@ -30,12 +30,12 @@ every completion by the largest of
   loads the links common to the GPU's routes to (and from) every candidate
   peer, so those loads are added; some flow crosses each busy link at no
   more than its share, after no less than the quickest route through it;
-* what the free GPUs allow each open group alone (``topology.planning.lookahead``).
+* what the free GPUs allow each open group alone (``topology.planning.search.lookahead``).
 
 With ``ring``, the same search bounds the attention time instead (ring
 hops and all-to-all together): each partition is priced with the ring hops
 its groups force, and each partial one by its groups with members
-(``topology.planning.ring_floor``).
+(``topology.planning.bounds.ring_floor``).
 
 A branch whose bound is no sooner than the best known is cut; children
 are tried soonest first. Stopped at ``node_cap`` nodes, the floor is the
@@ -53,7 +53,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from topology.cost import StepModel, transfers
-from topology.planning.lookahead import PairRates, all_to_all_reach
+from topology.planning.search.lookahead import PairRates, all_to_all_reach
 
 FLOOR_NODES = 3_000
 """Partial partitions the joint floor visits at most (about a second on one core for 32 GPUs)."""
@@ -85,13 +85,13 @@ def joint_all_to_all_floor(sm: StepModel, pool: list[str], classes: list[list[st
     pool
         The GPUs a plan may use; ``sm.world`` of them hold ranks.
     classes
-        Twin classes of the pool (``topology.planning.search.twin_classes``): GPUs whose routes are alike.
+        Twin classes of the pool (``topology.planning.search.optimise.twin_classes``): GPUs whose routes are alike.
     best_s
         All-to-all term of an order known (it seeds the cut): the floor is never above it.
     node_cap
         Nodes after which the search stops with the floor of the branches left open.
     ring
-        Price the ring hops too (``topology.planning.ring_floor``): the floor is then of the attention time
+        Price the ring hops too (``topology.planning.bounds.ring_floor``): the floor is then of the attention time
         (``StepModel.attention``: ring and all-to-all together), and ``best_s`` is in those terms.
 
     Returns
@@ -254,11 +254,11 @@ def joint_all_to_all_floor(sm: StepModel, pool: list[str], classes: list[list[st
 
 
 def _ring_pricer(sm: StepModel, gpus: list[str], dense: np.ndarray, bw: np.ndarray, lat_via: np.ndarray):
-    """The ring pricing of ``topology.planning.ring_floor`` over these GPUs' routes."""
-    from topology.planning.bound import min_route_latency, ring_bandwidth_bound
-    from topology.planning.exact import _RoutePatterns
-    from topology.planning.ring_floor import RingPricer, pool_units
-    from topology.planning.symmetry import Symmetry
+    """The ring pricing of ``topology.planning.bounds.ring_floor`` over these GPUs' routes."""
+    from topology.planning.bounds.rates import min_route_latency, ring_bandwidth_bound
+    from topology.planning.search.exact import _RoutePatterns
+    from topology.planning.bounds.ring_floor import RingPricer, pool_units
+    from topology.planning.search.symmetry import Symmetry
 
     patterns = _RoutePatterns(sm.flows.link_bandwidths(), sm, Symmetry(sm.topo, gpus))
     hop_cap = ring_bandwidth_bound(sm.topo, sm.dp * sm.ulysses, sm.ring)

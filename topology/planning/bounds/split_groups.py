@@ -46,7 +46,7 @@ from functools import lru_cache
 
 import numpy as np
 
-from topology.planning.bound import min_route_latency, ring_bandwidth_bound, all_units
+from topology.planning.bounds.rates import min_route_latency, ring_bandwidth_bound, all_units
 
 SPLIT_GPUS = 256
 """Worlds of at most this many ranks get the argument: the table and the sums over units grow with the world."""

@@ -13,8 +13,8 @@ Algorithms
 * Exact search, for small problems (at most ``EXACT_HOSTS`` hosts or
   ``EXACT_GPUS`` GPUs, or few distinct orders): branch and bound over every
   sequence of GPUs from the pool, up to the cluster's symmetries (alike
-  hosts, automorphisms of a host's parts: ``topology.planning.symmetry``), cut by a
-  lower bound of each partial order (``topology.planning.exact``). Finished, it
+  hosts, automorphisms of a host's parts: ``topology.planning.search.symmetry``), cut by a
+  lower bound of each partial order (``topology.planning.search.exact``). Finished, it
   proves the result optimal; stopped at ``EXACT_NODES``, the plan states
   its gap to the lower bound instead.
 * Group turns, for plans of at most ``TURN_GPUS`` GPUs with Ulysses groups:
@@ -33,17 +33,17 @@ Algorithms
   leaves fewer flows at their kind's slowest rate (``DeltaOrder.crowd``) is
   taken: the step time is set by the slowest flows, so it stays flat until
   the last of them moves, and this walks that plateau toward it.
-  Each move is first priced incrementally (``topology.planning.delta``: only the
+  Each move is first priced incrementally (``topology.planning.search.delta``: only the
   flows touching the moved ranks are re-routed, and the result is a lower
   bound of its step time); a move that could improve is then priced by the
   full step time, and only strict improvements are kept.
 * Certificate: a plan whose step time meets the lower bound
   (``topology.cost.step_bound``) is optimal too. For problems searched
   exactly with Ulysses groups, the bound's all-to-all term is the joint
-  floor of all groups over the pool they must fill (``topology.planning.a2a_floor``),
+  floor of all groups over the pool they must fill (``topology.planning.bounds.a2a_floor``),
   computed once and used by the exact search too; on pools of at most
   ``RING_FLOOR_GPUS``, the ring and all-to-all terms are bounded together
-  as well (``topology.planning.ring_floor``), with what the groups force on the
+  as well (``topology.planning.bounds.ring_floor``), with what the groups force on the
   gradient ring.
 * Floor groups: the partition into Ulysses groups that priced lowest in
   that joint floor is a construction too (``partition_order``), local
@@ -58,18 +58,18 @@ import random
 import time
 from dataclasses import dataclass
 
-from topology.planning.bound import ring_bandwidth_bound
+from topology.planning.bounds.rates import ring_bandwidth_bound
 from topology.cost import StepModel, step_bound
-from topology.planning.delta import REL_TOL, DeltaOrder
-from topology.planning.a2a_floor import FLOOR_GPUS, joint_all_to_all_floor
-from topology.planning.exact import branch_and_bound
-from topology.planning.symmetry import RingRotation
+from topology.planning.search.delta import REL_TOL, DeltaOrder
+from topology.planning.bounds.a2a_floor import FLOOR_GPUS, joint_all_to_all_floor
+from topology.planning.search.exact import branch_and_bound
+from topology.planning.search.symmetry import RingRotation
 
 EXACT_ORDERS = 20_000
 """Up to this many distinct rank orders (up to twins), exact search runs to the end, with no local search first."""
 EXACT_HOSTS, EXACT_GPUS = 8, 32
 """Pools of at most this many hosts, or plans of at most this many GPUs, are searched exactly
-(``topology.planning.exact``)."""
+(``topology.planning.search.exact``)."""
 EXACT_NODES = 100_000
 """Exact search of a larger problem stops after visiting this many partial orders (about 6 s on one core)
 when its pool has at most ``EXACT_GPUS`` GPUs; a larger pool, whose nodes cost more, gets ``(EXACT_GPUS / pool)^2``
@@ -81,7 +81,7 @@ costs about in proportion to its flows, so plans with more (Ulysses 4 or 8) get 
 exact search stays near ``EXACT_NODES``' time."""
 RING_FLOOR_GPUS = 16
 """Pools of at most this many GPUs (filled by the plan) get the ring priced with the all-to-all
-(``topology.planning.ring_floor``): its partition search costs far more per node than the all-to-all's alone."""
+(``topology.planning.bounds.ring_floor``): its partition search costs far more per node than the all-to-all's alone."""
 RING_FLOOR_NODES = 2_000
 """Partial partitions that search visits at most (about 1.5 s on one core for 16 GPUs; its floor only rises
 above the open branches' bounds when it finishes, as it does for two g6e hosts with Ulysses 4 and cp 8)."""
@@ -96,7 +96,7 @@ TURN_PASSES = 3
 TURN_GPUS = 64
 """Constructions of plans up to this many GPUs get their Ulysses groups turned (``turn_groups``) before scoring."""
 MAX_EVALS = 3000
-"""Local search tries at most this many moves; each is priced by the flows it touches (``topology.planning.delta``)."""
+"""Local search tries at most this many moves; each is priced by the flows it touches (``topology.planning.search.delta``)."""
 
 
 def default_budget(gpus: int) -> float:
@@ -125,10 +125,10 @@ class SearchResult:
     nodes: int = 0
     """Partial orders the exact search visited (0: it did not run)."""
     a2a_floor_s: float = 0.0
-    """Joint lower bound of the all-to-all term over every order (``topology.planning.a2a_floor``; 0: not computed)."""
+    """Joint lower bound of the all-to-all term over every order (``topology.planning.bounds.a2a_floor``; 0: not computed)."""
     attention_floor_s: float = 0.0
     """Joint lower bound of the ring and all-to-all terms together, plus the gradient term's excess over its own
-    bound, over every order (``topology.planning.ring_floor``; 0: not computed)."""
+    bound, over every order (``topology.planning.bounds.ring_floor``; 0: not computed)."""
 
     def info(self) -> dict:
         return {"construction": self.construction, "moves": self.moves, "optimal": self.optimal, "proof": self.proof,
@@ -226,7 +226,7 @@ def optimise(sm: StepModel, candidates: dict[str, list[str]], pool: list[str], b
 
 def _attention(sm: StepModel, order: list[str]) -> float:
     """Attention time (ring and all-to-all, ``StepModel.attention``) of an order, plus its gradient term's excess
-    over that term's own bound: what ``topology.planning.ring_floor`` bounds."""
+    over that term's own bound: what ``topology.planning.bounds.ring_floor`` bounds."""
     f = sm.figures(order)
     excess = sm.gradients(f["bus_gbps"]) - sm.gradients(ring_bandwidth_bound(sm.topo, 1, sm.world))
     return sm.attention(f["hop_gbps"], f["hop_lat"], f["a2a"]) + max(0.0, excess)

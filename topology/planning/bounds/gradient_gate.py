@@ -4,7 +4,7 @@ The step prices the gradient ring (``topology.cost.StepModel.gradients``: rank
 ``r`` to ``r + 1``, cyclically) in its own phase, after the ring attention, so
 its flows never share a link with the ring hops; but both follow the same
 rank order. Let ``B*`` be the best bus any order reaches
-(``topology.planning.bound.ring_bandwidth_bound`` over the world) and ``B'``
+(``topology.planning.bounds.rates.ring_bandwidth_bound`` over the world) and ``B'``
 the largest share any link gives strictly below it (on a cluster of more
 than ``GATE_GPUS`` GPUs, ``B*`` itself: finding it reads every route). Every
 order's bus is ``B*`` or at most ``B'``:
@@ -12,7 +12,7 @@ order's bus is ``B*`` or at most ``B'``:
 * exactly ``B*``: every gradient flow runs at ``B*`` or faster. A unit (a
   host, or the hosts under a switch) of fewer GPUs than the world whose
   links out sum to less than ``B*`` holds no rank
-  (``topology.planning.bound.small_units``), so the rings live on the
+  (``topology.planning.bounds.rates.small_units``), so the rings live on the
   other hosts and their hops run no faster than those allow. Each link
   carries at most ``bw / B*`` gradient flows (counted by flow fraction;
   whole flows where no route splits on a unit's exits), and where the ranks
@@ -43,7 +43,7 @@ from fractions import Fraction
 
 import numpy as np
 
-from topology.planning.bound import cut_rate, host_units, ring_bandwidth_bound, small_units
+from topology.planning.bounds.rates import cut_rate, host_units, ring_bandwidth_bound, small_units
 
 GATE_GPUS = 64
 """Clusters of at most this many GPUs get the whole gate (``B'`` and ``leaving_hops``): they read the routes between
@@ -95,7 +95,7 @@ def leaving_hops(m: int, runs: int, u: int, ring: int) -> int:
 
 
 def _units(sm, gpus: list[str]) -> list[tuple[int, list[float], bool, list[float], bool]]:
-    """Every host, and each side of every link between two of a host's parts (``topology.planning.bound.host_units``):
+    """Every host, and each side of every link between two of a host's parts (``topology.planning.bounds.rates.host_units``):
     (GPUs, exit GB/s, exits whole, entrance GB/s, entrances whole)."""
     fm = sm.flows
     bw = fm.link_bandwidths()

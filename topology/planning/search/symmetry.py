@@ -2,7 +2,7 @@
 
 Two rank orders that a graph automorphism maps onto each other have the same
 step time: every route, and so every link load, maps along. Exact search
-(``topology.planning.exact``) therefore tries, for its next rank, one GPU of each
+(``topology.planning.search.exact``) therefore tries, for its next rank, one GPU of each
 orbit of the automorphisms that fix the ranks already placed (isomorphism
 pruning); every other child's subtree is a relabelled copy of a sibling's.
 

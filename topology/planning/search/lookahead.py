@@ -1,6 +1,6 @@
 """What the ranks not yet placed can still reach: lower bounds on the transfers of flows whose ends are free.
 
-Exact search (``topology.planning.exact``) bounds a partial rank order by the flows
+Exact search (``topology.planning.search.exact``) bounds a partial rank order by the flows
 it has placed. The flows still to come are bounded here, from the GPUs left
 free and the loads the placed flows already put on the links: a flow from
 ``x`` to ``y`` added now would run at ``min(bw / (load + f))`` over its

@@ -4,7 +4,7 @@ Algorithm
 ---------
 Ranks are placed one at a time, rank 0 first. The next rank tries one GPU
 of each orbit of the cluster's symmetries that fix the ranks already placed
-(``topology.planning.symmetry``: alike hosts not yet used, automorphisms of a host's
+(``topology.planning.search.symmetry``: alike hosts not yet used, automorphisms of a host's
 parts), so orders that only relabel each other are visited once, and only
 one of the rank rotations that keep every flow (``RingRotation``: turning
 a single cp group's rings, or shifting whole cp groups) is extended. Placing
@@ -42,13 +42,13 @@ term no better than what no placement beats (``topology.cost.step_bound``):
   of them, and the same argument applies to it with the fastest rate and
   the shortest latency of a route between two of them.
 * all-to-all of the whole order: at least the joint floor of all groups
-  over the pool (``topology.planning.a2a_floor``), when the caller gives it, and the
+  over the pool (``topology.planning.bounds.a2a_floor``), when the caller gives it, and the
   ring and all-to-all together at least their joint floor
-  (``topology.planning.ring_floor``);
+  (``topology.planning.bounds.ring_floor``);
 * all-to-all still to come: every Ulysses group not wholly placed needs
   free GPUs close enough to each other (and to its placed members) over
   the links as loaded now; the soonest its slowest transfer can end bounds
-  the term too (``topology.planning.lookahead``). Pairs of GPUs that would be fast
+  the term too (``topology.planning.search.lookahead``). Pairs of GPUs that would be fast
   alone but share a PCIe link with a placed pair are seen at once, not
   when the rank that pays for it is reached.
 
@@ -71,12 +71,12 @@ from functools import lru_cache
 
 import numpy as np
 
-from topology.planning.bound import gpu_access_bound, min_route_latency, ring_bandwidth_bound
+from topology.planning.bounds.rates import gpu_access_bound, min_route_latency, ring_bandwidth_bound
 from topology.cost import StepModel, transfer, transfers
-from topology.planning.delta import REL_TOL, USED
-from topology.planning.lookahead import PairRates, all_to_all_reach
+from topology.planning.search.delta import REL_TOL, USED
+from topology.planning.search.lookahead import PairRates, all_to_all_reach
 from topology.planning.plan import GroupLayout
-from topology.planning.symmetry import RingRotation, Symmetry
+from topology.planning.search.symmetry import RingRotation, Symmetry
 
 
 REPRESENTATIVE_GPUS = 96
@@ -84,7 +84,7 @@ REPRESENTATIVE_GPUS = 96
 RANK_ORDER_SHARE = 0.5
 """Share of the node budget the search placing ranks in rank order gets before the one placing them ring by ring."""
 LOOKAHEAD_GPUS = 64
-"""Pools of at most this many GPUs bound the flows still to come (``topology.planning.lookahead``): its pair matrix
+"""Pools of at most this many GPUs bound the flows still to come (``topology.planning.search.lookahead``): its pair matrix
 grows with the square of the pool."""
 
 
@@ -128,9 +128,9 @@ def _search(sm: StepModel, pool: list[str], best: list[str], best_step: float, n
             joint_attention: float, guide: list[list[str]] | None, sequence: list[int]) -> tuple[list[str], float, bool, int]:
     """Branch and bound placing ranks in the order ``sequence``, starting from ``best``.
 
-    ``joint_a2a`` is a lower bound of the all-to-all term of every order (``topology.planning.a2a_floor``),
+    ``joint_a2a`` is a lower bound of the all-to-all term of every order (``topology.planning.bounds.a2a_floor``),
     used with the rest; ``joint_attention`` one of the ring and all-to-all terms together, plus the gradient
-    term's excess over its own bound (``topology.planning.ring_floor``). ``guide``, a partition of (some of)
+    term's excess over its own bound (``topology.planning.bounds.ring_floor``). ``guide``, a partition of (some of)
     the pool into Ulysses groups, only orders the children: the result is the same without it.
 
     Returns
@@ -187,7 +187,7 @@ def _search(sm: StepModel, pool: list[str], best: list[str], best_step: float, n
 
     flows: dict[tuple[str, str], tuple[np.ndarray, np.ndarray, float]] = {}
     rotation = RingRotation(sm, sequence)
-    # The flows still to come (``topology.planning.lookahead``): the free GPUs and the loads placed bound them too.
+    # The flows still to come (``topology.planning.search.lookahead``): the free GPUs and the loads placed bound them too.
     index = {g: k for k, g in enumerate(pool)}
     free = np.ones(len(pool), dtype=bool)
     lookahead = bool(kinds[1]) and len(pool) <= LOOKAHEAD_GPUS

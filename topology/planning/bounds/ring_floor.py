@@ -2,12 +2,12 @@
 
 A step's attention time adds the slowest ring hop's transfers to the
 all-to-all (``topology.cost.StepModel.attention``). Bounded one at a time
-(``topology.planning.bound``, ``topology.planning.a2a_floor``), each may take a layout the
+(``topology.planning.bounds.rates``, ``topology.planning.bounds.a2a_floor``), each may take a layout the
 other cannot share: the groups that minimise the all-to-all (e.g. one
 socket each) may leave the ring hops between them nothing but shared
 network cards. This module prices, for a partition of the pool into Ulysses
 groups, the ring hops such a partition forces, so the partition search of
-``topology.planning.a2a_floor`` bounds the sum over every partition at once.
+``topology.planning.bounds.a2a_floor`` bounds the sum over every partition at once.
 
 Ring ``j`` of a cp group visits its Ulysses groups in a cycle and takes the
 ``j``-th member of each: the hops from one group go, one per member, to the
@@ -35,7 +35,7 @@ Some hop crosses each busy link, or leaves each crowded unit, at no more
 than the rate they allow: the slowest hop runs at that rate (and then
 waits at least the quickest route through such a link) or slower, at the
 next rate any link can give, after the shortest latency of any route (the
-argument ``topology.planning.exact`` makes for placed hops).
+argument ``topology.planning.search.exact`` makes for placed hops).
 
 The gradient ring (``StepModel.gradients``) walks the ranks in order: each
 Ulysses group's members in a row, then on to the next group. A group with
@@ -43,7 +43,7 @@ members on both sides of a unit's cut crosses it inside its own stretch, so
 a unit splitting ``s`` groups is crossed ``s`` times at least, and left
 ``ceil(s / 2)`` times; all the ring's flows run at the bus rate, which the
 cut rates above cap. What that costs beyond the gradient term's own bound
-(``topology.planning.bound.ring_bandwidth_bound`` over the world) is added to the
+(``topology.planning.bounds.rates.ring_bandwidth_bound`` over the world) is added to the
 partition's price: the floor is then of the attention time plus that excess,
 which ``topology.cost.step_bound`` adds to the gradient bound.
 
@@ -64,7 +64,7 @@ from typing import Callable
 
 import numpy as np
 
-from topology.planning.bound import cut_rate, host_units, ring_bandwidth_bound
+from topology.planning.bounds.rates import cut_rate, host_units, ring_bandwidth_bound
 from topology.cost import StepModel
 
 COVER_NODES = 20_000
@@ -88,7 +88,7 @@ class _Units:
 
 
 def _cut_rates(bws: list[float], whole: bool, most: int) -> np.ndarray:
-    """``[k]``: the most GB/s ``k`` flows across links of ``bws`` can all reach (``topology.planning.bound.cut_rate``)."""
+    """``[k]``: the most GB/s ``k`` flows across links of ``bws`` can all reach (``topology.planning.bounds.rates.cut_rate``)."""
     return np.array([cut_rate(bws, whole, k) for k in range(most + 1)])
 
 
@@ -135,9 +135,9 @@ class RingPricer:
     l_min
         µs of the quickest route between two pool GPUs.
     hop_cap
-        GB/s no placement's slowest hop exceeds (``topology.planning.bound.ring_bandwidth_bound``).
+        GB/s no placement's slowest hop exceeds (``topology.planning.bounds.rates.ring_bandwidth_bound``).
     below
-        The next rate below a given one that any link can give (``topology.planning.exact``).
+        The next rate below a given one that any link can give (``topology.planning.search.exact``).
     """
 
     def __init__(self, sm: StepModel, dense: np.ndarray, bw: np.ndarray, lat_via: np.ndarray, units: _Units,
