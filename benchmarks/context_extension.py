@@ -1,7 +1,7 @@
 """Does raising RoPE theta let a model use 4x its trained context? Three arms, measured.
 
 The recipe clusters/recipes/tiny-retrieval.yaml trains a tiny Llama on a
-synthetic retrieval corpus (``trainer.synthetic``) at a short length, then
+synthetic retrieval corpus (``trainer.data.synthetic``) at a short length, then
 extends it to 4x that length with the NTK theta rule. This benchmark runs it
 through ``ringleader run`` (embedded Ray, rings of CPU ranks) and a control
 arm, then prints needle-in-a-haystack accuracy at both lengths:

@@ -34,9 +34,9 @@ from topology.errors import ConfigError
 from topology.files import load_data
 from trainer import storage
 from trainer.config import COLLECTIVE_TIMEOUT_S, DEFAULT_DEEPSPEED, DataConfig, ModelConfig, StageConfig
-from trainer.rope import ntk_theta, scaling_law_theta
+from trainer.model.rope import ntk_theta, scaling_law_theta
 from trainer.schema import Count, PathName, PositiveFloat, PositiveInt, Seed, validate
-from trainer.tracking import TrackingConfig
+from trainer.reporting.tracking import TrackingConfig
 
 AUTO = "auto"
 Auto = Literal["auto"]
@@ -112,7 +112,7 @@ class Recipe:
     collective_timeout: PositiveFloat = COLLECTIVE_TIMEOUT_S
     """Seconds a torch.distributed collective may wait (``ringleader run --collective-timeout`` overrides)."""
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
-    """TensorBoard (default), W&B, MLflow and Ray metrics: see trainer/tracking.py."""
+    """TensorBoard (default), W&B, MLflow and Ray metrics: see trainer/reporting/tracking.py."""
     source: str = field(default="recipe", init=False, compare=False)
     """The file the recipe came from, for messages (not a recipe key)."""
 

@@ -20,9 +20,9 @@ from launcher.runtime.rundir import read_metrics
 from ray_utils import REPO
 from stage_helpers import plan_for, run_stage_ranks
 from trainer.engine import deepspeed_config
-from trainer.modeling import rotary_inv_freq
+from trainer.model.llama import rotary_inv_freq
 from trainer.niah.evaluate import load_eval_model
-from trainer.rope import ntk_theta
+from trainer.model.rope import ntk_theta
 
 RECIPE = REPO / "clusters" / "recipes" / "tiny-retrieval.yaml"
 

@@ -15,10 +15,10 @@ import torch
 
 from dist_utils import run_distributed
 from stage_helpers import CHAT, MODEL, hf_weights, max_diff, plan_for, run_stage_ranks, stage_config
-from trainer import loss as loss_mod
+from trainer.model import loss as loss_mod
 from trainer.config import ModelConfig
-from trainer.loss import loss_scale, shard_loss_sum
-from trainer.modeling import build_model
+from trainer.model.loss import loss_scale, shard_loss_sum
+from trainer.model.llama import build_model
 from trainer.tokenizer import byte_tokenizer
 
 SEQ = 128

@@ -22,7 +22,7 @@ from topology.planning.plan import Plan, RankPlacement
 from trainer.groups import ParallelGroups
 from trainer.attention.documents import Documents, drop_cross_document_labels
 from trainer.attention.hf_attention import register_ring_attention
-from trainer.loss import shard_loss_sum
+from trainer.model.loss import shard_loss_sum
 from trainer.attention.zigzag import shard, shift_labels, unshard
 
 WORLD = 4

@@ -15,7 +15,7 @@ import urllib.request
 import pytest
 import yaml
 
-from trainer.progress import StageProgress, eta_seconds, step_line
+from trainer.reporting.progress import StageProgress, eta_seconds, step_line
 from tests.ray_utils import REPO, RayHead, ray_job_submit
 
 DEMO = REPO / "clusters" / "recipes" / "demo.yaml"

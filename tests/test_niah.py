@@ -10,7 +10,7 @@ import torch
 
 from launcher.cli import main
 from trainer.config import ModelConfig
-from trainer.modeling import build_model
+from trainer.model.llama import build_model
 from trainer.niah.evaluate import NiahConfig, run_niah, score_answer
 from trainer.niah.plot import score_grid
 from trainer.niah.prompts import PromptBuilder, load_haystack, needle_number

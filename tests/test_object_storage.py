@@ -46,7 +46,7 @@ from trainer.data.prepare import PrepareSpec, prepare
 from trainer.data.ranged import BlockCache, RangedArray
 from trainer.data.store import TokenStore
 from trainer.data.tokenize import tokenize_documents
-from trainer.ranklog import LOGS_DIR
+from trainer.reporting.ranklog import LOGS_DIR
 from trainer.tokenizer import byte_tokenizer
 
 BUCKET = "ringleader-test"

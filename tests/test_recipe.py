@@ -12,7 +12,7 @@ import yaml
 
 from launcher.recipe import Recipe, ThetaRule
 from topology.errors import ConfigError
-from trainer.rope import ntk_theta, scaling_law_theta
+from trainer.model.rope import ntk_theta, scaling_law_theta
 
 DEMO = Path(__file__).resolve().parents[1] / "clusters" / "recipes" / "demo.yaml"
 

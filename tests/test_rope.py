@@ -8,8 +8,8 @@ import torch
 from transformers import AutoConfig, LlamaConfig, LlamaForCausalLM
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
-from trainer.modeling import set_rope, write_rope_compat
-from trainer.rope import ntk_theta, scaling_law_theta
+from trainer.model.llama import set_rope, write_rope_compat
+from trainer.model.rope import ntk_theta, scaling_law_theta
 
 BASE_THETA, BASE_LEN = 500_000.0, 8192  # Llama-3-8B-Instruct
 

@@ -20,8 +20,8 @@ from stage_helpers import CORPUS, MODEL, hf_weights, launch_ranks, max_diff, pla
 from topology.errors import ConfigError
 from trainer.checkpoint import saved_world_size
 from trainer.config import ModelConfig, StageConfig
-from trainer.modeling import build_model, rotary_inv_freq
-from trainer.rope import ntk_theta
+from trainer.model.llama import build_model, rotary_inv_freq
+from trainer.model.rope import ntk_theta
 from trainer.stage import check_inputs
 from trainer.tokenizer import byte_tokenizer
 

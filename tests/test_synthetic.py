@@ -7,7 +7,7 @@ import pytest
 
 from topology.errors import ConfigError
 from trainer.config import DataConfig
-from trainer.synthetic import RetrievalCorpus, corpus_spec, retrieval_document, synthetic_documents, write_corpus
+from trainer.data.synthetic import RetrievalCorpus, corpus_spec, retrieval_document, synthetic_documents, write_corpus
 
 FACT = re.compile(r"(?:^| )The ([a-z ]+ number) is: (\d+)\. ")
 QUESTION = re.compile(r"\nWhat is the ([a-z ]+ number)(?: mentioned in the text)?\? The \1 is: (\d+)\n")
@@ -124,7 +124,7 @@ def test_answer_only_loss_learns_each_answer_and_nothing_else():
 
 
 def test_copy_drills_repeat_a_span_and_learn_only_its_predictable_digits():
-    from trainer.synthetic import CopyDrills
+    from trainer.data.synthetic import CopyDrills
 
     spec = corpus_spec({"copy": {"documents": 50, "length": 32, "span": 8}})
     assert isinstance(spec, CopyDrills)

@@ -22,7 +22,7 @@ from tests.ray_utils import REPO
 from topology.errors import ConfigError
 from topology.planning.plan import Plan, RankPlacement
 from trainer.config import StageConfig
-from trainer.tracking import MlflowConfig, TrackingConfig, WandbConfig, plan_figures
+from trainer.reporting.tracking import MlflowConfig, TrackingConfig, WandbConfig, plan_figures
 
 
 def recipe(**tracking) -> dict:
@@ -59,7 +59,7 @@ def test_plan_figures_keep_gpu_predictions_for_gpu_runs():
 
 RANK_LOG_SCRIPT = """
 import logging, os, sys, warnings
-from trainer.ranklog import rank_logging
+from trainer.reporting.ranklog import rank_logging
 with rank_logging(sys.argv[1], 1, console=True, verbose=sys.argv[2] == "1"):
     os.write(1, b"from C: stdout\\n")
     os.write(2, b"from C: stderr\\n")

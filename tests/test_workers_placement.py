@@ -33,7 +33,7 @@ class MetricsRank:
     """A rank's tracker in a Ray worker, as ``trainer.stage`` opens it there."""
 
     def record(self, stage: str, rank: int) -> list[str]:
-        from trainer.tracking import TrackingConfig, open_trackers
+        from trainer.reporting.tracking import TrackingConfig, open_trackers
 
         trackers = open_trackers(TrackingConfig(tensorboard=False), stage, "/nonexistent/stage", rank)
         trackers.log_stage(0, {"world_size": 4.0})

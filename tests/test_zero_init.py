@@ -22,8 +22,8 @@ from trainer.attention.hf_attention import register_ring_attention
 from trainer.config import ModelConfig
 from trainer.groups import ParallelGroups
 from trainer.engine import MUON_MODULE, import_deepspeed, make_engine, zero3_construction
-from trainer.loss import ShardLoss, shard_loss_sum
-from trainer.modeling import build_model
+from trainer.model.loss import ShardLoss, shard_loss_sum
+from trainer.model.llama import build_model
 from trainer.attention.zigzag import shift_labels
 
 TINY = {"vocab_size": 128, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,

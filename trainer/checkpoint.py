@@ -63,7 +63,7 @@ import torch.distributed as dist
 
 from trainer import storage
 from trainer.engine import agree, import_deepspeed
-from trainer.modeling import write_rope_compat
+from trainer.model.llama import write_rope_compat
 
 log = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ from typing import Any, Literal
 from topology.errors import ConfigError
 from topology.files import load_data, write_atomic
 from trainer.schema import Count, PathName, PositiveFloat, PositiveInt, Seed, validate
-from trainer.tracking import TrackingConfig
+from trainer.reporting.tracking import TrackingConfig
 
 DEFAULT_DEEPSPEED: dict[str, Any] = {
     "zero_optimization": {"stage": 3, "overlap_comm": True, "contiguous_gradients": True},
@@ -63,7 +63,7 @@ class DataConfig:
     """A directory or file of documents: .txt, .jsonl (field 'text' or 'messages') or .parquet."""
     synthetic: dict[str, Any] | None = None
     """Instead of ``path``: a corpus generated here, ``{retrieval: {...RetrievalCorpus fields}}``
-    (``trainer.synthetic``), the same on every rank."""
+    (``trainer.data.synthetic``), the same on every rank."""
     kind: Literal["pretrain", "chat"] = "pretrain"
     """``pretrain``: pack documents to the sequence length (SlimPajama style);
     ``chat``: UltraChat-style message lists through the chat template."""
@@ -98,7 +98,7 @@ class DataConfig:
         if (self.path is None) == (self.synthetic is None):
             raise ConfigError("data: give exactly one of 'path' (documents on disk) or 'synthetic' (e.g. {retrieval: {documents: 3000}})")
         if self.synthetic is not None:
-            from trainer.synthetic import corpus_spec
+            from trainer.data.synthetic import corpus_spec
 
             corpus_spec(self.synthetic)  # unknown generators and fields fail at load, before any rank starts
 

@@ -3,7 +3,7 @@
 DeepSpeed's data-parallel group is the whole world: every rank, context
 parallel or not, holds the same parameters, so ZeRO partitions them (and the
 optimizer state) over all ``W`` ranks and averages gradients over all of
-them; ``trainer.loss.loss_scale`` makes that average the right one.
+them; ``trainer.model.loss.loss_scale`` makes that average the right one.
 
 On CPU (tests, laptops) DeepSpeed's CPU accelerator runs over gloo
 (``DS_ACCELERATOR=cpu``) in fp32, ZeRO-3 included; on CUDA the stage runs
@@ -118,7 +118,7 @@ def import_deepspeed(muon: bool = False) -> Any:
       ``tracking`` extra installs it), which costs every rank about 2 s of
       CPU at start-up. The hook is kept out only while DeepSpeed loads:
       ``mlflow`` imports as usual afterwards, for the MLflow tracker
-      (``trainer.tracking``).
+      (``trainer.reporting.tracking``).
     * ZeRO-1/2/3 and the bf16 optimizer import ``MuonWithAuxAdam`` when they
       are built, only to test ``isinstance(optimizer, MuonWithAuxAdam)``.
       That import applies ``torch.compile`` to Muon's kernels, which loads

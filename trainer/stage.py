@@ -40,11 +40,11 @@ from trainer.config import COLLECTIVE_TIMEOUT_S, StageConfig
 from trainer.data import build_dataset, sample_index
 from trainer.engine import agree, deepspeed_config, init_process_group, make_engine, zero_stage
 from trainer.groups import ParallelGroups
-from trainer.loss import ShardLoss, loss_scale
-from trainer.modeling import build_model, load_config
-from trainer.progress import METRICS_JSONL, StepReporter
-from trainer.ranklog import rank_logging
-from trainer.tracking import open_trackers, plan_figures
+from trainer.model.loss import ShardLoss, loss_scale
+from trainer.model.llama import build_model, load_config
+from trainer.reporting.progress import METRICS_JSONL, StepReporter
+from trainer.reporting.ranklog import rank_logging
+from trainer.reporting.tracking import open_trackers, plan_figures
 from trainer.tokenizer import load_tokenizer
 from trainer.attention.documents import Documents, drop_cross_document_labels
 from trainer.attention.ulysses import kv_heads_for_ulysses
@@ -111,7 +111,7 @@ def run_stage(cfg: StageConfig, plan: Plan, on_metrics: Callable[[dict[str, Any]
         Rank placement and parallel shape; its world size must be the process group's.
     on_metrics
         Called on every rank after each optimizer step with that step's
-        metrics dict (see ``trainer.progress.StepReporter``).
+        metrics dict (see ``trainer.reporting.progress.StepReporter``).
     inputs
         ``load_inputs``'s (config, tokenizer, dataset), when the caller checked the input first.
 

@@ -114,7 +114,7 @@ def run(args: argparse.Namespace) -> int:
 def check_model(recipe: Recipe) -> None:
     """The first stage's model must be resolvable here before Ray starts (later stages start from earlier ones):
     a local directory with config.json, a valid ``tiny`` config, or a hub name already in the local HF cache."""
-    from trainer.modeling import load_config
+    from trainer.model.llama import load_config
 
     load_config(recipe.model, local_only=True)
 

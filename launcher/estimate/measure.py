@@ -79,8 +79,8 @@ def dense_tflops(model_cfg: dict[str, Any], params: int, tokens: int, device: to
                  repeats: int = 5) -> list[float]:
     """Marginal TFLOPS of the model's work outside attention, counted as the cost model counts it (``6 * params * tokens``).
 
-    The recipe's model (``trainer.modeling.build_model``) runs forward and
-    backward through the trainer's loss (``trainer.loss.shard_loss_sum``) with
+    The recipe's model (``trainer.model.llama.build_model``) runs forward and
+    backward through the trainer's loss (``trainer.model.loss.shard_loss_sum``) with
     an attention that passes the queries through, so norms, RoPE, the MLP's
     activation, residual adds and the loss head are timed with the matmuls.
     On small models they cost more than the matmuls; a GEMM alone would miss them.
@@ -91,8 +91,8 @@ def dense_tflops(model_cfg: dict[str, Any], params: int, tokens: int, device: to
     from transformers import AttentionInterface
 
     from trainer.config import ModelConfig
-    from trainer.loss import shard_loss_sum
-    from trainer.modeling import build_model
+    from trainer.model.loss import shard_loss_sum
+    from trainer.model.llama import build_model
     from trainer.tokenizer import load_tokenizer
 
     def no_attention(module, query, key, value, attention_mask, **kwargs):
@@ -286,7 +286,7 @@ def step_overhead_s(hidden: int, layers: int, device: torch.device, zero_stage: 
     At 16 tokens the compute is negligible, so what is left is the fixed work
     of every step: parameter gathers, gradient reduction, the optimizer, the
     model's per-layer Python and launches, engine bookkeeping. The recipe's
-    own model (``model_cfg``, built by ``trainer.modeling.build_model``) is
+    own model (``model_cfg``, built by ``trainer.model.llama.build_model``) is
     stepped when it has at most ``SMALL_MODEL`` parameters; a larger one is
     stood in for by an MLP of its width and depth.
     """
@@ -297,7 +297,7 @@ def step_overhead_s(hidden: int, layers: int, device: torch.device, zero_stage: 
     hf = model_cfg is not None and 0 < params <= SMALL_MODEL
     if hf:
         from trainer.config import ModelConfig
-        from trainer.modeling import build_model
+        from trainer.model.llama import build_model
         from trainer.tokenizer import load_tokenizer
 
         mc = ModelConfig(**model_cfg)

@@ -30,7 +30,7 @@ Activations, bf16, with activation checkpointing at each decoder layer:
   Ulysses adds its all-to-all copies of q, k, v and the output;
 * logits: ``tokens * V * 14`` bytes: bf16 logits, their fp32 copy, the fp32
   log-softmax cross-entropy saves and the fp32 gradient. The trainer makes
-  logits in chunks of ``trainer.loss.LOGITS_CHUNK_BYTES`` of fp32 (about
+  logits in chunks of ``trainer.model.loss.LOGITS_CHUNK_BYTES`` of fp32 (about
   2K tokens for Llama-3) and recomputes each in backward, so ``tokens`` is
   that chunk, not ``c``.
 
@@ -60,7 +60,7 @@ from topology.cost import LLAMA3_8B, ModelShape
 from topology.errors import ConfigError
 from topology.network.model import GpuSpec
 from trainer.config import ModelConfig
-from trainer.loss import LOGITS_CHUNK_BYTES
+from trainer.model.loss import LOGITS_CHUNK_BYTES
 
 BF16, FP32 = 2, 4
 GB = 1e9

@@ -47,8 +47,8 @@ from topology.profiling.profile import ProfileError, profile_cluster
 from trainer import storage
 from trainer.checkpoint import latest_step
 from trainer.config import DataConfig, StageConfig
-from trainer.progress import StageProgress, format_seconds
-from trainer.ranklog import rank_log_path
+from trainer.reporting.progress import StageProgress, format_seconds
+from trainer.reporting.ranklog import rank_log_path
 
 log = logging.getLogger("ringleader")
 

@@ -42,9 +42,9 @@ from typing import Any, Callable
 
 from topology.errors import ConfigError
 from trainer import storage
-from trainer.progress import METRICS_JSONL
-from trainer.ranklog import LOGS_DIR
-from trainer.tracking import TENSORBOARD_DIR
+from trainer.reporting.progress import METRICS_JSONL
+from trainer.reporting.ranklog import LOGS_DIR
+from trainer.reporting.tracking import TENSORBOARD_DIR
 
 
 # Files of a stage directory (the stage's output_dir, see Recipe.stage_configs).

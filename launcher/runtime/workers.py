@@ -15,7 +15,7 @@ the stage on that host.
 
 Actors are named ``<stage>/rank-<k>@<host>`` (the dashboard's actor list and
 each log line's prefix say which rank is which), and each writes its rank
-log ``<stage dir>/logs/rank-<k>.log`` (see ``trainer.ranklog``).
+log ``<stage dir>/logs/rank-<k>.log`` (see ``trainer.reporting.ranklog``).
 """
 
 from __future__ import annotations
@@ -114,7 +114,7 @@ class RankWorker:
         import torch.distributed as dist
 
         from trainer import storage
-        from trainer.ranklog import rank_logging
+        from trainer.reporting.ranklog import rank_logging
 
         rank = dist.get_rank()
         # Before the trainer's imports: DeepSpeed and transformers speak as they load.

@@ -33,7 +33,7 @@ def load_store(data_cfg: DataConfig, tokenizer: PreTrainedTokenizerBase) -> Toke
         log.info("data: token store %s, %d documents; this rank reads only its samples", data_cfg.store, len(store))
         return store
     if data_cfg.synthetic is not None:
-        from trainer.synthetic import synthetic_documents
+        from trainer.data.synthetic import synthetic_documents
 
         docs = synthetic_documents(data_cfg.synthetic)
     else:

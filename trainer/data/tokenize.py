@@ -63,7 +63,7 @@ def tokenize_documents(tokenizer: PreTrainedTokenizerBase, docs: list[Any], kind
     """``(token ids uint32, learned-mask bool or None)`` per document of ``kind``.
 
     A pretrain document that is a list of ``(text, learned)`` pieces rather than
-    a string (``trainer.synthetic`` with ``loss: answers``) carries its mask too.
+    a string (``trainer.data.synthetic`` with ``loss: answers``) carries its mask too.
     """
     if kind == "chat" or (docs and not isinstance(docs[0], str)):
         out = []

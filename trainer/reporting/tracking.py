@@ -12,7 +12,7 @@ Rank 0 writes TensorBoard, W&B and MLflow (one run per stage, grouped by the
 run directory); every rank inside a Ray worker sets Ray gauges tagged with
 its stage and rank, so the dashboard and Prometheus hold every rank's step
 time, ring communication wait and peak memory. Per step they get the
-metrics of ``trainer.progress.StepReporter``; per stage the plan's figures
+metrics of ``trainer.reporting.progress.StepReporter``; per stage the plan's figures
 and the needle-in-a-haystack score.
 
 ``tensorboard --logdir RUN_DIR`` shows every stage of a run side by side.

@@ -15,7 +15,7 @@ at random points after it::
 Documents are a pure function of ``(seed, index)``, so every rank and every
 rerun builds the same corpus, and ``write_corpus`` is cached by its options.
 
-    python -m trainer.synthetic runs/retrieval-corpus.jsonl --documents 4000 --chars 60 230
+    python -m trainer.data.synthetic runs/retrieval-corpus.jsonl --documents 4000 --chars 60 230
 """
 
 from __future__ import annotations
@@ -294,7 +294,7 @@ def write_corpus(path: str | os.PathLike, spec: RetrievalCorpus | CopyDrills) ->
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m trainer.synthetic", description="Write the synthetic retrieval corpus.")
+    parser = argparse.ArgumentParser(prog="python -m trainer.data.synthetic", description="Write the synthetic retrieval corpus.")
     parser.add_argument("output", help="JSON-lines file to write")
     parser.add_argument("--documents", type=int, default=RetrievalCorpus.documents)
     parser.add_argument("--chars", type=int, nargs=2, default=RetrievalCorpus.chars, metavar=("MIN", "MAX"))
