@@ -142,6 +142,30 @@ def test_bad_topology_is_one_line_and_exit_2(capsys):
     assert err.startswith("ringleader: error:") and "\n" not in err
 
 
+DEMO = RECIPE.with_name("demo.yaml")
+RETRIEVAL = RECIPE.with_name("tiny-retrieval.yaml")
+
+
+@pytest.mark.parametrize("recipe_path, edit, message", [
+    (DEMO, lambda r: r["model"]["tiny"].update(num_attention_heads={"a": 1}), r"model.tiny: num_attention_heads is \{'a': 1\}"),
+    (DEMO, lambda r: r["model"]["tiny"].update(num_attention_heads=0), "model.tiny: num_attention_heads is 0"),
+    (DEMO, lambda r: r["model"]["tiny"].update(hidden_size=1.5), "model.tiny: hidden_size is 1.5"),
+    (RETRIEVAL, lambda r: r["data"]["synthetic"]["retrieval"].update(asks="x"), "data.synthetic.retrieval: asks is 'x'"),
+    (RETRIEVAL, lambda r: r["stages"][1]["niah"].update(depth_interval="ntk"), "niah: depth_interval is 'ntk'"),
+    (RETRIEVAL, lambda r: r["stages"][1]["niah"].update(max_len=10**30), "more than 10000 lengths"),
+])
+def test_bad_model_data_and_niah_fields_are_one_line_and_exit_2(tmp_path, capsys, recipe_path, edit, message):
+    """What a dry run reads beyond the recipe's own fields (the tiny model, the generated corpus, the NIAH grid) is
+    checked as they are: one line, exit 2, never a traceback from inside transformers or an estimate."""
+    raw = yaml.safe_load(recipe_path.read_text())
+    edit(raw)
+    path = tmp_path / "recipe.yaml"  # a dry run does not look for the data
+    path.write_text(yaml.safe_dump(raw))
+    assert main(["run", str(path), "--dry-run", "--topology", "g6e-1x"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("ringleader: error:") and "\n" not in err and re.search(message, err), err
+
+
 def test_theta_is_written_as_the_table_writes_it():
     assert [format_theta(t) for t in recipe().resolve_theta().values()] == ["15.3M", "207.1M", "1.06B", "2.80B", "45.2B"]
 

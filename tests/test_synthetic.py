@@ -50,7 +50,7 @@ def test_uniform_spacing_asks_across_the_whole_document_as_often_as_close_by():
     far = lambda d: sum(x > 0.75 for x in d) / len(d)  # noqa: E731
     assert far(after) < 0.02 and 0.1 < far(uniform) < 0.25
     assert all(x >= 0 for x in uniform)  # every question still comes after its fact
-    with pytest.raises(ConfigError, match="spacing 'after' or 'uniform'"):
+    with pytest.raises(ConfigError, match="spacing is 'far'; input should be 'after' or 'uniform'"):
         corpus_spec({"retrieval": {"spacing": "far"}})
 
 
@@ -77,7 +77,11 @@ def test_write_corpus_is_cached_and_atomic(tmp_path):
 
 
 @pytest.mark.parametrize("raw, words", [
-    ({"retrieval": {"documents": 0}}, "out of range"),
+    ({"retrieval": {"documents": 0}}, "documents is 0; input should be greater than or equal to 1"),
+    ({"retrieval": {"documents": 10**30}}, "less than or equal to 10000000"),
+    ({"retrieval": {"asks": "x"}}, "asks is 'x'"),
+    ({"retrieval": {"facts": [1, None]}}, r"facts\[1\]: input should be a valid integer"),
+    ({"copy": {"span": [1]}}, r"span is \[1\]"),
     ({"retrieval": {"chars": [500, 100]}}, "out of range"),
     ({"retrieval": {"colour": 1}}, "unknown option"),
     ({"haystack": {}}, "known: retrieval"),

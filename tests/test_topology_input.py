@@ -21,6 +21,10 @@ def _gpu(data, index=0):
     return next(n for n in data["nodes"] if n["kind"] == "gpu" and n["index"] == index)
 
 
+def _part(data, kind, index=0):
+    return next(n for n in data["nodes"] if n["kind"] == kind and n["index"] == index)
+
+
 def _measured(**changes):
     data = {"format": MEASURED_FORMAT, "version": 1, "name": "lab",
             "hosts": [{"name": "a", "gpus": 8}, {"name": "b", "gpus": 8}],
@@ -45,6 +49,12 @@ CASES = {
     "leaf-naming-no-node": (_host_file(_with_leaf), "leaf 'leaf9' names no switch"),
     "self-loop": (_host_file(lambda d: d["links"].append({"a": "h00/gpu0", "b": "h00/gpu0", "bw_gbps": 25})), "to itself"),
     "duplicate-gpu-index": (_host_file(lambda d: _gpu(d, 1).update(index=0)), "both have index 0"),
+    "socket-list-index": (_host_file(lambda d: _part(d, "socket").update(index=[1])), r"socket .*index is \[1\]"),
+    "duplicate-socket-index": (_host_file(lambda d: _part(d, "socket", 1).update(index=0)), "sockets .* both have index 0"),
+    "ec2-instance-type-not-a-string": ({"Instances": [{"InstanceId": "i-0", "InstanceType": ["g6e.48xlarge"], "NetworkNodes": ["a", "b"]}]},
+                                       r"InstanceType is \['g6e.48xlarge'\]"),
+    "ec2-instance-id-not-a-string": ({"Instances": [{"InstanceId": 7, "InstanceType": "g6e.48xlarge", "NetworkNodes": ["a", "b"]}]},
+                                     "InstanceId is 7"),
     "measured-string-bandwidth": (_measured(host_bw_gbps=[[0, "fast"], [10, 0]]), r"host_bw_gbps\[0\]\[1\] is 'fast'"),
     "measured-string-tflops": (_measured(gpu={"tflops_bf16": "lots"}), "tflops_bf16 is 'lots'"),
     "link-unknown-field": (_host_file(lambda d: d["links"][0].update(latency=3)), r"unknown field\(s\) latency"),

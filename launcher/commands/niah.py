@@ -54,9 +54,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    config = NiahConfig(max_len=args.max_len, min_len=args.min_len, len_interval=args.len_interval,
-                        depth_interval=args.depth_interval, digits=args.digits, haystack=args.haystack,
-                        shard_above=args.shard_above, seed=args.seed)
+    config = NiahConfig.from_dict(dict(max_len=args.max_len, min_len=args.min_len, len_interval=args.len_interval,
+                                       depth_interval=args.depth_interval, digits=args.digits, haystack=args.haystack,
+                                       shard_above=args.shard_above, seed=args.seed), source="niah")
     if args.ring < 1:
         raise ConfigError(f"--ring is {args.ring}; give the number of ranks to spawn (>= 1)")
     if torch.cuda.is_available() and args.ring > torch.cuda.device_count():

@@ -54,12 +54,13 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from transformers import AutoConfig, LlamaConfig
+from transformers import AutoConfig
 
 from topology.cost import LLAMA3_8B, ModelShape
 from topology.errors import ConfigError
 from topology.network.model import GpuSpec
 from trainer.config import ModelConfig
+from trainer.model.hf_config import tiny_config
 from trainer.model.loss import LOGITS_CHUNK_BYTES
 
 BF16, FP32 = 2, 4
@@ -279,7 +280,7 @@ def model_shape(model_cfg: ModelConfig) -> tuple[ModelShape, str]:
     (the recipes this project ships start from it).
     """
     if model_cfg.tiny is not None:
-        return _shape(LlamaConfig(**model_cfg.tiny), "tiny"), "the recipe's tiny config"
+        return _shape(tiny_config(model_cfg.tiny), "tiny"), "the recipe's tiny config"
     try:
         config = AutoConfig.from_pretrained(model_cfg.path, local_files_only=True)
     except (OSError, ValueError):

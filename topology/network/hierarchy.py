@@ -62,6 +62,10 @@ def ec2_instances(data: Any, source: str) -> list[dict[str, Any]]:
     for i, inst in enumerate(instances):
         if not isinstance(inst, dict) or not inst.get("InstanceId"):
             raise ConfigError(f"{source}: Instances[{i}] has no InstanceId")
+        if not isinstance(inst["InstanceId"], str):
+            raise ConfigError(f"{source}: Instances[{i}]: InstanceId is {inst['InstanceId']!r}; give the instance id as a string")
+        if not isinstance(inst.get("InstanceType", ""), str):
+            raise ConfigError(f"{source}: Instances[{i}] ({inst['InstanceId']}): InstanceType is {inst['InstanceType']!r}; give it as a string such as g6e.48xlarge")
         nodes = inst.get("NetworkNodes")
         if not isinstance(nodes, list) or not nodes or not all(isinstance(n, str) and n for n in nodes):
             raise ConfigError(f"{source}: Instances[{i}] ({inst['InstanceId']}): NetworkNodes must list the network node ids, top-down")

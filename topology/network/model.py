@@ -324,7 +324,7 @@ class Topology:
     def check(self, source: str = "topology") -> None:
         """Raise ``ConfigError`` on a part without its host, a bad GPU index or a ``leaf`` naming no switch."""
         g = self.graph
-        indices: dict[tuple[str, int], str] = {}
+        indices: dict[tuple[str, str, int], str] = {}
         for n, d in g.nodes(data=True):
             kind = d["kind"]
             if d.get("labels") is not None and not isinstance(d["labels"], dict):
@@ -342,13 +342,16 @@ class Topology:
             if host not in g or g.nodes[host]["kind"] != "host":
                 what = "names no node" if host not in g else f"is a {g.nodes[host]['kind']}"
                 raise ConfigError(f"{source}: node {n!r} ({kind}) needs 'host' naming a host node; its host {host!r} {what}")
-            if kind == "gpu":
-                index = d.get("index")
-                if not isinstance(index, int) or isinstance(index, bool) or index < 0:
-                    raise ConfigError(f"{source}: GPU {n!r}: index is {index!r}; give its CUDA ordinal as an integer >= 0")
-                if (host, index) in indices:
-                    raise ConfigError(f"{source}: GPUs {indices[host, index]!r} and {n!r} of host {host!r} both have index {index}; CUDA ordinals are unique per host")
-                indices[host, index] = n
+            index = d.get("index")
+            if (kind == "gpu" or index is not None) and (not isinstance(index, int) or isinstance(index, bool) or index < 0):
+                what = "give its CUDA ordinal" if kind == "gpu" else f"give the {kind}'s ordinal in its host"
+                raise ConfigError(f"{source}: {'GPU' if kind == 'gpu' else kind} {n!r}: index is {index!r}; {what} as an integer >= 0")
+            if index is not None and (host, kind, index) in indices:
+                if kind == "gpu":
+                    raise ConfigError(f"{source}: GPUs {indices[host, kind, index]!r} and {n!r} of host {host!r} both have index {index}; CUDA ordinals are unique per host")
+                raise ConfigError(f"{source}: {kind}s {indices[host, kind, index]!r} and {n!r} of host {host!r} both have index {index}; "
+                                  f"number each {kind} of a host differently")
+            indices[host, kind, index] = n
 
     def save(self, path: str | os.PathLike) -> None:
         """Write as JSON (``.json``) or YAML (anything else), atomically."""

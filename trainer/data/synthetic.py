@@ -27,9 +27,12 @@ import random
 import sys
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Annotated, Any, Iterable, Literal
+
+from pydantic import Field, Strict
 
 from topology.errors import ConfigError
+from trainer.schema import PositiveInt, Seed, validate
 
 WORDS = (
     "time year people way day man thing woman life child world school state family student group country problem hand "
@@ -72,32 +75,38 @@ QUESTIONS = ("\nWhat is the {key} mentioned in the text? The {key} is:",
 """A question ends where its answer, `` <value>`` (leading space included, as NIAH scores it), begins."""
 
 
+Documents = Annotated[int, Strict(), Field(ge=1, le=10_000_000)]
+"""Documents of a generated corpus: every rank generates all of them, so a few million at most."""
+Span = tuple[PositiveInt, PositiveInt]
+"""Fewest and most of something per document, as ``[lo, hi]``."""
+
+
 @dataclass(frozen=True)
 class RetrievalCorpus:
     """How the corpus is generated; every field changes the text, so all of it names the cache file."""
 
-    documents: int = 4000
-    chars: tuple[int, int] = (100, 240)
+    documents: Documents = 4000
+    chars: Span = (100, 240)
     """Shortest and longest filler of a document, in characters (= byte-tokenizer tokens); each
     document draws its length uniformly, so facts sit at every distance from their questions."""
-    sentences: tuple[int, int] = (2, 6)
+    sentences: Span = (2, 6)
     """Fewest and most distinct filler sentences per document, repeated in random order to fill it:
     the only way to predict a repeat is to find its earlier copy, the same skill (an induction
     head) that retrieving a fact needs, rewarded on every line. A large bound means no repeats."""
-    facts: tuple[int, int] = (1, 4)
+    facts: Span = (1, 4)
     """Fewest and most facts planted per document, each at a random depth."""
-    asks: tuple[int, int] = (1, 3)
+    asks: Span = (1, 3)
     """Fewest and most times each fact is asked, each time at a random point after it: the
     answer is the only thing in the document that predicts the digits, so a question is a
     dense, direct reward for looking the key up, many times per sample."""
-    spacing: str = "after"
+    spacing: Literal["after", "uniform"] = "after"
     """Where a fact's questions fall: ``after`` (the fact at a random depth, each question at a random
     point after it: most questions sit close to their fact) or ``uniform`` (each question's distance
     from its fact drawn uniformly over the document, so a lookup across the whole document is as
     common as a short one: what an extension to a longer context has to learn)."""
-    digits: int = 8
-    seed: int = 0
-    loss: str = "all"
+    digits: Annotated[int, Strict(), Field(ge=1, le=18)] = 8
+    seed: Seed = 0
+    loss: Literal["all", "answers"] = "all"
     """Which tokens a model learns from: ``all`` (plain language modelling) or ``answers`` (only
     each question's answer, as instruction data masks its prompts): every gradient then goes to
     retrieval, the one skill the corpus is for, instead of to predicting filler."""
@@ -212,13 +221,13 @@ class CopyDrills:
     before the retrieval corpus gives the later stage the circuit it needs.
     """
 
-    documents: int = 20000
-    length: int = 32
+    documents: Documents = 20000
+    length: Annotated[int, Strict(), Field(ge=2, le=1_000_000)] = 32
     """Digits per drill."""
-    span: int = 8
+    span: PositiveInt = 8
     """Digits repeated: copied from the first half into the second."""
-    seed: int = 0
-    loss: str = "copies"
+    seed: Seed = 0
+    loss: Literal["copies", "all"] = "copies"
     """``copies``: learn only the repeat's digits after its first (the first cannot be known); ``all``: every token."""
 
     def check(self) -> None:
@@ -256,11 +265,8 @@ def corpus_spec(raw: dict[str, Any]) -> RetrievalCorpus | CopyDrills:
     if not isinstance(options, dict) or set(options) - known:
         raise ConfigError(f"data.synthetic.{name}: unknown option(s) {sorted(set(options) - known) if isinstance(options, dict) else options!r}; "
                           f"known: {', '.join(sorted(known))}")
-    try:
-        spec = cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in options.items()})
-    except TypeError as exc:
-        raise ConfigError(f"data.synthetic.{name}: {exc}") from None
-    spec.check()
+    spec = validate(cls, options, f"data.synthetic.{name}")  # each field's type and range
+    spec.check()  # what spans fields
     return spec
 
 

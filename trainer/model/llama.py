@@ -22,14 +22,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from huggingface_hub.errors import StrictDataclassError
-from transformers import (AutoConfig, AutoModelForCausalLM, LlamaConfig, PreTrainedConfig, PreTrainedModel,
-                          PreTrainedTokenizerBase)
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from topology.errors import ConfigError, first_line
 from topology.files import write_atomic
 from trainer.config import ModelConfig
 from trainer.engine import zero3_construction
+from trainer.model.hf_config import check_sizes, check_vocab, tiny_config
 
 log = logging.getLogger(__name__)
 
@@ -135,7 +134,7 @@ def build_model(model_cfg: ModelConfig, rope_theta: float, seq_len: int, init_fr
         except (OSError, ValueError) as exc:
             raise ConfigError(f"cannot load model {source!r} ({first_line(exc)}); give a local HF directory or a cached hub name") from None
     if tokenizer is not None:
-        _check_vocab(model.get_input_embeddings().num_embeddings, tokenizer)
+        check_vocab(model.get_input_embeddings().num_embeddings, tokenizer)
     return model
 
 
@@ -150,47 +149,17 @@ def load_config(model_cfg: ModelConfig, init_from: str | None = None,
     return _config_from(resolve_source(model_cfg, init_from), model_cfg, tokenizer, local_only)
 
 
-MODEL_SIZES = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
-               "head_dim", "vocab_size")
-"""Config fields that must be whole numbers >= 1; torch would fail on them only once a rank builds the model."""
-
-
 def _config_from(source: str | None, model_cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase | None,
                  local_only: bool = False) -> PreTrainedConfig:
     if source is None:
-        config = _tiny_config(model_cfg.tiny or {}, tokenizer)
-    else:
-        try:
-            config = AutoConfig.from_pretrained(source, local_files_only=local_only)
-        except (OSError, ValueError) as exc:
-            raise ConfigError(f"cannot load model config {source!r} ({first_line(exc)}); give a local HF directory "
-                              "or a hub name in the local HF cache (huggingface-cli download NAME)") from None
-    bad = [f"{k} is {v!r}" for k in MODEL_SIZES if (v := getattr(config, k, None)) is not None and (type(v) is not int or v < 1)]
-    if bad:
-        where = "model.tiny" if source is None else f"model {source!r}"
-        raise ConfigError(f"{where}: {', '.join(bad)}; sizes must be whole numbers >= 1")
-    return config
-
-
-def _check_vocab(vocab_size: int, tokenizer: PreTrainedTokenizerBase) -> None:
-    if vocab_size < len(tokenizer):
-        raise ConfigError(f"model vocabulary ({vocab_size}) is smaller than the tokenizer's ({len(tokenizer)}); "
-                          "raise vocab_size or use the model's own tokenizer")
-
-
-def _tiny_config(kwargs: dict[str, Any], tokenizer: PreTrainedTokenizerBase | None) -> LlamaConfig:
-    kwargs = dict(kwargs)
-    if tokenizer is not None:
-        kwargs.setdefault("vocab_size", len(tokenizer))
-        kwargs.setdefault("bos_token_id", tokenizer.bos_token_id)
-        kwargs.setdefault("eos_token_id", tokenizer.eos_token_id)
-        kwargs.setdefault("pad_token_id", tokenizer.pad_token_id)
-        _check_vocab(kwargs["vocab_size"], tokenizer)
+        return tiny_config(model_cfg.tiny or {}, tokenizer)
     try:
-        return LlamaConfig(**kwargs)
-    except (TypeError, ValueError, StrictDataclassError) as exc:
-        reason = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
-        raise ConfigError(f"model.tiny is not a valid LlamaConfig ({reason})") from None
+        config = AutoConfig.from_pretrained(source, local_files_only=local_only)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"cannot load model config {source!r} ({first_line(exc)}); give a local HF directory "
+                          "or a hub name in the local HF cache (huggingface-cli download NAME)") from None
+    check_sizes(config, f"model {source!r}")
+    return config
 
 
 def rotary_inv_freq(model: PreTrainedModel) -> torch.Tensor:

@@ -27,15 +27,17 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import torch
 import torch.distributed as dist
+from pydantic import Field
 from tqdm import tqdm
 
 from topology.errors import ConfigError, first_line
 from topology.files import write_atomic
 from trainer.config import ModelConfig
+from trainer.schema import PositiveInt, Seed, validate
 from trainer.niah.prompts import PromptBuilder, load_haystack
 from trainer.tokenizer import load_tokenizer
 from trainer.attention.zigzag import local_indices
@@ -46,50 +48,58 @@ DEFAULT_HAYSTACK = Path(__file__).resolve().parents[2] / "clusters" / "data" / "
 """The demo corpus: plain-text essays written for this project."""
 
 
+MAX_CELLS = 10_000
+"""Most context lengths one evaluation may hold: each is a set of prompts through the model."""
+
+
 @dataclass
 class NiahConfig:
     """The grid of (context length, needle depth) cells and where the haystack comes from."""
 
-    max_len: int = 4_194_200
+    max_len: PositiveInt = 4_194_200
     """Longest context, in tokens (prompt and answer included)."""
-    min_len: int = 100
-    len_interval: int = 260_000
+    min_len: PositiveInt = 100
+    len_interval: PositiveInt = 260_000
     """Lengths are min_len, min_len + interval, ... and max_len."""
-    depth_interval: float = 0.2
+    depth_interval: Annotated[float, Field(allow_inf_nan=False)] = 0.2
     """Depths are 0, interval, 2 x interval, ... 1 (fractions of the haystack before the needle)."""
-    digits: int = 8
+    digits: PositiveInt = 8
     """Digits of the needle's random number."""
     haystack: str = str(DEFAULT_HAYSTACK)
     """Directory of plain-text files (.txt), read in name order and repeated as needed."""
-    shard_above: int = 131_072
+    shard_above: PositiveInt = 131_072
     """Contexts longer than this run sharded over the ring; shorter ones on one process."""
-    seed: int = 0
+    seed: Seed = 0
 
     def __post_init__(self) -> None:
         for name in ("max_len", "min_len", "len_interval", "digits", "shard_above"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ConfigError(f"niah: {name} is {value!r}; it must be a whole number >= 1")
+                raise ConfigError(f"{name} is {value!r}; it must be a whole number >= 1")
         if self.max_len < self.min_len:
-            raise ConfigError(f"niah: max length ({self.max_len}) is below min length ({self.min_len}); "
+            raise ConfigError(f"max length ({self.max_len}) is below min length ({self.min_len}); "
                               "raise --max-len or lower --min-len")
-        if not 0 < self.depth_interval <= 1:
-            raise ConfigError(f"niah: depth interval {self.depth_interval} is outside (0, 1]; "
+        if (self.max_len - self.min_len) // self.len_interval >= MAX_CELLS:
+            raise ConfigError(f"lengths {self.min_len} to {self.max_len} every {self.len_interval} make more than "
+                              f"{MAX_CELLS} lengths; raise len_interval")
+        if isinstance(self.depth_interval, bool) or not isinstance(self.depth_interval, (int, float)) or not 0 < self.depth_interval <= 1:
+            raise ConfigError(f"depth interval {self.depth_interval} is outside (0, 1]; "
                               "depths are fractions of the context, e.g. 0.2")
         if self.digits > 18:
-            raise ConfigError(f"niah: digits is {self.digits}; use at most 18")
+            raise ConfigError(f"digits is {self.digits}; use at most 18")
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "niah", base_dir: str | Path | None = None) -> "NiahConfig":
-        """A recipe stage's ``niah:`` mapping; a relative haystack is relative to ``base_dir`` (the recipe's)."""
+        """A recipe stage's ``niah:`` mapping (or the CLI's flags), every field checked, each problem a line
+        prefixed with ``source``; a relative haystack is relative to ``base_dir`` (the recipe's)."""
         unknown = set(data) - {f.name for f in fields(cls)}
         if unknown:
             known = ", ".join(f.name for f in fields(cls))
             raise ConfigError(f"{source}: unknown key(s) {', '.join(sorted(unknown))}; known keys are {known}")
         data = dict(data)
-        if base_dir is not None and "haystack" in data and not Path(data["haystack"]).is_absolute():
+        if base_dir is not None and isinstance(data.get("haystack"), str) and not Path(data["haystack"]).is_absolute():
             data["haystack"] = str(Path(base_dir) / data["haystack"])
-        return cls(**data)
+        return validate(cls, data, source)
 
     def lengths(self) -> list[int]:
         out = list(range(self.min_len, self.max_len + 1, self.len_interval))
