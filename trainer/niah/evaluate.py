@@ -72,17 +72,14 @@ class NiahConfig:
     seed: Seed = 0
 
     def __post_init__(self) -> None:
-        for name in ("max_len", "min_len", "len_interval", "digits", "shard_above"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ConfigError(f"{name} is {value!r}; it must be a whole number >= 1")
+        """What spans fields; each field's own type and range are checked by ``from_dict``."""
         if self.max_len < self.min_len:
             raise ConfigError(f"max length ({self.max_len}) is below min length ({self.min_len}); "
                               "raise --max-len or lower --min-len")
         if (self.max_len - self.min_len) // self.len_interval >= MAX_CELLS:
             raise ConfigError(f"lengths {self.min_len} to {self.max_len} every {self.len_interval} make more than "
                               f"{MAX_CELLS} lengths; raise len_interval")
-        if isinstance(self.depth_interval, bool) or not isinstance(self.depth_interval, (int, float)) or not 0 < self.depth_interval <= 1:
+        if not 0 < self.depth_interval <= 1:
             raise ConfigError(f"depth interval {self.depth_interval} is outside (0, 1]; "
                               "depths are fractions of the context, e.g. 0.2")
         if self.digits > 18:
