@@ -1,9 +1,12 @@
 """Bad topology input, as a user meets it through ``ringleader plan``: one line, exit 2, no file written."""
 
+import copy
 import json
 import re
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from launcher.cli import main
 from topology.network.model import MEASURED_FORMAT
@@ -103,3 +106,59 @@ def test_topology_naming_a_directory_is_one_line(tmp_path, capsys):
     assert main(["plan", "--topology", str(tmp_path), "--gpus", "8", "--ring", "8"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "is a directory" in err, err
+
+
+# ------------------------------------------------------------------ any field, any wrong value
+EC2 = {"Instances": [{"InstanceId": f"i-{k}", "InstanceType": "g6e.48xlarge", "AvailabilityZone": "us-east-1a",
+                      "NetworkNodes": ["nn-a", f"nn-b{k // 2}", f"nn-c{k}"]} for k in range(4)]}
+FORMS = {"node/link": load_topology("g6e-1x").to_dict(), "rails": load_topology("rails-16x-2nic").to_dict(),
+         "measured": _measured(hosts=[{"name": "a", "gpus": 4, "leaf": "l0"}, {"name": "b", "gpus": 4, "leaf": "l1"}]),
+         "ec2": EC2}
+WRONG = [None, "x", "0", -1, 0, 1.5, float("nan"), float("inf"), 1e300, [], {}, [1], {"a": 1}, True, 10**30]
+"""Values a hand-edited file gets wrong: missing, the wrong type, out of range, absurd."""
+
+
+def _places(obj, path=()):
+    """Every (parent, key) of a nested mapping/list."""
+    items = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, list) else ()
+    for key, value in items:
+        yield obj, key, path + (key,)
+        yield from _places(value, path + (key,))
+
+
+@st.composite
+def mutated_topologies(draw):
+    """A topology of one of ``FORMS`` with one or two fields dropped, repeated or set to a ``WRONG`` value."""
+    form = draw(st.sampled_from(sorted(FORMS)))
+    data = copy.deepcopy(FORMS[form])
+    changes = []
+    for _ in range(draw(st.integers(1, 2))):
+        places = list(_places(data))
+        if not places:
+            break
+        parent, key, path = draw(st.sampled_from(places))
+        how = draw(st.sampled_from(["drop", "repeat", "set"]))
+        if how == "drop":
+            del parent[key]
+        elif how == "repeat" and isinstance(parent, list):
+            parent.append(copy.deepcopy(parent[key]))
+        else:
+            parent[key] = draw(st.sampled_from(WRONG))
+        changes.append((how, path, parent.get(key) if isinstance(parent, dict) else None))
+    return form, data, changes
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(case=mutated_topologies(), gpus=st.sampled_from([4, 8, 16]), ring=st.sampled_from([2, 4, 8]))
+def test_any_mangled_topology_plans_or_is_refused_in_one_line(tmp_path_factory, capsys, case, gpus, ring):
+    """Whatever field of a topology file is dropped, repeated or given a wrong value, ``ringleader plan`` either
+    plans (the file still describes a cluster) or refuses in one line with exit 2: never a traceback."""
+    form, data, changes = case
+    path = tmp_path_factory.mktemp("mangled") / "topology.json"
+    path.write_text(json.dumps(data))
+    capsys.readouterr()
+    code = main(["plan", "--topology", str(path), "--gpus", str(gpus), "--ring", str(ring), "--seq-len", "65536"])
+    err = capsys.readouterr().err
+    assert code in (0, 2), (form, changes, err)
+    if code == 2:
+        assert err.count("\n") == 1 and err.startswith("ringleader: error: "), (form, changes, err)
