@@ -104,6 +104,9 @@ def test_unknown_keys_are_named(tmp_path, where, change, pattern):
     ({"name": "a"}, r"stage names must be unique"),
     ({"niah": {"max_lenght": 4096}}, r"stage 'b': niah: unknown key\(s\) max_lenght"),
     ({"niah": {"depth_interval": 1.5}}, r"depth interval 1.5 is outside \(0, 1\]"),
+    ({"niah": {"depth_interval": True}}, r"niah: depth_interval is True; input should be a number, not true or false"),
+    ({"lr": True}, r"stage 'b': lr is True; input should be a number, not true or false"),
+    ({"rope_theta": True}, r"stage 'b': rope_theta is True"),
 ])
 def test_bad_stage_values_name_stage_and_field(tmp_path, stage, pattern):
     fails(tmp_path, pattern, stage1=stage)

@@ -35,8 +35,16 @@ Count = Annotated[int, Strict(), Field(ge=0)]
 """A whole number >= 0: retries, a checkpoint interval (0: never)."""
 Seed = Annotated[int, Strict(), Field(ge=0, lt=2**32)]
 """A random seed: a whole number that numpy and torch both take."""
-PositiveFloat = Annotated[float, Field(gt=0, allow_inf_nan=False)]
-"""A finite number > 0 (YAML's ``1e-3``, read as text, is accepted as the number)."""
+def _not_bool(value: Any) -> Any:
+    if isinstance(value, bool):  # YAML's yes/no/true/false: never a number someone meant
+        raise ValueError("input should be a number, not true or false")
+    return value
+
+
+FiniteFloat = Annotated[float, BeforeValidator(_not_bool), Field(allow_inf_nan=False)]
+"""A finite number (YAML's ``1e-3``, read as text, is accepted as the number; ``true`` is not 1)."""
+PositiveFloat = Annotated[FiniteFloat, Field(gt=0)]
+"""A finite number > 0."""
 
 _SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 

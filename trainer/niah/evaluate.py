@@ -27,17 +27,16 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Any
 
 import torch
 import torch.distributed as dist
-from pydantic import Field
 from tqdm import tqdm
 
 from topology.errors import ConfigError, first_line
 from topology.files import write_atomic
 from trainer.config import ModelConfig
-from trainer.schema import PositiveInt, Seed, validate
+from trainer.schema import FiniteFloat, PositiveInt, Seed, validate
 from trainer.niah.prompts import PromptBuilder, load_haystack
 from trainer.tokenizer import load_tokenizer
 from trainer.attention.zigzag import local_indices
@@ -61,7 +60,7 @@ class NiahConfig:
     min_len: PositiveInt = 100
     len_interval: PositiveInt = 260_000
     """Lengths are min_len, min_len + interval, ... and max_len."""
-    depth_interval: Annotated[float, Field(allow_inf_nan=False)] = 0.2
+    depth_interval: FiniteFloat = 0.2
     """Depths are 0, interval, 2 x interval, ... 1 (fractions of the haystack before the needle)."""
     digits: PositiveInt = 8
     """Digits of the needle's random number."""
