@@ -7,8 +7,10 @@ import re
 import xml.etree.ElementTree as ET
 
 import pytest
+from hypothesis import HealthCheck, given, settings
 
 from launcher.cli import main
+from tests.mangle import mangled
 from topology.errors import ConfigError
 from topology.planning.plan import Plan, RankPlacement
 from topology.planning.planner import make_plan
@@ -119,6 +121,26 @@ def test_cli_bad_input_exits_2_and_writes_nothing(case, tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert err.startswith("ringleader: error:") and "\n" not in err
     assert not out.exists() and not list(tmp_path.glob(".out*"))
+
+
+PLAN = make_plan(load_topology("g6e-1x"), 8, 4, ulysses=2).to_dict()
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(case=mangled({"plan": PLAN}))
+def test_any_mangled_plan_draws_or_is_refused_in_one_line(tmp_path_factory, capsys, case):
+    """A plan file with a field dropped, repeated or given a wrong value (its cost figures included) is drawn, or
+    refused in one line with exit 2, and then nothing is written."""
+    _, data, changes = case
+    folder = tmp_path_factory.mktemp("mangled")
+    (folder / "plan.json").write_text(json.dumps(data))
+    capsys.readouterr()
+    code = main(["viz", "g6e-1x", "--plan", str(folder / "plan.json"), "-o", str(folder / "out.html")])
+    err = capsys.readouterr().err
+    assert code in (0, 2), (changes, err)
+    if code == 2:
+        assert err.count("\n") == 1 and err.startswith("ringleader: error: "), (changes, err)
+        assert not (folder / "out.html").exists()
 
 
 def test_cli_writes_html_for_a_preset_without_plan(tmp_path, capsys):

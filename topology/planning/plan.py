@@ -154,10 +154,16 @@ class Plan:
         missing = [k for k in ("strategy", "dp", "cp", "ulysses", "seq_len", "placements") if k not in data]
         if missing:
             raise ConfigError(f"{source}: missing field(s) {', '.join(missing)}")
+        for key in ("dp", "cp", "ulysses", "seq_len"):
+            if type(data[key]) is not int or data[key] < 1:
+                raise ConfigError(f"{source}: {key} is {data[key]!r}; a plan's {key} is a whole number >= 1 (re-run `ringleader plan`)")
+        if not isinstance(data.get("cost") or {}, dict) or not isinstance(data["placements"], list):
+            what = "cost" if not isinstance(data.get("cost") or {}, dict) else "placements"
+            raise ConfigError(f"{source}: {what} is {data[what]!r}; expected a {'mapping' if what == 'cost' else 'list'} (re-run `ringleader plan`)")
         try:
             plan = cls(
-                strategy=data["strategy"], dp=int(data["dp"]), cp=int(data["cp"]), ulysses=int(data["ulysses"]),
-                seq_len=int(data["seq_len"]), placements=list(data["placements"]),
+                strategy=data["strategy"], dp=data["dp"], cp=data["cp"], ulysses=data["ulysses"],
+                seq_len=data["seq_len"], placements=list(data["placements"]),
                 topology=data.get("topology", "cluster"), cost=data.get("cost") or {},
             )
         except TypeError as exc:
