@@ -35,6 +35,8 @@ Count = Annotated[int, Strict(), Field(ge=0)]
 """A whole number >= 0: retries, a checkpoint interval (0: never)."""
 Seed = Annotated[int, Strict(), Field(ge=0, lt=2**32)]
 """A random seed: a whole number that numpy and torch both take."""
+
+
 def _not_bool(value: Any) -> Any:
     if isinstance(value, bool):  # YAML's yes/no/true/false: never a number someone meant
         raise ValueError("input should be a number, not true or false")

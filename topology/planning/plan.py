@@ -157,9 +157,10 @@ class Plan:
         for key in ("dp", "cp", "ulysses", "seq_len"):
             if type(data[key]) is not int or data[key] < 1:
                 raise ConfigError(f"{source}: {key} is {data[key]!r}; a plan's {key} is a whole number >= 1 (re-run `ringleader plan`)")
-        if not isinstance(data.get("cost") or {}, dict) or not isinstance(data["placements"], list):
-            what = "cost" if not isinstance(data.get("cost") or {}, dict) else "placements"
-            raise ConfigError(f"{source}: {what} is {data[what]!r}; expected a {'mapping' if what == 'cost' else 'list'} (re-run `ringleader plan`)")
+        if not isinstance(data.get("cost") or {}, dict):
+            raise ConfigError(f"{source}: cost is {data['cost']!r}; expected a mapping (re-run `ringleader plan`)")
+        if not isinstance(data["placements"], list):
+            raise ConfigError(f"{source}: placements is {data['placements']!r}; expected a list (re-run `ringleader plan`)")
         try:
             plan = cls(
                 strategy=data["strategy"], dp=data["dp"], cp=data["cp"], ulysses=data["ulysses"],
