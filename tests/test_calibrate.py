@@ -6,7 +6,7 @@ import statistics
 import pytest
 
 from launcher.cli import main
-from launcher.estimate.fit import fit_run, measured_steps, predict_stage
+from launcher.estimate.fit import measured_steps, predict_stage
 from stage_helpers import plan_for, stage_config
 from topology.calibration import Calibration
 from topology.cost import HardwareRates

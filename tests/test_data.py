@@ -226,11 +226,11 @@ def test_prepared_store_on_disk_gives_the_same_samples(tmp_path):
 
     docs = tokenize_documents(TOK, read_documents(CORPUS), "pretrain")
     tmp = new_build_dir(tmp_path / "store")
-    index = []
+    index, shards = [], []
     for n, part in enumerate((docs[:3], docs[3:5], docs[5:])):
         name, starts = write_shard(tmp, part)
         index += [(n, s, len(ids)) for s, (ids, _) in zip(starts, part)]
-        shards = [name] if n == 0 else shards + [name]
+        shards.append(name)
     write_shard(tmp, docs[:1])  # a retried task's orphan: dropped at commit
     store = TokenStore.open(commit(tmp, tmp_path / "store", shards, np.array(index), {"kind": "pretrain"}))
     assert not Path(tmp).exists() and len(list((tmp_path / "store").glob("tokens-*.npy"))) == 3

@@ -10,7 +10,6 @@ import argparse
 
 from topology.calibration import load_calibration
 from topology.cost import FlowModel, HardwareRates
-from topology.errors import ConfigError
 from topology.files import check_writable
 from topology.network.model import Topology
 from topology.planning.plan import Plan

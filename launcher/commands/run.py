@@ -30,11 +30,15 @@ import os
 import signal
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from launcher.commands.options import add_cluster_arguments, add_profile_arguments, check_profile_arguments, setup_logging
 from launcher.recipe import Recipe
 from launcher.runtime.rundir import default_run_dir
 from topology.errors import ConfigError
+
+if TYPE_CHECKING:  # Ray and torch come with it: imported where a run starts, not for --dry-run
+    from launcher.runtime.controller import ControllerOptions
 
 log = logging.getLogger("ringleader")
 
@@ -119,7 +123,7 @@ def check_model(recipe: Recipe) -> None:
     load_config(recipe.model, local_only=True)
 
 
-def check_run_dir(recipe: Recipe, options: "ControllerOptions") -> None:
+def check_run_dir(recipe: Recipe, options: ControllerOptions) -> None:
     """Before Ray starts: a run directory that holds other versions of the stages, or that a live run holds, is refused."""
     from launcher.runtime import identity, lock
 

@@ -1,41 +1,39 @@
-"""Ring hops or split Ulysses groups: what a unit of the cluster must pay for the ranks it holds.
+"""Ring hops, gradient flows or split Ulysses groups: what a unit of the cluster must pay for the ranks it holds.
 
 With Ulysses groups of ``u`` ranks and rings of ``ring`` ranks, a unit (a
 host, or the hosts under a switch) that holds a whole Ulysses group holds a
 rank of each of the ``u`` rings of its cp group; every one of those rings
 that the unit does not hold whole leaves it, so the unit sends out that
 many ring hops. A unit that keeps its ring hops few must instead split its
-Ulysses groups across its border: each rank of a split group sends an
-all-to-all flow out. Either way the unit's links out carry the flows, and
-``k`` flows across links of ``C`` GB/s in all cannot all run faster than
-``C / k`` (``topology.network.routing``: a flow's rate is its smallest share
-of a link it crosses). So a fast slowest ring hop forces split groups, and
-split groups slow the all-to-all.
+Ulysses groups across its border: a group of which it holds ``k`` ranks
+sends ``k (u - k)`` all-to-all flows out. And whichever ranks it holds,
+the gradient ring (rank order, cyclically) leaves it once per run of them:
+ranks a ring apart (``u`` apart in rank order) are separate runs unless the
+unit holds the ranks between them too, with their rings. Every kind of
+flow leaving over links of ``C`` GB/s in all is ``k`` flows that cannot all
+run faster than ``C / k`` (``topology.network.routing``: a flow's rate is its
+smallest share of a link it crosses).
 
-A split group costs the gradient ring too: its ``u`` ranks are consecutive
-in the rank order the gradient ring follows, so the ring crosses the unit's
-border inside every group split across it, and half of those crossings
-leave the unit: ``s`` split ranks send at least ``s / (2 (u - 1))``
-gradient flows out.
+The bound splits on the slowest ring hop's rate and on the gradient bus
+(before efficiency), each into ranges between the units' figures ``C / k``.
+In a cell of ranges ``(tau, next] x (beta, top]`` a unit of ``C`` GB/s out
+sends fewer than ``C / tau`` ring hops and fewer than ``C / beta``
+gradient flows out. ``_unit_table`` gives, for ``n`` ranks in a unit with
+at most ``e`` hops and ``g`` gradient flows out, the fewest all-to-all flows
+it sends out: exact, by a dynamic programme over rank order, where that is
+cheap (``_rank_table``); otherwise a relaxation counting one flow per split
+rank (``_family_table``). Which units hold how many ranks is the
+placement's choice: ``_least_share`` finds, by a sum over the tree of
+units, the smallest ``t`` at which every unit can keep its all-to-all
+flows out at most ``t C`` and still hold the world, so in every order of
+the cell some unit sends ``t C`` or more: they share at most ``1 / t`` GB/s
+each. The cell's bound is the attention at a hop of at most ``next`` with
+that all-to-all, plus the gradient term at a bus of at most ``top``; the
+smallest over the cells (the last ranges reaching down to 0 with no claim)
+bounds every order.
 
-The bound splits on the slowest ring hop's rate ``r`` (before efficiency).
-In the range ``(tau, next]`` below a threshold ``next``, a unit of external
-bandwidth ``C`` sends fewer than ``C / tau`` ring hops out.
-``_nonsplit_table`` gives, for ``n`` ranks in a unit and at most ``e`` hops
-out, the most ranks whose Ulysses group the unit holds whole (or that no
-such arrangement exists); the rest are split. Which units hold how many
-ranks is the placement's choice: ``_least_share`` finds, by a sum over the
-tree of units, the smallest ``t`` at which every unit can keep its split
-ranks ``s <= t C`` and still hold the world, so in every order some unit
-splits ``t C`` ranks or more: its all-to-all flows share at most ``1 / t``
-GB/s each and its gradient flows ``2 (u - 1) / t``. The range's bound is
-the attention at a hop of at most ``next`` with that all-to-all, plus the
-gradient term at that bus; the smallest over the ranges (the last reaching
-down to 0 with no claim on the units) bounds every order.
-
-Dropped for a lower bound: which cp group or ring a rank belongs to across
-units (each unit is priced on its own), the number of cp groups, and the
-ranks' positions inside rings.
+Dropped for a lower bound: that the units' sets of ranks are disjoint
+(each unit is priced on its own), and the ranks' positions inside rings.
 """
 
 from __future__ import annotations
@@ -51,14 +49,15 @@ from topology.planning.bounds.rates import min_route_latency, ring_bandwidth_bou
 SPLIT_GPUS = 256
 """Worlds of at most this many ranks get the argument: the table and the sums over units grow with the world."""
 SPLIT_RANGES = 8
-"""Thresholds of the slowest hop the bound splits on at most, the fastest first; slower ones merge into the last."""
+"""Thresholds the bound splits the slowest hop (and the bus) on at most, the fastest first; slower ones merge into the
+last."""
 _TOL = 1e-9
 
 
 def split_step(sm, hop: float, hop_lat: float, a2a: float, bus: float) -> float:
     """A lower bound on ``sm.attention`` plus ``sm.gradients`` of every order whose slowest hop is at most ``hop``
     (GB/s, after efficiency), whose all-to-all takes at least ``a2a`` and whose gradient bus is at most ``bus``: the
-    smallest over the ranges of ``_ranges``."""
+    smallest over the cells of ``_ranges``."""
     ranges = _ranges(sm) or [(math.inf, 0.0, math.inf)]
     eff = sm.rates.network_efficiency
     return min(sm.attention(min(hop, top * eff), hop_lat, max(a2a, forced)) + sm.gradients(min(bus, bus_cap))
@@ -66,8 +65,8 @@ def split_step(sm, hop: float, hop_lat: float, a2a: float, bus: float) -> float:
 
 
 def _ranges(sm) -> list[tuple[float, float, float]]:
-    """(highest raw rate of the slowest hop, all-to-all seconds and highest gradient bus of every order in the range)
-    of each range."""
+    """(highest raw rate of the slowest hop, all-to-all seconds and highest raw gradient bus of every order in the
+    cell) of each cell an order can be in."""
     if sm.ulysses < 2 or sm.ring < 2 or sm.world > SPLIT_GPUS:
         return []
     cache = sm.topo.__dict__.setdefault("_bound_cache", {})
@@ -82,30 +81,44 @@ def _compute_ranges(sm) -> list[tuple[float, float, float]]:
     units = _unit_tree(topo)
     if units is None:
         return []
-    top = ring_bandwidth_bound(topo, sm.dp * sm.ulysses, sm.ring)  # no hop runs faster
-    caps = {cap for _, cap, _ in units}
-    # A unit's figure over 1 .. 8u hops out; the fastest at or below ``top`` split, slower ones merge into the last.
-    thresholds = sorted({c / k for c in caps if c > 0 for k in range(1, sm.ulysses * 8 + 1)
-                         if c / k <= top * (1 + _TOL)},
-                        reverse=True)[:SPLIT_RANGES]
-    table = _nonsplit_table(sm.ring, sm.ulysses, world)
+    caps = {cap for _, cap, _ in units if cap > 0}
+    hop_ranges = _rate_ranges(caps, ring_bandwidth_bound(topo, sm.dp * sm.ulysses, sm.ring), sm.ulysses)
+    bus_ranges = _rate_ranges(caps, ring_bandwidth_bound(topo, 1, world), sm.ulysses)
+    most = min(world, max(n for n, _, _ in units))
+    hops = max((_flows_out(cap, tau) or 0 for cap in caps for _, tau in hop_ranges), default=0)
+    runs = max((_flows_out(cap, tau) or 0 for cap in caps for _, tau in bus_ranges), default=0)
+    # A unit's ranks each send one ring hop and at most one gradient flow: more than it holds are no limit.
+    table = _unit_table(sm.ring, sm.ulysses, sm.dp, most, min(most, hops), min(most, runs))
     lat = min_route_latency(topo)
     inter = sm.rates.inter_host_gbps or math.inf
     eff = sm.rates.network_efficiency
+    cells = []
+    for hop_top, hop_tau in hop_ranges:
+        for bus_top, bus_tau in bus_ranges:
+            t = _least_share(units, table, world, hop_tau, bus_tau)
+            if t is None:  # no order has its slowest hop and its bus in these ranges
+                continue
+            forced = 0.0 if t == 0 else 2 * (sm.a2a_per_peer / (min(eff / t, inter) * 1e9) + lat * 1e-6)
+            cells.append((hop_top, forced, bus_top))
+    return cells
+
+
+def _rate_ranges(caps: set[float], top: float, u: int) -> list[tuple[float, float]]:
+    """(highest, lowest) raw rate of each range a flow's rate is split into: below ``top``, at the units' figures
+    ``cap / k`` (``k`` flows out, up to ``8 u``), the fastest ``SPLIT_RANGES`` apart; the last reaches down to 0."""
+    thresholds = sorted({c / k for c in caps for k in range(1, u * 8 + 1) if c / k <= top * (1 + _TOL)},
+                        reverse=True)[:SPLIT_RANGES]
     ranges, above = [], top
     for tau in thresholds:
         if above > tau * (1 + _TOL):  # the range (tau, above]; empty when tau is the top itself
-            t = _least_share(units, table, world, tau)
-            if t is None:  # no order has its slowest hop in this range
-                ranges.append((above, math.inf, 0.0))
-            elif t == 0:  # no unit need split a group
-                ranges.append((above, 0.0, math.inf))
-            else:
-                forced = 2 * (sm.a2a_per_peer / (min(eff / t, inter) * 1e9) + lat * 1e-6)
-                ranges.append((above, forced, 2 * (sm.ulysses - 1) / t))
+            ranges.append((above, tau))
         above = tau
-    ranges.append((above, 0.0, math.inf))  # every slower hop: no claim on the units
-    return ranges
+    return ranges + [(above, 0.0)]
+
+
+def _flows_out(cap: float, tau: float) -> int | None:
+    """The most flows out of a unit of ``cap`` GB/s that all run faster than ``tau`` (None: no limit)."""
+    return None if tau <= 0 else max(0, math.ceil(cap / tau * (1 - _TOL)) - 1)
 
 
 def _unit_tree(topo) -> list[tuple[int, float, int]] | None:
@@ -144,6 +157,104 @@ def _build_unit_tree(topo) -> list[tuple[int, float, int]] | None:
     return [(*merged[a], parent[i]) for i, a in enumerate(order)]
 
 
+DP_WORK = 250_000_000
+"""Table cells times state pairs times steps the exact table (``_rank_table``) may cost (about 0.8 s on one core);
+larger shapes get the families' relaxation."""
+_FAR = 1 << 30
+"""No arrangement: larger than any count of flows."""
+
+
+@lru_cache(maxsize=32)
+def _unit_table(ring: int, u: int, dp: int, most: int, hops: int, runs: int) -> np.ndarray:
+    """``table[n, e, g]``: the fewest all-to-all flows a unit holding ``n`` ranks sends out, when at most ``e`` ring
+    hops and at most ``g`` gradient flows leave it; index ``hops + 1`` (``runs + 1``) stands for no limit.
+
+    Exact (``_rank_table``) where that is cheap; otherwise the families' count (``_family_table``).
+    """
+    work = 2 * 8 ** u * (most + 1) * (hops + 2) * (runs + 2) * ring * dp
+    table = _rank_table(ring, u, dp, most, hops, runs) if work <= DP_WORK else _family_table(ring, u, most, hops, runs)
+    return np.minimum.accumulate(np.minimum.accumulate(table, axis=1), axis=2)
+
+
+def _rank_table(ring: int, u: int, dp: int, most: int, hops: int, runs: int) -> np.ndarray:
+    """``_unit_table`` by dynamic programming over the world's Ulysses groups in rank order.
+
+    Which of a group's ``u`` ranks the unit holds is a mask; the state is the previous group's mask (its ring hops
+    out, and whether the gradient ring leaves between the two groups), the mask of its cp group's first group (the
+    hops that close the rings come back to it) and whether the unit holds rank 0 (the gradient ring's closing flow
+    comes back to it). A group of ``k`` ranks held sends ``k (u - k)`` all-to-all flows out.
+    """
+    masks = range(1 << u)
+    top = (1 << u) - 1
+    bit = [[m >> j & 1 for j in range(u)] for m in masks]
+    held = [sum(b) for b in bit]
+    a2a = [k * (u - k) for k in held]
+    ends_in = [sum(b[j] and not b[j + 1] for j in range(u - 1)) for b in bit]
+    leave = [[ends_in[c] + (bit[p][-1] and not bit[c][0]) for c in masks] for p in masks]  # gradient flows out
+    out = [[held[p & ~c & top] for c in masks] for p in masks]  # ring hops from a group held as p to one held as c
+    shape = (most + 1, hops + 2, runs + 2)
+    value = np.full((2, 1 << u, 1 << u, *shape), _FAR, dtype=np.int32)  # [rank 0 held, first, previous, n, e, g]
+    for c in masks:
+        if held[c] <= most:
+            value[c & 1, c, c, held[c], 0, min(ends_in[c], runs + 1)] = a2a[c]
+    for step in range(1, ring * dp):
+        nxt = np.full_like(value, _FAR)
+        for c in masks:
+            if step % ring:  # the next group of the same cp group: ring hops from the previous group
+                for p in masks:
+                    _min_into(nxt[:, :, c], value[:, :, p], (held[c], out[p][c], leave[p][c]), a2a[c])
+            else:  # a new cp group: the previous one's rings close on its first group
+                for first in masks:
+                    for p in masks:
+                        _min_into(nxt[:, c, c], value[:, first, p], (held[c], out[p][first], leave[p][c]), a2a[c])
+        value = nxt
+    table = np.full(shape, _FAR, dtype=np.int32)
+    for zero in (0, 1):
+        for first in masks:
+            for p in masks:
+                _min_into(table, value[zero, first, p], (0, out[p][first], int(bit[p][-1] and not zero)), 0)
+    return table
+
+
+def _min_into(target: np.ndarray, src: np.ndarray, by: tuple[int, int, int], add: int) -> None:
+    """``target = min(target, src + add)`` with ``src``'s last axes (n, e, g) moved up by ``by``: ``n`` past the end
+    drops out, ``e`` and ``g`` past their last finite index go to the no-limit one."""
+    dn, de, dg = by
+    n = target.shape[-3] - dn
+    if n <= 0:
+        return
+    src = src[..., :n, :, :] + np.int32(add)
+    target = target[..., dn:, :, :]
+    for axis, d in ((-2, de), (-1, dg)):
+        if d:
+            size = src.shape[axis]
+            d = min(d, size - 1)
+            moved = np.full_like(src, _FAR)
+            _axis(moved, axis, slice(d, size - 1))[...] = _axis(src, axis, slice(0, size - 1 - d))
+            _axis(moved, axis, slice(size - 1, size))[...] = _axis(src, axis, slice(size - 1 - d, size)).min(
+                axis=axis, keepdims=True)
+            src = moved
+    np.minimum(target, src, out=target)
+
+
+def _axis(a: np.ndarray, axis: int, part: slice) -> np.ndarray:
+    """The view of ``a`` taking ``part`` along ``axis``."""
+    index = [slice(None)] * a.ndim
+    index[axis] = part
+    return a[tuple(index)]
+
+
+def _family_table(ring: int, u: int, most: int, hops: int, runs: int) -> np.ndarray:
+    """``_unit_table`` from ``_nonsplit_table``: a unit sends at least one all-to-all flow out per split rank, and
+    ``s`` split ranks send at least ``s / (2 (u - 1))`` gradient flows out (their groups are runs of the rank order
+    the gradient ring follows: it crosses the unit's border inside each, and leaves on half the crossings)."""
+    whole = _nonsplit_table(ring, u, most)
+    split = np.where(whole >= 0, np.arange(most + 1)[:, None] - whole, _FAR)
+    by_hops = split[:, [min(e, most) for e in range(hops + 1)] + [most]]
+    allowed = np.array([2 * (u - 1) * g for g in range(runs + 1)] + [math.inf])
+    return np.where(by_hops[:, :, None] <= allowed[None, None, :], by_hops[:, :, None], _FAR)
+
+
 @lru_cache(maxsize=32)
 def _nonsplit_table(ring: int, u: int, most: int) -> np.ndarray:
     """``table[n, e]``: the most of ``n`` ranks in a unit whose Ulysses group lies wholly in it when at most ``e``
@@ -175,17 +286,19 @@ def _nonsplit_table(ring: int, u: int, most: int) -> np.ndarray:
     return np.maximum.accumulate(table, axis=1)
 
 
-def _least_share(units: list[tuple[int, float, int]], table: np.ndarray, world: int, tau: float) -> float | None:
-    """The smallest ``t`` such that ``world`` ranks fit in the units with every unit of ``n`` ranks splitting at most
-    ``t x`` its GB/s out, when each sends only the ring hops its links out carry faster than ``tau``; ``None`` if
-    none fits."""
-    most = table.shape[0] - 1
-    rows: dict[tuple[int, float], np.ndarray] = {}  # per kind of unit, the ranks it must split to hold n (inf: never)
+def _least_share(units: list[tuple[int, float, int]], table: np.ndarray, world: int, hop_tau: float,
+                 bus_tau: float) -> float | None:
+    """The smallest ``t`` such that ``world`` ranks fit in the units with every unit sending at most ``t x`` its GB/s
+    out in all-to-all flows, when each sends only the ring hops (and gradient flows) its links out carry faster than
+    ``hop_tau`` (``bus_tau``); ``None`` if none fits."""
+    hops, runs = table.shape[1] - 2, table.shape[2] - 2
+    rows: dict[tuple[int, float], np.ndarray] = {}  # per kind of unit, the flows it sends out to hold n (inf: never)
     for n_gpus, cap, _ in units:
         if (n_gpus, cap) not in rows:
-            e = min(most, max(0, math.ceil(cap / tau * (1 - _TOL)) - 1))  # hops out at a rate above tau
-            full = table[: min(n_gpus, world) + 1, e]
-            rows[n_gpus, cap] = np.where(full >= 0, np.arange(len(full)) - full, np.inf)
+            e, g = _flows_out(cap, hop_tau), _flows_out(cap, bus_tau)
+            full = table[: min(n_gpus, world, table.shape[0] - 1) + 1, hops + 1 if e is None else min(e, hops + 1),
+                         runs + 1 if g is None else min(g, runs + 1)]
+            rows[n_gpus, cap] = np.where(full < _FAR, full, np.inf)
     candidates = np.unique(np.concatenate([[0.0], *(row[np.isfinite(row)] / cap for (_, cap), row in rows.items()
                                                      if cap > 0)]))
 

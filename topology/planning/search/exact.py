@@ -38,9 +38,9 @@ term no better than what no placement beats (``topology.cost.step_bound``):
   (link bandwidth over a multiple of the routes' smallest flow fraction)
   with at least the shortest latency any hop has (``min_route_latency``);
 * forced crossings: when the rings cannot all fit inside hosts (or inside
-  the hosts under one switch, at any level), some hop crosses between two
-  of them, and the same argument applies to it with the fastest rate and
-  the shortest latency of a route between two of them.
+  NVLink domains, or the hosts under one switch, at any level), some hop
+  crosses between two of them, and the same argument applies to it with
+  the fastest rate and the shortest latency of a route between two of them.
 * all-to-all of the whole order: at least the joint floor of all groups
   over the pool (``topology.planning.bounds.a2a_floor``), when the caller gives it, and the
   ring and all-to-all together at least their joint floor
@@ -76,6 +76,7 @@ from topology.cost import StepModel, transfer, transfers
 from topology.planning.search.delta import REL_TOL, USED
 from topology.planning.search.lookahead import PairRates, all_to_all_reach
 from topology.planning.plan import GroupLayout
+from topology.network.routing import nvlink_domain
 from topology.planning.search.symmetry import RingRotation, Symmetry
 
 
@@ -172,7 +173,7 @@ def _search(sm: StepModel, pool: list[str], best: list[str], best_step: float, n
 
     patterns = _RoutePatterns(bw, sm, sym)
     below = patterns.below
-    # Rings that cannot all fit inside hosts (or inside the hosts under one switch, at each level): some
+    # Rings that cannot all fit inside hosts (or NVLink domains, or the hosts under one switch, at each level): some
     # ring hop runs between two of them, no faster and no sooner than the fastest and the shortest route there.
     crossings: list[tuple[float, float]] = []
     if sm.ring > 1 and not capped:
@@ -379,7 +380,11 @@ class _RoutePatterns:
         """(host, host, rate alone, latency) of the routes between two hosts."""
         paths = {h: topo.switch_path(h) for h in sym.hosts}
         self.levels: list[dict[str, object]] = [{h: h for h in sym.hosts}]
-        """Units, finest first: each host, then the hosts under each switch, bottom-up."""
+        """Units, finest first: each host, the hosts of each NVLink domain, then the hosts under each switch,
+        bottom-up."""
+        domains = {h: nvlink_domain(topo, sym.gpus[h][0]) for h in sym.hosts}
+        if any(d is not None for d in domains.values()):
+            self.levels.append({h: h if domains[h] is None else ("nvlink", domains[h]) for h in sym.hosts})
         for depth in range(max(map(len, paths.values()), default=0), 1, -1):
             self.levels.append({h: paths[h][:depth] for h in sym.hosts})
         if len(gpus) > REPRESENTATIVE_GPUS:

@@ -79,6 +79,10 @@ EXACT_FLOWS = 3 * EXACT_GPUS
 """Flows of a 32-GPU plan with Ulysses pairs (ring hops, all-to-all pairs, gradient ring): pricing a partial order
 costs about in proportion to its flows, so plans with more (Ulysses 4 or 8) get proportionally fewer nodes and every
 exact search stays near ``EXACT_NODES``' time."""
+FLOOR_FREE = 0.25
+"""The joint all-to-all floor runs where at most this share of the pool is left free: five hosts of 8 GPUs under
+leaves of their own, 32 GPUs in Ulysses groups of 8, are proven at once by it (the groups cannot all keep off the
+sockets' link), and not in 24,000 nodes of exact search without."""
 RING_FLOOR_GPUS = 16
 """Pools of at most this many GPUs (filled by the plan) get the ring priced with the all-to-all
 (``topology.planning.bounds.ring_floor``): its partition search costs far more per node than the all-to-all's alone."""
@@ -166,9 +170,11 @@ def optimise(sm: StepModel, candidates: dict[str, list[str]], pool: list[str], b
             break  # nothing beats the bound, Ray's order included
     hosts = {sm.topo.host_of(g) for g in pool}
     joint = 0.0
-    if sm.ulysses > 1 and sm.world == len(pool) <= FLOOR_GPUS and (len(hosts) <= EXACT_HOSTS or sm.world <= EXACT_GPUS):
+    crowded = len(pool) - sm.world <= len(pool) * FLOOR_FREE
+    if sm.ulysses > 1 and crowded and len(pool) <= FLOOR_GPUS and (len(hosts) <= EXACT_HOSTS or sm.world <= EXACT_GPUS):
         # All groups' all-to-all priced together over the GPUs they must share, once per problem; only where
-        # the groups fill the pool (with GPUs left free it rarely beats the per-group floor and costs ~1.4 s).
+        # the groups fill most of the pool (with many GPUs left free it rarely beats the per-group floor and
+        # costs about a second more).
         known = min(sm.figures(candidates[k])["a2a"] for k in scores)
         joint = joint_all_to_all_floor(sm, pool, twin_classes(sm, pool), known).seconds
         bound = step_bound(sm, joint)["step"]
