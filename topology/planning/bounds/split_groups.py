@@ -84,18 +84,25 @@ def _compute_ranges(sm) -> list[tuple[float, float, float]]:
     caps = {cap for _, cap, _ in units if cap > 0}
     hop_ranges = _rate_ranges(caps, ring_bandwidth_bound(topo, sm.dp * sm.ulysses, sm.ring), sm.ulysses)
     bus_ranges = _rate_ranges(caps, ring_bandwidth_bound(topo, 1, world), sm.ulysses)
-    most = min(world, max(n for n, _, _ in units))
-    hops = max((_flows_out(cap, tau) or 0 for cap in caps for _, tau in hop_ranges), default=0)
-    runs = max((_flows_out(cap, tau) or 0 for cap in caps for _, tau in bus_ranges), default=0)
-    # A unit's ranks each send one ring hop and at most one gradient flow: more than it holds are no limit.
-    table = _unit_table(sm.ring, sm.ulysses, sm.dp, most, min(most, hops), min(most, runs))
+    hosts = _host_units(units)
+    tables = {}
+    for alone in (True, False):  # hosts, then the units above them
+        kinds = [(n, cap) for (n, cap, _), host in zip(units, hosts) if host == alone]
+        if not kinds:
+            continue
+        most = min(world, max(n for n, _ in kinds))
+        # A unit's ranks each send one ring hop and at most one gradient flow: more than it holds are no limit.
+        hops = min(most, max(_flows_out(cap, tau) or 0 for _, cap in kinds for _, tau in hop_ranges))
+        runs = min(most, max(_flows_out(cap, tau) or 0 for _, cap in kinds for _, tau in bus_ranges))
+        tables[alone] = (_unit_table(sm.ring, sm.ulysses, sm.dp, most, hops, runs) if alone
+                         else _family_table(sm.ring, sm.ulysses, most, hops, runs))
     lat = min_route_latency(topo)
     inter = sm.rates.inter_host_gbps or math.inf
     eff = sm.rates.network_efficiency
     cells = []
     for hop_top, hop_tau in hop_ranges:
         for bus_top, bus_tau in bus_ranges:
-            t = _least_share(units, table, world, hop_tau, bus_tau)
+            t = _least_share(units, tables, sm, hop_tau, bus_tau)
             if t is None:  # no order has its slowest hop and its bus in these ranges
                 continue
             forced = 0.0 if t == 0 else 2 * (sm.a2a_per_peer / (min(eff / t, inter) * 1e9) + lat * 1e-6)
@@ -104,10 +111,11 @@ def _compute_ranges(sm) -> list[tuple[float, float, float]]:
 
 
 def _rate_ranges(caps: set[float], top: float, u: int) -> list[tuple[float, float]]:
-    """(highest, lowest) raw rate of each range a flow's rate is split into: below ``top``, at the units' figures
-    ``cap / k`` (``k`` flows out, up to ``8 u``), the fastest ``SPLIT_RANGES`` apart; the last reaches down to 0."""
-    thresholds = sorted({c / k for c in caps for k in range(1, u * 8 + 1) if c / k <= top * (1 + _TOL)},
-                        reverse=True)[:SPLIT_RANGES]
+    """(highest, lowest) raw rate of each range a flow's rate is split into: below ``top``, at each kind of unit's
+    fastest ``SPLIT_RANGES`` figures ``cap / k`` (``k`` flows out, up to ``8 u``); the last reaches down to 0."""
+    thresholds = sorted({x for c in caps
+                         for x in sorted((c / k for k in range(1, u * 8 + 1) if c / k <= top * (1 + _TOL)),
+                                         reverse=True)[:SPLIT_RANGES]}, reverse=True)
     ranges, above = [], top
     for tau in thresholds:
         if above > tau * (1 + _TOL):  # the range (tau, above]; empty when tau is the top itself
@@ -119,6 +127,15 @@ def _rate_ranges(caps: set[float], top: float, u: int) -> list[tuple[float, floa
 def _flows_out(cap: float, tau: float) -> int | None:
     """The most flows out of a unit of ``cap`` GB/s that all run faster than ``tau`` (None: no limit)."""
     return None if tau <= 0 else max(0, math.ceil(cap / tau * (1 - _TOL)) - 1)
+
+
+def _host_units(units: list[tuple[int, float, int]]) -> list[bool]:
+    """Which units of the tree are hosts: those no other unit nests in."""
+    host = [True] * len(units)
+    for _, _, parent in units:
+        if parent >= 0:
+            host[parent] = False
+    return host
 
 
 def _unit_tree(topo) -> list[tuple[int, float, int]] | None:
@@ -166,13 +183,16 @@ _FAR = 1 << 30
 
 @lru_cache(maxsize=32)
 def _unit_table(ring: int, u: int, dp: int, most: int, hops: int, runs: int) -> np.ndarray:
-    """``table[n, e, g]``: the fewest all-to-all flows a unit holding ``n`` ranks sends out, when at most ``e`` ring
-    hops and at most ``g`` gradient flows leave it; index ``hops + 1`` (``runs + 1``) stands for no limit.
+    """``table[n, e, g, p]``: the fewest all-to-all flows a unit holding ``n`` ranks of ``p`` cp groups sends out,
+    when at most ``e`` ring hops and at most ``g`` gradient flows leave it; index ``hops + 1`` (``runs + 1``) stands
+    for no limit, ``p`` runs up to ``min(dp, most)``.
 
-    Exact (``_rank_table``) where that is cheap; otherwise the families' count (``_family_table``).
+    Exact (``_rank_table``) where that is cheap; otherwise the families' count (``_family_table``), for any ``p``.
     """
-    work = 2 * 8 ** u * (most + 1) * (hops + 2) * (runs + 2) * ring * dp
-    table = _rank_table(ring, u, dp, most, hops, runs) if work <= DP_WORK else _family_table(ring, u, most, hops, runs)
+    parts = min(dp, most)
+    work = 4 * 8 ** u * (most + 1) * (hops + 2) * (runs + 2) * (parts + 1) * ring * dp
+    table = (_rank_table(ring, u, dp, most, hops, runs) if work <= DP_WORK
+             else _family_table(ring, u, most, hops, runs)[..., None].repeat(parts + 1, axis=-1))
     return np.minimum.accumulate(np.minimum.accumulate(table, axis=1), axis=2)
 
 
@@ -181,8 +201,9 @@ def _rank_table(ring: int, u: int, dp: int, most: int, hops: int, runs: int) -> 
 
     Which of a group's ``u`` ranks the unit holds is a mask; the state is the previous group's mask (its ring hops
     out, and whether the gradient ring leaves between the two groups), the mask of its cp group's first group (the
-    hops that close the rings come back to it) and whether the unit holds rank 0 (the gradient ring's closing flow
-    comes back to it). A group of ``k`` ranks held sends ``k (u - k)`` all-to-all flows out.
+    hops that close the rings come back to it), whether the unit holds a rank of the cp group so far, and whether
+    it holds rank 0 (the gradient ring's closing flow comes back to it). A group of ``k`` ranks held sends
+    ``k (u - k)`` all-to-all flows out.
     """
     masks = range(1 << u)
     top = (1 << u) - 1
@@ -192,40 +213,47 @@ def _rank_table(ring: int, u: int, dp: int, most: int, hops: int, runs: int) -> 
     ends_in = [sum(b[j] and not b[j + 1] for j in range(u - 1)) for b in bit]
     leave = [[ends_in[c] + (bit[p][-1] and not bit[c][0]) for c in masks] for p in masks]  # gradient flows out
     out = [[held[p & ~c & top] for c in masks] for p in masks]  # ring hops from a group held as p to one held as c
-    shape = (most + 1, hops + 2, runs + 2)
-    value = np.full((2, 1 << u, 1 << u, *shape), _FAR, dtype=np.int32)  # [rank 0 held, first, previous, n, e, g]
+    shape = (most + 1, hops + 2, runs + 2, min(dp, most) + 1)
+    # [rank 0 held, first, previous, cp group touched, n, e, g, p]
+    value = np.full((2, 1 << u, 1 << u, 2, *shape), _FAR, dtype=np.int32)
     for c in masks:
         if held[c] <= most:
-            value[c & 1, c, c, held[c], 0, min(ends_in[c], runs + 1)] = a2a[c]
+            value[c & 1, c, c, int(c > 0), held[c], 0, min(ends_in[c], runs + 1), 0] = a2a[c]
     for step in range(1, ring * dp):
         nxt = np.full_like(value, _FAR)
         for c in masks:
             if step % ring:  # the next group of the same cp group: ring hops from the previous group
                 for p in masks:
-                    _min_into(nxt[:, :, c], value[:, :, p], (held[c], out[p][c], leave[p][c]), a2a[c])
+                    for touched in (0, 1):
+                        _min_into(nxt[:, :, c, int(touched or c > 0)], value[:, :, p, touched],
+                                  (held[c], out[p][c], leave[p][c], 0), a2a[c])
             else:  # a new cp group: the previous one's rings close on its first group
                 for first in masks:
                     for p in masks:
-                        _min_into(nxt[:, c, c], value[:, first, p], (held[c], out[p][first], leave[p][c]), a2a[c])
+                        for touched in (0, 1):
+                            _min_into(nxt[:, c, c, int(c > 0)], value[:, first, p, touched],
+                                      (held[c], out[p][first], leave[p][c], touched), a2a[c])
         value = nxt
     table = np.full(shape, _FAR, dtype=np.int32)
     for zero in (0, 1):
         for first in masks:
             for p in masks:
-                _min_into(table, value[zero, first, p], (0, out[p][first], int(bit[p][-1] and not zero)), 0)
+                for touched in (0, 1):
+                    _min_into(table, value[zero, first, p, touched],
+                              (0, out[p][first], int(bit[p][-1] and not zero), touched), 0)
     return table
 
 
-def _min_into(target: np.ndarray, src: np.ndarray, by: tuple[int, int, int], add: int) -> None:
-    """``target = min(target, src + add)`` with ``src``'s last axes (n, e, g) moved up by ``by``: ``n`` past the end
-    drops out, ``e`` and ``g`` past their last finite index go to the no-limit one."""
-    dn, de, dg = by
-    n = target.shape[-3] - dn
-    if n <= 0:
+def _min_into(target: np.ndarray, src: np.ndarray, by: tuple[int, int, int, int], add: int) -> None:
+    """``target = min(target, src + add)`` with ``src``'s last axes (n, e, g, p) moved up by ``by``: ``n`` and ``p``
+    past the end drop out, ``e`` and ``g`` past their last finite index go to the no-limit one."""
+    dn, de, dg, dp = by
+    n, p = target.shape[-4] - dn, target.shape[-1] - dp
+    if n <= 0 or p <= 0:
         return
-    src = src[..., :n, :, :] + np.int32(add)
-    target = target[..., dn:, :, :]
-    for axis, d in ((-2, de), (-1, dg)):
+    src = src[..., :n, :, :, :p] + np.int32(add)
+    target = target[..., dn:, :, :, dp:]
+    for axis, d in ((-3, de), (-2, dg)):
         if d:
             size = src.shape[axis]
             d = min(d, size - 1)
@@ -286,33 +314,45 @@ def _nonsplit_table(ring: int, u: int, most: int) -> np.ndarray:
     return np.maximum.accumulate(table, axis=1)
 
 
-def _least_share(units: list[tuple[int, float, int]], table: np.ndarray, world: int, hop_tau: float,
+def _least_share(units: list[tuple[int, float, int]], tables: dict[bool, np.ndarray], sm, hop_tau: float,
                  bus_tau: float) -> float | None:
-    """The smallest ``t`` such that ``world`` ranks fit in the units with every unit sending at most ``t x`` its GB/s
-    out in all-to-all flows, when each sends only the ring hops (and gradient flows) its links out carry faster than
-    ``hop_tau`` (``bus_tau``); ``None`` if none fits."""
-    hops, runs = table.shape[1] - 2, table.shape[2] - 2
-    rows: dict[tuple[int, float], np.ndarray] = {}  # per kind of unit, the flows it sends out to hold n (inf: never)
-    for n_gpus, cap, _ in units:
-        if (n_gpus, cap) not in rows:
+    """The smallest ``t`` such that the world's ranks fit in the units with every unit sending at most ``t x`` its
+    GB/s out in all-to-all flows, when each sends only the ring hops (and gradient flows) its links out carry faster
+    than ``hop_tau`` (``bus_tau``); ``None`` if none fits. ``tables[True]`` prices hosts, ``tables[False]`` the units
+    above them (``_unit_table``).
+
+    Each cp group spreads over at least ``ceil(cp / G)`` hosts of at most ``G`` GPUs, so the hosts hold parts of
+    cp groups ``dp ceil(cp / G)`` times or more: the sum over the tree counts parts with ranks (a host's ranks of
+    ``p`` cp groups cost what its table says for ``p``).
+    """
+    world = sm.world
+    hosts = _host_units(units)
+    need = sm.dp * -(-sm.cp // max(n for (n, _, _), host in zip(units, hosts) if host))
+    rows: dict[tuple[int, float, bool], np.ndarray] = {}  # per kind of unit, flows out to hold n ranks (of p groups)
+    for (n_gpus, cap, _), host in zip(units, hosts):
+        if (n_gpus, cap, host) not in rows:
+            table = tables[host]
+            hops, runs = table.shape[1] - 2, table.shape[2] - 2
             e, g = _flows_out(cap, hop_tau), _flows_out(cap, bus_tau)
             full = table[: min(n_gpus, world, table.shape[0] - 1) + 1, hops + 1 if e is None else min(e, hops + 1),
                          runs + 1 if g is None else min(g, runs + 1)]
-            rows[n_gpus, cap] = np.where(full < _FAR, full, np.inf)
-    candidates = np.unique(np.concatenate([[0.0], *(row[np.isfinite(row)] / cap for (_, cap), row in rows.items()
+            if full.ndim == 1:  # parts are counted at hosts only
+                full = full[:, None]
+            rows[n_gpus, cap, host] = np.where(full < _FAR, full, np.inf)
+    candidates = np.unique(np.concatenate([[0.0], *(row[np.isfinite(row)] / cap for (_, cap, _), row in rows.items()
                                                      if cap > 0)]))
+    sets = _PartSets(world, need)
 
     def fits(t: float) -> bool:
-        allowed = {kind: sum(1 << int(n) for n in np.flatnonzero(row <= t * kind[1] * (1 + _TOL) + _TOL))
-                   for kind, row in rows.items()}
-        children: list[list[int]] = [[] for _ in units]  # the counts each child can hold, as bit sets
+        allowed = {kind: sets.encode(row <= t * kind[1] * (1 + _TOL) + _TOL) for kind, row in rows.items()}
+        children: list[list[int]] = [[] for _ in units]  # the (ranks, parts) each child can hold, as bit sets
         top = []
         for i, (n_gpus, cap, parent) in enumerate(units):
-            held = allowed[n_gpus, cap]
+            held = allowed[n_gpus, cap, hosts[i]]
             if children[i]:
-                held &= _sum_all(children[i], world)
+                held &= sets.total(children[i])
             (children[parent] if parent >= 0 else top).append(held)
-        return bool(_sum_all(top, world) >> world & 1)
+        return sets.holds_world(sets.total(top))
 
     lo, hi = -1, len(candidates) - 1  # candidates hold 0 at least
     if not fits(candidates[hi]):
@@ -323,26 +363,54 @@ def _least_share(units: list[tuple[int, float, int]], table: np.ndarray, world: 
     return float(candidates[hi])
 
 
-def _sumset(a: int, b: int, most: int) -> int:
-    """The counts ``x + y`` (``x`` in ``a``, ``y`` in ``b``, as bit sets) up to ``most``."""
-    out, k = 0, 0
-    while b:
-        if b & 1:
-            out |= a << k
-        b >>= 1
-        k += 1
-    return out & ((1 << (most + 1)) - 1)
+class _PartSets:
+    """Sets of (ranks, parts) pairs as bits ``p W + n`` of an int: ranks above the world drop out, parts from
+    ``need`` on count as ``need``."""
 
+    def __init__(self, world: int, need: int):
+        self.world, self.need = world, need
+        self.width = 2 * (world + 1)  # room for a sum of two counts of ranks before they are cut
+        self.row = (1 << (world + 1)) - 1
 
-def _sum_all(sets: list[int], most: int) -> int:
-    """The counts one member of each of ``sets`` can add up to, up to ``most``: alike sets by doubling."""
-    out = 1
-    for held, k in Counter(sets).items():
-        power = held
-        while k:
-            if k & 1:
-                out = _sumset(out, power, most)
-            k >>= 1
-            if k:
-                power = _sumset(power, power, most)
-    return out
+    def encode(self, allowed: np.ndarray) -> int:
+        """``allowed[n, p]`` as a set; a single column stands for any count of parts."""
+        out = 0
+        for p in range(self.need + 1):
+            if allowed.shape[1] == 1:
+                column = allowed[:, 0]
+            elif p < self.need:
+                column = allowed[:, p] if p < allowed.shape[1] else allowed[:, :0].any(axis=1)
+            else:  # parts from need on count as need
+                column = allowed[:, p:].any(axis=1)
+            out |= sum(1 << int(n) for n in np.flatnonzero(column)) << (p * self.width)
+        return out
+
+    def add(self, a: int, b: int) -> int:
+        out = 0
+        while b:
+            low = b & -b
+            out |= a << (low.bit_length() - 1)
+            b ^= low
+        return self._cut(out)
+
+    def _cut(self, x: int) -> int:
+        out = 0
+        for p in range(2 * self.need + 1):
+            out |= ((x >> (p * self.width)) & self.row) << (min(p, self.need) * self.width)
+        return out
+
+    def total(self, sets: list[int]) -> int:
+        """The (ranks, parts) one member of each of ``sets`` can add up to: alike sets by doubling."""
+        out = 1
+        for held, k in Counter(sets).items():
+            power = held
+            while k:
+                if k & 1:
+                    out = self.add(out, power)
+                k >>= 1
+                if k:
+                    power = self.add(power, power)
+        return out
+
+    def holds_world(self, x: int) -> bool:
+        return bool(x >> (self.need * self.width + self.world) & 1)
