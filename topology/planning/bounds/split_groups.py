@@ -18,16 +18,18 @@ The bound splits on the slowest ring hop's rate and on the gradient bus
 (before efficiency), each into ranges between the units' figures ``C / k``.
 In a cell of ranges ``(tau, next] x (beta, top]`` a unit of ``C`` GB/s out
 sends fewer than ``C / tau`` ring hops and fewer than ``C / beta``
-gradient flows out. ``_unit_table`` gives, for ``n`` ranks in a unit with
-at most ``e`` hops and ``g`` gradient flows out, the fewest all-to-all flows
-it sends out: exact, by a dynamic programme over rank order, where that is
-cheap (``_rank_table``); otherwise a relaxation counting one flow per split
-rank (``_family_table``). Which units hold how many ranks is the
-placement's choice: ``_least_share`` finds, by a sum over the tree of
-units, the smallest ``t`` at which every unit can keep its all-to-all
-flows out at most ``t C`` and still hold the world, so in every order of
-the cell some unit sends ``t C`` or more: they share at most ``1 / t`` GB/s
-each. The cell's bound is the attention at a hop of at most ``next`` with
+gradient flows out. ``_unit_table`` gives, for a host holding ``n`` ranks
+of ``p`` cp groups with at most ``e`` hops and ``g`` gradient flows out,
+the fewest all-to-all flows it sends out: exact, by a dynamic programme
+over rank order, where that is cheap (``_rank_table``); the units above
+hosts, and hosts where the programme is too large, get a relaxation
+counting one flow per split rank (``_family_table``). Which units hold how
+many ranks is the placement's choice: ``_least_share`` finds, by a sum
+over the tree of units, the smallest ``t`` at which every unit can keep
+its all-to-all flows out at most ``t C`` and still hold the world (with
+every cp group wider than a host in parts on several hosts), so in every
+order of the cell some unit sends ``t C`` or more: they share at most
+``1 / t`` GB/s each. The cell's bound is the attention at a hop of at most ``next`` with
 that all-to-all, plus the gradient term at a bus of at most ``top``; the
 smallest over the cells (the last ranges reaching down to 0 with no claim)
 bounds every order.
@@ -48,6 +50,8 @@ from topology.planning.bounds.rates import min_route_latency, ring_bandwidth_bou
 
 SPLIT_GPUS = 256
 """Worlds of at most this many ranks get the argument: the table and the sums over units grow with the world."""
+PARTS_GPUS = 64
+"""Worlds of at most this many ranks count the parts of cp groups hosts hold (``_least_share``)."""
 SPLIT_RANGES = 8
 """Thresholds the bound splits the slowest hop (and the bus) on at most, the fastest first; slower ones merge into the
 last."""
@@ -327,7 +331,9 @@ def _least_share(units: list[tuple[int, float, int]], tables: dict[bool, np.ndar
     """
     world = sm.world
     hosts = _host_units(units)
-    need = sm.dp * -(-sm.cp // max(n for (n, _, _), host in zip(units, hosts) if host))
+    widest = max(n for (n, _, _), host in zip(units, hosts) if host)
+    # No claim where a host may hold each cp group whole, or where the sums over (ranks, parts) grow too long.
+    need = sm.dp * -(-sm.cp // widest) if widest < sm.cp and world <= PARTS_GPUS else 0
     rows: dict[tuple[int, float, bool], np.ndarray] = {}  # per kind of unit, flows out to hold n ranks (of p groups)
     for (n_gpus, cap, _), host in zip(units, hosts):
         if (n_gpus, cap, host) not in rows:
