@@ -47,9 +47,10 @@ def ring_bandwidth_bound(topo: Topology, rings: int, size: int, without: frozens
     The smallest of three arguments. (1) Components: drop every link slower
     than ``t`` except switch-to-switch links; a ring whose hops all reach
     ``t`` lies in one component, so ``t`` is feasible only if the components
-    hold ``rings`` disjoint rings. (2) Exits: a ring over more GPUs than a
-    unit (host, then each switch level above) has touches at least
-    ``ceil(size / largest)`` units and leaves each; a unit can send at most
+    hold ``rings`` disjoint rings. (2) Exits: at most ``floor(n / size)``
+    rings fit inside a unit of ``n`` GPUs (a host, then the hosts under each
+    switch level); every other ring touches at least two units (and at
+    least ``ceil(size / largest)``) and leaves each; a unit can send at most
     ``sum(bw) / t`` such flows over its external links. (3) Access: every
     hop leaves one GPU through its links. (1) also cuts a unit of hosts
     under a switch from the rest when its links out carry less than ``t``
@@ -204,10 +205,12 @@ def _fits_at(topo: Topology, t: float, seals: list[tuple[float, list[tuple[str, 
 
 
 def _exit_bound(caps: list[tuple[int, float]], rings: int, size: int) -> float:
+    """Argument (2) of ``ring_bandwidth_bound`` over one level of units, ``caps``: (GPUs, GB/s out) of each."""
     largest = max(n for n, _ in caps)
-    if size <= largest:
+    crossing = rings - sum(n // size for n, _ in caps)  # rings that cannot each stay inside one unit
+    if crossing <= 0:
         return math.inf
-    exits = rings * math.ceil(size / largest)
+    exits = crossing * max(2, math.ceil(size / largest))
 
     def feasible(t: float) -> bool:
         return sum(min(n, int(bw / t + 1e-9)) for n, bw in caps) >= exits
