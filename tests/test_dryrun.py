@@ -106,8 +106,8 @@ def test_ulysses_auto_splits_a_communication_bound_ring():
     # Every degree the sizing tried, with its plan's step time: the fastest is chosen, and it is not the plain ring.
     steps = {int(u): float(s) for u, s in re.findall(r"ulysses (\d+): ([\d.]+) s", second.size.reasons[-1])}
     assert set(steps) == {1, 2, 4, 8}
-    best = min(steps, key=steps.get)
-    assert best > 1 and second.size.ulysses == best and second.size.plan.ulysses == best
+    best = second.size.ulysses  # the fastest; degrees as fast to the printed 10 ms may tie with it there
+    assert best > 1 and steps[best] == min(steps.values()) and second.size.plan.ulysses == best
     assert second.size.plan.cost["step_time_s"] == pytest.approx(steps[best], abs=0.006)
     assert f"ulysses {best} x ring {32 // best}: the ring of 32 is communication-bound" in second.size.reasons[-1]
     assert not make_plan(load_topology("g6e-4x"), 32, 32, ulysses=1, seq_len=65536).cost["hidden"]

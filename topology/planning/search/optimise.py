@@ -15,8 +15,10 @@ Algorithms
   sequence of GPUs from the pool, up to the cluster's symmetries (alike
   hosts, automorphisms of a host's parts: ``topology.planning.search.symmetry``), cut by a
   lower bound of each partial order (``topology.planning.search.exact``). Finished, it
-  proves the result optimal; stopped at ``EXACT_NODES``, the plan states
-  its gap to the lower bound instead.
+  proves the result optimal; stopped at ``EXACT_NODES``, local search
+  takes the rest of its moves from the best order met (a quarter set the
+  search's first incumbent), and the plan states its gap to the lower
+  bound.
 * Group turns, for plans of at most ``TURN_GPUS`` GPUs with Ulysses groups:
   each construction is also scored with its groups turned (``turn_groups``:
   members of every group at one index modulo a period rotated or reversed
