@@ -53,8 +53,8 @@ SPLIT_GPUS = 256
 PARTS_GPUS = 64
 """Worlds of at most this many ranks count the parts of cp groups hosts hold (``_least_share``)."""
 SPLIT_RANGES = 8
-"""Thresholds the bound splits the slowest hop (and the bus) on at most, the fastest first; slower ones merge into the
-last."""
+"""Thresholds each kind of unit brings to split the slowest hop (and the bus) on at most, its fastest first; slower
+ones merge into the last range."""
 _TOL = 1e-9
 
 
@@ -100,13 +100,16 @@ def _compute_ranges(sm) -> list[tuple[float, float, float]]:
         runs = min(most, max(_flows_out(cap, tau) or 0 for _, cap in kinds for _, tau in bus_ranges))
         tables[alone] = (_unit_table(sm.ring, sm.ulysses, sm.dp, most, hops, runs) if alone
                          else _family_table(sm.ring, sm.ulysses, most, hops, runs))
+    widest = max(n for (n, _, _), host in zip(units, hosts) if host)
+    # Parts are no claim where a host may hold each cp group whole, or where their sums grow too long.
+    sets = _PartSets(world, sm.dp * -(-sm.cp // widest) if widest < sm.cp and world <= PARTS_GPUS else 0)
     lat = min_route_latency(topo)
     inter = sm.rates.inter_host_gbps or math.inf
     eff = sm.rates.network_efficiency
     cells = []
     for hop_top, hop_tau in hop_ranges:
         for bus_top, bus_tau in bus_ranges:
-            t = _least_share(units, tables, sm, hop_tau, bus_tau)
+            t = _least_share(units, hosts, tables, sets, hop_tau, bus_tau)
             if t is None:  # no order has its slowest hop and its bus in these ranges
                 continue
             forced = 0.0 if t == 0 else 2 * (sm.a2a_per_peer / (min(eff / t, inter) * 1e9) + lat * 1e-6)
@@ -251,12 +254,12 @@ def _rank_table(ring: int, u: int, dp: int, most: int, hops: int, runs: int) -> 
 def _min_into(target: np.ndarray, src: np.ndarray, by: tuple[int, int, int, int], add: int) -> None:
     """``target = min(target, src + add)`` with ``src``'s last axes (n, e, g, p) moved up by ``by``: ``n`` and ``p``
     past the end drop out, ``e`` and ``g`` past their last finite index go to the no-limit one."""
-    dn, de, dg, dp = by
-    n, p = target.shape[-4] - dn, target.shape[-1] - dp
-    if n <= 0 or p <= 0:
+    dn, de, dg, dparts = by
+    n, parts = target.shape[-4] - dn, target.shape[-1] - dparts
+    if n <= 0 or parts <= 0:
         return
-    src = src[..., :n, :, :, :p] + np.int32(add)
-    target = target[..., dn:, :, :, dp:]
+    src = src[..., :n, :, :, :parts] + np.int32(add)
+    target = target[..., dn:, :, :, dparts:]
     for axis, d in ((-3, de), (-2, dg)):
         if d:
             size = src.shape[axis]
@@ -318,22 +321,18 @@ def _nonsplit_table(ring: int, u: int, most: int) -> np.ndarray:
     return np.maximum.accumulate(table, axis=1)
 
 
-def _least_share(units: list[tuple[int, float, int]], tables: dict[bool, np.ndarray], sm, hop_tau: float,
-                 bus_tau: float) -> float | None:
+def _least_share(units: list[tuple[int, float, int]], hosts: list[bool], tables: dict[bool, np.ndarray],
+                 sets: "_PartSets", hop_tau: float, bus_tau: float) -> float | None:
     """The smallest ``t`` such that the world's ranks fit in the units with every unit sending at most ``t x`` its
     GB/s out in all-to-all flows, when each sends only the ring hops (and gradient flows) its links out carry faster
-    than ``hop_tau`` (``bus_tau``); ``None`` if none fits. ``tables[True]`` prices hosts, ``tables[False]`` the units
-    above them (``_unit_table``).
+    than ``hop_tau`` (``bus_tau``); ``None`` if none fits. ``tables[True]`` prices the units ``hosts`` marks
+    (``_unit_table``), ``tables[False]`` the units above them (``_family_table``).
 
     Each cp group spreads over at least ``ceil(cp / G)`` hosts of at most ``G`` GPUs, so the hosts hold parts of
-    cp groups ``dp ceil(cp / G)`` times or more: the sum over the tree counts parts with ranks (a host's ranks of
-    ``p`` cp groups cost what its table says for ``p``).
+    cp groups ``dp ceil(cp / G)`` times or more (``sets.need``): the sum over the tree counts parts with ranks (a
+    host's ranks of ``p`` cp groups cost what its table says for ``p``).
     """
-    world = sm.world
-    hosts = _host_units(units)
-    widest = max(n for (n, _, _), host in zip(units, hosts) if host)
-    # No claim where a host may hold each cp group whole, or where the sums over (ranks, parts) grow too long.
-    need = sm.dp * -(-sm.cp // widest) if widest < sm.cp and world <= PARTS_GPUS else 0
+    world = sets.world
     rows: dict[tuple[int, float, bool], np.ndarray] = {}  # per kind of unit, flows out to hold n ranks (of p groups)
     for (n_gpus, cap, _), host in zip(units, hosts):
         if (n_gpus, cap, host) not in rows:
@@ -347,7 +346,6 @@ def _least_share(units: list[tuple[int, float, int]], tables: dict[bool, np.ndar
             rows[n_gpus, cap, host] = np.where(full < _FAR, full, np.inf)
     candidates = np.unique(np.concatenate([[0.0], *(row[np.isfinite(row)] / cap for (_, cap, _), row in rows.items()
                                                      if cap > 0)]))
-    sets = _PartSets(world, need)
 
     def fits(t: float) -> bool:
         allowed = {kind: sets.encode(row <= t * kind[1] * (1 + _TOL) + _TOL) for kind, row in rows.items()}
@@ -380,16 +378,14 @@ class _PartSets:
 
     def encode(self, allowed: np.ndarray) -> int:
         """``allowed[n, p]`` as a set; a single column stands for any count of parts."""
-        out = 0
-        for p in range(self.need + 1):
-            if allowed.shape[1] == 1:
-                column = allowed[:, 0]
-            elif p < self.need:
-                column = allowed[:, p] if p < allowed.shape[1] else allowed[:, :0].any(axis=1)
-            else:  # parts from need on count as need
-                column = allowed[:, p:].any(axis=1)
-            out |= sum(1 << int(n) for n in np.flatnonzero(column)) << (p * self.width)
-        return out
+        if allowed.shape[1] == 1:
+            columns = [allowed[:, 0]] * (self.need + 1)
+        else:  # parts from need on count as need
+            columns = [allowed[:, p] for p in range(min(self.need, allowed.shape[1]))]
+            columns += [np.zeros(len(allowed), dtype=bool)] * (self.need - len(columns))
+            columns.append(allowed[:, self.need:].any(axis=1))
+        return sum(sum(1 << int(n) for n in np.flatnonzero(column)) << (p * self.width)
+                   for p, column in enumerate(columns))
 
     def add(self, a: int, b: int) -> int:
         out = 0

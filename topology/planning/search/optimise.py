@@ -231,7 +231,7 @@ def optimise(sm: StepModel, candidates: dict[str, list[str]], pool: list[str], b
             # Unproven, the search spends the rest of its moves from the best order met, on a seed of its own:
             # the quarter before the exact search may have missed a single swap that pays.
             order, step, moves = _local_search(sm, result.order, result.step_s, pool, budget_s, seed + 1,
-                                               MAX_EVALS - MAX_EVALS // 4)
+                                               MAX_EVALS - evals)
             if step < result.step_s * (1 - REL_TOL):
                 result.order, result.step_s, result.moves = order, step, result.moves + moves
                 if step <= bound * (1 + REL_TOL):
