@@ -28,6 +28,7 @@ import numpy as np
 
 from topology.planning.bounds.rates import gpu_access_bound, min_route_latency, ring_bandwidth_bound
 from topology.planning.bounds.gradient_gate import gradient_gate
+from topology.planning.bounds.hop_latency import hop_latency
 from topology.planning.bounds.split_groups import split_step
 from topology.network.model import Topology
 from topology.planning.plan import GroupLayout, Plan
@@ -439,8 +440,9 @@ def step_bound(sm: StepModel, a2a_floor: float = 0.0, attention_floor: float = 0
 
     Each term of the step is bounded on its own (ring hops, all-to-all,
     gradient bus), so their sum bounds the step; see ``topology.planning.bounds.rates``.
-    Every hop and all-to-all transfer also waits at least the shortest
-    latency of any route between two GPUs. ``a2a_floor`` is a known lower
+    Every all-to-all transfer also waits at least the shortest latency of
+    any route between two GPUs, and the slowest ring hop that of the
+    shortest route that can run as slow (``topology.planning.bounds.hop_latency``). ``a2a_floor`` is a known lower
     bound of the all-to-all term (``topology.planning.bounds.a2a_floor``): the larger one counts.
     ``attention_floor`` bounds the ring and all-to-all terms together (``topology.planning.bounds.ring_floor``,
     ``StepModel.attention``) plus what the gradient term takes beyond its own bound (the bus bound here):
@@ -453,22 +455,21 @@ def step_bound(sm: StepModel, a2a_floor: float = 0.0, attention_floor: float = 0
     topo = sm.topo
     hop = ring_bandwidth_bound(topo, sm.dp * sm.ulysses, sm.ring) * sm.rates.network_efficiency
     lat = min_route_latency(topo)
-    hop_lat = lat if sm.ring > 1 else 0.0
-    _, _, fwd, _ = sm.ring_layer(hop, hop_lat)
+    _, _, fwd, _ = sm.ring_layer(hop, hop_latency(sm).at(hop) if sm.ring > 1 else 0.0)
     a2a = 0.0
     if sm.ulysses > 1:
         a2a = 2 * transfer(sm.a2a_per_peer * (sm.ulysses - 1), gpu_access_bound(topo) * sm.rates.network_efficiency, lat)
     a2a = max(a2a, a2a_floor)
     bus = ring_bandwidth_bound(topo, 1, sm.world)
-    step = sm.dense + sm.rates.step_overhead_s + max(split_step(sm, hop, hop_lat, a2a, bus),
+    step = sm.dense + sm.rates.step_overhead_s + max(split_step(sm, hop, a2a, bus),
                                                     attention_floor + sm.gradients(bus))
-    gated = _gated_step(sm, hop, hop_lat, a2a, attention_floor)
+    gated = _gated_step(sm, hop, a2a, attention_floor)
     if gated > step:
         step = gated
     return {"hop_gbps": hop, "ring_step_fwd": fwd, "a2a": a2a, "bus_gbps": bus, "step": step}
 
 
-def _gated_step(sm: StepModel, hop: float, hop_lat: float, a2a: float, attention_floor: float) -> float:
+def _gated_step(sm: StepModel, hop: float, a2a: float, attention_floor: float) -> float:
     """The step bound split on the gradient bus (``topology.planning.bounds.gradient_gate``); 0 where the gate says nothing.
 
     An order at the best bus ``B*`` keeps out of units too slow for it and sends ring hops out of crowded
@@ -483,7 +484,7 @@ def _gated_step(sm: StepModel, hop: float, hop_lat: float, a2a: float, attention
     best_bus = sm.gradients(gate.bus)
 
     def traffic(cap: float, bus: float) -> float:  # ring, all-to-all and gradients: slowest hop at most ``cap``
-        return math.inf if cap <= 0 else split_step(sm, min(hop, cap * sm.rates.network_efficiency), hop_lat, a2a, bus)
+        return math.inf if cap <= 0 else split_step(sm, min(hop, cap * sm.rates.network_efficiency), a2a, bus)
 
     bounds = [rest + max(traffic(gate.hop_cap, gate.bus), attention_floor + best_bus)]
     for top, _, cap in gate.slower:  # each range of slower buses, its hop ceiling with it

@@ -1,7 +1,8 @@
 """Ring hops, gradient flows or split Ulysses groups: what a unit of the cluster must pay for the ranks it holds.
 
 With Ulysses groups of ``u`` ranks and rings of ``ring`` ranks, a unit (a
-host, or the hosts under a switch) that holds a whole Ulysses group holds a
+socket or a PCIe switch with its GPUs, a host, or the hosts under a
+switch) that holds a whole Ulysses group holds a
 rank of each of the ``u`` rings of its cp group; every one of those rings
 that the unit does not hold whole leaves it, so the unit sends out that
 many ring hops. A unit that keeps its ring hops few must instead split its
@@ -21,8 +22,9 @@ sends fewer than ``C / tau`` ring hops and fewer than ``C / beta``
 gradient flows out. ``_unit_table`` gives, for a host holding ``n`` ranks
 of ``p`` cp groups with at most ``e`` hops and ``g`` gradient flows out,
 the fewest all-to-all flows it sends out: exact, by a dynamic programme
-over rank order, where that is cheap (``_rank_table``); the units above
-hosts, and hosts where the programme is too large, get a relaxation
+over rank order, where that is cheap (``_rank_table``), for hosts and the
+units inside them; the units above hosts, and all units where the
+programme is too large, get a relaxation
 counting one flow per split rank (``_family_table``). Which units hold how
 many ranks is the placement's choice: ``_least_share`` finds, by a sum
 over the tree of units, the smallest ``t`` at which every unit can keep
@@ -34,8 +36,16 @@ that all-to-all, plus the gradient term at a bus of at most ``top``; the
 smallest over the cells (the last ranges reaching down to 0 with no claim)
 bounds every order.
 
+Where the bus is fast enough that every host (or every leaf, pod) holds
+one run of the rank order, the runs tile it, and a cell also needs a
+tiling whose runs keep within the units' limits
+(``topology.planning.bounds.run_tiling``): where none exists the cell is
+empty, and its all-to-all is at least what the best tiling leaves. Without
+Ulysses groups only this argument prices the cells.
+
 Dropped for a lower bound: that the units' sets of ranks are disjoint
-(each unit is priced on its own), and the ranks' positions inside rings.
+(each unit is priced on its own, save in the tiling), and the ranks'
+positions inside rings.
 """
 
 from __future__ import annotations
@@ -46,10 +56,15 @@ from functools import lru_cache
 
 import numpy as np
 
-from topology.planning.bounds.rates import min_route_latency, ring_bandwidth_bound, all_units
+from topology.planning.bounds.hop_latency import hop_latency
+from topology.planning.bounds.rates import all_units, host_units, min_route_latency, ring_bandwidth_bound
+from topology.planning.bounds.run_tiling import RunTiling
 
 SPLIT_GPUS = 256
 """Worlds of at most this many ranks get the argument: the table and the sums over units grow with the world."""
+INSIDE_GPUS, INSIDE_HOSTS = 64, 64
+"""Worlds of at most this many ranks on clusters of at most this many hosts get units inside hosts (sockets, PCIe
+switches): finding them reads every host's links, and the sums over units grow with them."""
 PARTS_GPUS = 64
 """Worlds of at most this many ranks count the parts of cp groups hosts hold (``_least_share``)."""
 SPLIT_RANGES = 8
@@ -58,20 +73,22 @@ ones merge into the last range."""
 _TOL = 1e-9
 
 
-def split_step(sm, hop: float, hop_lat: float, a2a: float, bus: float) -> float:
+def split_step(sm, hop: float, a2a: float, bus: float) -> float:
     """A lower bound on ``sm.attention`` plus ``sm.gradients`` of every order whose slowest hop is at most ``hop``
     (GB/s, after efficiency), whose all-to-all takes at least ``a2a`` and whose gradient bus is at most ``bus``: the
-    smallest over the cells of ``_ranges``."""
+    smallest over the cells of ``_ranges``, each cell's hop at the shortest latency a hop that slow has
+    (``topology.planning.bounds.hop_latency``)."""
     ranges = _ranges(sm) or [(math.inf, 0.0, math.inf)]
     eff = sm.rates.network_efficiency
-    return min(sm.attention(min(hop, top * eff), hop_lat, max(a2a, forced)) + sm.gradients(min(bus, bus_cap))
-               for top, forced, bus_cap in ranges)
+    latency = hop_latency(sm).at if sm.ring > 1 else (lambda rate: 0.0)
+    return min(sm.attention(min(hop, top * eff), latency(min(hop, top * eff)), max(a2a, forced))
+               + sm.gradients(min(bus, bus_cap)) for top, forced, bus_cap in ranges)
 
 
 def _ranges(sm) -> list[tuple[float, float, float]]:
     """(highest raw rate of the slowest hop, all-to-all seconds and highest raw gradient bus of every order in the
     cell) of each cell an order can be in."""
-    if sm.ulysses < 2 or sm.ring < 2 or sm.world > SPLIT_GPUS:
+    if sm.ring < 2 or sm.world > SPLIT_GPUS:
         return []
     cache = sm.topo.__dict__.setdefault("_bound_cache", {})
     key = ("split", sm.dp, sm.ring, sm.ulysses, sm.a2a_per_peer, sm.rates)
@@ -82,39 +99,82 @@ def _ranges(sm) -> list[tuple[float, float, float]]:
 
 def _compute_ranges(sm) -> list[tuple[float, float, float]]:
     topo, world = sm.topo, sm.world
-    units = _unit_tree(topo)
+    units = _unit_tree(topo, sm.flows, world <= INSIDE_GPUS and sm.ulysses > 1)  # rings alone: no all-to-all
     if units is None:
         return []
-    caps = {cap for _, cap, _ in units if cap > 0}
+    caps = {cap for _, cap, _, _ in units if cap > 0}
     hop_ranges = _rate_ranges(caps, ring_bandwidth_bound(topo, sm.dp * sm.ulysses, sm.ring), sm.ulysses)
     bus_ranges = _rate_ranges(caps, ring_bandwidth_bound(topo, 1, world), sm.ulysses)
-    hosts = _host_units(units)
     tables = {}
-    for alone in (True, False):  # hosts, then the units above them
-        kinds = [(n, cap) for (n, cap, _), host in zip(units, hosts) if host == alone]
+    for exact in (True, False) if sm.ulysses > 1 else ():  # hosts and the units inside them, then those above
+        kinds = [(n, cap) for n, cap, _, kind in units if (kind != "above") == exact]
         if not kinds:
             continue
         most = min(world, max(n for n, _ in kinds))
         # A unit's ranks each send one ring hop and at most one gradient flow: more than it holds are no limit.
         hops = min(most, max(_flows_out(cap, tau) or 0 for _, cap in kinds for _, tau in hop_ranges))
         runs = min(most, max(_flows_out(cap, tau) or 0 for _, cap in kinds for _, tau in bus_ranges))
-        tables[alone] = (_unit_table(sm.ring, sm.ulysses, sm.dp, most, hops, runs) if alone
+        tables[exact] = (_unit_table(sm.ring, sm.ulysses, sm.dp, most, hops, runs) if exact
                          else _family_table(sm.ring, sm.ulysses, most, hops, runs))
-    widest = max(n for (n, _, _), host in zip(units, hosts) if host)
+    widest = max(n for n, _, _, kind in units if kind == "host")
     # Parts are no claim where a host may hold each cp group whole, or where their sums grow too long.
     sets = _PartSets(world, sm.dp * -(-sm.cp // widest) if widest < sm.cp and world <= PARTS_GPUS else 0)
     lat = min_route_latency(topo)
+    # The flows a unit sends out run between hosts, or (out of a unit inside a host) maybe inside one.
     inter = sm.rates.inter_host_gbps or math.inf
+    if any(kind == "inside" for *_, kind in units):
+        inter = max(inter, sm.rates.intra_host_gbps or math.inf)
     eff = sm.rates.network_efficiency
+    levels = _levels(units)
+    # A level with a unit that can hold the world claims nothing: its runs are not read.
+    levels = [kinds for kinds in levels if max(n for n, _, _ in kinds) < world]
+    tiling = RunTiling(sm.dp, sm.ring, sm.ulysses, max((n for kinds in levels for n, _, _ in kinds), default=1))
     cells = []
+    # A cell allows each unit at least the flows out of the cells before it in its row and column (their ranges
+    # are faster), so the units' share there holds here too: the search starts below it.
+    above: list[float | None] = [None] * len(bus_ranges)
     for hop_top, hop_tau in hop_ranges:
-        for bus_top, bus_tau in bus_ranges:
-            t = _least_share(units, hosts, tables, sets, hop_tau, bus_tau)
+        left = None
+        for j, (bus_top, bus_tau) in enumerate(bus_ranges):
+            known = [x for x in (above[j], left) if x is not None]
+            tree = _least_share(units, tables, sets, hop_tau, bus_tau, min(known, default=None)) if tables else 0.0
+            above[j] = left = tree
+            t = tree if tree is None else _tiled_share(tiling, levels, tree, hop_tau, bus_tau)
             if t is None:  # no order has its slowest hop and its bus in these ranges
                 continue
             forced = 0.0 if t == 0 else 2 * (sm.a2a_per_peer / (min(eff / t, inter) * 1e9) + lat * 1e-6)
             cells.append((hop_top, forced, bus_top))
     return cells
+
+
+def _tiled_share(tiling: RunTiling, levels: list[list[tuple[int, float, int]]], t: float, hop_tau: float,
+                 bus_tau: float) -> float | None:
+    """``t`` raised to what the tiling leaves at each level where units each hold one run (``RunTiling``); None
+    where no tiling fits the cell."""
+    for kinds in levels:
+        if t is None:
+            break
+        tiled = tiling.least_share(kinds, [_flows_out(cap, hop_tau) for _, cap, _ in kinds],
+                                   [_flows_out(cap, bus_tau) for _, cap, _ in kinds])
+        t = None if tiled is None else max(t, tiled)
+    return t
+
+
+def _levels(units: list[tuple[int, float, int, str]]) -> list[list[tuple[int, float, int]]]:
+    """The partitions of the GPUs into units, level by level: hosts, then each unit above them with the hosts and
+    units not under one at its height; as (GPUs, GB/s out, how many) of each kind."""
+    height = [0] * len(units)
+    for i, (_, _, parent, kind) in enumerate(units):  # children come before their parents
+        if kind == "inside":
+            height[i] = -1
+        elif parent >= 0:
+            height[parent] = max(height[parent], height[i] + 1)
+    levels = []
+    for level in range(max(height) + 1):
+        kinds = Counter((n, cap) for i, (n, cap, parent, _) in enumerate(units)
+                        if 0 <= height[i] <= level and (parent < 0 or height[parent] > level))
+        levels.append([(n, cap, count) for (n, cap), count in kinds.items()])
+    return levels
 
 
 def _rate_ranges(caps: set[float], top: float, u: int) -> list[tuple[float, float]]:
@@ -136,37 +196,35 @@ def _flows_out(cap: float, tau: float) -> int | None:
     return None if tau <= 0 else max(0, math.ceil(cap / tau * (1 - _TOL)) - 1)
 
 
-def _host_units(units: list[tuple[int, float, int]]) -> list[bool]:
-    """Which units of the tree are hosts: those no other unit nests in."""
-    host = [True] * len(units)
-    for _, _, parent in units:
-        if parent >= 0:
-            host[parent] = False
-    return host
+def _unit_tree(topo, fm, inside: bool) -> list[tuple[int, float, int, str]] | None:
+    """The units as a tree, children before parents: (GPUs, GB/s out, parent's index or -1, kind); cached on the
+    topology. Kinds: ``inside`` a host (a socket, a PCIe switch with its GPUs; only if ``inside`` and the cluster
+    has at most ``INSIDE_HOSTS`` hosts), a ``host``, or ``above`` hosts.
 
-
-def _unit_tree(topo) -> list[tuple[int, float, int]] | None:
-    """The units as a tree, children before parents: (GPUs, GB/s out, parent's index or -1); cached on the topology.
-
-    Units with the same hosts are one, at the smaller figure (their flows out cross both cuts). ``None`` where the
+    Units with the same GPUs are one, at the smaller figure (their flows out cross both cuts). ``None`` where the
     units do not nest (a host under two switches of one level).
     """
     cache = topo.__dict__.setdefault("_bound_cache", {})
-    if "unit_tree" not in cache:
-        cache["unit_tree"] = _build_unit_tree(topo)
-    return cache["unit_tree"]
+    inside = inside and sum(1 for h in topo.hosts if topo.gpus(h)) <= INSIDE_HOSTS
+    if ("unit_tree", inside) not in cache:
+        cache["unit_tree", inside] = _build_unit_tree(topo, fm, inside)
+    return cache["unit_tree", inside]
 
 
-def _build_unit_tree(topo) -> list[tuple[int, float, int]] | None:
+def _build_unit_tree(topo, fm, inside: bool) -> list[tuple[int, float, int, str]] | None:
     merged: dict[frozenset[str], tuple[int, float]] = {}
     for members, n_gpus, cap in all_units(topo):
-        key = frozenset(members)
+        key = frozenset(g for h in members for g in topo.gpus(h))
         merged[key] = (n_gpus, min(cap, merged.get(key, (n_gpus, math.inf))[1]))
+    host_sets = {frozenset(topo.gpus(h)) for h in topo.hosts if topo.gpus(h)}
+    if inside:
+        for key, cap in _inside_units(topo, fm, host_sets).items():
+            merged[key] = (len(key), min(cap, merged.get(key, (0, math.inf))[1]))
     order = sorted(merged, key=len)
-    around: dict[str, list[int]] = {}  # per host, the units holding it, smallest first
+    around: dict[str, list[int]] = {}  # per GPU, the units holding it, smallest first
     for i, a in enumerate(order):
-        for h in a:
-            around.setdefault(h, []).append(i)
+        for g in a:
+            around.setdefault(g, []).append(i)
     parent, covered = [], [0] * len(order)
     for i, a in enumerate(order):
         chain = around[next(iter(a))]
@@ -178,7 +236,33 @@ def _build_unit_tree(topo) -> list[tuple[int, float, int]] | None:
         parent.append(j)
     if any(covered[j] != len(order[j]) for j in range(len(order)) if covered[j]):
         return None  # children overlap: the units do not nest
-    return [(*merged[a], parent[i]) for i, a in enumerate(order)]
+    kind = ["host" if a in host_sets else "inside" if any(a < h for h in host_sets) else "above" for a in order]
+    return [(*merged[a], parent[i], kind[i]) for i, a in enumerate(order)]
+
+
+def _inside_units(topo, fm, host_sets: set[frozenset[str]]) -> dict[frozenset[str], float]:
+    """Units inside hosts that nest, with their GB/s out: each host cut in two by the most even of its cuts
+    (``host_units``: a socket, a PCIe switch with its GPUs, and the rest) whose both sides are cuts too, and each
+    side cut so in turn, down to pieces of two GPUs. Sides with the same GPUs take their smallest figure."""
+    bw = fm.link_bandwidths()
+    sides: dict[frozenset[str], float] = {}
+    for held, exits, _ in host_units(topo, fm, topo.gpus()):
+        if len(held) >= 2:
+            sides[held] = min(float(bw[exits].sum()), sides.get(held, math.inf))
+    found: dict[frozenset[str], float] = {}
+
+    def split(whole: frozenset[str]) -> None:
+        halves = [s for s in sides if s < whole and whole - s in sides]
+        if not halves:
+            return
+        best = max(halves, key=lambda s: (min(len(s), len(whole) - len(s)), sorted(s)))
+        for piece in (best, whole - best):
+            found[piece] = sides[piece]
+            split(piece)
+
+    for host in host_sets:
+        split(host)
+    return found
 
 
 DP_WORK = 250_000_000
@@ -321,45 +405,55 @@ def _nonsplit_table(ring: int, u: int, most: int) -> np.ndarray:
     return np.maximum.accumulate(table, axis=1)
 
 
-def _least_share(units: list[tuple[int, float, int]], hosts: list[bool], tables: dict[bool, np.ndarray],
-                 sets: "_PartSets", hop_tau: float, bus_tau: float) -> float | None:
+def _least_share(units: list[tuple[int, float, int, str]], tables: dict[bool, np.ndarray], sets: "_PartSets",
+                 hop_tau: float, bus_tau: float, known: float | None = None) -> float | None:
     """The smallest ``t`` such that the world's ranks fit in the units with every unit sending at most ``t x`` its
     GB/s out in all-to-all flows, when each sends only the ring hops (and gradient flows) its links out carry faster
-    than ``hop_tau`` (``bus_tau``); ``None`` if none fits. ``tables[True]`` prices the units ``hosts`` marks
-    (``_unit_table``), ``tables[False]`` the units above them (``_family_table``).
+    than ``hop_tau`` (``bus_tau``); ``None`` if none fits. ``tables[True]`` prices hosts and the units inside them
+    (``_unit_table``), ``tables[False]`` the units above hosts (``_family_table``). ``known``: a share known to
+    fit (that of a cell allowing fewer flows out), or None.
 
     Each cp group spreads over at least ``ceil(cp / G)`` hosts of at most ``G`` GPUs, so the hosts hold parts of
     cp groups ``dp ceil(cp / G)`` times or more (``sets.need``): the sum over the tree counts parts with ranks (a
     host's ranks of ``p`` cp groups cost what its table says for ``p``).
     """
     world = sets.world
-    rows: dict[tuple[int, float, bool], np.ndarray] = {}  # per kind of unit, flows out to hold n ranks (of p groups)
-    for (n_gpus, cap, _), host in zip(units, hosts):
-        if (n_gpus, cap, host) not in rows:
-            table = tables[host]
+    rows: dict[tuple[int, float, str], np.ndarray] = {}  # per kind of unit, flows out to hold n ranks (of p groups)
+    for n_gpus, cap, _, kind in units:
+        if (n_gpus, cap, kind) not in rows:
+            table = tables[kind != "above"]
             hops, runs = table.shape[1] - 2, table.shape[2] - 2
             e, g = _flows_out(cap, hop_tau), _flows_out(cap, bus_tau)
             full = table[: min(n_gpus, world, table.shape[0] - 1) + 1, hops + 1 if e is None else min(e, hops + 1),
                          runs + 1 if g is None else min(g, runs + 1)]
-            if full.ndim == 1:  # parts are counted at hosts only
+            if kind == "inside":  # parts are counted at hosts only
+                full = full.min(axis=1)
+            if full.ndim == 1:
                 full = full[:, None]
-            rows[n_gpus, cap, host] = np.where(full < _FAR, full, np.inf)
+            rows[n_gpus, cap, kind] = np.where(full < _FAR, full, np.inf)
     candidates = np.unique(np.concatenate([[0.0], *(row[np.isfinite(row)] / cap for (_, cap, _), row in rows.items()
                                                      if cap > 0)]))
 
+    # Alike subtrees (alike hosts with their sockets and switches) hold alike sets: each shape is summed once.
+    shapes: dict[tuple, int] = {}
+    below: list[list[int]] = [[] for _ in units]
+    top = []
+    for i, (n_gpus, cap, parent, kind) in enumerate(units):  # children come before their parents
+        shape = shapes.setdefault((n_gpus, cap, kind, tuple(sorted(below[i]))), len(shapes))
+        (below[parent] if parent >= 0 else top).append(shape)
+
     def fits(t: float) -> bool:
         allowed = {kind: sets.encode(row <= t * kind[1] * (1 + _TOL) + _TOL) for kind, row in rows.items()}
-        children: list[list[int]] = [[] for _ in units]  # the (ranks, parts) each child can hold, as bit sets
-        top = []
-        for i, (n_gpus, cap, parent) in enumerate(units):
-            held = allowed[n_gpus, cap, hosts[i]]
-            if children[i]:
-                held &= sets.total(children[i])
-            (children[parent] if parent >= 0 else top).append(held)
-        return sets.holds_world(sets.total(top))
+        held: list[int] = []  # per shape, the (ranks, parts) its unit can hold, as a bit set
+        for n_gpus, cap, kind, children in shapes:
+            held.append(allowed[n_gpus, cap, kind] & sets.total([held[c] for c in children]) if children
+                        else allowed[n_gpus, cap, kind])
+        return sets.holds_world(sets.total([held[c] for c in top]))
 
     lo, hi = -1, len(candidates) - 1  # candidates hold 0 at least
-    if not fits(candidates[hi]):
+    if known is not None:  # a share known to fit: the least one is a candidate no larger
+        hi = int(np.searchsorted(candidates, known * (1 + _TOL), side="right")) - 1
+    elif not fits(candidates[hi]):
         return None
     while hi - lo > 1:
         mid = (lo + hi) // 2
@@ -384,8 +478,10 @@ class _PartSets:
             columns = [allowed[:, p] for p in range(min(self.need, allowed.shape[1]))]
             columns += [np.zeros(len(allowed), dtype=bool)] * (self.need - len(columns))
             columns.append(allowed[:, self.need:].any(axis=1))
-        return sum(sum(1 << int(n) for n in np.flatnonzero(column)) << (p * self.width)
-                   for p, column in enumerate(columns))
+        bits = np.zeros((len(columns), self.width), dtype=bool)  # column p's bits from p x width on
+        for p, column in enumerate(columns):
+            bits[p, : len(column)] = column
+        return int.from_bytes(np.packbits(bits.ravel(), bitorder="little").tobytes(), "little")
 
     def add(self, a: int, b: int) -> int:
         out = 0

@@ -35,8 +35,9 @@ term no better than what no placement beats (``topology.cost.step_bound``):
 * ring hops: the slowest hop now runs at ``r``; the finished order's slowest
   hop either runs at ``r`` too, and then it is at least as late as the
   latest hop at ``r`` now, or runs at the next achievable rate below ``r``
-  (link bandwidth over a multiple of the routes' smallest flow fraction)
-  with at least the shortest latency any hop has (``min_route_latency``);
+  (link bandwidth over a multiple of the routes' smallest flow fraction);
+  a hop that slow waits at least the shortest latency of a route that can
+  run as slow (``topology.planning.bounds.hop_latency``);
 * forced crossings: when the rings cannot all fit inside hosts (or inside
   NVLink domains, or the hosts under one switch, at any level), some hop
   crosses between two of them, and the same argument applies to it with
@@ -71,6 +72,7 @@ from functools import lru_cache
 
 import numpy as np
 
+from topology.planning.bounds.hop_latency import hop_latency
 from topology.planning.bounds.rates import gpu_access_bound, min_route_latency, ring_bandwidth_bound
 from topology.cost import StepModel, transfer, transfers
 from topology.planning.search.delta import REL_TOL, USED
@@ -163,6 +165,7 @@ def _search(sm: StepModel, pool: list[str], best: list[str], best_step: float, n
     efficiency = rates.network_efficiency
     capped = bool(rates.intra_host_gbps or rates.inter_host_gbps)
     l_min = min_route_latency(topo, pool)
+    hop_lat = hop_latency(sm, pool).at  # the shortest latency of a hop that slow: more than l_min where it is long
     # What no placement beats (``topology.cost.step_bound``'s terms): the flows placed so far only tighten them.
     hop_cap = ring_bandwidth_bound(topo, sm.dp * sm.ulysses, sm.ring) if sm.ring > 1 else math.inf
     bus_cap = ring_bandwidth_bound(topo, 1, world)
@@ -241,7 +244,8 @@ def _search(sm: StepModel, pool: list[str], best: list[str], best_step: float, n
         target = state["step"] * (1 - REL_TOL)
         hop_r, a2a_r, bus = (slowest(x) for x in loads)
         bus = min(bus, bus_cap)
-        quick = total(min(hop_r, hop_cap) * efficiency, l_min, a2a_term(None, a2a_r), bus)
+        quick = total(min(hop_r, hop_cap) * efficiency, hop_lat(min(hop_r, hop_cap) * efficiency), a2a_term(None, a2a_r),
+                      bus)
         if joint_attention:  # it holds the gradient term's excess over the bus bound: add that bound, not this bus
             quick = max(quick, sm.dense + joint_attention + sm.gradients(bus_cap) + rates.step_overhead_s)
         if quick >= target:
@@ -250,17 +254,17 @@ def _search(sm: StepModel, pool: list[str], best: list[str], best_step: float, n
         a2a = max(a2a, a2a_ahead(i))
         floor = quick
         for rate, lat in crossings:  # the slowest hop is that crossing hop (as late), or slower still
-            floor = max(floor, min(total(min(rate, hop_cap) * efficiency, lat, a2a, bus),
-                                   total(min(below(rate), hop_cap) * efficiency, l_min, a2a, bus)))
+            fast, slow = min(rate, hop_cap) * efficiency, min(below(rate), hop_cap) * efficiency
+            floor = max(floor, min(total(fast, max(lat, hop_lat(fast)), a2a, bus), total(slow, hop_lat(slow), a2a, bus)))
         if not placed_flows[0] or capped or hop_cap < hop_r:
-            return max(floor, total(min(hop_r, hop_cap) * efficiency, l_min, a2a, bus))
+            return max(floor, total(min(hop_r, hop_cap) * efficiency, hop_lat(min(hop_r, hop_cap) * efficiency), a2a, bus))
         share = shares(loads[0])
         # A hop on a link that gives the smallest share runs at that share: the slowest hops are those.
         at_r = max(max(on_link[i]) for i in np.flatnonzero(share <= hop_r * (1 + 1e-12)))
-        same = total(hop_r * efficiency, at_r, a2a, bus)
+        same = total(hop_r * efficiency, max(at_r, hop_lat(hop_r * efficiency)), a2a, bus)
         if i == world - 1:  # every flow is placed: no later one slows a hop
             return max(floor, same)
-        slower = total(below(hop_r) * efficiency, l_min, a2a, bus)
+        slower = total(below(hop_r) * efficiency, hop_lat(below(hop_r) * efficiency), a2a, bus)
         return max(floor, min(same, slower))
 
     def place(i: int, sign: int) -> None:

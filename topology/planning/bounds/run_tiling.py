@@ -1,0 +1,140 @@
+"""Hosts (or leaves, pods) that each hold one run of the rank order tile it: which runs can they be?
+
+The gradient ring follows rank order, so a host sends one gradient flow
+out per run of its ranks. Where the gradient bus is fast enough that no
+host's links out carry two such flows, every host holds one run (or none):
+the hosts' ranks tile the rank cycle into at most ``H`` intervals of at
+most a host's GPUs each. Which ranks an interval holds is then known
+exactly, and with them the ring hops and all-to-all flows it sends out.
+Summing each host's figures apart (``topology.planning.bounds.split_groups``)
+forgets that the intervals must follow each other: a host may start its
+run where a ring leaves few hops out only if the host before it ended
+there, and the runs may have to be short to do so.
+
+The layout repeats every cp group, so an interval's figures depend on its
+start modulo ``cp`` and its length: a tiling is a closed walk on the
+``cp`` residues, one step per run (residue ``r`` to ``r + n``), whose steps
+sum to the world. It has at most ``H`` steps, so some cycle of allowed
+runs has a mean length of at least ``world / H`` (a closed walk is made of
+cycles): Karp's maximum mean cycle says whether one has.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from topology.planning.plan import GroupLayout
+
+_TOL = 1e-9
+
+
+class RunTiling:
+    """What one run per unit leaves possible, for a plan shape: units of a few kinds that partition the GPUs (the
+    hosts, or the hosts under each leaf, ...).
+
+    Parameters
+    ----------
+    dp, ring, ulysses
+        The plan's shape (rank order as ``GroupLayout.from_grid``).
+    longest
+        The most GPUs a unit holds: runs up to this long are read.
+    """
+
+    def __init__(self, dp: int, ring: int, ulysses: int, longest: int):
+        self.world = world = dp * ring * ulysses
+        self.cp = cp = ring * ulysses
+        longest = min(longest, world - 1)
+        layout = GroupLayout.from_grid(dp, ring, ulysses)
+        after, before = list(range(world)), list(range(world))  # each rank's next and previous in its ring
+        for g in layout.ring_groups:
+            for i, r in enumerate(g):
+                after[r], before[r] = g[(i + 1) % len(g)], g[i - 1]
+        group = [0] * world
+        for k, g in enumerate(layout.ulysses_groups):
+            for r in g:
+                group[r] = k
+        # [start residue, length]: ring hops and all-to-all flows leaving a run of that many ranks from there.
+        self.hops = np.zeros((cp, longest + 1), dtype=np.int64)
+        self.a2a = np.zeros((cp, longest + 1), dtype=np.int64)
+        for start in range(cp):
+            held: set[int] = set()
+            per_group: dict[int, int] = {}
+            hops = a2a = 0
+            for n in range(1, longest + 1):
+                r = (start + n - 1) % world
+                held.add(r)
+                # r's own hop leaves unless its next is held; the hop into r from a held rank no longer leaves.
+                hops += (after[r] not in held) - (before[r] in held and before[r] != r)
+                k = per_group.get(group[r], 0)
+                a2a += (k + 1) * (ulysses - k - 1) - k * (ulysses - k)
+                per_group[group[r]] = k + 1
+                self.hops[start, n], self.a2a[start, n] = hops, a2a
+        self._cache: dict[tuple, float | None] = {}
+
+    def least_share(self, kinds: list[tuple[int, float, int]], hop_out: list[int | None],
+                    runs_out: list[int | None]) -> float | None:
+        """The smallest ``t`` such that units of ``kinds`` (GPUs, GB/s out, how many) can tile the rank order, each
+        of kind ``k`` sending at most ``hop_out[k]`` ring hops (None: no limit) and at most ``t x`` its GB/s in
+        all-to-all flows out; None where no tiling exists.
+
+        ``runs_out[k]``: the most gradient flows a unit of kind ``k`` sends out (None: no limit). Unless every kind
+        sends at most one, units may hold several runs and nothing is claimed (0); so too where one unit can hold
+        the world.
+        """
+        if any(g is None or g > 1 for g in runs_out) or max(n for n, _, _ in kinds) >= self.world:
+            return 0.0
+        key = (tuple(kinds), tuple(hop_out), tuple(runs_out))
+        if key not in self._cache:
+            usable = [(n, cap, count, e) for (n, cap, count), e, g in zip(kinds, hop_out, runs_out) if g == 1]
+            self._cache[key] = self._least(usable)
+        return self._cache[key]
+
+    def _least(self, usable: list[tuple[int, float, int, int | None]]) -> float | None:
+        hosts = sum(count for _, _, count, _ in usable)
+        if not hosts:
+            return None
+        lengths = np.arange(self.hops.shape[1])
+        # Per run, the smallest all-to-all share of a kind that may hold it (inf: none may).
+        share = np.full(self.hops.shape, math.inf)
+        for n, cap, _, e in usable:
+            fits = np.broadcast_to((lengths <= n) & (lengths > 0), share.shape).copy()
+            if e is not None:
+                fits &= self.hops <= e
+            with np.errstate(divide="ignore", invalid="ignore"):
+                mine = np.where(self.a2a == 0, 0.0, self.a2a / cap if cap > 0 else math.inf)
+            share = np.where(fits, np.minimum(share, mine), share)
+        candidates = np.unique(share[np.isfinite(share)])
+        need = self.world / hosts
+        if not len(candidates) or not self._covers(share <= candidates[-1], need):
+            return None
+        lo, hi = -1, len(candidates) - 1
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            lo, hi = (lo, mid) if self._covers(share <= candidates[mid] * (1 + _TOL), need) else (mid, hi)
+        return float(candidates[hi])
+
+    def _covers(self, allowed: np.ndarray, need: float) -> bool:
+        """Whether some cycle of allowed runs (residue ``r`` to ``r + n`` mod cp) has a mean length of at least
+        ``need``: Karp's maximum mean cycle over the residues."""
+        cp = self.cp
+        src, length = np.nonzero(allowed)
+        if not len(src):
+            return False
+        dst = (src + length) % cp
+        weight = length.astype(float)
+        # best[k, v]: the longest walk of exactly k runs ending at v, from anywhere.
+        best = np.full((cp + 1, cp), -math.inf)
+        best[0] = 0.0
+        for k in range(cp):
+            np.maximum.at(best[k + 1], dst, best[k, src] + weight)
+        last = best[cp]
+        finite = np.isfinite(last)
+        if not finite.any():
+            return False
+        ks = np.arange(cp)[:, None]
+        with np.errstate(invalid="ignore"):
+            means = np.where(np.isfinite(best[:cp]), (last[None, :] - best[:cp]) / (cp - ks), math.inf)
+        mean = np.where(finite, means.min(axis=0), -math.inf).max()
+        return mean >= need * (1 - _TOL)
