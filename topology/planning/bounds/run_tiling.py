@@ -83,7 +83,7 @@ class RunTiling:
         sends at most one, units may hold several runs and nothing is claimed (0); so too where one unit can hold
         the world.
         """
-        if any(g is None or g > 1 for g in runs_out) or max(n for n, _, _ in kinds) >= self.world:
+        if not kinds or any(g is None or g > 1 for g in runs_out) or max(n for n, _, _ in kinds) >= self.world:
             return 0.0
         key = (tuple(kinds), tuple(hop_out), tuple(runs_out))
         if key not in self._cache:

@@ -37,7 +37,8 @@ smallest over the cells (the last ranges reaching down to 0 with no claim)
 bounds every order.
 
 Where the bus is fast enough that every host (or every leaf, pod) holds
-one run of the rank order, the runs tile it, and a cell also needs a
+one run of the rank order (and the units under one whose links out are
+too slow for the bus hold none), the runs tile it, and a cell also needs a
 tiling whose runs keep within the units' limits
 (``topology.planning.bounds.run_tiling``): where none exists the cell is
 empty, and its all-to-all is at least what the best tiling leaves. Without
@@ -125,10 +126,9 @@ def _compute_ranges(sm) -> list[tuple[float, float, float]]:
     if any(kind == "inside" for *_, kind in units):
         inter = max(inter, sm.rates.intra_host_gbps or math.inf)
     eff = sm.rates.network_efficiency
-    levels = _levels(units)
     # A level with a unit that can hold the world claims nothing: its runs are not read.
-    levels = [kinds for kinds in levels if max(n for n, _, _ in kinds) < world]
-    tiling = RunTiling(sm.dp, sm.ring, sm.ulysses, max((n for kinds in levels for n, _, _ in kinds), default=1))
+    levels = [level for level in _levels(units) if max(units[i][0] for i in level) < world]
+    tiling = RunTiling(sm.dp, sm.ring, sm.ulysses, max((units[i][0] for level in levels for i in level), default=1))
     cells = []
     # A cell allows each unit at least the flows out of the cells before it in its row and column (their ranges
     # are faster), so the units' share there holds here too: the search starts below it.
@@ -139,7 +139,7 @@ def _compute_ranges(sm) -> list[tuple[float, float, float]]:
             known = [x for x in (above[j], left) if x is not None]
             tree = _least_share(units, tables, sets, hop_tau, bus_tau, min(known, default=None)) if tables else 0.0
             above[j] = left = tree
-            t = tree if tree is None else _tiled_share(tiling, levels, tree, hop_tau, bus_tau)
+            t = tree if tree is None else _tiled_share(tiling, units, levels, tree, hop_tau, bus_tau)
             if t is None:  # no order has its slowest hop and its bus in these ranges
                 continue
             forced = 0.0 if t == 0 else 2 * (sm.a2a_per_peer / (min(eff / t, inter) * 1e9) + lat * 1e-6)
@@ -147,34 +147,36 @@ def _compute_ranges(sm) -> list[tuple[float, float, float]]:
     return cells
 
 
-def _tiled_share(tiling: RunTiling, levels: list[list[tuple[int, float, int]]], t: float, hop_tau: float,
-                 bus_tau: float) -> float | None:
+def _tiled_share(tiling: RunTiling, units: list[tuple[int, float, int, str]], levels: list[list[int]], t: float,
+                 hop_tau: float, bus_tau: float) -> float | None:
     """``t`` raised to what the tiling leaves at each level where units each hold one run (``RunTiling``); None
-    where no tiling fits the cell."""
-    for kinds in levels:
+    where no tiling fits the cell. A unit whose links out carry no gradient flow faster than ``bus_tau`` holds no
+    rank, nor does any unit under it: those are left out of the levels below too."""
+    empty = [False] * len(units)
+    for i in range(len(units) - 1, -1, -1):  # parents come after their children: walk down from the top
+        n, cap, parent, _ = units[i]
+        empty[i] = (parent >= 0 and empty[parent]) or (n < tiling.world and _flows_out(cap, bus_tau) == 0)
+    for level in levels:
         if t is None:
             break
+        kinds = [(n, cap, count) for (n, cap), count in Counter(units[i][:2] for i in level if not empty[i]).items()]
         tiled = tiling.least_share(kinds, [_flows_out(cap, hop_tau) for _, cap, _ in kinds],
-                                   [_flows_out(cap, bus_tau) for _, cap, _ in kinds])
+                                   [_flows_out(cap, bus_tau) for _, cap, _ in kinds]) if kinds else None
         t = None if tiled is None else max(t, tiled)
     return t
 
 
-def _levels(units: list[tuple[int, float, int, str]]) -> list[list[tuple[int, float, int]]]:
-    """The partitions of the GPUs into units, level by level: hosts, then each unit above them with the hosts and
-    units not under one at its height; as (GPUs, GB/s out, how many) of each kind."""
+def _levels(units: list[tuple[int, float, int, str]]) -> list[list[int]]:
+    """The partitions of the GPUs into units, level by level, as unit indices: the hosts, then each unit above them
+    with the hosts and units not under one at its height."""
     height = [0] * len(units)
     for i, (_, _, parent, kind) in enumerate(units):  # children come before their parents
         if kind == "inside":
             height[i] = -1
         elif parent >= 0:
             height[parent] = max(height[parent], height[i] + 1)
-    levels = []
-    for level in range(max(height) + 1):
-        kinds = Counter((n, cap) for i, (n, cap, parent, _) in enumerate(units)
-                        if 0 <= height[i] <= level and (parent < 0 or height[parent] > level))
-        levels.append([(n, cap, count) for (n, cap), count in kinds.items()])
-    return levels
+    return [[i for i, (*_, parent, _) in enumerate(units) if 0 <= height[i] <= level
+             and (parent < 0 or height[parent] > level)] for level in range(max(height) + 1)]
 
 
 def _rate_ranges(caps: set[float], top: float, u: int) -> list[tuple[float, float]]:
