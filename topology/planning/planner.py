@@ -44,6 +44,7 @@ from functools import lru_cache
 from typing import Callable
 
 from topology.planning.bounds.rates import switch_headroom
+from topology.planning.bounds.run_tiling import RunTiling
 from topology.cost import LLAMA3_8B, FlowModel, HardwareRates, ModelShape, StepModel, estimate
 from topology.planning.search.optimise import default_budget, optimise
 from topology.errors import ConfigError
@@ -56,6 +57,8 @@ TOKENS_PER_GPU = 16384
 """Default sequence length per GPU: the recipe's long stages hold 16K tokens per GPU."""
 CYCLE_HOSTS = 32
 """Clusters with at most this many hosts also get a construction that orders all hosts as one cycle."""
+TILED_GPUS = 1024
+"""Plans of at most this many GPUs (on at most ``CYCLE_HOSTS`` hosts) also get runs tiled to ring borders."""
 EXHAUSTIVE_HOSTS = 8
 """Clusters with at most this many hosts get every host choice and split scored."""
 
@@ -237,6 +240,9 @@ def aware_order(req: PlanRequest) -> list[str]:
     candidates.update(rings_apart_orders(req))
     if len(req.hosts) <= CYCLE_HOSTS:
         candidates["bus cycle"] = bus_cycle_order(req, sm)
+        tiled = tiled_runs_order(req) if req.gpus <= TILED_GPUS else None
+        if tiled is not None:
+            candidates["runs tiled to ring borders"] = tiled
     seen: list[list[str]] = []
     for name in list(candidates):  # the same order under two names is scored once
         if candidates[name] in seen:
@@ -502,6 +508,34 @@ def bus_cycle_order(req: PlanRequest, sm: StepModel) -> list[str]:
     if len(seq) == req.gpus:
         starts = list(dict.fromkeys(i % req.cp for i in starts))  # the same cuts come back every ring
     return min(((seq[i:] + seq[:i])[: req.gpus] for i in starts), key=sm.step)
+
+
+def tiled_runs_order(req: PlanRequest) -> list[str] | None:
+    """Hosts in one cycle (as ``bus_cycle_order``), each holding one run of the rank order, of a length chosen so
+    that runs start and end where rings send fewest hops out of each host (``RunTiling.lengths``).
+
+    Spare GPUs are then spread over the hosts where they let runs end at ring borders, not left at the cycle's
+    end: hosts of 8 GPUs in rings of 3 hold 8 and 7 ranks in turn, each sending one ring out. A run keeps its
+    host's sequence's ends (entered and left through the NIC) and leaves out GPUs from the middle.
+    """
+    if req.ring < 2:
+        return None
+    topo = req.topo
+    per_host = {h: req.gpu_count(h) for h in req.hosts}
+    hosts = _cycle(topo, _choose_hosts(req, per_host, 1))
+    tiling = RunTiling(req.gpus // req.cp, req.ring, req.ulysses, max(per_host[h] for h in hosts))
+    found = tiling.lengths([per_host[h] for h in hosts], [host_egress(topo, h) for h in hosts])
+    if found is None:
+        return None
+    start, runs = found
+    seq: list[str] = []
+    for h, n in zip(hosts, runs):
+        gpus = through_order(topo, h, req.ulysses, req.flows, req.cuts) if n else []
+        seq.extend(gpus[: (n + 1) // 2] + gpus[len(gpus) - n // 2:] if n else [])
+    order = [""] * req.gpus
+    for k, gpu in enumerate(seq):  # the first run starts at rank ``start``
+        order[(start + k) % req.gpus] = gpu
+    return order
 
 
 def segment_orders(req: PlanRequest) -> dict[str, list[str]]:

@@ -17,6 +17,10 @@ start modulo ``cp`` and its length: a tiling is a closed walk on the
 sum to the world. It has at most ``H`` steps, so some cycle of allowed
 runs has a mean length of at least ``world / H`` (a closed walk is made of
 cycles): Karp's maximum mean cycle says whether one has.
+
+The same figures also build orders: ``RunTiling.lengths`` picks how many
+ranks each host of a cycle holds so that runs end where rings send fewest
+hops out (the planner's "runs tiled to ring borders").
 """
 
 from __future__ import annotations
@@ -138,3 +142,38 @@ class RunTiling:
             means = np.where(np.isfinite(best[:cp]), (last[None, :] - best[:cp]) / (cp - ks), math.inf)
         mean = np.where(finite, means.min(axis=0), -math.inf).max()
         return mean >= need * (1 - _TOL)
+
+    def lengths(self, sizes: list[int], caps: list[float]) -> tuple[int, list[int]] | None:
+        """A tiling by hosts in a given cycle: (where the first run starts, the ranks of each host), hosts of
+        ``sizes`` GPUs and ``caps`` GB/s out in turn, chosen so that the most ring hops (then all-to-all flows) any
+        host sends out per GB/s is least; None where the hosts cannot hold the world. Runs of up to
+        ``longest`` ranks (the constructor's) are read; a host may hold none. A construction, not a bound: the first
+        run starts within ``longest`` ranks of a cp group's start.
+        """
+        world, cp, longest = self.world, self.cp, self.hops.shape[1] - 1
+        if sum(min(n, longest) for n in sizes) < world:
+            return None
+        worst = self.hops * 1e6 + self.a2a  # hops first, all-to-all flows break ties
+        found = None
+        for start in range(min(cp, longest)):  # where in a cp group the first run starts (the first few suffice)
+            # best[i][p]: the least worst host cost of hosts before i holding ranks start .. start + p - 1.
+            best = [np.full(world + 1, math.inf)]
+            best[0][0] = 0.0
+            took = []
+            for n_max, cap in zip(sizes, caps):
+                now, pick = best[-1].copy(), np.zeros(world + 1, dtype=np.int64)  # holding none costs nothing
+                for n in range(1, min(n_max, longest) + 1):
+                    p = np.arange(world + 1 - n)
+                    cost = worst[(start + p) % cp, n] / cap if cap > 0 else np.full(len(p), math.inf)
+                    value = np.maximum(best[-1][: world + 1 - n], cost)
+                    better = value < now[n:]
+                    now[n:][better], pick[n:][better] = value[better], n
+                best.append(now)
+                took.append(pick)
+            if math.isfinite(best[-1][world]) and (found is None or best[-1][world] < found[0]):
+                runs, p = [], world
+                for pick in reversed(took):
+                    runs.append(int(pick[p]))
+                    p -= runs[-1]
+                found = (best[-1][world], start, runs[::-1])
+        return None if found is None else (found[1], found[2])
