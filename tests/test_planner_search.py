@@ -1064,3 +1064,46 @@ def test_spare_gpus_are_spread_so_that_each_host_sends_one_ring_out():
     assert plan.cost["step_time_s"] <= plan.cost["bound_step_s"] * 1.001
     held = sorted(sum(p.host == h for p in plan.placements) for h in topo.hosts)
     assert held == [7, 7, 8, 8]
+
+
+@pytest.mark.parametrize("dp, ring, outer, inner", [
+    # outer: (GPUs, how many, most hops out) per kind of leaf; inner: the same for the hosts in each leaf
+    (3, 5, [(8, 1, 1), (6, 1, 1)], ((4, 2, 1),)),
+    (3, 5, [(8, 2, 1)], ((4, 2, 1),)),
+    (2, 7, [(8, 1, 1), (4, 2, 1)], ((4, 2, 1),)),
+    (4, 3, [(6, 2, 1), (4, 1, 2)], ((3, 2, 1),)),
+    (2, 6, [(8, 1, 2), (4, 1, 1)], ((4, 2, 1), (2, 1, 1)))])
+def test_nested_run_tiling_says_none_only_where_no_tiling_exists(dp, ring, outer, inner):
+    """Leaves of a few kinds, each holding one run made of its hosts' runs in turn: where the tiling argument says
+    no order fits, no tiling of the rank cycle into leaf runs (each kind used at most as often as there are of it,
+    each run split into host runs within their limits) exists, by brute force."""
+    from topology.planning.bounds.run_tiling import RunTiling
+
+    world = dp * ring
+    after = {g[i]: g[(i + 1) % ring] for g in GroupLayout.from_grid(dp, ring, 1).ring_groups for i in range(ring)}
+
+    def hops(start, n):
+        held = {(start + i) % world for i in range(n)}
+        return sum(after[r] not in held for r in held)
+
+    def splits(start, n, parts_left):  # n ranks from start as runs of the hosts, each within its limits
+        if n == 0:
+            return True
+        return any(parts_left[k] and m <= min(size, n) and hops(start, m) <= most and
+                   splits((start + m) % world, n - m, parts_left[:k] + (parts_left[k] - 1,) + parts_left[k + 1:])
+                   for k, (size, _, most) in enumerate(inner) for m in range(1, size + 1))
+
+    exists = False
+    for runs in _tilings(world, sum(c for _, c, _ in outer), max(n for n, _, _ in outer)):
+        for kinds in itertools.product(range(len(outer)), repeat=len(runs)):
+            if any(kinds.count(k) > c for k, (_, c, _) in enumerate(outer)):
+                continue
+            if all(n <= outer[k][0] and hops(s, n) <= outer[k][2] and splits(s, n, tuple(c for _, c, _ in inner))
+                   for (s, n), k in zip(runs, kinds)):
+                exists = True
+                break
+        if exists:
+            break
+    claimed = RunTiling(dp, ring, 1, max(n for n, _, _ in outer)).least_share(
+        [(n, 10.0, c) for n, c, _ in outer], [e for _, _, e in outer], [1] * len(outer), [inner] * len(outer))
+    assert (claimed is None) == (not exists)

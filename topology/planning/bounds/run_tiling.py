@@ -16,7 +16,10 @@ start modulo ``cp`` and its length: a tiling is a closed walk on the
 ``cp`` residues, one step per run (residue ``r`` to ``r + n``), whose steps
 sum to the world. It has at most ``H`` steps, so some cycle of allowed
 runs has a mean length of at least ``world / H`` (a closed walk is made of
-cycles): Karp's maximum mean cycle says whether one has.
+cycles): Karp's maximum mean cycle says whether one has. Where the units
+are few, a search over tilings also uses each kind of unit at most as
+often as there are of it. A leaf whose hosts each hold one run too holds
+their runs one after another, each within the host's own limits.
 
 The same figures also build orders: ``RunTiling.lengths`` picks how many
 ranks each host of a cycle holds so that runs end where rings send fewest
@@ -32,6 +35,11 @@ import numpy as np
 from topology.planning.plan import GroupLayout
 
 _TOL = 1e-9
+TILE_STATES = 200_000
+"""Tilings are searched exactly (each kind of unit used at most as often as there are of it) where start residues
+times positions times counts of runs used stay under this; otherwise only the mean-cycle argument counts."""
+Parts = tuple[tuple[int, int, "int | None"], ...]
+"""(GPUs, how many, most ring hops out) of each kind of unit inside a larger one."""
 
 
 class RunTiling:
@@ -78,46 +86,98 @@ class RunTiling:
         self._cache: dict[tuple, float | None] = {}
 
     def least_share(self, kinds: list[tuple[int, float, int]], hop_out: list[int | None],
-                    runs_out: list[int | None]) -> float | None:
+                    runs_out: list[int | None], parts: list[Parts | None] | None = None) -> float | None:
         """The smallest ``t`` such that units of ``kinds`` (GPUs, GB/s out, how many) can tile the rank order, each
         of kind ``k`` sending at most ``hop_out[k]`` ring hops (None: no limit) and at most ``t x`` its GB/s in
         all-to-all flows out; None where no tiling exists.
 
         ``runs_out[k]``: the most gradient flows a unit of kind ``k`` sends out (None: no limit). Unless every kind
         sends at most one, units may hold several runs and nothing is claimed (0); so too where one unit can hold
-        the world.
+        the world. ``parts[k]``, where given: the units inside a unit of kind ``k`` that each hold one run too, as
+        (GPUs, how many, most hops out) of each kind; the unit's run is then theirs one after another.
         """
         if not kinds or any(g is None or g > 1 for g in runs_out) or max(n for n, _, _ in kinds) >= self.world:
             return 0.0
-        key = (tuple(kinds), tuple(hop_out), tuple(runs_out))
+        parts = parts or [None] * len(kinds)
+        key = (tuple(kinds), tuple(hop_out), tuple(runs_out), tuple(parts))
         if key not in self._cache:
-            usable = [(n, cap, count, e) for (n, cap, count), e, g in zip(kinds, hop_out, runs_out) if g == 1]
+            usable = [(n, cap, count, e, inner) for (n, cap, count), e, g, inner in zip(kinds, hop_out, runs_out, parts)
+                      if g == 1]
             self._cache[key] = self._least(usable)
         return self._cache[key]
 
-    def _least(self, usable: list[tuple[int, float, int, int | None]]) -> float | None:
-        hosts = sum(count for _, _, count, _ in usable)
+    def _split(self, inner: Parts) -> np.ndarray:
+        """``[r, n]``: whether a run of ``n`` ranks from residue ``r`` is runs of ``inner``'s units one after
+        another, no more of them than there are, each within its hop limit."""
+        cp, width = self.hops.shape
+        lengths = np.arange(width)
+        allowed = np.zeros((cp, width), dtype=bool)  # [r, n]: some part may hold the run
+        for n, _, e in inner:
+            allowed |= (lengths <= n) & (lengths > 0) & (self.hops <= e if e is not None else True)
+        fewest = np.full((cp, width), math.inf)  # [r, n]: fewest parts' runs covering n ranks from r
+        fewest[:, 0] = 0
+        for n in range(1, width):
+            for last in range(1, n + 1):  # the last part's run: ``last`` ranks from r + n - last
+                ok = allowed[(np.arange(cp) + n - last) % cp, last]
+                fewest[:, n] = np.where(ok, np.minimum(fewest[:, n], fewest[:, n - last] + 1), fewest[:, n])
+        return fewest <= sum(count for _, count, _ in inner)
+
+    def _least(self, usable: list[tuple[int, float, int, int | None, Parts | None]]) -> float | None:
+        hosts = sum(count for _, _, count, _, _ in usable)
         if not hosts:
             return None
         lengths = np.arange(self.hops.shape[1])
-        # Per run, the smallest all-to-all share of a kind that may hold it (inf: none may).
-        share = np.full(self.hops.shape, math.inf)
-        for n, cap, _, e in usable:
-            fits = np.broadcast_to((lengths <= n) & (lengths > 0), share.shape).copy()
+        # Per kind and run, the kind's all-to-all share when it may hold the run (inf: it may not).
+        shares = []
+        for n, cap, _, e, inner in usable:
+            fits = np.broadcast_to((lengths <= n) & (lengths > 0), self.hops.shape).copy()
             if e is not None:
                 fits &= self.hops <= e
+            if inner:
+                fits &= self._split(inner)
             with np.errstate(divide="ignore", invalid="ignore"):
                 mine = np.where(self.a2a == 0, 0.0, self.a2a / cap if cap > 0 else math.inf)
-            share = np.where(fits, np.minimum(share, mine), share)
-        candidates = np.unique(share[np.isfinite(share)])
-        need = self.world / hosts
-        if not len(candidates) or not self._covers(share <= candidates[-1], need):
+            shares.append(np.where(fits, mine, math.inf))
+        counts = [count for _, _, count, _, _ in usable]
+        candidates = np.unique(np.concatenate([x[np.isfinite(x)] for x in shares]))
+
+        def tiles(t: float) -> bool:
+            allowed = [x <= t * (1 + _TOL) for x in shares]
+            return self._covers(np.logical_or.reduce(allowed), self.world / hosts) and self._tiles(allowed, counts)
+
+        if not len(candidates) or not tiles(candidates[-1]):
             return None
         lo, hi = -1, len(candidates) - 1
         while hi - lo > 1:
             mid = (lo + hi) // 2
-            lo, hi = (lo, mid) if self._covers(share <= candidates[mid] * (1 + _TOL), need) else (mid, hi)
+            lo, hi = (lo, mid) if tiles(candidates[mid]) else (mid, hi)
         return float(candidates[hi])
+
+    def _tiles(self, allowed: list[np.ndarray], counts: list[int]) -> bool:
+        """Whether runs, at most ``counts[k]`` of them from ``allowed[k]`` (``[residue, length]``), tile the rank
+        cycle exactly: a search over positions and runs used, where that is small (``TILE_STATES``); True (no
+        claim) where it is not."""
+        cp, world = self.cp, self.world
+        if cp * world * math.prod(c + 1 for c in counts) > TILE_STATES:
+            return True
+        width = self.hops.shape[1]
+        for first in range(cp):  # the residue the first run starts at
+            seen: set[tuple[int, tuple[int, ...]]] = set()
+            stack = [(0, (0,) * len(counts))]
+            while stack:
+                done, used = stack.pop()
+                if done == world:
+                    return True
+                r = (first + done) % cp
+                for k, runs in enumerate(allowed):
+                    if used[k] < counts[k]:
+                        more = used[:k] + (used[k] + 1,) + used[k + 1:]
+                        for n in np.flatnonzero(runs[r, 1: min(width, world - done + 1)]) + 1:
+                            state = (done + int(n), more)
+                            if state not in seen:
+                                seen.add(state)
+                                stack.append(state)
+        return False
 
     def _covers(self, allowed: np.ndarray, need: float) -> bool:
         """Whether some cycle of allowed runs (residue ``r`` to ``r + n`` mod cp) has a mean length of at least

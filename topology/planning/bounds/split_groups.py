@@ -156,14 +156,34 @@ def _tiled_share(tiling: RunTiling, units: list[tuple[int, float, int, str]], le
     for i in range(len(units) - 1, -1, -1):  # parents come after their children: walk down from the top
         n, cap, parent, _ = units[i]
         empty[i] = (parent >= 0 and empty[parent]) or (n < tiling.world and _flows_out(cap, bus_tau) == 0)
+    # A unit's run is its parts' runs one after another where each of them holds one run too; what they can hold.
+    inner: list[list[tuple[int, float]]] = [[] for _ in units]
+    for i, (n, cap, parent, kind) in enumerate(units):
+        if parent >= 0 and kind != "inside" and not empty[i]:
+            inner[parent].append((n, cap))
     for level in levels:
         if t is None:
             break
-        kinds = [(n, cap, count) for (n, cap), count in Counter(units[i][:2] for i in level if not empty[i]).items()]
+        found: Counter = Counter()
+        for i in level:
+            if not empty[i]:
+                n, cap = units[i][:2]
+                parts = _one_run_parts(inner[i], hop_tau, bus_tau)
+                found[sum(x for x, _ in inner[i]) if parts else n, cap, parts] += 1
+        kinds = [(n, cap, count) for (n, cap, _), count in found.items()]
         tiled = tiling.least_share(kinds, [_flows_out(cap, hop_tau) for _, cap, _ in kinds],
-                                   [_flows_out(cap, bus_tau) for _, cap, _ in kinds]) if kinds else None
+                                   [_flows_out(cap, bus_tau) for _, cap, _ in kinds],
+                                   [parts for _, _, parts in found]) if kinds else None
         t = None if tiled is None else max(t, tiled)
     return t
+
+
+def _one_run_parts(parts: list[tuple[int, float]], hop_tau: float, bus_tau: float) -> tuple | None:
+    """(GPUs, how many, most hops out) of each kind of ``parts`` when every one of them holds one run at this bus
+    (a part sending no gradient flow out holds none and is left out before); None otherwise."""
+    if not parts or any(_flows_out(cap, bus_tau) != 1 for _, cap in parts):
+        return None
+    return tuple(sorted((n, count, _flows_out(cap, hop_tau)) for (n, cap), count in Counter(parts).items()))
 
 
 def _levels(units: list[tuple[int, float, int, str]]) -> list[list[int]]:
