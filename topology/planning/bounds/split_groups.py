@@ -158,7 +158,11 @@ def _tiled_share(tiling: RunTiling, units: list[tuple[int, float, int, str]], le
         empty[i] = (parent >= 0 and empty[parent]) or (n < tiling.world and _flows_out(cap, bus_tau) == 0)
     # A unit's run is its parts' runs one after another where each of them holds one run too; what they can hold.
     inner: list[list[tuple[int, float]]] = [[] for _ in units]
-    for i, (n, cap, parent, kind) in enumerate(units):
+    parts_of = [[i for i, (*_, parent, kind) in enumerate(units) if parent == j and kind != "inside"] for j in
+                range(len(units))]
+    usable = [0] * len(units)  # GPUs a unit's ranks can be on: its own, or those of its parts that hold any
+    for i, (n, cap, parent, kind) in enumerate(units):  # children come before their parents
+        usable[i] = sum(usable[c] for c in parts_of[i] if not empty[c]) if parts_of[i] else n
         if parent >= 0 and kind != "inside" and not empty[i]:
             inner[parent].append((n, cap))
     for level in levels:
@@ -169,7 +173,7 @@ def _tiled_share(tiling: RunTiling, units: list[tuple[int, float, int, str]], le
             if not empty[i]:
                 n, cap = units[i][:2]
                 parts = _one_run_parts(inner[i], hop_tau, bus_tau)
-                found[sum(x for x, _ in inner[i]) if parts else n, cap, parts] += 1
+                found[usable[i], cap, parts] += 1
         kinds = [(n, cap, count) for (n, cap, _), count in found.items()]
         tiled = tiling.least_share(kinds, [_flows_out(cap, hop_tau) for _, cap, _ in kinds],
                                    [_flows_out(cap, bus_tau) for _, cap, _ in kinds],
