@@ -83,11 +83,11 @@ class HopLatency:
 def hop_latency(sm, gpus: list[str] | None = None) -> HopLatency:
     """The ``HopLatency`` of ``sm``'s shape among ``gpus`` (default: the whole cluster), cached on the topology."""
     topo = sm.topo
-    gpus = topo.gpus() if gpus is None else gpus
     cache = topo.__dict__.setdefault("_bound_cache", {})
     r = sm.rates
-    key = ("hop latency", frozenset(gpus), sm.world, sm.ring > 1, r.network_efficiency, r.intra_host_gbps,
-           r.inter_host_gbps)
+    # The whole cluster keys as None: a set of every GPU of a large cluster would be rebuilt on every call.
+    key = ("hop latency", None if gpus is None else frozenset(gpus), sm.world, sm.ring > 1, r.network_efficiency,
+           r.intra_host_gbps, r.inter_host_gbps)
     if key not in cache:
-        cache[key] = HopLatency(sm, gpus)
+        cache[key] = HopLatency(sm, topo.gpus() if gpus is None else gpus)
     return cache[key]
