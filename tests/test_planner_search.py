@@ -835,7 +835,7 @@ def _counted_units(dp: int, ring: int, ulysses: int) -> dict[tuple[int, int, int
 
 
 @pytest.mark.parametrize("dp, ring, ulysses", [(1, 2, 2), (1, 3, 2), (1, 4, 2), (2, 2, 2), (2, 3, 2), (3, 2, 2),
-                                               (1, 2, 3), (1, 3, 3), (1, 2, 4), (2, 2, 3)])
+                                               (1, 2, 3), (1, 3, 3), (1, 2, 4), (2, 2, 3), (3, 1, 4), (1, 1, 6)])
 def test_unit_table_is_the_fewest_all_to_all_flows_of_any_set_of_ranks(dp, ring, ulysses):
     """The dynamic programme over rank order is exact: for every count of ranks, ring hops out, gradient flows out
     and cp groups touched, the fewest all-to-all flows out of any set of ranks so placed; the families' relaxation
@@ -853,6 +853,22 @@ def test_unit_table_is_the_fewest_all_to_all_flows_of_any_set_of_ranks(dp, ring,
                 assert family[n, hops, runs] <= min(within)
 
 
+@pytest.mark.parametrize("dp, ring, ulysses", [(2, 1, 8), (2, 2, 4), (1, 2, 6), (3, 1, 5)])
+def test_family_table_counts_split_groups_at_their_fewest_flows(dp, ring, ulysses):
+    """Groups too wide for the exact table: the families' relaxation is never above the fewest all-to-all flows of
+    any set of ranks, and a unit of ``k < u`` ranks that holds no whole group pays at least ``k (u - k)``, as one
+    group split ``k`` to ``u - k`` does (one flow per rank undercounted 4 ranks of a group of 8 by 4x)."""
+    world = dp * ring * ulysses
+    fewest = _counted_units(dp, ring, ulysses)
+    family = _family_table(ring, ulysses, world, world, world)
+    for n, hops, runs in itertools.product(range(world + 1), repeat=3):
+        within = [f for (m, e, g, _), f in fewest.items() if m == n and e <= hops and g <= runs]
+        if within:
+            assert family[n, hops, runs] <= min(within), (n, hops, runs)
+    for n in range(1, ulysses):
+        assert family[n, world, world] == n * (ulysses - n)
+
+
 def test_pairs_that_keep_their_rings_apart_send_two_gradient_flows_out_of_each_host():
     """8 hosts of 8 GPUs, each under a leaf of its own, two leaves per pod; 16 GPUs in one cp group of 8 Ulysses
     pairs. Two ranks of one ring per host would send a single ring hop out of each leaf, but both ranks start a pair
@@ -861,6 +877,17 @@ def test_pairs_that_keep_their_rings_apart_send_two_gradient_flows_out_of_each_h
     and comes within 0.1% of the plan (8.9% below it when it priced them apart)."""
     plan = make_plan(leaf_spine(8, hosts_per_leaf=1, leaves_per_pod=2), 16, 16, 2, seq_len=16 * 2048)
     assert plan.cost["step_time_s"] <= plan.cost["bound_step_s"] * 1.001
+
+
+def test_ulysses_groups_of_eight_pay_for_the_socket_link_they_cannot_avoid():
+    """Hosts of 8 and 4 GPUs (one behind a slow cable), 32 GPUs in Ulysses groups of 8 with no ring: a group on one
+    8-GPU host sends 16 all-to-all flows over its socket link, and any other split sends as many over a socket link,
+    a PCIe uplink or a NIC. The bound prices that (0.005% under the 8-per-host order; 3.95% when it counted one flow
+    per split rank)."""
+    topo = leaf_spine(8, hosts_per_leaf=2, degraded={1: 3.125}, gpus=[8, 4, 4, 4, 4, 8, 8, 8])
+    sm = StepModel(topo, 4, 1, 8, 8 * 2048)
+    by_host = [g for h in ("h00", "h05", "h06", "h07") for g in topo.gpus(h)]
+    assert sm.step(by_host) <= step_bound(sm)["step"] * 1.0001
 
 
 def test_cp_groups_wider_than_a_host_leave_some_host_holding_parts_of_two():

@@ -25,7 +25,7 @@ the fewest all-to-all flows it sends out: exact, by a dynamic programme
 over rank order, where that is cheap (``_rank_table``), for hosts and the
 units inside them; the units above hosts, and all units where the
 programme is too large, get a relaxation
-counting one flow per split rank (``_family_table``). Which units hold how
+that counts split ranks, not which groups they split (``_family_table``). Which units hold how
 many ranks is the placement's choice: ``_least_share`` finds, by a sum
 over the tree of units, the smallest ``t`` at which every unit can keep
 its all-to-all flows out at most ``t C`` and still hold the world (with
@@ -89,7 +89,7 @@ def split_step(sm, hop: float, a2a: float, bus: float) -> float:
 def _ranges(sm) -> list[tuple[float, float, float]]:
     """(highest raw rate of the slowest hop, all-to-all seconds and highest raw gradient bus of every order in the
     cell) of each cell an order can be in."""
-    if sm.ring < 2 or sm.world > SPLIT_GPUS:
+    if (sm.ring < 2 and sm.ulysses < 2) or sm.world > SPLIT_GPUS:
         return []
     cache = sm.topo.__dict__.setdefault("_bound_cache", {})
     key = ("split", sm.dp, sm.ring, sm.ulysses, sm.a2a_per_peer, sm.rates)
@@ -104,7 +104,8 @@ def _compute_ranges(sm) -> list[tuple[float, float, float]]:
     if units is None:
         return []
     caps = {cap for _, cap, _, _ in units if cap > 0}
-    hop_ranges = _rate_ranges(caps, ring_bandwidth_bound(topo, sm.dp * sm.ulysses, sm.ring), sm.ulysses)
+    hop_ranges = (_rate_ranges(caps, ring_bandwidth_bound(topo, sm.dp * sm.ulysses, sm.ring), sm.ulysses)
+                  if sm.ring > 1 else [(math.inf, 0.0)])
     bus_ranges = _rate_ranges(caps, ring_bandwidth_bound(topo, 1, world), sm.ulysses)
     tables = {}
     for exact in (True, False) if sm.ulysses > 1 else ():  # hosts and the units inside them, then those above
@@ -390,14 +391,32 @@ def _axis(a: np.ndarray, axis: int, part: slice) -> np.ndarray:
 
 
 def _family_table(ring: int, u: int, most: int, hops: int, runs: int) -> np.ndarray:
-    """``_unit_table`` from ``_nonsplit_table``: a unit sends at least one all-to-all flow out per split rank, and
-    ``s`` split ranks send at least ``s / (2 (u - 1))`` gradient flows out (their groups are runs of the rank order
-    the gradient ring follows: it crosses the unit's border inside each, and leaves on half the crossings)."""
-    whole = _nonsplit_table(ring, u, most)
-    split = np.where(whole >= 0, np.arange(most + 1)[:, None] - whole, _FAR)
-    by_hops = split[:, [min(e, most) for e in range(hops + 1)] + [most]]
+    """``_unit_table`` from ``_nonsplit_table``: a unit whose whole Ulysses groups hold ``w`` of its ``n`` ranks (at
+    most what the table allows for its hops out, in steps of ``u``) holds ``s = n - w`` split ranks, which send at
+    least ``_split_flows(u, s)`` all-to-all flows out and at least ``s / (2 (u - 1))`` gradient flows (their groups
+    are runs of the rank order the gradient ring follows: it crosses the unit's border inside each, and leaves on
+    half the crossings); the fewest over every such ``w``."""
+    whole = _nonsplit_table(ring, u, most)[:, [min(e, most) for e in range(hops + 1)] + [most]]
+    n = np.arange(most + 1)[:, None]
     allowed = np.array([2 * (u - 1) * g for g in range(runs + 1)] + [math.inf])
-    return np.where(by_hops[:, :, None] <= allowed[None, None, :], by_hops[:, :, None], _FAR)
+    flows = np.array([_split_flows(u, s) for s in range(most + 1)])
+    table = np.full((most + 1, hops + 2, runs + 2), _FAR, dtype=np.int64)
+    for w in range(0, most + 1, u):
+        split = np.broadcast_to(n - w, whole.shape)
+        fits = (whole >= w)[:, :, None] & (split[:, :, None] <= allowed[None, None, :])
+        table = np.where(fits, np.minimum(table, flows[np.clip(split, 0, most)][:, :, None]), table)
+    return table
+
+
+def _split_flows(u: int, s: int) -> int:
+    """The fewest all-to-all flows ``s`` ranks of split Ulysses groups of ``u`` send out of a unit: a group of which
+    it holds ``k`` sends ``k (u - k)``, concave in ``k``, so the sum is least with the parts as unequal as they can
+    be: groups of ``u - 1`` (or ``s``, if fewer) and what is left."""
+    if s == 0:
+        return 0
+    most = min(u - 1, s)
+    whole, rest = divmod(s, most)
+    return whole * most * (u - most) + rest * (u - rest)
 
 
 @lru_cache(maxsize=32)
