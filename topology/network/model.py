@@ -209,6 +209,19 @@ class Topology:
                     (labels[u], labels[v], d["bw_gbps"], d["lat_us"]) for u in parts for v, d in g.adj[u].items() if v in labels))
         return cache[host]
 
+    def host_class_key(self, host: str, gpus: list[str]) -> tuple:
+        """What makes two hosts interchangeable to a plan using ``gpus`` of theirs: layout, those GPUs and links to
+        the outside, in part labels."""
+        sig = self.host_signature(host)
+        if sig == (host,):
+            return (host, tuple(sorted(gpus)))
+        g = self.graph
+        label = lambda n: (g.nodes[n]["kind"], g.nodes[n].get("index"))  # noqa: E731
+        parts = set(self.parts(host))
+        outside = tuple(sorted((label(u), v, d["bw_gbps"], d["lat_us"]) for u in parts for v, d in g.adj[u].items()
+                               if v not in parts))
+        return sig, tuple(sorted(label(x) for x in gpus)), outside
+
     def switch_path(self, host: str) -> tuple[str, ...]:
         """The switches above ``host``, top-down (core ... leaf): hosts sharing a prefix share those switches.
 

@@ -16,23 +16,105 @@ hops. A route whose every link stays above ``r`` at that load is never the
 slowest hop at ``r``; the shortest latency among the others bounds the
 slowest hop's. Rates here are the step model's: after
 ``network_efficiency`` and the in-host and host-to-host caps.
+
+Forced crossings: where the rings cannot all fit inside hosts (or NVLink
+domains, or the hosts under one switch, at any level), some hop runs
+between two of them, no faster than the fastest route between two and no
+sooner than the shortest. Either that hop is the slowest (as slow as the
+slowest, and at least as late: ties go to the latest), or the slowest
+runs at an achievable rate below it (``RoutePatterns.below``). The smaller
+of the two prices bounds the slowest hop's (``HopLatency.least``).
 """
 
 from __future__ import annotations
 
 import math
+from collections import Counter
+from fractions import Fraction
+from typing import Callable
 
 import numpy as np
 
+from topology.network.routing import nvlink_domain
 from topology.planning.bounds.rates import min_route_latency
 
 LATENCY_GPUS = 64
-"""Clusters (or pools) of at most this many GPUs get the argument: it reads the route of every pair of GPUs."""
+"""Clusters (or pools) of at most this many GPUs get the latency floors: they read the route of every pair of GPUs."""
+REPRESENTATIVE_GPUS = 96
+"""Routes among at most this many GPUs are read to learn the flow fractions ECMP makes."""
 _TOL = 1e-9
 
 
+class RoutePatterns:
+    """What the routes among the pool allow: rates strictly below a given one, and the fastest hops between units.
+
+    A link of ``bw`` GB/s shares itself among flow fractions summing to a
+    multiple of ``q``, the largest fraction dividing every route's fractions
+    (1 without ECMP), so its shares are ``bw / (k q)``. Routes are read
+    among two hosts of each class of alike hosts, which meet every route
+    pattern (in a host, between alike hosts, across classes); with more than
+    ``REPRESENTATIVE_GPUS`` GPUs there, nothing is claimed.
+    """
+
+    def __init__(self, sm, pool: list[str]):
+        topo = sm.topo
+        in_pool = set(pool)
+        self.hosts = list(dict.fromkeys(topo.host_of(g) for g in pool))
+        self.gpus = {h: [g for g in topo.gpus(h) if g in in_pool] for h in self.hosts}
+        classes: dict[tuple, str] = {}
+        host_class = {h: classes.setdefault(topo.host_class_key(h, self.gpus[h]), h) for h in self.hosts}
+        reps: dict[str, list[str]] = {}
+        for h in self.hosts:
+            if len(reps.setdefault(host_class[h], [])) < 2:
+                reps[host_class[h]].append(h)
+        gpus = [g for hosts in reps.values() for h in hosts for g in self.gpus[h]]
+        self.scale: np.ndarray | None = None
+        self.pairs: list[tuple[str, str, float, float]] = []
+        """(host, host, rate alone, latency) of the routes between two hosts."""
+        paths = {h: topo.switch_path(h) for h in self.hosts}
+        self.levels: list[dict[str, object]] = [{h: h for h in self.hosts}]
+        """Units, finest first: each host, the hosts of each NVLink domain, then the hosts under each switch,
+        bottom-up."""
+        domains = {h: nvlink_domain(topo, self.gpus[h][0]) for h in self.hosts}
+        if any(d is not None for d in domains.values()):
+            self.levels.append({h: h if domains[h] is None else ("nvlink", domains[h]) for h in self.hosts})
+        for depth in range(max(map(len, paths.values()), default=0), 1, -1):
+            self.levels.append({h: paths[h][:depth] for h in self.hosts})
+        if len(gpus) > REPRESENTATIVE_GPUS:
+            return
+        fm, host_of = sm.flows, topo.host_of
+        bw = fm.link_bandwidths()
+        fracs: set[float] = set()
+        for a in gpus:
+            for b in gpus:
+                if a == b:
+                    continue
+                ids, fr = fm.compiled(a, b)
+                fracs.update(fr)
+                if host_of(a) != host_of(b) and ids:
+                    self.pairs.append((host_of(a), host_of(b), float(np.min(bw[ids] / np.asarray(fr))),
+                                       fm.route_latency(a, b)))
+        denominators = [Fraction(f).limit_denominator(1 << 12).denominator for f in fracs] or [1]
+        self.scale = bw * math.lcm(*denominators)  # bw / (k q) = scale / k
+
+    def across(self, unit: dict[str, object]) -> tuple[float, float] | None:
+        """(fastest rate alone, shortest latency) of a route between two different units; None when unknown."""
+        between = [(rate, lat) for a, b, rate, lat in self.pairs if unit[a] != unit[b]]
+        if not between:
+            return None
+        return max(r for r, _ in between), min(lat for _, lat in between)
+
+    def below(self, rate: float) -> float:
+        """The largest share any link can give that is strictly below ``rate`` (``rate`` itself when unknown)."""
+        if self.scale is None or math.isinf(rate) or rate <= 0:
+            return rate
+        k = np.floor(self.scale / rate * (1 + 1e-12)) + 1  # the smallest k with scale / k < rate
+        return float((self.scale / k).max())
+
+
 class HopLatency:
-    """``at(rate)``: the shortest latency, µs, of a ring hop running at ``rate`` GB/s or slower, among ``gpus``.
+    """``at(rate)``: the shortest latency, µs, of a ring hop running at ``rate`` GB/s or slower, among ``gpus``;
+    ``least(price, rate)``: the least a price of the slowest hop can be, forced crossings counted.
 
     Built once per shape (the world caps the load a link can carry); see the module's docstring.
     """
@@ -40,7 +122,25 @@ class HopLatency:
     def __init__(self, sm, gpus: list[str]):
         self.l_min = min_route_latency(sm.topo, gpus)
         self.floors = self.latency = np.zeros(0)
-        self._at = {}
+        self.route_links: np.ndarray | None = None
+        self._at: dict[float, float] = {}
+        self._slower: dict[float, list[tuple[float, float]]] = {}
+        self.efficiency = sm.rates.network_efficiency
+        self.patterns = RoutePatterns(sm, gpus)
+        self.crossings: list[tuple[float, float]] = []
+        """(fastest rate alone, raw GB/s; shortest latency, µs) of the routes between two units of a level whose
+        units cannot hold every ring whole: some hop takes one of those routes."""
+        # Caps make rates tie at the cap, below any link's share: no achievable rate is known under them.
+        capped = bool(sm.rates.intra_host_gbps or sm.rates.inter_host_gbps)
+        if sm.ring > 1 and not capped:
+            for unit in self.patterns.levels:
+                sizes: Counter = Counter()
+                for h in self.patterns.hosts:
+                    sizes[unit[h]] += len(self.patterns.gpus[h])
+                if sum(n // sm.ring for n in sizes.values()) < sm.dp * sm.ulysses:
+                    crossing = self.patterns.across(unit)
+                    if crossing is not None:
+                        self.crossings.append(crossing)
         if len(gpus) > LATENCY_GPUS or sm.ring < 2:
             return
         fm, host_of, rates = sm.flows, sm.topo.host_of, sm.rates
@@ -62,13 +162,16 @@ class HopLatency:
         with np.errstate(divide="ignore"):
             slowest = np.where(most > 0, bw / most, math.inf)
         floors, latency = [], []
-        for a, b, ids in routes:
+        width = max((len(ids) for *_, ids in routes), default=1)
+        self.route_links = np.full((len(routes), max(width, 1)), len(bw), dtype=np.int64)
+        """Each route's links, padded with one past the last link."""
+        for k, (a, b, ids) in enumerate(routes):
             floor = float(slowest[ids].min()) * rates.network_efficiency if len(ids) else math.inf
             cap = rates.intra_host_gbps if host_of(a) == host_of(b) else rates.inter_host_gbps
             floors.append(min(floor, cap) if cap else floor)
             latency.append(fm.route_latency(a, b))
+            self.route_links[k, :len(ids)] = ids
         self.floors, self.latency = np.array(floors), np.array(latency)
-        self._at: dict[float, float] = {}
 
     def at(self, rate: float) -> float:
         """The shortest latency of a route that can slow to ``rate`` (``l_min`` when every route can, or none)."""
@@ -79,6 +182,44 @@ class HopLatency:
             self._at[rate] = max(self.l_min, float(self.latency[can].min())) if can.any() else self.l_min
         return self._at[rate]
 
+    def least(self, price: Callable[[float, float], float], rate: float) -> float:
+        """A lower bound on ``price(slowest hop's rate, its latency)`` over every order whose slowest hop runs at
+        ``rate`` GB/s (after efficiency) or slower; ``price`` falls as the rate rises and grows with the latency.
+
+        Each forced crossing gives one: its hop is the slowest (no faster than the route there, at least as late),
+        or the slowest runs at an achievable rate below that route's (``slower``); the largest of them counts.
+        """
+        best = price(rate, self.at(rate))
+        for fastest, lat in self.crossings:
+            fast = min(rate, fastest * self.efficiency)
+            below = min((price(min(rate, r), lt) for r, lt in self.slower(fastest)), default=math.inf)
+            best = max(best, min(price(fast, max(lat, self.at(fast))), below))
+        return best
+
+    def slower(self, fastest: float) -> list[tuple[float, float]]:
+        """(rate after efficiency, latency) pairs such that a hop running strictly slower than ``fastest`` (raw GB/s)
+        runs no faster than one of the rates with no less than its latency.
+
+        A route runs at the share one of its links gives (``RoutePatterns``), so per route the largest share of
+        its links below ``fastest``, if the route can slow that far, with its latency; the fastest per latency.
+        Without routes read, the largest share of any link with the shortest latency that slow.
+        """
+        if fastest not in self._slower:
+            scale = self.patterns.scale
+            if self.route_links is None or scale is None:
+                rate = self.patterns.below(fastest) * self.efficiency
+                self._slower[fastest] = [(rate, self.at(rate))]
+            else:
+                padded = np.append(scale, 0.0)[self.route_links]
+                k = np.floor(padded / fastest * (1 + 1e-12)) + 1  # the smallest k with scale / k < fastest
+                below = (padded / k).max(axis=1) * self.efficiency
+                can = below >= self.floors * (1 - _TOL)
+                fastest_at: dict[float, float] = {}
+                for rate, lat in zip(below[can], self.latency[can]):
+                    fastest_at[lat] = max(rate, fastest_at.get(lat, 0.0))
+                self._slower[fastest] = [(rate, lat) for lat, rate in fastest_at.items()]
+        return self._slower[fastest]
+
 
 def hop_latency(sm, gpus: list[str] | None = None) -> HopLatency:
     """The ``HopLatency`` of ``sm``'s shape among ``gpus`` (default: the whole cluster), cached on the topology."""
@@ -86,8 +227,8 @@ def hop_latency(sm, gpus: list[str] | None = None) -> HopLatency:
     cache = topo.__dict__.setdefault("_bound_cache", {})
     r = sm.rates
     # The whole cluster keys as None: a set of every GPU of a large cluster would be rebuilt on every call.
-    key = ("hop latency", None if gpus is None else frozenset(gpus), sm.world, sm.ring > 1, r.network_efficiency,
-           r.intra_host_gbps, r.inter_host_gbps)
+    key = ("hop latency", None if gpus is None else frozenset(gpus), sm.dp, sm.ring, sm.ulysses,
+           r.network_efficiency, r.intra_host_gbps, r.inter_host_gbps)
     if key not in cache:
         cache[key] = HopLatency(sm, topo.gpus() if gpus is None else gpus)
     return cache[key]

@@ -77,13 +77,19 @@ _TOL = 1e-9
 def split_step(sm, hop: float, a2a: float, bus: float) -> float:
     """A lower bound on ``sm.attention`` plus ``sm.gradients`` of every order whose slowest hop is at most ``hop``
     (GB/s, after efficiency), whose all-to-all takes at least ``a2a`` and whose gradient bus is at most ``bus``: the
-    smallest over the cells of ``_ranges``, each cell's hop at the shortest latency a hop that slow has
-    (``topology.planning.bounds.hop_latency``)."""
+    smallest over the cells of ``_ranges``, each cell's hop at the shortest latency a hop that slow has, forced
+    crossings counted (``topology.planning.bounds.hop_latency``)."""
     ranges = _ranges(sm) or [(math.inf, 0.0, math.inf)]
     eff = sm.rates.network_efficiency
-    latency = hop_latency(sm).at if sm.ring > 1 else (lambda rate: 0.0)
-    return min(sm.attention(min(hop, top * eff), latency(min(hop, top * eff)), max(a2a, forced))
-               + sm.gradients(min(bus, bus_cap)) for top, forced, bus_cap in ranges)
+    slowest = hop_latency(sm) if sm.ring > 1 else None
+
+    def attention(rate: float, a2a: float) -> float:
+        if slowest is None:
+            return sm.attention(rate, 0.0, a2a)
+        return slowest.least(lambda r, lat: sm.attention(r, lat, a2a), rate)
+
+    return min(attention(min(hop, top * eff), max(a2a, forced)) + sm.gradients(min(bus, bus_cap))
+               for top, forced, bus_cap in ranges)
 
 
 def _ranges(sm) -> list[tuple[float, float, float]]:

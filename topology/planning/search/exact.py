@@ -41,7 +41,8 @@ term no better than what no placement beats (``topology.cost.step_bound``):
 * forced crossings: when the rings cannot all fit inside hosts (or inside
   NVLink domains, or the hosts under one switch, at any level), some hop
   crosses between two of them, and the same argument applies to it with
-  the fastest rate and the shortest latency of a route between two of them.
+  the fastest rate and the shortest latency of a route between two of them
+  (``HopLatency.least``).
 * all-to-all of the whole order: at least the joint floor of all groups
   over the pool (``topology.planning.bounds.a2a_floor``), when the caller gives it, and the
   ring and all-to-all together at least their joint floor
@@ -67,7 +68,6 @@ the best order is proven optimal, otherwise the caller keeps what it had.
 from __future__ import annotations
 
 import math
-from fractions import Fraction
 from functools import lru_cache
 
 import numpy as np
@@ -78,12 +78,9 @@ from topology.cost import StepModel, transfer, transfers
 from topology.planning.search.delta import REL_TOL, USED
 from topology.planning.search.lookahead import PairRates, all_to_all_reach
 from topology.planning.plan import GroupLayout
-from topology.network.routing import nvlink_domain
 from topology.planning.search.symmetry import RingRotation, Symmetry
 
 
-REPRESENTATIVE_GPUS = 96
-"""Routes among at most this many GPUs are read to learn the flow fractions ECMP makes."""
 RANK_ORDER_SHARE = 0.5
 """Share of the node budget the search placing ranks in rank order gets before the one placing them ring by ring."""
 LOOKAHEAD_GPUS = 64
@@ -165,7 +162,8 @@ def _search(sm: StepModel, pool: list[str], best: list[str], best_step: float, n
     efficiency = rates.network_efficiency
     capped = bool(rates.intra_host_gbps or rates.inter_host_gbps)
     l_min = min_route_latency(topo, pool)
-    hop_lat = hop_latency(sm, pool).at  # the shortest latency of a hop that slow: more than l_min where it is long
+    slowest_hop = hop_latency(sm, pool)
+    hop_lat = slowest_hop.at  # the shortest latency of a hop that slow: more than l_min where it is long
     # What no placement beats (``topology.cost.step_bound``'s terms): the flows placed so far only tighten them.
     hop_cap = ring_bandwidth_bound(topo, sm.dp * sm.ulysses, sm.ring) if sm.ring > 1 else math.inf
     bus_cap = ring_bandwidth_bound(topo, 1, world)
@@ -174,20 +172,7 @@ def _search(sm: StepModel, pool: list[str], best: list[str], best_step: float, n
         a2a_floor = 2 * transfer(sm.a2a_per_peer * (sm.ulysses - 1), gpu_access_bound(topo) * efficiency, l_min)
     a2a_floor = max(a2a_floor, joint_a2a)
 
-    patterns = _RoutePatterns(bw, sm, sym)
-    below = patterns.below
-    # Rings that cannot all fit inside hosts (or NVLink domains, or the hosts under one switch, at each level): some
-    # ring hop runs between two of them, no faster and no sooner than the fastest and the shortest route there.
-    crossings: list[tuple[float, float]] = []
-    if sm.ring > 1 and not capped:
-        for unit in patterns.levels:
-            sizes: dict[object, int] = {}
-            for h in sym.hosts:
-                sizes[unit[h]] = sizes.get(unit[h], 0) + len(sym.gpus[h])
-            if sum(n // sm.ring for n in sizes.values()) < sm.dp * sm.ulysses:
-                crossing = patterns.across(unit)
-                if crossing is not None:
-                    crossings.append(crossing)
+    below = slowest_hop.patterns.below
 
     flows: dict[tuple[str, str], tuple[np.ndarray, np.ndarray, float]] = {}
     rotation = RingRotation(sm, sequence)
@@ -253,9 +238,8 @@ def _search(sm: StepModel, pool: list[str], best: list[str], best_step: float, n
         a2a = a2a_term(shares(loads[1]), a2a_r) if placed_flows[1] else a2a_term(None, a2a_r)
         a2a = max(a2a, a2a_ahead(i))
         floor = quick
-        for rate, lat in crossings:  # the slowest hop is that crossing hop (as late), or slower still
-            fast, slow = min(rate, hop_cap) * efficiency, min(below(rate), hop_cap) * efficiency
-            floor = max(floor, min(total(fast, max(lat, hop_lat(fast)), a2a, bus), total(slow, hop_lat(slow), a2a, bus)))
+        if slowest_hop.crossings:  # the slowest hop is a crossing hop (as late), or slower still
+            floor = max(floor, slowest_hop.least(lambda rate, lat: total(rate, lat, a2a, bus), hop_cap * efficiency))
         if not placed_flows[0] or capped or hop_cap < hop_r:
             return max(floor, total(min(hop_r, hop_cap) * efficiency, hop_lat(min(hop_r, hop_cap) * efficiency), a2a, bus))
         share = shares(loads[0])
@@ -359,64 +343,3 @@ def placement_sequence(sm: StepModel) -> list[int]:
     if sm.ring < 2 or sm.ulysses <= sm.ring:
         return list(range(sm.world))
     return [r for ring in GroupLayout.from_grid(sm.dp, sm.ring, sm.ulysses).ring_groups for r in ring]
-
-
-class _RoutePatterns:
-    """What the routes among the pool allow: rates strictly below a given one, and the fastest hops between units.
-
-    A link of ``bw`` GB/s shares itself among flow fractions summing to a
-    multiple of ``q``, the largest fraction dividing every route's fractions
-    (1 without ECMP), so its shares are ``bw / (k q)``. Routes are read
-    among two hosts of each class of alike hosts, which meet every route
-    pattern (in a host, between alike hosts, across classes); with more than
-    ``REPRESENTATIVE_GPUS`` GPUs there, nothing is claimed.
-    """
-
-    def __init__(self, bw: np.ndarray, sm: StepModel, sym: Symmetry):
-        topo = sm.topo
-        reps: dict[str, list[str]] = {}
-        for h in sym.hosts:
-            if len(reps.setdefault(sym.host_class[h], [])) < 2:
-                reps[sym.host_class[h]].append(h)
-        gpus = [g for hosts in reps.values() for h in hosts for g in sym.gpus[h]]
-        self.scale: np.ndarray | None = None
-        self.pairs: list[tuple[str, str, float, float]] = []
-        """(host, host, rate alone, latency) of the routes between two hosts."""
-        paths = {h: topo.switch_path(h) for h in sym.hosts}
-        self.levels: list[dict[str, object]] = [{h: h for h in sym.hosts}]
-        """Units, finest first: each host, the hosts of each NVLink domain, then the hosts under each switch,
-        bottom-up."""
-        domains = {h: nvlink_domain(topo, sym.gpus[h][0]) for h in sym.hosts}
-        if any(d is not None for d in domains.values()):
-            self.levels.append({h: h if domains[h] is None else ("nvlink", domains[h]) for h in sym.hosts})
-        for depth in range(max(map(len, paths.values()), default=0), 1, -1):
-            self.levels.append({h: paths[h][:depth] for h in sym.hosts})
-        if len(gpus) > REPRESENTATIVE_GPUS:
-            return
-        fm, host_of = sm.flows, topo.host_of
-        fracs: set[float] = set()
-        for a in gpus:
-            for b in gpus:
-                if a == b:
-                    continue
-                ids, fr = fm.compiled(a, b)
-                fracs.update(fr)
-                if host_of(a) != host_of(b) and ids:
-                    self.pairs.append((host_of(a), host_of(b), float(np.min(bw[ids] / np.asarray(fr))),
-                                       fm.route_latency(a, b)))
-        denominators = [Fraction(f).limit_denominator(1 << 12).denominator for f in fracs] or [1]
-        self.scale = bw * math.lcm(*denominators)  # bw / (k q) = scale / k
-
-    def across(self, unit: dict[str, object]) -> tuple[float, float] | None:
-        """(fastest rate alone, shortest latency) of a route between two different units; None when unknown."""
-        between = [(rate, lat) for a, b, rate, lat in self.pairs if unit[a] != unit[b]]
-        if not between:
-            return None
-        return max(r for r, _ in between), min(lat for _, lat in between)
-
-    def below(self, rate: float) -> float:
-        """The largest share any link can give that is strictly below ``rate`` (``rate`` itself when unknown)."""
-        if self.scale is None or math.isinf(rate) or rate <= 0:
-            return rate
-        k = np.floor(self.scale / rate * (1 + 1e-12)) + 1  # the smallest k with scale / k < rate
-        return float((self.scale / k).max())

@@ -55,7 +55,7 @@ class Symmetry:
         in_pool = set(pool)
         self.hosts = list(dict.fromkeys(topo.host_of(g) for g in pool))
         self.gpus = {h: [g for g in topo.gpus(h) if g in in_pool] for h in self.hosts}
-        keys = {h: _host_key(topo, h, self.gpus[h]) for h in self.hosts}
+        keys = {h: topo.host_class_key(h, self.gpus[h]) for h in self.hosts}
         classes: dict[tuple, str] = {}
         self.host_class = {h: classes.setdefault(keys[h], h) for h in self.hosts}
         # Alike hosts share their automorphisms, in GPU indices; cached on the topology across plans.
@@ -111,19 +111,6 @@ class Symmetry:
                 seen_class.add(self.host_class[h])
             out.extend(self.orbits(h, placed))
         return out
-
-
-def _host_key(topo: Topology, host: str, gpus: list[str]) -> tuple:
-    """What makes two hosts interchangeable: layout, pool GPUs and links to the outside, in part labels."""
-    sig = topo.host_signature(host)
-    if sig == (host,):
-        return (host, tuple(sorted(gpus)))
-    g = topo.graph
-    label = lambda n: (g.nodes[n]["kind"], g.nodes[n].get("index"))  # noqa: E731
-    parts = set(topo.parts(host))
-    outside = tuple(sorted((label(u), v, d["bw_gbps"], d["lat_us"]) for u in parts for v, d in g.adj[u].items()
-                           if v not in parts))
-    return sig, tuple(sorted(label(x) for x in gpus)), outside
 
 
 def _automorphisms(topo: Topology, host: str, pool: frozenset[str]) -> list[dict[str, str]]:
