@@ -1,4 +1,4 @@
-"""The shortest latency the slowest ring hop can have, given how slow it is.
+"""The shortest latency the slowest ring hop (or all-to-all transfer) can have, given how slow it is.
 
 The step model waits on the ring hop with the smallest rate (the latest
 of them where rates tie), and pays that hop's route latency on every ring
@@ -116,10 +116,12 @@ class HopLatency:
     """``at(rate)``: the shortest latency, µs, of a ring hop running at ``rate`` GB/s or slower, among ``gpus``;
     ``least(price, rate)``: the least a price of the slowest hop can be, forced crossings counted.
 
-    Built once per shape (the world caps the load a link can carry); see the module's docstring.
+    Built once per shape (the world caps the load a link can carry); see the module's docstring. With
+    ``per_gpu`` flows out of and into each GPU instead of one (``u - 1`` all-to-all flows), ``at`` bounds the
+    latency of an all-to-all transfer that slow the same way; crossings are the ring's alone.
     """
 
-    def __init__(self, sm, gpus: list[str]):
+    def __init__(self, sm, gpus: list[str], per_gpu: int = 1):
         self.l_min = min_route_latency(sm.topo, gpus)
         self.floors = self.latency = np.zeros(0)
         self.route_links: np.ndarray | None = None
@@ -132,7 +134,7 @@ class HopLatency:
         units cannot hold every ring whole: some hop takes one of those routes."""
         # Caps make rates tie at the cap, below any link's share: no achievable rate is known under them.
         capped = bool(sm.rates.intra_host_gbps or sm.rates.inter_host_gbps)
-        if sm.ring > 1 and not capped:
+        if per_gpu == 1 and sm.ring > 1 and not capped:
             for unit in self.patterns.levels:
                 sizes: Counter = Counter()
                 for h in self.patterns.hosts:
@@ -141,7 +143,7 @@ class HopLatency:
                     crossing = self.patterns.across(unit)
                     if crossing is not None:
                         self.crossings.append(crossing)
-        if len(gpus) > LATENCY_GPUS or sm.ring < 2:
+        if len(gpus) > LATENCY_GPUS or per_gpu < 1 or (per_gpu == 1 and sm.ring < 2):
             return
         fm, host_of, rates = sm.flows, sm.topo.host_of, sm.rates
         bw = fm.link_bandwidths()
@@ -158,7 +160,7 @@ class HopLatency:
                 np.maximum.at(out_most[index[a]], ids, fracs)
                 np.maximum.at(in_most[index[b]], ids, fracs)
                 routes.append((a, b, ids))
-        most = np.minimum(np.minimum(out_most.sum(axis=0), in_most.sum(axis=0)), sm.world)
+        most = per_gpu * np.minimum(np.minimum(out_most.sum(axis=0), in_most.sum(axis=0)), sm.world)
         with np.errstate(divide="ignore"):
             slowest = np.where(most > 0, bw / most, math.inf)
         floors, latency = [], []
@@ -221,14 +223,20 @@ class HopLatency:
         return self._slower[fastest]
 
 
-def hop_latency(sm, gpus: list[str] | None = None) -> HopLatency:
-    """The ``HopLatency`` of ``sm``'s shape among ``gpus`` (default: the whole cluster), cached on the topology."""
+def hop_latency(sm, gpus: list[str] | None = None, per_gpu: int = 1) -> HopLatency:
+    """The ``HopLatency`` of ``sm``'s shape among ``gpus`` (default: the whole cluster), cached on the topology;
+    ``per_gpu``: flows each GPU sends and receives (1 for ring hops)."""
     topo = sm.topo
     cache = topo.__dict__.setdefault("_bound_cache", {})
     r = sm.rates
     # The whole cluster keys as None: a set of every GPU of a large cluster would be rebuilt on every call.
-    key = ("hop latency", None if gpus is None else frozenset(gpus), sm.dp, sm.ring, sm.ulysses,
+    key = ("hop latency", None if gpus is None else frozenset(gpus), sm.dp, sm.ring, sm.ulysses, per_gpu,
            r.network_efficiency, r.intra_host_gbps, r.inter_host_gbps)
     if key not in cache:
-        cache[key] = HopLatency(sm, topo.gpus() if gpus is None else gpus)
+        cache[key] = HopLatency(sm, topo.gpus() if gpus is None else gpus, per_gpu)
     return cache[key]
+
+
+def a2a_latency(sm) -> HopLatency:
+    """The latency floor of the all-to-all's transfers over the whole cluster: ``u - 1`` flows out of each GPU."""
+    return hop_latency(sm, None, sm.ulysses - 1)

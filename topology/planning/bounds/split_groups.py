@@ -57,8 +57,8 @@ from functools import lru_cache
 
 import numpy as np
 
-from topology.planning.bounds.hop_latency import hop_latency
-from topology.planning.bounds.rates import all_units, host_units, min_route_latency, ring_bandwidth_bound
+from topology.planning.bounds.hop_latency import a2a_latency, hop_latency
+from topology.planning.bounds.rates import all_units, host_units, ring_bandwidth_bound
 from topology.planning.bounds.run_tiling import RunTiling
 
 SPLIT_GPUS = 256
@@ -127,7 +127,7 @@ def _compute_ranges(sm) -> list[tuple[float, float, float]]:
     widest = max(n for n, _, _, kind in units if kind == "host")
     # Parts are no claim where a host may hold each cp group whole, or where their sums grow too long.
     sets = _PartSets(world, sm.dp * -(-sm.cp // widest) if widest < sm.cp and world <= PARTS_GPUS else 0)
-    lat = min_route_latency(topo)
+    a2a_lat = a2a_latency(sm)  # a transfer that slow runs on a route that can slow so far
     # The flows a unit sends out run between hosts, or (out of a unit inside a host) maybe inside one.
     inter = sm.rates.inter_host_gbps or math.inf
     if any(kind == "inside" for *_, kind in units):
@@ -149,7 +149,8 @@ def _compute_ranges(sm) -> list[tuple[float, float, float]]:
             t = tree if tree is None else _tiled_share(tiling, units, levels, tree, hop_tau, bus_tau)
             if t is None:  # no order has its slowest hop and its bus in these ranges
                 continue
-            forced = 0.0 if t == 0 else 2 * (sm.a2a_per_peer / (min(eff / t, inter) * 1e9) + lat * 1e-6)
+            rate = math.inf if t == 0 else min(eff / t, inter)
+            forced = 0.0 if t == 0 else 2 * (sm.a2a_per_peer / (rate * 1e9) + a2a_lat.at(rate) * 1e-6)
             cells.append((hop_top, forced, bus_top))
     return cells
 
