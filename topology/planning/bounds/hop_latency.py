@@ -14,8 +14,13 @@ the sum, over the GPUs, of the largest fraction any route from that GPU
 puts on it (the same over destinations), and never more than the world's
 hops. A route whose every link stays above ``r`` at that load is never the
 slowest hop at ``r``; the shortest latency among the others bounds the
-slowest hop's. Rates here are the step model's: after
-``network_efficiency`` and the in-host and host-to-host caps.
+slowest hop's. More: the slowest hop's rate is its busiest link's share,
+so that link carries ``n >= bw / r`` hops, all as slow, and the step
+model charges the latest of them; they leave ``n`` distinct GPUs, so the
+``n``-th shortest of the GPUs' shortest routes over that link bounds it
+(without caps, which tie rates off any link). Rates here are the step
+model's: after ``network_efficiency`` and the in-host and host-to-host
+caps.
 
 Forced crossings: where the rings cannot all fit inside hosts (or NVLink
 domains, or the hosts under one switch, at any level), some hop runs
@@ -125,6 +130,7 @@ class HopLatency:
         self.l_min = min_route_latency(sm.topo, gpus)
         self.floors = self.latency = np.zeros(0)
         self.route_links: np.ndarray | None = None
+        self.kth_out: np.ndarray | None = None
         self._at: dict[float, float] = {}
         self._slower: dict[float, list[tuple[float, float]]] = {}
         self.efficiency = sm.rates.network_efficiency
@@ -150,6 +156,8 @@ class HopLatency:
         index = {g: k for k, g in enumerate(gpus)}
         out_most = np.zeros((len(gpus), len(bw)))
         in_most = np.zeros((len(gpus), len(bw)))
+        out_soonest = np.full((len(gpus), len(bw)), math.inf)  # per GPU and link, the shortest route out over it
+        in_soonest = np.full((len(gpus), len(bw)), math.inf)
         routes = []
         for a in gpus:
             for b in gpus:
@@ -157,10 +165,17 @@ class HopLatency:
                     continue
                 ids, fracs = fm.compiled(a, b)
                 ids, fracs = np.asarray(ids, dtype=np.int64), np.asarray(fracs)
+                lat = fm.route_latency(a, b)
                 np.maximum.at(out_most[index[a]], ids, fracs)
                 np.maximum.at(in_most[index[b]], ids, fracs)
+                np.minimum.at(out_soonest[index[a]], ids, lat)
+                np.minimum.at(in_soonest[index[b]], ids, lat)
                 routes.append((a, b, ids))
         most = per_gpu * np.minimum(np.minimum(out_most.sum(axis=0), in_most.sum(axis=0)), sm.world)
+        if not capped:
+            self.per_gpu, self.link_bw, self.link_most = per_gpu, bw, most
+            # [k - 1, link]: the k-th shortest of the GPUs' shortest routes out of (into) them over the link.
+            self.kth_out, self.kth_in = np.sort(out_soonest, axis=0), np.sort(in_soonest, axis=0)
         with np.errstate(divide="ignore"):
             slowest = np.where(most > 0, bw / most, math.inf)
         floors, latency = [], []
@@ -176,13 +191,36 @@ class HopLatency:
         self.floors, self.latency = np.array(floors), np.array(latency)
 
     def at(self, rate: float) -> float:
-        """The shortest latency of a route that can slow to ``rate`` (``l_min`` when every route can, or none)."""
+        """A lower bound on the latency of the slowest hop (transfer) when it runs at ``rate`` or slower: the shortest
+        latency of a route that can slow that far, or more where its link's flows tie (``l_min`` when nothing is
+        known)."""
         if not len(self.floors) or math.isinf(rate):
             return self.l_min
         if rate not in self._at:  # rates come from a small set: the search asks the same ones again and again
-            can = self.floors <= rate * (1 + _TOL)
-            self._at[rate] = max(self.l_min, float(self.latency[can].min())) if can.any() else self.l_min
+            if self.kth_out is not None:
+                self._at[rate] = self._tied(rate)
+            else:
+                can = self.floors <= rate * (1 + _TOL)
+                self._at[rate] = max(self.l_min, float(self.latency[can].min())) if can.any() else self.l_min
         return self._at[rate]
+
+    def _tied(self, rate: float) -> float:
+        """``at`` from the link the slowest flow's rate comes from: it carries ``n >= bw / rate`` flows, every one
+        as slow (a flow's rate is the smallest share of its links, and this one's is the least of all), so the
+        step model's latest tie is at least as late as each. They leave at least ``n / per_gpu`` distinct GPUs
+        (and reach as many), each no sooner than its shortest route over the link: the ``n / per_gpu``-th
+        shortest of those bounds the tie. The least over the links that can carry that load bounds the slowest."""
+        need = self.link_bw * self.efficiency / rate * (1 - _TOL)
+        can = self.link_most >= need
+        if not can.any():
+            return self.l_min
+        k = np.ceil(np.ceil(need[can]) / self.per_gpu).astype(np.int64)
+        gpus = self.kth_out.shape[0]
+        rows = np.minimum(k, gpus) - 1
+        cols = np.flatnonzero(can)
+        tied = np.maximum(self.kth_out[rows, cols], self.kth_in[rows, cols])
+        tied[k > gpus] = math.inf
+        return max(self.l_min, float(tied.min())) if np.isfinite(tied).any() else self.l_min
 
     def least(self, price: Callable[[float, float], float], rate: float) -> float:
         """A lower bound on ``price(slowest hop's rate, its latency)`` over every order whose slowest hop runs at
