@@ -24,8 +24,8 @@ of ``p`` cp groups with at most ``e`` hops and ``g`` gradient flows out,
 the fewest all-to-all flows it sends out: exact, by a dynamic programme
 over rank order, where that is cheap (``_rank_table``), for hosts and the
 units inside them; the units above hosts, and all units where the
-programme is too large, get a relaxation
-that counts split ranks, not which groups they split (``_family_table``). Which units hold how
+programme is too large, get a relaxation that counts split ranks, not
+which groups they split (``_family_table``). Which units hold how
 many ranks is the placement's choice: ``_least_share`` finds, by a sum
 over the tree of units, the smallest ``t`` at which every unit can keep
 its all-to-all flows out at most ``t C`` and still hold the world (with
@@ -42,7 +42,10 @@ too slow for the bus hold none), the runs tile it, and a cell also needs a
 tiling whose runs keep within the units' limits
 (``topology.planning.bounds.run_tiling``): where none exists the cell is
 empty, and its all-to-all is at least what the best tiling leaves. Without
-Ulysses groups only this argument prices the cells.
+Ulysses groups only this argument prices the cells; without rings, the
+cells split on the gradient bus alone. A cell's forced all-to-all transfer
+pays the latency of a route that can run that slow
+(``topology.planning.bounds.hop_latency``).
 
 Dropped for a lower bound: that the units' sets of ranks are disjoint
 (each unit is priced on its own, save in the tiling), and the ranks'
