@@ -53,7 +53,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from topology.cost import StepModel, transfers
-from topology.planning.bounds.hop_latency import hop_latency
+from topology.planning.bounds.hop_latency import route_patterns
 from topology.planning.bounds.rates import min_route_latency, ring_bandwidth_bound
 from topology.planning.bounds.ring_floor import RingPricer, pool_units
 from topology.planning.search.lookahead import PairRates, all_to_all_reach
@@ -258,7 +258,7 @@ def joint_all_to_all_floor(sm: StepModel, pool: list[str], classes: list[list[st
 
 def _ring_pricer(sm: StepModel, gpus: list[str], dense: np.ndarray, bw: np.ndarray, lat_via: np.ndarray):
     """The ring pricing of ``topology.planning.bounds.ring_floor`` over these GPUs' routes."""
-    patterns = hop_latency(sm, gpus).patterns
+    patterns = route_patterns(sm, gpus)
     hop_cap = ring_bandwidth_bound(sm.topo, sm.dp * sm.ulysses, sm.ring)
     return RingPricer(sm, dense, bw, lat_via, pool_units(sm, gpus, dense, lat_via), min_route_latency(sm.topo, gpus),
                       hop_cap, patterns.below)

@@ -118,8 +118,8 @@ class RoutePatterns:
 
 
 class HopLatency:
-    """``at(rate)``: the shortest latency, µs, of a ring hop running at ``rate`` GB/s or slower, among ``gpus``;
-    ``least(price, rate)``: the least a price of the slowest hop can be, forced crossings counted.
+    """``at(rate)``: a lower bound, µs, on the latency of the slowest ring hop when it runs at ``rate`` GB/s or
+    slower, among ``gpus``; ``least(price, rate)``: the least a price of the slowest hop can be, forced crossings counted.
 
     Built once per shape (the world caps the load a link can carry); see the module's docstring. With
     ``per_gpu`` flows out of and into each GPU instead of one (``u - 1`` all-to-all flows), ``at`` bounds the
@@ -134,7 +134,7 @@ class HopLatency:
         self._at: dict[float, float] = {}
         self._slower: dict[float, list[tuple[float, float]]] = {}
         self.efficiency = sm.rates.network_efficiency
-        self.patterns = RoutePatterns(sm, gpus)
+        self.patterns = route_patterns(sm, gpus)
         self.crossings: list[tuple[float, float]] = []
         """(fastest rate alone, raw GB/s; shortest latency, µs) of the routes between two units of a level whose
         units cannot hold every ring whole: some hop takes one of those routes."""
@@ -170,7 +170,7 @@ class HopLatency:
                 np.maximum.at(in_most[index[b]], ids, fracs)
                 np.minimum.at(out_soonest[index[a]], ids, lat)
                 np.minimum.at(in_soonest[index[b]], ids, lat)
-                routes.append((a, b, ids))
+                routes.append((a, b, ids, lat))
         most = per_gpu * np.minimum(np.minimum(out_most.sum(axis=0), in_most.sum(axis=0)), sm.world)
         if not capped:
             self.per_gpu, self.link_bw, self.link_most = per_gpu, bw, most
@@ -179,14 +179,14 @@ class HopLatency:
         with np.errstate(divide="ignore"):
             slowest = np.where(most > 0, bw / most, math.inf)
         floors, latency = [], []
-        width = max((len(ids) for *_, ids in routes), default=1)
+        width = max((len(ids) for _, _, ids, _ in routes), default=1)
         self.route_links = np.full((len(routes), max(width, 1)), len(bw), dtype=np.int64)
         """Each route's links, padded with one past the last link."""
-        for k, (a, b, ids) in enumerate(routes):
+        for k, (a, b, ids, lat) in enumerate(routes):
             floor = float(slowest[ids].min()) * rates.network_efficiency if len(ids) else math.inf
             cap = rates.intra_host_gbps if host_of(a) == host_of(b) else rates.inter_host_gbps
             floors.append(min(floor, cap) if cap else floor)
-            latency.append(fm.route_latency(a, b))
+            latency.append(lat)
             self.route_links[k, :len(ids)] = ids
         self.floors, self.latency = np.array(floors), np.array(latency)
 
@@ -259,6 +259,15 @@ class HopLatency:
                     fastest_at[lat] = max(rate, fastest_at.get(lat, 0.0))
                 self._slower[fastest] = [(rate, lat) for lat, rate in fastest_at.items()]
         return self._slower[fastest]
+
+
+def route_patterns(sm, gpus: list[str]) -> RoutePatterns:
+    """The ``RoutePatterns`` among ``gpus``, cached on the topology: they depend on the pool, not on the shape."""
+    cache = sm.topo.__dict__.setdefault("_bound_cache", {})
+    key = ("route patterns", frozenset(gpus))
+    if key not in cache:
+        cache[key] = RoutePatterns(sm, gpus)
+    return cache[key]
 
 
 def hop_latency(sm, gpus: list[str] | None = None, per_gpu: int = 1) -> HopLatency:
