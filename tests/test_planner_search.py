@@ -629,6 +629,16 @@ def test_ulysses_8_on_two_g6e_hosts_with_short_sequences_are_proven_optimal():
     assert "optimal (" in summary(plan, topo)
 
 
+def test_exact_search_runs_again_from_a_better_order_that_local_search_finds():
+    """30 GPUs of four hosts with four rails each, Ulysses pairs: the exact search spends its nodes before it meets
+    the optimum (pairs straddling two PCIe switches, so that each ring hop off the host has a card of its own), local
+    search from its best order finds it, and a second exact search from there finishes."""
+    plan = make_plan(rails(4, nics=4), 30, 10, 2, seq_len=10 * 8192)
+    found = plan.cost["search"]
+    assert found["optimal"] and found["proof"] == "exhaustive" and found["gap"] == 0
+    assert found["nodes"] > optimise.EXACT_NODES  # two searches
+
+
 def test_pair_rates_are_the_flow_models_rates_of_one_more_flow():
     """``PairRates`` prices every pair at once as ``FlowModel.bandwidths`` prices that flow joining the placed ones."""
     from topology.cost import transfer

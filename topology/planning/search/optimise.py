@@ -17,8 +17,9 @@ Algorithms
   lower bound of each partial order (``topology.planning.search.exact``). Finished, it
   proves the result optimal; stopped at ``EXACT_NODES``, local search
   takes the rest of its moves from the best order met (a quarter set the
-  search's first incumbent), and the plan states its gap to the lower
-  bound.
+  search's first incumbent); where they find a better order, the exact
+  search runs once more from it, and a plan still unproven states its gap
+  to the lower bound.
 * Group turns, for plans of at most ``TURN_GPUS`` GPUs with Ulysses groups:
   each construction is also scored with its groups turned (``turn_groups``:
   members of every group at one index modulo a period rotated or reversed
@@ -236,6 +237,14 @@ def optimise(sm: StepModel, candidates: dict[str, list[str]], pool: list[str], b
                 result.order, result.step_s, result.moves = order, step, result.moves + moves
                 if step <= bound * (1 + REL_TOL):
                     result.optimal, result.proof = True, "meets bound"
+                else:
+                    # A better incumbent cuts more branches: the exact search runs once more, from it.
+                    order, step, proven, nodes = branch_and_bound(sm, pool, result.order, result.step_s, cap, joint,
+                                                                  attention, guide)
+                    result.nodes += nodes
+                    if step < result.step_s * (1 - REL_TOL):
+                        result.order, result.step_s, result.construction = order, step, "exhaustive"
+                    result.optimal, result.proof = proven, "exhaustive" if proven else None
     if not result.optimal:
         result.gap = result.step_s / bound - 1
     return result
