@@ -17,9 +17,9 @@ from topology.planning.planner import make_plan
 from topology.network.presets import PRESETS, g6e, leaf_spine, nvl_domains, rails
 from topology.planning.ring_order import nic_spread_order
 from topology.planning.bounds.hop_latency import a2a_latency, hop_latency
-from topology.planning.bounds.rates import min_route_latency
-from topology.planning.bounds.split_groups import (_FAR, _family_table, _nonsplit_table, _rank_table, _unit_tree,
-                                                  split_step)
+from topology.planning.bounds.rates import host_units, min_route_latency
+from topology.planning.bounds.split_groups import (_FAR, _family_table, _inside_units, _nonsplit_table, _rank_table,
+                                                  _unit_tree, split_step)
 from topology.planning.search.symmetry import Symmetry
 from launcher.commands.plan import summary
 from topology.network.load import link_loads, ring_flows
@@ -986,6 +986,25 @@ def test_units_inside_a_host_are_its_sockets_and_their_pcie_switches():
     inside = sorted((n, cap) for n, cap, _, kind in tree if kind == "inside")
     assert inside == [(2, 25.0)] * 4 + [(4, 20.0)] * 2
     assert [kind for *_, kind in tree].count("host") == 1
+
+
+@pytest.mark.parametrize("topo", [leaf_spine(6, hosts_per_leaf=2, gpus=[8, 4, 8, 8, 4, 8], degraded={2: 3.125}),
+                                  rails(3, nics=4), nvl_domains(2, trays=2)], ids=["mixed-degraded", "rails", "nvlink"])
+def test_units_inside_hosts_built_alike_are_each_hosts_own_cuts(topo):
+    """Units inside hosts are found once per kind of host and carried over by GPU index: each is still a cut of its
+    own host, at the GB/s of that host's links out of it (a degraded cable makes a host a kind of its own)."""
+    fm = FlowModel(topo)
+    bw = fm.link_bandwidths()
+    every = _inside_units(topo, fm, {frozenset(topo.gpus(h)) for h in topo.hosts})
+    for host in topo.hosts:
+        cuts: dict[frozenset, float] = {}
+        for held, exits, _ in host_units(topo, fm, topo.gpus(host)):
+            cuts[held] = min(float(bw[exits].sum()), cuts.get(held, math.inf))
+        found = {held: cap for held, cap in every.items() if held <= set(topo.gpus(host))}
+        assert found and all(cuts[held] == cap for held, cap in found.items())
+    tree = _unit_tree(topo, fm, inside=True)
+    inside = sorted((n, cap) for n, cap, _, kind in tree if kind == "inside")
+    assert inside == sorted((len(held), cap) for held, cap in every.items())
 
 
 @pytest.mark.parametrize("topo, cp, ulysses", [(g6e(1), 8, 2), (g6e(1), 4, 2), (g6e(1), 8, 4),

@@ -66,9 +66,10 @@ from topology.planning.bounds.run_tiling import RunTiling
 
 SPLIT_GPUS = 256
 """Worlds of at most this many ranks get the argument: the table and the sums over units grow with the world."""
-INSIDE_GPUS, INSIDE_HOSTS = 64, 64
-"""Worlds of at most this many ranks on clusters of at most this many hosts get units inside hosts (sockets, PCIe
-switches): finding them reads every host's links, and the sums over units grow with them."""
+INSIDE_GPUS, INSIDE_BUILDS = 64, 64
+"""Worlds of at most this many ranks on clusters of at most this many kinds of host (``_build_key``) get units inside
+hosts (sockets, PCIe switches): the sums over units grow with the world, and finding them reads one host of each
+kind."""
 PARTS_GPUS = 64
 """Worlds of at most this many ranks count the parts of cp groups hosts hold (``_least_share``)."""
 SPLIT_RANGES = 8
@@ -139,6 +140,8 @@ def _compute_ranges(sm) -> list[tuple[float, float, float]]:
     # A level with a unit that can hold the world claims nothing: its runs are not read.
     levels = [level for level in _levels(units) if max(units[i][0] for i in level) < world]
     tiling = RunTiling(sm.dp, sm.ring, sm.ulysses, max((units[i][0] for level in levels for i in level), default=1))
+    shapes, top = _unit_shapes(units)
+    level_kinds = {tau: _level_kinds(units, levels, world, tau) for _, tau in bus_ranges}
     cells = []
     # A cell allows each unit at least the flows out of the cells before it in its row and column (their ranges
     # are faster), so the units' share there holds here too: the search starts below it.
@@ -147,9 +150,10 @@ def _compute_ranges(sm) -> list[tuple[float, float, float]]:
         left = None
         for j, (bus_top, bus_tau) in enumerate(bus_ranges):
             known = [x for x in (above[j], left) if x is not None]
-            tree = _least_share(units, tables, sets, hop_tau, bus_tau, min(known, default=None)) if tables else 0.0
+            tree = (_least_share(shapes, top, tables, sets, hop_tau, bus_tau, min(known, default=None)) if tables
+                    else 0.0)
             above[j] = left = tree
-            t = tree if tree is None else _tiled_share(tiling, units, levels, tree, hop_tau, bus_tau)
+            t = tree if tree is None else _tiled_share(tiling, level_kinds[bus_tau], tree, hop_tau, bus_tau)
             if t is None:  # no order has its slowest hop and its bus in these ranges
                 continue
             rate = math.inf if t == 0 else min(eff / t, inter)
@@ -158,33 +162,41 @@ def _compute_ranges(sm) -> list[tuple[float, float, float]]:
     return cells
 
 
-def _tiled_share(tiling: RunTiling, units: list[tuple[int, float, int, str]], levels: list[list[int]], t: float,
-                 hop_tau: float, bus_tau: float) -> float | None:
-    """``t`` raised to what the tiling leaves at each level where units each hold one run (``RunTiling``); None
-    where no tiling fits the cell. A unit whose links out carry no gradient flow faster than ``bus_tau`` holds no
-    rank, nor does any unit under it: those are left out of the levels below too."""
+def _level_kinds(units: list[tuple[int, float, int, str]], levels: list[list[int]], world: int,
+                 bus_tau: float) -> list[Counter]:
+    """Per level where units each hold one run (``_levels``), how many units of each kind hold ranks at a bus
+    faster than ``bus_tau``: (GPUs their ranks can be on, GB/s out, their parts as (GPUs, GB/s out)). A unit whose
+    links out carry no gradient flow that fast holds no rank, nor does any unit under it: those are left out of the
+    levels below too."""
     empty = [False] * len(units)
     for i in range(len(units) - 1, -1, -1):  # parents come after their children: walk down from the top
         n, cap, parent, _ = units[i]
-        empty[i] = (parent >= 0 and empty[parent]) or (n < tiling.world and _flows_out(cap, bus_tau) == 0)
+        empty[i] = (parent >= 0 and empty[parent]) or (n < world and _flows_out(cap, bus_tau) == 0)
     # A unit's run is its parts' runs one after another where each of them holds one run too; what they can hold.
     inner: list[list[tuple[int, float]]] = [[] for _ in units]
-    parts_of = [[i for i, (*_, parent, kind) in enumerate(units) if parent == j and kind != "inside"] for j in
-                range(len(units))]
+    parts_of: list[list[int]] = [[] for _ in units]
+    for i, (*_, parent, kind) in enumerate(units):
+        if parent >= 0 and kind != "inside":
+            parts_of[parent].append(i)
     usable = [0] * len(units)  # GPUs a unit's ranks can be on: its own, or those of its parts that hold any
     for i, (n, cap, parent, kind) in enumerate(units):  # children come before their parents
         usable[i] = sum(usable[c] for c in parts_of[i] if not empty[c]) if parts_of[i] else n
         if parent >= 0 and kind != "inside" and not empty[i]:
             inner[parent].append((n, cap))
-    for level in levels:
+    return [Counter((usable[i], units[i][1], tuple(sorted(inner[i]))) for i in level if not empty[i])
+            for level in levels]
+
+
+def _tiled_share(tiling: RunTiling, level_kinds: list[Counter], t: float, hop_tau: float,
+                 bus_tau: float) -> float | None:
+    """``t`` raised to what the tiling leaves at each level where units each hold one run (``RunTiling``; the
+    units of each level by kind, ``_level_kinds``); None where no tiling fits the cell."""
+    for level in level_kinds:
         if t is None:
             break
         found: Counter = Counter()
-        for i in level:
-            if not empty[i]:
-                n, cap = units[i][:2]
-                parts = _one_run_parts(inner[i], hop_tau, bus_tau)
-                found[usable[i], cap, parts] += 1
+        for (usable, cap, inner), count in level.items():
+            found[usable, cap, _one_run_parts(inner, hop_tau, bus_tau)] += count
         kinds = [(n, cap, count) for (n, cap, _), count in found.items()]
         tiled = tiling.least_share(kinds, [_flows_out(cap, hop_tau) for _, cap, _ in kinds],
                                    [_flows_out(cap, bus_tau) for _, cap, _ in kinds],
@@ -193,7 +205,7 @@ def _tiled_share(tiling: RunTiling, units: list[tuple[int, float, int, str]], le
     return t
 
 
-def _one_run_parts(parts: list[tuple[int, float]], hop_tau: float, bus_tau: float) -> tuple | None:
+def _one_run_parts(parts: tuple[tuple[int, float], ...], hop_tau: float, bus_tau: float) -> tuple | None:
     """(GPUs, how many, most hops out) of each kind of ``parts`` when every one of them holds one run at this bus
     (a part sending no gradient flow out holds none and is left out before); None otherwise."""
     if not parts or any(_flows_out(cap, bus_tau) != 1 for _, cap in parts):
@@ -236,13 +248,16 @@ def _flows_out(cap: float, tau: float) -> int | None:
 def _unit_tree(topo, fm, inside: bool) -> list[tuple[int, float, int, str]] | None:
     """The units as a tree, children before parents: (GPUs, GB/s out, parent's index or -1, kind); cached on the
     topology. Kinds: ``inside`` a host (a socket, a PCIe switch with its GPUs; only if ``inside`` and the cluster
-    has at most ``INSIDE_HOSTS`` hosts), a ``host``, or ``above`` hosts.
+    has at most ``INSIDE_BUILDS`` kinds of host), a ``host``, or ``above`` hosts.
 
     Units with the same GPUs are one, at the smaller figure (their flows out cross both cuts). ``None`` where the
     units do not nest (a host under two switches of one level).
     """
     cache = topo.__dict__.setdefault("_bound_cache", {})
-    inside = inside and sum(1 for h in topo.hosts if topo.gpus(h)) <= INSIDE_HOSTS
+    if inside:
+        if "builds" not in cache:
+            cache["builds"] = len({_build_key(topo, h) for h in topo.hosts if topo.gpus(h)})
+        inside = cache["builds"] <= INSIDE_BUILDS
     if ("unit_tree", inside) not in cache:
         cache["unit_tree", inside] = _build_unit_tree(topo, fm, inside)
     return cache["unit_tree", inside]
@@ -282,24 +297,49 @@ def _inside_units(topo, fm, host_sets: set[frozenset[str]]) -> dict[frozenset[st
     (``host_units``: a socket, a PCIe switch with its GPUs, and the rest) whose both sides are cuts too, and each
     side cut so in turn, down to pieces of two GPUs. Sides with the same GPUs take their smallest figure."""
     bw = fm.link_bandwidths()
+    by_build: dict[tuple, dict[frozenset[int], float]] = {}  # hosts built alike have the same units, by GPU index
+    found: dict[frozenset[str], float] = {}
+    for gpus in host_sets:
+        host = topo.host_of(next(iter(gpus)))
+        key = _build_key(topo, host)
+        if key not in by_build:
+            by_build[key] = _host_inside_units(topo, fm, bw, host, gpus)
+        for indices, cap in by_build[key].items():
+            found[frozenset(topo.gpu_id(host, i) for i in indices)] = cap
+    return found
+
+
+def _host_inside_units(topo, fm, bw: np.ndarray, host: str, whole: frozenset[str]) -> dict[frozenset[int], float]:
+    """``_inside_units`` of one host, as sets of GPU indices."""
     sides: dict[frozenset[str], float] = {}
-    for held, exits, _ in host_units(topo, fm, topo.gpus()):
+    for held, exits, _ in host_units(topo, fm, sorted(whole)):
         if len(held) >= 2:
             sides[held] = min(float(bw[exits].sum()), sides.get(held, math.inf))
-    found: dict[frozenset[str], float] = {}
+    found: dict[frozenset[int], float] = {}
 
-    def split(whole: frozenset[str]) -> None:
-        halves = [s for s in sides if s < whole and whole - s in sides]
+    def split(part: frozenset[str]) -> None:
+        halves = [s for s in sides if s < part and part - s in sides]
         if not halves:
             return
-        best = max(halves, key=lambda s: (min(len(s), len(whole) - len(s)), sorted(s)))
-        for piece in (best, whole - best):
-            found[piece] = sides[piece]
+        best = max(halves, key=lambda s: (min(len(s), len(part) - len(s)), sorted(s)))
+        for piece in (best, part - best):
+            found[frozenset(topo.graph.nodes[g]["index"] for g in piece)] = sides[piece]
             split(piece)
 
-    for host in host_sets:
-        split(host)
+    split(whole)
     return found
+
+
+def _build_key(topo, host: str) -> tuple:
+    """Equal for hosts built alike (``Topology.host_signature``) whose parts' links out have the same bandwidths:
+    their cuts inside carry the same GB/s."""
+    sig = topo.host_signature(host)
+    if sig == (host,):
+        return sig
+    g, parts = topo.graph, set(topo.parts(host))
+    out = sorted((g.nodes[u]["kind"], g.nodes[u].get("index"), d["bw_gbps"]) for u in parts for v, d in g.adj[u].items()
+                 if v not in parts)
+    return sig, tuple(out)
 
 
 DP_WORK = 250_000_000
@@ -460,8 +500,20 @@ def _nonsplit_table(ring: int, u: int, most: int) -> np.ndarray:
     return np.maximum.accumulate(table, axis=1)
 
 
-def _least_share(units: list[tuple[int, float, int, str]], tables: dict[bool, np.ndarray], sets: "_PartSets",
-                 hop_tau: float, bus_tau: float, known: float | None = None) -> float | None:
+def _unit_shapes(units: list[tuple[int, float, int, str]]) -> tuple[list[tuple[int, float, str, tuple]], list[int]]:
+    """The units' tree with alike subtrees (alike hosts with their sockets and switches) as one shape: (GPUs, GB/s
+    out, kind, child shapes) per shape, children first, and the shapes of the units at the top."""
+    shapes: dict[tuple, int] = {}
+    below: list[list[int]] = [[] for _ in units]
+    top: list[int] = []
+    for i, (n_gpus, cap, parent, kind) in enumerate(units):  # children come before their parents
+        shape = shapes.setdefault((n_gpus, cap, kind, tuple(sorted(below[i]))), len(shapes))
+        (below[parent] if parent >= 0 else top).append(shape)
+    return list(shapes), top
+
+
+def _least_share(shapes: list[tuple[int, float, str, tuple]], top: list[int], tables: dict[bool, np.ndarray],
+                 sets: "_PartSets", hop_tau: float, bus_tau: float, known: float | None = None) -> float | None:
     """The smallest ``t`` such that the world's ranks fit in the units with every unit sending at most ``t x`` its
     GB/s out in all-to-all flows, when each sends only the ring hops (and gradient flows) its links out carry faster
     than ``hop_tau`` (``bus_tau``); ``None`` if none fits. ``tables[True]`` prices hosts and the units inside them
@@ -474,7 +526,7 @@ def _least_share(units: list[tuple[int, float, int, str]], tables: dict[bool, np
     """
     world = sets.world
     rows: dict[tuple[int, float, str], np.ndarray] = {}  # per kind of unit, flows out to hold n ranks (of p groups)
-    for n_gpus, cap, _, kind in units:
+    for n_gpus, cap, kind, _ in shapes:
         if (n_gpus, cap, kind) not in rows:
             table = tables[kind != "above"]
             hops, runs = table.shape[1] - 2, table.shape[2] - 2
@@ -488,14 +540,6 @@ def _least_share(units: list[tuple[int, float, int, str]], tables: dict[bool, np
             rows[n_gpus, cap, kind] = np.where(full < _FAR, full, np.inf)
     candidates = np.unique(np.concatenate([[0.0], *(row[np.isfinite(row)] / cap for (_, cap, _), row in rows.items()
                                                      if cap > 0)]))
-
-    # Alike subtrees (alike hosts with their sockets and switches) hold alike sets: each shape is summed once.
-    shapes: dict[tuple, int] = {}
-    below: list[list[int]] = [[] for _ in units]
-    top = []
-    for i, (n_gpus, cap, parent, kind) in enumerate(units):  # children come before their parents
-        shape = shapes.setdefault((n_gpus, cap, kind, tuple(sorted(below[i]))), len(shapes))
-        (below[parent] if parent >= 0 else top).append(shape)
 
     def fits(t: float) -> bool:
         allowed = {kind: sets.encode(row <= t * kind[1] * (1 + _TOL) + _TOL) for kind, row in rows.items()}
