@@ -7,7 +7,9 @@ Each size is a 2:1 leaf-spine of 8-GPU hosts, 8 hosts per leaf. The time
 covers ``make_plan`` end to end (host choice, ring order, in-host order and
 the cost model with its bound) on a fresh topology, so no path cache is warm;
 the naive baseline, which skips the search but pays the same cost model, is
-timed beside it.
+timed beside it. Then a small plan on each cluster (``--small`` GPUs in
+rings of 8 with Ulysses pairs): its exact search, the joint floors and the
+units inside hosts run over the whole cluster.
 """
 
 from __future__ import annotations
@@ -21,12 +23,13 @@ from topology.network.presets import leaf_spine
 TARGETS = {512: 0.5, 16384: 20.0}
 
 
-def time_plan(gpus: int, ring: int, strategy: str, repeats: int) -> tuple[float, dict]:
+def time_plan(gpus: int, ring: int, strategy: str, repeats: int, world: int | None = None,
+              ulysses: int = 1) -> tuple[float, dict]:
     best, cost = float("inf"), {}
     for _ in range(repeats):
         topo = leaf_spine(hosts=gpus // 8, hosts_per_leaf=8, oversubscription=2.0)
         start = time.perf_counter()
-        plan = make_plan(topo, gpus, ring, strategy=strategy)
+        plan = make_plan(topo, world or gpus, ring, ulysses, strategy=strategy)
         best = min(best, time.perf_counter() - start)
         cost = plan.cost
     return best, cost
@@ -37,6 +40,7 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[512, 4096, 16384])
     parser.add_argument("--ring", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--small", type=int, default=16, help="GPUs of the small plan on each cluster")
     args = parser.parse_args()
     print(f"{'GPUs':>6}  {'aware s':>8}  {'naive s':>8}  {'aware/naive':>11}  {'target s':>8}  {'slowest hop':>11}  {'bound':>7}")
     for gpus in args.sizes:
@@ -46,6 +50,14 @@ def main() -> None:
         verdict = "-" if target is None else f"{target:g} {'ok' if aware < target else 'MISSED'}"
         print(f"{gpus:>6}  {aware:>8.3f}  {naive:>8.3f}  {aware / naive:>11.2f}  {verdict:>8}  "
               f"{cost['slowest_hop_gbps']:>9.2f}GB/s  {cost['bound_hop_gbps']:>5.2f}GB/s")
+    print(f"\n{args.small} GPUs, rings of 8 in Ulysses pairs, on each cluster:")
+    print(f"{'GPUs':>6}  {'aware s':>8}  {'naive s':>8}  {'above bound':>11}  proof")
+    for gpus in args.sizes:
+        aware, cost = time_plan(gpus, 8, "aware", 1, args.small, 2)
+        naive, _ = time_plan(gpus, 8, "naive", 1, args.small, 2)
+        found = cost["search"]
+        print(f"{gpus:>6}  {aware:>8.3f}  {naive:>8.3f}  {cost['step_time_s'] / cost['bound_step_s'] - 1:>11.3%}  "
+              f"{found['proof'] or 'none'}")
 
 
 if __name__ == "__main__":
