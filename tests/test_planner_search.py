@@ -17,7 +17,7 @@ from topology.planning.planner import make_plan
 from topology.network.presets import PRESETS, g6e, leaf_spine, nvl_domains, rails
 from topology.planning.ring_order import nic_spread_order
 from topology.planning.bounds.hop_latency import a2a_latency, hop_latency
-from topology.planning.bounds.rates import host_units, min_route_latency
+from topology.planning.bounds.rates import gpu_access_bound, host_units, min_route_latency, single_flow_bound
 from topology.planning.bounds.split_groups import (_FAR, _family_table, _inside_units, _nonsplit_table, _rank_table,
                                                   _unit_tree, split_step)
 from topology.planning.search.symmetry import Symmetry
@@ -649,6 +649,27 @@ def test_exact_search_runs_again_from_a_better_order_that_local_search_finds():
     found = plan.cost["search"]
     assert found["optimal"] and found["proof"] == "exhaustive" and found["gap"] == 0
     assert found["nodes"] > optimise.EXACT_NODES  # two searches
+
+
+@settings(max_examples=30, deadline=None)
+@given(small_clusters(), st.integers(0, 2))
+def test_no_flow_alone_runs_faster_than_the_single_flow_bound(problem, nvlink):
+    """Every pair of GPUs, its flow alone: no faster than ``single_flow_bound``, on generated clusters and on NVLink
+    racks, where a GPU's NVLink and PCIe links never serve one flow together."""
+    topo = problem[0] if nvlink == 0 else nvl_domains(2, trays=nvlink, gpus_per_tray=2, hosts_per_leaf=1)
+    fm = FlowModel(topo)
+    fastest = max((fm.bandwidths([(a, b)])[0][0] for a in topo.gpus() for b in topo.gpus() if a != b), default=0.0)
+    assert fastest <= single_flow_bound(topo) * (1 + 1e-12)
+    if nvlink:
+        assert single_flow_bound(topo) == fastest < gpu_access_bound(topo)
+
+
+def test_gradients_in_an_nvlink_rack_are_bound_by_its_nvlink_not_nvlink_and_pcie_together():
+    """Two replicas of Ulysses groups of 4 in one NVLink rack: the gradient ring runs at the NVLink planes' 900 GB/s;
+    the bound used to add the GPU's PCIe link to the network card (964 GB/s), 5.9% below the plan."""
+    plan = make_plan(nvl_domains(2, trays=2), 8, 4, 4, seq_len=4 * 256)
+    assert plan.cost["search"]["optimal"]
+    assert plan.cost["step_time_s"] <= plan.cost["bound_step_s"] * 1.001
 
 
 def test_pair_rates_are_the_flow_models_rates_of_one_more_flow():

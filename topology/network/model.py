@@ -209,6 +209,17 @@ class Topology:
                     (labels[u], labels[v], d["bw_gbps"], d["lat_us"]) for u in parts for v, d in g.adj[u].items() if v in labels))
         return cache[host]
 
+    def host_build_key(self, host: str) -> tuple:
+        """Equal for hosts built alike (``host_signature``) whose parts' links out have the same bandwidths: what
+        happens inside them, and what leaves them, runs at the same GB/s (wherever their links lead)."""
+        sig = self.host_signature(host)
+        if sig == (host,):
+            return sig
+        g, parts = self.graph, set(self.parts(host))
+        out = sorted((g.nodes[u]["kind"], g.nodes[u].get("index"), d["bw_gbps"]) for u in parts
+                     for v, d in g.adj[u].items() if v not in parts)
+        return sig, tuple(out)
+
     def host_class_key(self, host: str, gpus: list[str]) -> tuple:
         """What makes two hosts interchangeable to a plan using ``gpus`` of theirs: layout, those GPUs and links to
         the outside, in part labels."""

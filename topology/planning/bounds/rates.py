@@ -52,7 +52,8 @@ def ring_bandwidth_bound(topo: Topology, rings: int, size: int, without: frozens
     switch level); every other ring touches at least two units (and at
     least ``ceil(size / largest)``) and leaves each; a unit can send at most
     ``sum(bw) / t`` such flows over its external links. (3) Access: every
-    hop leaves one GPU through its links. (1) also cuts a unit of hosts
+    GPU sends one hop, no faster than one flow can run alone
+    (``single_flow_bound``). (1) also cuts a unit of hosts
     under a switch from the rest when its links out carry less than ``t``
     in all: no flow at ``t`` leaves it. O(E log E) for (1),
     O(units x links x 60) for (2). Hosts ``without`` only take GPUs away from
@@ -71,7 +72,7 @@ def ring_bandwidth_bound(topo: Topology, rings: int, size: int, without: frozens
             cache[rings, size, without] = whole if fits else min(whole, _component_bound(topo, rings, size, without))
         return cache[rings, size, without]
     if (rings, size) not in cache:
-        bound = min(_component_bound(topo, rings, size), gpu_access_bound(topo))
+        bound = min(_component_bound(topo, rings, size), single_flow_bound(topo))
         for caps in _unit_levels(topo):
             bound = min(bound, _exit_bound(caps, rings, size))
         cache[rings, size] = bound
@@ -86,6 +87,53 @@ def gpu_access_bound(topo: Topology) -> float:
         cache["access"] = max((sum(d["bw_gbps"] for _, _, d in g.edges(gpu, data=True)) for gpu in topo.gpus()),
                               default=math.inf)
     return cache["access"]
+
+
+def single_flow_bound(topo: Topology) -> float:
+    """The fastest one flow between two GPUs can run, alone on the cluster: no ring hop (each GPU sends one) runs
+    faster, as sharing links only slows a flow.
+
+    A GPU's links may not all serve one flow: in an NVLink domain a flow takes the NVLink switches or, to a GPU
+    outside, the PCIe path to a NIC, never both. So per GPU the largest of: its routes to the GPUs of its host, as
+    routed; the sum of its links to NVLink switches (any route in the domain); and its route off the host up to the
+    node where it leaves, as routed, then that node's links out in all (ECMP may split there). One host of each
+    build (``Topology.host_build_key``) stands for all.
+    """
+    cache = topo.__dict__.setdefault("_bound_cache", {})
+    if "single" not in cache:
+        g, routes = topo.graph, topo.routes
+        builds: dict[tuple, str] = {}
+        for host in topo.hosts:
+            if topo.gpus(host):
+                builds.setdefault(topo.host_build_key(host), host)
+        everyone = topo.gpus()
+        best = 0.0
+        for host in builds.values():
+            inside = set(topo.parts(host))
+            for a in topo.gpus(host):
+                rates = [_alone(topo, routes.route(a, b)) for b in topo.gpus(host) if b != a]
+                rates.append(sum(d["bw_gbps"] for v, d in g.adj[a].items() if g.nodes[v]["kind"] == NVLINK_KIND))
+                away = (routes.route(a, x) for x in everyone if topo.host_of(x) != host)
+                route = next((r for r in away if not _via_nvlink(topo, r)), None)
+                if route is not None:
+                    own = tuple(step for step in route if step[0][0] in inside and step[0][1] in inside)
+                    exits = {u for (u, v), _ in route if u in inside and v not in inside}
+                    out = sum(d["bw_gbps"] for u in exits for v, d in g.adj[u].items() if v not in inside)
+                    rates.append(min(_alone(topo, own), out))
+                best = max(best, *rates)
+        access = gpu_access_bound(topo)
+        cache["single"] = min(best, access) if best > 0 else access
+    return cache["single"]
+
+
+def _alone(topo: Topology, route) -> float:
+    """GB/s of a flow alone on its route (``inf`` for none): its smallest link bandwidth over its share there."""
+    return min((topo.graph.edges[u, v]["bw_gbps"] / share for (u, v), share in route if share > 0), default=math.inf)
+
+
+def _via_nvlink(topo: Topology, route) -> bool:
+    """Whether a route crosses an NVLink switch."""
+    return any(topo.graph.nodes[v]["kind"] == NVLINK_KIND for (_, v), _ in route)
 
 
 def _unit_levels(topo: Topology) -> list[list[tuple[int, float]]]:

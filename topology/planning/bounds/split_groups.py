@@ -67,9 +67,9 @@ from topology.planning.bounds.run_tiling import RunTiling
 SPLIT_GPUS = 256
 """Worlds of at most this many ranks get the argument: the table and the sums over units grow with the world."""
 INSIDE_GPUS, INSIDE_BUILDS = 64, 64
-"""Worlds of at most this many ranks on clusters of at most this many kinds of host (``_build_key``) get units inside
-hosts (sockets, PCIe switches): the sums over units grow with the world, and finding them reads one host of each
-kind."""
+"""Worlds of at most this many ranks on clusters of at most this many kinds of host (``Topology.host_build_key``)
+get units inside hosts (sockets, PCIe switches): the sums over units grow with the world, and finding them reads
+one host of each kind."""
 PARTS_GPUS = 64
 """Worlds of at most this many ranks count the parts of cp groups hosts hold (``_least_share``)."""
 SPLIT_RANGES = 8
@@ -256,7 +256,7 @@ def _unit_tree(topo, fm, inside: bool) -> list[tuple[int, float, int, str]] | No
     cache = topo.__dict__.setdefault("_bound_cache", {})
     if inside:
         if "builds" not in cache:
-            cache["builds"] = len({_build_key(topo, h) for h in topo.hosts if topo.gpus(h)})
+            cache["builds"] = len({topo.host_build_key(h) for h in topo.hosts if topo.gpus(h)})
         inside = cache["builds"] <= INSIDE_BUILDS
     if ("unit_tree", inside) not in cache:
         cache["unit_tree", inside] = _build_unit_tree(topo, fm, inside)
@@ -301,7 +301,7 @@ def _inside_units(topo, fm, host_sets: set[frozenset[str]]) -> dict[frozenset[st
     found: dict[frozenset[str], float] = {}
     for gpus in host_sets:
         host = topo.host_of(next(iter(gpus)))
-        key = _build_key(topo, host)
+        key = topo.host_build_key(host)
         if key not in by_build:
             by_build[key] = _host_inside_units(topo, fm, bw, host, gpus)
         for indices, cap in by_build[key].items():
@@ -328,18 +328,6 @@ def _host_inside_units(topo, fm, bw: np.ndarray, host: str, whole: frozenset[str
 
     split(whole)
     return found
-
-
-def _build_key(topo, host: str) -> tuple:
-    """Equal for hosts built alike (``Topology.host_signature``) whose parts' links out have the same bandwidths:
-    their cuts inside carry the same GB/s."""
-    sig = topo.host_signature(host)
-    if sig == (host,):
-        return sig
-    g, parts = topo.graph, set(topo.parts(host))
-    out = sorted((g.nodes[u]["kind"], g.nodes[u].get("index"), d["bw_gbps"]) for u in parts for v, d in g.adj[u].items()
-                 if v not in parts)
-    return sig, tuple(out)
 
 
 DP_WORK = 250_000_000
