@@ -106,24 +106,34 @@ def single_flow_bound(topo: Topology) -> float:
         for host in topo.hosts:
             if topo.gpus(host):
                 builds.setdefault(topo.host_build_key(host), host)
-        everyone = topo.gpus()
         best = 0.0
         for host in builds.values():
-            inside = set(topo.parts(host))
             for a in topo.gpus(host):
                 rates = [_alone(topo, routes.route(a, b)) for b in topo.gpus(host) if b != a]
                 rates.append(sum(d["bw_gbps"] for v, d in g.adj[a].items() if g.nodes[v]["kind"] == NVLINK_KIND))
-                away = (routes.route(a, x) for x in everyone if topo.host_of(x) != host)
-                route = next((r for r in away if not _via_nvlink(topo, r)), None)
-                if route is not None:
-                    own = tuple(step for step in route if step[0][0] in inside and step[0][1] in inside)
-                    exits = {u for (u, v), _ in route if u in inside and v not in inside}
-                    out = sum(d["bw_gbps"] for u in exits for v, d in g.adj[u].items() if v not in inside)
-                    rates.append(min(_alone(topo, own), out))
+                off = off_host_route(topo, a)
+                if off is not None:
+                    rates.append(min(off))
                 best = max(best, *rates)
         access = gpu_access_bound(topo)
         cache["single"] = min(best, access) if best > 0 else access
     return cache["single"]
+
+
+def off_host_route(topo: Topology, gpu: str) -> tuple[float, float] | None:
+    """(GB/s of the GPU's route to other hosts inside its host, alone; GB/s of all the links out of the node where
+    it leaves the host): every flow to a GPU of another host outside its NVLink domain takes that route and leaves
+    there (ECMP may split beyond). None where no GPU of another host is reached but over NVLink."""
+    host, routes = topo.host_of(gpu), topo.routes
+    away = (routes.route(gpu, x) for x in topo.gpus() if topo.host_of(x) != host)
+    route = next((r for r in away if not _via_nvlink(topo, r)), None)
+    if route is None:
+        return None
+    inside = set(topo.parts(host))
+    own = tuple(step for step in route if step[0][0] in inside and step[0][1] in inside)
+    exits = {u for (u, v), _ in route if u in inside and v not in inside}
+    out = sum(d["bw_gbps"] for u in exits for v, d in topo.graph.adj[u].items() if v not in inside)
+    return _alone(topo, own), out
 
 
 def _alone(topo: Topology, route) -> float:

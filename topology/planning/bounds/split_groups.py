@@ -13,7 +13,10 @@ ranks a ring apart (``u`` apart in rank order) are separate runs unless the
 unit holds the ranks between them too, with their rings. Every kind of
 flow leaving over links of ``C`` GB/s in all is ``k`` flows that cannot all
 run faster than ``C / k`` (``topology.network.routing``: a flow's rate is its
-smallest share of a link it crosses).
+smallest share of a link it crosses). A host's links out are not all open
+to each rank: one holding ``n`` ranks holds at most ``min(n, u)`` of a
+group, so each rank sends ``u - min(n, u)`` all-to-all flows or more to
+other hosts, all where its own GPU's flows leave (its NIC).
 
 The bound splits on the slowest ring hop's rate and on the gradient bus
 (before efficiency), each into ranges between the units' figures ``C / k``.
@@ -60,8 +63,9 @@ from functools import lru_cache
 
 import numpy as np
 
+from topology.network.routing import NVLINK_KIND
 from topology.planning.bounds.hop_latency import a2a_latency, hop_latency
-from topology.planning.bounds.rates import all_units, host_units, ring_bandwidth_bound
+from topology.planning.bounds.rates import all_units, host_units, off_host_route, ring_bandwidth_bound
 from topology.planning.bounds.run_tiling import RunTiling
 
 SPLIT_GPUS = 256
@@ -141,6 +145,7 @@ def _compute_ranges(sm) -> list[tuple[float, float, float]]:
     levels = [level for level in _levels(units) if max(units[i][0] for i in level) < world]
     tiling = RunTiling(sm.dp, sm.ring, sm.ulysses, max((units[i][0] for level in levels for i in level), default=1))
     shapes, top = _unit_shapes(units)
+    exits = _rank_exits(topo) if sm.ulysses > 1 else {}
     level_kinds = {tau: _level_kinds(units, levels, world, tau) for _, tau in bus_ranges}
     cells = []
     # A cell allows each unit at least the flows out of the cells before it in its row and column (their ranges
@@ -150,8 +155,8 @@ def _compute_ranges(sm) -> list[tuple[float, float, float]]:
         left = None
         for j, (bus_top, bus_tau) in enumerate(bus_ranges):
             known = [x for x in (above[j], left) if x is not None]
-            tree = (_least_share(shapes, top, tables, sets, hop_tau, bus_tau, min(known, default=None)) if tables
-                    else 0.0)
+            tree = (_least_share(shapes, top, tables, sets, hop_tau, bus_tau, min(known, default=None),
+                                 exits, sm.ulysses) if tables else 0.0)
             above[j] = left = tree
             t = tree if tree is None else _tiled_share(tiling, level_kinds[bus_tau], tree, hop_tau, bus_tau)
             if t is None:  # no order has its slowest hop and its bus in these ranges
@@ -500,8 +505,24 @@ def _unit_shapes(units: list[tuple[int, float, int, str]]) -> tuple[list[tuple[i
     return list(shapes), top
 
 
+def _rank_exits(topo) -> dict[int, float]:
+    """Per host size, the most GB/s by which one GPU's flows to other hosts can leave its host
+    (``topology.planning.bounds.rates.off_host_route``); ``inf`` where a host's GPUs reach others over NVLink. One
+    host of each build (``Topology.host_build_key``) stands for all."""
+    g, found = topo.graph, {}
+    builds = {topo.host_build_key(h): h for h in topo.hosts if topo.gpus(h)}
+    for host in builds.values():
+        gpus = topo.gpus(host)
+        nvlink = any(g.nodes[v]["kind"] == NVLINK_KIND for a in gpus for v in g.adj[a])
+        routes = [None if nvlink else off_host_route(topo, a) for a in gpus]
+        out = math.inf if any(r is None for r in routes) else max(r[1] for r in routes)
+        found[len(gpus)] = max(out, found.get(len(gpus), 0.0))
+    return found
+
+
 def _least_share(shapes: list[tuple[int, float, str, tuple]], top: list[int], tables: dict[bool, np.ndarray],
-                 sets: "_PartSets", hop_tau: float, bus_tau: float, known: float | None = None) -> float | None:
+                 sets: "_PartSets", hop_tau: float, bus_tau: float, known: float | None = None,
+                 exits: dict[int, float] | None = None, u: int = 1) -> float | None:
     """The smallest ``t`` such that the world's ranks fit in the units with every unit sending at most ``t x`` its
     GB/s out in all-to-all flows, when each sends only the ring hops (and gradient flows) its links out carry faster
     than ``hop_tau`` (``bus_tau``); ``None`` if none fits. ``tables[True]`` prices hosts and the units inside them
@@ -511,8 +532,13 @@ def _least_share(shapes: list[tuple[int, float, str, tuple]], top: list[int], ta
     Each cp group spreads over at least ``ceil(cp / G)`` hosts of at most ``G`` GPUs, so the hosts hold parts of
     cp groups ``dp ceil(cp / G)`` times or more (``sets.need``): the sum over the tree counts parts with ranks (a
     host's ranks of ``p`` cp groups cost what its table says for ``p``).
+
+    A host holding ``n`` ranks of Ulysses groups of ``u`` holds at most ``min(n, u)`` of any one group: each of its
+    ranks sends ``u - min(n, u)`` all-to-all flows or more to other hosts, all out of the one place its GPU's
+    flows leave the host (``exits``, per host size: one NIC of a host with several), which must carry them.
     """
     world = sets.world
+    exits = exits or {}
     rows: dict[tuple[int, float, str], np.ndarray] = {}  # per kind of unit, flows out to hold n ranks (of p groups)
     for n_gpus, cap, kind, _ in shapes:
         if (n_gpus, cap, kind) not in rows:
@@ -526,11 +552,17 @@ def _least_share(shapes: list[tuple[int, float, str, tuple]], top: list[int], ta
             if full.ndim == 1:
                 full = full[:, None]
             rows[n_gpus, cap, kind] = np.where(full < _FAR, full, np.inf)
+    lone = {kind: np.array([u - min(n, u) if n else 0 for n in range(len(row))], dtype=float)
+            for kind, row in rows.items() if kind[2] == "host" and math.isfinite(exits.get(kind[0], math.inf))}
     candidates = np.unique(np.concatenate([[0.0], *(row[np.isfinite(row)] / cap for (_, cap, _), row in rows.items()
-                                                     if cap > 0)]))
+                                                     if cap > 0),
+                                           *(flows / exits[kind[0]] for kind, flows in lone.items())]))
 
     def fits(t: float) -> bool:
-        allowed = {kind: sets.encode(row <= t * kind[1] * (1 + _TOL) + _TOL) for kind, row in rows.items()}
+        allowed = {kind: sets.encode((row <= t * kind[1] * (1 + _TOL) + _TOL)
+                                     & (lone[kind] <= t * exits[kind[0]] * (1 + _TOL) + _TOL)[:, None]
+                                     if kind in lone else row <= t * kind[1] * (1 + _TOL) + _TOL)
+                   for kind, row in rows.items()}
         held: list[int] = []  # per shape, the (ranks, parts) its unit can hold, as a bit set
         for n_gpus, cap, kind, children in shapes:
             held.append(allowed[n_gpus, cap, kind] & sets.total([held[c] for c in children]) if children
