@@ -220,6 +220,17 @@ class Topology:
                      for v, d in g.adj[u].items() if v not in parts)
         return sig, tuple(out)
 
+    def host_builds(self) -> dict[tuple, list[str]]:
+        """Hosts with GPUs grouped by ``host_build_key``, in host order: one of each group stands for all of it."""
+        cache = self.__dict__.setdefault("_bound_cache", {})
+        if "builds" not in cache:
+            builds: dict[tuple, list[str]] = {}
+            for host in self.hosts:
+                if self._gpus_by_host[host]:
+                    builds.setdefault(self.host_build_key(host), []).append(host)
+            cache["builds"] = builds
+        return cache["builds"]
+
     def host_class_key(self, host: str, gpus: list[str]) -> tuple:
         """What makes two hosts interchangeable to a plan using ``gpus`` of theirs: layout, those GPUs and links to
         the outside, in part labels."""

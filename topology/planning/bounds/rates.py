@@ -102,12 +102,8 @@ def single_flow_bound(topo: Topology) -> float:
     cache = topo.__dict__.setdefault("_bound_cache", {})
     if "single" not in cache:
         g, routes = topo.graph, topo.routes
-        builds: dict[tuple, str] = {}
-        for host in topo.hosts:
-            if topo.gpus(host):
-                builds.setdefault(topo.host_build_key(host), host)
         best = 0.0
-        for host in builds.values():
+        for host, *_ in topo.host_builds().values():
             for a in topo.gpus(host):
                 rates = [_alone(topo, routes.route(a, b)) for b in topo.gpus(host) if b != a]
                 rates.append(sum(d["bw_gbps"] for v, d in g.adj[a].items() if g.nodes[v]["kind"] == NVLINK_KIND))

@@ -259,10 +259,7 @@ def _unit_tree(topo, fm, inside: bool) -> list[tuple[int, float, int, str]] | No
     units do not nest (a host under two switches of one level).
     """
     cache = topo.__dict__.setdefault("_bound_cache", {})
-    if inside:
-        if "builds" not in cache:
-            cache["builds"] = len({topo.host_build_key(h) for h in topo.hosts if topo.gpus(h)})
-        inside = cache["builds"] <= INSIDE_BUILDS
+    inside = inside and len(topo.host_builds()) <= INSIDE_BUILDS
     if ("unit_tree", inside) not in cache:
         cache["unit_tree", inside] = _build_unit_tree(topo, fm, inside)
     return cache["unit_tree", inside]
@@ -302,15 +299,12 @@ def _inside_units(topo, fm, host_sets: set[frozenset[str]]) -> dict[frozenset[st
     (``host_units``: a socket, a PCIe switch with its GPUs, and the rest) whose both sides are cuts too, and each
     side cut so in turn, down to pieces of two GPUs. Sides with the same GPUs take their smallest figure."""
     bw = fm.link_bandwidths()
-    by_build: dict[tuple, dict[frozenset[int], float]] = {}  # hosts built alike have the same units, by GPU index
     found: dict[frozenset[str], float] = {}
-    for gpus in host_sets:
-        host = topo.host_of(next(iter(gpus)))
-        key = topo.host_build_key(host)
-        if key not in by_build:
-            by_build[key] = _host_inside_units(topo, fm, bw, host, gpus)
-        for indices, cap in by_build[key].items():
-            found[frozenset(topo.gpu_id(host, i) for i in indices)] = cap
+    for hosts in topo.host_builds().values():  # hosts built alike have the same units, by GPU index
+        units = _host_inside_units(topo, fm, bw, hosts[0], frozenset(topo.gpus(hosts[0])))
+        for host in hosts:
+            if frozenset(topo.gpus(host)) in host_sets:
+                found.update((frozenset(topo.gpu_id(host, i) for i in indices), cap) for indices, cap in units.items())
     return found
 
 
@@ -510,8 +504,7 @@ def _rank_exits(topo) -> dict[int, float]:
     (``topology.planning.bounds.rates.off_host_route``); ``inf`` where a host's GPUs reach others over NVLink. One
     host of each build (``Topology.host_build_key``) stands for all."""
     g, found = topo.graph, {}
-    builds = {topo.host_build_key(h): h for h in topo.hosts if topo.gpus(h)}
-    for host in builds.values():
+    for host, *_ in topo.host_builds().values():
         gpus = topo.gpus(host)
         nvlink = any(g.nodes[v]["kind"] == NVLINK_KIND for a in gpus for v in g.adj[a])
         routes = [None if nvlink else off_host_route(topo, a) for a in gpus]
@@ -551,18 +544,17 @@ def _least_share(shapes: list[tuple[int, float, str, tuple]], top: list[int], ta
                 full = full.min(axis=1)
             if full.ndim == 1:
                 full = full[:, None]
-            rows[n_gpus, cap, kind] = np.where(full < _FAR, full, np.inf)
-    lone = {kind: np.array([u - min(n, u) if n else 0 for n in range(len(row))], dtype=float)
-            for kind, row in rows.items() if kind[2] == "host" and math.isfinite(exits.get(kind[0], math.inf))}
+            row = np.where(full < _FAR, full, np.inf)
+            if kind == "host" and math.isfinite(exits.get(n_gpus, math.inf)):
+                # A lone rank's flows out, counted as the share of the host's links out they take from its NIC's.
+                lone = np.array([u - min(n, u) if n else 0 for n in range(len(row))], dtype=float)
+                row = np.maximum(row, (lone * cap / exits[n_gpus])[:, None])
+            rows[n_gpus, cap, kind] = row
     candidates = np.unique(np.concatenate([[0.0], *(row[np.isfinite(row)] / cap for (_, cap, _), row in rows.items()
-                                                     if cap > 0),
-                                           *(flows / exits[kind[0]] for kind, flows in lone.items())]))
+                                                     if cap > 0)]))
 
     def fits(t: float) -> bool:
-        allowed = {kind: sets.encode((row <= t * kind[1] * (1 + _TOL) + _TOL)
-                                     & (lone[kind] <= t * exits[kind[0]] * (1 + _TOL) + _TOL)[:, None]
-                                     if kind in lone else row <= t * kind[1] * (1 + _TOL) + _TOL)
-                   for kind, row in rows.items()}
+        allowed = {kind: sets.encode(row <= t * kind[1] * (1 + _TOL) + _TOL) for kind, row in rows.items()}
         held: list[int] = []  # per shape, the (ranks, parts) its unit can hold, as a bit set
         for n_gpus, cap, kind, children in shapes:
             held.append(allowed[n_gpus, cap, kind] & sets.total([held[c] for c in children]) if children

@@ -221,14 +221,19 @@ def optimise(sm: StepModel, candidates: dict[str, list[str]], pool: list[str], b
         if result.step_s <= bound * (1 + REL_TOL):
             result.optimal, result.proof = True, "meets bound"
             return result
-    if exact:
-        order, step, proven, result.nodes = branch_and_bound(sm, pool, result.order, result.step_s, cap, joint,
-                                                             attention, guide)
+
+    def exhaust() -> None:
+        """Branch and bound from the best order so far; a finished search proves its result optimal."""
+        order, step, proven, nodes = branch_and_bound(sm, pool, result.order, result.step_s, cap, joint, attention,
+                                                      guide)
+        result.nodes += nodes
         if step < result.step_s * (1 - REL_TOL):
             result.order, result.step_s, result.construction = order, step, "exhaustive"
-        if proven:
-            result.optimal, result.proof = True, "exhaustive"
-        elif not few:
+        result.optimal, result.proof = proven, "exhaustive" if proven else None
+
+    if exact:
+        exhaust()
+        if not result.optimal and not few:
             # Unproven, the search spends the rest of its moves from the best order met, on a seed of its own:
             # the quarter before the exact search may have missed a single swap that pays.
             order, step, moves = _local_search(sm, result.order, result.step_s, pool, budget_s, seed + 1,
@@ -238,13 +243,7 @@ def optimise(sm: StepModel, candidates: dict[str, list[str]], pool: list[str], b
                 if step <= bound * (1 + REL_TOL):
                     result.optimal, result.proof = True, "meets bound"
                 else:
-                    # A better incumbent cuts more branches: the exact search runs once more, from it.
-                    order, step, proven, nodes = branch_and_bound(sm, pool, result.order, result.step_s, cap, joint,
-                                                                  attention, guide)
-                    result.nodes += nodes
-                    if step < result.step_s * (1 - REL_TOL):
-                        result.order, result.step_s, result.construction = order, step, "exhaustive"
-                    result.optimal, result.proof = proven, "exhaustive" if proven else None
+                    exhaust()  # a better incumbent cuts more branches: the exact search runs once more, from it
     if not result.optimal:
         result.gap = result.step_s / bound - 1
     return result
