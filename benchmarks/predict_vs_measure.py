@@ -61,25 +61,26 @@ MODEL = {"tiny": {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layer
          "base_theta": 10_000.0, "base_len": 128, "head_dim": 16}
 
 
-def _spec(world: int, tokens: int, repeats: int, step_overhead: bool, ulysses: int) -> tuple[dict, dict]:
+def _spec(world: int, tokens: int, repeats: int, step_overhead: bool, ulysses: int, model: dict = MODEL,
+          backend: str = "gloo") -> tuple[dict, dict]:
     """What each rank measures for a calibration (``measure_rank``'s spec), and the calibration's meta."""
     from launcher.estimate.memory import model_shape
     from trainer.config import ModelConfig
 
-    shape, _ = model_shape(ModelConfig(**MODEL))
+    shape, _ = model_shape(ModelConfig(**model))
     spec = {"tokens": tokens, "hidden": shape.hidden, "intermediate": shape.intermediate, "n_q": shape.n_q_heads,
             "n_kv": shape.n_kv_heads, "head_dim": shape.head_dim, "layers": shape.layers, "hosts": ["local"] * world,
-            "repeats": repeats, "model": MODEL, "params": shape.params, "step_overhead": step_overhead, "ulysses": ulysses}
-    meta = {"ranks": world, "tokens_per_rank": tokens, "model": shape.name, "backend": "gloo", "repeats": repeats,
+            "repeats": repeats, "model": model, "params": shape.params, "step_overhead": step_overhead, "ulysses": ulysses}
+    meta = {"ranks": world, "tokens_per_rank": tokens, "model": shape.name, "backend": backend, "repeats": repeats,
             "params": shape.params, "ulysses": ulysses}
     return spec, meta
 
 
-def _build(results: list[dict], world: int, meta: dict):
+def _build(results: list[dict], world: int, meta: dict, device: str = "cpu"):
     from launcher.commands.calibrate import build
 
     when = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    return build(results, f"calibrated on this machine ({world} gloo ranks) at {when}", "cpu", meta)
+    return build(results, f"calibrated on this machine ({world} {meta['backend']} ranks) at {when}", device, meta)
 
 
 def _calibrate_rank(rank: int, world: int, spec: dict) -> dict:
@@ -124,10 +125,10 @@ def calibrate(world: int, tokens: int, repeats: int, step_overhead: bool = True,
     return _build(run_distributed(_calibrate_rank, world, spec, timeout=600), world, meta)
 
 
-def _stage(tmp: Path, c: int, seq: int, ulysses: int, steps: int, name: str) -> tuple:
+def _stage(tmp: Path, c: int, seq: int, ulysses: int, steps: int, name: str, model: dict = MODEL) -> tuple:
     from stage_helpers import plan_for, stage_config
 
-    cfg = stage_config(tmp / name, seq_len=seq, gpus=c, batch=1, steps=steps, ulysses=ulysses, model=MODEL, name=name)
+    cfg = stage_config(tmp / name, seq_len=seq, gpus=c, batch=1, steps=steps, ulysses=ulysses, model=model, name=name)
     return cfg, plan_for(cfg)
 
 

@@ -117,7 +117,7 @@ def test_cuda_kernel_calls_check_on_meta(dtype):
     assert dq.shape == q.shape and dk.shape == dv.shape == k.shape
 
 
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device for the varlen flash kernel")
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device for the flash and memory-efficient kernels")
 
 
 @pytest.mark.parametrize("device,dtype,tolerance", [
@@ -181,33 +181,35 @@ def test_lengths_dividing_by_2r_give_ring_flash_attn_varlen_layout(ring, ulysses
     assert flash_varlen_args(Documents((cu,), "sequence"), ring) is None
 
 
-def _simulated_ring(q, k, v, dout, docs: Documents, ring: int, scale: float):
+def _simulated_ring(q, k, v, dout, docs: Documents | None, ring: int, scale: float):
     """The ring's per-rank steps in one process: every rank's blocks at every step, K/V passed by hand.
 
-    Returns the whole ``out, dq, dk, dv`` put back in sequence order.
+    ``docs`` None is the plain causal zigzag. Returns the whole ``out, dq, dk, dv`` put back in sequence order.
     """
+    batch, seq = q.shape[:2]
     groups = [_ring_groups(ring, me) for me in range(ring)]
     local = [[shard(t, g, documents=docs) for t in (q, k, v, dout)] for g in groups]
     outs, grads = [], [[torch.zeros(t.shape, dtype=torch.float32, device=t.device) for t in (lq, lk, lv)]
                        for lq, lk, lv, _ in local]
     for me, (lq, lk, lv, ld) in enumerate(local):
-        out, lse = diagonal_forward(lq, lk, lv, docs.blocks(ring, me, 0), scale)
+        out, lse = diagonal_forward(lq, lk, lv, schedule(docs, batch, seq, ring, me, 0), scale)
         for step in range(1, ring):  # the ring's choice: per-block calls here, one varlen call per step on CUDA
-            work = _step_work(docs, docs.batch, docs.seq_len, ring, me, step, lq)
+            work = _step_work(docs, batch, seq, ring, me, step, lq)
             step_forward(lq, local[(me - step) % ring][1:3], out, lse, work, scale)
         out = out.to(lq.dtype)
         outs.append(out)
-        dq, dk, dv = diagonal_backward(ld, lq, lk, lv, out, lse, docs.blocks(ring, me, 0), scale)
+        dq, dk, dv = diagonal_backward(ld, lq, lk, lv, out, lse, schedule(docs, batch, seq, ring, me, 0), scale)
         grads[me][0] += dq
         grads[me][1] += dk
         grads[me][2] += dv
         for step in range(1, ring):
             src = (me - step) % ring
-            work = _step_work(docs, docs.batch, docs.seq_len, ring, me, step, lq)
+            work = _step_work(docs, batch, seq, ring, me, step, lq)
             step_backward(ld, lq, local[src][1:3], out, lse, grads[me][0], grads[src][1:], work, scale)
     whole = []
     for pieces in [outs] + [[g[i] for g in grads] for i in range(3)]:
-        index = torch.cat([docs.local_indices(ring, me) for me in range(ring)], dim=1)
+        index = torch.cat([docs.local_indices(ring, me) if docs else zigzag_indices(seq, ring, me).expand(batch, -1)
+                           for me in range(ring)], dim=1)
         result = torch.empty(pieces[0].shape[0], index.shape[1], *pieces[0].shape[2:], dtype=pieces[0].dtype,
                              device=pieces[0].device)
         for b in range(index.shape[0]):
@@ -250,6 +252,26 @@ def test_document_layout_ring_on_cuda_equals_block_diagonal_attention():
     got = _simulated_ring(*(t.cuda().bfloat16() for t in (q, k, v, dout)), docs, ring, 64 ** -0.5)
     for name, g, want in zip(("out", "dq", "dk", "dv"), got, (out_ref, *(t.grad for t in ref))):
         assert (g.double().cpu() - want).abs().max().item() <= 5e-2, name
+
+
+@pytest.mark.parametrize("device,dtype,tolerance", [
+    ("cpu", torch.float32, 1e-5),
+    pytest.param("cuda", torch.bfloat16, 5e-2, marks=needs_cuda),  # flash kernels
+    pytest.param("cuda", torch.float32, 1e-4, marks=needs_cuda),  # memory-efficient kernels
+])
+def test_zigzag_ring_steps_equal_causal_attention(device, dtype, tolerance):
+    """Every rank's steps of the plain causal zigzag (no documents), GQA, against fp64 causal attention."""
+    ring, seq = 4, 256
+    gen = torch.Generator().manual_seed(11)
+    q, dout = torch.randn(2, seq, 8, 64, generator=gen), torch.randn(2, seq, 8, 64, generator=gen)
+    k, v = torch.randn(2, seq, 2, 64, generator=gen), torch.randn(2, seq, 2, 64, generator=gen)
+    ref = [t.double().requires_grad_() for t in (q, k, v)]
+    out_ref = F.scaled_dot_product_attention(*(t.transpose(1, 2) for t in ref), is_causal=True,
+                                             enable_gqa=True).transpose(1, 2)
+    out_ref.backward(dout.double())
+    got = _simulated_ring(*(t.to(device, dtype) for t in (q, k, v, dout)), None, ring, 64 ** -0.5)
+    for name, g, want in zip(("out", "dq", "dk", "dv"), got, (out_ref, *(t.grad for t in ref))):
+        assert (g.double().cpu() - want).abs().max().item() <= tolerance, name
 
 
 def test_packed_steps_equal_packed_blocks():

@@ -41,7 +41,7 @@ from trainer.data import build_dataset, sample_index
 from trainer.engine import agree, deepspeed_config, init_process_group, make_engine, zero_stage
 from trainer.groups import ParallelGroups
 from trainer.model.loss import ShardLoss, loss_scale
-from trainer.model.llama import build_model, load_config
+from trainer.model.llama import build_model, enable_activation_checkpointing, load_config
 from trainer.reporting.progress import METRICS_JSONL, StepReporter
 from trainer.reporting.ranklog import rank_logging
 from trainer.reporting.tracking import open_trackers, plan_figures
@@ -137,7 +137,7 @@ def run_stage(cfg: StageConfig, plan: Plan, on_metrics: Callable[[dict[str, Any]
     model.set_attn_implementation(_attention(groups, cfg.data.document_mask))
     model.config.use_cache = False
     if cfg.activation_checkpointing:
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        enable_activation_checkpointing(model)
     engine = make_engine(ShardLoss(model), ds_config, device, cfg.collective_timeout)
 
     resumed = checkpoint.resume(engine, cfg.output_dir)

@@ -162,6 +162,19 @@ def _config_from(source: str | None, model_cfg: ModelConfig, tokenizer: PreTrain
     return config
 
 
+def enable_activation_checkpointing(model: PreTrainedModel) -> None:
+    """Recompute every decoder layer in backward (torch's non-reentrant checkpoint).
+
+    transformers 5.2x calls it ``activation_checkpointing_enable`` and keeps the
+    old name ``gradient_checkpointing_enable`` as a deprecated alias until v6;
+    earlier 5.x releases (5.17 among them) have only the old name.
+    """
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
 def rotary_inv_freq(model: PreTrainedModel) -> torch.Tensor:
     """The rotary inverse frequencies the model actually uses (for checks)."""
     return model.model.rotary_emb.inv_freq
