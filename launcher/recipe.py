@@ -147,6 +147,22 @@ class Recipe:
             prev_theta, prev_len = theta, s.seq_len
         return thetas
 
+    def check_heads(self, n_q: int, n_kv: int) -> None:
+        """Raise a one-line ConfigError unless the model's heads split into every stage's Ulysses groups.
+
+        transformers builds a Llama whose query heads are no multiple of its KV
+        heads; the attention cannot run it (``kv_heads_for_ulysses``). Checked
+        before Ray starts (``ringleader run``) and in a dry run, not first in the
+        ranks. A stage whose ``ulysses`` is ``auto`` is sized to fit the heads.
+        """
+        from trainer.attention.ulysses import kv_heads_for_ulysses
+
+        for where, ulysses in [("model", 1)] + [(f"stage {s.name!r}", s.ulysses) for s in self.stages if s.ulysses != AUTO]:
+            try:
+                kv_heads_for_ulysses(n_q, n_kv, int(ulysses))
+            except ConfigError as exc:
+                raise ConfigError(f"{self.source}: {where}: {exc}") from None
+
     def stage_configs(self, run_dir: str | os.PathLike) -> list[StageConfig]:
         """Resolved StageConfigs, each stage initialised from the previous one's HF model."""
         thetas = self.resolve_theta()

@@ -41,7 +41,7 @@ def mangled(draw, forms: dict[str, Any]) -> tuple[str, Any, list[tuple[str, tupl
         elif how == "repeat" and isinstance(parent, list):
             parent.append(copy.deepcopy(parent[key]))
         else:
-            parent[key] = draw(st.sampled_from(WRONG))
+            parent[key] = copy.deepcopy(draw(st.sampled_from(WRONG)))  # a later change may edit it: never WRONG's own
             how = f"set to {parent[key]!r}"
         changes.append((how, path))
     return form, data, changes

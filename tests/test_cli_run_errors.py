@@ -115,6 +115,9 @@ TINY = yaml.safe_load(DEMO.read_text())["model"]
     ({"collective_timeout": -1}, ["collective_timeout is -1; input should be greater than 0"]),
     ({"model": model("nobody-here/no-such-model")}, ["cannot load model config 'nobody-here/no-such-model'", "local HF cache"]),
     ({"model": {**TINY, "tiny": {**TINY["tiny"], "hidden_size": -64}}}, ["model.tiny: hidden_size is -64; sizes must be whole numbers >= 1"]),
+    ({"model": {**TINY, "tiny": {**TINY["tiny"], "num_key_value_heads": 3}}},
+     ["model: query heads (4) are not a multiple of KV heads (3)"]),
+    ({"stages": stage_change(gpus=8, ulysses=8)}, ["stage '256': query heads (4) are not divisible by the Ulysses degree (8)"]),
     ({"seed": "x", "max_retries": -1, "stages": stage_change(steps=0, lr="fast")},
      ["max_retries is -1", "seed is 'x'", "stage '256': steps is 0", "stage '256': lr is 'fast'"]),
 ])
@@ -130,6 +133,17 @@ def test_bad_recipe_one_line_each_exit_2_nothing_started(tmp_path, capsys, chang
     else:
         assert len(lines) == 1 and all(text in lines[0] for text in expected), err
     assert not run_dir.exists() and not ray.is_initialized()
+
+
+@pytest.mark.parametrize("tiny, expected", [
+    ({"num_key_value_heads": 3}, "model: query heads (4) are not a multiple of KV heads (3)"),
+    ({"num_key_value_heads": 10**30}, "model: query heads (4) are not a multiple of KV heads"),
+])
+def test_heads_that_do_not_group_are_refused_by_a_dry_run(tmp_path, capsys, tiny, expected):
+    """transformers builds such a Llama; the dry run refuses it, as the run does before Ray starts."""
+    recipe = recipe_file(tmp_path, model={**TINY, "tiny": {**TINY["tiny"], **tiny}})
+    code, err = run_cli(capsys, str(recipe), "--dry-run")
+    assert code == 2 and expected in one_line_error(err) and len(err.splitlines()) == 1, err
 
 
 def test_bad_flag_values(tmp_path, capsys):

@@ -117,10 +117,12 @@ def run(args: argparse.Namespace) -> int:
 
 def check_model(recipe: Recipe) -> None:
     """The first stage's model must be resolvable here before Ray starts (later stages start from earlier ones):
-    a local directory with config.json, a valid ``tiny`` config, or a hub name already in the local HF cache."""
+    a local directory with config.json, a valid ``tiny`` config, or a hub name already in the local HF cache;
+    and its heads must split into every stage's Ulysses groups."""
     from trainer.model.llama import load_config
 
-    load_config(recipe.model, local_only=True)
+    config = load_config(recipe.model, local_only=True)
+    recipe.check_heads(config.num_attention_heads, config.num_key_value_heads or config.num_attention_heads)
 
 
 def check_run_dir(recipe: Recipe, options: ControllerOptions) -> None:

@@ -107,6 +107,7 @@ def plan_recipe(recipe: Recipe, topology_arg: str | None = None, calibration: st
     """
     recompute = MemoryAssumptions().activation_checkpointing
     shape, _ = model_shape(recipe.model)
+    recipe.check_heads(shape.n_q_heads, shape.n_kv_heads)
     thetas = recipe.resolve_theta()
     cal_file = Calibration.load(calibration) if calibration else None
     topologies: dict[str, tuple[Topology, FlowModel, Calibration]] = {}
