@@ -35,7 +35,7 @@ from topology.files import load_data
 from trainer import storage
 from trainer.config import COLLECTIVE_TIMEOUT_S, DEFAULT_DEEPSPEED, DataConfig, ModelConfig, StageConfig
 from trainer.model.rope import ntk_theta, scaling_law_theta
-from trainer.schema import Count, PathName, PositiveFloat, PositiveInt, Seed, validate
+from trainer.schema import Count, DeepSpeedKeys, PathName, PositiveFloat, PositiveInt, Seed, validate
 from trainer.reporting.tracking import TrackingConfig
 
 AUTO = "auto"
@@ -102,7 +102,7 @@ class Recipe:
     model: ModelConfig
     data: DataConfig
     stages: Annotated[list[RecipeStage], Field(min_length=1)]
-    deepspeed: dict[str, Any] = field(default_factory=dict)
+    deepspeed: DeepSpeedKeys = field(default_factory=dict)
     """DeepSpeed's JSON keys, merged over ``trainer.config.DEFAULT_DEEPSPEED``."""
     run_dir: str = "runs"
     max_retries: Count = 2

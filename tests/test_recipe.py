@@ -146,6 +146,11 @@ def test_not_a_mapping(tmp_path):
     ({"seed": 1.7}, [r"seed is 1\.7; input should be a valid integer"]),
     ({"seed": True}, [r"seed is True"]),
     ({"deepspeed": "str"}, [r"deepspeed is 'str'; input should be a valid dictionary"]),
+    ({"deepspeed": {"zero_optimization": "x"}}, [r"deepspeed.zero_optimization is 'x'; input should be a valid dictionary"]),
+    ({"deepspeed": {"zero_optimization": {"stage": 7}, "bf16": {"enabled": "maybe"}, "gradient_clipping": -1}},
+     [r"deepspeed.zero_optimization.stage is 7; input should be less than or equal to 3",
+      r"deepspeed.bf16.enabled is 'maybe'; input should be a valid boolean", r"deepspeed.gradient_clipping is -1"]),
+    ({"deepspeed": {"optimizer": {"type": "AdamW", "params": [0.9]}}}, [r"deepspeed.optimizer.params is \[0\.9\]"]),
     ({"collective_timeout": 0}, [r"collective_timeout is 0; input should be greater than 0"]),
     ({"stage1": {"rope_theta": float("inf")}}, [r"stage 'b': rope_theta is inf; input should be a finite number"]),
     ({"stage1": {"rope_theta": float("nan")}}, [r"stage 'b': rope_theta is nan"]),
@@ -176,6 +181,15 @@ def test_shape_problems_of_several_stages_come_together(tmp_path):
         load(tmp_path, stage0={"seq_len": 258}, stage1={"batch": 3})
     got = str(info.value).splitlines()
     assert len(got) == 2 and "stage 'a': seq_len (258)" in got[0] and "stage 'b': batch (3) must divide gpus" in got[1]
+
+
+def test_deepspeed_keys_ringleader_does_not_read_pass_through_as_written(tmp_path):
+    """Only the keys ringleader reads itself are typed; DeepSpeed's others reach the stage config unchanged."""
+    written = {"zero_optimization": {"stage": 3, "reduce_bucket_size": 200_000_000, "offload_optimizer": {"device": "cpu"}},
+               "wall_clock_breakdown": True, "gradient_clipping": 1}
+    ds = load(tmp_path, deepspeed=written).stage_configs(tmp_path)[0].deepspeed
+    assert ds["zero_optimization"]["offload_optimizer"] == {"device": "cpu"} and ds["wall_clock_breakdown"] is True
+    assert type(ds["zero_optimization"]["reduce_bucket_size"]) is int and type(ds["gradient_clipping"]) is int
 
 
 def test_stage_config_shares_the_recipe_types(tmp_path):

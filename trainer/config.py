@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 from topology.errors import ConfigError
 from topology.files import load_data, write_atomic
-from trainer.schema import Count, PathName, PositiveFloat, PositiveInt, Seed, validate
+from trainer.schema import Count, DeepSpeedKeys, PathName, PositiveFloat, PositiveInt, Seed, validate
 from trainer.reporting.tracking import TrackingConfig
 
 DEFAULT_DEEPSPEED: dict[str, Any] = {
@@ -128,7 +128,7 @@ class StageConfig:
     init_from: str | None = None
     """HF checkpoint of the previous stage; None starts from ``model``."""
     activation_checkpointing: bool = True
-    deepspeed: dict[str, Any] = field(default_factory=lambda: json.loads(json.dumps(DEFAULT_DEEPSPEED)))
+    deepspeed: DeepSpeedKeys = field(default_factory=lambda: json.loads(json.dumps(DEFAULT_DEEPSPEED)))
     seed: Seed = 0
     niah: dict[str, Any] | None = None
     """Needle-in-a-haystack settings (``trainer.niah.evaluate.NiahConfig`` fields) to evaluate

@@ -23,9 +23,10 @@ import dataclasses
 import functools
 import re
 import typing
-from typing import Annotated, Any
+from typing import Annotated, Any, Union
 
-from pydantic import AfterValidator, BeforeValidator, ConfigDict, Field, Strict, TypeAdapter, ValidationError
+from pydantic import AfterValidator, BeforeValidator, ConfigDict, Field, Strict, StrictBool, TypeAdapter, ValidationError, with_config
+from typing_extensions import TypedDict  # pydantic reads typing's TypedDict only from Python 3.12
 
 from topology.errors import ConfigError
 
@@ -47,6 +48,48 @@ FiniteFloat = Annotated[float, BeforeValidator(_not_bool), Field(allow_inf_nan=F
 """A finite number (YAML's ``1e-3``, read as text, is accepted as the number; ``true`` is not 1)."""
 PositiveFloat = Annotated[FiniteFloat, Field(gt=0)]
 """A finite number > 0."""
+
+NonNegative = Union[Count, Annotated[FiniteFloat, Field(ge=0)]]
+"""A finite number >= 0, kept as written: a whole number stays an int (DeepSpeed's sizes are ints)."""
+
+
+@with_config(ConfigDict(extra="allow"))
+class _ZeroKeys(TypedDict, total=False):
+    stage: Annotated[int, Strict(), Field(ge=0, le=3)]
+    stage3_max_live_parameters: NonNegative
+    reduce_bucket_size: NonNegative
+    overlap_comm: StrictBool
+    contiguous_gradients: StrictBool
+
+
+@with_config(ConfigDict(extra="allow"))
+class _Component(TypedDict, total=False):
+    type: str
+    params: dict[str, Any]
+
+
+@with_config(ConfigDict(extra="allow"))
+class _Precision(TypedDict, total=False):
+    enabled: StrictBool
+
+
+@with_config(ConfigDict(extra="allow"))
+class DeepSpeedKeys(TypedDict, total=False):
+    """DeepSpeed's JSON config as a recipe or stage gives it: the keys ringleader reads itself have their types
+    checked here, before anything starts (a string where a mapping belongs would otherwise fail in the sizing
+    or in every rank); every other key passes through to DeepSpeed, which checks it when the stage starts."""
+
+    zero_optimization: _ZeroKeys
+    optimizer: _Component
+    scheduler: _Component
+    bf16: _Precision
+    fp16: _Precision
+    gradient_clipping: NonNegative
+    train_batch_size: PositiveInt
+    train_micro_batch_size_per_gpu: PositiveInt
+    gradient_accumulation_steps: PositiveInt
+    steps_per_print: PositiveInt
+
 
 _SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
