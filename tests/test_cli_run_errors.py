@@ -78,6 +78,7 @@ def test_topology_without_dry_run(capsys):
 
 @pytest.mark.ray
 def test_stage_larger_than_a_fixed_cluster(tmp_path, capsys):
+    """More ranks than slots, or a model no node can build: refused before the run directory or any rank exists."""
     head = RayHead.start("--num-cpus=2", "--num-gpus=0")
     try:
         run_dir = tmp_path / "run"
@@ -85,6 +86,13 @@ def test_stage_larger_than_a_fixed_cluster(tmp_path, capsys):
         assert code == 2
         line = one_line_error(err)
         assert "stage '1k' needs 4 CPU slots" in line and "no autoscaler" in line
+        assert not run_dir.exists() and not ray.is_initialized()
+        # A billion layers of the tiny model: LlamaConfig takes it, and each rank would build it until the node ran out.
+        huge = {**TINY, "tiny": {**TINY["tiny"], "num_hidden_layers": 10**9}}
+        code, err = run_cli(capsys, str(recipe_file(tmp_path, model=huge, stages=stage_change(gpus=2)[:1])),
+                            "--address", head.address, "--run-dir", str(run_dir))
+        line = one_line_error(err)
+        assert code == 2 and "stage '256': building its model needs" in line and "GiB of the largest node" in line, err
         assert not run_dir.exists() and not ray.is_initialized()
         ray.init(address=head.address, logging_level="warning")
         try:

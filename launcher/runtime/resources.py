@@ -34,6 +34,8 @@ class NodeInfo:
     node_id: str
     gpus: int
     cpus: int
+    memory: float = 0.0
+    """Bytes of memory Ray manages on the node, its heap and object store together (about the node's RAM; 0: unknown)."""
 
     def slots(self, use_gpus: bool) -> int:
         """Ranks this node can hold: one GPU and one CPU each, or one CPU each."""
@@ -50,7 +52,8 @@ class ClusterView:
     @classmethod
     def snapshot(cls, use_gpus: bool | None = None) -> "ClusterView":
         nodes = [
-            NodeInfo(n["NodeID"], int(n["Resources"].get("GPU", 0)), int(n["Resources"].get("CPU", 0)))
+            NodeInfo(n["NodeID"], int(n["Resources"].get("GPU", 0)), int(n["Resources"].get("CPU", 0)),
+                     float(n["Resources"].get("memory", 0)) + float(n["Resources"].get("object_store_memory", 0)))
             for n in ray.nodes() if n["Alive"]
         ]
         if use_gpus is None:
@@ -128,6 +131,39 @@ def check_capacity(stages: list[tuple[str, int]], view: ClusterView, can_grow: b
             raise ConfigError(
                 f"stage {name!r} needs {want} {view.unit}s but the cluster has {view.total} "
                 f"on {len(view.slots)} node(s) and no autoscaler; lower the stage's gpus or add nodes"
+            )
+
+
+def check_host_memory(stages: list[tuple[str, int, Callable[[int], float]]], view: ClusterView, can_grow: bool) -> None:
+    """Refuse, before anything starts, a stage whose model no node of a fixed-size cluster can build.
+
+    Ranks that run a node out of memory while they build the model are
+    killed, and every retry meets the same; so the start-up memory of the
+    busiest host (``need(ranks_per_host)``, ``launcher.estimate.memory.startup_host_bytes``),
+    with the ranks spread over every node with slots, must fit the largest node.
+
+    Parameters
+    ----------
+    stages : (name, ranks, need) of every stage; ``need`` gives bytes for a number of ranks on one host.
+    view : the cluster now.
+    can_grow : an autoscaler may add nodes (then only the stage itself can tell).
+
+    Raises
+    ------
+    ConfigError
+        Naming the first stage that cannot fit, what it needs and what the largest node has.
+    """
+    nodes = [n for n in view.nodes if n.slots(view.use_gpus)]
+    have = max((n.memory for n in nodes), default=0.0)
+    if can_grow or not have:
+        return
+    for name, want, need in stages:
+        spread = -(-want // len(nodes))
+        if need(spread) > have:
+            raise ConfigError(
+                f"stage {name!r}: building its model needs {need(spread) / 2**30:,.3g} GiB of memory on a host holding "
+                f"{spread} of its {want} ranks, more than the {have / 2**30:,.3g} GiB of the largest node; "
+                "use a smaller model or more nodes"
             )
 
 
