@@ -92,10 +92,10 @@ def test_aws_config_is_sized_and_networked_for_the_recipe(recipe):
 
 
 def test_site_options_reach_the_aws_config(recipe):
-    cfg = render(recipe, "aws", ClusterOptions(region="us-west-2", availability_zone="us-west-2b", subnet_id="subnet-0abc", security_group_id="sg-0def"))
+    cfg = render(recipe, "aws", ClusterOptions(region="us-west-2", availability_zone="us-west-2b", subnet_id="subnet-0a1b2c3d", security_group_id="sg-0d1e2f3a"))
     assert cfg["provider"]["region"] == "us-west-2"
     nis = cfg["available_node_types"]["ray.worker.g6e.48xlarge"]["node_config"]["NetworkInterfaces"]
-    assert {ni["SubnetId"] for ni in nis} == {"subnet-0abc"} and all(ni["Groups"] == ["sg-0def"] for ni in nis)
+    assert {ni["SubnetId"] for ni in nis} == {"subnet-0a1b2c3d"} and all(ni["Groups"] == ["sg-0d1e2f3a"] for ni in nis)
 
 
 def test_kuberay_groups_cover_peak_gpus_with_leaf_labels(recipe):
@@ -209,3 +209,29 @@ def test_cli_bad_input_exits_2_without_a_file(tmp_path, capsys):
     out = tmp_path / "out.yaml"
     assert main(["clusters", "render", str(rpath), "--provider", "aws", "-o", str(out)]) == 2
     assert "TPUv9" in capsys.readouterr().err and not out.exists()
+
+
+@pytest.mark.parametrize("flags, expected", [
+    (["--provider", "aws", "--region", "us east"], "--region is 'us east'; give an AWS region such as us-east-1"),
+    (["--provider", "aws", "--zone", "us-west-2a"], "--zone 'us-west-2a' is not a zone of --region 'us-east-1'"),
+    (["--provider", "aws", "--subnet", "10.0.0.0/24"], "--subnet is '10.0.0.0/24'; give a subnet id"),
+    (["--provider", "aws", "--security-group", "default"], "--security-group is 'default'; give a security group id"),
+    (["--provider", "aws", "--ssh-cidr", "my-laptop"], "--ssh-cidr is 'my-laptop'; give an address block"),
+    (["--provider", "kuberay", "--namespace", "ML_Team"], "--namespace is 'ML_Team'; give a Kubernetes namespace"),
+    (["--provider", "kuberay", "--image", ""], "--image is ''; give a container image reference"),
+    (["--provider", "kuberay", "--hosts-per-leaf", "0"], "--hosts-per-leaf is 0"),
+])
+def test_site_settings_in_a_form_aws_or_kubernetes_refuses_exit_2_without_a_file(tmp_path, capsys, flags, expected):
+    """A typo in a site setting surfaces when the config is rendered, not when the cluster is launched."""
+    out = tmp_path / "out.yaml"
+    assert main(["clusters", "render", RECIPE, *flags, "-o", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("ringleader: error: ") and "\n" not in err and expected in err, err
+    assert not out.exists()
+
+
+def test_region_alone_takes_its_first_zone(tmp_path):
+    out = tmp_path / "aws.yaml"
+    assert main(["clusters", "render", RECIPE, "--provider", "aws", "--region", "eu-central-1", "-o", str(out)]) == 0
+    provider = yaml.safe_load(out.read_text())["provider"]
+    assert (provider["region"], provider["availability_zone"]) == ("eu-central-1", "eu-central-1a")

@@ -24,8 +24,10 @@ and nodes install the versions of ``clusters/requirements.lock``.
 
 from __future__ import annotations
 
+import ipaddress
 import math
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Callable
 
@@ -118,6 +120,43 @@ class ClusterOptions:
     """Fake hosts the local autoscaler may start (each a Ray node with ``LOCAL_GPUS`` fake GPUs on this machine)."""
     ssh_cidr: str = "<your-ip>/32"
     """Addresses allowed to SSH to the AWS nodes (the cluster launcher's only way in); nothing else is open to the outside."""
+
+    def __post_init__(self) -> None:
+        """Each site setting given has the form AWS or Kubernetes takes (the defaults' placeholders pass, and
+        ``clusters validate`` flags them): a typo surfaces here, not when the cluster is launched."""
+        defaults = {f.name: f.default for f in fields(self)}
+        problems = []
+        for name, flag, pattern, form in SITE_FORMS:
+            value = getattr(self, name)
+            if value != defaults[name] and not (isinstance(value, str) and re.fullmatch(pattern, value)):
+                problems.append(f"{flag} is {value!r}; give {form}")
+                if name == "region":
+                    break  # the zone is read against it
+        if not problems and (not self.availability_zone.startswith(self.region) or self.availability_zone == self.region):
+            problems.append(f"--zone {self.availability_zone!r} is not a zone of --region {self.region!r}; "
+                            f"give one such as {self.region}a")
+        if self.ssh_cidr != defaults["ssh_cidr"]:
+            try:
+                ipaddress.ip_network(self.ssh_cidr, strict=False)
+            except ValueError:
+                problems.append(f"--ssh-cidr is {self.ssh_cidr!r}; give an address block such as 203.0.113.7/32")
+        if type(self.hosts_per_leaf) is not int or self.hosts_per_leaf < 1:
+            problems.append(f"--hosts-per-leaf is {self.hosts_per_leaf!r}; give the hosts under one switch (>= 1)")
+        if problems:
+            raise ConfigError("\n".join(problems))
+
+
+SITE_FORMS = (
+    ("region", "--region", r"[a-z]{2}(-gov|-iso[a-z]?)?-[a-z]+-\d+", "an AWS region such as us-east-1"),
+    ("availability_zone", "--zone", r"[a-z]{2}(-gov|-iso[a-z]?)?-[a-z]+-\d+(-[a-z]+-\d+)?[a-z]",
+     "an availability zone such as us-east-1a"),
+    ("subnet_id", "--subnet", r"subnet-([0-9a-f]{8}|[0-9a-f]{17})", "a subnet id such as subnet-0a1b2c3d4e5f67890"),
+    ("security_group_id", "--security-group", r"sg-([0-9a-f]{8}|[0-9a-f]{17})", "a security group id such as sg-0a1b2c3d4e5f67890"),
+    ("namespace", "--namespace", r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?",
+     "a Kubernetes namespace: lower-case letters, digits and '-', at most 63"),
+    ("container_image", "--image", r"\S+", f"a container image reference such as rayproject/ray:{RAY_VERSION}-py311-gpu"),
+)
+"""(field, its flag, the form its value takes, what to give instead) of the site settings checked as given."""
 
 
 LOCAL_GPUS = 8

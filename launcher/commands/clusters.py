@@ -28,7 +28,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     r.add_argument("-o", "--output", help="file to write (default: print)")
     defaults = ClusterOptions()
     r.add_argument("--region", default=defaults.region)
-    r.add_argument("--zone", default=defaults.availability_zone, help="availability zone (a cluster placement group lives in one)")
+    r.add_argument("--zone", help="availability zone (a cluster placement group lives in one; default: the region's first, "
+                   f"{defaults.availability_zone} in {defaults.region})")
     r.add_argument("--subnet", default=defaults.subnet_id, help="subnet id for the EFA interfaces")
     r.add_argument("--security-group", default=defaults.security_group_id, help="a group that admits itself and SSH from --ssh-cidr (the header shows how to make it)")
     r.add_argument("--ssh-cidr", default=defaults.ssh_cidr, help="addresses allowed to SSH to the nodes (aws)")
@@ -60,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"wrote {args.output} ({len(lock.parse(text))} pins); re-render the cluster configs so they carry it")
         return 0
     recipe = Recipe.load(args.recipe, check_paths=False)  # data lives on the cluster, not here
-    opts = ClusterOptions(region=args.region, availability_zone=args.zone, subnet_id=args.subnet,
+    opts = ClusterOptions(region=args.region, availability_zone=args.zone or f"{args.region}a", subnet_id=args.subnet,
                           security_group_id=args.security_group, namespace=args.namespace, ssh_cidr=args.ssh_cidr,
                           container_image=args.image, hosts_per_leaf=args.hosts_per_leaf)
     config = render(recipe, args.provider, opts)
