@@ -664,6 +664,30 @@ def test_no_flow_alone_runs_faster_than_the_single_flow_bound(problem, nvlink):
         assert single_flow_bound(topo) == fastest < gpu_access_bound(topo)
 
 
+@pytest.mark.parametrize("name", ["g6e-1x", "rails-16x-2nic", "nvl-2x16", "mixed-32x", "slots"])
+def test_single_flow_bound_reads_no_more_routes_than_it_needs_and_finds_the_same(name):
+    """The scan stops at a route as fast as the GPU's links (or the access bound): the figure is the one every pair's
+    route gives, and a host of many alike slots (a CPU node of a cluster without GPUs) costs one route, not all pairs'."""
+    from topology.planning.bounds.rates import _alone, off_host_route
+
+    slots = {"format": "ringleader/measured-topology", "version": 1, "name": "cpus", "host_bw_gbps": [[0, 10], [10, 0]],
+             "hosts": [{"name": "a", "gpus": 512}, {"name": "b", "gpus": 4}]}
+    topo = Topology.from_dict(slots) if name == "slots" else PRESETS[name]()
+    assert len(topo.gpus()) > 2
+    g, everything = topo.graph, 0.0
+    for host, *_ in topo.host_builds().values():
+        for a in topo.gpus(host)[:64]:  # every pair's route, as the bound read them before
+            rates = [_alone(topo, topo.routes.route(a, b)) for b in topo.gpus(host) if b != a]
+            rates.append(sum(d["bw_gbps"] for v, d in g.adj[a].items() if g.nodes[v]["kind"] == "nvswitch"))
+            off = off_host_route(topo, a)
+            everything = max(everything, *rates, *([min(off)] if off else []))
+    with patch.object(type(topo.routes), "route", side_effect=topo.routes.route, autospec=False) as route:
+        bound = single_flow_bound(topo)
+    assert bound == min(everything, gpu_access_bound(topo))
+    if name == "slots":
+        assert route.call_count < 2 * len(topo.gpus())
+
+
 def test_gradients_in_an_nvlink_rack_are_bound_by_its_nvlink_not_nvlink_and_pcie_together():
     """Two replicas of Ulysses groups of 4 in one NVLink rack: the gradient ring runs at the NVLink planes' 900 GB/s;
     the bound used to add the GPU's PCIe link to the network card (964 GB/s), 5.9% below the plan."""

@@ -48,6 +48,9 @@ NODE_ATTRS = ("kind", "host", "index", "ip", "node_id", "labels", "leaf", "netwo
 LINK_FIELDS = ("a", "b", "bw_gbps", "lat_us")
 HOST_FIELDS = ("name", "node_id", "ip", "labels", "gpus", "leaf", "network_nodes", "nic_gbps")
 """The fields of a host in the measured format (``MEASURED_FORMAT``)."""
+MAX_GPUS_PER_HOST = 4096
+"""Rank slots one host may hold: its GPUs, or on a cluster without GPUs its CPUs (``with_slots``; the largest
+machines have a few thousand hardware threads). A count above it is a typo: the graph would hold a node for each."""
 
 
 @dataclass(frozen=True)
@@ -381,6 +384,9 @@ class Topology:
             if (kind == "gpu" or index is not None) and (not isinstance(index, int) or isinstance(index, bool) or index < 0):
                 what = "give its CUDA ordinal" if kind == "gpu" else f"give the {kind}'s ordinal in its host"
                 raise ConfigError(f"{source}: {'GPU' if kind == 'gpu' else kind} {n!r}: index is {index!r}; {what} as an integer >= 0")
+            if kind == "gpu" and index >= MAX_GPUS_PER_HOST:
+                raise ConfigError(f"{source}: GPU {n!r}: index is {index}; CUDA ordinals of a host run from 0 to at most "
+                                  f"{MAX_GPUS_PER_HOST - 1} (a host holds at most {MAX_GPUS_PER_HOST} GPUs)")
             if index is not None and (host, kind, index) in indices:
                 if kind == "gpu":
                     raise ConfigError(f"{source}: GPUs {indices[host, kind, index]!r} and {n!r} of host {host!r} both have index {index}; CUDA ordinals are unique per host")
@@ -437,8 +443,9 @@ class Topology:
             if h.get("labels") is not None and not isinstance(h["labels"], dict):
                 raise ConfigError(f"{source}: hosts[{i}]: labels is {h['labels']!r}; give Ray's node labels as a mapping")
             count = h.get("gpus", 0)
-            if not isinstance(count, int) or isinstance(count, bool) or count < 0:
-                raise ConfigError(f"{source}: hosts[{i}]: gpus is {count!r}; give the host's GPU count as an integer >= 0")
+            if not isinstance(count, int) or isinstance(count, bool) or not 0 <= count <= MAX_GPUS_PER_HOST:
+                raise ConfigError(f"{source}: hosts[{i}]: gpus is {count!r}; give the host's GPU count as an integer "
+                                  f"from 0 to {MAX_GPUS_PER_HOST}")
             name = str(h.get("name", f"h{i:02d}"))
             names.append(name)
             path = h.get("network_nodes")

@@ -102,16 +102,25 @@ def single_flow_bound(topo: Topology) -> float:
     cache = topo.__dict__.setdefault("_bound_cache", {})
     if "single" not in cache:
         g, routes = topo.graph, topo.routes
+        access = gpu_access_bound(topo)
         best = 0.0
         for host, *_ in topo.host_builds().values():
             for a in topo.gpus(host):
-                rates = [_alone(topo, routes.route(a, b)) for b in topo.gpus(host) if b != a]
-                rates.append(sum(d["bw_gbps"] for v, d in g.adj[a].items() if g.nodes[v]["kind"] == NVLINK_KIND))
+                # No flow of ``a`` outruns its links together, nor any flow the access bound: a route that reaches
+                # either ends the scan (a host of many alike GPUs, CPU slots say, reads one route, not all pairs').
+                top = min(access, sum(d["bw_gbps"] for d in g.adj[a].values()))
+                rates = [sum(d["bw_gbps"] for v, d in g.adj[a].items() if g.nodes[v]["kind"] == NVLINK_KIND)]
                 off = off_host_route(topo, a)
                 if off is not None:
                     rates.append(min(off))
+                for b in topo.gpus(host):
+                    if max(rates) >= top:
+                        break
+                    if b != a:
+                        rates.append(_alone(topo, routes.route(a, b)))
                 best = max(best, *rates)
-        access = gpu_access_bound(topo)
+                if best >= access:
+                    break
         cache["single"] = min(best, access) if best > 0 else access
     return cache["single"]
 
