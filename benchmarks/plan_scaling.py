@@ -9,7 +9,9 @@ the cost model with its bound) on a fresh topology, so no path cache is warm;
 the naive baseline, which skips the search but pays the same cost model, is
 timed beside it. Then a small plan on each cluster (``--small`` GPUs in
 rings of 8 with Ulysses pairs): its exact search, the joint floors and the
-units inside hosts run over the whole cluster.
+units inside hosts run over the whole cluster. Last, one node of many CPU
+slots (a cluster without GPUs, where each CPU is a rank slot) and a second of
+4, as the controller's profile gives them: a ring of 8, and every slot.
 """
 
 from __future__ import annotations
@@ -35,12 +37,24 @@ def time_plan(gpus: int, ring: int, strategy: str, repeats: int, world: int | No
     return best, cost
 
 
+def time_slots(slots: int, world: int, ring: int) -> float:
+    """Seconds to plan ``world`` ranks in rings of ``ring`` on a node of ``slots`` CPU slots beside one of 4."""
+    from topology.network.model import MEASURED_FORMAT, Topology
+
+    topo = Topology.from_dict({"format": MEASURED_FORMAT, "version": 1, "name": "cpus", "host_bw_gbps": [[0, 10], [10, 0]],
+                               "hosts": [{"name": "a", "gpus": slots}, {"name": "b", "gpus": 4}]})
+    start = time.perf_counter()
+    make_plan(topo, world, ring)
+    return time.perf_counter() - start
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[512, 4096, 16384])
     parser.add_argument("--ring", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--small", type=int, default=16, help="GPUs of the small plan on each cluster")
+    parser.add_argument("--slots", type=int, nargs="+", default=[256, 1024, 4096], help="CPU slots of the big node")
     args = parser.parse_args()
     print(f"{'GPUs':>6}  {'aware s':>8}  {'naive s':>8}  {'aware/naive':>11}  {'target s':>8}  {'slowest hop':>11}  {'bound':>7}")
     for gpus in args.sizes:
@@ -58,6 +72,9 @@ def main() -> None:
         found = cost["search"]
         print(f"{gpus:>6}  {aware:>8.3f}  {naive:>8.3f}  {cost['step_time_s'] / cost['bound_step_s'] - 1:>11.3%}  "
               f"{found['proof'] or 'none'}")
+    print(f"\nOne node of many CPU slots beside one of 4:\n{'slots':>6}  {'8 ranks s':>9}  {'all ranks s':>11}")
+    for slots in args.slots:
+        print(f"{slots:>6}  {time_slots(slots, 8, 8):>9.3f}  {time_slots(slots, slots, 8):>11.3f}")
 
 
 if __name__ == "__main__":
