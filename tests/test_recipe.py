@@ -151,6 +151,8 @@ def test_not_a_mapping(tmp_path):
      [r"deepspeed.zero_optimization.stage is 7; input should be less than or equal to 3",
       r"deepspeed.bf16.enabled is 'maybe'; input should be a valid boolean", r"deepspeed.gradient_clipping is -1"]),
     ({"deepspeed": {"optimizer": {"type": "AdamW", "params": [0.9]}}}, [r"deepspeed.optimizer.params is \[0\.9\]"]),
+    ({"deepspeed": {"scheduler": {"params": {"warmup_num_steps": 5}}}},
+     [r"stage 'a': deepspeed.scheduler names no 'type'", r"stage 'b': deepspeed.scheduler names no 'type'"]),
     ({"collective_timeout": 0}, [r"collective_timeout is 0; input should be greater than 0"]),
     ({"stage1": {"rope_theta": float("inf")}}, [r"stage 'b': rope_theta is inf; input should be a finite number"]),
     ({"stage1": {"rope_theta": float("nan")}}, [r"stage 'b': rope_theta is nan"]),

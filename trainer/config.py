@@ -162,6 +162,10 @@ class StageConfig:
             raise ConfigError(f"{where}: ulysses ({self.ulysses}) must divide the ring size gpus/batch ({self.cp})")
         if self.seq_len % (2 * self.cp):
             raise ConfigError(f"{where}: seq_len ({self.seq_len}) must be divisible by 2 * ring size ({2 * self.cp}) for zigzag sharding")
+        for part in ("optimizer", "scheduler"):  # a recipe's block is merged over the defaults first, which name one
+            if part in self.deepspeed and not isinstance(self.deepspeed[part].get("type"), str):
+                raise ConfigError(f"{where}: deepspeed.{part} names no 'type'; give DeepSpeed's name for it, e.g. "
+                                  f"{'AdamW' if part == 'optimizer' else 'WarmupCosineLR'}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
