@@ -78,8 +78,8 @@ def test_topology_without_dry_run(capsys):
 
 @pytest.mark.ray
 def test_stage_larger_than_a_fixed_cluster(tmp_path, capsys):
-    """More ranks than slots, or a model no node can build: refused before the run directory or any rank exists."""
-    head = RayHead.start("--num-cpus=2", "--num-gpus=0")
+    """More ranks than slots, or a model no node can hold: refused before the run directory or any rank exists."""
+    head = RayHead.start("--num-cpus=2", "--num-gpus=0", f"--memory={4 * 2**30}", f"--object-store-memory={2**30}")
     try:
         run_dir = tmp_path / "run"
         code, err = run_cli(capsys, str(recipe_file(tmp_path)), "--address", head.address, "--run-dir", str(run_dir))
@@ -92,7 +92,16 @@ def test_stage_larger_than_a_fixed_cluster(tmp_path, capsys):
         code, err = run_cli(capsys, str(recipe_file(tmp_path, model=huge, stages=stage_change(gpus=2)[:1])),
                             "--address", head.address, "--run-dir", str(run_dir))
         line = one_line_error(err)
-        assert code == 2 and "stage '256': building its model needs" in line and "GiB of the largest node" in line, err
+        assert code == 2 and "stage '256': its model needs" in line and "GiB of the largest node" in line, err
+        assert not run_dir.exists() and not ray.is_initialized()
+        # 0.47B parameters: built in bf16 they fit the node's 5 GiB; trained in fp32 on its CPU slots (16 bytes a
+        # parameter, over 2 ranks of one host) they do not.
+        half = {**TINY, "tiny": {**TINY["tiny"], "hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 30,
+                                 "num_attention_heads": 64, "num_key_value_heads": 32}}
+        code, err = run_cli(capsys, str(recipe_file(tmp_path, model=half, stages=stage_change(gpus=2)[:1])),
+                            "--address", head.address, "--run-dir", str(run_dir))
+        line = one_line_error(err)
+        assert code == 2 and "needs 7.0" in line and "more than the 5 GiB of the largest node" in line, err
         assert not run_dir.exists() and not ray.is_initialized()
         ray.init(address=head.address, logging_level="warning")
         try:

@@ -265,6 +265,23 @@ def startup_host_bytes(params: float, ranks_per_host: int, world: int, zero3: bo
     return min(shard_bytes, weights) + ranks_per_host * weights / world
 
 
+def cpu_state_bytes(params: float, ranks_per_host: int, world: int, zero_stage: int) -> float:
+    """Host memory the ranks of one host hold while they train on CPU slots (fp32, Adam).
+
+    Weights, gradients and the two moments take 4, 4 and 8 bytes a
+    parameter; ZeRO partitions them over the world from its stage on
+    (1: the moments; 2: the gradients too; 3: the weights too).
+
+    >>> round(cpu_state_bytes(1e9, 2, 2, zero_stage=3) / 1e9)  # 1B parameters, both ranks on one host
+    16
+    >>> round(cpu_state_bytes(1e9, 2, 2, zero_stage=0) / 1e9)
+    32
+    """
+    p = float(params)
+    per_rank = sum(FP32 * k * p / (world if zero_stage >= stage else 1) for k, stage in ((1, 3), (1, 2), (2, 1)))
+    return ranks_per_host * per_rank
+
+
 @dataclass(frozen=True)
 class LlamaShape(ModelShape):
     """A ModelShape that also knows its MLP width (tiny and local models need not follow Llama-3-8B's)."""

@@ -33,7 +33,7 @@ import ray
 from launcher.runtime import identity, resources, rundir
 from launcher.runtime.lock import RunLock
 from launcher.runtime.watchdog import Watchdog, WatchdogPolicy
-from launcher.estimate.memory import model_shape, startup_host_bytes
+from launcher.estimate.memory import cpu_state_bytes, model_shape, startup_host_bytes
 from launcher.recipe import Recipe
 from launcher.runtime.resources import ClusterView, ResourcesUnavailable
 from launcher.runtime.workers import PlacementFailed, WorkerFailure, WorkerGroup, read_on_nodes
@@ -117,7 +117,7 @@ class Controller:
         self.use_gpus = view.use_gpus or self.can_grow
         view = replace(view, use_gpus=self.use_gpus)
         resources.check_capacity([(c.name, c.gpus) for c in configs], view, self.can_grow)
-        resources.check_host_memory([(c.name, c.gpus, startup_need(c)) for c in configs], view, self.can_grow)
+        resources.check_host_memory([(c.name, c.gpus, host_need(c, self.use_gpus)) for c in configs], view, self.can_grow)
         identity.stages_to_redo(configs, self.opt.restart_from)  # a changed recipe is refused before the lock is taken
         ctx = ray.get_runtime_context()
         lock = RunLock.acquire(self.run_dir.root, ctx.get_job_id(), ctx.gcs_address)
@@ -266,13 +266,16 @@ class Controller:
 
 
 # ------------------------------------------------------------------ helpers
-def startup_need(cfg: StageConfig) -> Callable[[int], float]:
-    """Bytes one host needs while ``n`` of the stage's ranks on it build the model (``startup_host_bytes``)."""
+def host_need(cfg: StageConfig, use_gpus: bool) -> Callable[[int], float]:
+    """Bytes one host needs with ``n`` of the stage's ranks on it: while they build the model (``startup_host_bytes``),
+    and on CPU slots, where the training state lives in the host's memory too, while they train (``cpu_state_bytes``)."""
     from trainer.engine import zero_stage
 
     shape, _ = model_shape(cfg.model)
-    zero3 = zero_stage(cfg.deepspeed) == 3
-    return lambda n: startup_host_bytes(shape.params, n, cfg.gpus, zero3)
+    stage = zero_stage(cfg.deepspeed)
+    if use_gpus:
+        return lambda n: startup_host_bytes(shape.params, n, cfg.gpus, stage == 3)
+    return lambda n: max(startup_host_bytes(shape.params, n, cfg.gpus, stage == 3), cpu_state_bytes(shape.params, n, cfg.gpus, stage))
 
 
 def fit_gpus(cfg: StageConfig, available: int, floor: int, smallest: bool = False) -> int | None:

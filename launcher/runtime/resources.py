@@ -135,11 +135,11 @@ def check_capacity(stages: list[tuple[str, int]], view: ClusterView, can_grow: b
 
 
 def check_host_memory(stages: list[tuple[str, int, Callable[[int], float]]], view: ClusterView, can_grow: bool) -> None:
-    """Refuse, before anything starts, a stage whose model no node of a fixed-size cluster can build.
+    """Refuse, before anything starts, a stage whose model no node of a fixed-size cluster can hold.
 
-    Ranks that run a node out of memory while they build the model are
-    killed, and every retry meets the same; so the start-up memory of the
-    busiest host (``need(ranks_per_host)``, ``launcher.estimate.memory.startup_host_bytes``),
+    Ranks that run a node out of memory are killed, and every retry meets
+    the same; so what the busiest host needs (``need(ranks_per_host)``: to
+    build the model, and on CPU slots to train it; ``launcher.runtime.controller.host_need``),
     with the ranks spread over every node with slots, must fit the largest node.
 
     Parameters
@@ -161,7 +161,7 @@ def check_host_memory(stages: list[tuple[str, int, Callable[[int], float]]], vie
         spread = -(-want // len(nodes))
         if need(spread) > have:
             raise ConfigError(
-                f"stage {name!r}: building its model needs {need(spread) / 2**30:,.3g} GiB of memory on a host holding "
+                f"stage {name!r}: its model needs {need(spread) / 2**30:,.3g} GiB of memory on a host holding "
                 f"{spread} of its {want} ranks, more than the {have / 2**30:,.3g} GiB of the largest node; "
                 "use a smaller model or more nodes"
             )
