@@ -235,3 +235,12 @@ def test_region_alone_takes_its_first_zone(tmp_path):
     assert main(["clusters", "render", RECIPE, "--provider", "aws", "--region", "eu-central-1", "-o", str(out)]) == 0
     provider = yaml.safe_load(out.read_text())["provider"]
     assert (provider["region"], provider["availability_zone"]) == ("eu-central-1", "eu-central-1a")
+
+
+def test_ssh_open_to_every_address_renders_with_a_warning(tmp_path, capsys):
+    out = tmp_path / "aws.yaml"
+    assert main(["clusters", "render", RECIPE, "--provider", "aws", "--ssh-cidr", "0.0.0.0/0", "-o", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert "ringleader: warning: --ssh-cidr 0.0.0.0/0 lets any address reach the nodes' SSH port" in err and out.exists()
+    assert main(["clusters", "render", RECIPE, "--provider", "aws", "--ssh-cidr", "203.0.113.7/32", "-o", str(out)]) == 0
+    assert "warning" not in capsys.readouterr().err

@@ -145,6 +145,13 @@ class ClusterOptions:
         if problems:
             raise ConfigError("\n".join(problems))
 
+    def warnings(self) -> list[str]:
+        """Settings that render but expose the cluster: SSH open to every address."""
+        if self.ssh_cidr != type(self).ssh_cidr and ipaddress.ip_network(self.ssh_cidr, strict=False).prefixlen == 0:
+            return [f"--ssh-cidr {self.ssh_cidr} lets any address reach the nodes' SSH port; give your own block, "
+                    "such as 203.0.113.7/32"]
+        return []
+
 
 SITE_FORMS = (
     ("region", "--region", r"[a-z]{2}(-gov|-iso[a-z]?)?-[a-z]+-\d+", "an AWS region such as us-east-1"),

@@ -66,6 +66,9 @@ def run(args: argparse.Namespace) -> int:
                           container_image=args.image, hosts_per_leaf=args.hosts_per_leaf)
     config = render(recipe, args.provider, opts)
     text = to_yaml(config, args.recipe, args.provider, opts)
+    if args.provider == "aws":
+        for line in opts.warnings():
+            print(f"ringleader: warning: {line}", file=sys.stderr)
     if not args.output:
         sys.stdout.write(text)
         return 0
