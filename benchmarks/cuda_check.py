@@ -92,7 +92,7 @@ def part_stage(args: argparse.Namespace) -> None:
     from launcher.estimate.fit import overhead_figure, predict_stage
     from launcher.estimate.memory import model_shape
     from ray_utils import free_port
-    from topology.cost import HardwareRates
+    from topology.cost import HardwareRates, sequence_flops
     from trainer.config import ModelConfig
     from trainer.engine import init_process_group
     from trainer.stage import run_stage
@@ -128,7 +128,7 @@ def part_stage(args: argparse.Namespace) -> None:
     predicted = predict_stage(stage[0], stage[1], HardwareRates.from_calibration(cal), on_cpu=not cuda)
     shape, _ = model_shape(ModelConfig(**model))
     seq = args.seq
-    flops = 6 * shape.params * seq + 3 * 4 * 0.5 * seq * seq * shape.n_q_heads * shape.head_dim * shape.layers
+    flops = sequence_flops(shape, seq)
     peak = _peak_tflops(name)
     losses = [m["loss"] for m in metrics if "loss" in m]
     print(f"\nstage on one {name}: {shape.params / 1e9:.2f}B parameters, {seq} tokens, ZeRO-3, {'bf16' if cuda else 'fp32'}, "

@@ -402,9 +402,7 @@ def estimate(
     step = f["step"]
     b = step_bound(sm, a2a_floor, attention_floor)
     seq = plan.seq_len
-    causal = 0.5  # a causal sequence computes half of its seq x seq scores
-    attn_flops = (1 + rates.bwd_flops) * 4 * causal * seq * seq * model.n_q_heads * model.head_dim * model.layers
-    model_flops = plan.dp * (6 * model.params * seq + attn_flops)
+    model_flops = plan.dp * sequence_flops(model, seq, rates.bwd_flops)
     hosts = [p.host for p in plan.placements]
     hops = sm.hops
     leaf = {h: topo.leaf_of(h) for h in set(hosts)}
@@ -433,6 +431,13 @@ def estimate(
         efficiency=rates.efficiency,
         rates_source=rates.source,
     )
+
+
+def sequence_flops(model: ModelShape, seq: int, bwd_flops: float = BWD_FLOPS) -> float:
+    """Model FLOPs of one sequence's forward and backward (the MFU numerator): 6 x params per token, plus causal
+    attention, half of its seq x seq scores, forward and ``bwd_flops`` times that backward. Recompute not counted."""
+    causal = 0.5
+    return 6 * model.params * seq + (1 + bwd_flops) * 4 * causal * seq * seq * model.n_q_heads * model.head_dim * model.layers
 
 
 def step_bound(sm: StepModel, a2a_floor: float = 0.0, attention_floor: float = 0.0) -> dict:

@@ -109,16 +109,16 @@ def single_flow_bound(topo: Topology) -> float:
                 # No flow of ``a`` outruns its links together, nor any flow the access bound: a route that reaches
                 # either ends the scan (a host of many alike GPUs, CPU slots say, reads one route, not all pairs').
                 top = min(access, sum(d["bw_gbps"] for d in g.adj[a].values()))
-                rates = [sum(d["bw_gbps"] for v, d in g.adj[a].items() if g.nodes[v]["kind"] == NVLINK_KIND)]
+                fastest = sum(d["bw_gbps"] for v, d in g.adj[a].items() if g.nodes[v]["kind"] == NVLINK_KIND)
                 off = off_host_route(topo, a)
                 if off is not None:
-                    rates.append(min(off))
+                    fastest = max(fastest, min(off))
                 for b in topo.gpus(host):
-                    if max(rates) >= top:
+                    if fastest >= top:
                         break
                     if b != a:
-                        rates.append(_alone(topo, routes.route(a, b)))
-                best = max(best, *rates)
+                        fastest = max(fastest, _alone(topo, routes.route(a, b)))
+                best = max(best, fastest)
                 if best >= access:
                     break
         cache["single"] = min(best, access) if best > 0 else access
