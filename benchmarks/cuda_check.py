@@ -58,8 +58,12 @@ PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "L4":
 
 
 def prebuild_fused_adam() -> subprocess.Popen:
-    """DeepSpeed's FusedAdam, JIT-built into its extension cache by a background process."""
-    code = "from deepspeed.ops.op_builder import FusedAdamBuilder; FusedAdamBuilder().load(); print('fused adam built')"
+    """DeepSpeed's FusedAdam, JIT-built into its extension cache by a background process (where nvcc is)."""
+    code = ("from trainer.engine import fused_adam_available\n"
+            "if fused_adam_available():\n"
+            "    from deepspeed.ops.op_builder import FusedAdamBuilder; FusedAdamBuilder().load(); print('fused adam built')\n"
+            "else:\n"
+            "    print('no nvcc here: the stage runs torch AdamW instead of FusedAdam')")
     return subprocess.Popen([sys.executable, "-c", code], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True)
 
@@ -122,10 +126,13 @@ def part_stage(args: argparse.Namespace) -> None:
             stamps.append(times)
             metrics = seen
             print(f"stage {cfg.name} ({cfg.seq_len} tokens, {cfg.steps} steps) in {time.perf_counter() - t0:.0f} s", flush=True)
-    cal = replace(cal, step_overhead_s=overhead_figure(pvm._steps(stamps[0]), *small, cal, "stage at 32 tokens on 1 rank"))
-    print(f"step overhead from the stage at 32 tokens: {cal.step_overhead_s.value * 1e3:.1f} ms", flush=True)
+    overhead = overhead_figure(pvm._steps(stamps[0]), *small, cal, "stage at 32 tokens on 1 rank", on_cpu=not cuda)
+    cal = replace(cal, step_overhead_s=overhead)
+    print(f"step overhead from the stage at 32 tokens: {overhead.value * 1e3:.1f} ms", flush=True)
     measured = statistics.median(pvm._steps(stamps[1]))
-    predicted = predict_stage(stage[0], stage[1], HardwareRates.from_calibration(cal), on_cpu=not cuda)
+    rates = HardwareRates.from_calibration(cal)
+    predicted = predict_stage(stage[0], stage[1], rates, on_cpu=not cuda)
+    device_s = predict_stage(stage[0], stage[1], replace(rates, step_overhead_s=0.0), on_cpu=not cuda)
     shape, _ = model_shape(ModelConfig(**model))
     seq = args.seq
     flops = sequence_flops(shape, seq)
@@ -136,7 +143,9 @@ def part_stage(args: argparse.Namespace) -> None:
     print(f"  loss {losses[0]:.3f} -> {losses[-1]:.3f} over {len(losses)} steps")
     print(f"  measured micro-step {measured * 1e3:.0f} ms ({seq / measured:,.0f} tokens/s), "
           f"model {flops / measured / 1e12:.0f} TFLOPS" + (f", MFU {flops / measured / 1e12 / peak:.1%} of {peak:.0f}" if peak else ""))
-    print(f"  predicted micro-step {predicted * 1e3:.0f} ms: {(predicted - measured) / measured:+.0%}")
+    print(f"  predicted micro-step {predicted * 1e3:.0f} ms: {(predicted - measured) / measured:+.0%} "
+          f"(compute and traffic {device_s * 1e3:.0f} ms, host overhead {overhead.value * 1e3:.0f} ms, "
+          f"{'hidden behind the device' if cuda else 'added: same cores'})")
     if cuda:
         print(f"  peak memory {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB")
     if not all(map(lambda x: x == x, losses)) or losses[-1] >= losses[0]:

@@ -161,6 +161,29 @@ def test_the_causal_block_runs_at_its_own_rate():
     assert b.attention_s - a.attention_s == pytest.approx(TINY.layers * (fwd * (2 - 1) + bwd * (4 - 1)))
 
 
+@pytest.mark.parametrize("device,hidden", [("cpu", 0.0), ("NVIDIA H200", 1.0)])
+def test_host_overhead_hides_behind_a_gpu_not_a_cpu(device, hidden):
+    """A step's fixed host cost is added on CPU ranks and overlaps the device's work on GPUs; measured back exactly."""
+    from topology.calibration import defaults_for
+    from topology.cost import HardwareRates
+    from launcher.estimate.fit import CPU
+
+    cal = dataclasses.replace(defaults_for(CPU), device=device)
+    rates = HardwareRates.from_calibration(cal)
+    assert rates.host_overlap == hidden
+    plan, topo = _stage_plan(2, 1, 512)
+    bare = estimate(plan, topo, TINY, rates=dataclasses.replace(rates, step_overhead_s=0.0)).step_time_s
+    for overhead in (0.1 * bare, 3 * bare):
+        r = dataclasses.replace(rates, step_overhead_s=overhead)
+        step = estimate(plan, topo, TINY, rates=r).step_time_s
+        assert step == pytest.approx(bare + overhead if device == "cpu" else max(bare, overhead))
+        assert step == pytest.approx(r.with_step_overhead(bare))
+        if step > bare:  # the overhead a measured step implies (where the device hides it, only when it is the longer)
+            assert r.step_overhead_from(step, bare) == pytest.approx(overhead)
+        bound = estimate(plan, topo, TINY, rates=r).bound_step_s
+        assert bound <= step * (1 + 1e-9)
+
+
 def test_transfers_price_arrays_as_transfer_prices_each():
     import numpy as np
 

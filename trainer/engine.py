@@ -95,6 +95,10 @@ def deepspeed_config(cfg: StageConfig, cuda: bool) -> dict[str, Any]:
     if cuda:
         if not ds.get("fp16", {}).get("enabled"):
             ds["bf16"] = {**ds.get("bf16", {}), "enabled": True}
+        if optimizer["type"].lower() in ("adam", "adamw") and not fused_adam_available():
+            log.warning("DeepSpeed's FusedAdam is neither prebuilt nor buildable here (no nvcc under CUDA_HOME); "
+                        "using torch's AdamW. Install the CUDA toolkit or DS_BUILD_FUSED_ADAM=1 deepspeed for the fused kernel")
+            optimizer["params"]["torch_adam"] = True
     else:
         ds["bf16"] = {"enabled": False}
         ds["fp16"] = {"enabled": False}
@@ -102,6 +106,19 @@ def deepspeed_config(cfg: StageConfig, cuda: bool) -> dict[str, Any]:
             # torch's AdamW: DeepSpeed's CPU FusedAdam would need a C++ build at first use.
             optimizer["params"]["torch_adam"] = True
     return ds
+
+
+def fused_adam_available() -> bool:
+    """Whether DeepSpeed can give this GPU host its FusedAdam: prebuilt into the wheel, or JIT-built with nvcc.
+
+    A host with only the CUDA runtime (pip's torch wheels) has no compiler,
+    and DeepSpeed would fail at the first step; torch's AdamW is the way out.
+    """
+    from torch.utils.cpp_extension import CUDA_HOME
+
+    if import_deepspeed().git_version_info.installed_ops.get("fused_adam"):
+        return True
+    return CUDA_HOME is not None and os.access(os.path.join(CUDA_HOME, "bin", "nvcc"), os.X_OK)
 
 
 MUON_MODULE = "deepspeed.runtime.zero.muon.muon_optimizer"

@@ -160,6 +160,7 @@ def build(results: list[dict[str, Any]], source: str, device: str, meta: dict[st
     """A Calibration from every rank's samples (``CalibrationRank.measure``)."""
     from launcher.estimate.measure import figure
     from topology.calibration import Calibration, Figure
+    from topology.cost import HardwareRates
 
     def pooled(key: str) -> list[float]:
         return [v for r in results for v in r.get(key, [])]
@@ -176,7 +177,8 @@ def build(results: list[dict[str, Any]], source: str, device: str, meta: dict[st
     priced = 6 * params * 16 / (gemm.value * 1e12) if gemm and params else 0.0
     if bus and params and ranks > 1:
         priced += 3 * params * (2 if device != "cpu" else 4) * (ranks - 1) / ranks / (bus.value * 1e9)
-    steps = [max(0.0, s - priced) for s in pooled("overhead")]
+    host = HardwareRates(host_overlap=0.0 if device == "cpu" else 1.0)
+    steps = [host.step_overhead_from(s, priced) for s in pooled("overhead")]
     return Calibration(
         source=source, device=device,
         gemm_tflops=gemm,

@@ -60,23 +60,26 @@ def predict_stage(cfg: Any, plan: Plan, rates: HardwareRates, on_cpu: bool = Tru
 
     shape, _ = model_shape(cfg.model)
     zero = int(cfg.deepspeed.get("zero_optimization", {}).get("stage", 0))
-    rates = replace(rates, dtype_bytes=4 if on_cpu else 2)
+    rates = replace(rates, dtype_bytes=4 if on_cpu else 2, host_overlap=0.0 if on_cpu else rates.host_overlap)
     return estimate(plan, stage_topology(plan), shape, zero_stage=zero, rates=rates,
                     recompute=cfg.activation_checkpointing).step_time_s
 
 
-def overhead_figure(steps: list[float], cfg: Any, plan: Plan, cal: Calibration, what: str) -> Figure:
+def overhead_figure(steps: list[float], cfg: Any, plan: Plan, cal: Calibration, what: str, on_cpu: bool = True) -> Figure:
     """The fixed cost of a step from a stage's measured micro-steps: each less everything else the model prices.
 
     Run the stage at a size whose compute is small (tens of tokens per rank);
     what the calibration prices on its own there (compute, each collective's
-    latency, ring and ZeRO bytes) is taken off, so nothing is counted twice.
+    latency, ring and ZeRO bytes) is taken off where it runs on the same
+    cores (CPU ranks), so nothing is counted twice. On GPUs the host's cost
+    runs beside the device's (``HardwareRates.host_overlap``).
     """
     from launcher.estimate.measure import figure
 
     bare = replace(cal, step_overhead_s=Figure(0.0, 0.0, 0.0, "none"))
-    priced = predict_stage(cfg, plan, HardwareRates.from_calibration(bare))
-    return figure([max(0.0, t - priced) for t in steps],
+    rates = replace(HardwareRates.from_calibration(bare), host_overlap=0.0 if on_cpu else 1.0)
+    priced = predict_stage(cfg, plan, rates, on_cpu)
+    return figure([rates.step_overhead_from(t, priced) for t in steps],
                   f"{what}: micro-steps less the {priced * 1e3:.3g} ms the model prices on its own")
 
 

@@ -160,7 +160,7 @@ class DeltaOrder:
             a2a_s = 2 * transfer(sm.a2a_per_peer, rate, lat)
         bus_gbps = bus.slowest(scaled=False)[0]
         self.exact = not a2a.pairs and not hops.capped
-        return sm.dense + sm.attention(hop_gbps, hop_lat, a2a_s) + sm.gradients(bus_gbps) + sm.rates.step_overhead_s
+        return sm.rates.with_step_overhead(sm.dense + sm.attention(hop_gbps, hop_lat, a2a_s) + sm.gradients(bus_gbps))
 
     def crowd(self) -> int:
         """Flows at their kind's slowest rate (ring hops, all-to-all pairs, gradient ring), under the loads as they

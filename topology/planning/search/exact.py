@@ -214,7 +214,7 @@ def _search(sm: StepModel, pool: list[str], best: list[str], best_step: float, n
 
     @lru_cache(maxsize=1 << 16)  # rates and latencies come from a small set: most bounds repeat
     def total(hop: float, hop_lat: float, a2a: float, bus: float) -> float:
-        return sm.dense + sm.attention(hop, hop_lat, a2a) + sm.gradients(bus) + rates.step_overhead_s
+        return rates.with_step_overhead(sm.dense + sm.attention(hop, hop_lat, a2a) + sm.gradients(bus))
 
     def a2a_ahead(i: int) -> float:
         """Seconds of the slowest all-to-all still to come, the ranks of steps ``0..i`` placed (0 when none is)."""
@@ -232,7 +232,7 @@ def _search(sm: StepModel, pool: list[str], best: list[str], best_step: float, n
         quick = total(min(hop_r, hop_cap) * efficiency, hop_lat(min(hop_r, hop_cap) * efficiency), a2a_term(None, a2a_r),
                       bus)
         if joint_attention:  # it holds the gradient term's excess over the bus bound: add that bound, not this bus
-            quick = max(quick, sm.dense + joint_attention + sm.gradients(bus_cap) + rates.step_overhead_s)
+            quick = max(quick, rates.with_step_overhead(sm.dense + joint_attention + sm.gradients(bus_cap)))
         if quick >= target:
             return quick
         a2a = a2a_term(shares(loads[1]), a2a_r) if placed_flows[1] else a2a_term(None, a2a_r)
