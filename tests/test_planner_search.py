@@ -559,7 +559,8 @@ def test_ring_floor_with_data_parallel_replicas_is_no_more_than_the_brute_force_
 
 
 def test_groups_split_across_railed_hosts_raise_the_floor_by_their_gradient_crossings():
-    """Two 3-GPU hosts whose NICs sit on two rails, one cable degraded (3 GB/s): the quickest attention pairs every
+    """Two 3-GPU hosts whose NICs sit on two rails, one cable degraded (3 GB/s; GPU 0 of each host hangs under its
+    first NIC, the others under the second): the quickest attention pairs every
     GPU with one on the other host, and three pairs split across the hosts make the gradient ring leave each host
     twice. The floor rises above every order's attention time alone (it holds the gradient excess), and the step
     bound with it, still below the optimum."""
@@ -577,8 +578,7 @@ def test_groups_split_across_railed_hosts_raise_the_floor_by_their_gradient_cros
             topo.add_link(nic, f"leaf{(i + k) % 2}", cable)
             topo.add_link(nic, sw, 25.0)
         for g in range(3):
-            topo.add_link(topo.add_node(f"{host}/gpu{g}", "gpu", host=host, index=g), sw if g == 0 else f"{host}/nic1",
-                          25.0)
+            topo.add_link(topo.add_node(f"{host}/gpu{g}", "gpu", host=host, index=g), f"{host}/nic{min(g, 1)}", 25.0)
     sm = StepModel(topo, 1, 3, 2, 2 * 6 * 256)
     floor = _check_ring_floor(sm, 6, math.inf)
     figures = [sm.figures(list(order)) for order in itertools.permutations(topo.gpus())]

@@ -7,6 +7,7 @@ import networkx as nx
 import pytest
 
 from topology.errors import ConfigError
+from topology.cost import FlowModel
 from topology.network.model import MEASURED_FORMAT, Topology
 from topology.network.presets import leaf_spine, load_topology
 
@@ -66,6 +67,34 @@ def test_routes_split_equally_over_every_shortest_path():
         got = dict(topo.routes.route(a, b))
         assert got.keys() == expect.keys()
         assert all(abs(got[e] - expect[e]) < 1e-12 for e in got)
+
+
+def _host_with_nics(topo: Topology, host: str, gpus: int, nic_gbps: list[float]) -> None:
+    """``gpus`` GPUs and one NIC per entry of ``nic_gbps`` (its cable to ``leaf``), all under one PCIe switch."""
+    topo.add_node(host, "host")
+    sw = topo.add_node(f"{host}/pcie0", "pcie", host=host, index=0)
+    for k, gbps in enumerate(nic_gbps):
+        topo.add_link(topo.add_node(f"{host}/nic{k}", "nic", host=host, index=k), sw, 32.0)
+        topo.add_link(f"{host}/nic{k}", "leaf", gbps)
+    for g in range(gpus):
+        topo.add_link(topo.add_node(f"{host}/gpu{g}", "gpu", host=host, index=g), sw, 32.0)
+
+
+def test_gpus_take_the_nic_nccl_gives_them():
+    """As ncclTopoGetLocalNet: the widest path to the network first (a slow NIC beside a fast one is left alone),
+    then GPUs equally close to several NICs share them out by device index, bits mirrored."""
+    topo = Topology(name="nics")
+    topo.add_node("leaf", "leaf")
+    _host_with_nics(topo, "shared", 4, [25.0, 25.0])
+    _host_with_nics(topo, "frontend", 2, [3.125, 50.0])
+    _host_with_nics(topo, "four", 8, [25.0] * 4)
+    nic = lambda host, g: topo.routes.nic_of(f"{host}/gpu{g}").rsplit("nic", 1)[1]  # noqa: E731
+    assert [nic("shared", g) for g in range(4)] == ["0", "1", "0", "1"]
+    assert [nic("frontend", g) for g in range(2)] == ["1", "1"]
+    assert [nic("four", g) for g in range(8)] == ["0", "2", "1", "3"] * 2  # mirrorBits(dev % 8, 4)
+    # Two flows out of "shared" through different NICs each get a whole NIC.
+    flows = [("shared/gpu0", "four/gpu0"), ("shared/gpu1", "four/gpu1")]
+    assert [bw for bw, _ in FlowModel(topo).bandwidths(flows)] == [25.0, 25.0]
 
 
 def test_bandwidth_is_the_slowest_link_on_the_path():

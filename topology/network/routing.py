@@ -2,10 +2,12 @@
 
 A flow between two GPUs of one host stays inside the host (PCIe, sockets,
 NVLink: peer-to-peer or shared memory, never the network). A flow between
-hosts leaves its GPU through the NIC the host layout gives that GPU (the
-nearest NIC by hops, the lowest index on a tie: what NCCL's PCI-distance
-NIC choice does), crosses the fabric, and enters the peer GPU through its
-nearest NIC.
+hosts leaves its GPU through the NIC NCCL gives that GPU, crosses the
+fabric, and enters the peer GPU through its NIC. As ``ncclTopoGetLocalNet``
+does: the NICs whose path from the GPU is widest (its narrowest link, the
+NIC's own link to the network included), then shortest; among equally good
+ones, the GPU's device index picks (bits mirrored where their count is a
+power of two), so GPUs that share a PCIe switch with two NICs use one each.
 
 The route depends on the destination where GPUs of several hosts share
 NVLink switches (``nvswitch`` nodes, outside every host: a multi-node
@@ -67,6 +69,7 @@ class Routes:
         self._host = {n: d.get("host") for n, d in g.nodes(data=True)}
         self._label = {n: (d["kind"], d.get("index", n)) for n, d in g.nodes(data=True)}
         self._sig: dict[str, tuple] = {}
+        self._build: dict[str, tuple] = {}
         self._routes: dict[Link, Route] = {}
         self._switch_dist: dict[str, dict[str, int]] = {}
         self._to: dict[tuple[str, ...], dict[str, int]] = {}
@@ -117,9 +120,14 @@ class Routes:
         """
         topo, g = self.topo, self.topo.graph
         host = self._host[a]
-        if host not in self._sig:
-            self._sig[host] = topo.host_signature(host)
-        sig = (self._sig[host], self._label[a], "nic" if want_nic else self._label[b])
+        if want_nic:  # the NIC's choice depends on the speed of its link out, too
+            if host not in self._build:
+                self._build[host] = topo.host_build_key(host)
+            sig = (self._build[host], self._label[a], "nic")
+        else:
+            if host not in self._sig:
+                self._sig[host] = topo.host_signature(host)
+            sig = (self._sig[host], self._label[a], self._label[b])
         tmpl = self._templates.get(sig, ())
         if tmpl != ():
             labels = self._labels[host] if host in self._labels else self._host_labels(host)
@@ -130,7 +138,7 @@ class Routes:
         if sig not in self._templates:
             parts = set(topo.parts(host))
             if want_nic:
-                self._templates[sig] = _nearest_nic(g, a, parts)
+                self._templates[sig] = _nccl_nic(g, a, parts)
                 self._templates[sig] = None if self._templates[sig] is None else _label(g, self._templates[sig])
             else:
                 r = _ecmp(g.adj, a, b, parts)
@@ -243,24 +251,59 @@ def _label(g, node: str) -> tuple:
     return data["kind"], data.get("index", node)
 
 
-def _nearest_nic(g, a: str, parts: set[str]) -> str | None:
+def _widest_shortest(g, source: str, parts: set[str]) -> dict[str, tuple[float, int]]:
+    """``{part: (GB/s, hops)}`` from ``source`` inside its host: the hop count and the narrowest link of the widest
+    shortest path (NCCL's path bandwidth and type, on this graph)."""
+    best = {source: (math.inf, 0)}
+    frontier = [source]
+    while frontier:
+        reached: dict[str, float] = {}
+        for u in frontier:
+            for v, d in g.adj[u].items():
+                if v in parts and (v not in best or v in reached):
+                    reached[v] = max(reached.get(v, 0.0), min(best[u][0], d["bw_gbps"]))
+        hops = best[frontier[0]][1] + 1
+        for v, bw in reached.items():
+            best[v] = (bw, hops)
+        frontier = [v for v in reached if g.nodes[v]["kind"] not in ("nic", "gpu")]  # no transit through either
+    return best
+
+
+def _mirror_bits(value: int, pow2: int) -> int:
+    """NCCL's ``mirrorBits``: the low ``log2(pow2)`` bits of ``value`` in reverse order."""
+    out, b, mb = 0, 1, pow2 >> 1
+    while b < pow2:
+        if value & b:
+            out |= mb
+        b, mb = b << 1, mb >> 1
+    return out
+
+
+def _nccl_nic(g, a: str, parts: set[str]) -> str | None:
+    """The NIC ``ncclTopoGetLocalNet`` gives part ``a`` (channel 0): widest path, then shortest, then by device index."""
     if g.nodes[a]["kind"] == "nic":
         return a
-    dist = {a: 0}
-    queue = deque([a])
-    found: list[tuple[int, int, str]] = []
-    while queue:
-        u = queue.popleft()
-        if found and dist[u] > found[0][0]:
-            break
-        for v in g.adj[u]:
-            if v in parts and v not in dist:
-                dist[v] = dist[u] + 1
-                if g.nodes[v]["kind"] == "nic":
-                    found.append((dist[v], g.nodes[v].get("index", 0), v))
-                else:
-                    queue.append(v)
-    return min(found)[2] if found else None
+
+    def speed(nic: str) -> float:  # the NIC's link to the network
+        return max((d["bw_gbps"] for v, d in g.adj[nic].items() if v not in parts), default=0.0)
+
+    paths = _widest_shortest(g, a, parts)
+    nics = {n: (min(bw, speed(n)), -hops) for n, (bw, hops) in paths.items() if g.nodes[n]["kind"] == "nic"}
+    if not nics:
+        return None
+    top = max(nics.values())
+    tied = sorted((n for n, v in nics.items() if v == top), key=lambda n: (g.nodes[n].get("index", 0), n))
+    if len(tied) == 1:
+        return tied[0]
+    # The GPUs as close to the first of them: NCCL's localGpuCount.
+    from_nic = _widest_shortest(g, tied[0], parts)
+    gpus = {n: (bw, -hops) for n, (bw, hops) in from_nic.items() if g.nodes[n]["kind"] == "gpu"}
+    closest = max(gpus.values())
+    local = sum(v == closest for v in gpus.values())
+    net = int(g.nodes[a].get("index", 0)) % max(1, local)
+    if len(tied) & (len(tied) - 1) == 0:
+        net = _mirror_bits(net, len(tied))
+    return tied[net % len(tied)]
 
 
 def _ecmp(adj, a: str, b: str, allowed: set[str] | None) -> Route:
