@@ -135,6 +135,22 @@ def test_degraded_link_is_avoided_when_possible():
     assert full.cost["slowest_hop_gbps"] == full.cost["bound_hop_gbps"]
 
 
+@pytest.mark.parametrize("ring", [1, 32, 64])
+def test_one_degraded_spine_uplink_bounds_every_route_out_of_its_leaf(ring):
+    """One leaf's uplink to one of two spines is degraded: ECMP sends half of every flow out of the leaf over it, so
+    each such flow runs at most twice that link, however little the sum of the leaf's uplinks drops. Every GPU is
+    used, so some ring (or the gradient ring) leaves the leaf: the bound sees it and aware meets it."""
+    topo = leaf_spine(hosts=8, hosts_per_leaf=2, oversubscription=1.0, spines=2)
+    degraded = 0.1 * topo.link("leaf0", "spine0")["bw_gbps"]
+    topo.add_link("leaf0", "spine0", degraded, topo.link("leaf0", "spine0")["lat_us"])
+    aware = make_plan(topo, 64, ring, seq_len=ring * 8192)
+    naive = make_plan(topo, 64, ring, seq_len=ring * 8192, strategy="naive")
+    assert aware.cost["search"]["proof"] == "meets bound"
+    assert aware.cost["step_time_s"] <= naive.cost["step_time_s"]
+    if ring == 64:  # one ring over every GPU: it leaves the leaf, at twice the degraded link at most
+        assert aware.cost["bound_hop_gbps"] == pytest.approx(2 * degraded)
+
+
 @pytest.mark.parametrize("ring,widest", [(2, "pcie"), (4, "socket")])
 def test_rings_smaller_than_a_host_pack_along_pcie(ring, widest):
     """Rings of 2 sit under one PCIe switch, rings of 4 inside one socket."""

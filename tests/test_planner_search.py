@@ -39,7 +39,7 @@ def _moves_not_the_clock(monkeypatch):
 @st.composite
 def small_clusters(draw, most: int = 6):
     """Up to ``most`` GPUs on hosts of 1-3 GPUs: mixed sizes, one or two NICs (rails), degraded cables, two or three
-    tiers."""
+    tiers, one or two spines (ECMP over uplinks of unequal bandwidth)."""
     sizes = draw(st.lists(st.integers(1, 3), min_size=1, max_size=4).filter(lambda s: sum(s) <= most))
     leaves = draw(st.integers(1, min(3, len(sizes))))
     three_tier = draw(st.booleans()) and leaves > 1
@@ -47,6 +47,9 @@ def small_clusters(draw, most: int = 6):
     topo = Topology(name="generated")
     top = "core" if three_tier else "spine"
     topo.add_node(top, top)
+    second = not three_tier and leaves > 1 and draw(st.booleans())
+    if second:
+        topo.add_node("spine1", "spine")
     for leaf in range(leaves):
         topo.add_node(f"leaf{leaf}", "leaf")
         if three_tier:
@@ -57,6 +60,8 @@ def small_clusters(draw, most: int = 6):
             topo.add_link(f"leaf{leaf}", pod, draw(st.sampled_from([5.0, 10.0, 25.0])))
         else:
             topo.add_link(f"leaf{leaf}", top, draw(st.sampled_from([2.5, 5.0, 12.5, 25.0])))
+            if second:
+                topo.add_link(f"leaf{leaf}", "spine1", draw(st.sampled_from([1.0, 5.0, 12.5])))
     for i, n in enumerate(sizes):
         host = f"h{i}"
         topo.add_node(host, "host")

@@ -12,7 +12,9 @@ Equal-cost multi-path routing splits a flow over parallel links, so a flow
 can run faster than any one switch-to-switch link (or any one of a GPU's
 links to its NVLink switch planes): the arguments below count a unit's
 external capacity as a sum, and never cut the fabric at a switch-to-switch
-or GPU-to-NVLink-switch link.
+or GPU-to-NVLink-switch link. The routes themselves say how ECMP splits:
+a flow across a unit's border runs at most as fast as the fastest route
+across it does alone (``crossing_rate``).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import math
 import networkx as nx
 
 from topology.network.model import Topology
-from topology.network.routing import NVLINK_KIND, FlowModel
+from topology.network.routing import NVLINK_KIND, FlowModel, nvlink_domain
 
 
 def ring_bandwidth_bound(topo: Topology, rings: int, size: int, without: frozenset[str] = frozenset()) -> float:
@@ -44,7 +46,7 @@ def ring_bandwidth_bound(topo: Topology, rings: int, size: int, without: frozens
 
     Notes
     -----
-    The smallest of three arguments. (1) Components: drop every link slower
+    The smallest of four arguments. (1) Components: drop every link slower
     than ``t`` except switch-to-switch links; a ring whose hops all reach
     ``t`` lies in one component, so ``t`` is feasible only if the components
     hold ``rings`` disjoint rings. (2) Exits: at most ``floor(n / size)``
@@ -53,11 +55,15 @@ def ring_bandwidth_bound(topo: Topology, rings: int, size: int, without: frozens
     least ``ceil(size / largest)``) and leaves each; a unit can send at most
     ``sum(bw) / t`` such flows over its external links. (3) Access: every
     GPU sends one hop, no faster than one flow can run alone
-    (``single_flow_bound``). (1) also cuts a unit of hosts
-    under a switch from the rest when its links out carry less than ``t``
-    in all: no flow at ``t`` leaves it. O(E log E) for (1),
+    (``single_flow_bound``). (4) Crossings: where the rings cannot all keep
+    inside a unit or out of it, one of them leaves it and enters it again,
+    and no hop out (or in) runs faster than the fastest route out (or in)
+    does alone (``crossing_rate``): ECMP over a degraded uplink slows every
+    such route, while the sum of the links out hardly drops. (1) also cuts
+    a unit of hosts under a switch from the rest when its links out carry
+    less than ``t`` in all: no flow at ``t`` leaves it. O(E log E) for (1),
     O(units x links x 60) for (2). Hosts ``without`` only take GPUs away from
-    (1): a placement off them is one of the whole cluster, so (2) and (3)
+    (1): a placement off them is one of the whole cluster, so (2) to (4)
     hold as they are.
     """
     if size < 2:
@@ -75,6 +81,10 @@ def ring_bandwidth_bound(topo: Topology, rings: int, size: int, without: frozens
         bound = min(_component_bound(topo, rings, size), single_flow_bound(topo))
         for caps in _unit_levels(topo):
             bound = min(bound, _exit_bound(caps, rings, size))
+        total = topo.num_gpus
+        for hosts, n, _ in all_units(topo):
+            if n // size + (total - n) // size < rings:  # some ring crosses the unit's border
+                bound = min(bound, crossing_rate(topo, hosts))
         cache[rings, size] = bound
     return cache[rings, size]
 
@@ -139,6 +149,105 @@ def off_host_route(topo: Topology, gpu: str) -> tuple[float, float] | None:
     exits = {u for (u, v), _ in route if u in inside and v not in inside}
     out = sum(d["bw_gbps"] for u in exits for v, d in topo.graph.adj[u].items() if v not in inside)
     return _alone(topo, own), out
+
+
+def crossing_rate(topo: Topology, hosts: list[str]) -> float:
+    """The fastest a flow between a GPU of ``hosts`` and one elsewhere runs alone, the slower direction of the two.
+
+    A route between hosts is the source GPU's way to its NIC, the fabric's
+    route between the NICs, and the NIC's way to the destination GPU
+    (``topology.network.routing``), so its rate alone is the least of the
+    three. NICs alike in all three (the switches they plug into, their links'
+    bandwidths, the best rate of a GPU that uses them) stand for each other:
+    one fabric route per pair of such classes. ``inf`` where an NVLink domain
+    spans the border (its flows never take a NIC).
+    """
+    cache = topo.__dict__.setdefault("_bound_cache", {})
+    key = ("crossing", tuple(hosts))
+    if key in cache:
+        return cache[key]
+    inside = set(hosts)
+    classes = _nic_classes(topo)
+    if any(domain is not None for domain in _host_domains(topo).values()):
+        domains_in = {_host_domains(topo)[h] for h in hosts} - {None}
+        if any(d in domains_in for h, d in _host_domains(topo).items() if h not in inside):
+            cache[key] = math.inf
+            return math.inf
+    fabric = cache.setdefault("fabric alone", {})
+
+    own = {c for h in hosts for c in _classes_of(topo).get(h, ())}
+    by_tail = sorted(classes, key=lambda c: -classes[c][1])
+    by_head = sorted(classes, key=lambda c: -classes[c][0])
+
+    def fastest(out: bool) -> float:
+        """Out of the unit (``out``), or into it (``inf`` where no route crosses: nothing to say)."""
+        best = -math.inf
+        for c in own:  # the unit's end of the route; the other end's classes, fastest first
+            for other in (c, *(by_tail if out else by_head)):
+                a, b = (c, other) if out else (other, c)
+                if min(classes[a][0], classes[b][1]) <= best:
+                    if other != c:
+                        break  # no later class runs faster than the best so far
+                    continue
+                if not classes[other][3] - inside:
+                    continue
+                if (a, b) not in fabric:
+                    src = next(n for n in classes[a][2] if (topo.host_of(n) in inside) == out)
+                    dst = next(n for n in classes[b][2] if (topo.host_of(n) in inside) != out)
+                    fabric[a, b] = _alone(topo, topo.routes.route(src, dst))
+                best = max(best, min(classes[a][0], fabric[a, b], classes[b][1]))
+        return best if best >= 0 else math.inf
+
+    cache[key] = min(fastest(True), fastest(False))
+    return cache[key]
+
+
+def _host_domains(topo: Topology) -> dict[str, int | None]:
+    """Each host's NVLink domain (that of its first GPU), ``None`` outside any."""
+    cache = topo.__dict__.setdefault("_bound_cache", {})
+    if "host domains" not in cache:
+        cache["host domains"] = {h: nvlink_domain(topo, topo.gpus(h)[0]) for h in topo.hosts if topo.gpus(h)}
+    return cache["host domains"]
+
+
+def _classes_of(topo: Topology) -> dict[str, list[tuple]]:
+    """Per host, the classes of its NICs (``_nic_classes``)."""
+    cache = topo.__dict__.setdefault("_bound_cache", {})
+    if "classes of" not in cache:
+        out: dict[str, list[tuple]] = {}
+        for key, (*_, hosts) in _nic_classes(topo).items():
+            for h in hosts:
+                out.setdefault(h, []).append(key)
+        cache["classes of"] = out
+    return cache["classes of"]
+
+
+def _nic_classes(topo: Topology) -> dict[tuple, tuple[float, float, list[str], frozenset[str]]]:
+    """NICs that GPUs use, by what a route through them depends on (the links out of the NIC, the best GB/s of a
+    GPU's way to it and of its way to a GPU): ``{key: (way in GB/s, way out GB/s, NICs, their hosts)}``, each way
+    capped by the NIC's links out."""
+    cache = topo.__dict__.setdefault("_bound_cache", {})
+    if "nic classes" not in cache:
+        routes, g = topo.routes, topo.graph
+        head: dict[str, float] = {}
+        tail: dict[str, float] = {}
+        for x in topo.gpus():
+            nic = routes.nic_of(x)
+            if nic is None:
+                continue
+            head[nic] = max(head.get(nic, 0.0), _alone(topo, routes.route(x, nic)))
+            tail[nic] = max(tail.get(nic, 0.0), _alone(topo, routes.route(nic, x)))
+        members: dict[tuple, list[str]] = {}
+        for nic in head:
+            inside = set(topo.parts(topo.host_of(nic)))
+            links = tuple(sorted((v, d["bw_gbps"]) for v, d in g.adj[nic].items() if v not in inside))
+            # No route through the NIC runs faster than its links out together: counted in, the ways in and out
+            # say at once which pairs of classes cannot beat the best so far (the fabric route costs a walk).
+            wire = sum(bw for _, bw in links)
+            members.setdefault((links, min(head[nic], wire), min(tail[nic], wire)), []).append(nic)
+        cache["nic classes"] = {key: (key[1], key[2], nics, frozenset(map(topo.host_of, nics)))
+                                for key, nics in members.items()}
+    return cache["nic classes"]
 
 
 def _alone(topo: Topology, route) -> float:
