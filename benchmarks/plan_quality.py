@@ -5,8 +5,9 @@
     python benchmarks/plan_quality.py --match g6e          # only the cases whose name contains "g6e"
 
 Each case is a generated fabric (1:1, 2:1 and 4:1 oversubscription, uneven
-leaves, scattered degraded cables and uplinks, two spines, rails, three
-tiers, mixed 4- and 8-GPU hosts, partial clusters, NVLink racks (multi-node
+leaves, scattered degraded cables and uplinks, one slow uplink under ECMP,
+two spines, rails, three tiers, mixed 4- and 8-GPU hosts, partial
+clusters, NVLink racks (multi-node
 NVLink domains whose trays share leaf switches); 64 to 2,048 hosts) and a
 plan shape; switch groups that rings do not divide (leaves of mixed host
 sizes, pods smaller than a ring; 11 to 16 hosts); GPUs to spare beside slow
@@ -63,6 +64,9 @@ def suite(seed: int = 0) -> list[Case]:
         cases.append((f"degraded uplinks, 2 spines {hosts}x", lambda h=hosts, u=ups: leaf_spine(h, spines=2, uplinks=u),
                       (hosts - 16) * 8, 64, 1, 16384))
         cases.append((f"2 spines {hosts}x 4:1", lambda h=hosts: leaf_spine(h, spines=2, oversubscription=4.0), hosts * 8, 128, 1, 16384))
+    for hosts, share, cp in ((64, 0.1, 64), (256, 0.25, 32)):  # every GPU: rings must leave the leaf
+        cases.append((f"one spine uplink at {share:g}, 2 spines {hosts}x ring {cp}",
+                      lambda h=hosts, f=share: _one_slow_uplink(h, f), hosts * 8, cp, 1, 16384))
     for hosts, nics, cp in ((64, 2, 32), (128, 4, 64), (64, 4, 16)):
         cases.append((f"rails {hosts}x {nics} NICs ring {cp}", lambda h=hosts, n=nics: rails(h, nics=n), hosts * 8, cp, 1, 16384))
     for hosts, per_pod, cp in ((128, 4, 64), (512, 4, 128), (256, 2, 256)):
@@ -98,6 +102,15 @@ def suite(seed: int = 0) -> list[Case]:
     cases.append(("leafspine 1024x 2:1 ring 64", lambda: leaf_spine(1024), 8192, 64, 1, 16384))
     cases.append(("leafspine 2048x 2:1 ring 256", lambda: leaf_spine(2048), 16384, 256, 1, 16384))
     return cases
+
+
+def _one_slow_uplink(hosts: int, share: float) -> Topology:
+    """A 2:1 leaf-spine with two spines, the first leaf's uplink to the first spine at ``share`` of its bandwidth:
+    ECMP puts half of every flow out of that leaf on it."""
+    topo = leaf_spine(hosts, spines=2)
+    link = topo.link("leaf0", "spine0")
+    topo.add_link("leaf0", "spine0", link["bw_gbps"] * share, link["lat_us"])
+    return topo
 
 
 def run_case(case: Case) -> dict:
