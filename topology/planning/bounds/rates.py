@@ -168,9 +168,10 @@ def crossing_rate(topo: Topology, hosts: list[str]) -> float:
         return cache[key]
     inside = set(hosts)
     classes = _nic_classes(topo)
-    if any(domain is not None for domain in _host_domains(topo).values()):
-        domains_in = {_host_domains(topo)[h] for h in hosts} - {None}
-        if any(d in domains_in for h, d in _host_domains(topo).items() if h not in inside):
+    domains = _host_domains(topo)
+    if any(domains.values()):
+        within = set().union(*(domains.get(h, ()) for h in hosts))
+        if any(within & d for h, d in domains.items() if h not in inside):
             cache[key] = math.inf
             return math.inf
     fabric = cache.setdefault("fabric alone", {})
@@ -202,11 +203,11 @@ def crossing_rate(topo: Topology, hosts: list[str]) -> float:
     return cache[key]
 
 
-def _host_domains(topo: Topology) -> dict[str, int | None]:
-    """Each host's NVLink domain (that of its first GPU), ``None`` outside any."""
+def _host_domains(topo: Topology) -> dict[str, frozenset[int]]:
+    """Each host's NVLink domains (those of its GPUs; none outside any)."""
     cache = topo.__dict__.setdefault("_bound_cache", {})
     if "host domains" not in cache:
-        cache["host domains"] = {h: nvlink_domain(topo, topo.gpus(h)[0]) for h in topo.hosts if topo.gpus(h)}
+        cache["host domains"] = {h: frozenset(nvlink_domain(topo, x) for x in topo.gpus(h)) - {None} for h in topo.hosts}
     return cache["host domains"]
 
 
