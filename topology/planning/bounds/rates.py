@@ -232,12 +232,20 @@ def _nic_classes(topo: Topology) -> dict[tuple, tuple[float, float, list[str], f
         routes, g = topo.routes, topo.graph
         head: dict[str, float] = {}
         tail: dict[str, float] = {}
-        for x in topo.gpus():
-            nic = routes.nic_of(x)
-            if nic is None:
-                continue
-            head[nic] = max(head.get(nic, 0.0), _alone(topo, routes.route(x, nic)))
-            tail[nic] = max(tail.get(nic, 0.0), _alone(topo, routes.route(nic, x)))
+        for first, *alike in topo.host_builds().values():  # hosts built alike route alike inside: one stands for all
+            ways: dict[str, tuple[float, float]] = {}
+            for x in topo.gpus(first):
+                nic = routes.nic_of(x)
+                if nic is not None:
+                    h, t = ways.get(nic, (0.0, 0.0))
+                    ways[nic] = (max(h, _alone(topo, routes.route(x, nic))), max(t, _alone(topo, routes.route(nic, x))))
+            for nic, (h, t) in ways.items():
+                head[nic], tail[nic] = h, t
+            for host in alike:  # alike hosts' parts have distinct indices (``Topology.host_signature``)
+                twin = {g.nodes[n].get("index"): n for n in topo.nics(host)}
+                for nic, (h, t) in ways.items():
+                    head[twin[g.nodes[nic].get("index")]] = h
+                    tail[twin[g.nodes[nic].get("index")]] = t
         members: dict[tuple, list[str]] = {}
         for nic in head:
             inside = set(topo.parts(topo.host_of(nic)))
