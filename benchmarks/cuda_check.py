@@ -148,6 +148,7 @@ def part_stage(args: argparse.Namespace) -> None:
           f"{'hidden behind the device' if cuda else 'added: same cores'})")
     if cuda:
         print(f"  peak memory {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB")
+    torch.distributed.destroy_process_group()
     if not all(map(lambda x: x == x, losses)) or losses[-1] >= losses[0]:
         raise SystemExit(f"loss did not fall: {losses}")
 
