@@ -265,7 +265,7 @@ def _widest_shortest(g, source: str, parts: set[str]) -> dict[str, tuple[float, 
         hops = best[frontier[0]][1] + 1
         for v, bw in reached.items():
             best[v] = (bw, hops)
-        frontier = [v for v in reached if g.nodes[v]["kind"] not in ("nic", "gpu")]  # no transit through either
+        frontier = [v for v in reached if g.nodes[v]["kind"] != "nic"]  # a NIC ends a path: no transit through it
     return best
 
 
