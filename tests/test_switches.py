@@ -10,7 +10,9 @@ from hypothesis import strategies as st
 
 from topology.cost import FlowModel
 from topology.errors import ConfigError
+from topology.network.model import MEASURED_FORMAT, Topology
 from topology.network.presets import PRESETS
+from topology.planning.planner import make_plan
 from topology.profiling.profile import round_robin
 from topology.network.switches import leaf_groups, leaf_names
 
@@ -125,3 +127,25 @@ def test_leaf_names_prefer_labels():
     partial = [{"ringleader.io/rack": "r7"}, {}, {}, None]
     assert leaf_names(bw, partial) == (["r7", "r7", "leaf1", "leaf1"], "inferred")
     assert leaf_names(bw, [{}] * 4) == (["leaf0", "leaf0", "leaf1", "leaf1"], "inferred")
+
+
+def test_a_profile_naming_no_switch_gets_leaves_from_its_bandwidths_and_rings_keep_inside_them():
+    # A hand-written profile: 40 hosts listed with their 4 leaves interleaved, bandwidths only. Rings of two hosts
+    # must pair hosts of one leaf; in listing order every pair crosses the spine. Without the inferred leaves the
+    # plan paired hosts across the spine too (slowest hop 6.2 GB/s, as Ray's order).
+    leaves = [i % 4 for i in range(40)]
+    bw = noisy_matrix(leaves, [12.5] * 40, 6.25, 0.03, seed=3)
+    profile = {"format": MEASURED_FORMAT, "version": 1, "name": "hand-written",
+               "hosts": [{"name": f"n{i:02d}", "gpus": 2} for i in range(40)], "host_bw_gbps": bw}
+    topo = Topology.from_dict(profile)
+    assert partition([topo.leaf_of(h) for h in topo.hosts]) == partition(leaves)
+    aware, naive = (make_plan(topo, 80, 4, strategy=s) for s in ("aware", "naive"))
+    for plan in (aware, naive):
+        rings = [{topo.leaf_of(p.host) for p in plan.placements[i:i + 4]} for i in range(0, 80, 4)]
+        assert all(len(r) == (1 if plan is aware else 2) for r in rings)
+    assert aware.cost["slowest_hop_gbps"] > 1.5 * naive.cost["slowest_hop_gbps"]
+    # Leaves the profile names stay as they are, and so does a fabric with no gap to tell leaves by.
+    named = Topology.from_dict({**profile, "hosts": [{**h, "leaf": "one"} for h in profile["hosts"]]})
+    assert {named.leaf_of(h) for h in named.hosts} == {"one"}
+    flat = Topology.from_dict({**profile, "host_bw_gbps": noisy_matrix([0] * 40, [12.5] * 40, 12.5, 0.03, seed=3)})
+    assert {flat.leaf_of(h) for h in flat.hosts} == {None}

@@ -412,6 +412,8 @@ class Topology:
         each other by the measured copy matrix (or, without one, through the
         NIC only), and to the NIC by a link that never limits.
 
+        A profile naming no switch (no host with ``leaf`` or ``network_nodes``)
+        gets the leaves its bandwidths infer (``_with_inferred_leaves``).
         Across inferred leaves (hosts without ``network_nodes``, a profile
         with its concurrent flows on record), pairs go through their leaves'
         uplinks instead (``_measured_uplinks``): pairs measured at once
@@ -433,6 +435,7 @@ class Topology:
             raise ConfigError(f"{source}: gpu_bw_gbps names no host {', '.join(map(repr, sorted(map(str, stray))))}; key it by the names in 'hosts'")
         spec = _gpu_spec(data.get("gpu"), source)
         topo = cls(name=str(data.get("name", "measured")), gpu=spec)
+        hosts = _with_inferred_leaves(hosts, bw, lat)
         names = []
         for i, h in enumerate(hosts):
             if not isinstance(h, dict):
@@ -499,6 +502,31 @@ class Topology:
                 # each as it was, are the safer model.
                 return cls.from_measured({**data, "meta": {k: v for k, v in data["meta"].items() if k != "flows"}}, source)
         return topo
+
+
+def _with_inferred_leaves(hosts: list, bw: list[list[float]], lat: list[list[float]] | None) -> list:
+    """The hosts of a profile that names no switch, each given the leaf its measurements infer, as
+    ``ringleader profile`` writes them (``topology.network.switches.leaf_names``); otherwise as given.
+
+    A hand-written or third-party profile often lists bandwidths only. Without
+    leaves, the planner sees one flat group of hosts and cuts rings from them
+    in listing order, which on a shuffled host list pairs hosts across the
+    spine; with them, rings keep under one leaf as they do on a profile this
+    project wrote. One inferred leaf (a non-blocking fabric) adds nothing.
+    """
+    if not all(isinstance(h, dict) for h in hosts) or any(h.get("leaf") is not None or h.get("network_nodes") is not None
+                                                          for h in hosts):
+        return hosts
+    n = len(hosts)
+    if n < 3 or any(bw[i][j] <= 0 for i in range(n) for j in range(n) if i != j):
+        return hosts  # too few to tell a slow link from a far one, or a missing pair the host loop reports
+    from topology.network.switches import leaf_names  # scipy's clustering: imported only where a profile needs it
+
+    labels = [h.get("labels") if isinstance(h.get("labels"), dict) else None for h in hosts]
+    leaves, _ = leaf_names(bw, labels, lat)
+    if len(set(leaves)) < 2:
+        return hosts
+    return [{**h, "leaf": leaf} for h, leaf in zip(hosts, leaves)]
 
 
 MEASURED_SPINE = "measured-spine"
@@ -570,7 +598,7 @@ MEASURED_FORMAT = "ringleader/measured-topology"
     version: 1
     name: ray-cluster
     gpu: {name: L40S, ...}                 # optional
-    hosts: [{name, node_id, ip, labels, gpus, leaf,   # leaf: inferred or from labels
+    hosts: [{name, node_id, ip, labels, gpus, leaf,   # leaf: inferred or from labels (inferred here when no host has one)
              network_nodes, nic_gbps}]            # optional: switches top-down; NIC capacity under concurrent flows
     host_bw_gbps: [[0, 48.1, ...], ...]   # n x n, GB/s per direction, median
     host_lat_us: [[0, 12.0, ...], ...]    # optional
