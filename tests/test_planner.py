@@ -7,7 +7,7 @@ import random
 import pytest
 
 from topology.planning import ring_order
-from topology.cost import FlowModel, StepModel
+from topology.cost import FlowModel, StepModel, step_bound
 from topology.errors import ConfigError
 from topology.network.model import MEASURED_FORMAT, Topology
 from topology.planning.planner import make_plan
@@ -149,6 +149,45 @@ def test_one_degraded_spine_uplink_bounds_every_route_out_of_its_leaf(ring):
     assert aware.cost["step_time_s"] <= naive.cost["step_time_s"]
     if ring == 64:  # one ring over every GPU: it leaves the leaf, at twice the degraded link at most
         assert aware.cost["bound_hop_gbps"] == pytest.approx(2 * degraded)
+
+
+def _two_nic_host_beside_a_lone_gpu() -> Topology:
+    """h0: one GPU, its NIC under leaf0. h1: two PCIe switches joined at 25 GB/s, each with a GPU and a NIC: gpu0
+    (32 GB/s) beside a NIC under leaf1, gpu1 (25 GB/s) beside one under leaf0. leaf0 reaches leaf1 over a 5 GB/s
+    spine link."""
+    topo = Topology(name="two leaves, one slow")
+    for name, kind in (("leaf0", "leaf"), ("leaf1", "leaf"), ("spine", "spine")):
+        topo.add_node(name, kind)
+    topo.add_link("leaf0", "spine", 5.0, 1.0)
+    topo.add_link("leaf1", "spine", 50.0, 1.0)
+    for host, gpus in (("h0", [(32.0, "leaf0")]), ("h1", [(32.0, "leaf1"), (25.0, "leaf0")])):
+        topo.add_node(host, "host")
+        for i, (bw, leaf) in enumerate(gpus):
+            pcie = topo.add_node(f"{host}/pcie{i}", "pcie", host=host, index=i)
+            topo.add_link(topo.add_node(f"{host}/gpu{i}", "gpu", host=host, index=i), pcie, bw, 1.0)
+            nic = topo.add_node(f"{host}/nic{i}", "nic", host=host, index=i)
+            topo.add_link(nic, pcie, 64.0, 1.0)
+            topo.add_link(nic, leaf, 50.0, 2.0)
+            if i:
+                topo.add_link(f"{host}/pcie{i - 1}", pcie, 25.0, 1.0)
+    return topo
+
+
+@pytest.mark.parametrize("ulysses", [1, 2])
+def test_the_bound_reads_routes_a_gpu_can_take_not_links_it_has(ulysses):
+    """h0's GPU has a 32 GB/s link, yet its only fast partner is h1/gpu1 (25 GB/s): h1/gpu0's NIC reaches leaf0
+    over the slow spine. Any pair of GPUs runs at 25 at best, in a ring of two or an all-to-all of two; the bound
+    used to promise 32 (a GPU's links and NICs, not its routes), and now meets the plan."""
+    topo = _two_nic_host_beside_a_lone_gpu()
+    assert topo.routes.nic_of("h1/gpu0") == "h1/nic0" and topo.routes.nic_of("h1/gpu1") == "h1/nic1"
+    plan = make_plan(topo, 2, 2, ulysses, seq_len=2 * 8192)
+    assert ("h1", 1) in {(p.host, p.gpu) for p in plan.placements}  # h0/gpu0 with h1/gpu0 would cross at 5
+    if ulysses == 1:
+        assert plan.cost["search"]["proof"] == "meets bound"
+        assert plan.cost["bound_hop_gbps"] == pytest.approx(25.0) == plan.cost["slowest_hop_gbps"]
+    else:  # the all-to-all's bound runs at 25 too; only its latency floor (the shortest route anywhere) stays below
+        bound = step_bound(StepModel(topo, 1, 1, 2, 2 * 8192))
+        assert bound["a2a"] == pytest.approx(plan.cost["ulysses_a2a_s"], rel=1e-3)
 
 
 @pytest.mark.parametrize("ring,widest", [(2, "pcie"), (4, "socket")])

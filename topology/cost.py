@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from topology.planning.bounds.rates import gpu_access_bound, min_route_latency, ring_bandwidth_bound
+from topology.planning.bounds.rates import gpu_access_bound, min_route_latency, partner_bound, ring_bandwidth_bound
 from topology.planning.bounds.gradient_gate import gradient_gate
 from topology.planning.bounds.hop_latency import hop_latency
 from topology.planning.bounds.split_groups import split_step
@@ -482,16 +482,27 @@ def step_bound(sm: StepModel, a2a_floor: float = 0.0, attention_floor: float = 0
     hop = ring_bandwidth_bound(topo, sm.dp * sm.ulysses, sm.ring) * sm.rates.network_efficiency
     lat = min_route_latency(topo)
     _, _, fwd, _ = sm.ring_layer(hop, hop_latency(sm).at(hop) if sm.ring > 1 else 0.0)
-    a2a = 0.0
-    if sm.ulysses > 1:
-        a2a = 2 * transfer(sm.a2a_per_peer * (sm.ulysses - 1), gpu_access_bound(topo) * sm.rates.network_efficiency, lat)
-    a2a = max(a2a, a2a_floor)
+    a2a = max(all_to_all_bound(sm, lat), a2a_floor)
     bus = ring_bandwidth_bound(topo, 1, sm.world)
     step = sm.rates.with_step_overhead(sm.dense + max(split_step(sm, hop, a2a, bus), attention_floor + sm.gradients(bus)))
     gated = _gated_step(sm, hop, a2a, attention_floor)
     if gated > step:
         step = gated
     return {"hop_gbps": hop, "ring_step_fwd": fwd, "a2a": a2a, "bus_gbps": bus, "step": step}
+
+
+def all_to_all_bound(sm: StepModel, lat_us: float) -> float:
+    """Seconds no placement's all-to-all (forward and backward) beats, its transfers waiting at least ``lat_us``.
+
+    Each GPU's ``u - 1`` transfers share its links (``gpu_access_bound``), and each runs no faster than the
+    GPU's ``(u - 1)``-th fastest route to a partner does alone (``partner_bound``): some GPU of the placement
+    has partners no faster than that.
+    """
+    if sm.ulysses < 2:
+        return 0.0
+    eff, topo, peers = sm.rates.network_efficiency, sm.topo, sm.ulysses - 1
+    return 2 * max(transfer(sm.a2a_per_peer * peers, gpu_access_bound(topo) * eff, lat_us),
+                   transfer(sm.a2a_per_peer, partner_bound(topo, sm.world, peers) * eff, lat_us))
 
 
 def _gated_step(sm: StepModel, hop: float, a2a: float, attention_floor: float) -> float:

@@ -23,8 +23,13 @@ import math
 
 import networkx as nx
 
+from topology.errors import ConfigError
 from topology.network.model import Topology
 from topology.network.routing import NVLINK_KIND, FlowModel, nvlink_domain
+
+PAIR_GPUS = 64
+"""Clusters of at most this many GPUs get ``partner_bound`` and ``route_component_bound``: they read the route of
+every pair of GPUs."""
 
 
 def ring_bandwidth_bound(topo: Topology, rings: int, size: int, without: frozenset[str] = frozenset()) -> float:
@@ -55,7 +60,9 @@ def ring_bandwidth_bound(topo: Topology, rings: int, size: int, without: frozens
     least ``ceil(size / largest)``) and leaves each; a unit can send at most
     ``sum(bw) / t`` such flows over its external links. (3) Access: every
     GPU sends one hop, no faster than one flow can run alone
-    (``single_flow_bound``). (4) Crossings: where the rings cannot all keep
+    (``single_flow_bound``), nor faster than its own fastest route to
+    another GPU (``partner_bound``, on small clusters; and (1) over those
+    routes, ``route_component_bound``). (4) Crossings: where the rings cannot all keep
     inside a unit or out of it, one of them leaves it and enters it again,
     and no hop out (or in) runs faster than the fastest route out (or in)
     does alone (``crossing_rate``): ECMP over a degraded uplink slows every
@@ -78,7 +85,8 @@ def ring_bandwidth_bound(topo: Topology, rings: int, size: int, without: frozens
             cache[rings, size, without] = whole if fits else min(whole, _component_bound(topo, rings, size, without))
         return cache[rings, size, without]
     if (rings, size) not in cache:
-        bound = min(_component_bound(topo, rings, size), single_flow_bound(topo))
+        bound = min(_component_bound(topo, rings, size), single_flow_bound(topo), partner_bound(topo, rings * size),
+                    route_component_bound(topo, rings, size))
         for caps in _unit_levels(topo):
             bound = min(bound, _exit_bound(caps, rings, size))
         total = topo.num_gpus
@@ -87,6 +95,79 @@ def ring_bandwidth_bound(topo: Topology, rings: int, size: int, without: frozens
                 bound = min(bound, crossing_rate(topo, hosts))
         cache[rings, size] = bound
     return cache[rings, size]
+
+
+def partner_bound(topo: Topology, used: int, peers: int = 1) -> float:
+    """Argument (5) of ``ring_bandwidth_bound``: with ``used`` GPUs each sending to ``peers`` others and receiving
+    from as many, some of those flows runs no faster than the ``used``-th largest of the GPUs' partner rates (each
+    GPU's ``peers``-th fastest route out, or in, alone); ``inf`` on clusters of more than ``PAIR_GPUS`` GPUs.
+
+    A ring hop is one flow out of each GPU and one in (``peers`` 1); an all-to-all of ``u`` GPUs, ``u - 1``.
+    Routes, not links, say it: a GPU whose NIC is the one NCCL gives it may reach every other host only over a
+    slow spine link while a link of the same GPU, or a NIC beside it, is fast; arguments over links alone then
+    promise the fast link's rate.
+    """
+    pairs = pair_rates(topo)
+    cache = topo.__dict__["_bound_cache"]
+    key = ("partners", peers)
+    if key not in cache:
+        out: dict[str, list[float]] = {}
+        into: dict[str, list[float]] = {}
+        for (a, b), rate in (pairs or {}).items():
+            out.setdefault(a, []).append(rate)
+            into.setdefault(b, []).append(rate)
+        cache[key] = sorted((min(sorted(out[g])[-peers], sorted(into[g])[-peers]) for g in out if len(out[g]) >= peers),
+                            reverse=True)
+    figures = cache[key]
+    return figures[used - 1] if pairs is not None and 1 <= used <= len(figures) else math.inf
+
+
+def route_component_bound(topo: Topology, rings: int, size: int) -> float:
+    """Argument (6) of ``ring_bandwidth_bound``: the largest ``t`` at which the GPUs' routes of ``t`` GB/s or more
+    (alone) still hold the rings; ``inf`` on clusters of more than ``PAIR_GPUS`` GPUs.
+
+    A ring whose hops all run at ``t`` is a directed cycle of routes that fast, so it lies inside one strongly
+    connected piece of them: argument (1) over routes instead of links. Links say a GPU reaches a fast NIC; the
+    route NCCL gives it may not take that NIC, and a ring of GPUs may have no cycle as fast as each GPU's best
+    partner.
+    """
+    pairs = pair_rates(topo)
+    if pairs is None or size < 2:
+        return math.inf
+    cache = topo.__dict__["_bound_cache"]
+    key = ("route pieces", rings, size)
+    if key not in cache:
+        def fits(t: float) -> bool:
+            g = nx.DiGraph((a, b) for (a, b), rate in pairs.items() if rate >= t)
+            return sum(len(piece) // size for piece in nx.strongly_connected_components(g)) >= rings
+
+        values = sorted(set(pairs.values()))
+        lo, hi = -1, len(values)  # values[lo] holds the rings (lo = -1: none known to), values[hi:] do not
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            lo, hi = (mid, hi) if fits(values[mid]) else (lo, mid)
+        cache[key] = values[lo] if lo >= 0 else 0.0
+    return cache[key]
+
+
+def pair_rates(topo: Topology) -> dict[tuple[str, str], float] | None:
+    """GB/s of the route between every ordered pair of GPUs, alone (0 where there is none); None on clusters of
+    more than ``PAIR_GPUS`` GPUs."""
+    cache = topo.__dict__.setdefault("_bound_cache", {})
+    if "pair rates" not in cache:
+        gpus = topo.gpus()
+        rates: dict[tuple[str, str], float] | None = None
+        if len(gpus) <= PAIR_GPUS:
+            rates = {}
+            for a in gpus:
+                for b in gpus:
+                    if a != b:
+                        try:
+                            rates[a, b] = _alone(topo, topo.routes.route(a, b))
+                        except ConfigError:  # no network path: no flow runs there (a plan that needs one fails)
+                            rates[a, b] = 0.0
+        cache["pair rates"] = rates
+    return cache["pair rates"]
 
 
 def gpu_access_bound(topo: Topology) -> float:

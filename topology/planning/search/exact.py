@@ -73,8 +73,8 @@ from functools import lru_cache
 import numpy as np
 
 from topology.planning.bounds.hop_latency import hop_latency
-from topology.planning.bounds.rates import gpu_access_bound, min_route_latency, ring_bandwidth_bound
-from topology.cost import StepModel, transfer, transfers
+from topology.planning.bounds.rates import min_route_latency, ring_bandwidth_bound
+from topology.cost import StepModel, all_to_all_bound, transfer, transfers
 from topology.planning.search.delta import REL_TOL, USED
 from topology.planning.search.lookahead import PairRates, all_to_all_reach
 from topology.planning.plan import GroupLayout
@@ -167,10 +167,7 @@ def _search(sm: StepModel, pool: list[str], best: list[str], best_step: float, n
     # What no placement beats (``topology.cost.step_bound``'s terms): the flows placed so far only tighten them.
     hop_cap = ring_bandwidth_bound(topo, sm.dp * sm.ulysses, sm.ring) if sm.ring > 1 else math.inf
     bus_cap = ring_bandwidth_bound(topo, 1, world)
-    a2a_floor = 0.0
-    if kinds[1]:
-        a2a_floor = 2 * transfer(sm.a2a_per_peer * (sm.ulysses - 1), gpu_access_bound(topo) * efficiency, l_min)
-    a2a_floor = max(a2a_floor, joint_a2a)
+    a2a_floor = max(all_to_all_bound(sm, l_min) if kinds[1] else 0.0, joint_a2a)
 
     below = slowest_hop.patterns.below
 
