@@ -190,6 +190,22 @@ def test_the_bound_reads_routes_a_gpu_can_take_not_links_it_has(ulysses):
         assert bound["a2a"] == pytest.approx(plan.cost["ulysses_a2a_s"], rel=1e-3)
 
 
+def test_a_gpu_bridged_to_one_neighbour_only_slows_every_ring_of_three():
+    """gpu2 reaches gpu1 over a 50 GB/s bridge and gpu0 over a 4 GB/s link: its fast routes all go to one GPU,
+    so a ring of three takes a 4 GB/s hop. Each GPU has a partner at 32 or more, and the links at 32 join all
+    three: only the routes, a ring's GPU needing two neighbours, say 4."""
+    topo = Topology(name="bridged")
+    topo.add_node("h", "host")
+    pcie = topo.add_node("h/pcie0", "pcie", host="h", index=0)
+    gpus = [topo.add_node(f"h/gpu{i}", "gpu", host="h", index=i) for i in range(3)]
+    for gpu, bw in zip(gpus, (32.0, 32.0, 4.0)):
+        topo.add_link(gpu, pcie, bw, 1.0)
+    topo.add_link(gpus[1], gpus[2], 50.0, 1.0)
+    plan = make_plan(topo, 3, 3, seq_len=3 * 8192)
+    assert plan.cost["bound_hop_gbps"] == pytest.approx(4.0) == plan.cost["slowest_hop_gbps"]
+    assert plan.cost["search"]["proof"] == "meets bound"
+
+
 @pytest.mark.parametrize("ring,widest", [(2, "pcie"), (4, "socket")])
 def test_rings_smaller_than_a_host_pack_along_pcie(ring, widest):
     """Rings of 2 sit under one PCIe switch, rings of 4 inside one socket."""

@@ -129,7 +129,8 @@ def route_component_bound(topo: Topology, rings: int, size: int) -> float:
     A ring whose hops all run at ``t`` is a directed cycle of routes that fast, so it lies inside one strongly
     connected piece of them: argument (1) over routes instead of links. Links say a GPU reaches a fast NIC; the
     route NCCL gives it may not take that NIC, and a ring of GPUs may have no cycle as fast as each GPU's best
-    partner.
+    partner. In a ring of three or more, a GPU whose fast routes all go to (and come from) one other GPU has no
+    place: it is dropped before the pieces are counted, and so, in turn, are those it left alone.
     """
     pairs = pair_rates(topo)
     if pairs is None or size < 2:
@@ -139,6 +140,11 @@ def route_component_bound(topo: Topology, rings: int, size: int) -> float:
     if key not in cache:
         def fits(t: float) -> bool:
             g = nx.DiGraph((a, b) for (a, b), rate in pairs.items() if rate >= t)
+            if size > 2:  # in a ring of three or more a GPU's predecessor and successor are two GPUs
+                lone = [v for v in g if len(set(g.pred[v]) | set(g.succ[v])) < 2 or not g.pred[v] or not g.succ[v]]
+                while lone:
+                    g.remove_nodes_from(lone)
+                    lone = [v for v in g if len(set(g.pred[v]) | set(g.succ[v])) < 2 or not g.pred[v] or not g.succ[v]]
             return sum(len(piece) // size for piece in nx.strongly_connected_components(g)) >= rings
 
         values = sorted(set(pairs.values()))
