@@ -206,6 +206,21 @@ def test_a_gpu_bridged_to_one_neighbour_only_slows_every_ring_of_three():
     assert plan.cost["search"]["proof"] == "meets bound"
 
 
+def test_an_all_to_all_waits_on_its_slowest_gpus_links_shared_by_its_peers():
+    """Ulysses 3 over three of four GPUs under one switch, two of 32 GB/s links and two of 16: one of the slow
+    GPUs takes part, and its two transfers share its link, 8 GB/s each. The bound used to give every GPU the best
+    GPU's links (16 each)."""
+    topo = Topology(name="mixed links")
+    topo.add_node("h", "host")
+    pcie = topo.add_node("h/pcie0", "pcie", host="h", index=0)
+    for i, bw in enumerate((32.0, 32.0, 16.0, 16.0)):
+        topo.add_link(topo.add_node(f"h/gpu{i}", "gpu", host="h", index=i), pcie, bw, 1.0)
+    plan = make_plan(topo, 3, 3, 3, seq_len=3 * 8192)
+    assert plan.cost["search"]["proof"] == "meets bound"
+    bound = step_bound(StepModel(topo, 1, 1, 3, 3 * 8192))
+    assert bound["a2a"] == pytest.approx(plan.cost["ulysses_a2a_s"])
+
+
 @pytest.mark.parametrize("ring,widest", [(2, "pcie"), (4, "socket")])
 def test_rings_smaller_than_a_host_pack_along_pcie(ring, widest):
     """Rings of 2 sit under one PCIe switch, rings of 4 inside one socket."""

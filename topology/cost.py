@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from topology.planning.bounds.rates import gpu_access_bound, min_route_latency, partner_bound, ring_bandwidth_bound
+from topology.planning.bounds.rates import all_to_all_rate_bound, min_route_latency, ring_bandwidth_bound
 from topology.planning.bounds.gradient_gate import gradient_gate
 from topology.planning.bounds.hop_latency import hop_latency
 from topology.planning.bounds.split_groups import split_step
@@ -494,15 +494,14 @@ def step_bound(sm: StepModel, a2a_floor: float = 0.0, attention_floor: float = 0
 def all_to_all_bound(sm: StepModel, lat_us: float) -> float:
     """Seconds no placement's all-to-all (forward and backward) beats, its transfers waiting at least ``lat_us``.
 
-    Each GPU's ``u - 1`` transfers share its links (``gpu_access_bound``), and each runs no faster than the
-    GPU's ``(u - 1)``-th fastest route to a partner does alone (``partner_bound``): some GPU of the placement
-    has partners no faster than that.
+    Each GPU's ``u - 1`` transfers share its links, and each runs no faster than the GPU's ``(u - 1)``-th
+    fastest route to a partner does alone: some GPU of the placement is no better placed than that
+    (``all_to_all_rate_bound``).
     """
     if sm.ulysses < 2:
         return 0.0
-    eff, topo, peers = sm.rates.network_efficiency, sm.topo, sm.ulysses - 1
-    return 2 * max(transfer(sm.a2a_per_peer * peers, gpu_access_bound(topo) * eff, lat_us),
-                   transfer(sm.a2a_per_peer, partner_bound(topo, sm.world, peers) * eff, lat_us))
+    rate = all_to_all_rate_bound(sm.topo, sm.world, sm.ulysses - 1)
+    return 2 * transfer(sm.a2a_per_peer, rate * sm.rates.network_efficiency, lat_us)
 
 
 def _gated_step(sm: StepModel, hop: float, a2a: float, attention_floor: float) -> float:

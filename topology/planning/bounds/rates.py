@@ -107,17 +107,41 @@ def partner_bound(topo: Topology, used: int, peers: int = 1) -> float:
     slow spine link while a link of the same GPU, or a NIC beside it, is fast; arguments over links alone then
     promise the fast link's rate.
     """
+    return _ranked(topo, used, peers, share_links=False)
+
+
+def all_to_all_rate_bound(topo: Topology, used: int, peers: int) -> float:
+    """GB/s no placement's slowest all-to-all transfer beats, ``used`` GPUs each sending to ``peers`` others.
+
+    A GPU's ``peers`` transfers share its links (their sum, ``gpu_access_bound``), and each runs no faster than
+    its ``peers``-th best partner (``partner_bound``): per GPU the smaller of the two, and some used GPU is no
+    better than the ``used``-th best of them. On clusters of more than ``PAIR_GPUS`` GPUs, the best GPU's links.
+    """
+    if pair_rates(topo) is None:
+        return gpu_access_bound(topo) / peers
+    return _ranked(topo, used, peers, share_links=True)
+
+
+def _ranked(topo: Topology, used: int, peers: int, share_links: bool) -> float:
+    """The ``used``-th largest, over the GPUs, of the ``peers``-th best route out and in (alone), capped by the GPU's
+    links shared ``peers`` ways when ``share_links``; ``inf`` without pair rates."""
     pairs = pair_rates(topo)
     cache = topo.__dict__["_bound_cache"]
-    key = ("partners", peers)
+    key = ("partners", peers, share_links)
     if key not in cache:
         out: dict[str, list[float]] = {}
         into: dict[str, list[float]] = {}
         for (a, b), rate in (pairs or {}).items():
             out.setdefault(a, []).append(rate)
             into.setdefault(b, []).append(rate)
-        cache[key] = sorted((min(sorted(out[g])[-peers], sorted(into[g])[-peers]) for g in out if len(out[g]) >= peers),
-                            reverse=True)
+        figures = []
+        for g in out:
+            if len(out[g]) >= peers:
+                best = min(sorted(out[g])[-peers], sorted(into[g])[-peers])
+                if share_links:
+                    best = min(best, sum(d["bw_gbps"] for d in topo.graph.adj[g].values()) / peers)
+                figures.append(best)
+        cache[key] = sorted(figures, reverse=True)
     figures = cache[key]
     return figures[used - 1] if pairs is not None and 1 <= used <= len(figures) else math.inf
 
