@@ -98,7 +98,7 @@ def ring_bandwidth_bound(topo: Topology, rings: int, size: int, without: frozens
 
 
 def partner_bound(topo: Topology, used: int, peers: int = 1) -> float:
-    """Argument (5) of ``ring_bandwidth_bound``: with ``used`` GPUs each sending to ``peers`` others and receiving
+    """Part of argument (3) of ``ring_bandwidth_bound``: with ``used`` GPUs each sending to ``peers`` others and receiving
     from as many, some of those flows runs no faster than the ``used``-th largest of the GPUs' partner rates (each
     GPU's ``peers``-th fastest route out, or in, alone); ``inf`` on clusters of more than ``PAIR_GPUS`` GPUs.
 
@@ -147,11 +147,11 @@ def _ranked(topo: Topology, used: int, peers: int, share_links: bool) -> float:
 
 
 def route_component_bound(topo: Topology, rings: int, size: int) -> float:
-    """Argument (6) of ``ring_bandwidth_bound``: the largest ``t`` at which the GPUs' routes of ``t`` GB/s or more
+    """Argument (1) of ``ring_bandwidth_bound`` over routes: the largest ``t`` at which the GPUs' routes of ``t`` GB/s or more
     (alone) still hold the rings; ``inf`` on clusters of more than ``PAIR_GPUS`` GPUs.
 
     A ring whose hops all run at ``t`` is a directed cycle of routes that fast, so it lies inside one strongly
-    connected piece of them: argument (1) over routes instead of links. Links say a GPU reaches a fast NIC; the
+    connected piece of them. Links say a GPU reaches a fast NIC; the
     route NCCL gives it may not take that NIC, and a ring of GPUs may have no cycle as fast as each GPU's best
     partner. In a ring of three or more, a GPU whose fast routes all go to (and come from) one other GPU has no
     place: it is dropped before the pieces are counted, and so, in turn, are those it left alone.
@@ -164,11 +164,11 @@ def route_component_bound(topo: Topology, rings: int, size: int) -> float:
     if key not in cache:
         def fits(t: float) -> bool:
             g = nx.DiGraph((a, b) for (a, b), rate in pairs.items() if rate >= t)
-            if size > 2:  # in a ring of three or more a GPU's predecessor and successor are two GPUs
-                lone = [v for v in g if len(set(g.pred[v]) | set(g.succ[v])) < 2 or not g.pred[v] or not g.succ[v]]
-                while lone:
-                    g.remove_nodes_from(lone)
-                    lone = [v for v in g if len(set(g.pred[v]) | set(g.succ[v])) < 2 or not g.pred[v] or not g.succ[v]]
+            while size > 2:  # in a ring of three or more a GPU's predecessor and successor are two GPUs
+                lone = [v for v in g if not g.pred[v] or not g.succ[v] or len(g.pred[v].keys() | g.succ[v].keys()) < 2]
+                if not lone:
+                    break
+                g.remove_nodes_from(lone)
             return sum(len(piece) // size for piece in nx.strongly_connected_components(g)) >= rings
 
         values = sorted(set(pairs.values()))
