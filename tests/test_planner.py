@@ -221,6 +221,21 @@ def test_an_all_to_all_waits_on_its_slowest_gpus_links_shared_by_its_peers():
     assert bound["a2a"] == pytest.approx(plan.cost["ulysses_a2a_s"])
 
 
+@pytest.mark.parametrize("ring", [32, 64])
+def test_rings_that_must_touch_one_of_two_degraded_leaves_are_bounded_by_their_borders(ring):
+    """Four leaves of three 8-GPU hosts, two spines; leaf2 and leaf3 each have one uplink at a tenth. 64 GPUs can
+    keep off either of them but not off both, and ECMP sends half of every flow into or out of them over the
+    degraded link. No single unit must be crossed, so the bound used to say 12.5 GB/s, 3x below the step."""
+    topo = leaf_spine(hosts=12, hosts_per_leaf=3, oversubscription=1.0, spines=2)
+    for leaf in ("leaf2", "leaf3"):
+        link = topo.link(leaf, "spine0")
+        topo.add_link(leaf, "spine0", 0.1 * link["bw_gbps"], link["lat_us"])
+    plan = make_plan(topo, 64, ring, seq_len=ring * 8192)
+    assert plan.cost["bound_hop_gbps"] == pytest.approx(2 * topo.link("leaf2", "spine0")["bw_gbps"])
+    assert plan.cost["slowest_hop_gbps"] == pytest.approx(plan.cost["bound_hop_gbps"])
+    assert plan.cost["step_time_s"] <= plan.cost["bound_step_s"] * 1.001
+
+
 @pytest.mark.parametrize("ring,widest", [(2, "pcie"), (4, "socket")])
 def test_rings_smaller_than_a_host_pack_along_pcie(ring, widest):
     """Rings of 2 sit under one PCIe switch, rings of 4 inside one socket."""

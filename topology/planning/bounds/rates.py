@@ -62,11 +62,12 @@ def ring_bandwidth_bound(topo: Topology, rings: int, size: int, without: frozens
     GPU sends one hop, no faster than one flow can run alone
     (``single_flow_bound``), nor faster than its own fastest route to
     another GPU (``partner_bound``, on small clusters; and (1) over those
-    routes, ``route_component_bound``). (4) Crossings: where the rings cannot all keep
-    inside a unit or out of it, one of them leaves it and enters it again,
-    and no hop out (or in) runs faster than the fastest route out (or in)
-    does alone (``crossing_rate``): ECMP over a degraded uplink slows every
-    such route, while the sum of the links out hardly drops. (1) also cuts
+    routes, ``route_component_bound``). (4) Crossings: a ring that touches
+    two units or more leaves and enters each, and no hop out (or in) runs
+    faster than the fastest route out (or in) does alone (``crossing_rate``):
+    ECMP over a degraded uplink slows every such route, while the sum of the
+    links out hardly drops. At ``t`` the rings must fit inside the units of
+    slower borders or among the GPUs of faster ones (``_border_bound``). (1) also cuts
     a unit of hosts under a switch from the rest when its links out carry
     less than ``t`` in all: no flow at ``t`` leaves it. O(E log E) for (1),
     O(units x links x 60) for (2). Hosts ``without`` only take GPUs away from
@@ -89,11 +90,7 @@ def ring_bandwidth_bound(topo: Topology, rings: int, size: int, without: frozens
                     route_component_bound(topo, rings, size))
         for caps in _unit_levels(topo):
             bound = min(bound, _exit_bound(caps, rings, size))
-        total = topo.num_gpus
-        for hosts, n, _ in all_units(topo):
-            if n // size + (total - n) // size < rings:  # some ring crosses the unit's border
-                bound = min(bound, crossing_rate(topo, hosts))
-        cache[rings, size] = bound
+        cache[rings, size] = min(bound, _border_bound(topo, rings, size))
     return cache[rings, size]
 
 
@@ -494,6 +491,32 @@ def _fits_at(topo: Topology, t: float, seals: list[tuple[float, list[tuple[str, 
         root = find(gpu)
         count[root] = count.get(root, 0) + 1
     return sum(n // size for n in count.values())
+
+
+def _border_bound(topo: Topology, rings: int, size: int) -> float:
+    """Argument (4) of ``ring_bandwidth_bound``: at each level of units, the largest ``t`` at which rings whose hops
+    all run at ``t`` still fit.
+
+    A ring keeps inside one unit or touches two or more, entering and leaving each it touches over routes no
+    faster than the fastest route across that unit's border alone (``crossing_rate``). At ``t``, then, rings
+    that touch a unit whose border is slower keep inside it: the rings number at most those inside the slower
+    units plus what the faster units' GPUs hold together. Adding units fastest border first, the first at which
+    that reaches ``rings`` gives ``t``.
+    """
+    members, start, bound = all_units(topo), 0, math.inf
+    for caps in _unit_levels(topo):
+        units = members[start:start + len(caps)]
+        start += len(caps)
+        inside = sum(n // size for _, n, _ in units)
+        if len(units) < 2 or inside >= rings:
+            continue
+        fast = 0
+        for rate, n in sorted(((crossing_rate(topo, hosts), n) for hosts, n, _ in units), key=lambda x: -x[0]):
+            inside, fast = inside - n // size, fast + n
+            if inside + fast // size >= rings:
+                bound = min(bound, rate)
+                break
+    return bound
 
 
 def _exit_bound(caps: list[tuple[int, float]], rings: int, size: int) -> float:
