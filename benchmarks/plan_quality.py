@@ -7,11 +7,12 @@
 Each case is a generated fabric (1:1, 2:1 and 4:1 oversubscription, uneven
 leaves, scattered degraded cables and uplinks, one slow uplink under ECMP,
 two spines, rails, three tiers, mixed 4- and 8-GPU hosts, partial
-clusters, NVLink racks (multi-node
+clusters, measured profiles that name no leaf, NVLink racks (multi-node
 NVLink domains whose trays share leaf switches); 64 to 2,048 hosts) and a
 plan shape; switch groups that rings do not divide (leaves of mixed host
 sizes, pods smaller than a ring; 11 to 16 hosts); GPUs to spare beside slow
-hosts and leaves (8 to 48 hosts); and small g6e clusters (2 and 4 hosts)
+hosts and leaves (8 to 48 hosts; two leaves of 12 hosts behind slow spine
+uplinks); and small g6e clusters (2 and 4 hosts)
 with Ulysses groups at 256 tokens per GPU, which the exact search is meant
 to prove. Printed per case: predicted step time of the aware plan over Ray's
 order (naive) and over the lower bound, planning time, and whether the plan
@@ -29,7 +30,7 @@ import time
 from typing import Callable
 
 from topology.cost import FlowModel
-from topology.network.model import Topology
+from topology.network.model import MEASURED_FORMAT, Topology
 from topology.planning.planner import make_plan
 from topology.network.presets import g6e, leaf_spine, nvl_domains, rails
 
@@ -99,6 +100,10 @@ def suite(seed: int = 0) -> list[Case]:
                   lambda: leaf_spine(32, hosts_per_leaf=4, spines=2, uplinks={6: 4.0, 1: 2.0}), 203, 7, 1, 16384))
     cases.append(("two slow cables 8x, 56 ring 7", lambda: leaf_spine(8, hosts_per_leaf=2, degraded={5: 1.0, 2: 3.125}),
                   56, 7, 1, 16384))
+    cases.append(("two leaves with a spine uplink at 0.1, 12x 64 ring 64", _two_slow_leaves, 64, 64, 1, 16384))
+    for cp, ulysses in ((16, 1), (32, 2)):
+        cases.append((f"profile naming no leaf 64x, hosts shuffled, ring {cp}" + (f" ulysses {ulysses}" if ulysses > 1 else ""),
+                      lambda: _profile_naming_no_leaf(64, 8, seed), 512, cp, ulysses, 16384))
     cases.append(("leafspine 1024x 2:1 ring 64", lambda: leaf_spine(1024), 8192, 64, 1, 16384))
     cases.append(("leafspine 2048x 2:1 ring 256", lambda: leaf_spine(2048), 16384, 256, 1, 16384))
     return cases
@@ -111,6 +116,28 @@ def _one_slow_uplink(hosts: int, share: float) -> Topology:
     link = topo.link("leaf0", "spine0")
     topo.add_link("leaf0", "spine0", link["bw_gbps"] * share, link["lat_us"])
     return topo
+
+
+def _two_slow_leaves() -> Topology:
+    """Four leaves of three 8-GPU hosts under two spines; leaf2's and leaf3's uplinks to spine0 at a tenth. 64 GPUs
+    keep off one of those leaves, not off both."""
+    topo = leaf_spine(12, hosts_per_leaf=3, oversubscription=1.0, spines=2)
+    for leaf in ("leaf2", "leaf3"):
+        link = topo.link(leaf, "spine0")
+        topo.add_link(leaf, "spine0", link["bw_gbps"] * 0.1, link["lat_us"])
+    return topo
+
+
+def _profile_naming_no_leaf(hosts: int, per_leaf: int, seed: int) -> Topology:
+    """A measured profile as another tool might write it: 8-GPU hosts in random order, bandwidths only (12.5 GB/s
+    under a leaf, 6.25 across, each pair within 5% of it), no leaf named."""
+    rng = random.Random(seed)
+    leaf = list(range(hosts))
+    rng.shuffle(leaf)
+    bw = [[0.0 if i == j else (12.5 if leaf[i] // per_leaf == leaf[j] // per_leaf else 6.25) * rng.uniform(0.95, 1.05)
+           for j in range(hosts)] for i in range(hosts)]
+    return Topology.from_dict({"format": MEASURED_FORMAT, "version": 1, "name": "unnamed leaves",
+                               "hosts": [{"name": f"n{i:03d}", "gpus": 8} for i in range(hosts)], "host_bw_gbps": bw})
 
 
 def run_case(case: Case) -> dict:
