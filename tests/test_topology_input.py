@@ -74,6 +74,9 @@ CASES = {
     "measured-leaf-not-a-name": (_measured(hosts=[{"name": "a", "gpus": 8, "leaf": 5}, {"name": "b", "gpus": 8}]), "leaf is 5"),
     "measured-gpu-matrix-of-no-host": (_measured(gpu_bw_gbps={"c": [[0]]}), "gpu_bw_gbps names no host 'c'"),
     "measured-misspelt-field": (_measured(host_latency_us=[[0, 5], [5, 0]]), r"unknown field\(s\) host_latency_us"),
+    "version-true": (_host_file(lambda d: d.update(version=True)), "version True is not supported"),
+    "measured-version-null": (_measured(version=None), "version None is not supported"),
+    "measured-version-2": (_measured(version=2), "version 2 is not supported"),
 }
 
 

@@ -332,9 +332,7 @@ class Topology:
         if data.get("format") == MEASURED_FORMAT:
             return cls.from_measured(data, source)
         _known_fields(data, ("version", "name", "gpu", "nodes", "links"), source)
-        version = data.get("version", FORMAT_VERSION)
-        if version != FORMAT_VERSION:
-            raise ConfigError(f"{source}: version {version} is not supported; this ringleader reads version {FORMAT_VERSION}")
+        _check_version(data, source)
         for key in ("nodes", "links"):
             if not isinstance(data.get(key), list):
                 raise ConfigError(f"{source}: '{key}' is missing or not a list; "
@@ -421,6 +419,7 @@ class Topology:
         direct link of that share would count the sharing twice.
         """
         _known_fields(data, ("format", "version", "name", "gpu", "hosts", "host_bw_gbps", "host_lat_us", "gpu_bw_gbps", "meta"), source)
+        _check_version(data, source)
         hosts = data.get("hosts")
         if not isinstance(hosts, list) or not hosts:
             raise ConfigError(f"{source}: 'hosts' is missing or empty")
@@ -612,6 +611,13 @@ def _check_positive(what: str, value: Any, allow_zero: bool = False) -> None:
     ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
     if not ok or value < 0 or (value == 0 and not allow_zero):
         raise ConfigError(f"{what} is {value!r}; it must be a {'non-negative' if allow_zero else 'positive'} number")
+
+
+def _check_version(data: dict[str, Any], source: str) -> None:
+    """A file's ``version``, when given, must be the integer this ringleader reads (``true`` is not 1)."""
+    version = data.get("version", FORMAT_VERSION)
+    if not isinstance(version, int) or isinstance(version, bool) or version != FORMAT_VERSION:
+        raise ConfigError(f"{source}: version {version!r} is not supported; this ringleader reads version {FORMAT_VERSION}")
 
 
 def _known_fields(data: dict[str, Any], known: tuple[str, ...], source: str) -> None:
