@@ -94,27 +94,27 @@ def ring_bandwidth_bound(topo: Topology, rings: int, size: int, without: frozens
     return cache[rings, size]
 
 
-def partner_bound(topo: Topology, used: int, peers: int = 1) -> float:
-    """Part of argument (3) of ``ring_bandwidth_bound``: with ``used`` GPUs each sending to ``peers`` others and receiving
-    from as many, some of those flows runs no faster than the ``used``-th largest of the GPUs' partner rates (each
-    GPU's ``peers``-th fastest route out, or in, alone); ``inf`` on clusters of more than ``PAIR_GPUS`` GPUs.
+def partner_bound(topo: Topology, used: int) -> float:
+    """Part of argument (3) of ``ring_bandwidth_bound``: with ``used`` GPUs in rings, some hop runs no faster than
+    the ``used``-th largest of the GPUs' partner rates (each GPU's fastest route out, or in, alone); ``inf`` on
+    clusters of more than ``PAIR_GPUS`` GPUs.
 
-    A ring hop is one flow out of each GPU and one in (``peers`` 1); an all-to-all of ``u`` GPUs, ``u - 1``.
     Routes, not links, say it: a GPU whose NIC is the one NCCL gives it may reach every other host only over a
     slow spine link while a link of the same GPU, or a NIC beside it, is fast; arguments over links alone then
     promise the fast link's rate.
     """
-    return _ranked(topo, used, peers, share_links=False)
+    return _ranked(topo, used, 1, share_links=False)
 
 
 def all_to_all_rate_bound(topo: Topology, used: int, peers: int) -> float:
-    """GB/s no placement's slowest all-to-all transfer beats, ``used`` GPUs each sending to ``peers`` others.
+    """GB/s no placement's slowest all-to-all transfer beats, ``used`` GPUs each sending to ``peers`` others and
+    receiving from as many.
 
     A GPU's ``peers`` transfers share its links (their sum, ``gpu_access_bound``), and each runs no faster than
-    its ``peers``-th best partner (``partner_bound``): per GPU the smaller of the two, and some used GPU is no
+    its ``peers``-th best route out (or in) alone: per GPU the smaller of the two, and some used GPU is no
     better than the ``used``-th best of them. On clusters of more than ``PAIR_GPUS`` GPUs, the best GPU's links.
     """
-    if pair_rates(topo) is None:
+    if _partner_rates(topo) is None:
         return gpu_access_bound(topo) / peers
     return _ranked(topo, used, peers, share_links=True)
 
@@ -122,25 +122,40 @@ def all_to_all_rate_bound(topo: Topology, used: int, peers: int) -> float:
 def _ranked(topo: Topology, used: int, peers: int, share_links: bool) -> float:
     """The ``used``-th largest, over the GPUs, of the ``peers``-th best route out and in (alone), capped by the GPU's
     links shared ``peers`` ways when ``share_links``; ``inf`` without pair rates."""
-    pairs = pair_rates(topo)
+    partners = _partner_rates(topo)
+    if partners is None:
+        return math.inf
     cache = topo.__dict__["_bound_cache"]
     key = ("partners", peers, share_links)
     if key not in cache:
-        out: dict[str, list[float]] = {}
-        into: dict[str, list[float]] = {}
-        for (a, b), rate in (pairs or {}).items():
-            out.setdefault(a, []).append(rate)
-            into.setdefault(b, []).append(rate)
         figures = []
-        for g in out:
-            if len(out[g]) >= peers:
-                best = min(sorted(out[g])[-peers], sorted(into[g])[-peers])
+        for g, (out, into) in partners.items():
+            if len(out) >= peers:
+                best = min(out[peers - 1], into[peers - 1])
                 if share_links:
                     best = min(best, sum(d["bw_gbps"] for d in topo.graph.adj[g].values()) / peers)
                 figures.append(best)
         cache[key] = sorted(figures, reverse=True)
     figures = cache[key]
-    return figures[used - 1] if pairs is not None and 1 <= used <= len(figures) else math.inf
+    return figures[used - 1] if 1 <= used <= len(figures) else math.inf
+
+
+def _partner_rates(topo: Topology) -> dict[str, tuple[list[float], list[float]]] | None:
+    """Per GPU, its routes' rates alone out and in, fastest first (``pair_rates``, grouped once)."""
+    pairs = pair_rates(topo)
+    cache = topo.__dict__["_bound_cache"]
+    if "partner rates" not in cache:
+        grouped: dict[str, tuple[list[float], list[float]]] | None = None
+        if pairs is not None:
+            grouped = {g: ([], []) for g in topo.gpus()}
+            for (a, b), rate in pairs.items():
+                grouped[a][0].append(rate)
+                grouped[b][1].append(rate)
+            for out, into in grouped.values():
+                out.sort(reverse=True)
+                into.sort(reverse=True)
+        cache["partner rates"] = grouped
+    return cache["partner rates"]
 
 
 def route_component_bound(topo: Topology, rings: int, size: int) -> float:
