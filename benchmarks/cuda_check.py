@@ -59,7 +59,8 @@ PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "L4":
 
 def prebuild_fused_adam() -> subprocess.Popen:
     """DeepSpeed's FusedAdam, JIT-built into its extension cache by a background process (where nvcc is)."""
-    code = ("from trainer.engine import fused_adam_available\n"
+    code = ("from trainer.engine import fused_adam_available, prepare_jit_build\n"
+            "prepare_jit_build()\n"
             "if fused_adam_available():\n"
             "    from deepspeed.ops.op_builder import FusedAdamBuilder; FusedAdamBuilder().load(); print('fused adam built')\n"
             "else:\n"

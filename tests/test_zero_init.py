@@ -8,6 +8,7 @@ hold about half of the parameters; the DeepSpeed engine's loss must equal
 the loss of the whole model on one process.
 """
 
+import os
 import sys
 
 import pytest
@@ -100,3 +101,31 @@ def test_a_stage_that_asks_for_muon_gets_deepspeeds_muon():
     from deepspeed.runtime.zero.muon.muon_optimizer import MuonWithAuxAdam
 
     assert MuonWithAuxAdam.__module__ == MUON_MODULE and hasattr(MuonWithAuxAdam, "step")
+
+
+@pytest.mark.parametrize("arch_list, readable", [
+    ("9.0a", "9.0"),
+    ("8.0 8.6 9.0a 10.0f 12.0a+PTX", "8.0;8.6;9.0;10.0;12.0+PTX"),
+    ("9.0;9.0a", "9.0"),
+    ("Hopper", None),
+])
+def test_deepspeeds_op_builder_reads_the_arch_list_ranks_give_it(monkeypatch, arch_list, readable):
+    """CUDA images for Hopper set targets like ``9.0a``; DeepSpeed's JIT build of FusedAdam failed on them."""
+    from deepspeed.ops.op_builder.fused_adam import FusedAdamBuilder  # the CUDA builder, whatever the accelerator
+
+    from trainer.engine import prepare_jit_build
+
+    def arch_flags() -> str:
+        builder = FusedAdamBuilder()
+        builder.jit_mode, builder._jit_arch_list = True, os.environ["TORCH_CUDA_ARCH_LIST"]
+        builder.compute_capability_args()
+        return os.environ["TORCH_CUDA_ARCH_LIST"]
+
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", arch_list)
+    if readable is not None and any(c.isalpha() for c in arch_list.replace("+PTX", "")):
+        with pytest.raises(ValueError):
+            arch_flags()
+    prepare_jit_build()
+    assert os.environ.get("TORCH_CUDA_ARCH_LIST") == readable
+    if readable is not None:
+        assert arch_flags().split(";")[-1].endswith("+PTX")

@@ -318,7 +318,8 @@ class HardwareRates:
     host_overlap: float = 1.0
     """Fraction of ``step_overhead_s`` that runs while the device computes. A GPU executes kernels
     asynchronously, so the host's work of a step hides behind the device's: 1 (on an H200 the
-    model's device time alone came within 4% of a measured step, the fixed cost added to it 56% above).
+    model's device time alone came within 4-15% of measured steps at 16K-32K tokens, the fixed cost
+    added to it 56% above).
     CPU ranks do both on the same cores: 0."""
     layer_overhead_s: float = 0.0
     """Fixed seconds per layer and ring step, forward plus backward."""

@@ -17,6 +17,7 @@ import copy
 import datetime
 import logging
 import os
+import re
 import sys
 from types import ModuleType, SimpleNamespace
 from typing import Any, Iterator
@@ -108,6 +109,42 @@ def deepspeed_config(cfg: StageConfig, cuda: bool) -> dict[str, Any]:
     return ds
 
 
+ARCH_TARGET = re.compile(r"(\d+)\.(\d+)[a-z]?(\+PTX)?")
+"""One ``TORCH_CUDA_ARCH_LIST`` target: ``9.0``, ``9.0a`` (arch-specific), ``10.0f`` (family), ``8.6+PTX``."""
+
+
+def deepspeed_arch_list(value: str) -> str | None:
+    """``TORCH_CUDA_ARCH_LIST`` as DeepSpeed's JIT builder can read it; None where it names no target it can.
+
+    PyTorch takes arch-specific targets such as ``9.0a`` (CUDA images for
+    Hopper set them), but DeepSpeed 0.19 reads each part of a target as an
+    integer and fails the first step building FusedAdam. Its ops use no
+    wgmma or TMA, so the plain target of the same version builds the same
+    kernel. Names PyTorch also takes (``Hopper``) are dropped; with nothing
+    left, DeepSpeed asks the device.
+    """
+    targets = []
+    for token in value.replace(" ", ";").split(";"):
+        match = ARCH_TARGET.fullmatch(token.strip())
+        if match:
+            targets.append(f"{match[1]}.{match[2]}{match[3] or ''}")
+    return ";".join(dict.fromkeys(targets)) or None
+
+
+def prepare_jit_build() -> None:
+    """Make this process's ``TORCH_CUDA_ARCH_LIST`` one DeepSpeed can build its CUDA ops for (see above)."""
+    value = os.environ.get("TORCH_CUDA_ARCH_LIST")
+    if value is None:
+        return
+    readable = deepspeed_arch_list(value)
+    if readable != value:
+        log.info("TORCH_CUDA_ARCH_LIST %r read as %r for DeepSpeed's op builds", value, readable)
+        if readable is None:
+            del os.environ["TORCH_CUDA_ARCH_LIST"]
+        else:
+            os.environ["TORCH_CUDA_ARCH_LIST"] = readable
+
+
 def fused_adam_available() -> bool:
     """Whether DeepSpeed can give this GPU host its FusedAdam: prebuilt into the wheel, or JIT-built with nvcc.
 
@@ -176,6 +213,8 @@ def make_engine(model: torch.nn.Module, ds_config: dict[str, Any], device: torch
     """
     deepspeed = import_deepspeed(muon=str(ds_config.get("optimizer", {}).get("type", "")).lower() == "muon")
     deepspeed.init_distributed(timeout=datetime.timedelta(seconds=timeout_s), dist_init_required=False, verbose=False)
+    if device.type == "cuda":
+        prepare_jit_build()
     args = SimpleNamespace(device_rank=device.index) if device.type == "cuda" else None
     engine, *_ = deepspeed.initialize(args=args, model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
                                       config=ds_config, dist_init_required=False)
