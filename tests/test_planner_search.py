@@ -749,6 +749,57 @@ def test_hosts_with_too_many_automorphisms_fall_back_to_twin_swaps():
     assert plan.cost["search"]["optimal"]
 
 
+def _two_nic_host_and_two_socket_host() -> Topology:
+    """Two leaves joined over two spines, one uplink of which is slow (ECMP halves every flow across: 10 GB/s).
+    Host h0: eight GPUs on one PCIe switch with a NIC on each leaf; h1: two sockets joined at 10 GB/s, each with four
+    GPUs and a NIC on its own leaf; h2: four GPUs, a NIC on leaf0."""
+    topo = Topology(name="two-nic")
+    for s in ("leaf0", "leaf1", "spine0", "spine1"):
+        topo.add_node(s, s[:-1])
+    for leaf in ("leaf0", "leaf1"):
+        topo.add_link(leaf, "spine0", 25.0)
+    topo.add_link("leaf0", "spine1", 5.0)
+    topo.add_link("leaf1", "spine1", 25.0)
+    layouts = {"h0": [(8, ["leaf1", "leaf0"])], "h1": [(4, ["leaf1"]), (4, ["leaf0"])], "h2": [(4, ["leaf0"])]}
+    for host, switches in layouts.items():
+        topo.add_node(host, "host")
+        gpu = nic = 0
+        for p, (gpus, leaves) in enumerate(switches):
+            sw = topo.add_node(f"{host}/pcie{p}", "pcie", host=host, index=p)
+            for _ in range(gpus):
+                topo.add_link(topo.add_node(f"{host}/gpu{gpu}", "gpu", host=host, index=gpu), sw, 32.0)
+                gpu += 1
+            for leaf in leaves:
+                topo.add_link(topo.add_node(f"{host}/nic{nic}", "nic", host=host, index=nic), sw, 64.0)
+                topo.add_link(f"{host}/nic{nic}", leaf, 12.5 if host == "h0" else 50.0)
+                nic += 1
+        if len(switches) == 2:
+            for k in range(2):
+                topo.add_link(topo.add_node(f"{host}/socket{k}", "socket", host=host, index=k), f"{host}/pcie{k}", 64.0)
+            topo.add_link(f"{host}/socket0", f"{host}/socket1", 10.0)
+    return topo
+
+
+def test_gpus_alike_but_for_their_nic_are_not_twins():
+    """h0's eight GPUs share one PCIe switch (8! automorphisms: twin swaps stand in), but NCCL gives four of them
+    each NIC, and the NICs sit on different leaves. Taken for twins, exact search from the host-by-host order
+    "proved" an order 9% slower than one that keeps the gradient ring off the slow spine and h1's socket link."""
+    from topology.planning.search.exact import branch_and_bound
+
+    topo = _two_nic_host_and_two_socket_host()
+    nic = topo.routes.nic_of
+    assert len({nic(g) for g in topo.gpus("h0")}) == 2
+    sym = Symmetry(topo, topo.gpus())
+    for placed in ({}, {"h0": frozenset({"h0/gpu0"})}):
+        assert all(len({nic(g) for g in orbit}) == 1 for orbit in sym.choices(placed))
+    assert all(len({nic(g) for g in twins}) == 1 for twins in optimise.twin_classes(StepModel(topo, 1, 1, 1, 1),
+                                                                                     topo.gpus()))
+    sm = StepModel(topo, 10, 1, 2, 2 * 16384)
+    hosts_in_turn = topo.gpus()
+    order, step, proven, _ = branch_and_bound(sm, topo.gpus(), hosts_in_turn, sm.step(hosts_in_turn), math.inf)
+    assert proven and step == pytest.approx(step_bound(sm)["step"], rel=1e-9)
+
+
 @pytest.mark.parametrize("tokens", [128, 4096])
 def test_rank_rotations_are_searched_once(tokens):
     """Two g6e hosts, one ring pair of 16 GPUs: one rotation of the rings proves the same optimum in fewer nodes."""

@@ -66,7 +66,7 @@ from topology.cost import StepModel, step_bound
 from topology.planning.search.delta import REL_TOL, DeltaOrder
 from topology.planning.bounds.a2a_floor import FLOOR_GPUS, joint_all_to_all_floor
 from topology.planning.search.exact import branch_and_bound
-from topology.planning.search.symmetry import RingRotation
+from topology.planning.search.symmetry import RingRotation, twin_key
 
 EXACT_ORDERS = 20_000
 """Up to this many distinct rank orders (up to twins), exact search runs to the end, with no local search first."""
@@ -259,12 +259,10 @@ def _attention(sm: StepModel, order: list[str]) -> float:
 
 # ------------------------------------------------------------------ exhaustive
 def twin_classes(sm: StepModel, pool: list[str]) -> list[list[str]]:
-    """GPUs of the pool grouped into twins: same host, same neighbours over links of the same bandwidth and latency."""
-    g = sm.topo.graph
+    """GPUs of the pool grouped into twins (``topology.planning.search.symmetry.twin_key``): any two may swap."""
     classes: dict[tuple, list[str]] = {}
     for gpu in pool:
-        key = (g.nodes[gpu]["host"], frozenset((v, d["bw_gbps"], d["lat_us"]) for v, d in g.adj[gpu].items()))
-        classes.setdefault(key, []).append(gpu)
+        classes.setdefault(twin_key(sm.topo, gpu), []).append(gpu)
     return list(classes.values())
 
 

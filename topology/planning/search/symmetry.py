@@ -136,15 +136,23 @@ def _automorphisms(topo: Topology, host: str, pool: frozenset[str]) -> list[dict
     return perms
 
 
-def _twin_swaps(topo: Topology, host: str, pool: frozenset[str]) -> list[dict[str, str]]:
-    """Transpositions of twin GPUs (same neighbours over links of the same bandwidth and latency)."""
+def twin_key(topo: Topology, gpu: str) -> tuple:
+    """What makes two GPUs of a host twins, so that swapping them keeps every route: the same neighbours over links
+    of the same bandwidth and latency, and the same NIC (GPUs on one PCIe switch with several NICs are shared out
+    among them by index: alike in their links, they still leave the host apart)."""
     g = topo.graph
+    return (g.nodes[gpu]["host"], frozenset((v, d["bw_gbps"], d["lat_us"]) for v, d in g.adj[gpu].items()),
+            topo.routes.nic_of(gpu))
+
+
+def _twin_swaps(topo: Topology, host: str, pool: frozenset[str]) -> list[dict[str, str]]:
+    """Transpositions of twin GPUs (``twin_key``)."""
     gpus = [x for x in topo.gpus(host) if x in pool]
-    key = lambda x: frozenset((v, d["bw_gbps"], d["lat_us"]) for v, d in g.adj[x].items())  # noqa: E731
+    key = {x: twin_key(topo, x) for x in gpus}
     perms = []
     for i, a in enumerate(gpus):
         for b in gpus[i + 1:]:
-            if key(a) == key(b):
+            if key[a] == key[b]:
                 perm = {x: x for x in topo.gpus(host)}
                 perm[a], perm[b] = b, a
                 perms.append(perm)
