@@ -800,6 +800,19 @@ def test_gpus_alike_but_for_their_nic_are_not_twins():
     assert proven and step == pytest.approx(step_bound(sm)["step"], rel=1e-9)
 
 
+def test_local_search_walks_a_plateau_with_ulysses_groups():
+    """20 GPUs (hosts of 8, 8 and 4) in Ulysses groups of 4: the gradient bus reaches the bound's 12.5 GB/s only in an
+    order that splits h1's two sockets (joined at 10 GB/s) into two runs, with h0's GPUs between them keeping every
+    flow on its NIC's leaf. No single move changes the step time on the way there; with all-to-all flows the move
+    screen is only a bound, so plateau moves were never taken and the plan stayed 7% above the bound."""
+    from pathlib import Path
+
+    topo = Topology.load(Path(__file__).parent / "data" / "topologies" / "split-host.json")
+    plan = make_plan(topo, 20, 4, ulysses=4, seq_len=4 * 16384)
+    assert plan.cost["search"]["optimal"]
+    assert plan.cost["step_time_s"] == pytest.approx(plan.cost["bound_step_s"], rel=1e-9)
+
+
 @pytest.mark.parametrize("tokens", [128, 4096])
 def test_rank_rotations_are_searched_once(tokens):
     """Two g6e hosts, one ring pair of 16 GPUs: one rotation of the rings proves the same optimum in fewer nodes."""

@@ -39,7 +39,13 @@ Algorithms
   Each move is first priced incrementally (``topology.planning.search.delta``: only the
   flows touching the moved ranks are re-routed, and the result is a lower
   bound of its step time); a move that could improve is then priced by the
-  full step time, and only strict improvements are kept.
+  full step time, and only strict improvements are kept. Up to ``SIDEWAYS``
+  moves that keep the step time exactly are taken too (a plateau walk);
+  where the screen is only a bound (the all-to-all's slowest transfer), on
+  plans of at most ``TURN_GPUS`` GPUs such a move is priced in full first.
+  Without that walk, plans whose gradient ring had to split a host into two
+  runs of the order (each move alone changing nothing) stayed several
+  percent above orders that meet the bound.
 * Certificate: a plan whose step time meets the lower bound
   (``topology.cost.step_bound``) is optimal too. For problems searched
   exactly with Ulysses groups, the bound's all-to-all term is the joint
@@ -103,7 +109,8 @@ TURN_PASSES = 3
 TURN_GPUS = 64
 """Constructions of plans up to this many GPUs get their Ulysses groups turned (``turn_groups``) before scoring."""
 MAX_EVALS = 3000
-"""Local search tries at most this many moves; each is priced by the flows it touches (``topology.planning.search.delta``)."""
+"""Local search tries at most this many moves, besides the ``SIDEWAYS`` it may take across a plateau; each is priced by
+the flows it touches (``topology.planning.search.delta``)."""
 
 
 def default_budget(gpus: int) -> float:
@@ -382,7 +389,9 @@ def _local_search(sm: StepModel, order: list[str], step: float, pool: list[str],
     best = list(order)
     best_crowd = state.crowd()
     moves = stale = sideways = 0
-    for _ in range(max_evals):  # a count, not a clock: the same input gives the same plan
+    tried = 0
+    while tried - sideways < max_evals:  # a count, not a clock: the same input gives the same plan
+        tried += 1  # moves taken across a plateau come on top: they price no improvement
         if stale >= STALE_MOVES or time.perf_counter() > deadline:
             break
         stale += 1
@@ -415,7 +424,8 @@ def _local_search(sm: StepModel, order: list[str], step: float, pool: list[str],
             trial[i], trial[j] = trial[j], trial[i]
             ranks = [i, j]
         bound = state.bound(ranks, trial)
-        if small and abs(bound - step) <= step * REL_TOL and (crowd := state.crowd()) < best_crowd:
+        tie = abs(bound - step) <= step * REL_TOL
+        if small and tie and (crowd := state.crowd()) < best_crowd:
             # As fast, with fewer flows at the slowest rates: the slowest rate is nearer to rising.
             f = sm.figures(trial)
             if f["step"] <= step:
@@ -425,7 +435,7 @@ def _local_search(sm: StepModel, order: list[str], step: float, pool: list[str],
                 if unused:
                     unused, free = _unused(sm, pool, trial)
                 continue
-        if state.exact and abs(bound - step) <= step * REL_TOL and sideways < SIDEWAYS:
+        if tie and sideways < SIDEWAYS and (state.exact or (small and sm.step(trial) <= step * (1 + REL_TOL))):
             state.keep()  # as good, exactly: walk on across the plateau (an improvement may lie past it)
             sideways += 1
             best_crowd = state.crowd() if small else best_crowd
