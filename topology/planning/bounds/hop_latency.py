@@ -254,11 +254,21 @@ class HopLatency:
                 k = np.floor(padded / fastest * (1 + 1e-12)) + 1  # the smallest k with scale / k < fastest
                 below = (padded / k).max(axis=1) * self.efficiency
                 can = below >= self.floors * (1 - _TOL)
-                fastest_at: dict[float, float] = {}
-                for rate, lat in zip(below[can], self.latency[can]):
-                    fastest_at[lat] = max(rate, fastest_at.get(lat, 0.0))
-                self._slower[fastest] = [(rate, lat) for lat, rate in fastest_at.items()]
+                self._slower[fastest] = _pareto(zip(below[can], self.latency[can]))
         return self._slower[fastest]
+
+
+def _pareto(pairs) -> list[tuple[float, float]]:
+    """The (rate, latency) pairs no other pair beats on both (as fast or faster, and as soon or sooner).
+
+    A price that falls with the rate and grows with the latency is least at
+    one of these, so ``least`` prices only them.
+    """
+    front: list[tuple[float, float]] = []
+    for rate, lat in sorted(pairs, key=lambda p: (p[1], -p[0])):
+        if not front or rate > front[-1][0]:
+            front.append((float(rate), float(lat)))
+    return front
 
 
 def route_patterns(sm, gpus: list[str]) -> RoutePatterns:

@@ -96,8 +96,13 @@ def split_step(sm, hop: float, a2a: float, bus: float) -> float:
             return sm.attention(rate, 0.0, a2a)
         return slowest.least(lambda r, lat: sm.attention(r, lat, a2a), rate)
 
-    return min(attention(min(hop, top * eff), max(a2a, forced)) + sm.gradients(min(bus, bus_cap))
-               for top, forced, bus_cap in ranges)
+    # The attention term reads a cell's hop and all-to-all, the gradient term its bus: each pair of the first is
+    # priced once, with the fastest bus any of its cells allows.
+    fastest_bus: dict[tuple[float, float], float] = {}
+    for top, forced, bus_cap in ranges:
+        key = (min(hop, top * eff), max(a2a, forced))
+        fastest_bus[key] = max(fastest_bus.get(key, 0.0), min(bus, bus_cap))
+    return min(attention(rate, seconds) + sm.gradients(cap) for (rate, seconds), cap in fastest_bus.items())
 
 
 def _ranges(sm) -> list[tuple[float, float, float]]:
