@@ -22,7 +22,8 @@ no coarser than the true ones: the pruning stays exact):
   For a host holding placed ranks, the ones that fix those GPUs give the
   orbits. A host with more than ``MAX_AUTOMORPHISMS`` of them (many GPUs on
   one switch) falls back to swapping twin GPUs (same links to the same
-  parts), each of which is itself an automorphism.
+  parts, and the same NIC: ``twin_key``), each of which is itself an
+  automorphism.
 """
 
 from __future__ import annotations
