@@ -38,12 +38,13 @@ def _moves_not_the_clock(monkeypatch):
 # ------------------------------------------------------------------ generated small clusters
 @st.composite
 def small_clusters(draw, most: int = 6):
-    """Up to ``most`` GPUs on hosts of 1-3 GPUs: mixed sizes, one or two NICs (rails), degraded cables, two or three
-    tiers, one or two spines (ECMP over uplinks of unequal bandwidth)."""
+    """Up to ``most`` GPUs on hosts of 1-3 GPUs: mixed sizes, one or two NICs (rails, or both on the GPUs' PCIe
+    switch, which NCCL shares out among them), degraded cables, two or three tiers, one or two spines (ECMP over
+    uplinks of unequal bandwidth)."""
     sizes = draw(st.lists(st.integers(1, 3), min_size=1, max_size=4).filter(lambda s: sum(s) <= most))
     leaves = draw(st.integers(1, min(3, len(sizes))))
     three_tier = draw(st.booleans()) and leaves > 1
-    rails = draw(st.booleans())
+    nic_layout = draw(st.sampled_from(["one", "rails", "shared"]))
     topo = Topology(name="generated")
     top = "core" if three_tier else "spine"
     topo.add_node(top, top)
@@ -67,7 +68,7 @@ def small_clusters(draw, most: int = 6):
         topo.add_node(host, "host")
         sw = topo.add_node(f"{host}/pcie0", "pcie", host=host, index=0)
         inner = draw(st.sampled_from([10.0, 25.0]))
-        nics = 2 if rails and n > 1 else 1
+        nics = 2 if nic_layout != "one" and n > 1 else 1
         for k in range(nics):
             nic = topo.add_node(f"{host}/nic{k}", "nic", host=host, index=k)
             cable = draw(st.sampled_from([12.5, 12.5, 3.0]))  # now and then a degraded cable
@@ -75,7 +76,7 @@ def small_clusters(draw, most: int = 6):
             topo.add_link(nic, sw, 25.0)
         for g in range(n):
             gpu = topo.add_node(f"{host}/gpu{g}", "gpu", host=host, index=g)
-            topo.add_link(gpu, sw if g == 0 or nics == 1 else f"{host}/nic1", inner)
+            topo.add_link(gpu, sw if g == 0 or nics == 1 or nic_layout == "shared" else f"{host}/nic1", inner)
     total = sum(sizes)
     gpus = draw(st.integers(2, total)) if total > 1 else 1
     cp = draw(st.sampled_from([c for c in range(1, gpus + 1) if gpus % c == 0]))
