@@ -425,17 +425,19 @@ def _local_search(sm: StepModel, order: list[str], step: float, pool: list[str],
             ranks = [i, j]
         bound = state.bound(ranks, trial)
         tie = abs(bound - step) <= step * REL_TOL
+        priced = None  # the trial's full figures, once computed
         if small and tie and (crowd := state.crowd()) < best_crowd:
             # As fast, with fewer flows at the slowest rates: the slowest rate is nearer to rising.
-            f = sm.figures(trial)
-            if f["step"] <= step:
+            priced = sm.figures(trial)
+            if priced["step"] <= step:
                 state.keep()
-                step, hot, best_crowd, stale = f["step"], f["hop"], crowd, 0
+                step, hot, best_crowd, stale = priced["step"], priced["hop"], crowd, 0
                 best = list(trial)
                 if unused:
                     unused, free = _unused(sm, pool, trial)
                 continue
-        if tie and sideways < SIDEWAYS and (state.exact or (small and sm.step(trial) <= step * (1 + REL_TOL))):
+        if tie and sideways < SIDEWAYS and (state.exact or (
+                small and (priced or sm.figures(trial))["step"] <= step * (1 + REL_TOL))):
             state.keep()  # as good, exactly: walk on across the plateau (an improvement may lie past it)
             sideways += 1
             best_crowd = state.crowd() if small else best_crowd
