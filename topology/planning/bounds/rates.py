@@ -166,7 +166,10 @@ def route_component_bound(topo: Topology, rings: int, size: int) -> float:
     connected piece of them. Links say a GPU reaches a fast NIC; the
     route NCCL gives it may not take that NIC, and a ring of GPUs may have no cycle as fast as each GPU's best
     partner. In a ring of three or more, a GPU whose fast routes all go to (and come from) one other GPU has no
-    place: it is dropped before the pieces are counted, and so, in turn, are those it left alone.
+    place: it is dropped before the pieces are counted, and so, in turn, are those it left alone. Such a ring is
+    also a simple cycle, which never passes a cut vertex twice: it lies inside one biconnected block of the routes
+    (taken either way). A host whose other GPUs reach the fast NIC's GPU only, for example, holds no ring that
+    enters it through that GPU and visits the rest (``cycle_pieces``).
     """
     pairs = pair_rates(topo)
     if pairs is None or size < 2:
@@ -176,12 +179,7 @@ def route_component_bound(topo: Topology, rings: int, size: int) -> float:
     if key not in cache:
         def fits(t: float) -> bool:
             g = nx.DiGraph((a, b) for (a, b), rate in pairs.items() if rate >= t)
-            while size > 2:  # in a ring of three or more a GPU's predecessor and successor are two GPUs
-                lone = [v for v in g if not g.pred[v] or not g.succ[v] or len(g.pred[v].keys() | g.succ[v].keys()) < 2]
-                if not lone:
-                    break
-                g.remove_nodes_from(lone)
-            return sum(len(piece) // size for piece in nx.strongly_connected_components(g)) >= rings
+            return sum(len(piece) // size for piece in cycle_pieces(g, size)) >= rings
 
         values = sorted(set(pairs.values()))
         lo, hi = -1, len(values)  # values[lo] holds the rings (lo = -1: none known to), values[hi:] do not
@@ -190,6 +188,28 @@ def route_component_bound(topo: Topology, rings: int, size: int) -> float:
             lo, hi = (mid, hi) if fits(values[mid]) else (lo, mid)
         cache[key] = values[lo] if lo >= 0 else 0.0
     return cache[key]
+
+
+def cycle_pieces(g: nx.DiGraph, size: int) -> list[set[str]]:
+    """Pieces of ``g`` such that every directed cycle of ``size`` GPUs lies inside one of them.
+
+    A cycle lies in one strongly connected component; one of three or more GPUs also in one biconnected block of
+    the undirected graph (a simple cycle is 2-connected), and uses no GPU with fewer than two neighbours. Each
+    rule can break what another let through, so they run until nothing changes.
+    """
+    if size <= 2:
+        return [set(c) for c in nx.strongly_connected_components(g)]
+    g = g.copy()
+    while True:
+        lone = [v for v in g if not g.pred[v] or not g.succ[v] or len(g.pred[v].keys() | g.succ[v].keys()) < 2]
+        g.remove_nodes_from(lone)
+        pieces = []
+        for block in nx.biconnected_components(g.to_undirected(as_view=True)):
+            pieces += [c for c in nx.strongly_connected_components(g.subgraph(block)) if len(c) >= size]
+        keep = {(a, b) for piece in pieces for a, b in g.subgraph(piece).edges}
+        if not lone and len(keep) == g.number_of_edges():
+            return pieces
+        g = nx.DiGraph(list(keep))
 
 
 def pair_rates(topo: Topology) -> dict[tuple[str, str], float] | None:
