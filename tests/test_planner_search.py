@@ -814,6 +814,74 @@ def test_local_search_walks_a_plateau_with_ulysses_groups():
     assert plan.cost["step_time_s"] == pytest.approx(plan.cost["bound_step_s"], rel=1e-9)
 
 
+def test_gradient_ring_built_gpu_by_gpu_meets_the_bus_bound():
+    """28 of 33 GPUs on 6 hosts, rings of 4 at 256 tokens: the gradient ring decides the step. Two hosts send every
+    GPU's flows through one 25 GB/s NIC, so at the bus bound (16 GB/s) each must be a single run of the order, and one
+    host's second socket reaches nothing that fast. The constructions that order hosts first split such a host into
+    two runs, and local search never joins them: the plan stayed 27% above the bound."""
+    from pathlib import Path
+
+    from topology.planning.gradient_cycle import widest_gradient_cycle
+
+    topo = Topology.load(Path(__file__).parent / "data" / "topologies" / "one-nic-hosts.json")
+    fm = FlowModel(topo)
+    cycle = widest_gradient_cycle(topo, fm, topo.gpus(), 28)
+    assert len(set(cycle)) == 28
+    flows = fm.bandwidths([(cycle[i - 1], cycle[i]) for i in range(len(cycle))])
+    assert min(rate for rate, _ in flows) == pytest.approx(16.0)
+    assert not {g for g in cycle if g.startswith("h3/")} & {"h3/gpu3", "h3/gpu4", "h3/gpu5"}  # behind 10 GB/s
+    for host in ("h2", "h4"):  # one NIC each: the host is one run
+        held = [topo.host_of(g) == host for g in cycle]
+        assert sum(held[i] and not held[i - 1] for i in range(len(cycle))) == 1
+    plan = make_plan(topo, 28, 4, seq_len=4 * 256)
+    assert plan.cost["step_time_s"] <= plan.cost["bound_step_s"] * 1.001
+
+
+def test_a_ring_lies_in_one_block_of_the_fast_routes():
+    """Two triangles of fast routes that share one GPU: every GPU has two neighbours and all five are strongly
+    connected, but a ring of four would pass the shared GPU twice."""
+    import networkx as nx
+
+    from topology.planning.bounds.rates import cycle_pieces
+
+    g = nx.DiGraph()
+    for tri in (("a", "b", "c"), ("c", "d", "e")):
+        for x, y in itertools.permutations(tri, 2):
+            g.add_edge(x, y)
+    assert not cycle_pieces(g, 4)
+    assert sorted(map(sorted, cycle_pieces(g, 3))) == [["a", "b", "c"], ["c", "d", "e"]]
+    assert [len(p) for p in cycle_pieces(g, 2)] == [5]  # two GPUs swap with no cycle through a third
+
+
+def test_a_host_bridging_two_leaves_carries_no_fast_ring_across():
+    """Leaves joined at 12.5 GB/s; h1 has a GPU on each leaf (a NIC each: rails), so four GPUs of h0 on leaf0, both
+    of h1 and two of h2 on leaf1 are strongly connected at 32 GB/s. But a ring of six at that rate would pass h1's
+    GPUs twice, once each way: its slowest hop is the spine's, and so is the gradient bus of six ranks."""
+    from topology.planning.bounds.rates import ring_bandwidth_bound, route_component_bound
+
+    topo = Topology(name="bridge")
+    topo.add_node("spine0", "spine")
+    for leaf in ("leaf0", "leaf1"):
+        topo.add_link(topo.add_node(leaf, "leaf"), "spine0", 12.5)
+    for host, leaves, per_switch in (("h0", ["leaf0"], 4), ("h1", ["leaf0", "leaf1"], 1), ("h2", ["leaf1"], 2)):
+        topo.add_node(host, "host")
+        gpu = 0
+        for p, leaf in enumerate(leaves):
+            sw = topo.add_node(f"{host}/pcie{p}", "pcie", host=host, index=p)
+            for _ in range(per_switch):
+                topo.add_link(topo.add_node(f"{host}/gpu{gpu}", "gpu", host=host, index=gpu), sw, 32.0)
+                gpu += 1
+            topo.add_link(topo.add_node(f"{host}/nic{p}", "nic", host=host, index=p), sw, 64.0)
+            topo.add_link(f"{host}/nic{p}", leaf, 50.0)
+        if len(leaves) == 2:
+            topo.add_link(f"{host}/pcie0", f"{host}/pcie1", 32.0)
+    assert route_component_bound(topo, 1, 5) == 32.0  # h0's four and h1's gpu0
+    assert route_component_bound(topo, 1, 6) == 12.5
+    assert ring_bandwidth_bound(topo, 1, 6) == 12.5
+    plan = make_plan(topo, 6, 2, seq_len=2 * 2048)
+    assert plan.cost["search"]["optimal"]
+
+
 @pytest.mark.parametrize("tokens", [128, 4096])
 def test_rank_rotations_are_searched_once(tokens):
     """Two g6e hosts, one ring pair of 16 GPUs: one rotation of the rings proves the same optimum in fewer nodes."""

@@ -21,7 +21,8 @@ it crosses). It scores these constructions and keeps the best:
   serves two rings through one NIC; or packed inside each group of close
   hosts (NVLink domain, then switches), so no ring straddles two;
 * bus cycle: all hosts as one bottleneck cycle, for when gradient traffic
-  decides;
+  decides; and the widest gradient cycle, built GPU by GPU with every flow at
+  the bus bound where one exists (``topology.planning.gradient_cycle``);
 * ``naive`` itself, so the plan is never worse than Ray's order.
 
 Hosts are chosen under the widest uplinks first (a leaf behind a degraded
@@ -44,6 +45,7 @@ from functools import lru_cache
 from typing import Callable
 
 from topology.planning.bounds.rates import switch_headroom
+from topology.planning.gradient_cycle import widest_gradient_cycle
 from topology.planning.bounds.run_tiling import RunTiling
 from topology.cost import LLAMA3_8B, FlowModel, HardwareRates, ModelShape, StepModel, estimate
 from topology.planning.search.optimise import default_budget, optimise
@@ -240,6 +242,9 @@ def aware_order(req: PlanRequest) -> list[str]:
     candidates.update(rings_apart_orders(req))
     if len(req.hosts) <= CYCLE_HOSTS:
         candidates["bus cycle"] = bus_cycle_order(req, sm)
+        widest = widest_cycle_order(req, sm)
+        if widest is not None:
+            candidates["widest gradient cycle"] = widest
         tiled = tiled_runs_order(req) if req.gpus <= TILED_GPUS else None
         if tiled is not None:
             candidates["runs tiled to ring borders"] = tiled
@@ -508,6 +513,18 @@ def bus_cycle_order(req: PlanRequest, sm: StepModel) -> list[str]:
     if len(seq) == req.gpus:
         starts = list(dict.fromkeys(i % req.cp for i in starts))  # the same cuts come back every ring
     return min(((seq[i:] + seq[:i])[: req.gpus] for i in starts), key=sm.step)
+
+
+def widest_cycle_order(req: PlanRequest, sm: StepModel) -> list[str] | None:
+    """The gradient ring built GPU by GPU at the bus bound (``topology.planning.gradient_cycle``), cut into rings
+    where the step time is least: rings start at one of its host borders."""
+    pool = [g for h in req.hosts for g in req.topo.gpus(h)]
+    cycle = widest_gradient_cycle(req.topo, req.flows, pool, req.gpus)
+    if cycle is None:
+        return None
+    host_of = req.topo.host_of
+    starts = dict.fromkeys(i % req.cp for i in range(len(cycle)) if host_of(cycle[i - 1]) != host_of(cycle[i]))
+    return min((cycle[i:] + cycle[:i] for i in starts or [0]), key=sm.step)
 
 
 def tiled_runs_order(req: PlanRequest) -> list[str] | None:

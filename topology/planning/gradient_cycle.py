@@ -1,0 +1,136 @@
+"""The gradient ring as one widest cycle, built directly: every flow at the bus bound, or as near as can be.
+
+ZeRO's collectives walk the ranks in order (rank ``r`` sends to ``r + 1``,
+the last to the first), so the gradient bus is the slowest flow of one cycle
+through every rank. Where it decides the step, the best order is a cycle in
+which every flow runs at the bound ``t`` of
+``topology.planning.bounds.rates.ring_bandwidth_bound``, and the flow model
+(a flow's rate is its links' smallest share) makes that a capacity question:
+every flow runs at ``t`` or faster exactly when no link carries more than
+``bw / t`` of them.
+
+Constructions that order hosts first and GPUs second miss such cycles where
+a host's GPUs share one NIC (the host must then be one run of the order,
+entered and left once) or where some GPUs reach nothing fast (a socket
+behind a slow link). This search builds the cycle GPU by GPU instead, over
+the routes of ``t`` GB/s or more, keeping each link's load within its
+capacity: GPUs of the current host first (runs stay whole), then hosts not
+yet visited, closer ones (more switches shared) first. It backtracks within
+a node budget, at the bound and then at the next slower rates, on clusters
+of up to ``topology.planning.bounds.rates.PAIR_GPUS`` GPUs (it reads every
+pair's route).
+"""
+
+from __future__ import annotations
+
+import networkx as nx
+
+from topology.network.model import Topology
+from topology.network.routing import FlowModel
+from topology.planning.bounds.rates import cycle_pieces, pair_rates, ring_bandwidth_bound
+from topology.planning.ring_order import locality_order
+
+SEARCH_NODES = 20_000
+"""GPUs placed (and taken back) at most, over every rate tried: the search gives up after that many."""
+RATES_TRIED = 4
+"""The bus bound and at most this many slower rates below it are tried, fastest first."""
+_TOL = 1e-9
+
+
+def widest_gradient_cycle(topo: Topology, flows: FlowModel, pool: list[str], size: int,
+                          nodes: int = SEARCH_NODES) -> list[str] | None:
+    """A cycle of ``size`` GPUs of ``pool`` whose flows, all running at once, are as fast as the search finds;
+    None where it finds none (or the cluster is too large to read every route)."""
+    pairs = pair_rates(topo)
+    if pairs is None or size < 3 or size > len(pool):
+        return None
+    bound = ring_bandwidth_bound(topo, 1, size)
+    inside = set(pool)
+    levels = sorted({r for (a, b), r in pairs.items() if 0 < r <= bound and a in inside and b in inside},
+                    reverse=True)
+    budget = [nodes]
+    for t in levels[:RATES_TRIED]:
+        fast = nx.DiGraph((a, b) for (a, b), r in pairs.items() if r >= t and a in inside and b in inside)
+        for piece in sorted(cycle_pieces(fast, size), key=len, reverse=True):
+            cycle = _cycle_at(topo, flows, fast.subgraph(piece), t, size, [g for g in pool if g in piece], budget)
+            if cycle is not None:
+                return cycle
+            if budget[0] <= 0:
+                return None
+    return None
+
+
+def _cycle_at(topo: Topology, flows: FlowModel, fast: nx.DiGraph, t: float, size: int, gpus: list[str],
+              budget: list[int]) -> list[str] | None:
+    """Depth-first search for a cycle of ``size`` of ``gpus`` over the edges of ``fast`` with every link's load
+    within ``bw / t``; ``budget[0]`` counts down the GPUs placed."""
+    cap = (flows.link_bandwidths() / t * (1 + _TOL)).tolist()
+    load = [0.0] * len(cap)
+    host = {g: topo.host_of(g) for g in gpus}
+    position = {g: i for i, g in enumerate(gpus)}
+    rank = {g: i for h in dict.fromkeys(host.values()) for i, g in enumerate(locality_order(topo, h))}
+    paths = {h: topo.switch_path(h) for h in set(host.values())}
+
+    def shared(a: str, b: str) -> int:  # switches above both hosts, outermost first
+        n = 0
+        for x, y in zip(paths[a], paths[b]):
+            if x != y:
+                break
+            n += 1
+        return n
+
+    def place(a: str, b: str, sign: float) -> bool:
+        """Add (or, with ``sign`` -1, take back) the flow ``a -> b``; False, with nothing changed, if a link overflows."""
+        ids, fracs = flows.compiled(a, b)
+        if sign > 0 and any(load[i] + f > cap[i] for i, f in zip(ids, fracs)):
+            return False
+        for i, f in zip(ids, fracs):
+            load[i] += sign * f
+        return True
+
+    order: list[str] = []
+    used: set[str] = set()
+    visited: dict[str, int] = {}
+
+    def successors(a: str) -> list[str]:
+        here = host[a]
+        nxt = [b for b in fast.succ[a] if b not in used]
+        return sorted(nxt, key=lambda b: (host[b] != here, visited.get(host[b], 0), -shared(here, host[b]),
+                                          position[b] if host[b] != here else rank[b]))
+
+    def extend() -> bool:
+        if budget[0] <= 0:
+            return False
+        if len(order) == size:
+            first, last = order[0], order[-1]
+            if fast.has_edge(last, first) and place(last, first, 1):
+                place(last, first, -1)
+                return True
+            return False
+        for b in successors(order[-1]):
+            budget[0] -= 1
+            if not place(order[-1], b, 1):
+                continue
+            order.append(b)
+            used.add(b)
+            visited[host[b]] = visited.get(host[b], 0) + 1
+            if extend():
+                return True
+            visited[host[b]] -= 1
+            used.discard(b)
+            order.pop()
+            place(order[-1], b, -1)
+            if budget[0] <= 0:
+                return False
+        return False
+
+    first = {}
+    for g in gpus:
+        first.setdefault(host[g], g)
+    for start in first.values():  # each host's first GPU in turn: a GPU the cycle leaves out may be the first tried
+        order[:], used, visited = [start], {start}, {host[start]: 1}
+        if extend():
+            return order
+        if budget[0] <= 0:
+            return None
+    return None
