@@ -17,9 +17,10 @@ Algorithms
   lower bound of each partial order (``topology.planning.search.exact``). Finished, it
   proves the result optimal; stopped at ``EXACT_NODES``, local search
   takes the rest of its moves from the best order met (a quarter set the
-  search's first incumbent); where they find a better order, the exact
-  search runs once more from it, and a plan still unproven states its gap
-  to the lower bound.
+  search's first incumbent), and a quarter from the second-best
+  construction (one of another kind often ends in a better valley); where
+  they find a better order, the exact search runs once more from it, and a
+  plan still unproven states its gap to the lower bound.
 * Group turns, for plans of at most ``TURN_GPUS`` GPUs with Ulysses groups:
   each construction is also scored with its groups turned (``turn_groups``:
   members of every group at one index modulo a period rotated or reversed
@@ -245,9 +246,17 @@ def optimise(sm: StepModel, candidates: dict[str, list[str]], pool: list[str], b
             # the quarter before the exact search may have missed a single swap that pays.
             order, step, moves = _local_search(sm, result.order, result.step_s, pool, budget_s, seed + 1,
                                                MAX_EVALS - evals)
-            if step < result.step_s * (1 - REL_TOL):
+            improved = step < result.step_s * (1 - REL_TOL)
+            if improved:
                 result.order, result.step_s, result.moves = order, step, result.moves + moves
-                if step <= bound * (1 + REL_TOL):
+            # A construction of another kind may end local search in a better valley: the second best gets its own.
+            for kind in sorted((k for k in scores if k != name), key=lambda k: (scores[k], k == "naive", rank[k]))[:1]:
+                order, step, moves = _local_search(sm, candidates[kind], scores[kind], pool, budget_s, seed, evals)
+                if step < result.step_s * (1 - REL_TOL):
+                    result.order, result.step_s, result.moves, result.construction = order, step, moves, kind
+                    improved = True
+            if improved:
+                if result.step_s <= bound * (1 + REL_TOL):
                     result.optimal, result.proof = True, "meets bound"
                 else:
                     exhaust()  # a better incumbent cuts more branches: the exact search runs once more, from it
