@@ -908,21 +908,31 @@ def _runs(members: set[int], world: int) -> int:
 
 
 @pytest.mark.parametrize("dp,ring,ulysses", [(1, 3, 2), (2, 2, 2), (1, 4, 3), (2, 3, 2), (1, 2, 4), (1, 3, 4),
-                                             (3, 2, 2), (1, 5, 2)])
+                                             (3, 2, 2), (1, 5, 2), (2, 3, 1), (1, 6, 1), (2, 2, 3)])
 def test_leaving_hops_is_no_more_than_the_hops_any_set_of_ranks_sends_out(dp, ring, ulysses):
-    """Every set of ranks (up to ``ulysses`` of them) sends at least ``leaving_hops`` ring hops out of itself, given
-    its runs in the rank order: the lemma the gate rests on, over every subset."""
+    """Every set of ranks sends at least ``leaving_hops`` ring hops out of itself, given its runs in the rank order:
+    the lemma the gate rests on, over every subset."""
     from topology.planning.bounds.gradient_gate import leaving_hops
 
     world = dp * ring * ulysses
     hops = GroupLayout.from_grid(dp, ring, ulysses)
     succ = {g[i]: g[(i + 1) % len(g)] for g in hops.ring_groups for i in range(len(g))}
-    for m in range(1, ulysses + 1):
+    for m in range(1, world):
         for members in map(set, itertools.combinations(range(world), m)):
             out = sum(succ[r] not in members for r in members)
             runs = _runs(members, world)
             for allowed in range(runs, runs + 3):  # any allowance the order meets
                 assert out >= leaving_hops(m, allowed, ulysses, ring)
+
+
+def test_a_host_of_eight_in_four_runs_sends_a_ring_hop_out():
+    """A g6e host (8 GPUs, 4 NICs) with rings of 8 in Ulysses groups of 4 (cp 32): at the best bus its ranks lie in
+    at most 4 runs, too few to hold one of the rings whole, and 8 ranks are no whole cp group."""
+    from topology.planning.bounds.gradient_gate import leaving_hops
+
+    assert leaving_hops(8, 4, 4, 8) == 1
+    assert leaving_hops(8, 8, 4, 8) == 0  # a run per row: two of the rings, whole
+    assert leaving_hops(32, 1, 4, 8) == 0  # the whole cp group
 
 
 @settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])

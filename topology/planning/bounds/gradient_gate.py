@@ -79,19 +79,27 @@ def _flows_at(bws: list[float], whole: bool, rate: float) -> int:
 def leaving_hops(m: int, runs: int, u: int, ring: int) -> int:
     """Fewest ring hops out of a unit whose ``m`` ranks lie in at most ``runs`` runs of the rank order.
 
-    Valid for ``2 <= u`` and ``m <= u`` (otherwise 0: no claim). A run then
-    spans fewer than ``u`` ranks, so its ranks lie in distinct rings (ranks
-    of one ring are ``u`` or more apart): the longest run, at least
-    ``ceil(m / runs)`` ranks, touches as many rings. A ring wholly inside the
-    unit puts each of its ``ring`` ranks in a run of its own (so needs
-    ``runs >= ring``), at most ``m // ring`` of them; every other ring touched
-    holds at least one path, and each path sends one hop out.
+    For ``2 <= u`` and ``m <= u``: a run then spans fewer than ``u`` ranks,
+    so its ranks lie in distinct rings (ranks of one ring are ``u`` or more
+    apart): the longest run, at least ``ceil(m / runs)`` ranks, touches as
+    many rings. A ring wholly inside the unit puts each of its ``ring``
+    ranks in a run of its own (so needs ``runs >= ring``), at most
+    ``m // ring`` of them; every other ring touched holds at least one path,
+    and each path sends one hop out.
+
+    For more ranks, at least one hop leaves unless the unit holds whole
+    rings only. Lay a cp group out as ``ring`` rows of ``u`` ranks: its rings
+    are the columns. A unit that holds whole columns of a group but not all
+    of them holds a run (or more) in every row, so ``ring`` runs or more;
+    with fewer, it holds whole cp groups only, so ``m`` is a multiple of cp.
     """
-    if u < 2 or ring < 2 or m > u or m < 1 or runs < 1:
+    if ring < 2 or m < 1 or runs < 1:
         return 0
-    whole = m // ring if runs >= ring else 0
-    touched = -(-m // runs)
-    return max(touched - whole, int(m > whole * ring))
+    if u >= 2 and m <= u:
+        whole = m // ring if runs >= ring else 0
+        touched = -(-m // runs)
+        return max(touched - whole, int(m > whole * ring))
+    return int(m % (u * ring) != 0 and (u == 1 or runs < ring))
 
 
 def _units(sm, gpus: list[str]) -> list[tuple[int, list[float], bool, list[float], bool]]:
