@@ -853,17 +853,14 @@ def test_a_ring_lies_in_one_block_of_the_fast_routes():
     assert [len(p) for p in cycle_pieces(g, 2)] == [5]  # two GPUs swap with no cycle through a third
 
 
-def test_a_host_bridging_two_leaves_carries_no_fast_ring_across():
-    """Leaves joined at 12.5 GB/s; h1 has a GPU on each leaf (a NIC each: rails), so four GPUs of h0 on leaf0, both
-    of h1 and two of h2 on leaf1 are strongly connected at 32 GB/s. But a ring of six at that rate would pass h1's
-    GPUs twice, once each way: its slowest hop is the spine's, and so is the gradient bus of six ranks."""
-    from topology.planning.bounds.rates import ring_bandwidth_bound, route_component_bound
-
+def _bridge(h0: int, h1: int, h2: int) -> Topology:
+    """Leaves joined at 12.5 GB/s. h0 (``h0`` GPUs) on leaf0, h2 on leaf1; h1 bridges them: a PCIe switch of ``h1``
+    GPUs and a NIC on each leaf (rails), the switches joined at 32 GB/s."""
     topo = Topology(name="bridge")
     topo.add_node("spine0", "spine")
     for leaf in ("leaf0", "leaf1"):
         topo.add_link(topo.add_node(leaf, "leaf"), "spine0", 12.5)
-    for host, leaves, per_switch in (("h0", ["leaf0"], 4), ("h1", ["leaf0", "leaf1"], 1), ("h2", ["leaf1"], 2)):
+    for host, leaves, per_switch in (("h0", ["leaf0"], h0), ("h1", ["leaf0", "leaf1"], h1), ("h2", ["leaf1"], h2)):
         topo.add_node(host, "host")
         gpu = 0
         for p, leaf in enumerate(leaves):
@@ -875,11 +872,37 @@ def test_a_host_bridging_two_leaves_carries_no_fast_ring_across():
             topo.add_link(f"{host}/nic{p}", leaf, 50.0)
         if len(leaves) == 2:
             topo.add_link(f"{host}/pcie0", f"{host}/pcie1", 32.0)
+    return topo
+
+
+def test_a_host_bridging_two_leaves_carries_no_fast_ring_across():
+    """With one GPU of h1 on each leaf, four of h0, both of h1 and two of h2 are strongly connected at 32 GB/s. But a
+    ring of six at that rate would pass h1's GPUs twice, once each way: its slowest hop is the spine's, and so is the
+    gradient bus of six ranks."""
+    from topology.planning.bounds.rates import ring_bandwidth_bound, route_component_bound
+
+    topo = _bridge(4, 1, 2)
     assert route_component_bound(topo, 1, 5) == 32.0  # h0's four and h1's gpu0
     assert route_component_bound(topo, 1, 6) == 12.5
     assert ring_bandwidth_bound(topo, 1, 6) == 12.5
     plan = make_plan(topo, 6, 2, seq_len=2 * 2048)
     assert plan.cost["search"]["optimal"]
+
+
+def test_the_gradient_cycle_passes_a_bridging_host_twice():
+    """With four GPUs of h1 on each leaf, a cycle of all 16 runs at 32 GB/s only if it passes h1 twice: leaf0 to
+    leaf1 through some of h1's GPUs, back through the others, each NIC and the switches' link once each way. A
+    search that fills h1 in one run on the way out spends its budget under that error; shuffled restarts find it."""
+    from topology.planning.gradient_cycle import widest_gradient_cycle
+    from topology.planning.bounds.rates import ring_bandwidth_bound
+
+    topo = _bridge(4, 4, 4)
+    fm = FlowModel(topo)
+    cycle = widest_gradient_cycle(topo, fm, topo.gpus(), 16)
+    assert ring_bandwidth_bound(topo, 1, 16) == 32.0
+    assert min(rate for rate, _ in fm.bandwidths([(cycle[i - 1], cycle[i]) for i in range(16)])) == 32.0
+    held = [topo.host_of(g) == "h1" for g in cycle]
+    assert sum(held[i] and not held[i - 1] for i in range(16)) == 2
 
 
 @pytest.mark.parametrize("tokens", [128, 4096])

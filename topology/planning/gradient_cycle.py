@@ -18,10 +18,16 @@ capacity: GPUs of the current host first (runs stay whole), then hosts not
 yet visited, closer ones (more switches shared) first. It backtracks within
 a node budget, at the bound and then at the next slower rates, on clusters
 of up to ``topology.planning.bounds.rates.PAIR_GPUS`` GPUs (it reads every
-pair's route).
+pair's route). A depth-first search that errs early (a host that two leaves
+reach only through it, filled in one run, where the cycle must pass it
+twice) spends its budget under that error; so the budget is split over
+restarts, each after the first seeded alike every time (plans stay
+reproducible), starting elsewhere and leaving a host early now and then.
 """
 
 from __future__ import annotations
+
+import random
 
 import networkx as nx
 
@@ -34,6 +40,12 @@ SEARCH_NODES = 20_000
 """GPUs placed (and taken back) at most, over every rate tried: the search gives up after that many."""
 RATES_TRIED = 4
 """The bus bound and at most this many slower rates below it are tried, fastest first."""
+RESTARTS = 32
+"""Depth-first searches per rate and piece, sharing its part of the budget (each gets at least twice the cycle's
+GPUs): the first as the heuristic says, the others shuffled. Many short searches beat a few long ones: a search
+that errs early rarely recovers."""
+LEAVE_EARLY = 0.2
+"""Chance, in a shuffled search, that a step leaves the current host before its GPUs run out."""
 _TOL = 1e-9
 
 
@@ -48,22 +60,26 @@ def widest_gradient_cycle(topo: Topology, flows: FlowModel, pool: list[str], siz
     inside = set(pool)
     levels = sorted({r for (a, b), r in pairs.items() if 0 < r <= bound and a in inside and b in inside},
                     reverse=True)
-    budget = [nodes]
-    for t in levels[:RATES_TRIED]:
-        fast = nx.DiGraph((a, b) for (a, b), r in pairs.items() if r >= t and a in inside and b in inside)
-        for piece in sorted(cycle_pieces(fast, size), key=len, reverse=True):
-            cycle = _cycle_at(topo, flows, fast.subgraph(piece), t, size, [g for g in pool if g in piece], budget)
+    tries = [(t, piece) for t in levels[:RATES_TRIED]
+             for piece in sorted(cycle_pieces(nx.DiGraph((a, b) for (a, b), r in pairs.items()
+                                                         if r >= t and a in inside and b in inside), size),
+                                 key=len, reverse=True)]
+    for t, piece in tries:
+        fast = nx.DiGraph((a, b) for (a, b), r in pairs.items() if r >= t and a in piece and b in piece)
+        gpus = [g for g in pool if g in piece]
+        for attempt in range(RESTARTS):
+            budget = [max(nodes // (len(tries) * RESTARTS), 2 * size)]
+            cycle = _cycle_at(topo, flows, fast, t, size, gpus, budget, random.Random(attempt) if attempt else None)
             if cycle is not None:
                 return cycle
-            if budget[0] <= 0:
-                return None
     return None
 
 
 def _cycle_at(topo: Topology, flows: FlowModel, fast: nx.DiGraph, t: float, size: int, gpus: list[str],
-              budget: list[int]) -> list[str] | None:
+              budget: list[int], shuffle: random.Random | None = None) -> list[str] | None:
     """Depth-first search for a cycle of ``size`` of ``gpus`` over the edges of ``fast`` with every link's load
-    within ``bw / t``; ``budget[0]`` counts down the GPUs placed."""
+    within ``bw / t``; ``budget[0]`` counts down the GPUs placed. ``shuffle`` starts at a random GPU, breaks ties
+    between hosts at random and leaves a host early now and then."""
     cap = (flows.link_bandwidths() / t * (1 + _TOL)).tolist()
     load = [0.0] * len(cap)
     host = {g: topo.host_of(g) for g in gpus}
@@ -92,11 +108,18 @@ def _cycle_at(topo: Topology, flows: FlowModel, fast: nx.DiGraph, t: float, size
     used: set[str] = set()
     visited: dict[str, int] = {}
 
+    tie = {h: 0.0 for h in host.values()}
+
     def successors(a: str) -> list[str]:
         here = host[a]
         nxt = [b for b in fast.succ[a] if b not in used]
-        return sorted(nxt, key=lambda b: (host[b] != here, visited.get(host[b], 0), -shared(here, host[b]),
-                                          position[b] if host[b] != here else rank[b]))
+        stay = True
+        if shuffle is not None:
+            stay = shuffle.random() >= LEAVE_EARLY
+            for h in tie:
+                tie[h] = shuffle.random()
+        return sorted(nxt, key=lambda b: ((host[b] != here) == stay, visited.get(host[b], 0), -shared(here, host[b]),
+                                          tie[host[b]], position[b] if host[b] != here else rank[b]))
 
     def extend() -> bool:
         if budget[0] <= 0:
@@ -124,10 +147,11 @@ def _cycle_at(topo: Topology, flows: FlowModel, fast: nx.DiGraph, t: float, size
                 return False
         return False
 
-    first = {}
+    first: dict[str, str] = {}
     for g in gpus:
         first.setdefault(host[g], g)
-    for start in first.values():  # each host's first GPU in turn: a GPU the cycle leaves out may be the first tried
+    # Each host's first GPU in turn (a GPU the cycle leaves out may be the first tried), or one at random.
+    for start in first.values() if shuffle is None else [shuffle.choice(gpus)]:
         order[:], used, visited = [start], {start}, {host[start]: 1}
         if extend():
             return order
