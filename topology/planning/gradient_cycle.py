@@ -96,7 +96,7 @@ def _cycle_at(topo: Topology, flows: FlowModel, fast: nx.DiGraph, t: float, size
         return n
 
     def place(a: str, b: str, sign: float) -> bool:
-        """Add (or, with ``sign`` -1, take back) the flow ``a -> b``; False, with nothing changed, if a link overflows."""
+        """Add (or, with ``sign`` -1, take back) the flow ``a -> b``; False, changing nothing, if a link overflows."""
         ids, fracs = flows.compiled(a, b)
         if sign > 0 and any(load[i] + f > cap[i] for i, f in zip(ids, fracs)):
             return False

@@ -250,10 +250,12 @@ def optimise(sm: StepModel, candidates: dict[str, list[str]], pool: list[str], b
             if improved:
                 result.order, result.step_s, result.moves = order, step, result.moves + moves
             # A construction of another kind may end local search in a better valley: the second best gets its own.
-            for kind in sorted((k for k in scores if k != name), key=lambda k: (scores[k], k == "naive", rank[k]))[:1]:
-                order, step, moves = _local_search(sm, candidates[kind], scores[kind], pool, budget_s, seed, evals)
+            second = min((k for k in scores if k != name), key=lambda k: (scores[k], k == "naive", rank[k]),
+                         default=None)
+            if second is not None:
+                order, step, moves = _local_search(sm, candidates[second], scores[second], pool, budget_s, seed, evals)
                 if step < result.step_s * (1 - REL_TOL):
-                    result.order, result.step_s, result.moves, result.construction = order, step, moves, kind
+                    result.order, result.step_s, result.moves, result.construction = order, step, moves, second
                     improved = True
             if improved:
                 if result.step_s <= bound * (1 + REL_TOL):
