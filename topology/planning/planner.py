@@ -233,6 +233,7 @@ def aware_order(req: PlanRequest) -> list[str]:
     """
     sm = StepModel(req.topo, req.gpus // req.cp, req.ring, req.ulysses, req.seq_len, req.model, req.flows, req.rates,
                    recompute=req.recompute)
+    pool = [g for h in req.hosts for g in req.topo.gpus(h)]
     candidates = {"naive": naive_order(req), "hierarchical": hierarchical_order(req)}
     candidates.update(segment_orders(req))
     whole = whole_host_order(req)
@@ -242,7 +243,7 @@ def aware_order(req: PlanRequest) -> list[str]:
     candidates.update(rings_apart_orders(req))
     if len(req.hosts) <= CYCLE_HOSTS:
         candidates["bus cycle"] = bus_cycle_order(req, sm)
-        widest = widest_cycle_order(req, sm)
+        widest = widest_cycle_order(req, sm, pool)
         if widest is not None:
             candidates["widest gradient cycle"] = widest
         tiled = tiled_runs_order(req) if req.gpus <= TILED_GPUS else None
@@ -254,7 +255,6 @@ def aware_order(req: PlanRequest) -> list[str]:
             del candidates[name]
         else:
             seen.append(candidates[name])
-    pool = [g for h in req.hosts for g in req.topo.gpus(h)]
     result = optimise(sm, candidates, pool, req.budget_s)  # its own fixed seed: one plan per input
     req.info.update(result.info())
     req.info["trade"] = trade_note(req, result.construction, sm, result.order)
@@ -515,10 +515,9 @@ def bus_cycle_order(req: PlanRequest, sm: StepModel) -> list[str]:
     return min(((seq[i:] + seq[:i])[: req.gpus] for i in starts), key=sm.step)
 
 
-def widest_cycle_order(req: PlanRequest, sm: StepModel) -> list[str] | None:
-    """The gradient ring built GPU by GPU at the bus bound (``topology.planning.gradient_cycle``), cut into rings
-    where the step time is least: rings start at one of its host borders."""
-    pool = [g for h in req.hosts for g in req.topo.gpus(h)]
+def widest_cycle_order(req: PlanRequest, sm: StepModel, pool: list[str]) -> list[str] | None:
+    """The gradient ring built GPU by GPU at the bus bound (``topology.planning.gradient_cycle``) from ``pool``, cut
+    into rings where the step time is least: rings start at one of its host borders."""
     cycle = widest_gradient_cycle(req.topo, req.flows, pool, req.gpus)
     if cycle is None:
         return None
