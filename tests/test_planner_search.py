@@ -922,6 +922,24 @@ def test_rank_rotations_are_searched_once(tokens):
     assert nodes < nodes_all
 
 
+def test_ranks_of_one_ulysses_group_are_turned_once():
+    """Without rings, one Ulysses group of the whole world: every shift of the ranks keeps the group and the gradient
+    ring, so one shift of each order proves the same optimum in fewer nodes."""
+    from topology.planning.search.exact import branch_and_bound
+    from topology.planning.search.symmetry import RingRotation
+
+    topo = g6e(1)
+    sm = StepModel(topo, 1, 1, 8, 8 * 2048)
+    assert RingRotation(sm).shift == 1
+    order, step, proven, _ = branch_and_bound(sm, topo.gpus(), [], math.inf, math.inf)
+    with patch.object(RingRotation, "canonical", lambda self, i, order: True):
+        _, step_all, proven_all, _ = branch_and_bound(sm, topo.gpus(), [], math.inf, math.inf)
+        *_, nodes_all = branch_and_bound(sm, topo.gpus(), order, step, math.inf)
+    assert proven and proven_all and step == pytest.approx(step_all, rel=1e-12) and sm.step(order) == step
+    *_, nodes = branch_and_bound(sm, topo.gpus(), order, step, math.inf)
+    assert nodes < nodes_all
+
+
 # ------------------------------------------------------------------ the gradient gate
 def _runs(members: set[int], world: int) -> int:
     """Runs of ``members`` in the cyclic order of ``world`` ranks (0 when it holds none or all)."""

@@ -7,7 +7,8 @@ of each orbit of the cluster's symmetries that fix the ranks already placed
 (``topology.planning.search.symmetry``: alike hosts not yet used, automorphisms of a host's
 parts), so orders that only relabel each other are visited once, and only
 one of the rank rotations that keep every flow (``RingRotation``: turning
-a single cp group's rings, or shifting whole cp groups) is extended. Placing
+a single cp group's rings, shifting whole cp groups, or, without rings,
+shifting a single cp group's ranks) is extended. Placing
 rank ``i`` completes every flow whose later end is ``i``: the ring hop into
 it (and the ring's closing hop at its last rank), the Ulysses all-to-all
 pairs with earlier ranks of its group, and the gradient ring's hop from

@@ -169,10 +169,12 @@ class RingRotation:
     ring (rank ``i`` to ``i + 1``) and, with ``s`` one cp group (several
     data-parallel groups) or one Ulysses group (a single cp group, where it
     turns the rings by one position), the ring hops and all-to-all pairs
-    too: the step time is unchanged. The world falls into ``m`` segments of
-    ``s`` ranks that the shift cycles through. Each segment has anchor hops:
-    its first ring position's hop to the next position, one per Ulysses
-    index. Key a hop by the seconds a ring step's bytes take on its route
+    too: the step time is unchanged. Without rings a single cp group is one
+    Ulysses group (or one rank), which any shift keeps: ``s`` is one rank.
+    The world falls into ``m`` segments of ``s`` ranks that the shift cycles
+    through. Each segment has anchor hops: its first ring position's hop to
+    the next position, one per Ulysses index; without rings, the gradient
+    ring's hop out of its first rank. Key a hop by the seconds a ring step's bytes take on its route
     alone (read from the route, so every automorphism of the cluster keeps
     it); among the ``m`` rotations of an order, one puts a segment whose
     slowest anchor is the slowest of all first: call it canonical. Exact
@@ -186,8 +188,8 @@ class RingRotation:
         self.sm = sm
         cp, u, world = sm.cp, sm.ulysses, sm.world
         step = {r: k for k, r in enumerate(sequence or range(world))}
-        self.shift = cp if sm.dp > 1 else u
-        segments = world // self.shift if sm.ring > 1 else 1
+        self.shift = cp if sm.dp > 1 else u if sm.ring > 1 else 1
+        segments = world // self.shift
         self.anchors: list[list[tuple[int, int, int]]] = [[] for _ in range(world)]
         """Per placement step (``sequence``: ranks in the order they are placed), the anchor hops it completes:
         (segment, from rank, to rank)."""
@@ -201,9 +203,10 @@ class RingRotation:
         rings = GroupLayout.from_grid(sm.dp, sm.ring, sm.ulysses).ring_groups
         pos = {r: (i, g) for g in rings for i, r in enumerate(g)}
         for j in range(segments):
-            for a in range(j * self.shift, j * self.shift + u):
+            starts = range(j * self.shift, j * self.shift + u) if sm.ring > 1 else (j * self.shift,)
+            for a in starts:
                 i, g = pos[a]
-                b = g[(i + 1) % len(g)]
+                b = g[(i + 1) % len(g)] if sm.ring > 1 else (a + 1) % world  # without rings: the gradient hop
                 self.anchors[max(step[a], step[b])].append((j, a, b))
                 if j == 0:
                     self.first.append((a, b))
