@@ -837,6 +837,26 @@ def test_gradient_ring_built_gpu_by_gpu_meets_the_bus_bound():
     assert plan.cost["step_time_s"] <= plan.cost["bound_step_s"] * 1.001
 
 
+def test_the_gradient_cycle_keeps_a_way_back_to_its_start():
+    """48 GPUs under four leaves. Routes between leaves split over a degraded spine (10 GB/s), so a bus of 12.5
+    GB/s joins leaves only through the hosts with a NIC on each of two, whose GPUs take one NIC or the other. A
+    cycle of 37 takes nearly every GPU and must pass each such host from one of its leaves to the other: a search
+    that places GPUs while the ones left no longer lead back to its start spends its budget in dead ends."""
+    from pathlib import Path
+
+    from topology.planning.bounds.rates import ring_bandwidth_bound
+    from topology.planning.gradient_cycle import widest_gradient_cycle
+
+    topo = Topology.load(Path(__file__).parent / "data" / "topologies" / "leaves-bridged-by-hosts.json")
+    fm = FlowModel(topo)
+    cycle = widest_gradient_cycle(topo, fm, topo.gpus(), 37)
+    assert len(set(cycle)) == 37
+    bus = min(rate for rate, _ in fm.bandwidths([(cycle[i - 1], cycle[i]) for i in range(37)]))
+    assert bus == pytest.approx(12.5) and ring_bandwidth_bound(topo, 1, 37) == pytest.approx(12.5)
+    plan = make_plan(topo, 37, 1, seq_len=2048)
+    assert plan.cost["step_time_s"] <= plan.cost["bound_step_s"] * (1 + 1e-9)
+
+
 def test_a_ring_lies_in_one_block_of_the_fast_routes():
     """Two triangles of fast routes that share one GPU: every GPU has two neighbours and all five are strongly
     connected, but a ring of four would pass the shared GPU twice."""

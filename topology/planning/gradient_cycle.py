@@ -15,7 +15,11 @@ entered and left once) or where some GPUs reach nothing fast (a socket
 behind a slow link). This search builds the cycle GPU by GPU instead, over
 the routes of ``t`` GB/s or more, keeping each link's load within its
 capacity: GPUs of the current host first (runs stay whole), then hosts not
-yet visited, closer ones (more switches shared) first. It backtracks within
+yet visited, closer ones (more switches shared) first. A partial cycle
+goes on only while the GPUs not yet used still lead from its last GPU back
+to its first, and are enough to fill it: a cycle through nearly every GPU
+(leaves joined only through hosts with a NIC on each) otherwise spends the
+budget under an early step that cut its way home. It backtracks within
 a node budget, at the bound and then at the next slower rates, on clusters
 of up to ``topology.planning.bounds.rates.PAIR_GPUS`` GPUs (it reads every
 pair's route). A depth-first search that errs early (a host that two leaves
@@ -121,8 +125,23 @@ def _cycle_at(topo: Topology, flows: FlowModel, fast: nx.DiGraph, t: float, size
         return sorted(nxt, key=lambda b: ((host[b] != here) == stay, visited.get(host[b], 0), -shared(here, host[b]),
                                           tie[host[b]], position[b] if host[b] != here else rank[b]))
 
+    def can_close() -> bool:
+        """Whether the GPUs not yet used, walked from the last one, still reach the first and number enough."""
+        first, last, need = order[0], order[-1], size - len(order)
+        seen, stack, back = {last}, [last], False
+        while stack:
+            for b in fast.succ[stack.pop()]:
+                if b == first:
+                    back = True
+                elif b not in seen and b not in used:
+                    seen.add(b)
+                    stack.append(b)
+        return back and len(seen) - 1 >= need
+
     def extend() -> bool:
         if budget[0] <= 0:
+            return False
+        if len(order) < size and not can_close():
             return False
         if len(order) == size:
             first, last = order[0], order[-1]
