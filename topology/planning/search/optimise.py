@@ -99,8 +99,10 @@ RING_FLOOR_GPUS = 16
 RING_FLOOR_NODES = 2_000
 """Partial partitions that search visits at most (about 1.5 s on one core for 16 GPUs; its floor only rises
 above the open branches' bounds when it finishes, as it does for two g6e hosts with Ulysses 4 and cp 8)."""
-SEARCH_BUDGET_S = 2.0
-"""Most wall-clock seconds the local search takes by default: a safety net, above what its move count needs."""
+SEARCH_BUDGET_S = 30.0
+"""Most wall-clock seconds one local search takes by default: a safety net, above what its move count needs. Its
+moves take up to 8 s on one core in ``benchmarks/plan_quality.py`` (32 GPUs with Ulysses groups, each move priced in
+full): a clock any nearer cuts them short on a busy machine, and the plan then depends on the load."""
 SIDEWAYS = 200
 """Local search takes at most this many moves that leave the step time exactly as it is (a plateau walk)."""
 STALE_MOVES = 1000
