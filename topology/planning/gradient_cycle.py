@@ -125,18 +125,22 @@ def _cycle_at(topo: Topology, flows: FlowModel, fast: nx.DiGraph, t: float, size
         return sorted(nxt, key=lambda b: ((host[b] != here) == stay, visited.get(host[b], 0), -shared(here, host[b]),
                                           tie[host[b]], position[b] if host[b] != here else rank[b]))
 
+    succ = {g: list(fast.succ[g]) for g in fast}
+
     def can_close() -> bool:
         """Whether the GPUs not yet used, walked from the last one, still reach the first and number enough."""
         first, last, need = order[0], order[-1], size - len(order)
         seen, stack, back = {last}, [last], False
         while stack:
-            for b in fast.succ[stack.pop()]:
+            for b in succ[stack.pop()]:
                 if b == first:
                     back = True
                 elif b not in seen and b not in used:
                     seen.add(b)
                     stack.append(b)
-        return back and len(seen) - 1 >= need
+            if back and len(seen) > need:  # the walk need go no further
+                return True
+        return False
 
     def extend() -> bool:
         if budget[0] <= 0:

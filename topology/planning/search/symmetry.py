@@ -174,10 +174,11 @@ class RingRotation:
     The world falls into ``m`` segments of ``s`` ranks that the shift cycles
     through. Each segment has anchor hops: its first ring position's hop to
     the next position, one per Ulysses index; without rings, the gradient
-    ring's hop out of its first rank. Key a hop by the seconds a ring step's bytes take on its route
-    alone (read from the route, so every automorphism of the cluster keeps
-    it); among the ``m`` rotations of an order, one puts a segment whose
-    slowest anchor is the slowest of all first: call it canonical. Exact
+    ring's hop out of its first rank. Key a hop by the seconds a ring step's
+    bytes take on its route alone (read from the route, so every
+    automorphism of the cluster keeps it); among the ``m`` rotations of an
+    order, one puts a segment whose slowest anchor is the slowest of all
+    first: call it canonical. Exact
     search extends only canonical partial orders: once segment 0's anchors
     are placed, no anchor placed may be slower than the slowest of them
     (beyond float noise). Canonical form is kept by the cluster's
@@ -200,13 +201,14 @@ class RingRotation:
         self._keys: dict[tuple[str, str], float] = {}
         if segments < 2:
             return
-        rings = GroupLayout.from_grid(sm.dp, sm.ring, sm.ulysses).ring_groups
-        pos = {r: (i, g) for g in rings for i, r in enumerate(g)}
+        if sm.ring > 1:  # each Ulysses index's hop to the next rank of its ring
+            rings = GroupLayout.from_grid(sm.dp, sm.ring, sm.ulysses).ring_groups
+            after, per_segment = {r: g[(i + 1) % len(g)] for g in rings for i, r in enumerate(g)}, u
+        else:  # the gradient ring's hop
+            after, per_segment = {r: (r + 1) % world for r in range(world)}, 1
         for j in range(segments):
-            starts = range(j * self.shift, j * self.shift + u) if sm.ring > 1 else (j * self.shift,)
-            for a in starts:
-                i, g = pos[a]
-                b = g[(i + 1) % len(g)] if sm.ring > 1 else (a + 1) % world  # without rings: the gradient hop
+            for a in range(j * self.shift, j * self.shift + per_segment):
+                b = after[a]
                 self.anchors[max(step[a], step[b])].append((j, a, b))
                 if j == 0:
                     self.first.append((a, b))
