@@ -27,7 +27,7 @@ from topology.errors import ConfigError
 from topology.network.model import Topology
 from topology.network.routing import NVLINK_KIND, FlowModel, nvlink_domain
 
-PAIR_GPUS = 64
+PAIR_GPUS = 128
 """Clusters of at most this many GPUs get ``partner_bound`` and ``route_component_bound``: they read the route of
 every pair of GPUs."""
 
