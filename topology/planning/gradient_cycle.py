@@ -64,12 +64,12 @@ def widest_gradient_cycle(topo: Topology, flows: FlowModel, pool: list[str], siz
     inside = set(pool)
     levels = sorted({r for (a, b), r in pairs.items() if 0 < r <= bound and a in inside and b in inside},
                     reverse=True)
-    tries = [(t, piece) for t in levels[:RATES_TRIED]
-             for piece in sorted(cycle_pieces(nx.DiGraph((a, b) for (a, b), r in pairs.items()
-                                                         if r >= t and a in inside and b in inside), size),
-                                 key=len, reverse=True)]
-    for t, piece in tries:
-        fast = nx.DiGraph((a, b) for (a, b), r in pairs.items() if r >= t and a in piece and b in piece)
+    tries = []  # (rate, its routes that fast, a piece of them that may hold the cycle), largest pieces first
+    for t in levels[:RATES_TRIED]:
+        fast = nx.DiGraph((a, b) for (a, b), r in pairs.items() if r >= t and a in inside and b in inside)
+        tries += [(t, fast, piece) for piece in sorted(cycle_pieces(fast, size), key=len, reverse=True)]
+    for t, fast_at_t, piece in tries:
+        fast = fast_at_t.subgraph(piece)
         gpus = [g for g in pool if g in piece]
         for attempt in range(RESTARTS):
             budget = [max(nodes // (len(tries) * RESTARTS), 2 * size)]
