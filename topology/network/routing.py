@@ -90,6 +90,14 @@ class Routes:
         """The NIC a GPU (or any part of a host) uses for traffic that leaves its host."""
         return self._in_host(node, None, want_nic=True)
 
+    def takes_network(self, a: str, b: str) -> bool:
+        """Whether a flow from part ``a`` of one host to part ``b`` of another leaves through NICs: the route is
+        then ``route(a, nic_of(a)) + fabric_route(nic_of(a), nic_of(b)) + route(nic_of(b), b)``, three legs that
+        share no link, so callers that price many pairs price each leg once."""
+        ha, hb = self._host.get(a), self._host.get(b)
+        domain = self._domain.get(a)
+        return ha is not None and hb is not None and ha != hb and (domain is None or domain != self._domain.get(b))
+
     # ------------------------------------------------------------ routing
     def _route(self, a: str, b: str) -> Route:
         if a == b:
@@ -98,20 +106,20 @@ class Routes:
         for end in (a, b):
             if end not in self._host:
                 raise ConfigError(f"{end!r} is not a node of topology {self.topo.name!r}")
-        ha, hb = self._host[a], self._host[b]
+        if self.takes_network(a, b):
+            na, nb = self.nic_of(a), self.nic_of(b)
+            if na is None or nb is None:
+                host = self._host[a] if na is None else self._host[b]
+                raise ConfigError(f"no network path from {a!r} to {b!r}: host {host!r} has no NIC; add one linked to a switch")
+            head = self._in_host(a, na) if a != na else ()
+            tail = self._in_host(nb, b) if b != nb else ()
+            return head + self.fabric_route(na, nb) + tail
         domain = self._domain.get(a)
         if domain is not None and domain == self._domain.get(b):
             return _ecmp(g.adj, a, b, self._domain_switches[domain] | {a})
-        if ha is not None and ha == hb:
-            return self._in_host(a, b)
-        if ha is None or hb is None:  # a switch endpoint: plain ECMP over the whole graph
+        if self._host[a] is None or self._host[b] is None:  # a switch endpoint: plain ECMP over the whole graph
             return _ecmp(g.adj, a, b, None)
-        na, nb = self.nic_of(a), self.nic_of(b)
-        if na is None or nb is None:
-            raise ConfigError(f"no network path from {a!r} to {b!r}: host {ha if na is None else hb!r} has no NIC; add one linked to a switch")
-        head = self._in_host(a, na) if a != na else ()
-        tail = self._in_host(nb, b) if b != nb else ()
-        return head + self._fabric_route(na, nb) + tail
+        return self._in_host(a, b)
 
     def _in_host(self, a: str, b: str | None, want_nic: bool = False):
         """ECMP route between two parts of one host (or, with ``want_nic``, the NIC ``a`` uses).
@@ -155,7 +163,8 @@ class Routes:
             self._labels[host] = labels
         return self._labels[host]
 
-    def _fabric_route(self, na: str, nb: str) -> Route:
+    def fabric_route(self, na: str, nb: str) -> Route:
+        """ECMP route from NIC ``na`` over the switches to NIC ``nb`` of another host (switches only in between)."""
         g = self.topo.graph
         if g.has_edge(na, nb):
             return (((na, nb), 1.0),)

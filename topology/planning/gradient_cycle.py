@@ -33,11 +33,11 @@ from __future__ import annotations
 
 import random
 
-import networkx as nx
+import numpy as np
 
 from topology.network.model import Topology
 from topology.network.routing import FlowModel
-from topology.planning.bounds.rates import cycle_pieces, pair_rates, ring_bandwidth_bound
+from topology.planning.bounds.rates import cycle_pieces, pair_matrix, ring_bandwidth_bound
 from topology.planning.ring_order import locality_order
 
 SEARCH_NODES = 20_000
@@ -57,31 +57,33 @@ def widest_gradient_cycle(topo: Topology, flows: FlowModel, pool: list[str], siz
                           nodes: int = SEARCH_NODES) -> list[str] | None:
     """A cycle of ``size`` GPUs of ``pool`` whose flows, all running at once, are as fast as the search finds;
     None where it finds none (or the cluster is too large to read every route)."""
-    pairs = pair_rates(topo)
-    if pairs is None or size < 3 or size > len(pool):
+    found = pair_matrix(topo)
+    if found is None or size < 3 or size > len(pool):
         return None
     bound = ring_bandwidth_bound(topo, 1, size)
-    inside = set(pool)
-    levels = sorted({r for (a, b), r in pairs.items() if 0 < r <= bound and a in inside and b in inside},
-                    reverse=True)
+    index = {g: i for i, g in enumerate(found[0])}
+    at = np.array([index[g] for g in pool])
+    rates = found[1][np.ix_(at, at)]
+    levels = sorted(set(rates[(rates > 0) & (rates <= bound)].tolist()), reverse=True)
     tries = []  # (rate, its routes that fast, a piece of them that may hold the cycle), largest pieces first
     for t in levels[:RATES_TRIED]:
-        fast = nx.DiGraph((a, b) for (a, b), r in pairs.items() if r >= t and a in inside and b in inside)
+        fast = rates >= t
         tries += [(t, fast, piece) for piece in sorted(cycle_pieces(fast, size), key=len, reverse=True)]
-    for t, fast_at_t, piece in tries:
-        fast = fast_at_t.subgraph(piece)
-        gpus = [g for g in pool if g in piece]
+    for t, fast, piece in tries:
+        gpus = [pool[i] for i in piece]
+        succ = {pool[i]: [pool[j] for j in piece[fast[i, piece]]] for i in piece}
         for attempt in range(RESTARTS):
             budget = [max(nodes // (len(tries) * RESTARTS), 2 * size)]
-            cycle = _cycle_at(topo, flows, fast, t, size, gpus, budget, random.Random(attempt) if attempt else None)
+            cycle = _cycle_at(topo, flows, succ, t, size, gpus, budget, random.Random(attempt) if attempt else None)
             if cycle is not None:
                 return cycle
     return None
 
 
-def _cycle_at(topo: Topology, flows: FlowModel, fast: nx.DiGraph, t: float, size: int, gpus: list[str],
+def _cycle_at(topo: Topology, flows: FlowModel, succ: dict[str, list[str]], t: float, size: int, gpus: list[str],
               budget: list[int], shuffle: random.Random | None = None) -> list[str] | None:
-    """Depth-first search for a cycle of ``size`` of ``gpus`` over the edges of ``fast`` with every link's load
+    """Depth-first search for a cycle of ``size`` of ``gpus`` over the routes ``succ`` (each GPU's fast routes out,
+    to GPUs of ``gpus``) with every link's load
     within ``bw / t``; ``budget[0]`` counts down the GPUs placed. ``shuffle`` starts at a random GPU, breaks ties
     between hosts at random and leaves a host early now and then."""
     cap = (flows.link_bandwidths() / t * (1 + _TOL)).tolist()
@@ -116,7 +118,7 @@ def _cycle_at(topo: Topology, flows: FlowModel, fast: nx.DiGraph, t: float, size
 
     def successors(a: str) -> list[str]:
         here = host[a]
-        nxt = [b for b in fast.succ[a] if b not in used]
+        nxt = [b for b in succ[a] if b not in used]
         stay = True
         if shuffle is not None:
             stay = shuffle.random() >= LEAVE_EARLY
@@ -124,8 +126,6 @@ def _cycle_at(topo: Topology, flows: FlowModel, fast: nx.DiGraph, t: float, size
                 tie[h] = shuffle.random()
         return sorted(nxt, key=lambda b: ((host[b] != here) == stay, visited.get(host[b], 0), -shared(here, host[b]),
                                           tie[host[b]], position[b] if host[b] != here else rank[b]))
-
-    succ = {g: list(fast.succ[g]) for g in fast}
 
     def can_close() -> bool:
         """Whether the GPUs not yet used, walked from the last one, still reach the first and number enough."""
@@ -149,7 +149,7 @@ def _cycle_at(topo: Topology, flows: FlowModel, fast: nx.DiGraph, t: float, size
             return False
         if len(order) == size:
             first, last = order[0], order[-1]
-            if fast.has_edge(last, first) and place(last, first, 1):
+            if first in succ[last] and place(last, first, 1):
                 place(last, first, -1)
                 return True
             return False

@@ -22,12 +22,15 @@ from __future__ import annotations
 import math
 
 import networkx as nx
+import numpy as np
+from scipy.sparse import csr_matrix
+from scipy.sparse.csgraph import connected_components
 
 from topology.errors import ConfigError
 from topology.network.model import Topology
 from topology.network.routing import NVLINK_KIND, FlowModel, nvlink_domain
 
-PAIR_GPUS = 128
+PAIR_GPUS = 256
 """Clusters of at most this many GPUs get ``partner_bound`` and ``route_component_bound``: they read the route of
 every pair of GPUs."""
 
@@ -114,7 +117,7 @@ def all_to_all_rate_bound(topo: Topology, used: int, peers: int) -> float:
     its ``peers``-th best route out (or in) alone: per GPU the smaller of the two, and some used GPU is no
     better than the ``used``-th best of them. On clusters of more than ``PAIR_GPUS`` GPUs, the best GPU's links.
     """
-    if _partner_rates(topo) is None:
+    if pair_matrix(topo) is None:
         return gpu_access_bound(topo) / peers
     return _ranked(topo, used, peers, share_links=True)
 
@@ -122,40 +125,26 @@ def all_to_all_rate_bound(topo: Topology, used: int, peers: int) -> float:
 def _ranked(topo: Topology, used: int, peers: int, share_links: bool) -> float:
     """The ``used``-th largest, over the GPUs, of the ``peers``-th best route out and in (alone), capped by the GPU's
     links shared ``peers`` ways when ``share_links``; ``inf`` without pair rates."""
-    partners = _partner_rates(topo)
-    if partners is None:
+    found = pair_matrix(topo)
+    if found is None:
         return math.inf
+    gpus, rates = found
     cache = topo.__dict__["_bound_cache"]
     key = ("partners", peers, share_links)
     if key not in cache:
-        figures = []
-        for g, (out, into) in partners.items():
-            if len(out) >= peers:
-                best = min(out[peers - 1], into[peers - 1])
-                if share_links:
-                    best = min(best, sum(d["bw_gbps"] for d in topo.graph.adj[g].values()) / peers)
-                figures.append(best)
-        cache[key] = sorted(figures, reverse=True)
+        figures = np.empty(0)
+        if 1 <= peers < len(gpus):
+            routes = rates.copy()
+            np.fill_diagonal(routes, -math.inf)  # a GPU is not its own partner: sorted last
+            out = -np.sort(-routes, axis=1)[:, peers - 1]
+            into = -np.sort(-routes, axis=0)[peers - 1, :]
+            figures = np.minimum(out, into)
+            if share_links:
+                links = np.array([sum(d["bw_gbps"] for d in topo.graph.adj[g].values()) for g in gpus])
+                figures = np.minimum(figures, links / peers)
+        cache[key] = -np.sort(-figures)
     figures = cache[key]
-    return figures[used - 1] if 1 <= used <= len(figures) else math.inf
-
-
-def _partner_rates(topo: Topology) -> dict[str, tuple[list[float], list[float]]] | None:
-    """Per GPU, its routes' rates alone out and in, fastest first (``pair_rates``, grouped once)."""
-    pairs = pair_rates(topo)
-    cache = topo.__dict__["_bound_cache"]
-    if "partner rates" not in cache:
-        grouped: dict[str, tuple[list[float], list[float]]] | None = None
-        if pairs is not None:
-            grouped = {g: ([], []) for g in topo.gpus()}
-            for (a, b), rate in pairs.items():
-                grouped[a][0].append(rate)
-                grouped[b][1].append(rate)
-            for out, into in grouped.values():
-                out.sort(reverse=True)
-                into.sort(reverse=True)
-        cache["partner rates"] = grouped
-    return cache["partner rates"]
+    return float(figures[used - 1]) if 1 <= used <= len(figures) else math.inf
 
 
 def route_component_bound(topo: Topology, rings: int, size: int) -> float:
@@ -171,17 +160,17 @@ def route_component_bound(topo: Topology, rings: int, size: int) -> float:
     (taken either way). A host whose other GPUs reach the fast NIC's GPU only, for example, holds no ring that
     enters it through that GPU and visits the rest (``cycle_pieces``).
     """
-    pairs = pair_rates(topo)
-    if pairs is None or size < 2:
+    found = pair_matrix(topo)
+    if found is None or size < 2:
         return math.inf
+    rates = found[1]
     cache = topo.__dict__["_bound_cache"]
     key = ("route pieces", rings, size)
     if key not in cache:
         def fits(t: float) -> bool:
-            g = nx.DiGraph((a, b) for (a, b), rate in pairs.items() if rate >= t)
-            return sum(len(piece) // size for piece in cycle_pieces(g, size)) >= rings
+            return sum(len(piece) // size for piece in cycle_pieces(rates >= t, size)) >= rings
 
-        values = sorted(set(pairs.values()))
+        values = np.unique(rates[~np.eye(len(rates), dtype=bool)]).tolist()
         lo, hi = -1, len(values)  # values[lo] holds the rings (lo = -1: none known to), values[hi:] do not
         while hi - lo > 1:
             mid = (lo + hi) // 2
@@ -190,16 +179,39 @@ def route_component_bound(topo: Topology, rings: int, size: int) -> float:
     return cache[key]
 
 
-def cycle_pieces(g: nx.DiGraph, size: int) -> list[set[str]]:
-    """Pieces of ``g`` such that every directed cycle of ``size`` GPUs lies inside one of them.
+def cycle_pieces(fast: np.ndarray, size: int) -> list[np.ndarray]:
+    """Pieces of the directed graph ``fast`` (``[i, j]``: an edge from GPU ``i`` to ``j``), as sorted arrays of
+    GPU indices, such that every directed cycle of ``size`` GPUs lies inside one of them.
 
     A cycle lies in one strongly connected component; one of three or more GPUs also in one biconnected block of
     the undirected graph (a simple cycle is 2-connected), and uses no GPU with fewer than two neighbours. Each
-    rule can break what another let through, so they run until nothing changes.
+    rule can break what another let through, so they run until nothing changes, component by component. A
+    component in which every GPU has neighbours (either way) among at least half of the others passes all three
+    at once: by Dirac's theorem it holds a Hamiltonian cycle, so it is 2-connected. Fast routes on a large
+    cluster mostly form such dense components, which are then taken whole, without a block search.
     """
-    if size <= 2:
-        return [set(c) for c in nx.strongly_connected_components(g)]
-    g = g.copy()
+    fast = fast.astype(bool)  # a copy: the diagonal (no route from a GPU to itself) is cleared
+    np.fill_diagonal(fast, False)
+    count, label = connected_components(csr_matrix(fast), directed=True, connection="strong")
+    sizes = np.bincount(label, minlength=count)
+    pieces = []
+    for c in np.flatnonzero(sizes >= max(size, 2)):
+        members = np.flatnonzero(label == c)
+        if size <= 2:
+            pieces.append(members)
+            continue
+        within = fast[np.ix_(members, members)]
+        if 2 * (within | within.T).sum(axis=1).min() >= len(members):
+            pieces.append(members)
+            continue
+        g = nx.DiGraph()
+        g.add_edges_from(zip(*np.nonzero(within)))
+        pieces += [members[sorted(piece)] for piece in _split_to_cycle_pieces(g, size)]
+    return pieces
+
+
+def _split_to_cycle_pieces(g: nx.DiGraph, size: int) -> list[set]:
+    """``cycle_pieces`` of one strongly connected component, by its three rules run until nothing changes."""
     while True:
         lone = [v for v in g if not g.pred[v] or not g.succ[v] or len(g.pred[v].keys() | g.succ[v].keys()) < 2]
         g.remove_nodes_from(lone)
@@ -212,24 +224,51 @@ def cycle_pieces(g: nx.DiGraph, size: int) -> list[set[str]]:
         g = nx.DiGraph(list(keep))
 
 
-def pair_rates(topo: Topology) -> dict[tuple[str, str], float] | None:
-    """GB/s of the route between every ordered pair of GPUs, alone (0 where there is none); None on clusters of
-    more than ``PAIR_GPUS`` GPUs."""
+def pair_matrix(topo: Topology) -> tuple[list[str], np.ndarray] | None:
+    """The GPUs, and ``[i, j]``: GB/s of the route from GPU ``i`` to GPU ``j`` alone (0 on the diagonal and where
+    there is none); None on clusters of more than ``PAIR_GPUS`` GPUs.
+
+    A route between hosts is the GPU's leg to its NIC, the fabric and the peer's leg from its NIC
+    (``Routes.takes_network``), and a flow alone runs at its slowest leg's rate; NICs of one class
+    (``_nic_classes``) have the same fabric rate to any other. So a cluster prices each GPU's two legs and one
+    fabric route per pair of NIC classes, not a route per pair of GPUs.
+    """
     cache = topo.__dict__.setdefault("_bound_cache", {})
-    if "pair rates" not in cache:
+    if "pair matrix" not in cache:
         gpus = topo.gpus()
-        rates: dict[tuple[str, str], float] | None = None
-        if len(gpus) <= PAIR_GPUS:
-            rates = {}
-            for a in gpus:
-                for b in gpus:
-                    if a != b:
-                        try:
-                            rates[a, b] = _alone(topo, topo.routes.route(a, b))
-                        except ConfigError:  # no network path: no flow runs there (a plan that needs one fails)
-                            rates[a, b] = 0.0
-        cache["pair rates"] = rates
-    return cache["pair rates"]
+        cache["pair matrix"] = (gpus, _pair_matrix(topo, gpus)) if len(gpus) <= PAIR_GPUS else None
+    return cache["pair matrix"]
+
+
+def _pair_matrix(topo: Topology, gpus: list[str]) -> np.ndarray:
+    """``pair_matrix``'s rates, leg by leg."""
+    routes = topo.routes
+    fabric = topo.__dict__["_bound_cache"].setdefault("fabric alone", {})  # shared with ``crossing_rate``
+
+    def rate(a: str, b: str) -> float:
+        try:
+            return _alone(topo, routes.route(a, b))
+        except ConfigError:  # no network path: no flow runs there (a plan that needs one fails)
+            return 0.0
+
+    nic_class = {nic: key for key, (_, _, nics, _) in _nic_classes(topo).items() for nic in nics}
+    nic = [routes.nic_of(g) for g in gpus]
+    legs = [(rate(g, n), rate(n, g), nic_class[n]) if n is not None else None for g, n in zip(gpus, nic)]
+    rows = []
+    for a, na, leg_a in zip(gpus, nic, legs):
+        row = []
+        for b, nb, leg_b in zip(gpus, nic, legs):
+            if a == b:
+                row.append(0.0)
+            elif leg_a is not None and leg_b is not None and routes.takes_network(a, b):
+                key = leg_a[2], leg_b[2]
+                if key not in fabric:
+                    fabric[key] = rate(na, nb)
+                row.append(min(leg_a[0], fabric[key], leg_b[1]))
+            else:
+                row.append(rate(a, b))
+        rows.append(row)
+    return np.array(rows, dtype=float).reshape(len(gpus), len(gpus))
 
 
 def gpu_access_bound(topo: Topology) -> float:
