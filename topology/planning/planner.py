@@ -44,7 +44,7 @@ from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from typing import Callable
 
-from topology.planning.bounds.rates import switch_headroom
+from topology.planning.bounds.rates import PAIR_GPUS, switch_headroom
 from topology.planning.gradient_cycle import widest_gradient_cycle
 from topology.planning.bounds.run_tiling import RunTiling
 from topology.cost import LLAMA3_8B, FlowModel, HardwareRates, ModelShape, StepModel, estimate, step_bound
@@ -242,13 +242,16 @@ def aware_order(req: PlanRequest) -> list[str]:
         candidates["whole hosts per ring"] = whole
     candidates.update(grouped_ring_orders(req))
     candidates.update(rings_apart_orders(req))
-    if len(req.hosts) <= CYCLE_HOSTS:
+    few_hosts = len(req.hosts) <= CYCLE_HOSTS
+    if few_hosts:
         candidates["bus cycle"] = bus_cycle_order(req, sm)
-        bound = step_bound(sm)["step"] * (1 + REL_TOL)
-        # The cycle search reads every pair's route: skipped where a construction already meets the bound.
-        widest = None if any(sm.step(o) <= bound for o in candidates.values()) else widest_cycle_order(req, sm, pool)
-        if widest is not None:
-            candidates["widest gradient cycle"] = widest
+    if req.topo.num_gpus <= PAIR_GPUS:  # the cycle search reads every pair's route: not where a construction
+        bound = step_bound(sm)["step"] * (1 + REL_TOL)  # already meets the bound
+        if not any(sm.step(o) <= bound for o in candidates.values()):
+            widest = widest_cycle_order(req, sm, pool)
+            if widest is not None:
+                candidates["widest gradient cycle"] = widest
+    if few_hosts:
         tiled = tiled_runs_order(req) if req.gpus <= TILED_GPUS else None
         if tiled is not None:
             candidates["runs tiled to ring borders"] = tiled
