@@ -44,7 +44,7 @@ from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from typing import Callable
 
-from topology.planning.bounds.rates import PAIR_GPUS, switch_headroom
+from topology.planning.bounds.rates import reads_every_pair, switch_headroom
 from topology.planning.gradient_cycle import widest_gradient_cycle
 from topology.planning.bounds.run_tiling import RunTiling
 from topology.cost import LLAMA3_8B, FlowModel, HardwareRates, ModelShape, StepModel, estimate, step_bound
@@ -245,7 +245,7 @@ def aware_order(req: PlanRequest) -> list[str]:
     few_hosts = len(req.hosts) <= CYCLE_HOSTS
     if few_hosts:
         candidates["bus cycle"] = bus_cycle_order(req, sm)
-    if req.topo.num_gpus <= PAIR_GPUS:  # the cycle search reads every pair's route: not where a construction
+    if reads_every_pair(req.topo):  # the cycle search reads every pair's route: not where a construction
         bound = step_bound(sm)["step"] * (1 + REL_TOL)  # already meets the bound
         if not any(sm.step(o) <= bound for o in candidates.values()):
             widest = widest_cycle_order(req, sm, pool)

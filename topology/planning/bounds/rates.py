@@ -32,7 +32,10 @@ from topology.network.routing import NVLINK_KIND, FlowModel, nvlink_domain
 
 PAIR_GPUS = 256
 """Clusters of at most this many GPUs get ``partner_bound`` and ``route_component_bound``: they read the route of
-every pair of GPUs."""
+every pair of GPUs (``pair_matrix``)."""
+HOST_PAIRS = 16_384
+"""... and of at most this many ordered pairs of GPUs that share a host: each such route is a search of its own
+(routes between hosts are priced leg by leg), and a node of 250 CPU slots would take seconds."""
 
 
 def ring_bandwidth_bound(topo: Topology, rings: int, size: int, without: frozenset[str] = frozenset()) -> float:
@@ -100,7 +103,7 @@ def ring_bandwidth_bound(topo: Topology, rings: int, size: int, without: frozens
 def partner_bound(topo: Topology, used: int) -> float:
     """Part of argument (3) of ``ring_bandwidth_bound``: with ``used`` GPUs in rings, some hop runs no faster than
     the ``used``-th largest of the GPUs' partner rates (each GPU's fastest route out, or in, alone); ``inf`` on
-    clusters of more than ``PAIR_GPUS`` GPUs.
+    clusters too large for ``pair_matrix``.
 
     Routes, not links, say it: a GPU whose NIC is the one NCCL gives it may reach every other host only over a
     slow spine link while a link of the same GPU, or a NIC beside it, is fast; arguments over links alone then
@@ -115,7 +118,7 @@ def all_to_all_rate_bound(topo: Topology, used: int, peers: int) -> float:
 
     A GPU's ``peers`` transfers share its links (their sum, ``gpu_access_bound``), and each runs no faster than
     its ``peers``-th best route out (or in) alone: per GPU the smaller of the two, and some used GPU is no
-    better than the ``used``-th best of them. On clusters of more than ``PAIR_GPUS`` GPUs, the best GPU's links.
+    better than the ``used``-th best of them. On clusters too large for ``pair_matrix``, the best GPU's links.
     """
     if pair_matrix(topo) is None:
         return gpu_access_bound(topo) / peers
@@ -149,7 +152,7 @@ def _ranked(topo: Topology, used: int, peers: int, share_links: bool) -> float:
 
 def route_component_bound(topo: Topology, rings: int, size: int) -> float:
     """Argument (1) of ``ring_bandwidth_bound`` over routes: the largest ``t`` at which the GPUs' routes of ``t`` GB/s or more
-    (alone) still hold the rings; ``inf`` on clusters of more than ``PAIR_GPUS`` GPUs.
+    (alone) still hold the rings; ``inf`` on clusters too large for ``pair_matrix``.
 
     A ring whose hops all run at ``t`` is a directed cycle of routes that fast, so it lies inside one strongly
     connected piece of them. Links say a GPU reaches a fast NIC; the
@@ -226,7 +229,7 @@ def _split_to_cycle_pieces(g: nx.DiGraph, size: int) -> list[set]:
 
 def pair_matrix(topo: Topology) -> tuple[list[str], np.ndarray] | None:
     """The GPUs, and ``[i, j]``: GB/s of the route from GPU ``i`` to GPU ``j`` alone (0 on the diagonal and where
-    there is none); None on clusters of more than ``PAIR_GPUS`` GPUs.
+    there is none); None on clusters of more than ``PAIR_GPUS`` GPUs or ``HOST_PAIRS`` pairs inside hosts.
 
     A route between hosts is the GPU's leg to its NIC, the fabric and the peer's leg from its NIC
     (``Routes.takes_network``), and a flow alone runs at its slowest leg's rate; NICs of one class
@@ -236,8 +239,13 @@ def pair_matrix(topo: Topology) -> tuple[list[str], np.ndarray] | None:
     cache = topo.__dict__.setdefault("_bound_cache", {})
     if "pair matrix" not in cache:
         gpus = topo.gpus()
-        cache["pair matrix"] = (gpus, _pair_matrix(topo, gpus)) if len(gpus) <= PAIR_GPUS else None
+        cache["pair matrix"] = (gpus, _pair_matrix(topo, gpus)) if reads_every_pair(topo) else None
     return cache["pair matrix"]
+
+
+def reads_every_pair(topo: Topology) -> bool:
+    """Whether the cluster is small enough for ``pair_matrix`` (``PAIR_GPUS``, ``HOST_PAIRS``)."""
+    return topo.num_gpus <= PAIR_GPUS and sum(len(topo.gpus(h)) ** 2 for h in topo.hosts) <= HOST_PAIRS
 
 
 def _pair_matrix(topo: Topology, gpus: list[str]) -> np.ndarray:
