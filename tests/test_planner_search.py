@@ -897,6 +897,28 @@ def test_a_cluster_of_35_hosts_gets_its_gradient_ring_built_gpu_by_gpu():
     assert plan.cost["step_time_s"] <= plan.cost["bound_step_s"] * (1 + 1e-9)
 
 
+def test_hosts_larger_than_a_ring_keep_whole_rings_inside():
+    """Six 8-GPU hosts on 3.125 GB/s cards and twelve 4-GPU hosts on 25 GB/s ones, one leaf; 14 rings of 6. Each big
+    host serves one ring over PCIe and the small hosts string the other eight: no ring hop takes a slow card, and
+    the 12 GPUs left out are the big hosts' last two. Filling rings host after host cuts them across the big
+    hosts' cards, two flows each way: 47.5 s a step for 25.7."""
+    topo = Topology(name="slow-big-hosts")
+    topo.add_node("leaf0", "leaf")
+    for h, gpus, card in [(f"big{i}", 8, 3.125) for i in range(6)] + [(f"small{i}", 4, 25.0) for i in range(12)]:
+        topo.add_node(h, "host")
+        pcie = topo.add_node(f"{h}/pcie0", "pcie", host=h, index=0)
+        nic = topo.add_node(f"{h}/nic0", "nic", host=h, index=0)
+        topo.add_link(nic, pcie, 32.0)
+        topo.add_link(nic, "leaf0", card)
+        for g in range(gpus):
+            topo.add_link(topo.add_node(f"{h}/gpu{g}", "gpu", host=h, index=g), pcie, 16.0)
+    plan = make_plan(topo, 84, 6, seq_len=6 * 16384)
+    assert plan.cost["step_time_s"] <= plan.cost["bound_step_s"] * (1 + 1e-9)
+    order = [f"{p.host}/gpu{p.gpu}" for p in plan.placements]
+    rings = [order[i:i + 6] for i in range(0, 84, 6)]
+    assert sum(len({topo.host_of(g) for g in ring}) == 1 and ring[0].startswith("big") for ring in rings) == 6
+
+
 def test_a_ring_lies_in_one_block_of_the_fast_routes():
     """Two triangles of fast routes that share one GPU: every GPU has two neighbours and all five are strongly
     connected, but a ring of four would pass the shared GPU twice."""

@@ -241,6 +241,9 @@ def aware_order(req: PlanRequest) -> list[str]:
     if whole is not None:
         candidates["whole hosts per ring"] = whole
     candidates.update(grouped_ring_orders(req))
+    inside = rings_inside_hosts_order(req)
+    if inside is not None:
+        candidates["rings inside hosts, remainders across"] = inside
     candidates.update(rings_apart_orders(req))
     few_hosts = len(req.hosts) <= CYCLE_HOSTS
     if few_hosts:
@@ -283,6 +286,67 @@ def whole_host_order(req: PlanRequest) -> list[str] | None:
     if len(full) < req.gpus // req.cp:
         return None
     return [g for ring in full for g in _gpu_sequence(req, ring)]
+
+
+def rings_inside_hosts_order(req: PlanRequest) -> list[str] | None:
+    """Each host as many whole rings as it holds, the hosts' remainders then strung into rings across hosts.
+
+    A ring inside a host sends no hop through its NIC, so a host of 8 GPUs on
+    a slow card still serves a ring of 6 at PCIe speed; only its other 2 GPUs
+    need the card, and with GPUs to spare they (and small hosts on slow cards)
+    are the ones left out. Orders that fill rings host after host cut them
+    across host borders instead. The rings across hosts are packed as
+    ``grouped_ring_orders`` packs them (close hosts together, on the fastest
+    hosts that hold the GPUs), or where whole pieces cannot fill them, cut in
+    switch order; each comes next to the inside rings of its first and last
+    host, so the gradient ring enters those hosts once. None where no host
+    holds a ring.
+    """
+    sizes = {h: req.gpu_count(h) for h in req.hosts}
+    cp, need = req.cp, req.gpus // req.cp
+    if req.ring < 2 or max(sizes.values()) < cp:
+        return None
+    topo = req.topo
+    egress = {h: host_egress(topo, h) for h in req.hosts}
+    fastest = sorted(req.hosts, key=lambda h: (-egress[h], group_path(topo, h)))
+    seq = {h: locality_order(topo, h) for h in fastest}
+    inside = {h: [seq[h][i * cp:(i + 1) * cp] for i in range(sizes[h] // cp)] for h in fastest}
+    cross: list[list[str]] = []
+    want = need - sum(map(len, inside.values()))
+    if want > 0:
+        rest = {h: sizes[h] % cp for h in fastest if sizes[h] % cp}
+        threshold = _needed_egress(egress, rest, want * cp)
+        headroom = switch_headroom(topo)
+        groups: dict[tuple, list[str]] = {}
+        for h in rest:
+            if egress[h] >= threshold:
+                groups.setdefault(group_path(topo, h), []).append(h)
+        ordered = [members for _, members in sorted(groups.items(), key=lambda kv: (-min(headroom[h] for h in kv[1]), kv[0]))]
+        spare = {h: seq[h][sizes[h] - rest[h]:] for h in rest}
+        rings = _group_rings(ordered, rest, cp, want, partial=True)
+        if rings is not None:
+            cross = [[g for h in _open_cycle(topo, hosts) for g in spare[h][:take.get(h)]] for hosts, take in rings]
+        else:  # two rings may share a host's card: cut in switch order
+            run = [g for members in ordered for h in sorted(members, key=lambda h: (-egress[h], -rest[h])) for g in spare[h]]
+            if len(run) < want * cp:
+                return None
+            cross = [run[i * cp:(i + 1) * cp] for i in range(want)]
+    left = need - len(cross)  # inside rings still wanted, the fastest hosts' first
+
+    def inside_of(h: str) -> list[str]:
+        nonlocal left
+        out = []
+        while inside[h] and left > 0:
+            out += inside[h].pop(0)
+            left -= 1
+        return out
+
+    order: list[str] = []
+    for ring in cross:
+        order += inside_of(topo.host_of(ring[0])) + ring + inside_of(topo.host_of(ring[-1]))
+    for h in fastest:
+        order += inside_of(h)
+    return order
 
 
 def rings_apart_orders(req: PlanRequest) -> dict[str, list[str]]:
