@@ -321,7 +321,7 @@ def rings_inside_hosts_order(req: PlanRequest) -> list[str] | None:
         for h in rest:
             if egress[h] >= threshold:
                 groups.setdefault(group_path(topo, h), []).append(h)
-        ordered = [members for _, members in sorted(groups.items(), key=lambda kv: (-min(headroom[h] for h in kv[1]), kv[0]))]
+        ordered = _widest_first(groups, headroom)
         spare = {h: seq[h][sizes[h] - rest[h]:] for h in rest}
         rings = _group_rings(ordered, rest, cp, want, partial=True)
         if rings is not None:
@@ -416,7 +416,7 @@ def _grouped_rings(req: PlanRequest, hosts: list[str], sizes: dict[str, int]) ->
         # rings inside groups); hosts in part wherever GPUs are spare, for rings that hosts do not divide.
         packed = len(groups) > 1 and any(sum(sizes[h] for h in members) % req.cp for members in groups.values())
         cut = sum(sizes[h] for h in hosts) > req.gpus
-        ordered = [members for _, members in sorted(groups.items(), key=lambda kv: (-min(headroom[h] for h in kv[1]), kv[0]))]
+        ordered = _widest_first(groups, headroom)
         for partial in [p for p, wanted in ((False, packed), (True, cut)) if wanted]:
             rings = _group_rings(ordered, sizes, req.cp, req.gpus // req.cp, partial)
             if rings is None:
@@ -425,6 +425,11 @@ def _grouped_rings(req: PlanRequest, hosts: list[str], sizes: dict[str, int]) ->
             if order not in out.values():
                 out[f"rings {'cut' if partial else 'packed'} inside groups of depth {depth}"] = order
     return out
+
+
+def _widest_first(groups: dict[tuple, list[str]], headroom: dict[str, float]) -> list[list[str]]:
+    """Groups of close hosts (keyed by their ``group_path``), those whose switches have the most headroom first."""
+    return [members for _, members in sorted(groups.items(), key=lambda kv: (-min(headroom[h] for h in kv[1]), kv[0]))]
 
 
 def _group_rings(groups: list[list[str]], sizes: dict[str, int], cp: int, need: int,
