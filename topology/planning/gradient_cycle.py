@@ -22,9 +22,9 @@ to its first, and are enough to fill it: a cycle through nearly every GPU
 budget under an early step that cut its way home. It backtracks within
 a node budget, at the bound and then at the next slower rates, on clusters
 small enough to read every pair's route
-(``topology.planning.bounds.rates.reads_every_pair``). A depth-first search that errs early (a host that two leaves
-reach only through it, filled in one run, where the cycle must pass it
-twice) spends its budget under that error; so the budget is split over
+(``topology.planning.bounds.rates.reads_every_pair``). A depth-first
+search that errs early (a host that two leaves reach only through it,
+filled in one run, where the cycle must pass it twice) spends its budget under that error; so the budget is split over
 restarts, each after the first seeded alike every time (plans stay
 reproducible), starting elsewhere and leaving a host early now and then.
 """

@@ -327,7 +327,8 @@ def rings_inside_hosts_order(req: PlanRequest) -> list[str] | None:
         if rings is not None:
             cross = [[g for h in _open_cycle(topo, hosts) for g in spare[h][:take.get(h)]] for hosts, take in rings]
         else:  # two rings may share a host's card: cut in switch order
-            run = [g for members in ordered for h in sorted(members, key=lambda h: (-egress[h], -rest[h])) for g in spare[h]]
+            hosts = [h for members in ordered for h in sorted(members, key=lambda h: (-egress[h], -rest[h]))]
+            run = [g for h in hosts for g in spare[h]]
             if len(run) < want * cp:
                 return None
             cross = [run[i * cp:(i + 1) * cp] for i in range(want)]

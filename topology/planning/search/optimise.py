@@ -32,8 +32,9 @@ Algorithms
   plan is reproducible), cut short by a time budget only on a machine too
   slow for it, from the best construction and, short of the bound, from the
   second best too (as above: adding a construction that scores a little
-  better must not cost the valley the old best led to). A move swaps two ranks, moves a rank onto an unused GPU, or
-  reverses a run of a ring; half the moves touch the slowest hop's ends.
+  better must not cost the valley the old best led to). A move swaps two
+  ranks, moves a rank onto an unused GPU, or reverses a run of a ring; half
+  the moves touch the slowest hop's ends.
   On plans of at most ``TURN_GPUS`` GPUs, a move may also turn a Ulysses
   group or swap two whole groups, and a move that keeps the step time but
   leaves fewer flows at their kind's slowest rate (``DeltaOrder.crowd``) is
