@@ -37,6 +37,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from ray_utils import free_port
+from trainer.engine import end_rank_process
 
 __all__ = ["run_distributed"]
 
@@ -57,6 +58,7 @@ def _worker(rank: int, fn: Callable[..., Any], world_size: int, port: int, out_d
         torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
+    end_rank_process(0)  # a failure above is raised to the parent instead, with its traceback
 
 
 def run_distributed(fn: Callable[..., Any], world_size: int, *args: Any, timeout: float = 120.0) -> list[Any]:

@@ -38,7 +38,7 @@ from topology.planning.plan import Plan
 from trainer import checkpoint, storage
 from trainer.config import COLLECTIVE_TIMEOUT_S, StageConfig
 from trainer.data import build_dataset, sample_index
-from trainer.engine import agree, deepspeed_config, init_process_group, make_engine, zero_stage
+from trainer.engine import agree, deepspeed_config, end_rank_process, init_process_group, make_engine, zero_stage
 from trainer.groups import ParallelGroups
 from trainer.model.loss import ShardLoss, loss_scale
 from trainer.model.llama import build_model, enable_activation_checkpointing, load_config
@@ -288,4 +288,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    end_rank_process(main())

@@ -29,7 +29,7 @@ from topology.profiling.listen import store_server
 from topology.planning.plan import Plan, RankPlacement
 from trainer import storage
 from trainer.config import ModelConfig
-from trainer.engine import init_process_group
+from trainer.engine import end_rank_process, init_process_group
 from trainer.groups import ParallelGroups
 from trainer.niah.evaluate import NiahConfig, evaluate_checkpoint
 from trainer.niah.plot import short_count
@@ -125,4 +125,5 @@ def _rank_main(rank: int, world: int, port: int, model: str, config: dict, out_d
         evaluate_checkpoint(model, cfg, groups=groups, out_dir=out_dir)
     finally:
         dist.destroy_process_group()
+    end_rank_process(0)  # a failure above is raised to the parent instead, with its traceback
 
