@@ -241,9 +241,10 @@ def aware_order(req: PlanRequest) -> list[str]:
     if whole is not None:
         candidates["whole hosts per ring"] = whole
     candidates.update(grouped_ring_orders(req))
-    inside = rings_inside_hosts_order(req)
-    if inside is not None:
-        candidates["rings inside hosts, remainders across"] = inside
+    inside = rings_inside_hosts_orders(req)
+    if inside:  # packings of one construction: the best one stands for it (the first where they tie)
+        kept = min(inside, key=lambda name: sm.step(inside[name]))
+        candidates[kept] = inside[kept]
     candidates.update(rings_apart_orders(req))
     few_hosts = len(req.hosts) <= CYCLE_HOSTS
     if few_hosts:
@@ -288,51 +289,104 @@ def whole_host_order(req: PlanRequest) -> list[str] | None:
     return [g for ring in full for g in _gpu_sequence(req, ring)]
 
 
-def rings_inside_hosts_order(req: PlanRequest) -> list[str] | None:
+def rings_inside_hosts_orders(req: PlanRequest) -> dict[str, list[str]]:
     """Each host as many whole rings as it holds, the hosts' remainders then strung into rings across hosts.
 
     A ring inside a host sends no hop through its NIC, so a host of 8 GPUs on
     a slow card still serves a ring of 6 at PCIe speed; only its other 2 GPUs
     need the card, and with GPUs to spare they (and small hosts on slow cards)
     are the ones left out. Orders that fill rings host after host cut them
-    across host borders instead. The rings across hosts are packed as
-    ``grouped_ring_orders`` packs them (close hosts together, on the fastest
-    hosts that hold the GPUs), or where whole pieces cannot fill them, cut in
-    switch order; each comes next to the inside rings of its first and last
-    host, so the gradient ring enters those hosts once. None where no host
-    holds a ring.
+    across host borders instead. The inside rings are cut from the host's
+    GPUs in PCIe order, or, on hosts with several NICs, from each NIC's GPUs
+    ("inside NIC groups"): a ring of 4 in each 6-GPU half of a 12-GPU host
+    keeps off the link between the halves. Two ways to string the remainders:
+
+    - packed as ``grouped_ring_orders`` packs them (close hosts together, on
+      the fastest hosts that hold the GPUs), or where whole pieces cannot fill
+      them, cut in switch order;
+    - with each remainder of a host that has rings of its own at a ring's
+      first or last place (``_rings_with_ends``).
+
+    Each ring across hosts comes next to the inside rings of its first and
+    last host, so the gradient ring enters those hosts once; a remainder in
+    the middle of a ring leaves its host's inside rings elsewhere in the
+    order, and the gradient ring then takes that host's card twice. Empty
+    where no host holds a ring.
     """
-    sizes = {h: req.gpu_count(h) for h in req.hosts}
-    cp, need = req.cp, req.gpus // req.cp
-    if req.ring < 2 or max(sizes.values()) < cp:
-        return None
+    if req.ring < 2 or max(req.gpu_count(h) for h in req.hosts) < req.cp:
+        return {}
     topo = req.topo
     egress = {h: host_egress(topo, h) for h in req.hosts}
     fastest = sorted(req.hosts, key=lambda h: (-egress[h], group_path(topo, h)))
-    seq = {h: locality_order(topo, h) for h in fastest}
-    inside = {h: [seq[h][i * cp:(i + 1) * cp] for i in range(sizes[h] // cp)] for h in fastest}
-    cross: list[list[str]] = []
-    want = need - sum(map(len, inside.values()))
-    if want > 0:
-        rest = {h: sizes[h] % cp for h in fastest if sizes[h] % cp}
-        threshold = _needed_egress(egress, rest, want * cp)
-        headroom = switch_headroom(topo)
-        groups: dict[tuple, list[str]] = {}
-        for h in rest:
-            if egress[h] >= threshold:
-                groups.setdefault(group_path(topo, h), []).append(h)
-        ordered = _widest_first(groups, headroom)
-        spare = {h: seq[h][sizes[h] - rest[h]:] for h in rest}
-        rings = _group_rings(ordered, rest, cp, want, partial=True)
-        if rings is not None:
-            cross = [[g for h in _open_cycle(topo, hosts) for g in spare[h][:take.get(h)]] for hosts, take in rings]
-        else:  # two rings may share a host's card: cut in switch order
-            hosts = [h for members in ordered for h in sorted(members, key=lambda h: (-egress[h], -rest[h]))]
-            run = [g for h in hosts for g in spare[h]]
-            if len(run) < want * cp:
-                return None
-            cross = [run[i * cp:(i + 1) * cp] for i in range(want)]
-    left = need - len(cross)  # inside rings still wanted, the fastest hosts' first
+    orders: dict[str, list[str]] = {}
+    cuts = {"hosts": {h: [locality_order(topo, h)] for h in fastest}}
+    if any(len(topo.nics(h)) > 1 for h in fastest):
+        cuts["NIC groups"] = {h: _nic_groups(topo, h) for h in fastest}
+    seen: list[dict[str, list[list[str]]]] = []
+    for where, parts in cuts.items():
+        inside = {h: [part[i:i + req.cp] for part in parts[h] for i in range(0, len(part) - req.cp + 1, req.cp)]
+                  for h in fastest}
+        if not any(inside.values()) or inside in seen:  # no host holds a ring, or NIC groups cut as hosts do
+            continue
+        seen.append(inside)
+        spare = {h: [g for part in parts[h] for g in part[len(part) // req.cp * req.cp:]] for h in fastest}
+        for how, cross in _remainder_rings(req, inside, spare, egress).items():
+            orders[f"rings inside {where}, remainders {how}"] = _with_inside_rings(inside, cross, req.gpus // req.cp,
+                                                                                   fastest, topo)
+    return orders
+
+
+def _nic_groups(topo: Topology, host: str) -> list[list[str]]:
+    """A host's GPUs by the NIC they leave through, each group in PCIe order."""
+    groups: dict[str | None, list[str]] = {}
+    for gpu in locality_order(topo, host):
+        groups.setdefault(topo.routes.nic_of(gpu), []).append(gpu)
+    return list(groups.values())
+
+
+def _remainder_rings(req: PlanRequest, inside: dict[str, list[list[str]]], spare: dict[str, list[str]],
+                     egress: dict[str, float]) -> dict[str, list[list[str]]]:
+    """The rings across hosts that ``rings_inside_hosts_orders`` strings from the GPUs ``spare`` holds, by how."""
+    topo, cp = req.topo, req.cp
+    want = req.gpus // cp - sum(map(len, inside.values()))
+    if want <= 0:
+        return {"across": []}
+    rest = {h: len(gpus) for h, gpus in spare.items() if gpus}
+    threshold = _needed_egress(egress, rest, want * cp)
+    groups: dict[tuple, list[str]] = {}
+    for h in rest:
+        if egress[h] >= threshold:
+            groups.setdefault(group_path(topo, h), []).append(h)
+    ordered = _widest_first(groups, switch_headroom(topo))
+    out = {}
+    rings = _group_rings(ordered, rest, cp, want, partial=True)
+    if rings is not None:
+        out["across"] = [[g for h in _open_cycle(topo, hosts) for g in spare[h][:take.get(h)]] for hosts, take in rings]
+    else:  # two rings may share a host's card: cut in switch order
+        hosts = [h for members in ordered for h in sorted(members, key=lambda h: (-egress[h], -rest[h]))]
+        run = [g for h in hosts for g in spare[h]]
+        if len(run) >= want * cp:
+            out["across"] = [run[i * cp:(i + 1) * cp] for i in range(want)]
+    in_switch_order = [h for members in ordered for h in sorted(members, key=lambda h: -egress[h])]
+    at_ends = [h for h in in_switch_order if inside[h] and rest[h] < cp]  # (NIC groups may leave a ring or more)
+    ends = _rings_with_ends(at_ends, [h for h in in_switch_order if h not in at_ends], rest, cp, want)
+    if ends is not None:
+        left = dict(spare)
+        out["at ring ends"] = []
+        for ring in ends:
+            out["at ring ends"].append([])
+            for h, n in ring:  # a host cut between two rings gives its first GPUs to the first
+                out["at ring ends"][-1] += left[h][:n]
+                left[h] = left[h][n:]
+    return out
+
+
+def _with_inside_rings(inside: dict[str, list[list[str]]], cross: list[list[str]], need: int, fastest: list[str],
+                       topo: Topology) -> list[str]:
+    """The order: each ring across hosts between the inside rings of its first and last host, then the fastest
+    hosts' inside rings until ``need`` rings are placed."""
+    left = need - len(cross)
+    inside = {h: list(rings) for h, rings in inside.items()}
 
     def inside_of(h: str) -> list[str]:
         nonlocal left
@@ -348,6 +402,64 @@ def rings_inside_hosts_order(req: PlanRequest) -> list[str] | None:
     for h in fastest:
         order += inside_of(h)
     return order
+
+
+def _rings_with_ends(ends: list[str], middle: list[str], sizes: dict[str, int], cp: int,
+                     want: int) -> list[list[tuple[str, int]]] | None:
+    """``want`` rings of ``cp`` GPUs as (host, GPUs) pieces: each of ``ends`` (fewer GPUs than a ring) whole at a
+    ring's first or last place, ``middle`` hosts anywhere; None if they make fewer.
+
+    A ring starts with the rest of a host the previous ring cut (so the cut
+    host's GPUs stay next to each other in the order), else with an end
+    host; it closes with an end host where middle hosts fill the room
+    before it exactly, else with a middle host cut in two. Hosts are taken
+    in the given order (switch order, fastest first), so with GPUs to spare
+    the last hosts are the ones left out.
+    """
+    ends, middle = list(ends), list(middle)
+    pieces = {h: sizes[h] for h in ends + middle}
+    rings: list[list[tuple[str, int]]] = []
+    carry: tuple[str, int] | None = None
+    while len(rings) < want:
+        ring: list[tuple[str, int]] = []
+        if carry is not None:
+            h, n = carry
+            ring.append((h, min(n, cp)))
+            carry = (h, n - cp) if n > cp else None
+        elif ends:
+            h = ends.pop(0)
+            ring.append((h, pieces[h]))
+        room = cp - sum(n for _, n in ring)
+        closing = next((h for h in ends if pieces[h] <= room and _fills(middle, pieces, room - pieces[h]) is not None), None)
+        if closing is not None:
+            ends.remove(closing)
+            fill = _fills(middle, pieces, room - pieces[closing])
+            ring += [(h, pieces[h]) for h in fill] + [(closing, pieces[closing])]
+            middle = [h for h in middle if h not in fill]
+        else:
+            while room and middle:
+                h = middle.pop(0)
+                n = min(pieces[h], room)
+                ring.append((h, n))
+                room -= n
+                if n < pieces[h]:
+                    carry = (h, pieces[h] - n)
+            if room:
+                return None
+        rings.append(ring)
+    return rings
+
+
+def _fills(hosts: list[str], sizes: dict[str, int], room: int) -> list[str] | None:
+    """Whole hosts, taken in order where they fit, whose sizes add up to ``room`` exactly; None if that fails."""
+    fill, left = [], room
+    for h in hosts:
+        if sizes[h] <= left:
+            fill.append(h)
+            left -= sizes[h]
+        if not left:
+            return fill
+    return fill if not left else None
 
 
 def rings_apart_orders(req: PlanRequest) -> dict[str, list[str]]:
