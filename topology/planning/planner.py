@@ -358,7 +358,7 @@ def _remainder_rings(req: PlanRequest, inside: dict[str, list[list[str]]], spare
         if egress[h] >= threshold:
             groups.setdefault(group_path(topo, h), []).append(h)
     ordered = _widest_first(groups, switch_headroom(topo))
-    out = {}
+    out: dict[str, list[list[str]]] = {}
     rings = _group_rings(ordered, rest, cp, want, partial=True)
     if rings is not None:
         out["across"] = [[g for h in _open_cycle(topo, hosts) for g in spare[h][:take.get(h)]] for hosts, take in rings]
@@ -371,13 +371,13 @@ def _remainder_rings(req: PlanRequest, inside: dict[str, list[list[str]]], spare
     at_ends = [h for h in in_switch_order if inside[h] and rest[h] < cp]  # (NIC groups may leave a ring or more)
     ends = _rings_with_ends(at_ends, [h for h in in_switch_order if h not in at_ends], rest, cp, want)
     if ends is not None:
-        left = dict(spare)
-        out["at ring ends"] = []
+        left, strung = dict(spare), []
         for ring in ends:
-            out["at ring ends"].append([])
+            strung.append([])
             for h, n in ring:  # a host cut between two rings gives its first GPUs to the first
-                out["at ring ends"][-1] += left[h][:n]
+                strung[-1] += left[h][:n]
                 left[h] = left[h][n:]
+        out["at ring ends"] = strung
     return out
 
 
