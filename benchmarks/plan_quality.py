@@ -101,6 +101,11 @@ def suite(seed: int = 0) -> list[Case]:
     cases.append(("two slow cables 8x, 56 ring 7", lambda: leaf_spine(8, hosts_per_leaf=2, degraded={5: 1.0, 2: 3.125}),
                   56, 7, 1, 16384))
     cases.append(("two leaves with a spine uplink at 0.1, 12x 64 ring 64", _two_slow_leaves, 64, 64, 1, 16384))
+    # Every GPU in use: 8-GPU hosts on slow cables under their own leaves, 4-GPU hosts under the others.
+    for cp in (6, 12):
+        cases.append((f"slow 8-GPU and fast 4-GPU hosts 128x, all ring {cp}",
+                      lambda: leaf_spine(128, gpus=[8] * 64 + [4] * 64, degraded={i: 3.125 for i in range(64)}),
+                      768, cp, 1, 16384))
     for cp, ulysses in ((16, 1), (32, 2)):
         cases.append((f"profile naming no leaf 64x, hosts shuffled, ring {cp}" + (f" ulysses {ulysses}" if ulysses > 1 else ""),
                       lambda: _profile_naming_no_leaf(64, 8, seed), 512, cp, ulysses, 16384))

@@ -922,6 +922,19 @@ def test_hosts_larger_than_a_ring_keep_whole_rings_inside(gpus):
     assert sum(len({topo.host_of(g) for g in ring}) == 1 and ring[0].startswith("big") for ring in rings) == 6
 
 
+@pytest.mark.parametrize("ring", [6, 12])
+def test_slow_big_hosts_and_fast_small_hosts_under_their_own_leaves(ring):
+    """128 hosts, eight to a leaf: 64 of 8 GPUs on 3.125 GB/s cables under the first eight leaves, 64 of 4 GPUs
+    under the other eight; every GPU in use. Rings of 6: each big host holds one and its last two GPUs open a ring
+    with a small host. Rings of 12: a big host and a small one make each ring. Packing whole hosts in switch order
+    (leaf10 sorts before leaf2) left big hosts with nothing to pair with, and the remainders were strung across big
+    hosts' cables: 47.66 s a step for 33.91 (rings of 6), 80.65 s for 50.40 (rings of 12)."""
+    sizes = [8] * 64 + [4] * 64
+    topo = leaf_spine(128, gpus=sizes, degraded={i: 3.125 for i in range(64)})
+    plan = make_plan(topo, 768, ring, seq_len=ring * 16384)
+    assert plan.cost["step_time_s"] <= plan.cost["bound_step_s"] * 1.0005
+
+
 def test_rings_inside_hosts_keep_to_one_nic_group():
     """13 hosts of 1 to 16 GPUs on four leaves, three of them with two NICs whose PCIe halves meet over a 10-20 GB/s
     link; 22 rings of 4. A 4-GPU host with two GPUs per NIC holds no ring without that link, and cut by NIC group it

@@ -272,7 +272,8 @@ def aware_order(req: PlanRequest) -> list[str]:
 
 
 def whole_host_order(req: PlanRequest) -> list[str] | None:
-    """Rings made of whole hosts (mixed sizes packed first-fit in switch order): each host serves one ring.
+    """Rings made of whole hosts (mixed sizes packed first-fit in switch order, or largest first where that leaves
+    rings unfilled): each host serves one ring.
 
     A host split between two rings takes a flow of each through its NIC; with
     4- and 8-GPU hosts in one cluster, packing whole hosts into rings of
@@ -283,8 +284,11 @@ def whole_host_order(req: PlanRequest) -> list[str] | None:
     sizes = {h: req.gpu_count(h) for h in req.hosts}
     hosts = _choose_hosts(req, {h: n for h, n in sizes.items() if n <= req.cp} | {h: 0 for h, n in sizes.items() if n > req.cp}, 1)
     candidates = hosts + [h for h in req.hosts if h not in set(hosts) and 0 < sizes[h] <= req.cp]
-    full = _pack_rings(candidates, sizes, req.cp, newest_first=True, enough=req.gpus // req.cp)[: req.gpus // req.cp]
-    if len(full) < req.gpus // req.cp:
+    need = req.gpus // req.cp
+    full = _pack_rings(candidates, sizes, req.cp, newest_first=True, enough=need)[:need]
+    if len(full) < need:  # sizes that complete each other sit under different switches: largest first
+        full = _pack_rings(sorted(candidates, key=lambda h: -sizes[h]), sizes, req.cp, enough=need)[:need]
+    if len(full) < need:
         return None
     return [g for ring in full for g in _gpu_sequence(req, ring)]
 
@@ -430,10 +434,18 @@ def _rings_with_ends(ends: list[str], middle: list[str], sizes: dict[str, int], 
             h = ends.pop(0)
             ring.append((h, pieces[h]))
         room = cp - sum(n for _, n in ring)
-        closing = next((h for h in ends if pieces[h] <= room and _fills(middle, pieces, room - pieces[h]) is not None), None)
+        fills: dict[int, list[str] | None] = {}  # by the closing host's size: ends are many, their sizes few
+        closing = None
+        for h in ends:
+            if pieces[h] <= room:
+                if pieces[h] not in fills:
+                    fills[pieces[h]] = _fills(middle, pieces, room - pieces[h])
+                if fills[pieces[h]] is not None:
+                    closing = h
+                    break
         if closing is not None:
             ends.remove(closing)
-            fill = _fills(middle, pieces, room - pieces[closing])
+            fill = fills[pieces[closing]]
             ring += [(h, pieces[h]) for h in fill] + [(closing, pieces[closing])]
             middle = [h for h in middle if h not in fill]
         else:
