@@ -40,9 +40,28 @@ REPO = Path(__file__).resolve().parents[1]
 
 def free_port() -> int:
     """A TCP port nobody listens on right now."""
-    with socket.socket() as s:
-        s.bind(("", 0))
-        return s.getsockname()[1]
+    return free_ports(1)[0]
+
+
+def free_ports(count: int, exclude: set[int] = frozenset()) -> list[int]:
+    """``count`` different TCP ports nobody listens on right now, none of them in ``exclude``.
+
+    They are bound all at once, so no two are the same: one Ray head takes six, and two equal ones let its
+    metrics exporter answer the raylet's requests to the runtime-env agent (HTTP 405, the job fails to start).
+    """
+    held: list[socket.socket] = []
+    ports: list[int] = []
+    try:
+        while len(ports) < count:
+            s = socket.socket()
+            held.append(s)
+            s.bind(("", 0))
+            if s.getsockname()[1] not in exclude:
+                ports.append(s.getsockname()[1])
+    finally:
+        for s in held:
+            s.close()
+    return ports
 
 
 @dataclass
@@ -200,7 +219,9 @@ class RayHead:
         """Start a head; ``args`` are extra ``ray start`` flags (e.g. ``--num-cpus=4``)."""
         # Unix socket paths under the temp dir must stay below ~100 characters.
         temp_dir = Path(tempfile.mkdtemp(prefix="rl-", dir="/tmp"))
-        head = cls(temp_dir, port or free_port(), free_port(), dict(os.environ, **(env or {})))
+        port = port or free_port()
+        dashboard, client, agent, agent_grpc, metrics, runtime_env = free_ports(6, exclude={port})
+        head = cls(temp_dir, port, dashboard, dict(os.environ, **(env or {})))
         head.env.setdefault("RAY_USAGE_STATS_ENABLED", "0")
         # Ray 2.60 turns token auth on for a head whenever ~/.ray/auth_token exists, but
         # `ray job submit` sends the token only under RAY_AUTH_MODE=token; a private
@@ -209,9 +230,9 @@ class RayHead:
         cmd = [
             _ray_cli(), "start", "--head",
             f"--port={head.port}", f"--dashboard-port={head.dashboard_port}", "--dashboard-host=127.0.0.1",
-            "--include-dashboard=true", f"--temp-dir={temp_dir}", f"--ray-client-server-port={free_port()}",
-            f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
-            f"--metrics-export-port={free_port()}", f"--runtime-env-agent-port={free_port()}",
+            "--include-dashboard=true", f"--temp-dir={temp_dir}", f"--ray-client-server-port={client}",
+            f"--dashboard-agent-listen-port={agent}", f"--dashboard-agent-grpc-port={agent_grpc}",
+            f"--metrics-export-port={metrics}", f"--runtime-env-agent-port={runtime_env}",
             "--disable-usage-stats", *args,
         ]
         try:
