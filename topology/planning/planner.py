@@ -54,7 +54,7 @@ from topology.errors import ConfigError
 from topology.network.model import Topology
 from topology.planning.plan import GroupLayout, Plan, RankPlacement
 from topology.network.routing import nvlink_domain
-from topology.planning.ring_order import bottleneck_cycle, locality_order, nic_spread_order, through_order
+from topology.planning.ring_order import bottleneck_cycle, locality_order, nic_groups, nic_spread_order, through_order
 
 TOKENS_PER_GPU = 16384
 """Default sequence length per GPU: the recipe's long stages hold 16K tokens per GPU."""
@@ -325,7 +325,7 @@ def rings_inside_hosts_orders(req: PlanRequest) -> dict[str, list[str]]:
     orders: dict[str, list[str]] = {}
     cuts = {"hosts": {h: [locality_order(topo, h)] for h in fastest}}
     if any(len(topo.nics(h)) > 1 for h in fastest):
-        cuts["NIC groups"] = {h: _nic_groups(topo, h) for h in fastest}
+        cuts["NIC groups"] = {h: nic_groups(topo, h) for h in fastest}
     seen: list[dict[str, list[list[str]]]] = []
     for where, parts in cuts.items():
         inside = {h: [part[i:i + req.cp] for part in parts[h] for i in range(0, len(part) - req.cp + 1, req.cp)]
@@ -338,14 +338,6 @@ def rings_inside_hosts_orders(req: PlanRequest) -> dict[str, list[str]]:
             orders[f"rings inside {where}, remainders {how}"] = _with_inside_rings(inside, cross, req.gpus // req.cp,
                                                                                    fastest, topo)
     return orders
-
-
-def _nic_groups(topo: Topology, host: str) -> list[list[str]]:
-    """A host's GPUs by the NIC they leave through, each group in PCIe order."""
-    groups: dict[str | None, list[str]] = {}
-    for gpu in locality_order(topo, host):
-        groups.setdefault(topo.routes.nic_of(gpu), []).append(gpu)
-    return list(groups.values())
 
 
 def _remainder_rings(req: PlanRequest, inside: dict[str, list[list[str]]], spare: dict[str, list[str]],

@@ -178,6 +178,14 @@ def locality_order(topo: Topology, host: str) -> list[str]:
     return [by_index[i] for i in cache[sig]]
 
 
+def nic_groups(topo: Topology, host: str) -> list[list[str]]:
+    """A host's GPUs by the NIC they leave through, each group in PCIe order, the groups in PCIe order."""
+    groups: dict[str | None, list[str]] = {}
+    for gpu in locality_order(topo, host):
+        groups.setdefault(topo.routes.nic_of(gpu), []).append(gpu)
+    return list(groups.values())
+
+
 def nic_spread_order(topo: Topology, host: str, width: int | None = None) -> list[str]:
     """A host's GPUs taken from each NIC's GPUs in turn (each NIC's in PCIe order).
 
@@ -188,10 +196,7 @@ def nic_spread_order(topo: Topology, host: str, width: int | None = None) -> lis
     ``width`` GPUs (a Ulysses group, whose members sit on different rings)
     then use ``width`` different NICs, and the runs still follow PCIe order.
     """
-    by_nic: dict[str | None, list[str]] = {}
-    for gpu in locality_order(topo, host):
-        by_nic.setdefault(topo.routes.nic_of(gpu), []).append(gpu)
-    runs = list(by_nic.values())
+    runs = nic_groups(topo, host)
     width = width or len(runs)
     out: list[str] = []
     for i in range(0, len(runs), width):
