@@ -42,6 +42,28 @@ def test_ec2_topology_plans_directly_with_its_three_layers(tmp_path, capsys):
         assert len({topo.leaf_of(plan.placements[r].host) for r in ring}) == 1
 
 
+def test_every_g6e_size_plans_from_one_ec2_answer(tmp_path, capsys):
+    """An answer mixing every g6e size (1 to 8 L40S, 20 to 400 Gbps) builds each server and plans over all of them."""
+    sizes = {"g6e.48xlarge": (8, 4, 50.0), "g6e.24xlarge": (4, 2, 25.0), "g6e.12xlarge": (4, 1, 12.5),
+             "g6e.16xlarge": (1, 1, 35 / 8), "g6e.8xlarge": (1, 1, 25 / 8), "g6e.4xlarge": (1, 1, 20 / 8),
+             "g6e.2xlarge": (1, 1, 20 / 8), "g6e.xlarge": (1, 1, 20 / 8)}
+    data = ec2_answer(n=len(sizes), per_leaf=2, leaves_per_spine=2)
+    for inst, itype in zip(data["Instances"], sizes):
+        inst["InstanceType"] = itype
+    data["NextToken"] = None
+    path = tmp_path / "topology.json"
+    path.write_text(json.dumps(data))
+    topo = load_topology(str(path))
+    for inst in data["Instances"]:
+        gpus, nics, gbps = sizes[inst["InstanceType"]]
+        host = inst["InstanceId"]
+        assert (len(topo.gpus(host)), len(topo.nics(host))) == (gpus, nics)
+        leaf = inst["NetworkNodes"][-1]
+        assert sum(topo.link(nic, leaf)["bw_gbps"] for nic in topo.nics(host)) == pytest.approx(gbps)
+    assert main(["plan", "--topology", str(path), "--gpus", "20", "--ring", "4", "--compare"]) == 0
+    assert "aware traded:" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("edit,match", [
     (lambda d: d["Instances"][0].update(InstanceType="p9.huge"), "instance type 'p9.huge'"),
     (lambda d: d["Instances"][0].update(NetworkNodes="nn-1"), "NetworkNodes must list"),

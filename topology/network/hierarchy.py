@@ -71,7 +71,8 @@ def ec2_instances(data: Any, source: str) -> list[dict[str, Any]]:
             raise ConfigError(f"{source}: Instances[{i}] ({inst['InstanceId']}): NetworkNodes must list the network node ids, top-down")
     depths = {len(inst["NetworkNodes"]) for inst in instances}
     if len(depths) > 1:
-        raise ConfigError(f"{source}: instances list {sorted(depths)} network layers; DescribeInstanceTopology gives one depth per answer")
+        raise ConfigError(f"{source}: instances list {' and '.join(map(str, sorted(depths)))} network layers (instance families "
+                          "differ in depth); describe one family at a time: --filters Name=instance-type,Values=g6e*")
     return instances
 
 

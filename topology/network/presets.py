@@ -80,7 +80,7 @@ def add_l40s_host(
         every host on rail switch i), and the first NIC's cable bandwidth
         (default ``nic_gbps``; lower for a degraded link).
     gpus
-        8 (the 48xlarge shape) or 4.
+        8 (the 48xlarge shape), 4, 2 or 1 (the single-GPU g6e sizes).
     nics
         NICs, spread evenly over the PCIe switches: GPUs use the one under
         their own switch (or the nearest).
@@ -90,9 +90,9 @@ def add_l40s_host(
     str
         The first NIC node, the host's endpoint on the network.
     """
-    switches_n = gpus // gpus_per_switch if gpus_per_switch in (2, 4) else 0
-    if gpus not in (4, 8) or switches_n < 1:
-        raise ConfigError(f"an L40S host has 4 or 8 GPUs with 2 or 4 per PCIe switch, not {gpus} with {gpus_per_switch}")
+    switches_n = -(-gpus // gpus_per_switch) if gpus_per_switch in (2, 4) else 0
+    if gpus not in (1, 2, 4, 8) or switches_n < 1:
+        raise ConfigError(f"an L40S host has 1, 2, 4 or 8 GPUs with 2 or 4 per PCIe switch, not {gpus} with {gpus_per_switch}")
     if nics < 1 or switches_n % nics:
         raise ConfigError(f"nics is {nics}; it must divide the {switches_n} PCIe switches of the host")
     rails = leaf if isinstance(leaf, list) else [leaf] * nics
@@ -321,19 +321,26 @@ PRESETS: dict[str, Callable[[], Topology]] = {
 32 (g6e-4x), 512 (g6e-64x and the leaf-spines)."""
 
 
-def _instance(gpus: int, nics: int) -> Callable[[Topology, str, str], int]:
+def _instance(gpus: int, nics: int, nic_gbps: float) -> tuple[Callable[[Topology, str, str], int], float]:
     def build(topo: Topology, host: str, leaf: str) -> int:
-        add_l40s_host(topo, host, gpus=gpus, nics=nics, nic_gbps=G6E_NIC_GBPS / G6E_NICS, leaf=leaf)
+        add_l40s_host(topo, host, gpus=gpus, nics=nics, nic_gbps=nic_gbps, leaf=leaf)
         return nics
-    return build
+    return build, nic_gbps
 
 
 INSTANCE_TYPES: dict[str, tuple[Callable[[Topology, str, str], int], float]] = {
-    "g6e.48xlarge": (_instance(8, 4), G6E_NIC_GBPS / G6E_NICS),  # 8 L40S, 4 x 100 Gbps
-    "g6e.24xlarge": (_instance(4, 2), G6E_NIC_GBPS / G6E_NICS),  # 4 L40S, 2 x 100 Gbps
-    "g6e.12xlarge": (_instance(4, 1), G6E_NIC_GBPS / G6E_NICS),  # 4 L40S, 100 Gbps
+    "g6e.48xlarge": _instance(8, 4, G6E_NIC_GBPS / G6E_NICS),  # 8 L40S, 4 x 100 Gbps
+    "g6e.24xlarge": _instance(4, 2, G6E_NIC_GBPS / G6E_NICS),  # 4 L40S, 2 x 100 Gbps
+    "g6e.12xlarge": _instance(4, 1, G6E_NIC_GBPS / G6E_NICS),  # 4 L40S, 100 Gbps
+    # One L40S each; their network bandwidth is the published "up to" figure (a burst, not a floor).
+    "g6e.16xlarge": _instance(1, 1, 35 / 8),
+    "g6e.8xlarge": _instance(1, 1, 25 / 8),
+    "g6e.4xlarge": _instance(1, 1, 20 / 8),
+    "g6e.2xlarge": _instance(1, 1, 20 / 8),
+    "g6e.xlarge": _instance(1, 1, 20 / 8),
 }
-"""EC2 instance type -> (server builder under a leaf, GB/s per NIC), for DescribeInstanceTopology files."""
+"""EC2 instance type -> (server builder under a leaf, GB/s per NIC), for DescribeInstanceTopology files:
+every g6e size, as AWS lists them among the types instance topology describes."""
 
 
 def load_topology(name_or_path: str) -> Topology:
