@@ -74,6 +74,33 @@ def test_gradient_traffic_scales_with_zero_stage():
     assert math.isclose(z3.tokens_per_s, plan.dp * plan.seq_len / z3.step_time_s)
 
 
+def _split_host_behind_one_uplink() -> Topology:
+    """A host of two PCIe halves (a NIC each) joined by a 10 GB/s socket link, alone under a leaf whose uplink
+    carries one 12.5 GB/s flow; a 4-GPU host on a 25 GB/s card under another leaf. A ring over all 8 GPUs either
+    crosses the socket link or enters the first host twice through the one uplink: 10 GB/s at best."""
+    topo = Topology(name="split-host-one-uplink")
+    topo.add_node("spine", "spine")
+    for leaf, up in (("leaf0", 12.5), ("leaf1", 50.0)):
+        topo.add_node(leaf, "leaf")
+        topo.add_link(leaf, "spine", up)
+    topo.add_node("a", "host")
+    for half in range(2):
+        pcie = topo.add_node(f"a/pcie{half}", "pcie", host="a", index=half)
+        nic = topo.add_node(f"a/nic{half}", "nic", host="a", index=half)
+        topo.add_link(nic, pcie, 25.0)
+        topo.add_link(nic, "leaf0", 12.5)
+        for g in (2 * half, 2 * half + 1):
+            topo.add_link(topo.add_node(f"a/gpu{g}", "gpu", host="a", index=g), pcie, 25.0)
+    topo.add_link("a/pcie0", "a/pcie1", 10.0)
+    topo.add_node("b", "host")
+    pcie, nic = topo.add_node("b/pcie0", "pcie", host="b", index=0), topo.add_node("b/nic0", "nic", host="b", index=0)
+    topo.add_link(nic, pcie, 25.0)
+    topo.add_link(nic, "leaf1", 25.0)
+    for g in range(4):
+        topo.add_link(topo.add_node(f"b/gpu{g}", "gpu", host="b", index=g), pcie, 25.0)
+    return topo
+
+
 @pytest.mark.parametrize("build,rings,size,expect", [
     (lambda: load_topology("l40s-host"), 1, 8, 20.0),           # a ring over both sockets crosses their link
     (lambda: load_topology("l40s-host"), 2, 4, 25.0),           # one ring per socket
@@ -82,6 +109,8 @@ def test_gradient_traffic_scales_with_zero_stage():
     (lambda: load_topology("leafspine-64x-2to1-degraded"), 4, 64, 12.5),
     (lambda: leaf_spine(hosts=16, hosts_per_leaf=2, oversubscription=4.0), 4, 32, 6.25),  # leaf uplinks bind
     (lambda: leaf_spine(hosts=16, hosts_per_leaf=2, oversubscription=4.0), 1, 16, 12.5),  # one leaf holds it
+    (_split_host_behind_one_uplink, 1, 8, 10.0),  # both halves of host a: its socket link, or the uplink twice
+    (_split_host_behind_one_uplink, 1, 6, 12.5),  # one half of host a and host b
 ])
 def test_bound_on_known_cases(build, rings, size, expect):
     topo = build()

@@ -25,8 +25,12 @@ small enough to read every pair's route
 (``topology.planning.bounds.rates.reads_every_pair``). A depth-first
 search that errs early (a host that two leaves reach only through it,
 filled in one run, where the cycle must pass it twice) spends its budget under that error; so the budget is split over
-restarts, each after the first seeded alike every time (plans stay
-reproducible), starting elsewhere and leaving a host early now and then.
+restarts: the first as above; the second taking hosts under more shared
+switches before hosts not yet visited (a leaf whose uplink carries one flow
+at the rate must be one run of the cycle, even where that leaves half of a
+host, behind a slow socket link, for later in the run); the others seeded
+alike every time (plans stay reproducible), starting elsewhere and leaving a
+host early now and then.
 """
 
 from __future__ import annotations
@@ -46,7 +50,7 @@ RATES_TRIED = 4
 """The bus bound and at most this many slower rates below it are tried, fastest first."""
 RESTARTS = 32
 """Depth-first searches per rate and piece, sharing its part of the budget (each gets at least twice the cycle's
-GPUs): the first as the heuristic says, the others shuffled. Many short searches beat a few long ones: a search
+GPUs), besides the one taking nearer hosts first: the first as the heuristic says, the others shuffled. Many short searches beat a few long ones: a search
 that errs early rarely recovers."""
 LEAVE_EARLY = 0.2
 """Chance, in a shuffled search, that a step leaves the current host before its GPUs run out."""
@@ -72,16 +76,19 @@ def widest_gradient_cycle(topo: Topology, flows: FlowModel, pool: list[str], siz
     for t, fast, piece in tries:
         gpus = [pool[i] for i in piece]
         succ = {pool[i]: [pool[j] for j in piece[fast[i, piece]]] for i in piece}
-        for attempt in range(RESTARTS):
+        for attempt in range(RESTARTS + 1):
             budget = [max(nodes // (len(tries) * RESTARTS), 2 * size)]
-            cycle = _cycle_at(topo, flows, succ, t, size, gpus, budget, random.Random(attempt) if attempt else None)
+            if attempt == 1:  # as the first, but staying under the switches the cycle is under before anything else
+                cycle = _cycle_at(topo, flows, succ, t, size, gpus, budget, close_first=True)
+            else:
+                cycle = _cycle_at(topo, flows, succ, t, size, gpus, budget, random.Random(attempt - 1) if attempt else None)
             if cycle is not None:
                 return cycle
     return None
 
 
 def _cycle_at(topo: Topology, flows: FlowModel, succ: dict[str, list[str]], t: float, size: int, gpus: list[str],
-              budget: list[int], shuffle: random.Random | None = None) -> list[str] | None:
+              budget: list[int], shuffle: random.Random | None = None, close_first: bool = False) -> list[str] | None:
     """Depth-first search for a cycle of ``size`` of ``gpus`` over the routes ``succ`` (each GPU's fast routes out,
     to GPUs of ``gpus``) with every link's load
     within ``bw / t``; ``budget[0]`` counts down the GPUs placed. ``shuffle`` starts at a random GPU, breaks ties
@@ -124,6 +131,9 @@ def _cycle_at(topo: Topology, flows: FlowModel, succ: dict[str, list[str]], t: f
             stay = shuffle.random() >= LEAVE_EARLY
             for h in tie:
                 tie[h] = shuffle.random()
+        if close_first:
+            return sorted(nxt, key=lambda b: ((host[b] != here) == stay, -shared(here, host[b]), visited.get(host[b], 0),
+                                              tie[host[b]], position[b] if host[b] != here else rank[b]))
         return sorted(nxt, key=lambda b: ((host[b] != here) == stay, visited.get(host[b], 0), -shared(here, host[b]),
                                           tie[host[b]], position[b] if host[b] != here else rank[b]))
 

@@ -57,7 +57,7 @@ def ring_bandwidth_bound(topo: Topology, rings: int, size: int, without: frozens
 
     Notes
     -----
-    The smallest of four arguments. (1) Components: drop every link slower
+    The smallest of five arguments. (1) Components: drop every link slower
     than ``t`` except switch-to-switch links; a ring whose hops all reach
     ``t`` lies in one component, so ``t`` is feasible only if the components
     hold ``rings`` disjoint rings. (2) Exits: at most ``floor(n / size)``
@@ -73,12 +73,15 @@ def ring_bandwidth_bound(topo: Topology, rings: int, size: int, without: frozens
     faster than the fastest route out (or in) does alone (``crossing_rate``):
     ECMP over a degraded uplink slows every such route, while the sum of the
     links out hardly drops. At ``t`` the rings must fit inside the units of
-    slower borders or among the GPUs of faster ones (``_border_bound``). (1) also cuts
-    a unit of hosts under a switch from the rest when its links out carry
-    less than ``t`` in all: no flow at ``t`` leaves it. O(E log E) for (1),
-    O(units x links x 60) for (2). Hosts ``without`` only take GPUs away from
-    (1): a placement off them is one of the whole cluster, so (2) to (4)
-    hold as they are.
+    slower borders or among the GPUs of faster ones (``_border_bound``).
+    (5) Pieces: a ring visits a unit in runs, each inside one piece of the
+    unit's routes at ``t``, and each run leaves over the unit's links out
+    (``topology.planning.bounds.piece_exits``, on small clusters). (1) also
+    cuts a unit of hosts under a switch from the rest when its links out
+    carry less than ``t`` in all: no flow at ``t`` leaves it. O(E log E)
+    for (1), O(units x links x 60) for (2). Hosts ``without`` only take GPUs
+    away from (1): a placement off them is one of the whole cluster, so (2)
+    to (5) hold as they are.
     """
     if size < 2:
         return math.inf
@@ -92,8 +95,10 @@ def ring_bandwidth_bound(topo: Topology, rings: int, size: int, without: frozens
             cache[rings, size, without] = whole if fits else min(whole, _component_bound(topo, rings, size, without))
         return cache[rings, size, without]
     if (rings, size) not in cache:
+        from topology.planning.bounds.piece_exits import piece_exit_bound  # it reads this module's units and routes
+
         bound = min(_component_bound(topo, rings, size), single_flow_bound(topo), partner_bound(topo, rings * size),
-                    route_component_bound(topo, rings, size))
+                    route_component_bound(topo, rings, size), piece_exit_bound(topo, rings, size))
         for caps in _unit_levels(topo):
             bound = min(bound, _exit_bound(caps, rings, size))
         cache[rings, size] = min(bound, _border_bound(topo, rings, size))
@@ -503,6 +508,16 @@ def all_units(topo: Topology) -> list[tuple[list[str], int, float]]:
     return topo.__dict__["_bound_cache"]["members"]
 
 
+def unit_levels(topo: Topology) -> list[list[tuple[list[str], int, float]]]:
+    """``all_units`` level by level: the hosts, then the hosts under each switch level, bottom-up."""
+    out, start = [], 0
+    members = all_units(topo)
+    for caps in _unit_levels(topo):
+        out.append(members[start:start + len(caps)])
+        start += len(caps)
+    return out
+
+
 def small_units(topo: Topology, ranks: int) -> list[tuple[list[str], float]]:
     """(hosts, GB/s of their links out in all) of every unit (a host, or the hosts under a switch) of fewer GPUs
     than ``ranks``.
@@ -585,10 +600,8 @@ def _border_bound(topo: Topology, rings: int, size: int) -> float:
     units plus what the faster units' GPUs hold together. Adding units fastest border first, the first at which
     that reaches ``rings`` gives ``t``.
     """
-    members, start, bound = all_units(topo), 0, math.inf
-    for caps in _unit_levels(topo):
-        units = members[start:start + len(caps)]
-        start += len(caps)
+    bound = math.inf
+    for units in unit_levels(topo):
         inside = sum(n // size for _, n, _ in units)
         if len(units) < 2 or inside >= rings:
             continue

@@ -1,0 +1,112 @@
+"""Rings that visit a unit in several pieces leave it once per piece: a bound on the slowest hop from exits.
+
+Argument (2) of ``topology.planning.bounds.rates.ring_bandwidth_bound`` counts one exit per ring that touches a
+unit (a host, or the hosts under a switch). A ring may need more. Take the routes between the unit's GPUs that
+run at ``t`` GB/s or more alone; they split the unit's GPUs into pieces (connected, either way). Consecutive
+ranks of a ring whose hops all reach ``t`` lie in one piece, so a ring that crosses the unit's border visits the
+unit in runs, one piece each, and every run ends with a hop out of the unit: a flow over the unit's links out,
+which carry at most ``sum(bw) / t`` flows at ``t``. A host of two PCIe halves joined by a socket link slower than
+``t``, under a leaf whose one uplink carries one flow at ``t``, thus gives a ring one of its halves, not both.
+
+Per unit, bottom-up (GPUs, hosts, the hosts under each switch), the most GPUs rings at ``t`` can use there: a
+piece holds whole rings (a multiple of the ring size) and, only if a run of a crossing ring ends there, more, up
+to what its members' own units allow; the unit's exits allow that many runs. At the top the rings that fit are
+whole rings inside the pieces. The answer is the largest ``t`` at which the count reaches the rings asked for;
+the count only changes where ``t`` passes a route's rate or a unit's ``sum(bw) / j``, so the answer is one of
+those values. Needs every route's rate (``rates.pair_matrix``): clusters of at most ``rates.PAIR_GPUS`` GPUs.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from scipy.sparse import csr_matrix
+from scipy.sparse.csgraph import connected_components
+
+from topology.network.model import Topology
+from topology.planning.bounds.rates import pair_matrix, unit_levels
+
+_EPS = 1e-12
+
+
+def piece_exit_bound(topo: Topology, rings: int, size: int) -> float:
+    """GB/s no placement's slowest hop exceeds when ``rings`` rings of ``size`` GPUs each run hops that fast
+    (``inf``: no claim, on large clusters or a switch tree this argument cannot read)."""
+    found = pair_matrix(topo)
+    if found is None or size < 2 or rings < 1:
+        return math.inf
+    cache = topo.__dict__["_bound_cache"]
+    key = ("piece exits", rings, size)
+    if key not in cache:
+        cache[key] = _bound(topo, found[0], found[1], rings, size)
+    return cache[key]
+
+
+def _bound(topo: Topology, gpus: list[str], rates: np.ndarray, rings: int, size: int) -> float:
+    tree = _unit_tree(topo, gpus)
+    if tree is None:
+        return math.inf
+    fast = np.maximum(rates, rates.T)  # pieces join either way
+    np.fill_diagonal(fast, 0.0)
+    values = set(np.unique(fast[fast > 0]).tolist())
+    for members, _, cap in tree:
+        values.update(cap / j for j in range(1, len(members) + 1) if cap > 0)
+    values = sorted(values)
+
+    def fits(t: float) -> bool:
+        return _rings_at(tree, fast >= t * (1 - _EPS), t, size) >= rings
+
+    if not values or fits(values[-1]):
+        return math.inf
+    lo, hi = -1, len(values) - 1  # values[lo] holds the rings (lo = -1: none known to), values[hi] does not
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if fits(values[mid]) else (lo, mid)
+    return values[lo] if lo >= 0 else 0.0
+
+
+def _unit_tree(topo: Topology, gpus: list[str]) -> list[tuple[np.ndarray, list[int], float]] | None:
+    """Every unit bottom-up as (its GPUs' indices into ``gpus``, its children's positions in this list, GB/s of its
+    links out), hosts first, then each switch level; the last entry is the whole cluster (no links out). None where
+    the units of two levels do not nest."""
+    index = {g: i for i, g in enumerate(gpus)}
+    tree: list[tuple[np.ndarray, list[int], float]] = []
+    below: list[int] = []  # positions of the level below
+    for units in unit_levels(topo):
+        level = []
+        for hosts, _, cap in units:
+            own = np.array(sorted(index[g] for h in hosts for g in topo.gpus(h)), dtype=int)
+            children = [c for c in below if np.isin(tree[c][0], own).all()]
+            if below and sum(len(tree[c][0]) for c in children) != len(own):
+                return None
+            tree.append((own, children, float(cap)))
+            level.append(len(tree) - 1)
+        below = level
+    everyone = np.arange(len(gpus))
+    if sum(len(tree[c][0]) for c in below) != len(everyone):
+        return None
+    tree.append((everyone, below, 0.0))
+    return tree
+
+
+def _rings_at(tree: list[tuple[np.ndarray, list[int], float]], fast: np.ndarray, t: float, size: int) -> int:
+    """Rings of ``size`` whose hops all reach ``t`` that the units allow (``fast``: routes at ``t`` or more)."""
+    most: list[float] = []  # per unit, the most of its GPUs such rings use
+    for k, (own, children, cap) in enumerate(tree):
+        n, label = connected_components(csr_matrix(fast[np.ix_(own, own)]), directed=False)
+        if not children:  # a host: each of its GPUs once
+            cover = np.bincount(label, minlength=n).astype(float)
+        else:  # each unit below gives a piece no more than its own GPUs there, nor than it gives in all
+            cover = np.zeros(n)
+            where = {int(g): i for i, g in enumerate(own)}
+            for c in children:
+                counts = np.bincount(label[[where[int(g)] for g in tree[c][0]]], minlength=n).astype(float)
+                cover += np.minimum(counts, most[c])
+        whole = size * np.floor(cover / size + _EPS)
+        if k == len(tree) - 1:
+            return int(whole.sum() // size)
+        runs = math.floor(cap / t * (1 + _EPS)) if t > 0 else len(own)
+        extra = np.sort(cover - whole)[::-1][:runs].sum() if runs > 0 else 0.0
+        most.append(min(float(len(own)), float(whole.sum() + extra)))
+    return 0
