@@ -976,6 +976,50 @@ def test_a_leaf_whose_uplink_carries_one_flow_is_one_run_and_holds_whole_rings()
     assert plan.cost["slowest_hop_gbps"] == pytest.approx(12.5)
 
 
+def test_host_runs_of_the_widest_cycle_are_cut_at_ring_borders():
+    """88 of 92 GPUs in rings of 8, two of three leaves behind 12.5 GB/s uplinks, two-NIC hosts whose halves meet
+    over 10 GB/s: the widest gradient cycle keeps every flow at 12.5 GB/s, but cut where it starts, rings leave a
+    16-GPU host on one 12.5 GB/s card twice (6.25 GB/s). Each leaf's host runs reordered so that ring borders fall
+    where the cards allow, the plan meets the bound; before: 9.87 s a step for 8.32."""
+    from pathlib import Path
+
+    topo = Topology.load(Path(__file__).parent / "data" / "topologies" / "leaves-on-one-flow-uplinks.json")
+    plan = make_plan(topo, 88, 8, seq_len=8 * 8192)
+    assert plan.cost["step_time_s"] <= plan.cost["bound_step_s"] * (1 + 1e-9)
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 4), st.integers(1, 4)), min_size=1, max_size=8), st.integers(2, 8))
+def test_runs_cut_at_ring_borders_keep_each_leaf_whole_and_never_join_one_hosts_runs(runs, cp):
+    """``tiled_orders``: every order holds the cycle's GPUs once each, rotated from one that keeps each leaf's runs
+    together in the cycle's leaf order, with no two runs of one host (a cycle may visit a host twice) next to each
+    other; ``ring_crossings`` counts the rings that hold some of a run and some of the rest."""
+    from topology.planning.cycle_rings import host_runs, ring_crossings, tiled_orders
+
+    topo = leaf_spine(5, hosts_per_leaf=2, gpus=[8] * 5)
+    names = sorted(topo.hosts)
+    taken = {h: 0 for h in names}
+    cycle = []
+    for pick, n in runs:
+        h = names[pick]
+        cycle += topo.gpus(h)[taken[h]:taken[h] + n]
+        taken[h] += n
+    assume(len(cycle) % cp == 0 and all(n <= 8 for n in taken.values()))
+    for start in range(2 * cp):
+        for size in range(1, 2 * cp):
+            rings = {r // cp for r in range(start, start + size)}
+            partial = sum(1 for k in rings if not all(start <= r < start + size for r in range(k * cp, (k + 1) * cp)))
+            assert ring_crossings(start, size, cp) == partial
+    leaves = [topo.leaf_of(topo.host_of(r[0])) for r in host_runs(topo, cycle)]
+    for order in tiled_orders(topo, cycle, cp):
+        assert sorted(order) == sorted(cycle)
+        cut = host_runs(topo, order)
+        if len(leaves) > 1:
+            assert [topo.leaf_of(topo.host_of(r[0])) for r in cut] in (
+                [leaves[(i + k) % len(leaves)] for i in range(len(leaves))] for k in range(len(leaves)))
+        assert all(topo.host_of(a[0]) != topo.host_of(b[0]) for a, b in zip(cut, cut[1:]))
+
+
 @settings(max_examples=200, deadline=None)
 @given(st.lists(st.integers(1, 7), min_size=0, max_size=6), st.lists(st.integers(1, 20), min_size=0, max_size=8),
        st.integers(2, 8), st.integers(1, 6))

@@ -50,8 +50,8 @@ RATES_TRIED = 4
 """The bus bound and at most this many slower rates below it are tried, fastest first."""
 RESTARTS = 32
 """Depth-first searches per rate and piece, sharing its part of the budget (each gets at least twice the cycle's
-GPUs), besides the one taking nearer hosts first: the first as the heuristic says, the others shuffled. Many short searches beat a few long ones: a search
-that errs early rarely recovers."""
+GPUs), besides the one taking nearer hosts first: the first as the heuristic says, the others shuffled. Many short
+searches beat a few long ones: a search that errs early rarely recovers."""
 LEAVE_EARLY = 0.2
 """Chance, in a shuffled search, that a step leaves the current host before its GPUs run out."""
 _TOL = 1e-9
@@ -91,7 +91,8 @@ def _cycle_at(topo: Topology, flows: FlowModel, succ: dict[str, list[str]], t: f
               budget: list[int], shuffle: random.Random | None = None, close_first: bool = False) -> list[str] | None:
     """Depth-first search for a cycle of ``size`` of ``gpus`` over the routes ``succ`` (each GPU's fast routes out,
     to GPUs of ``gpus``) with every link's load
-    within ``bw / t``; ``budget[0]`` counts down the GPUs placed. ``shuffle`` starts at a random GPU, breaks ties
+    within ``bw / t``; ``budget[0]`` counts down the GPUs placed. ``close_first`` takes hosts under more shared
+    switches before hosts visited fewer times. ``shuffle`` starts at a random GPU, breaks ties
     between hosts at random and leaves a host early now and then."""
     cap = (flows.link_bandwidths() / t * (1 + _TOL)).tolist()
     load = [0.0] * len(cap)
@@ -131,11 +132,12 @@ def _cycle_at(topo: Topology, flows: FlowModel, succ: dict[str, list[str]], t: f
             stay = shuffle.random() >= LEAVE_EARLY
             for h in tie:
                 tie[h] = shuffle.random()
-        if close_first:
-            return sorted(nxt, key=lambda b: ((host[b] != here) == stay, -shared(here, host[b]), visited.get(host[b], 0),
-                                              tie[host[b]], position[b] if host[b] != here else rank[b]))
-        return sorted(nxt, key=lambda b: ((host[b] != here) == stay, visited.get(host[b], 0), -shared(here, host[b]),
-                                          tie[host[b]], position[b] if host[b] != here else rank[b]))
+        def key(b: str) -> tuple:
+            near, new = -shared(here, host[b]), visited.get(host[b], 0)
+            return ((host[b] != here) == stay, *((near, new) if close_first else (new, near)), tie[host[b]],
+                    position[b] if host[b] != here else rank[b])
+
+        return sorted(nxt, key=key)
 
     def can_close() -> bool:
         """Whether the GPUs not yet used, walked from the last one, still reach the first and number enough."""

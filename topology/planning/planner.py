@@ -236,6 +236,7 @@ def aware_order(req: PlanRequest) -> list[str]:
                    recompute=req.recompute)
     pool = [g for h in req.hosts for g in req.topo.gpus(h)]
     candidates = {"naive": naive_order(req), "hierarchical": hierarchical_order(req)}
+    cycles: list[list[str]] = []  # gradient cycles whose host runs the search re-cuts at ring borders last
     candidates.update(segment_orders(req))
     whole = whole_host_order(req)
     if whole is not None:
@@ -252,9 +253,10 @@ def aware_order(req: PlanRequest) -> list[str]:
     if reads_every_pair(req.topo):  # the cycle search reads every pair's route: not where a construction
         bound = step_bound(sm)["step"] * (1 + REL_TOL)  # already meets the bound
         if not any(sm.step(o) <= bound for o in candidates.values()):
-            widest = widest_cycle_order(req, sm, pool)
+            widest = widest_gradient_cycle(req.topo, req.flows, pool, req.gpus)
             if widest is not None:
-                candidates["widest gradient cycle"] = widest
+                candidates["widest gradient cycle"] = widest_cycle_order(sm, widest)
+                cycles.append(widest)
     if few_hosts:
         tiled = tiled_runs_order(req) if req.gpus <= TILED_GPUS else None
         if tiled is not None:
@@ -265,7 +267,7 @@ def aware_order(req: PlanRequest) -> list[str]:
             del candidates[name]
         else:
             seen.append(candidates[name])
-    result = optimise(sm, candidates, pool, req.budget_s)  # its own fixed seed: one plan per input
+    result = optimise(sm, candidates, pool, req.budget_s, cycles=cycles)  # its own fixed seed: one plan per input
     req.info.update(result.info())
     req.info["trade"] = trade_note(req, result.construction, sm, result.order)
     return result.order
@@ -707,14 +709,11 @@ def bus_cycle_order(req: PlanRequest, sm: StepModel) -> list[str]:
     return min(((seq[i:] + seq[:i])[: req.gpus] for i in starts), key=sm.step)
 
 
-def widest_cycle_order(req: PlanRequest, sm: StepModel, pool: list[str]) -> list[str] | None:
-    """The gradient ring built GPU by GPU at the bus bound (``topology.planning.gradient_cycle``) from ``pool``, cut
-    into rings where the step time is least: rings start at one of its host borders."""
-    cycle = widest_gradient_cycle(req.topo, req.flows, pool, req.gpus)
-    if cycle is None:
-        return None
-    host_of = req.topo.host_of
-    starts = dict.fromkeys(i % req.cp for i in range(len(cycle)) if host_of(cycle[i - 1]) != host_of(cycle[i]))
+def widest_cycle_order(sm: StepModel, cycle: list[str]) -> list[str]:
+    """The gradient ring built GPU by GPU at the bus bound (``topology.planning.gradient_cycle``) cut into rings where
+    the step time is least: rings start at one of its host borders."""
+    host_of = sm.topo.host_of
+    starts = dict.fromkeys(i % sm.cp for i in range(len(cycle)) if host_of(cycle[i - 1]) != host_of(cycle[i]))
     return min((cycle[i:] + cycle[:i] for i in starts or [0]), key=sm.step)
 
 

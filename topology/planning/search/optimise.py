@@ -50,11 +50,15 @@ Algorithms
   Without that walk, plans whose gradient ring had to split a host into two
   runs of the order (each move alone changing nothing) stayed several
   percent above orders that meet the bound.
-* Run moves, last, for a plan still unproven: local search from the best
-  order found, half its moves taking one host's run of ranks to the border
-  of two other runs. The gradient ring changes at three places; every rank
-  between shifts, so the rings cut the hosts elsewhere (a 16-GPU host on one
-  card split 6 + 6 + 4 rather than 2 + 6 + 6 + 2 sends one ring out, not two).
+* Ring borders, last, for a plan of up to ``RUN_GPUS`` ranks still
+  ``RUN_GAP`` above the bound: the host runs of the best order, and of the
+  gradient cycles the planner built, reordered within each leaf so that
+  ring borders fall where the cards allow (``topology.planning.cycle_rings``:
+  a 16-GPU host on one card split 6 + 6 + 4 rather than 2 + 6 + 6 + 2 sends
+  one ring out, not two); then local search from the best, half its moves
+  taking one host's run of ranks to the border of two other runs. The
+  gradient ring changes at three places; every rank between shifts, so the
+  rings cut the hosts elsewhere.
 * Certificate: a plan whose step time meets the lower bound
   (``topology.cost.step_bound``) is optimal too. For problems searched
   exactly with Ulysses groups, the bound's all-to-all term is the joint
@@ -77,6 +81,7 @@ import time
 from dataclasses import dataclass
 
 from topology.planning.bounds.rates import ring_bandwidth_bound
+from topology.planning.cycle_rings import tiled_orders
 from topology.cost import StepModel, step_bound
 from topology.planning.search.delta import REL_TOL, DeltaOrder
 from topology.planning.bounds.a2a_floor import FLOOR_GPUS, joint_all_to_all_floor
@@ -169,7 +174,8 @@ class SearchResult:
                 "candidates": {k: float(f"{v:.6g}") for k, v in self.candidates.items()}}
 
 
-def optimise(sm: StepModel, candidates: dict[str, list[str]], pool: list[str], budget_s: float, seed: int = 0) -> SearchResult:
+def optimise(sm: StepModel, candidates: dict[str, list[str]], pool: list[str], budget_s: float, seed: int = 0,
+             cycles: list[list[str]] = ()) -> SearchResult:
     """The best rank order found for ``sm``'s step time; see the module docstring.
 
     Parameters
@@ -184,6 +190,9 @@ def optimise(sm: StepModel, candidates: dict[str, list[str]], pool: list[str], b
         Wall-clock seconds for local search.
     seed
         Seed of the move sampler (the result is deterministic for a seed).
+    cycles
+        Gradient cycles (GPU sequences) whose host runs are cut into rings anew at the end
+        (``topology.planning.cycle_rings``), as the best order found is.
 
     Returns
     -------
@@ -287,15 +296,21 @@ def optimise(sm: StepModel, candidates: dict[str, list[str]], pool: list[str], b
                 else:
                     exhaust()  # a better incumbent cuts more branches: the exact search runs once more, from it
     if not result.optimal and not few and sm.world <= RUN_GPUS and result.step_s > bound * (1 + RUN_GAP):
-        # Last, moves of whole host runs: each shifts the ring borders of every rank between its two places while
-        # the gradient ring changes at three. Taken alongside the others from the start, they cost some plans the
-        # valley the others lead to; from the best order found, they only add.
+        # Last, the host runs of the best order and of the gradient cycles given, each leaf's reordered so that ring
+        # borders fall where the cards allow; then moves of whole host runs: each shifts the ring borders of every
+        # rank between its two places while the gradient ring changes at three. Taken earlier, either costs some
+        # plans the valley the search led to; from the best order found, they only add.
+        for cycle in [result.order, *cycles]:
+            for order in tiled_orders(sm.topo, cycle, sm.cp):
+                step = sm.step(order)
+                if step < result.step_s * (1 - REL_TOL):
+                    result.order, result.step_s, result.construction = order, step, "host runs cut at ring borders"
         order, step, moves = _local_search(sm, result.order, result.step_s, pool, budget_s, seed + 2, RUN_EVALS,
                                            run_share=RUN_SHARE)
         if step < result.step_s * (1 - REL_TOL):
             result.order, result.step_s, result.moves = order, step, result.moves + moves
-            if step <= bound * (1 + REL_TOL):
-                result.optimal, result.proof = True, "meets bound"
+        if result.step_s <= bound * (1 + REL_TOL):
+            result.optimal, result.proof = True, "meets bound"
     if not result.optimal:
         result.gap = result.step_s / bound - 1
     return result
@@ -522,9 +537,7 @@ def _run_move(sm: StepModel, order: list[str], i: int, rng: random.Random) -> tu
     borders = [k for k in range(len(rest) + 1) if k in (0, len(rest)) or host_of(rest[k - 1]) != host_of(rest[k])]
     k = rng.choice(borders)
     trial = rest[:k] + order[a:b + 1] + rest[k:]
-    lo = min(a, k)
-    hi = max(b, k + b - a)
-    return trial, list(range(lo, hi + 1))
+    return trial, list(range(min(a, k), max(b, k + b - a) + 1))
 
 
 def _group_move(sm: StepModel, order: list[str], i: int, rng: random.Random) -> tuple[list[str], list[int]]:
