@@ -81,6 +81,16 @@ def test_bad_ec2_topology_is_one_line_exit_2(tmp_path, capsys, edit, match):
     assert err.count("\n") == 1 and match in err
 
 
+def test_capacity_reservation_topology_is_refused_in_one_line(tmp_path, capsys):
+    """DescribeCapacityReservationTopology lists reservations, not instances: there is nothing to count GPUs by."""
+    path = tmp_path / "reservations.json"
+    path.write_text(json.dumps({"CapacityReservations": [
+        {"CapacityReservationId": "cr-0", "InstanceType": "g6e.48xlarge", "NetworkNodes": ["nn-a", "nn-b", "nn-c"]}]}))
+    assert main(["plan", "--topology", str(path), "--gpus", "8", "--ring", "8"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "describe-instance-topology" in err
+
+
 def measured_hosts(n=8):
     return [{"name": f"10.0.0.{i}", "gpus": 2, "labels": {KEYS[0]: "nn-a", KEYS[1]: f"nn-b{i // 4}",
                                                              KEYS[2]: f"nn-c{i // 2}", "ringleader.io/instance-id": f"i-{i:04x}"}}

@@ -351,6 +351,10 @@ def load_topology(name_or_path: str) -> Topology:
         data = load_data(name_or_path)
         if isinstance(data, dict) and "Instances" in data:
             return from_ec2(data, source=str(name_or_path))
+        if isinstance(data, dict) and "CapacityReservations" in data:
+            raise ConfigError(f"{name_or_path}: this is `aws ec2 describe-capacity-reservation-topology` output, which "
+                              "gives no instance count per reservation; plan from `aws ec2 describe-instance-topology` "
+                              "once the instances run")
         return Topology.from_dict(data, source=str(name_or_path))
     raise ConfigError(
         f"topology {name_or_path!r} is neither a preset ({', '.join(PRESETS)}) nor a .yaml/.json file"
