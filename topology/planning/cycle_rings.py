@@ -62,14 +62,15 @@ def tiled_orders(topo: Topology, cycle: list[str], cp: int, nodes: int = TILING_
             stretches[-1].append(i)
         else:
             stretches.append([i])
-    sizes = [sum(len(runs[i]) for i in st) for st in stretches]
+    lengths = [len(r) for r in runs]
+    sizes = [sum(lengths[i] for i in st) for st in stretches]
     each = max(1, nodes // max(1, cp * len(stretches)))
     best_inside: dict[tuple[int, int], tuple[float, list[int]]] = {}  # (stretch, start mod cp) -> its best order
 
     def inside(k: int, start: int) -> tuple[float, list[int]]:
         key = (k, start % cp)
         if key not in best_inside:
-            best_inside[key] = _order_runs(stretches[k], [len(r) for r in runs], cards, host, start % cp, cp, each)
+            best_inside[key] = _order_runs(stretches[k], lengths, cards, host, key[1], cp, each)
         return best_inside[key]
 
     orders = []

@@ -76,12 +76,11 @@ def widest_gradient_cycle(topo: Topology, flows: FlowModel, pool: list[str], siz
     for t, fast, piece in tries:
         gpus = [pool[i] for i in piece]
         succ = {pool[i]: [pool[j] for j in piece[fast[i, piece]]] for i in piece}
-        for attempt in range(RESTARTS + 1):
+        # As the heuristic says; then staying under the switches the cycle is under first; then shuffled.
+        searches = [(None, False), (None, True)] + [(random.Random(k), False) for k in range(1, RESTARTS)]
+        for shuffle, close_first in searches:
             budget = [max(nodes // (len(tries) * RESTARTS), 2 * size)]
-            if attempt == 1:  # as the first, but staying under the switches the cycle is under before anything else
-                cycle = _cycle_at(topo, flows, succ, t, size, gpus, budget, close_first=True)
-            else:
-                cycle = _cycle_at(topo, flows, succ, t, size, gpus, budget, random.Random(attempt - 1) if attempt else None)
+            cycle = _cycle_at(topo, flows, succ, t, size, gpus, budget, shuffle, close_first)
             if cycle is not None:
                 return cycle
     return None

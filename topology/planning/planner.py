@@ -429,17 +429,16 @@ def _rings_with_ends(ends: list[str], middle: list[str], sizes: dict[str, int], 
             ring.append((h, pieces[h]))
         room = cp - sum(n for _, n in ring)
         fills: dict[int, list[str] | None] = {}  # by the closing host's size: ends are many, their sizes few
-        closing = None
-        for h in ends:
-            if pieces[h] <= room:
-                if pieces[h] not in fills:
-                    fills[pieces[h]] = _fills(middle, pieces, room - pieces[h])
-                if fills[pieces[h]] is not None:
-                    closing = h
-                    break
+
+        def fill_for(n: int) -> list[str] | None:
+            if n not in fills:
+                fills[n] = _fills(middle, pieces, room - n)
+            return fills[n]
+
+        closing = next((h for h in ends if pieces[h] <= room and fill_for(pieces[h]) is not None), None)
         if closing is not None:
             ends.remove(closing)
-            fill = fills[pieces[closing]]
+            fill = fill_for(pieces[closing])
             ring += [(h, pieces[h]) for h in fill] + [(closing, pieces[closing])]
             middle = [h for h in middle if h not in fill]
         else:
