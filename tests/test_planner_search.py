@@ -1323,7 +1323,7 @@ def test_unit_table_is_the_fewest_all_to_all_flows_of_any_set_of_ranks(dp, ring,
     world = dp * ring * ulysses
     fewest = _counted_units(dp, ring, ulysses)
     exact = np.minimum.accumulate(np.minimum.accumulate(_rank_table(ring, ulysses, dp, world, world, world), 1), 2)
-    family = _family_table(ring, ulysses, world, world, world)
+    family = _family_table(ring, ulysses, world, world, world, world)
     for n, hops, runs in itertools.product(range(world + 1), repeat=3):
         for parts in range(min(dp, world) + 1):
             within = [f for (m, e, g, p), f in fewest.items() if m == n and e <= hops and g <= runs and p == parts]
@@ -1340,13 +1340,48 @@ def test_family_table_counts_split_groups_at_their_fewest_flows(dp, ring, ulysse
     group split ``k`` to ``u - k`` does (one flow per rank undercounted 4 ranks of a group of 8 by 4x)."""
     world = dp * ring * ulysses
     fewest = _counted_units(dp, ring, ulysses)
-    family = _family_table(ring, ulysses, world, world, world)
+    family = _family_table(ring, ulysses, world, world, world, world)
     for n, hops, runs in itertools.product(range(world + 1), repeat=3):
         within = [f for (m, e, g, _), f in fewest.items() if m == n and e <= hops and g <= runs]
         if within:
             assert family[n, hops, runs] <= min(within), (n, hops, runs)
     for n in range(1, ulysses):
         assert family[n, world, world] == n * (ulysses - n)
+    assert (family[1:world, :, 0] >= _FAR).all()  # some ranks but not all: the gradient ring leaves at least once
+
+
+@pytest.mark.parametrize("dp, ring, ulysses", [(3, 2, 2), (2, 3, 2), (4, 1, 3)])
+def test_rank_table_without_parts_is_its_fewest_over_any_count_of_parts(dp, ring, ulysses):
+    """Where parts are no claim the programme keeps one column (a sixth of the work at five cp groups, so the
+    exact table reaches wider clusters): it is the table's least over every count of cp groups touched."""
+    world = dp * ring * ulysses
+    counted = _rank_table(ring, ulysses, dp, world, world, world)
+    assert (_rank_table(ring, ulysses, dp, world, world, world, parts=False)[..., 0] == counted.min(axis=-1)).all()
+
+
+def test_slow_hosts_that_must_hold_part_of_a_pair_group_pay_in_ring_hops_or_gradient_flows():
+    """80 of 106 GPUs in cp groups of 8 Ulysses pairs, on 13 mixed hosts of which four have 3.125-6.25 GB/s cards.
+    The fast hosts and one whole slow 16-GPU host hold 77 ranks at most without slowing the gradient bus; the rest
+    land on a 6.25 GB/s host, where two ranks either send ring hops of both rings out (3.125 GB/s) or leave the
+    gradient ring twice. The bound counts ring hops and gradient flows of such hosts together, rank by rank, and
+    meets the plan (it was 1.40x below it, counting gradient flows of whole pairs as none)."""
+    from pathlib import Path
+
+    topo = Topology.load(Path(__file__).parent / "data" / "topologies" / "pairs-on-slow-cards.json")
+    plan = make_plan(topo, 80, 16, ulysses=2, seq_len=16 * 8192)
+    assert plan.cost["step_time_s"] <= plan.cost["bound_step_s"] * 1.001
+
+
+def test_a_lone_rank_sends_every_flow_out_of_its_own_nic():
+    """100 of 138 GPUs in cp groups of 5 Ulysses pairs on 19 mixed hosts; the world needs ranks of hosts whose links
+    out run at 6.25 GB/s or less. Two of them have two 3.125 GB/s NICs: 6.25 GB/s in all, but one rank's ring hop,
+    gradient flow and all-to-all flow all leave by its own NIC. Counting both NICs, the bound promised 6.25 GB/s hops
+    (13.62 s a step); counting its own, it meets the plan (15.85 s)."""
+    from pathlib import Path
+
+    topo = Topology.load(Path(__file__).parent / "data" / "topologies" / "lone-ranks-on-two-nic-hosts.json")
+    plan = make_plan(topo, 100, 10, ulysses=2, seq_len=10 * 8192)
+    assert plan.cost["step_time_s"] <= plan.cost["bound_step_s"] * 1.001
 
 
 def test_pairs_that_keep_their_rings_apart_send_two_gradient_flows_out_of_each_host():

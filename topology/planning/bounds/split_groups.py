@@ -16,7 +16,8 @@ run faster than ``C / k`` (``topology.network.routing``: a flow's rate is its
 smallest share of a link it crosses). A host's links out are not all open
 to each rank: one holding ``n`` ranks holds at most ``min(n, u)`` of a
 group, so each rank sends ``u - min(n, u)`` all-to-all flows or more to
-other hosts, all where its own GPU's flows leave (its NIC).
+other hosts, all where its own GPU's flows leave (its NIC); a host holding
+one rank sends its ring hop and gradient flow there too.
 
 The bound splits on the slowest ring hop's rate and on the gradient bus
 (before efficiency), each into ranges between the units' figures ``C / k``.
@@ -119,13 +120,17 @@ def _ranges(sm) -> list[tuple[float, float, float]]:
 
 def _compute_ranges(sm) -> list[tuple[float, float, float]]:
     topo, world = sm.topo, sm.world
-    units = _unit_tree(topo, sm.flows, world <= INSIDE_GPUS and sm.ulysses > 1)  # rings alone: no all-to-all
+    inside = world <= INSIDE_GPUS and sm.ulysses > 1  # rings alone: no all-to-all
+    units, unit_hosts = _unit_tree_hosts(topo, sm.flows, inside)
     if units is None:
         return []
     caps = {cap for _, cap, _, _ in units if cap > 0}
     hop_ranges = (_rate_ranges(caps, ring_bandwidth_bound(topo, sm.dp * sm.ulysses, sm.ring), sm.ulysses)
                   if sm.ring > 1 else [(math.inf, 0.0)])
     bus_ranges = _rate_ranges(caps, ring_bandwidth_bound(topo, 1, world), sm.ulysses)
+    widest = max(n for n, _, _, kind in units if kind == "host")
+    # Parts are no claim where a host may hold each cp group whole, or where their sums grow too long.
+    sets = _PartSets(world, sm.dp * -(-sm.cp // widest) if widest < sm.cp and world <= PARTS_GPUS else 0)
     tables = {}
     for exact in (True, False) if sm.ulysses > 1 else ():  # hosts and the units inside them, then those above
         kinds = [(n, cap) for n, cap, _, kind in units if (kind != "above") == exact]
@@ -135,11 +140,8 @@ def _compute_ranges(sm) -> list[tuple[float, float, float]]:
         # A unit's ranks each send one ring hop and at most one gradient flow: more than it holds are no limit.
         hops = min(most, max(_flows_out(cap, tau) or 0 for _, cap in kinds for _, tau in hop_ranges))
         runs = min(most, max(_flows_out(cap, tau) or 0 for _, cap in kinds for _, tau in bus_ranges))
-        tables[exact] = (_unit_table(sm.ring, sm.ulysses, sm.dp, most, hops, runs) if exact
-                         else _family_table(sm.ring, sm.ulysses, most, hops, runs))
-    widest = max(n for n, _, _, kind in units if kind == "host")
-    # Parts are no claim where a host may hold each cp group whole, or where their sums grow too long.
-    sets = _PartSets(world, sm.dp * -(-sm.cp // widest) if widest < sm.cp and world <= PARTS_GPUS else 0)
+        tables[exact] = (_unit_table(sm.ring, sm.ulysses, sm.dp, most, hops, runs, sets.need > 0) if exact
+                         else _family_table(sm.ring, sm.ulysses, most, hops, runs, world))
     a2a_lat = a2a_latency(sm)  # a transfer that slow runs on a route that can slow so far
     # The flows a unit sends out run between hosts, or (out of a unit inside a host) maybe inside one.
     inter = sm.rates.inter_host_gbps or math.inf
@@ -149,8 +151,8 @@ def _compute_ranges(sm) -> list[tuple[float, float, float]]:
     # A level with a unit that can hold the world claims nothing: its runs are not read.
     levels = [level for level in _levels(units) if max(units[i][0] for i in level) < world]
     tiling = RunTiling(sm.dp, sm.ring, sm.ulysses, max((units[i][0] for level in levels for i in level), default=1))
-    shapes, top = _unit_shapes(units)
     exits = _rank_exits(topo) if sm.ulysses > 1 else {}
+    shapes, top = _unit_shapes(units, [exits.get(h, ()) for h in unit_hosts])
     level_kinds = {tau: _level_kinds(units, levels, world, tau) for _, tau in bus_ranges}
     cells = []
     # A cell allows each unit at least the flows out of the cells before it in its row and column (their ranges
@@ -160,8 +162,8 @@ def _compute_ranges(sm) -> list[tuple[float, float, float]]:
         left = None
         for j, (bus_top, bus_tau) in enumerate(bus_ranges):
             known = [x for x in (above[j], left) if x is not None]
-            tree = (_least_share(shapes, top, tables, sets, hop_tau, bus_tau, min(known, default=None),
-                                 exits, sm.ulysses) if tables else 0.0)
+            tree = (_least_share(shapes, top, tables, sets, hop_tau, bus_tau, min(known, default=None), sm.ulysses)
+                    if tables else 0.0)
             above[j] = left = tree
             t = tree if tree is None else _tiled_share(tiling, level_kinds[bus_tau], tree, hop_tau, bus_tau)
             if t is None:  # no order has its slowest hop and its bus in these ranges
@@ -255,6 +257,14 @@ def _flows_out(cap: float, tau: float) -> int | None:
     return None if tau <= 0 else max(0, math.ceil(cap / tau * (1 - _TOL)) - 1)
 
 
+def _flows_through(caps: tuple[float, ...], tau: float) -> int | None:
+    """``_flows_out`` of ``caps[0]`` GB/s in all, each flow also leaving by one of ``caps[1:]`` where given."""
+    whole = _flows_out(caps[0], tau)
+    if len(caps) == 1 or whole is None:
+        return whole
+    return min(whole, sum(_flows_out(c, tau) for c in caps[1:]))
+
+
 def _unit_tree(topo, fm, inside: bool) -> list[tuple[int, float, int, str]] | None:
     """The units as a tree, children before parents: (GPUs, GB/s out, parent's index or -1, kind); cached on the
     topology. Kinds: ``inside`` a host (a socket, a PCIe switch with its GPUs; only if ``inside`` and the cluster
@@ -263,6 +273,11 @@ def _unit_tree(topo, fm, inside: bool) -> list[tuple[int, float, int, str]] | No
     Units with the same GPUs are one, at the smaller figure (their flows out cross both cuts). ``None`` where the
     units do not nest (a host under two switches of one level).
     """
+    return _unit_tree_hosts(topo, fm, inside)[0]
+
+
+def _unit_tree_hosts(topo, fm, inside: bool) -> tuple[list[tuple[int, float, int, str]] | None, list[str | None]]:
+    """``_unit_tree`` and, per unit, the host it is (None for units inside or above hosts); cached on the topology."""
     cache = topo.__dict__.setdefault("_bound_cache", {})
     inside = inside and len(topo.host_builds()) <= INSIDE_BUILDS
     if ("unit_tree", inside) not in cache:
@@ -270,7 +285,7 @@ def _unit_tree(topo, fm, inside: bool) -> list[tuple[int, float, int, str]] | No
     return cache["unit_tree", inside]
 
 
-def _build_unit_tree(topo, fm, inside: bool) -> list[tuple[int, float, int, str]] | None:
+def _build_unit_tree(topo, fm, inside: bool) -> tuple[list[tuple[int, float, int, str]] | None, list[str | None]]:
     merged: dict[frozenset[str], tuple[int, float]] = {}
     for members, n_gpus, cap in all_units(topo):
         key = frozenset(g for h in members for g in topo.gpus(h))
@@ -290,13 +305,14 @@ def _build_unit_tree(topo, fm, inside: bool) -> list[tuple[int, float, int, str]
         j = chain[chain.index(i) + 1] if chain[-1] != i else -1
         if j >= 0:
             if not a <= order[j]:
-                return None
+                return None, []
             covered[j] += len(a)
         parent.append(j)
     if any(covered[j] != len(order[j]) for j in range(len(order)) if covered[j]):
-        return None  # children overlap: the units do not nest
+        return None, []  # children overlap: the units do not nest
     kind = ["host" if a in host_sets else "inside" if any(a < h for h in host_sets) else "above" for a in order]
-    return [(*merged[a], parent[i], kind[i]) for i, a in enumerate(order)]
+    hosts = [topo.host_of(next(iter(a))) if k == "host" else None for a, k in zip(order, kind)]
+    return [(*merged[a], parent[i], kind[i]) for i, a in enumerate(order)], hosts
 
 
 def _inside_units(topo, fm, host_sets: set[frozenset[str]]) -> dict[frozenset[str], float]:
@@ -342,28 +358,28 @@ _FAR = 1 << 30
 
 
 @lru_cache(maxsize=32)
-def _unit_table(ring: int, u: int, dp: int, most: int, hops: int, runs: int) -> np.ndarray:
+def _unit_table(ring: int, u: int, dp: int, most: int, hops: int, runs: int, parts: bool = True) -> np.ndarray:
     """``table[n, e, g, p]``: the fewest all-to-all flows a unit holding ``n`` ranks of ``p`` cp groups sends out,
     when at most ``e`` ring hops and at most ``g`` gradient flows leave it; index ``hops + 1`` (``runs + 1``) stands
-    for no limit, ``p`` runs up to ``min(dp, most)``.
+    for no limit, ``p`` runs up to ``min(dp, most)``; without ``parts``, one column for any ``p``.
 
     Exact (``_rank_table``) where that is cheap; otherwise the families' count (``_family_table``), for any ``p``.
     """
-    parts = min(dp, most)
-    work = 4 * 8 ** u * (most + 1) * (hops + 2) * (runs + 2) * (parts + 1) * ring * dp
-    table = (_rank_table(ring, u, dp, most, hops, runs) if work <= DP_WORK
-             else _family_table(ring, u, most, hops, runs)[..., None].repeat(parts + 1, axis=-1))
+    width = min(dp, most) + 1 if parts else 1
+    work = 4 * 8 ** u * (most + 1) * (hops + 2) * (runs + 2) * width * ring * dp
+    table = (_rank_table(ring, u, dp, most, hops, runs, parts) if work <= DP_WORK
+             else _family_table(ring, u, most, hops, runs, ring * u * dp)[..., None].repeat(width, axis=-1))
     return np.minimum.accumulate(np.minimum.accumulate(table, axis=1), axis=2)
 
 
-def _rank_table(ring: int, u: int, dp: int, most: int, hops: int, runs: int) -> np.ndarray:
+def _rank_table(ring: int, u: int, dp: int, most: int, hops: int, runs: int, parts: bool = True) -> np.ndarray:
     """``_unit_table`` by dynamic programming over the world's Ulysses groups in rank order.
 
     Which of a group's ``u`` ranks the unit holds is a mask; the state is the previous group's mask (its ring hops
     out, and whether the gradient ring leaves between the two groups), the mask of its cp group's first group (the
     hops that close the rings come back to it), whether the unit holds a rank of the cp group so far, and whether
     it holds rank 0 (the gradient ring's closing flow comes back to it). A group of ``k`` ranks held sends
-    ``k (u - k)`` all-to-all flows out.
+    ``k (u - k)`` all-to-all flows out. Without ``parts`` the cp groups touched are not counted.
     """
     masks = range(1 << u)
     top = (1 << u) - 1
@@ -373,7 +389,7 @@ def _rank_table(ring: int, u: int, dp: int, most: int, hops: int, runs: int) -> 
     ends_in = [sum(b[j] and not b[j + 1] for j in range(u - 1)) for b in bit]
     leave = [[ends_in[c] + (bit[p][-1] and not bit[c][0]) for c in masks] for p in masks]  # gradient flows out
     out = [[held[p & ~c & top] for c in masks] for p in masks]  # ring hops from a group held as p to one held as c
-    shape = (most + 1, hops + 2, runs + 2, min(dp, most) + 1)
+    shape = (most + 1, hops + 2, runs + 2, min(dp, most) + 1 if parts else 1)
     # [rank 0 held, first, previous, cp group touched, n, e, g, p]
     value = np.full((2, 1 << u, 1 << u, 2, *shape), _FAR, dtype=np.int32)
     for c in masks:
@@ -392,7 +408,7 @@ def _rank_table(ring: int, u: int, dp: int, most: int, hops: int, runs: int) -> 
                     for p in masks:
                         for touched in (0, 1):
                             _min_into(nxt[:, c, c, int(c > 0)], value[:, first, p, touched],
-                                      (held[c], out[p][first], leave[p][c], touched), a2a[c])
+                                      (held[c], out[p][first], leave[p][c], touched * parts), a2a[c])
         value = nxt
     table = np.full(shape, _FAR, dtype=np.int32)
     for zero in (0, 1):
@@ -400,7 +416,7 @@ def _rank_table(ring: int, u: int, dp: int, most: int, hops: int, runs: int) -> 
             for p in masks:
                 for touched in (0, 1):
                     _min_into(table, value[zero, first, p, touched],
-                              (0, out[p][first], int(bit[p][-1] and not zero), touched), 0)
+                              (0, out[p][first], int(bit[p][-1] and not zero), touched * parts), 0)
     return table
 
 
@@ -432,12 +448,13 @@ def _axis(a: np.ndarray, axis: int, part: slice) -> np.ndarray:
     return a[tuple(index)]
 
 
-def _family_table(ring: int, u: int, most: int, hops: int, runs: int) -> np.ndarray:
+def _family_table(ring: int, u: int, most: int, hops: int, runs: int, world: int) -> np.ndarray:
     """``_unit_table`` from ``_nonsplit_table``: a unit whose whole Ulysses groups hold ``w`` of its ``n`` ranks (at
     most what the table allows for its hops out, in steps of ``u``) holds ``s = n - w`` split ranks, which send at
     least ``_split_flows(u, s)`` all-to-all flows out and at least ``s / (2 (u - 1))`` gradient flows (their groups
     are runs of the rank order the gradient ring follows: it crosses the unit's border inside each, and leaves on
-    half the crossings); the fewest over every such ``w``."""
+    half the crossings); the fewest over every such ``w``. A unit holding some of the ``world``'s ranks but not all
+    sends the gradient ring out at least once, whole groups or not."""
     whole = _nonsplit_table(ring, u, most)[:, [min(e, most) for e in range(hops + 1)] + [most]]
     n = np.arange(most + 1)[:, None]
     allowed = np.array([2 * (u - 1) * g for g in range(runs + 1)] + [math.inf])
@@ -447,6 +464,7 @@ def _family_table(ring: int, u: int, most: int, hops: int, runs: int) -> np.ndar
         split = np.broadcast_to(n - w, whole.shape)
         fits = (whole >= w)[:, :, None] & (split[:, :, None] <= allowed[None, None, :])
         table = np.where(fits, np.minimum(table, flows[np.clip(split, 0, most)][:, :, None]), table)
+    table[1: min(most + 1, world), :, 0] = _FAR
     return table
 
 
@@ -492,35 +510,38 @@ def _nonsplit_table(ring: int, u: int, most: int) -> np.ndarray:
     return np.maximum.accumulate(table, axis=1)
 
 
-def _unit_shapes(units: list[tuple[int, float, int, str]]) -> tuple[list[tuple[int, float, str, tuple]], list[int]]:
+def _unit_shapes(units: list[tuple[int, float, int, str]],
+                 exits: list[tuple[float, ...]]) -> tuple[list[tuple[int, float, str, tuple, tuple]], list[int]]:
     """The units' tree with alike subtrees (alike hosts with their sockets and switches) as one shape: (GPUs, GB/s
-    out, kind, child shapes) per shape, children first, and the shapes of the units at the top."""
+    out, kind, GB/s out of each exit, child shapes) per shape, children first, and the shapes of the units at the
+    top. ``exits``: per unit, the GB/s out of each place its GPUs' flows leave it (``_rank_exits``; none: no
+    limit)."""
     shapes: dict[tuple, int] = {}
     below: list[list[int]] = [[] for _ in units]
     top: list[int] = []
     for i, (n_gpus, cap, parent, kind) in enumerate(units):  # children come before their parents
-        shape = shapes.setdefault((n_gpus, cap, kind, tuple(sorted(below[i]))), len(shapes))
+        shape = shapes.setdefault((n_gpus, cap, kind, exits[i], tuple(sorted(below[i]))), len(shapes))
         (below[parent] if parent >= 0 else top).append(shape)
     return list(shapes), top
 
 
-def _rank_exits(topo) -> dict[int, float]:
-    """Per host size, the most GB/s by which one GPU's flows to other hosts can leave its host
-    (``topology.planning.bounds.rates.off_host_route``); ``inf`` where a host's GPUs reach others over NVLink. One
+def _rank_exits(topo) -> dict[str, tuple[float, ...]]:
+    """Per host, the GB/s out of each place (NIC) its GPUs' flows to other hosts leave it by, fastest first
+    (``topology.planning.bounds.rates.off_host_route``); none where a host's GPUs reach others over NVLink. One
     host of each build (``Topology.host_build_key``) stands for all."""
     g, found = topo.graph, {}
-    for host, *_ in topo.host_builds().values():
+    for host, *alike in topo.host_builds().values():
         gpus = topo.gpus(host)
         nvlink = any(g.nodes[v]["kind"] == NVLINK_KIND for a in gpus for v in g.adj[a])
-        routes = [None if nvlink else off_host_route(topo, a) for a in gpus]
-        out = math.inf if any(r is None for r in routes) else max(r[1] for r in routes)
-        found[len(gpus)] = max(out, found.get(len(gpus), 0.0))
+        routes = {topo.routes.nic_of(a) or a: None if nvlink else off_host_route(topo, a) for a in gpus}
+        out = () if None in routes.values() else tuple(sorted((r[1] for r in routes.values()), reverse=True))
+        found.update((h, out) for h in (host, *alike))
     return found
 
 
-def _least_share(shapes: list[tuple[int, float, str, tuple]], top: list[int], tables: dict[bool, np.ndarray],
+def _least_share(shapes: list[tuple[int, float, str, tuple, tuple]], top: list[int], tables: dict[bool, np.ndarray],
                  sets: "_PartSets", hop_tau: float, bus_tau: float, known: float | None = None,
-                 exits: dict[int, float] | None = None, u: int = 1) -> float | None:
+                 u: int = 1) -> float | None:
     """The smallest ``t`` such that the world's ranks fit in the units with every unit sending at most ``t x`` its
     GB/s out in all-to-all flows, when each sends only the ring hops (and gradient flows) its links out carry faster
     than ``hop_tau`` (``bus_tau``); ``None`` if none fits. ``tables[True]`` prices hosts and the units inside them
@@ -533,37 +554,34 @@ def _least_share(shapes: list[tuple[int, float, str, tuple]], top: list[int], ta
 
     A host holding ``n`` ranks of Ulysses groups of ``u`` holds at most ``min(n, u)`` of any one group: each of its
     ranks sends ``u - min(n, u)`` all-to-all flows or more to other hosts, all out of the one place its GPU's
-    flows leave the host (``exits``, per host size: one NIC of a host with several), which must carry them.
+    flows leave the host (its shape's exits: one NIC of a host with several), which must carry them. Every flow
+    leaves by one exit, so no more flows than the exits carry one by one run faster than a rate; and a host holding
+    one rank sends every flow of it, ring hops and gradient flows too, out of one exit.
     """
     world = sets.world
-    exits = exits or {}
-    rows: dict[tuple[int, float, str], np.ndarray] = {}  # per kind of unit, flows out to hold n ranks (of p groups)
-    for n_gpus, cap, kind, _ in shapes:
-        if (n_gpus, cap, kind) not in rows:
-            table = tables[kind != "above"]
-            hops, runs = table.shape[1] - 2, table.shape[2] - 2
-            e, g = _flows_out(cap, hop_tau), _flows_out(cap, bus_tau)
-            full = table[: min(n_gpus, world, table.shape[0] - 1) + 1, hops + 1 if e is None else min(e, hops + 1),
-                         runs + 1 if g is None else min(g, runs + 1)]
-            if kind == "inside":  # parts are counted at hosts only
-                full = full.min(axis=1)
-            if full.ndim == 1:
-                full = full[:, None]
-            row = np.where(full < _FAR, full, np.inf)
-            if kind == "host" and math.isfinite(exits.get(n_gpus, math.inf)):
-                # A lone rank's flows out, counted as the share of the host's links out they take from its NIC's.
-                lone = np.array([u - min(n, u) if n else 0 for n in range(len(row))], dtype=float)
-                row = np.maximum(row, (lone * cap / exits[n_gpus])[:, None])
-            rows[n_gpus, cap, kind] = row
-    candidates = np.unique(np.concatenate([[0.0], *(row[np.isfinite(row)] / cap for (_, cap, _), row in rows.items()
-                                                     if cap > 0)]))
+    rows: dict[tuple[int, float, str, tuple], np.ndarray] = {}  # per kind of unit, flows out to hold n ranks (of p)
+    for n_gpus, cap, kind, exits, _ in shapes:
+        if (n_gpus, cap, kind, exits) in rows:
+            continue
+        table = tables[kind != "above"]
+        row = _row(table, min(n_gpus, world, table.shape[0] - 1), (cap, *exits), hop_tau, bus_tau, kind == "inside")
+        if kind == "host" and exits:
+            # A lone rank's flows out, counted as the share of the host's links out they take from its NIC's.
+            out = exits[0]
+            lone = np.array([u - min(n, u) if n else 0 for n in range(len(row))], dtype=float)
+            row = np.maximum(row, (lone * cap / out)[:, None])
+            if out < cap and len(row) > 1:
+                row[1] = np.maximum(row[1], _row(table, 1, (out,), hop_tau, bus_tau, False)[1] * cap / out)
+        rows[n_gpus, cap, kind, exits] = row
+    candidates = np.unique(np.concatenate([[0.0], *(row[np.isfinite(row)] / key[1] for key, row in rows.items()
+                                                     if key[1] > 0)]))
 
     def fits(t: float) -> bool:
-        allowed = {kind: sets.encode(row <= t * kind[1] * (1 + _TOL) + _TOL) for kind, row in rows.items()}
+        allowed = {key: sets.encode(row <= t * key[1] * (1 + _TOL) + _TOL) for key, row in rows.items()}
         held: list[int] = []  # per shape, the (ranks, parts) its unit can hold, as a bit set
-        for n_gpus, cap, kind, children in shapes:
-            held.append(allowed[n_gpus, cap, kind] & sets.total([held[c] for c in children]) if children
-                        else allowed[n_gpus, cap, kind])
+        for n_gpus, cap, kind, exits, children in shapes:
+            held.append(allowed[n_gpus, cap, kind, exits] & sets.total([held[c] for c in children]) if children
+                        else allowed[n_gpus, cap, kind, exits])
         return sets.holds_world(sets.total([held[c] for c in top]))
 
     lo, hi = -1, len(candidates) - 1  # candidates hold 0 at least
@@ -575,6 +593,22 @@ def _least_share(shapes: list[tuple[int, float, str, tuple]], top: list[int], ta
         mid = (lo + hi) // 2
         lo, hi = (lo, mid) if fits(candidates[mid]) else (mid, hi)
     return float(candidates[hi])
+
+
+def _row(table: np.ndarray, most: int, caps: tuple[float, ...], hop_tau: float, bus_tau: float,
+         inside: bool) -> np.ndarray:
+    """``table``'s all-to-all flows (inf: none fits) for 0 to ``most`` ranks, per count of parts (one column inside
+    a host: parts are counted at hosts only), when ring hops and gradient flows leave only as fast as ``hop_tau``
+    and ``bus_tau`` allow: out of ``caps[0]`` GB/s in all and, where more are given, each flow out of one of
+    ``caps[1:]``."""
+    hops, runs = table.shape[1] - 2, table.shape[2] - 2
+    e, g = _flows_through(caps, hop_tau), _flows_through(caps, bus_tau)
+    full = table[: most + 1, hops + 1 if e is None else min(e, hops + 1), runs + 1 if g is None else min(g, runs + 1)]
+    if inside:
+        full = full.min(axis=1)
+    if full.ndim == 1:
+        full = full[:, None]
+    return np.where(full < _FAR, full, np.inf)
 
 
 class _PartSets:
