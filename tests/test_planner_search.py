@@ -1384,6 +1384,29 @@ def test_a_lone_rank_sends_every_flow_out_of_its_own_nic():
     assert plan.cost["step_time_s"] <= plan.cost["bound_step_s"] * 1.001
 
 
+def test_slow_hosts_lend_lone_ranks_whose_partners_sit_on_fast_hosts():
+    """96 of 99 GPUs in cp groups of 8 Ulysses pairs, on 13 mixed hosts of which five have 3.125-6.25 GB/s cards:
+    whole cp groups and the fast hosts fall short of the world, so some slow host holds part of a cp group. Pairs
+    there send both rings out through its card; a GPU it lends alone, partnered on a fast host, sends one. The
+    plan meets the bound (before: 37.2 s a step, its slowest hop 1.56 GB/s, for a bound of 29.0 s)."""
+    from pathlib import Path
+
+    from collections import Counter
+
+    from topology.planning.lone_ranks import lone_rank_order
+    from topology.planning.planner import group_path
+
+    topo = Topology.load(Path(__file__).parent / "data" / "topologies" / "lone-ranks-on-slow-cards.json")
+    plan = make_plan(topo, 96, 16, ulysses=2, seq_len=16 * 8192)
+    assert plan.cost["step_time_s"] <= plan.cost["bound_step_s"] * 1.001
+    order = lone_rank_order(topo, topo.hosts, 96, 16, 2, lambda h: group_path(topo, h))
+    assert len(set(order)) == 96
+    layout = GroupLayout.from_grid(6, 8, 2)
+    lent = Counter(topo.host_of(g) for g in order)
+    split = [g for g in layout.ulysses_groups if len({topo.host_of(order[r]) for r in g}) > 1]
+    assert split and all(any(lent[topo.host_of(order[r])] == 1 for r in g) for g in split)  # each has a lone rank
+
+
 def test_pairs_that_keep_their_rings_apart_send_two_gradient_flows_out_of_each_host():
     """8 hosts of 8 GPUs, each under a leaf of its own, two leaves per pod; 16 GPUs in one cp group of 8 Ulysses
     pairs. Two ranks of one ring per host would send a single ring hop out of each leaf, but both ranks start a pair

@@ -23,6 +23,9 @@ it crosses). It scores these constructions and keeps the best:
 * bus cycle: all hosts as one bottleneck cycle, for when gradient traffic
   decides; and the widest gradient cycle, built GPU by GPU with every flow at
   the bus bound where one exists (``topology.planning.gradient_cycle``);
+* lone ranks on slow hosts, with Ulysses groups: where the fast hosts
+  cannot hold the world, slow hosts lend one GPU each, whose partners sit
+  on fast hosts (``topology.planning.lone_ranks``);
 * ``naive`` itself, so the plan is never worse than Ray's order.
 
 Hosts are chosen under the widest uplinks first (a leaf behind a degraded
@@ -46,6 +49,7 @@ from typing import Callable
 
 from topology.planning.bounds.rates import reads_every_pair, switch_headroom
 from topology.planning.gradient_cycle import widest_gradient_cycle
+from topology.planning.lone_ranks import lone_rank_order
 from topology.planning.bounds.run_tiling import RunTiling
 from topology.cost import LLAMA3_8B, FlowModel, HardwareRates, ModelShape, StepModel, estimate, step_bound
 from topology.planning.search.delta import REL_TOL
@@ -247,6 +251,9 @@ def aware_order(req: PlanRequest) -> list[str]:
         kept = min(inside, key=lambda name: sm.step(inside[name]))
         candidates[kept] = inside[kept]
     candidates.update(rings_apart_orders(req))
+    lone = lone_rank_order(req.topo, req.hosts, req.gpus, req.cp, req.ulysses, lambda h: group_path(req.topo, h))
+    if lone is not None:
+        candidates["lone ranks on slow hosts"] = lone
     few_hosts = len(req.hosts) <= CYCLE_HOSTS
     if few_hosts:
         candidates["bus cycle"] = bus_cycle_order(req, sm)
