@@ -23,9 +23,10 @@ it crosses). It scores these constructions and keeps the best:
 * bus cycle: all hosts as one bottleneck cycle, for when gradient traffic
   decides; and the widest gradient cycle, built GPU by GPU with every flow at
   the bus bound where one exists (``topology.planning.gradient_cycle``);
-* lone ranks on slow hosts, with Ulysses groups: where the fast hosts
-  cannot hold the world, slow hosts lend one GPU each, whose partners sit
-  on fast hosts (``topology.planning.lone_ranks``);
+* cp groups fit to the cards, with Ulysses groups: at the fastest rate
+  where the world fits, each host holds what its NICs carry (whole groups,
+  kept to one cp group on slow cards, or one lone rank partnered on fast
+  hosts: ``topology.planning.card_fit``);
 * ``naive`` itself, so the plan is never worse than Ray's order.
 
 Hosts are chosen under the widest uplinks first (a leaf behind a degraded
@@ -49,7 +50,7 @@ from typing import Callable
 
 from topology.planning.bounds.rates import reads_every_pair, switch_headroom
 from topology.planning.gradient_cycle import widest_gradient_cycle
-from topology.planning.lone_ranks import lone_rank_order
+from topology.planning.card_fit import card_fit_order
 from topology.planning.bounds.run_tiling import RunTiling
 from topology.cost import LLAMA3_8B, FlowModel, HardwareRates, ModelShape, StepModel, estimate, step_bound
 from topology.planning.search.delta import REL_TOL
@@ -251,9 +252,10 @@ def aware_order(req: PlanRequest) -> list[str]:
         kept = min(inside, key=lambda name: sm.step(inside[name]))
         candidates[kept] = inside[kept]
     candidates.update(rings_apart_orders(req))
-    lone = lone_rank_order(req.topo, req.hosts, req.gpus, req.cp, req.ulysses, lambda h: group_path(req.topo, h))
-    if lone is not None:
-        candidates["lone ranks on slow hosts"] = lone
+    fit = card_fit_order(req.topo, req.hosts, req.gpus, req.cp, req.ulysses, lambda h: group_path(req.topo, h))
+    if fit is not None:
+        order, lone = fit
+        candidates["cp groups fit to the cards" + (", lone ranks on slow hosts" if lone else "")] = order
     few_hosts = len(req.hosts) <= CYCLE_HOSTS
     if few_hosts:
         candidates["bus cycle"] = bus_cycle_order(req, sm)
@@ -325,27 +327,39 @@ def rings_inside_hosts_orders(req: PlanRequest) -> dict[str, list[str]]:
     the middle of a ring leaves its host's inside rings elsewhere in the
     order, and the gradient ring then takes that host's card twice. Empty
     where no host holds a ring.
+
+    Both are built on every host, and, where the world fits on the hosts at
+    least as fast as some egress (``_needed_egress``), again on those alone
+    ("hosts the bus allows"): a ring inside a slow host costs its card
+    nothing, but its ranks join the gradient ring, which then runs no faster
+    than that card.
     """
     if req.ring < 2 or max(req.gpu_count(h) for h in req.hosts) < req.cp:
         return {}
     topo = req.topo
     egress = {h: host_egress(topo, h) for h in req.hosts}
-    fastest = sorted(req.hosts, key=lambda h: (-egress[h], group_path(topo, h)))
+    pools = {"": req.hosts}
+    bus = _needed_egress(egress, {h: req.gpu_count(h) for h in req.hosts}, req.gpus)
+    if any(egress[h] < bus for h in req.hosts):  # hosts too slow for the gradient bus the world needs
+        pools[", hosts the bus allows"] = [h for h in req.hosts if egress[h] >= bus]
     orders: dict[str, list[str]] = {}
-    cuts = {"hosts": {h: [locality_order(topo, h)] for h in fastest}}
-    if any(len(topo.nics(h)) > 1 for h in fastest):
-        cuts["NIC groups"] = {h: nic_groups(topo, h) for h in fastest}
-    seen: list[dict[str, list[list[str]]]] = []
-    for where, parts in cuts.items():
-        inside = {h: [part[i:i + req.cp] for part in parts[h] for i in range(0, len(part) - req.cp + 1, req.cp)]
-                  for h in fastest}
-        if not any(inside.values()) or inside in seen:  # no host holds a ring, or NIC groups cut as hosts do
-            continue
-        seen.append(inside)
-        spare = {h: [g for part in parts[h] for g in part[len(part) // req.cp * req.cp:]] for h in fastest}
-        for how, cross in _remainder_rings(req, inside, spare, egress).items():
-            orders[f"rings inside {where}, remainders {how}"] = _with_inside_rings(inside, cross, req.gpus // req.cp,
-                                                                                   fastest, topo)
+    for which, pool in pools.items():
+        fastest = sorted(pool, key=lambda h: (-egress[h], group_path(topo, h)))
+        cuts = {"hosts": {h: [locality_order(topo, h)] for h in fastest}}
+        if any(len(topo.nics(h)) > 1 for h in fastest):
+            cuts["NIC groups"] = {h: nic_groups(topo, h) for h in fastest}
+        seen: list[dict[str, list[list[str]]]] = []
+        for where, parts in cuts.items():
+            inside = {h: [part[i:i + req.cp] for part in parts[h] for i in range(0, len(part) - req.cp + 1, req.cp)]
+                      for h in fastest}
+            if not any(inside.values()) or inside in seen:  # no host holds a ring, or NIC groups cut as hosts do
+                continue
+            seen.append(inside)
+            spare = {h: [g for part in parts[h] for g in part[len(part) // req.cp * req.cp:]] for h in fastest}
+            for how, cross in _remainder_rings(req, inside, spare, egress).items():
+                order = _with_inside_rings(inside, cross, req.gpus // req.cp, fastest, topo)
+                if len(order) == req.gpus:
+                    orders[f"rings inside {where}, remainders {how}{which}"] = order
     return orders
 
 

@@ -18,7 +18,8 @@ Algorithms
   proves the result optimal; stopped at ``EXACT_NODES``, local search
   takes the rest of its moves from the best order met (a quarter set the
   search's first incumbent), and a quarter from the second-best
-  construction (one of another kind often ends in a better valley); where
+  construction (one of another kind often ends in a better valley; one
+  that ties the best is passed over for the next); where
   they find a better order, the exact search runs once more from it, and a
   plan still unproven states its gap to the lower bound.
 * Group turns, for plans of at most ``TURN_GPUS`` GPUs with Ulysses groups:
@@ -244,8 +245,11 @@ def optimise(sm: StepModel, candidates: dict[str, list[str]], pool: list[str], b
     exact = few or ((len(hosts) <= EXACT_HOSTS or sm.world <= EXACT_GPUS) and cap > 0)
 
     def from_second_best(evals: int) -> bool:
-        """Local search from the second best construction: one of another kind may end in a better valley."""
-        second = min((k for k in scores if k != name), key=lambda k: (scores[k], k == "naive", rank[k]), default=None)
+        """Local search from the second best construction: one of another kind may end in a better valley. One
+        that ties the best is most often the same plan by another road: the first that scores worse is taken."""
+        others = [k for k in scores if k != name]
+        worse = [k for k in others if scores[k] > scores[name] * (1 + REL_TOL)]
+        second = min(worse or others, key=lambda k: (scores[k], k == "naive", rank[k]), default=None)
         if second is None:
             return False
         order, step, moves = _local_search(sm, candidates[second], scores[second], pool, budget_s, seed, evals)
