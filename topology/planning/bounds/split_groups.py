@@ -46,8 +46,11 @@ too slow for the bus hold none), the runs tile it, and a cell also needs a
 tiling whose runs keep within the units' limits
 (``topology.planning.bounds.run_tiling``): where none exists the cell is
 empty, and its all-to-all is at least what the best tiling leaves. Without
-Ulysses groups only this argument prices the cells; without rings, the
-cells split on the gradient bus alone. A cell's forced all-to-all transfer
+Ulysses groups the hosts' tables price no all-to-all, but still say how
+many ranks a host can hold with so few ring hops and gradient flows out
+(a host on a slow card holds whole rings or none), so a cell the hosts
+cannot fill is empty too; without rings, the cells split on the gradient
+bus alone. A cell's forced all-to-all transfer
 pays the latency of a route that can run that slow
 (``topology.planning.bounds.hop_latency``).
 
@@ -132,7 +135,7 @@ def _compute_ranges(sm) -> list[tuple[float, float, float]]:
     # Parts are no claim where a host may hold each cp group whole, or where their sums grow too long.
     sets = _PartSets(world, sm.dp * -(-sm.cp // widest) if widest < sm.cp and world <= PARTS_GPUS else 0)
     tables = {}
-    for exact in (True, False) if sm.ulysses > 1 else ():  # hosts and the units inside them, then those above
+    for exact in (True, False):  # hosts and the units inside them, then those above
         kinds = [(n, cap) for n, cap, _, kind in units if (kind != "above") == exact]
         if not kinds:
             continue
@@ -140,8 +143,12 @@ def _compute_ranges(sm) -> list[tuple[float, float, float]]:
         # A unit's ranks each send one ring hop and at most one gradient flow: more than it holds are no limit.
         hops = min(most, max(_flows_out(cap, tau) or 0 for _, cap in kinds for _, tau in hop_ranges))
         runs = min(most, max(_flows_out(cap, tau) or 0 for _, cap in kinds for _, tau in bus_ranges))
-        tables[exact] = (_unit_table(sm.ring, sm.ulysses, sm.dp, most, hops, runs, sets.need > 0) if exact
-                         else _family_table(sm.ring, sm.ulysses, most, hops, runs, world))
+        if exact:
+            tables[exact] = _unit_table(sm.ring, sm.ulysses, sm.dp, most, hops, runs, sets.need > 0)
+        elif sm.ulysses > 1:
+            tables[exact] = _family_table(sm.ring, sm.ulysses, most, hops, runs, world)
+        else:  # rings alone: no all-to-all, and no claim above hosts
+            tables[exact] = np.zeros((most + 1, hops + 2, runs + 2), dtype=np.int64)
     a2a_lat = a2a_latency(sm)  # a transfer that slow runs on a route that can slow so far
     # The flows a unit sends out run between hosts, or (out of a unit inside a host) maybe inside one.
     inter = sm.rates.inter_host_gbps or math.inf
@@ -151,7 +158,7 @@ def _compute_ranges(sm) -> list[tuple[float, float, float]]:
     # A level with a unit that can hold the world claims nothing: its runs are not read.
     levels = [level for level in _levels(units) if max(units[i][0] for i in level) < world]
     tiling = RunTiling(sm.dp, sm.ring, sm.ulysses, max((units[i][0] for level in levels for i in level), default=1))
-    exits = _rank_exits(topo) if sm.ulysses > 1 else {}
+    exits = _rank_exits(topo)
     shapes, top = _unit_shapes(units, [exits.get(h, ()) for h in unit_hosts])
     level_kinds = {tau: _level_kinds(units, levels, world, tau) for _, tau in bus_ranges}
     cells = []
