@@ -985,6 +985,19 @@ def test_bound_knows_a_host_on_a_slow_card_holds_whole_rings_or_none():
     assert plan.cost["step_time_s"] <= plan.cost["bound_step_s"] * 1.001
 
 
+def test_rings_alone_on_hosts_too_wide_for_the_exact_table_get_no_claim_from_it():
+    """A 200-slot node at 400 GB/s beside nodes behind 3.125 GB/s, 256 ranks in rings of 8: the hosts' table of ring
+    hops and gradient flows out is too large to count, and with rings alone there is no relaxation to fall back on;
+    the bound makes no claim from it instead of failing."""
+    from topology.network.model import MEASURED_FORMAT
+
+    topo = Topology.from_dict({"format": MEASURED_FORMAT, "version": 1, "name": "wide",
+                               "host_bw_gbps": [[0, 400, 400], [400, 0, 3.125], [400, 3.125, 0]],
+                               "hosts": [{"name": "a", "gpus": 200}, {"name": "b", "gpus": 60}, {"name": "c", "gpus": 8}]})
+    plan = make_plan(topo, 256, 8)
+    assert plan.cost["bound_step_s"] <= plan.cost["step_time_s"] * (1 + 1e-9)
+
+
 def test_rings_inside_hosts_keep_to_one_nic_group():
     """13 hosts of 1 to 16 GPUs on four leaves, three of them with two NICs whose PCIe halves meet over a 10-20 GB/s
     link; 22 rings of 4. A 4-GPU host with two GPUs per NIC holds no ring without that link, and cut by NIC group it

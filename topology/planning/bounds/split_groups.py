@@ -69,7 +69,7 @@ import numpy as np
 
 from topology.network.routing import NVLINK_KIND
 from topology.planning.bounds.hop_latency import a2a_latency, hop_latency
-from topology.planning.bounds.rates import all_units, host_units, off_host_route, ring_bandwidth_bound
+from topology.planning.bounds.rates import all_units, host_units, ring_bandwidth_bound
 from topology.planning.bounds.run_tiling import RunTiling
 
 SPLIT_GPUS = 256
@@ -370,12 +370,17 @@ def _unit_table(ring: int, u: int, dp: int, most: int, hops: int, runs: int, par
     when at most ``e`` ring hops and at most ``g`` gradient flows leave it; index ``hops + 1`` (``runs + 1``) stands
     for no limit, ``p`` runs up to ``min(dp, most)``; without ``parts``, one column for any ``p``.
 
-    Exact (``_rank_table``) where that is cheap; otherwise the families' count (``_family_table``), for any ``p``.
+    Exact (``_rank_table``) where that is cheap; otherwise the families' count (``_family_table``), for any ``p``
+    (with rings alone, no claim).
     """
     width = min(dp, most) + 1 if parts else 1
     work = 4 * 8 ** u * (most + 1) * (hops + 2) * (runs + 2) * width * ring * dp
-    table = (_rank_table(ring, u, dp, most, hops, runs, parts) if work <= DP_WORK
-             else _family_table(ring, u, most, hops, runs, ring * u * dp)[..., None].repeat(width, axis=-1))
+    if work <= DP_WORK:
+        table = _rank_table(ring, u, dp, most, hops, runs, parts)
+    elif u > 1:
+        table = _family_table(ring, u, most, hops, runs, ring * u * dp)[..., None].repeat(width, axis=-1)
+    else:  # rings alone, too large to count: no claim
+        table = np.zeros((most + 1, hops + 2, runs + 2, width), dtype=np.int32)
     return np.minimum.accumulate(np.minimum.accumulate(table, axis=1), axis=2)
 
 
@@ -533,16 +538,16 @@ def _unit_shapes(units: list[tuple[int, float, int, str]],
 
 
 def _rank_exits(topo) -> dict[str, tuple[float, ...]]:
-    """Per host, the GB/s out of each place (NIC) its GPUs' flows to other hosts leave it by, fastest first
-    (``topology.planning.bounds.rates.off_host_route``); none where a host's GPUs reach others over NVLink. One
-    host of each build (``Topology.host_build_key``) stands for all."""
+    """Per host, the GB/s out of each of its parts with links out of it (its NICs), fastest first: a flow from one of
+    its GPUs to another host leaves by one of them. None where a host's GPUs reach others over NVLink. One host of
+    each build (``Topology.host_build_key``: links out alike) stands for all."""
     g, found = topo.graph, {}
     for host, *alike in topo.host_builds().values():
-        gpus = topo.gpus(host)
-        nvlink = any(g.nodes[v]["kind"] == NVLINK_KIND for a in gpus for v in g.adj[a])
-        routes = {topo.routes.nic_of(a) or a: None if nvlink else off_host_route(topo, a) for a in gpus}
-        out = () if None in routes.values() else tuple(sorted((r[1] for r in routes.values()), reverse=True))
-        found.update((h, out) for h in (host, *alike))
+        nvlink = any(g.nodes[v]["kind"] == NVLINK_KIND for a in topo.gpus(host) for v in g.adj[a])
+        parts = set(topo.parts(host))
+        out = [sum(d["bw_gbps"] for v, d in g.adj[x].items() if v not in parts) for x in parts]
+        found.update((h, () if nvlink else tuple(sorted((bw for bw in out if bw > 0), reverse=True)))
+                     for h in (host, *alike))
     return found
 
 
