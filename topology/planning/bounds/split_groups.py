@@ -135,7 +135,8 @@ def _compute_ranges(sm) -> list[tuple[float, float, float]]:
     # Parts are no claim where a host may hold each cp group whole, or where their sums grow too long.
     sets = _PartSets(world, sm.dp * -(-sm.cp // widest) if widest < sm.cp and world <= PARTS_GPUS else 0)
     tables = {}
-    for exact in (True, False):  # hosts and the units inside them, then those above
+    # With rings alone a host that can hold the world holds it with no flow out: the tables would claim nothing.
+    for exact in (True, False) if sm.ulysses > 1 or widest < world else ():  # hosts and units inside, then above
         kinds = [(n, cap) for n, cap, _, kind in units if (kind != "above") == exact]
         if not kinds:
             continue
