@@ -73,7 +73,7 @@ def card_fit_order(topo: Topology, hosts: list[str], gpus: int, cp: int, ulysses
     blocks: list[tuple[str | None, bool, list[list[str]]]] = []  # (host, kept in one cp group, its groups)
     lone_groups: dict[tuple, list[list[str]]] = {}
     for h in shape.lone:
-        fastest = max(nic_groups(topo, h), key=lambda gs: _nic_egress(topo, h, gs[0]))
+        fastest = nic_groups(topo, h)[egress[h].index(single[h])]  # the GPUs behind its fastest NIC
         lone_groups.setdefault(where(h), []).append([fastest[0]] + _partners(pools, where(h), ulysses - 1))
     for key in sorted(set(pools) | set(lone_groups)):  # switch by switch
         blocks += [(None, False, [group]) for group in lone_groups.get(key, [])]
