@@ -248,10 +248,11 @@ class StepModel:
     def hop_rates(self, pairs: list[tuple[str, str]]) -> list[tuple[float, float]]:
         """(GB/s, latency µs) of transfers that run at once: the flow model's share, scaled and capped by the rates."""
         r = self.rates
+        capped = r.intra_host_gbps or r.inter_host_gbps
         out = []
         for (a, b), (gbps, lat) in zip(pairs, self.flows.bandwidths(pairs)):
             gbps *= r.network_efficiency
-            cap = r.intra_host_gbps if self.topo.host_of(a) == self.topo.host_of(b) else r.inter_host_gbps
+            cap = capped and (r.intra_host_gbps if self.topo.host_of(a) == self.topo.host_of(b) else r.inter_host_gbps)
             out.append((min(gbps, cap) if cap else gbps, lat))
         return out
 

@@ -105,7 +105,7 @@ class Topology:
 
     def _invalidate(self) -> None:
         for name in ("hosts", "routes", "_gpus_by_host", "_parts_by_host", "_signatures", "_switch_paths", "_bound_cache",
-                     "_locality_orders", "_symmetry_cache", "_nics_by_host", "_host_bw"):
+                     "_locality_orders", "_symmetry_cache", "_nics_by_host", "_host_bw", "_host_by_node"):
             self.__dict__.pop(name, None)
 
     # ----------------------------------------------------------------- query
@@ -140,9 +140,14 @@ class Topology:
     def num_gpus(self) -> int:
         return sum(len(g) for g in self._gpus_by_host.values())
 
+    @cached_property
+    def _host_by_node(self) -> dict[str, str]:
+        """Host of every host and part: searches ask for it per flow, move after move."""
+        return {n: n if d["kind"] == "host" else d["host"] for n, d in self.graph.nodes(data=True)
+                if d["kind"] == "host" or "host" in d}
+
     def host_of(self, node: str) -> str:
-        data = self.graph.nodes[node]
-        return node if data["kind"] == "host" else data["host"]
+        return self._host_by_node[node]
 
     def gpu_id(self, host: str, index: int) -> str:
         """The GPU node of ``host`` with CUDA ordinal ``index``."""

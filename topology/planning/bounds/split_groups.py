@@ -162,7 +162,7 @@ def _compute_ranges(sm) -> list[tuple[float, float, float]]:
     exits = _rank_exits(topo)
     shapes, top = _unit_shapes(units, [exits.get(h, ()) for h in unit_hosts])
     level_kinds = {tau: _level_kinds(units, levels, world, tau) for _, tau in bus_ranges}
-    cells = []
+    cells, shares = [], _CellShares(shapes, top, tables, sets, sm.ulysses) if tables else None
     # A cell allows each unit at least the flows out of the cells before it in its row and column (their ranges
     # are faster), so the units' share there holds here too: the search starts below it.
     above: list[float | None] = [None] * len(bus_ranges)
@@ -170,8 +170,7 @@ def _compute_ranges(sm) -> list[tuple[float, float, float]]:
         left = None
         for j, (bus_top, bus_tau) in enumerate(bus_ranges):
             known = [x for x in (above[j], left) if x is not None]
-            tree = (_least_share(shapes, top, tables, sets, hop_tau, bus_tau, min(known, default=None), sm.ulysses)
-                    if tables else 0.0)
+            tree = shares(hop_tau, bus_tau, min(known, default=None)) if shares else 0.0
             above[j] = left = tree
             t = tree if tree is None else _tiled_share(tiling, level_kinds[bus_tau], tree, hop_tau, bus_tau)
             if t is None:  # no order has its slowest hop and its bus in these ranges
@@ -552,18 +551,49 @@ def _rank_exits(topo) -> dict[str, tuple[float, ...]]:
     return found
 
 
-def _least_share(shapes: list[tuple[int, float, str, tuple, tuple]], top: list[int], tables: dict[bool, np.ndarray],
-                 sets: "_PartSets", hop_tau: float, bus_tau: float, known: float | None = None,
-                 u: int = 1) -> float | None:
-    """The smallest ``t`` such that the world's ranks fit in the units with every unit sending at most ``t x`` its
-    GB/s out in all-to-all flows, when each sends only the ring hops (and gradient flows) its links out carry faster
-    than ``hop_tau`` (``bus_tau``); ``None`` if none fits. ``tables[True]`` prices hosts and the units inside them
-    (``_unit_table``), ``tables[False]`` the units above hosts (``_family_table``). ``known``: a share known to
-    fit (that of a cell allowing fewer flows out), or None.
+class _CellShares:
+    """``_least_share`` of the cells of one cluster, each answer found once.
 
-    Each cp group spreads over at least ``ceil(cp / G)`` hosts of at most ``G`` GPUs, so the hosts hold parts of
-    cp groups ``dp ceil(cp / G)`` times or more (``sets.need``): the sum over the tree counts parts with ranks (a
-    host's ranks of ``p`` cp groups cost what its table says for ``p``).
+    A cell's answer depends only on the units' rows (the all-to-all flows each kind of unit sends to hold ``n``
+    ranks, ``_unit_row``), and the ranges of neighbouring cells mostly differ at figures of units whose rows they
+    leave alone: on clusters with many kinds of links most cells repeat an answer already found.
+    """
+
+    def __init__(self, shapes: list[tuple[int, float, str, tuple, tuple]], top: list[int],
+                 tables: dict[bool, np.ndarray], sets: "_PartSets", u: int):
+        self.shapes, self.top, self.sets, self.u = shapes, top, sets, u
+        self.kinds = {(n_gpus, cap, kind, exits): tables[kind != "above"] for n_gpus, cap, kind, exits, _ in shapes}
+        self._flows: dict[float, list[tuple]] = {}  # rate -> per kind of unit, the flows out it lets run faster
+        self._rows: dict[tuple, tuple[np.ndarray, int]] = {}  # (kind of unit, flows out) -> (row, its id)
+        self._ids: dict[tuple, int] = {}
+        self._shares: dict[tuple[int, ...], float | None] = {}
+
+    def __call__(self, hop_tau: float, bus_tau: float, known: float | None = None) -> float | None:
+        rows, signature = {}, []
+        for (key, table), hops, runs in zip(self.kinds.items(), self._flows_faster(hop_tau), self._flows_faster(bus_tau)):
+            if (key, hops, runs) not in self._rows:
+                row = _unit_row(key, table, self.sets.world, hop_tau, bus_tau, self.u)
+                self._rows[key, hops, runs] = row, self._ids.setdefault((row.shape, row.tobytes()), len(self._ids))
+            rows[key], row_id = self._rows[key, hops, runs]
+            signature.append(row_id)
+        found = tuple(signature)
+        if found not in self._shares:
+            self._shares[found] = _least_share(rows, self.shapes, self.top, self.sets, known)
+        return self._shares[found]
+
+    def _flows_faster(self, tau: float) -> list[tuple]:
+        """Per kind of unit, the flows its links out carry faster than ``tau``: through all its exits, and through
+        the first (a lone rank's)."""
+        if tau not in self._flows:
+            self._flows[tau] = [(_flows_through((cap, *exits), tau), exits and _flows_through(exits[:1], tau))
+                                for _, cap, _, exits in self.kinds]
+        return self._flows[tau]
+
+
+def _unit_row(key: tuple[int, float, str, tuple], table: np.ndarray, world: int, hop_tau: float, bus_tau: float,
+              u: int) -> np.ndarray:
+    """A kind of unit's all-to-all flows out to hold ``n`` ranks (of ``p`` cp groups), ``inf`` where none fits: its
+    table's row at the ring hops and gradient flows its links out carry faster than ``hop_tau`` (``bus_tau``).
 
     A host holding ``n`` ranks of Ulysses groups of ``u`` holds at most ``min(n, u)`` of any one group: each of its
     ranks sends ``u - min(n, u)`` all-to-all flows or more to other hosts, all out of the one place its GPU's
@@ -571,21 +601,29 @@ def _least_share(shapes: list[tuple[int, float, str, tuple, tuple]], top: list[i
     leaves by one exit, so no more flows than the exits carry one by one run faster than a rate; and a host holding
     one rank sends every flow of it, ring hops and gradient flows too, out of one exit.
     """
-    world = sets.world
-    rows: dict[tuple[int, float, str, tuple], np.ndarray] = {}  # per kind of unit, flows out to hold n ranks (of p)
-    for n_gpus, cap, kind, exits, _ in shapes:
-        if (n_gpus, cap, kind, exits) in rows:
-            continue
-        table = tables[kind != "above"]
-        row = _row(table, min(n_gpus, world, table.shape[0] - 1), (cap, *exits), hop_tau, bus_tau, kind == "inside")
-        if kind == "host" and exits:
-            # A lone rank's flows out, counted as the share of the host's links out they take from its NIC's.
-            out = exits[0]
-            lone = np.array([u - min(n, u) if n else 0 for n in range(len(row))], dtype=float)
-            row = np.maximum(row, (lone * cap / out)[:, None])
-            if out < cap and len(row) > 1:
-                row[1] = np.maximum(row[1], _row(table, 1, (out,), hop_tau, bus_tau, False)[1] * cap / out)
-        rows[n_gpus, cap, kind, exits] = row
+    n_gpus, cap, kind, exits = key
+    row = _row(table, min(n_gpus, world, table.shape[0] - 1), (cap, *exits), hop_tau, bus_tau, kind == "inside")
+    if kind == "host" and exits:
+        # A lone rank's flows out, counted as the share of the host's links out they take from its NIC's.
+        out = exits[0]
+        lone = np.array([u - min(n, u) if n else 0 for n in range(len(row))], dtype=float)
+        row = np.maximum(row, (lone * cap / out)[:, None])
+        if out < cap and len(row) > 1:
+            row[1] = np.maximum(row[1], _row(table, 1, (out,), hop_tau, bus_tau, False)[1] * cap / out)
+    return row
+
+
+def _least_share(rows: dict[tuple[int, float, str, tuple], np.ndarray], shapes: list[tuple[int, float, str, tuple, tuple]],
+                 top: list[int], sets: "_PartSets", known: float | None = None) -> float | None:
+    """The smallest ``t`` such that the world's ranks fit in the units with every unit sending at most ``t x`` its
+    GB/s out in all-to-all flows, where each kind of unit sends ``rows[kind][n, p]`` to hold ``n`` ranks of ``p``
+    cp groups (``_unit_row``); ``None`` if none fits. ``known``: a share known to fit (that of a cell allowing
+    fewer flows out), or None.
+
+    Each cp group spreads over at least ``ceil(cp / G)`` hosts of at most ``G`` GPUs, so the hosts hold parts of
+    cp groups ``dp ceil(cp / G)`` times or more (``sets.need``): the sum over the tree counts parts with ranks (a
+    host's ranks of ``p`` cp groups cost what its table says for ``p``).
+    """
     candidates = np.unique(np.concatenate([[0.0], *(row[np.isfinite(row)] / key[1] for key, row in rows.items()
                                                      if key[1] > 0)]))
 
