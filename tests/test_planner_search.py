@@ -1809,3 +1809,85 @@ def test_nested_run_tiling_says_none_only_where_no_tiling_exists(dp, ring, outer
     claimed = RunTiling(dp, ring, 1, max(n for n, _, _ in outer)).least_share(
         [(n, 10.0, c) for n, c, _ in outer], [e for _, _, e in outer], [1] * len(outer), [inner] * len(outer))
     assert (claimed is None) == (not exists)
+
+
+# ------------------------------------------------------------------ rails, uneven ECMP uplinks, degraded first NICs
+def _data_topology(name: str) -> Topology:
+    from pathlib import Path
+
+    return Topology.load(Path(__file__).parent / "data" / "topologies" / f"{name}.json")
+
+
+def test_rails_behind_degraded_uplinks_join_host_runs_rail_to_rail():
+    """72 of 104 GPUs in cp groups of 8 (rings of 4, Ulysses pairs) on 13 hosts of four rails, rails in groups of
+    two hosts, some rails' uplinks to the spine at half rate. Each host holds a whole cp group; the gradient ring
+    must enter and leave every host behind NICs whose rails keep it off the slow uplinks. Orders built host by host
+    leave each host by its last NIC and enter the next by its first, so every flow changes rails at the spine:
+    10.74 s a step for a bound of 8.10, now met."""
+    topo = _data_topology("rails-behind-degraded-uplinks")
+    plan = make_plan(topo, 72, 8, ulysses=2, seq_len=8 * 8192)
+    assert plan.cost["step_time_s"] <= plan.cost["bound_step_s"] * (1 + 1e-9)
+    assert plan.cost["search"]["optimal"]
+
+
+def test_rings_of_two_rail_hosts_close_on_a_healthy_rail_too():
+    """64 GPUs in rings of 16 on 8 hosts of four rails in two rail groups (five hosts and three), three rails'
+    uplinks at half rate: one ring spans the groups. Rail-aligned gradient flows alone let a ring close over a slow
+    uplink (hops at 7.8 GB/s); pricing each ring's closing hop with its host runs keeps hops and bus at 12.5 GB/s,
+    the bound (before: 13.34 s a step for 11.06)."""
+    topo = _data_topology("rails-rings-of-two-hosts")
+    plan = make_plan(topo, 64, 16, seq_len=16 * 8192)
+    assert plan.cost["step_time_s"] <= plan.cost["bound_step_s"] * (1 + 1e-9)
+
+
+def test_hosts_under_uneven_ecmp_uplinks_are_chosen_last():
+    """64 of 120 GPUs in cp groups of 16 (Ulysses pairs) on 20 hosts, one per leaf, every leaf with two uplinks, one
+    of them at 1.5625 GB/s on ten leaves. ECMP splits flows equally, so such a leaf lets out 3.125 GB/s, not the
+    7.8 its links add up to: its hosts, with 4 GPUs on a 25 GB/s card, looked better per GPU than 8-GPU hosts on
+    healthy leaves and on a 12.5 GB/s card. Whole hosts per ring now keep to the healthy leaves (before: 16.02 s a
+    step, gradient flows at 3.125 GB/s)."""
+    topo = _data_topology("leaves-on-uneven-ecmp-uplinks")
+    plan = make_plan(topo, 64, 16, ulysses=2, seq_len=16 * 8192)
+
+    def uplinks(host: str) -> set[float]:
+        leaf = topo.switch_path(host)[-1]
+        return {d["bw_gbps"] for v, d in topo.graph.adj[leaf].items() if topo.is_switch(v)}
+
+    assert not {h for h in topo.hosts if len(uplinks(h)) > 1} & {p.host for p in plan.placements}
+    assert plan.cost["step_time_s"] < 12.5
+
+
+def test_the_cycle_search_gives_its_guided_tries_the_backtracks_they_need():
+    """55 of 95 GPUs on 21 hosts under seven leaves, the first NIC of several two-NIC hosts degraded: a gradient
+    ring with every flow at the leaves' 18.75 GB/s uplinks enters and leaves those hosts by their healthy NIC. The
+    search as its heuristic orders it finds one after placing 276 GPUs; with the budget split evenly over 32 searches
+    per rate it had 156, and the plan's gradient ring ran at 12.5 GB/s (7.26 s a step for a bound of 5.76)."""
+    from topology.planning.bounds.rates import ring_bandwidth_bound
+    from topology.planning.gradient_cycle import widest_gradient_cycle
+
+    topo = _data_topology("leaves-with-degraded-first-nics")
+    flows = FlowModel(topo)
+    cycle = widest_gradient_cycle(topo, flows, topo.gpus(), 55)
+    rates = [r for r, _ in flows.bandwidths([(cycle[i - 1], cycle[i]) for i in range(len(cycle))])]
+    assert min(rates) == pytest.approx(ring_bandwidth_bound(topo, 1, 55)) == pytest.approx(18.75)
+
+
+def test_cp_groups_built_well_are_restrung_for_the_gradient_ring():
+    """60 of 63 GPUs in rings of 6 on 14 hosts under four leaves, three of them with a slow uplink among their
+    three (ECMP lets out three times the slow one). Rings inside hosts, the remainders strung inside each leaf,
+    keep every hop at the NICs' rate, but the construction strings its rings leaf after leaf and back, so the
+    gradient ring entered slow leaves several times (19.41 s a step; the plan kept 13.12). Restrung, the same cp
+    groups meet the bound: the rings and all-to-all are as built, only the sequence of groups is new."""
+    from topology.planning.block_cycle import cp_groups_reordered
+
+    topo = _data_topology("rings-inside-leaves-behind-uneven-uplinks")
+    plan = make_plan(topo, 60, 6, seq_len=6 * 8192)
+    assert plan.cost["step_time_s"] <= plan.cost["bound_step_s"] * (1 + 1e-9)
+    order = [f"{p.host}/gpu{p.gpu}" for p in plan.placements]
+    sm = StepModel(topo, 10, 6, 1, 6 * 8192)
+    strung = cp_groups_reordered(topo, sm.flows, order[6:] + order[:6], 6)
+
+    def groups(o: list[str]) -> set[tuple[str, ...]]:  # each ring as a cycle: its smallest rotation
+        return {min(tuple(o[i + k:i + 6] + o[i:i + k]) for k in range(6)) for i in range(0, 60, 6)}
+
+    assert groups(strung) == groups(order)

@@ -22,7 +22,12 @@ it crosses). It scores these constructions and keeps the best:
   hosts (NVLink domain, then switches), so no ring straddles two;
 * bus cycle: all hosts as one bottleneck cycle, for when gradient traffic
   decides; and the widest gradient cycle, built GPU by GPU with every flow at
-  the bus bound where one exists (``topology.planning.gradient_cycle``);
+  the bus bound where one exists (``topology.planning.gradient_cycle``), or
+  run by run, each host entered and left behind the NICs that keep its flows
+  fastest (rails joined rail to rail: ``topology.planning.block_cycle``);
+  and, short of the bound, every construction's cp groups restrung for the
+  gradient ring (their sequence and where each starts; rings and all-to-all
+  as built);
 * cp groups fit to the cards, with Ulysses groups: at the fastest rate
   where the world fits, each host holds what its NICs carry (whole groups,
   kept to one cp group on slow cards, or one lone rank partnered on fast
@@ -48,8 +53,9 @@ from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from typing import Callable
 
-from topology.planning.bounds.rates import reads_every_pair, switch_headroom
+from topology.planning.bounds.rates import reads_every_pair, switch_headroom, switch_reach
 from topology.planning.gradient_cycle import widest_gradient_cycle
+from topology.planning.block_cycle import cp_groups_reordered, host_run_cycle
 from topology.planning.card_fit import card_fit_order
 from topology.planning.bounds.run_tiling import RunTiling
 from topology.cost import LLAMA3_8B, FlowModel, HardwareRates, ModelShape, StepModel, estimate, step_bound
@@ -259,17 +265,25 @@ def aware_order(req: PlanRequest) -> list[str]:
     few_hosts = len(req.hosts) <= CYCLE_HOSTS
     if few_hosts:
         candidates["bus cycle"] = bus_cycle_order(req, sm)
-    if reads_every_pair(req.topo):  # the cycle search reads every pair's route: not where a construction
-        bound = step_bound(sm)["step"] * (1 + REL_TOL)  # already meets the bound
-        if not any(sm.step(o) <= bound for o in candidates.values()):
-            widest = widest_gradient_cycle(req.topo, req.flows, pool, req.gpus)
-            if widest is not None:
-                candidates["widest gradient cycle"] = widest_cycle_order(sm, widest)
-                cycles.append(widest)
+    # The cycle searches read every pair's route: not where a construction already meets the bound.
+    searching = reads_every_pair(req.topo) and not any(sm.step(o) <= step_bound(sm)["step"] * (1 + REL_TOL)
+                                                       for o in candidates.values())
+    if searching:
+        widest = widest_gradient_cycle(req.topo, req.flows, pool, req.gpus)
+        if widest is not None:
+            candidates["widest gradient cycle"] = widest_cycle_order(sm, widest)
+            cycles.append(widest)
+        candidates.update(host_run_orders(req, sm))
     if few_hosts:
         tiled = tiled_runs_order(req) if req.gpus <= TILED_GPUS else None
         if tiled is not None:
             candidates["runs tiled to ring borders"] = tiled
+    if searching and req.gpus > req.cp:
+        # Each construction's cp groups strung anew for the gradient ring: its rings and all-to-all stay as built.
+        for name, order in list(candidates.items()):
+            strung = cp_groups_reordered(req.topo, req.flows, order, req.cp, req.ulysses)
+            if strung is not None and strung != order:
+                candidates[name + ", cp groups restrung"] = strung
     seen: list[list[str]] = []
     for name in list(candidates):  # the same order under two names is scored once
         if candidates[name] in seen:
@@ -294,12 +308,16 @@ def whole_host_order(req: PlanRequest) -> list[str] | None:
         return None
     sizes = {h: req.gpu_count(h) for h in req.hosts}
     hosts = _choose_hosts(req, {h: n for h, n in sizes.items() if n <= req.cp} | {h: 0 for h, n in sizes.items() if n > req.cp}, 1)
-    candidates = hosts + [h for h in req.hosts if h not in set(hosts) and 0 < sizes[h] <= req.cp]
     need = req.gpus // req.cp
-    full = _pack_rings(candidates, sizes, req.cp, newest_first=True, enough=need)[:need]
-    if len(full) < need:  # sizes that complete each other sit under different switches: largest first
-        full = _pack_rings(sorted(candidates, key=lambda h: -sizes[h]), sizes, req.cp, enough=need)[:need]
-    if len(full) < need:
+    # The chosen hosts alone first: hosts outside them (behind a degraded uplink) join only where those cannot
+    # fill the rings whole.
+    for candidates in (hosts, hosts + [h for h in req.hosts if h not in set(hosts) and 0 < sizes[h] <= req.cp]):
+        full = _pack_rings(candidates, sizes, req.cp, newest_first=True, enough=need)[:need]
+        if len(full) < need:  # sizes that complete each other sit under different switches: largest first
+            full = _pack_rings(sorted(candidates, key=lambda h: -sizes[h]), sizes, req.cp, enough=need)[:need]
+        if len(full) == need:
+            break
+    else:
         return None
     return [g for ring in full for g in _gpu_sequence(req, ring)]
 
@@ -737,6 +755,28 @@ def widest_cycle_order(sm: StepModel, cycle: list[str]) -> list[str]:
     return min((cycle[i:] + cycle[:i] for i in starts or [0]), key=sm.step)
 
 
+def host_run_orders(req: PlanRequest, sm: StepModel) -> dict[str, list[str]]:
+    """Hosts each one run of the rank order, on a cycle built run by run with each run's ends behind the NICs that
+    keep the flows between hosts fastest (``topology.planning.block_cycle``): rails joined rail to rail, degraded
+    cables and uplinks kept off. Runs of whole cp groups where hosts hold them, else of whole hosts; the cycle's
+    flows alone at the bus bound, or its ring hops too.
+    """
+    out = {}
+    sizes = {h: req.gpu_count(h) for h in req.hosts}
+    for name, per_host, s in ((", cp groups whole", {h: n // req.cp for h, n in sizes.items()}, req.cp), ("", sizes, 1)):
+        if sum(per_host.values()) * s < req.gpus:
+            continue
+        runs, left = {}, req.gpus
+        for h in _choose_hosts(req, per_host, s):
+            runs[h] = min(per_host[h] * s, left)
+            left -= runs[h]
+        for hops, rings in (((), ""), (sm.hops, ", rings too")):
+            cycle = host_run_cycle(req.topo, req.flows, runs, hops, req.ulysses)
+            if cycle is not None:
+                out["cycle of host runs by NICs" + name + rings] = cycle if hops else widest_cycle_order(sm, cycle)
+    return out
+
+
 def tiled_runs_order(req: PlanRequest) -> list[str] | None:
     """Hosts in one cycle (as ``bus_cycle_order``), each holding one run of the rank order, of a length chosen so
     that runs start and end where rings send fewest hops out of each host (``RunTiling.lengths``).
@@ -833,13 +873,18 @@ def _segments(req: PlanRequest, host: str, u: int, s: int, spread: int | None = 
 def _choose_hosts(req: PlanRequest, per_host: dict[str, int], s: int) -> list[str]:
     """Enough hosts for ``req.gpus``, fastest first, from the best-connected switches, in switch order."""
     topo = req.topo
+    gpus_on = {h: n * s for h, n in per_host.items()}
+    # Hosts whose switches let out the most first (ECMP's equal split counted: a leaf with one slow uplink of two
+    # lets out twice that), then the fastest cards among them.
+    reach = switch_reach(topo)
+    far = _needed_egress({h: reach.get(h, math.inf) for h in req.hosts}, gpus_on, req.gpus)
     egress = {h: host_egress(topo, h) for h in req.hosts}
-    threshold = _needed_egress(egress, {h: n * s for h, n in per_host.items()}, req.gpus)
+    threshold = _needed_egress(egress, {h: n for h, n in gpus_on.items() if reach.get(h, math.inf) >= far}, req.gpus)
     paths = {h: group_path(topo, h) for h in req.hosts}
     headroom = switch_headroom(topo)
     groups: dict[tuple, list[str]] = {}
     for h in req.hosts:
-        if per_host[h] and egress[h] >= threshold:
+        if per_host[h] and reach.get(h, math.inf) >= far and egress[h] >= threshold:
             groups.setdefault(paths[h], []).append(h)
     # Leaves under the widest uplinks first, the fullest first, in switch order (a pod's leaves stay together).
     chosen, total = [], 0

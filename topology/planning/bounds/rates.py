@@ -484,21 +484,28 @@ def _unit_levels(topo: Topology) -> list[list[tuple[int, float]]]:
             members.append(h)
             switches.update(s for s in paths[h][cut - 1:] if s in g)
         groupings.append(by)
-    levels, headroom, seals, members_of = [], {h: math.inf for h in hosts}, [], []
+    levels, headroom, reach, seals, members_of = [], {h: math.inf for h in hosts}, {h: math.inf for h in hosts}, [], []
     for k, by in enumerate(groupings):
         caps = []
         for members, switches in by.values():
             nodes = {n for h in members for n in (h, *topo.parts(h))} | switches
             n_gpus = sum(len(topo.gpus(h)) for h in members)
-            cap = sum(d["bw_gbps"] for u in nodes for v, d in g.adj[u].items() if v not in nodes)
+            out = [(u, v, d["bw_gbps"]) for u in nodes for v, d in g.adj[u].items() if v not in nodes]
+            cap = sum(bw for *_, bw in out)
             caps.append((n_gpus, cap))
             members_of.append((members, n_gpus, cap))
             if k:
+                # Flows leave a switch's uplinks split equally (ECMP): where they are all its links out, the
+                # slowest fills first, so they carry its figure as many times as there are links.
+                uplinks = out and all(u in switches and topo.is_switch(v) for u, v, _ in out)
+                spread = len(out) * min(bw for *_, bw in out) if uplinks else cap
                 for h in members:
-                    headroom[h] = min(headroom[h], cap / n_gpus)
+                    headroom[h] = min(headroom[h], spread / n_gpus)
+                    reach[h] = min(reach[h], spread)
                 seals.append((cap, [(u, v) for u in switches for v in g.adj[u] if v not in nodes and topo.is_switch(v)]))
         levels.append(caps)
-    cache["units"], cache["headroom"], cache["seals"], cache["members"] = levels, headroom, seals, members_of
+    cache["units"], cache["headroom"], cache["reach"], cache["seals"], cache["members"] = (levels, headroom, reach, seals,
+                                                                                            members_of)
     return levels
 
 
@@ -532,9 +539,17 @@ def small_units(topo: Topology, ranks: int) -> list[tuple[list[str], float]]:
 
 
 def switch_headroom(topo: Topology) -> dict[str, float]:
-    """Per host, the smallest share per GPU of the uplinks above it (leaf, pod, ...): low under a degraded uplink."""
+    """Per host, the smallest share per GPU of the uplinks above it (leaf, pod, ...): low under a degraded uplink,
+    and under a switch whose uplinks differ (ECMP splits flows equally, so the slowest sets the pace)."""
     _unit_levels(topo)
     return topo.__dict__["_bound_cache"]["headroom"]
+
+
+def switch_reach(topo: Topology) -> dict[str, float]:
+    """Per host, the GB/s the uplinks above it (leaf, pod, ...) carry in all at the slowest level, ECMP's equal split
+    counted (``switch_headroom``): no flow between it and a host under other switches runs faster."""
+    _unit_levels(topo)
+    return topo.__dict__["_bound_cache"]["reach"]
 
 
 def _component_bound(topo: Topology, rings: int, size: int, without: frozenset[str] = frozenset()) -> float:
