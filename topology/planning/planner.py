@@ -770,6 +770,8 @@ def host_run_orders(req: PlanRequest, sm: StepModel) -> dict[str, list[str]]:
         for h in _choose_hosts(req, per_host, s):
             runs[h] = min(per_host[h] * s, left)
             left -= runs[h]
+        if left:
+            continue
         for hops, rings in (((), ""), (sm.hops, ", rings too")):
             cycle = host_run_cycle(req.topo, req.flows, runs, hops, req.ulysses)
             if cycle is not None:
