@@ -1891,3 +1891,14 @@ def test_cp_groups_built_well_are_restrung_for_the_gradient_ring():
         return {min(tuple(o[i + k:i + 6] + o[i:i + k]) for k in range(6)) for i in range(0, 60, 6)}
 
     assert groups(strung) == groups(order)
+
+
+def test_host_runs_of_whole_rings_keep_to_healthy_rails_between_rail_groups():
+    """60 of 128 GPUs in rings of 6 on 16 rail hosts (four NICs each) in six rail groups, two of each group's rails
+    behind a half-rate uplink. Each of ten hosts holds a whole ring; the gradient ring must leave and enter each
+    rail group on rails healthy in both. A search that spent its budget under a first host entered by a degraded
+    rail found no cycle at 18.75 GB/s (the bus ran at 9.375: 6.92 s a step for a bound of 6.04); now each way into
+    the first host gets its share, and a partial cycle goes on only while some host left can close it."""
+    topo = _data_topology("rails-holding-whole-rings")
+    plan = make_plan(topo, 60, 6, seq_len=6 * 8192)
+    assert plan.cost["step_time_s"] <= plan.cost["bound_step_s"] * (1 + 1e-9)

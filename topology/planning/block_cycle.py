@@ -51,14 +51,15 @@ _TOL = 1e-9
 
 
 def host_run_cycle(topo: Topology, flows: FlowModel, runs: dict[str, int], hops: list[tuple[int, int]] = (),
-                   ulysses: int = 1, nodes: int = SEARCH_NODES) -> list[str] | None:
-    """A cycle through ``runs`` (host -> how many of its GPUs, one run each, hosts in switch order), its flows (and
-    the ring ``hops`` between its ranks) as fast as the search finds; None where it finds none. A run keeps Ulysses
-    groups of ``ulysses`` consecutive GPUs under one NIC where they were."""
+                   ulysses: int = 1, size: int | None = None, nodes: int = SEARCH_NODES) -> list[str] | None:
+    """A cycle through ``runs`` (host -> how many of its GPUs, one run each, hosts in order of preference), its flows
+    (and the ring ``hops`` between its ranks) as fast as the search finds; None where it finds none. A run keeps
+    Ulysses groups of ``ulysses`` consecutive GPUs under one NIC where they were. With ``size``, the cycle holds that
+    many GPUs, in the runs of some of the hosts (the first always)."""
     hosts = [h for h, n in runs.items() if n]
     if len(hosts) < 2 or sum(runs[h] for h in hosts) < 3:
         return None
-    return block_cycle(topo, flows, [_run_sequences(topo, h, runs[h], ulysses) for h in hosts], hops, nodes)
+    return block_cycle(topo, flows, [_run_sequences(topo, h, runs[h], ulysses) for h in hosts], hops, nodes, size)
 
 
 def cp_groups_reordered(topo: Topology, flows: FlowModel, order: list[str], cp: int, ulysses: int = 1,
@@ -78,17 +79,18 @@ def cp_groups_reordered(topo: Topology, flows: FlowModel, order: list[str], cp: 
 
 
 def block_cycle(topo: Topology, flows: FlowModel, blocks: list[list[list[str]]], hops: list[tuple[int, int]] = (),
-                nodes: int = SEARCH_NODES) -> list[str] | None:
-    """A cycle through every block, each as one of its GPU sequences, its flows (and the ring ``hops`` between its
-    ranks) at the bus bound or the fastest slower rate the search reaches; None where it finds none."""
-    size = sum(len(variants[0]) for variants in blocks)
+                nodes: int = SEARCH_NODES, size: int | None = None) -> list[str] | None:
+    """A cycle through every block (or, given ``size``, through blocks of that many GPUs in all, the first among
+    them), each as one of its GPU sequences, its flows (and the ring ``hops`` between its ranks) at the bus bound or
+    the fastest slower rate the search reaches; None where it finds none."""
+    size = size or sum(len(variants[0]) for variants in blocks)
     bw = flows.link_bandwidths()
     bound = ring_bandwidth_bound(topo, 1, size)
     rates = sorted({float(x) / k for x in set(bw.tolist()) for k in range(1, 5) if x / k <= bound * (1 + _TOL)},
                    reverse=True)[:RATES_TRIED]
     for t in rates:
         budget = [nodes // len(rates)]
-        cycle = _cycle_at(topo, flows, blocks, hops, t, budget)
+        cycle = _cycle_at(topo, flows, blocks, hops, t, budget, size)
         if cycle is not None:
             return cycle
     return None
@@ -125,10 +127,11 @@ def _run_sequences(topo: Topology, host: str, count: int, ulysses: int = 1) -> l
 
 
 def _cycle_at(topo: Topology, flows: FlowModel, blocks: list[list[list[str]]], hops: list[tuple[int, int]], t: float,
-              budget: list[int]) -> list[str] | None:
-    """Depth-first search for a cycle of one GPU sequence per block with every link's load within ``bw / t``, the
-    gradient ring's and the ring hops' each. Blocks under more switches shared with the last are tried first, then
-    the sequences whose first GPU the shortest route reaches."""
+              budget: list[int], size: int) -> list[str] | None:
+    """Depth-first search for a cycle of ``size`` GPUs, one GPU sequence per block it takes (the first block always),
+    with every link's load within ``bw / t``, the gradient ring's and the ring hops' each. Blocks under more switches
+    shared with the last are tried first, then the sequences whose first GPU the shortest route reaches; a partial
+    cycle goes on only while some block left can close it. ``budget[0]``: nodes for each way into the first block."""
     cap = (flows.link_bandwidths() / t * (1 + _TOL)).tolist()
     loads = {"gradient": [0.0] * len(cap), "rings": [0.0] * len(cap)}
     ending: dict[int, list[tuple[int, int]]] = {}  # rank -> the ring hops whose later end it is
@@ -162,6 +165,11 @@ def _cycle_at(topo: Topology, flows: FlowModel, blocks: list[list[list[str]]], h
             load[i] += sign * f
         return True
 
+    def fits(pairs: list[tuple[str, str]]) -> bool:
+        """Whether the gradient flows ``pairs`` fit on the links as loaded now."""
+        load = loads["gradient"]
+        return all(load[i] + f <= cap[i] for i, f in routed(pairs).items())
+
     def add(seq: list[str], added: dict[int, float]) -> dict[int, float] | None:
         """Place a sequence with its gradient flows' load ``added`` and the ring hops it ends; None, changing nothing,
         if a link would overflow. Returns the ring hops' load (to take back)."""
@@ -191,13 +199,19 @@ def _cycle_at(topo: Topology, flows: FlowModel, blocks: list[list[list[str]]], h
 
     def extend() -> bool:
         last = placed[-1]
-        if not left:
+        if len(placed) == size:
             closing = routed([(last, placed[0])])
             if place(closing, 1):
                 place(closing, -1)
                 return True
             return False
+        if len(placed) + sum(len(blocks[b][0]) for b in left) < size:  # the blocks left cannot fill the cycle
+            return False
+        if not any(fits([(blocks[b][k][-1], placed[0])]) for b in left for k in range(len(blocks[b]))):
+            return False  # no block left could close the cycle
         for b, k in following(last):
+            if len(placed) + len(blocks[b][k]) > size:
+                continue
             if budget[0] <= 0:
                 return False
             budget[0] -= 1
@@ -214,8 +228,12 @@ def _cycle_at(topo: Topology, flows: FlowModel, blocks: list[list[list[str]]], h
             drop(blocks[b][k], added, ring)
         return False
 
+    # Each way into the first block gets its share of the budget: a search that errs in its first step spends the
+    # whole budget under it.
+    share = budget[0] // len(blocks[0])
     for k, seq in enumerate(blocks[0]):
-        ring = add(seq, inside[0][k]) if budget[0] > 0 else None
+        budget[0] = share
+        ring = add(seq, inside[0][k])
         if ring is None:
             continue
         left.discard(0)

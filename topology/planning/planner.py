@@ -763,17 +763,20 @@ def host_run_orders(req: PlanRequest, sm: StepModel) -> dict[str, list[str]]:
     """
     out = {}
     sizes = {h: req.gpu_count(h) for h in req.hosts}
-    for name, per_host, s in ((", cp groups whole", {h: n // req.cp for h, n in sizes.items()}, req.cp), ("", sizes, 1)):
+    groups = {h: min(n // req.cp, req.gpus // req.cp) for h, n in sizes.items()}
+    for name, per_host, s in ((", cp groups whole", groups, req.cp), ("", sizes, 1)):
         if sum(per_host.values()) * s < req.gpus:
             continue
-        runs, left = {}, req.gpus
-        for h in _choose_hosts(req, per_host, s):
-            runs[h] = min(per_host[h] * s, left)
-            left -= runs[h]
-        if left:
-            continue
+        chosen = _choose_hosts(req, per_host, s)
+        if s == 1:  # whole hosts: the chosen, the last in part
+            runs, left = {}, req.gpus
+            for h in chosen:
+                runs[h] = min(per_host[h], left)
+                left -= runs[h]
+        else:  # whole cp groups: the chosen hosts first, the others where the cycle needs them
+            runs = {h: per_host[h] * s for h in chosen + [h for h in req.hosts if h not in chosen] if per_host[h]}
         for hops, rings in (((), ""), (sm.hops, ", rings too")):
-            cycle = host_run_cycle(req.topo, req.flows, runs, hops, req.ulysses)
+            cycle = host_run_cycle(req.topo, req.flows, runs, hops, req.ulysses, req.gpus)
             if cycle is not None:
                 out["cycle of host runs by NICs" + name + rings] = cycle if hops else widest_cycle_order(sm, cycle)
     return out
