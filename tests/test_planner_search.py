@@ -1854,7 +1854,7 @@ def test_hosts_under_uneven_ecmp_uplinks_are_chosen_last():
         return {d["bw_gbps"] for v, d in topo.graph.adj[leaf].items() if topo.is_switch(v)}
 
     assert not {h for h in topo.hosts if len(uplinks(h)) > 1} & {p.host for p in plan.placements}
-    assert plan.cost["step_time_s"] < 12.5
+    assert plan.cost["step_time_s"] < 13.0  # 12.48 s now; 16.02 s on hosts under the uneven leaves
 
 
 def test_the_cycle_search_gives_its_guided_tries_the_backtracks_they_need():
