@@ -266,8 +266,10 @@ def aware_order(req: PlanRequest) -> list[str]:
     if few_hosts:
         candidates["bus cycle"] = bus_cycle_order(req, sm)
     # The cycle searches read every pair's route: not where a construction already meets the bound.
-    searching = reads_every_pair(req.topo) and not any(sm.step(o) <= step_bound(sm)["step"] * (1 + REL_TOL)
-                                                       for o in candidates.values())
+    searching = reads_every_pair(req.topo)
+    if searching:
+        bound = step_bound(sm)["step"] * (1 + REL_TOL)
+        searching = not any(sm.step(o) <= bound for o in candidates.values())
     if searching:
         widest = widest_gradient_cycle(req.topo, req.flows, pool, req.gpus)
         if widest is not None:
