@@ -263,6 +263,16 @@ class Topology:
             cache[host] = self._switch_path(host)
         return cache[host]
 
+    def shared_switches(self, a: str, b: str) -> int:
+        """How many switches sit above both hosts ``a`` and ``b`` (their switch paths' common start): the more, the
+        closer."""
+        n = 0
+        for x, y in zip(self.switch_path(a), self.switch_path(b)):
+            if x != y:
+                break
+            n += 1
+        return n
+
     def _switch_path(self, host: str) -> tuple[str, ...]:
         data = self.graph.nodes[host]
         if data.get("network_nodes"):

@@ -138,15 +138,6 @@ def _cycle_at(topo: Topology, flows: FlowModel, blocks: list[list[list[str]]], h
     for a, b in hops:
         ending.setdefault(max(a, b), []).append((a, b))
     placed: list[str] = []  # GPU of each rank so far
-    paths = {h: topo.switch_path(h) for h in {topo.host_of(g) for variants in blocks for g in variants[0]}}
-
-    def shared(a: str, b: str) -> int:
-        n = 0
-        for x, y in zip(paths[topo.host_of(a)], paths[topo.host_of(b)]):
-            if x != y:
-                break
-            n += 1
-        return n
 
     def routed(pairs: list[tuple[str, str]]) -> dict[int, float]:
         """The flows ``pairs`` as load per link."""
@@ -193,9 +184,13 @@ def _cycle_at(topo: Topology, flows: FlowModel, blocks: list[list[list[str]]], h
     left = set(range(len(blocks)))
 
     def following(last: str) -> list[tuple[int, int]]:
-        options = [(b, k) for b in left for k in range(len(blocks[b]))]
-        return sorted(options, key=lambda o: (-shared(last, blocks[o[0]][o[1]][0]),
-                                              len(flows.compiled(last, blocks[o[0]][o[1]][0])[0]), o))
+        here = topo.host_of(last)
+
+        def key(o: tuple[int, int]) -> tuple:
+            entry = blocks[o[0]][o[1]][0]
+            return -topo.shared_switches(here, topo.host_of(entry)), len(flows.compiled(last, entry)[0]), o
+
+        return sorted(((b, k) for b in left for k in range(len(blocks[b]))), key=key)
 
     def extend() -> bool:
         last = placed[-1]

@@ -104,15 +104,6 @@ def _cycle_at(topo: Topology, flows: FlowModel, succ: dict[str, list[str]], t: f
     host = {g: topo.host_of(g) for g in gpus}
     position = {g: i for i, g in enumerate(gpus)}
     rank = {g: i for h in dict.fromkeys(host.values()) for i, g in enumerate(locality_order(topo, h))}
-    paths = {h: topo.switch_path(h) for h in set(host.values())}
-
-    def shared(a: str, b: str) -> int:  # switches above both hosts, outermost first
-        n = 0
-        for x, y in zip(paths[a], paths[b]):
-            if x != y:
-                break
-            n += 1
-        return n
 
     def place(a: str, b: str, sign: float) -> bool:
         """Add (or, with ``sign`` -1, take back) the flow ``a -> b``; False, changing nothing, if a link overflows."""
@@ -138,7 +129,7 @@ def _cycle_at(topo: Topology, flows: FlowModel, succ: dict[str, list[str]], t: f
             for h in tie:
                 tie[h] = shuffle.random()
         def key(b: str) -> tuple:
-            near, new = -shared(here, host[b]), visited.get(host[b], 0)
+            near, new = -topo.shared_switches(here, host[b]), visited.get(host[b], 0)
             return ((host[b] != here) == stay, *((near, new) if close_first else (new, near)), tie[host[b]],
                     position[b] if host[b] != here else rank[b])
 
