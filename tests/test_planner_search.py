@@ -1902,3 +1902,34 @@ def test_host_runs_of_whole_rings_keep_to_healthy_rails_between_rail_groups():
     topo = _data_topology("rails-holding-whole-rings")
     plan = make_plan(topo, 60, 6, seq_len=6 * 8192)
     assert plan.cost["step_time_s"] <= plan.cost["bound_step_s"] * (1 + 1e-9)
+
+
+@pytest.mark.parametrize("name, gpus", [("slow-host-in-a-ring-every-gpu-used", 36), ("slow-host-in-a-ring-one-gpu-spare", 24)])
+def test_a_host_that_cannot_hold_whole_rings_prices_its_own_card_into_the_bound(name, gpus):
+    """Rings of 12 on hosts of 8, 4 and 1 GPUs, one 4-GPU host on a 6.25 GB/s cable, with no GPUs (or one) to
+    spare: that host's GPUs are no whole number of rings and cannot be left out, so some hop leaves it over its
+    slow cable, and that hop is at least as late as its route out. The bound knew only that some hop crosses
+    between two hosts, as fast as the fastest pair allows, so the plan that meets it now went unproven (100,000
+    nodes of exact search)."""
+    topo = _data_topology(name)
+    plan = make_plan(topo, gpus, 12, seq_len=12 * 8192)
+    assert plan.cost["step_time_s"] <= plan.cost["bound_step_s"] * (1 + 1e-9)
+    assert plan.cost["search"]["proof"] == "meets bound"
+
+
+@st.composite
+def clusters_used_whole(draw):
+    """``small_clusters`` of up to 8 GPUs with every GPU used, or all but one: units that cannot hold whole rings."""
+    topo, _, _ = draw(small_clusters(most=8))
+    gpus = max(2, topo.num_gpus - draw(st.integers(0, 1))) if topo.num_gpus > 1 else 1
+    cp = draw(st.sampled_from([c for c in range(2, gpus + 1) if gpus % c == 0] or [1]))
+    return topo, gpus, cp
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(clusters_used_whole(), st.sampled_from([256, 65536]))
+def test_bound_le_optimum_with_every_gpu_used(problem, tokens):
+    """The crossing each unit that cannot hold whole rings forces keeps the bound under the brute-force optimum."""
+    topo, gpus, cp = problem
+    best, sm = exhaustive(topo, gpus, cp, 2 * cp * tokens)
+    assert step_bound(sm)["step"] <= best * (1 + TOL)

@@ -25,7 +25,11 @@ caps.
 Forced crossings: where the rings cannot all fit inside hosts (or NVLink
 domains, or the hosts under one switch, at any level), some hop runs
 between two of them, no faster than the fastest route between two and no
-sooner than the shortest. Either that hop is the slowest (as slow as the
+sooner than the shortest. And where one unit's GPUs are not a whole number
+of rings, and the GPUs the plan leaves out are too few to make them so
+(an 8-GPU host, rings of 5, every GPU used), a hop leaves that very unit
+and one enters it: no faster, and no sooner, than the routes out of it
+(and into it). Either that hop is the slowest (as slow as the
 slowest, and at least as late: ties go to the latest), or the slowest
 runs at an achievable rate below it (``RoutePatterns.below``). The smaller
 of the two prices bounds the slowest hop's (``HopLatency.least``).
@@ -34,7 +38,6 @@ of the two prices bounds the slowest hop's (``HopLatency.least``).
 from __future__ import annotations
 
 import math
-from collections import Counter
 from fractions import Fraction
 from typing import Callable
 
@@ -68,6 +71,8 @@ class RoutePatterns:
         self.gpus = {h: [g for g in topo.gpus(h) if g in in_pool] for h in self.hosts}
         classes: dict[tuple, str] = {}
         host_class = {h: classes.setdefault(topo.host_class_key(h, self.gpus[h]), h) for h in self.hosts}
+        self.host_class = host_class
+        """Each host's class of alike hosts, named by its first host: alike hosts share their switches."""
         reps: dict[str, list[str]] = {}
         for h in self.hosts:
             if len(reps.setdefault(host_class[h], [])) < 2:
@@ -109,6 +114,18 @@ class RoutePatterns:
             return None
         return max(r for r, _ in between), min(lat for _, lat in between)
 
+    def border(self, unit: dict[str, object], hosts: list[str]) -> list[tuple[float, float]]:
+        """(fastest rate alone, shortest latency) of the routes leaving the unit of ``hosts``, and of those entering
+        it, where known: a ring that runs across the unit's border takes one of each.
+
+        Alike hosts share their switches, so a class lies inside one unit of every level above the host, and the
+        routes out of a host are those out of its class's first host: the class's routes read stand for every
+        host of the unit."""
+        classes = {self.host_class[h] for h in hosts}
+        out = [(r, lat) for a, b, r, lat in self.pairs if unit[a] != unit[b] and self.host_class[a] in classes]
+        into = [(r, lat) for a, b, r, lat in self.pairs if unit[a] != unit[b] and self.host_class[b] in classes]
+        return [(max(r for r, _ in x), min(lat for _, lat in x)) for x in (out, into) if x]
+
     def below(self, rate: float) -> float:
         """The largest share any link can give that is strictly below ``rate`` (``rate`` itself when unknown)."""
         if self.scale is None or math.isinf(rate) or rate <= 0:
@@ -141,14 +158,21 @@ class HopLatency:
         # Caps make rates tie at the cap, below any link's share: no achievable rate is known under them.
         capped = bool(sm.rates.intra_host_gbps or sm.rates.inter_host_gbps)
         if per_gpu == 1 and sm.ring > 1 and not capped:
+            spare = len(gpus) - sm.world
+            crossings = set()
             for unit in self.patterns.levels:
-                sizes: Counter = Counter()
+                members: dict[object, list[str]] = {}
                 for h in self.patterns.hosts:
-                    sizes[unit[h]] += len(self.patterns.gpus[h])
+                    members.setdefault(unit[h], []).append(h)
+                sizes = {u: sum(len(self.patterns.gpus[h]) for h in hosts) for u, hosts in members.items()}
                 if sum(n // sm.ring for n in sizes.values()) < sm.dp * sm.ulysses:
                     crossing = self.patterns.across(unit)
                     if crossing is not None:
-                        self.crossings.append(crossing)
+                        crossings.add(crossing)
+                for u, hosts in members.items():
+                    if sizes[u] % sm.ring > spare:  # no GPUs left out make the unit's rings whole
+                        crossings.update(self.patterns.border(unit, hosts))
+            self.crossings = sorted(crossings)
         if len(gpus) > LATENCY_GPUS or per_gpu < 1 or (per_gpu == 1 and sm.ring < 2):
             return
         fm, host_of, rates = sm.flows, sm.topo.host_of, sm.rates
