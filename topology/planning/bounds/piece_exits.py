@@ -14,6 +14,13 @@ to what its members' own units allow; the unit's exits allow that many runs. At 
 whole rings inside the pieces. The answer is the largest ``t`` at which the count reaches the rings asked for;
 the count only changes where ``t`` passes a route's rate or a unit's ``sum(bw) / j``, so the answer is one of
 those values. Needs every route's rate (``rates.pair_matrix``): clusters of at most ``rates.PAIR_GPUS`` GPUs.
+
+Counted by GPUs, runs from different units add up freely. Counted as runs (``_rings_of_runs``), a run holds at
+most ``size - 1`` GPUs, a ring closed inside a unit from its parts' runs takes two of them or more, and every run
+a unit sends on takes one of its exits: two hosts under one single-exit leaf, each sending a run of two into rings
+of three, close one ring between them and send nothing on. A host's exits are its maximum flow out
+(``rates.host_exit_flow``): cards behind slower PCIe links count at those links' rate. Both counts must reach the
+rings asked for.
 """
 
 from __future__ import annotations
@@ -55,10 +62,13 @@ def _bound(topo: Topology, gpus: list[str], rates: np.ndarray, rings: int, size:
     values = sorted(values)
 
     def fits(t: float) -> bool:
-        return _rings_at(tree, fast >= t * (1 - _EPS), t, size) >= rings
+        linked = fast >= t * (1 - _EPS)
+        return _rings_at(tree, linked, t, size) >= rings and _rings_of_runs(tree, linked, t, size) >= rings
 
-    if not values or fits(values[-1]):
+    if not values:
         return math.inf
+    if fits(values[-1]):  # no two GPUs join above the fastest route: no ring runs faster
+        return values[-1]
     lo, hi = -1, len(values) - 1  # values[lo] holds the rings (lo = -1: none known to), values[hi] does not
     while hi - lo > 1:
         mid = (lo + hi) // 2
@@ -110,3 +120,81 @@ def _rings_at(tree: list[tuple[np.ndarray, list[int], float]], fast: np.ndarray,
         extra = np.sort(cover - whole)[::-1][:runs].sum() if runs > 0 else 0.0
         most.append(min(float(len(own)), float(whole.sum() + extra)))
     return 0
+
+
+# ------------------------------------------------------------------ runs, counted
+MAX_OPTIONS = 256
+"""Options a unit keeps in ``_rings_of_runs``; a unit with more makes it claim nothing."""
+
+Option = tuple[int, int, int, int]
+"""(whole rings inside the unit, runs it sends out, GPUs in those runs, GPUs in its longest run)."""
+
+
+def _rings_of_runs(tree: list[tuple[np.ndarray, list[int], float]], fast: np.ndarray, t: float, size: int) -> float:
+    """Rings of ``size`` at ``t`` the units allow, counting runs, not GPUs (``inf``: no claim).
+
+    ``_rings_at`` lets the GPUs of runs from different units add up freely. But a run holds at most
+    ``size - 1`` GPUs (else it would be a ring), a ring closed inside a unit from runs of its parts takes at least
+    two of them (and as many as its longest run needs to reach ``size``), and each run the unit sends on is one
+    of its exits. In rings of 3, a leaf with one exit over two hosts whose single exits each send a run of two
+    closes one ring of them, not one and a third, and sends nothing on. Per unit, bottom-up, the options it
+    leaves its parent: whole rings inside, and the count, GPUs and longest of the runs it sends out. Each count
+    here is no smaller than a placement's, so the options bound what placements do.
+    """
+    options: list[list[Option]] = []
+    for k, (own, children, cap) in enumerate(tree):
+        exits = math.floor(cap / t * (1 + _EPS)) if t > 0 else len(own)
+        found: list[Option] = [(0, 0, 0, 0)]
+        if not children:  # a host: whole rings inside one piece, every other GPU a run of its own at most
+            n, label = connected_components(csr_matrix(fast[np.ix_(own, own)]), directed=False)
+            for c in np.bincount(label, minlength=n).tolist():
+                pieces = [(a, c - a * size, c - a * size, min(c - a * size, size - 1)) for a in range(c // size + 1)]
+                found = _frontier([_join(x, y) for x in found for y in pieces], exits, size)
+                if found is None:
+                    return math.inf
+        else:
+            for c in children:
+                found = _frontier([_join(x, y) for x in found for y in options[c]], None, size)
+                if found is None:
+                    return math.inf
+            found = _frontier([z for x in found for z in _closed(x, exits, size)], exits, size)
+            if found is None:
+                return math.inf
+        if k == len(tree) - 1:
+            return max(w for w, *_ in found)
+        options.append(found)
+    return math.inf
+
+
+def _join(x: Option, y: Option) -> Option:
+    return x[0] + y[0], x[1] + y[1], x[2] + y[2], max(x[3], y[3])
+
+
+def _closed(x: Option, exits: int, size: int) -> list[Option]:
+    """What a unit can make of its parts' runs ``x``: ``r`` rings closed inside it, each of at least two runs (and
+    of ``size / longest`` rounded up), and of the runs left, at most ``exits`` sent out, each up to ``size - 1``."""
+    whole, runs, gpus, longest = x
+    if not runs:
+        return [x]
+    need = max(2, -(-size // longest))
+    out = []
+    for r in range(min(gpus // size, runs // need) + 1):
+        left, spare = runs - r * need, gpus - r * size
+        sent = min(exits, left) if spare else 0
+        out.append((whole + r, sent, min(spare, sent * (size - 1)), min(spare, size - 1) if sent else 0))
+    return out
+
+
+def _frontier(options: list[Option], exits: int | None, size: int) -> list[Option] | None:
+    """The options no other beats on every count, runs capped at ``exits`` (None: uncapped); None past
+    ``MAX_OPTIONS``. Each count only helps a ring, so an option beaten on all four is never needed."""
+    if exits is not None:
+        options = [(w, min(n, exits), min(g, min(n, exits) * (size - 1)), m if min(n, exits) else 0)
+                   for w, n, g, m in options]
+    kept: list[Option] = []
+    for o in sorted(set(options), reverse=True):
+        if not any(all(a >= b for a, b in zip(k, o)) for k in kept):
+            kept.append(o)
+            if len(kept) > MAX_OPTIONS:
+                return None
+    return kept

@@ -75,8 +75,10 @@ def ring_bandwidth_bound(topo: Topology, rings: int, size: int, without: frozens
     links out hardly drops. At ``t`` the rings must fit inside the units of
     slower borders or among the GPUs of faster ones (``_border_bound``).
     (5) Pieces: a ring visits a unit in runs, each inside one piece of the
-    unit's routes at ``t``, and each run leaves over the unit's links out
-    (``topology.planning.bounds.piece_exits``, on small clusters). (1) also
+    unit's routes at ``t``, and each run leaves over the unit's links out,
+    counted by GPUs and as runs of at most ``size - 1`` GPUs
+    (``topology.planning.bounds.piece_exits``, on small clusters). A host's
+    links out carry no more than its maximum flow out (``host_exit_flow``). (1) also
     cuts a unit of hosts under a switch from the rest when its links out
     carry less than ``t`` in all: no flow at ``t`` leaves it. O(E log E)
     for (1), O(units x links x 60) for (2). Hosts ``without`` only take GPUs
@@ -491,7 +493,7 @@ def _unit_levels(topo: Topology) -> list[list[tuple[int, float]]]:
             nodes = {n for h in members for n in (h, *topo.parts(h))} | switches
             n_gpus = sum(len(topo.gpus(h)) for h in members)
             out = [(u, v, d["bw_gbps"]) for u in nodes for v, d in g.adj[u].items() if v not in nodes]
-            cap = sum(bw for *_, bw in out)
+            cap = sum(bw for *_, bw in out) if k else host_exit_flow(topo, members[0])
             caps.append((n_gpus, cap))
             members_of.append((members, n_gpus, cap))
             if k:
@@ -507,6 +509,34 @@ def _unit_levels(topo: Topology) -> list[list[tuple[int, float]]]:
     cache["units"], cache["headroom"], cache["reach"], cache["seals"], cache["members"] = (levels, headroom, reach, seals,
                                                                                             members_of)
     return levels
+
+
+def host_exit_flow(topo: Topology, host: str) -> float:
+    """GB/s the host's GPUs can send out at once: the maximum flow from its GPUs over its own links to its links out.
+
+    No more than its links out add up to, and less where they sit behind slower links inside it: two 50 GB/s
+    cards each behind a 25 GB/s PCIe link let 50 GB/s out, not 100. Every flow out of the host crosses that cut,
+    so the flows at ``t`` it sends out (a ring's runs through it) number at most this over ``t``. Cached per kind
+    of host (``Topology.host_build_key``).
+    """
+    cache = topo.__dict__.setdefault("_bound_cache", {}).setdefault("host exit flow", {})
+    key = topo.host_build_key(host)
+    if key not in cache:
+        g, parts = topo.graph, set(topo.parts(host))
+        net = nx.DiGraph()
+        for u in parts:
+            if topo.kind(u) == "gpu":
+                net.add_edge("source", u)  # no capacity: unbounded
+            for v, d in g.adj[u].items():
+                if v in parts:
+                    net.add_edge(u, v, capacity=d["bw_gbps"])
+                elif net.has_edge(u, "sink"):
+                    net[u]["sink"]["capacity"] += d["bw_gbps"]
+                else:
+                    net.add_edge(u, "sink", capacity=d["bw_gbps"])
+        reaches = "source" in net and "sink" in net
+        cache[key] = float(nx.maximum_flow_value(net, "source", "sink")) if reaches else 0.0
+    return cache[key]
 
 
 def all_units(topo: Topology) -> list[tuple[list[str], int, float]]:
