@@ -2,6 +2,7 @@
 
     python benchmarks/plan_random.py                          # seeds 0 to 199, a random share of each cluster
     python benchmarks/plan_random.py --seeds 100:150 --full   # every GPU of each cluster
+    python benchmarks/plan_random.py --seeds 0:800 --small    # only the exact search's sizes
 
 Each seed draws one fabric and one plan shape. Fabrics: leaf-spine with one
 spine, or two or three (ECMP), three tiers (pods of 1 to 3 leaves under a
@@ -12,7 +13,8 @@ or 4:1 oversubscription; a quarter of the uplinks at a quarter of their
 rate, and a quarter of the hosts with their first NIC's cable at half or a
 quarter. Plans: rings of 2 to 16, Ulysses 1, 2 or 4, a random multiple of
 the cp group (``--full``: as many as the cluster holds), 8,192 tokens per
-GPU. Printed per seed: the fabric, GPUs used of the cluster's, aware over
+GPU. ``--small`` keeps clusters of at most 8 hosts or 32 GPUs, the sizes the
+exact search is to prove optimal. Printed per seed: the fabric, GPUs used of the cluster's, aware over
 the bound and over Ray's order, the proof, the construction kept and the
 planning time; then the counts, the worst and median ratios and the time.
 """
@@ -28,6 +30,7 @@ from topology.errors import ConfigError
 from topology.network.model import Topology
 from topology.network.presets import add_l40s_host, nvl_domains
 from topology.planning.planner import make_plan
+from topology.planning.search.optimise import EXACT_GPUS, EXACT_HOSTS
 
 KINDS = ("leaf-spine", "leaf-spine", "ECMP", "three tiers", "rails", "NVLink racks")
 
@@ -90,6 +93,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", default="0:200", help="first:last seed (last excluded)")
     parser.add_argument("--full", action="store_true", help="plan every GPU a cluster holds in whole cp groups")
+    parser.add_argument("--small", action="store_true",
+                        help="only clusters of at most 8 hosts or 32 GPUs: the exact search's, each plan to be proven")
     args = parser.parse_args()
     first, last = map(int, args.seeds.split(":"))
     rows = []
@@ -103,6 +108,8 @@ def main() -> None:
         if total < cp:
             continue
         gpus = cp * (total // cp if args.full else rng.randint(1, total // cp))
+        if args.small and len(topo.hosts) > EXACT_HOSTS and total > EXACT_GPUS:
+            continue
         start = time.perf_counter()
         try:
             aware = make_plan(topo, gpus, cp, ulysses, seq_len=cp * 8192)
