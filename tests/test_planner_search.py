@@ -36,6 +36,31 @@ def _moves_not_the_clock(monkeypatch):
 
 
 # ------------------------------------------------------------------ generated small clusters
+def _switches(draw, leaves: int, three_tier: bool, second: bool, rates: tuple[list, list, list]) -> Topology:
+    """A topology of switches only: ``leaves`` leaves under one spine (and a second, ``second``, on slower
+    uplinks), or in pods of two under a core (``three_tier``); ``rates``: the GB/s drawn for pod-to-core,
+    leaf-to-pod and leaf-to-spine links."""
+    core, pod_up, spine_up = rates
+    topo = Topology(name="generated")
+    top = "core" if three_tier else "spine"
+    topo.add_node(top, top)
+    if second:
+        topo.add_node("spine1", "spine")
+    for leaf in range(leaves):
+        topo.add_node(f"leaf{leaf}", "leaf")
+        if three_tier:
+            pod = f"pod{leaf // 2}"
+            if pod not in topo.graph:
+                topo.add_node(pod, "pod")
+                topo.add_link(pod, top, draw(st.sampled_from(core)))
+            topo.add_link(f"leaf{leaf}", pod, draw(st.sampled_from(pod_up)))
+        else:
+            topo.add_link(f"leaf{leaf}", top, draw(st.sampled_from(spine_up)))
+            if second:
+                topo.add_link(f"leaf{leaf}", "spine1", draw(st.sampled_from([1.0, 5.0, 12.5])))
+    return topo
+
+
 @st.composite
 def small_clusters(draw, most: int = 6):
     """Up to ``most`` GPUs on hosts of 1-3 GPUs: mixed sizes, one or two NICs (rails, or both on the GPUs' PCIe
@@ -45,24 +70,8 @@ def small_clusters(draw, most: int = 6):
     leaves = draw(st.integers(1, min(3, len(sizes))))
     three_tier = draw(st.booleans()) and leaves > 1
     nic_layout = draw(st.sampled_from(["one", "rails", "shared"]))
-    topo = Topology(name="generated")
-    top = "core" if three_tier else "spine"
-    topo.add_node(top, top)
     second = not three_tier and leaves > 1 and draw(st.booleans())
-    if second:
-        topo.add_node("spine1", "spine")
-    for leaf in range(leaves):
-        topo.add_node(f"leaf{leaf}", "leaf")
-        if three_tier:
-            pod = f"pod{leaf // 2}"
-            if pod not in topo.graph:
-                topo.add_node(pod, "pod")
-                topo.add_link(pod, top, draw(st.sampled_from([5.0, 10.0, 20.0])))
-            topo.add_link(f"leaf{leaf}", pod, draw(st.sampled_from([5.0, 10.0, 25.0])))
-        else:
-            topo.add_link(f"leaf{leaf}", top, draw(st.sampled_from([2.5, 5.0, 12.5, 25.0])))
-            if second:
-                topo.add_link(f"leaf{leaf}", "spine1", draw(st.sampled_from([1.0, 5.0, 12.5])))
+    topo = _switches(draw, leaves, three_tier, second, ([5.0, 10.0, 20.0], [5.0, 10.0, 25.0], [2.5, 5.0, 12.5, 25.0]))
     for i, n in enumerate(sizes):
         host = f"h{i}"
         topo.add_node(host, "host")
@@ -1971,19 +1980,7 @@ def tight_mixed_clusters(draw):
     sizes = draw(st.lists(st.integers(1, 3), min_size=3, max_size=6).filter(lambda s: 5 <= sum(s) <= 9))
     leaves = draw(st.integers(1, 3))
     pods = draw(st.booleans()) and leaves > 1
-    topo = Topology(name="generated")
-    top = "core" if pods else "spine"
-    topo.add_node(top, top)
-    for leaf in range(leaves):
-        topo.add_node(f"leaf{leaf}", "leaf")
-        if pods:
-            pod = f"pod{leaf // 2}"
-            if pod not in topo.graph:
-                topo.add_node(pod, "pod")
-                topo.add_link(pod, top, draw(st.sampled_from([6.25, 12.5, 25.0])))
-            topo.add_link(f"leaf{leaf}", pod, draw(st.sampled_from([6.25, 12.5, 25.0, 50.0])))
-        else:
-            topo.add_link(f"leaf{leaf}", top, draw(st.sampled_from([6.25, 12.5, 25.0, 50.0])))
+    topo = _switches(draw, leaves, pods, False, ([6.25, 12.5, 25.0], [6.25, 12.5, 25.0, 50.0], [6.25, 12.5, 25.0, 50.0]))
     for i, n in enumerate(sizes):
         host = f"h{i}"
         topo.add_node(host, "host")
