@@ -63,7 +63,8 @@ def _bound(topo: Topology, gpus: list[str], rates: np.ndarray, rings: int, size:
 
     def fits(t: float) -> bool:
         linked = fast >= t * (1 - _EPS)
-        return _rings_at(tree, linked, t, size) >= rings and _rings_of_runs(tree, linked, t, size) >= rings
+        pieces = [connected_components(csr_matrix(linked[np.ix_(own, own)]), directed=False) for own, _, _ in tree]
+        return _rings_at(tree, pieces, t, size) >= rings and _rings_of_runs(tree, pieces, t, size) >= rings
 
     if not values:
         return math.inf
@@ -100,11 +101,13 @@ def _unit_tree(topo: Topology, gpus: list[str]) -> list[tuple[np.ndarray, list[i
     return tree
 
 
-def _rings_at(tree: list[tuple[np.ndarray, list[int], float]], fast: np.ndarray, t: float, size: int) -> int:
-    """Rings of ``size`` whose hops all reach ``t`` that the units allow (``fast``: routes at ``t`` or more)."""
+def _rings_at(tree: list[tuple[np.ndarray, list[int], float]], pieces: list[tuple[int, np.ndarray]], t: float,
+              size: int) -> int:
+    """Rings of ``size`` whose hops all reach ``t`` that the units allow (``pieces``: per unit, its count of pieces
+    joined by routes at ``t`` or more and each of its GPUs' piece)."""
     most: list[float] = []  # per unit, the most of its GPUs such rings use
     for k, (own, children, cap) in enumerate(tree):
-        n, label = connected_components(csr_matrix(fast[np.ix_(own, own)]), directed=False)
+        n, label = pieces[k]
         if not children:  # a host: each of its GPUs once
             cover = np.bincount(label, minlength=n).astype(float)
         else:  # each unit below gives a piece no more than its own GPUs there, nor than it gives in all
@@ -116,7 +119,7 @@ def _rings_at(tree: list[tuple[np.ndarray, list[int], float]], fast: np.ndarray,
         whole = size * np.floor(cover / size + _EPS)
         if k == len(tree) - 1:
             return int(whole.sum() // size)
-        runs = math.floor(cap / t * (1 + _EPS)) if t > 0 else len(own)
+        runs = _exits(cap, t, own)
         extra = np.sort(cover - whole)[::-1][:runs].sum() if runs > 0 else 0.0
         most.append(min(float(len(own)), float(whole.sum() + extra)))
     return 0
@@ -130,7 +133,13 @@ Option = tuple[int, int, int, int]
 """(whole rings inside the unit, runs it sends out, GPUs in those runs, GPUs in its longest run)."""
 
 
-def _rings_of_runs(tree: list[tuple[np.ndarray, list[int], float]], fast: np.ndarray, t: float, size: int) -> float:
+def _exits(cap: float, t: float, own: np.ndarray) -> int:
+    """Flows at ``t`` a unit's links out carry (one per run through it)."""
+    return math.floor(cap / t * (1 + _EPS)) if t > 0 else len(own)
+
+
+def _rings_of_runs(tree: list[tuple[np.ndarray, list[int], float]], pieces: list[tuple[int, np.ndarray]], t: float,
+                   size: int) -> float:
     """Rings of ``size`` at ``t`` the units allow, counting runs, not GPUs (``inf``: no claim).
 
     ``_rings_at`` lets the GPUs of runs from different units add up freely. But a run holds at most
@@ -143,13 +152,13 @@ def _rings_of_runs(tree: list[tuple[np.ndarray, list[int], float]], fast: np.nda
     """
     options: list[list[Option]] = []
     for k, (own, children, cap) in enumerate(tree):
-        exits = math.floor(cap / t * (1 + _EPS)) if t > 0 else len(own)
+        exits = _exits(cap, t, own)
         found: list[Option] = [(0, 0, 0, 0)]
         if not children:  # a host: whole rings inside one piece, every other GPU a run of its own at most
-            n, label = connected_components(csr_matrix(fast[np.ix_(own, own)]), directed=False)
+            n, label = pieces[k]
             for c in np.bincount(label, minlength=n).tolist():
-                pieces = [(a, c - a * size, c - a * size, min(c - a * size, size - 1)) for a in range(c // size + 1)]
-                found = _frontier([_join(x, y) for x in found for y in pieces], exits, size)
+                ways = [(a, c - a * size, c - a * size, min(c - a * size, size - 1)) for a in range(c // size + 1)]
+                found = _frontier([_join(x, y) for x in found for y in ways], exits, size)
                 if found is None:
                     return math.inf
         else:
