@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from topology.planning import ring_order
+from topology.planning.constructions import ring_order
 from topology.cost import FlowModel, StepModel, step_bound
 from topology.errors import ConfigError
 from topology.network.model import MEASURED_FORMAT, Topology

@@ -54,7 +54,7 @@ Algorithms
 * Ring borders, last, for a plan of up to ``RUN_GPUS`` ranks still
   ``RUN_GAP`` above the bound: the host runs of the best order, and of the
   gradient cycles the planner built, reordered within each leaf so that
-  ring borders fall where the cards allow (``topology.planning.cycle_rings``:
+  ring borders fall where the cards allow (``topology.planning.constructions.cycle_rings``:
   a 16-GPU host on one card split 6 + 6 + 4 rather than 2 + 6 + 6 + 2 sends
   one ring out, not two); then local search from the best, half its moves
   taking one host's run of ranks to the border of two other runs. The
@@ -82,7 +82,7 @@ import time
 from dataclasses import dataclass
 
 from topology.planning.bounds.rates import ring_bandwidth_bound
-from topology.planning.cycle_rings import tiled_orders
+from topology.planning.constructions.cycle_rings import tiled_orders
 from topology.cost import StepModel, step_bound
 from topology.planning.search.delta import REL_TOL, DeltaOrder
 from topology.planning.bounds.a2a_floor import FLOOR_GPUS, joint_all_to_all_floor
@@ -193,7 +193,7 @@ def optimise(sm: StepModel, candidates: dict[str, list[str]], pool: list[str], b
         Seed of the move sampler (the result is deterministic for a seed).
     cycles
         Gradient cycles (GPU sequences) whose host runs are cut into rings anew at the end
-        (``topology.planning.cycle_rings``), as the best order found is.
+        (``topology.planning.constructions.cycle_rings``), as the best order found is.
 
     Returns
     -------

@@ -1,6 +1,6 @@
 """Rings cut from a gradient cycle where the hosts' cards allow: its host runs reordered within each leaf.
 
-A cycle through every rank (``topology.planning.gradient_cycle``) fixes which
+A cycle through every rank (``topology.planning.constructions.gradient_cycle``) fixes which
 links the gradient ring crosses, not where the rings begin: rings are the
 blocks of ``cp`` consecutive ranks, and a ring that holds part of a host's run
 sends one flow out over the host's cards (and one in). A 16-GPU host on one

@@ -42,7 +42,7 @@ import numpy as np
 from topology.network.model import Topology
 from topology.network.routing import FlowModel
 from topology.planning.bounds.rates import cycle_pieces, pair_matrix, ring_bandwidth_bound
-from topology.planning.ring_order import locality_order
+from topology.planning.constructions.ring_order import locality_order
 
 SEARCH_NODES = 20_000
 """GPUs placed (and taken back) at most, over every rate tried: the search gives up after that many."""

@@ -10,7 +10,7 @@ degraded cable or uplink it is slow; orders built host by host take each
 host's GPUs in PCIe order, so every host is left by its last NIC and the
 next entered by its first, and every flow changes rails.
 
-The GPU-by-GPU search (``topology.planning.gradient_cycle``) can choose
+The GPU-by-GPU search (``topology.planning.constructions.gradient_cycle``) can choose
 those ends, but only by backtracking through a host's GPUs one at a time,
 which it rarely finishes for hosts of eight. This search places whole runs:
 each host's run is one of its GPU sequences from a NIC's GPUs to a NIC's
@@ -39,7 +39,7 @@ from __future__ import annotations
 from topology.network.model import Topology
 from topology.network.routing import FlowModel
 from topology.planning.bounds.rates import ring_bandwidth_bound
-from topology.planning.ring_order import locality_order, nic_groups
+from topology.planning.constructions.ring_order import locality_order, nic_groups
 
 SEARCH_NODES = 20_000
 """Runs placed (and taken back) at most, over every rate tried."""

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from topology.network.model import Topology
-from topology.planning.ring_order import locality_order, nic_groups, nic_spread_order
+from topology.planning.constructions.ring_order import locality_order, nic_groups, nic_spread_order
 
 
 @dataclass
