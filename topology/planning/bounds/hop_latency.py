@@ -29,7 +29,14 @@ sooner than the shortest. And where one unit's GPUs are not a whole number
 of rings, and the GPUs the plan leaves out are too few to make them so
 (an 8-GPU host, rings of 5, every GPU used), a hop leaves that very unit
 and one enters it: no faster, and no sooner, than the routes out of it
-(and into it). Either that hop is the slowest (as slow as the
+(and into it). And where the links out of hosts (or of the hosts under
+a switch, at any level) cannot carry every ring's runs at a rate, whatever
+the hops inside them run at (``piece_exit_bound(across=level)``), some hop
+between two of them runs no faster than that, and no sooner than a route
+between two of them: a socket link shared by four hops inside a host may be
+as slow, but the hop the cards force is the one that pays the cable's
+latency. Either that hop is
+the slowest (as slow as the
 slowest, and at least as late: ties go to the latest), or the slowest
 runs at an achievable rate below it (``RoutePatterns.below``). The smaller
 of the two prices bounds the slowest hop's (``HopLatency.least``).
@@ -44,7 +51,8 @@ from typing import Callable
 import numpy as np
 
 from topology.network.routing import nvlink_domain
-from topology.planning.bounds.rates import min_route_latency
+from topology.planning.bounds.piece_exits import piece_exit_bound
+from topology.planning.bounds.rates import min_route_latency, unit_levels
 
 LATENCY_GPUS = 64
 """Clusters (or pools) of at most this many GPUs get the latency floors: they read the route of every pair of GPUs."""
@@ -172,6 +180,14 @@ class HopLatency:
                 for u, hosts in members.items():
                     if sizes[u] % sm.ring > spare:  # no GPUs left out make the unit's rings whole
                         crossings.update(self.patterns.border(unit, hosts))
+            for level, units in enumerate(unit_levels(sm.topo)):
+                unit_of = {h: k for k, (hosts, _, _) in enumerate(units) for h in hosts}
+                if any(h not in unit_of for h in self.patterns.hosts):
+                    continue
+                between = self.patterns.across(unit_of)
+                slowest = piece_exit_bound(sm.topo, sm.dp * sm.ulysses, sm.ring, across=level)
+                if between is not None and slowest < between[0]:  # the exits force a slower hop between units
+                    crossings.add((slowest, between[1]))
             self.crossings = sorted(crossings)
         if len(gpus) > LATENCY_GPUS or per_gpu < 1 or (per_gpu == 1 and sm.ring < 2):
             return

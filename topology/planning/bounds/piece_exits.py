@@ -37,28 +37,43 @@ from topology.planning.bounds.rates import pair_matrix, unit_levels
 _EPS = 1e-12
 
 
-def piece_exit_bound(topo: Topology, rings: int, size: int) -> float:
+def piece_exit_bound(topo: Topology, rings: int, size: int, across: int | None = None) -> float:
     """GB/s no placement's slowest hop exceeds when ``rings`` rings of ``size`` GPUs each run hops that fast
-    (``inf``: no claim, on large clusters or a switch tree this argument cannot read)."""
+    (``inf``: no claim, on large clusters or a switch tree this argument cannot read).
+
+    With ``across``, a level of ``rates.unit_levels`` (0: hosts, 1: the hosts under each leaf, ...), GB/s no
+    placement's slowest hop *between two units of that level* exceeds, whatever its hops inside them run at: each
+    unit is then one piece, and only the routes between units must reach ``t``. That hop pays a route's latency
+    between two units, longer than one inside a unit (``topology.planning.bounds.hop_latency``)."""
     found = pair_matrix(topo)
     if found is None or size < 2 or rings < 1:
         return math.inf
     cache = topo.__dict__["_bound_cache"]
-    key = ("piece exits", rings, size)
+    key = ("piece exits", rings, size, across)
     if key not in cache:
-        cache[key] = _bound(topo, found[0], found[1], rings, size)
+        cache[key] = _bound(topo, found[0], found[1], rings, size, across)
     return cache[key]
 
 
-def _bound(topo: Topology, gpus: list[str], rates: np.ndarray, rings: int, size: int) -> float:
+def _bound(topo: Topology, gpus: list[str], rates: np.ndarray, rings: int, size: int, across: int | None) -> float:
     tree = _unit_tree(topo, gpus)
     if tree is None:
         return math.inf
     fast = np.maximum(rates, rates.T)  # pieces join either way
+    if across is not None:  # hops inside a unit of that level may run at any rate: each unit is one piece
+        levels = unit_levels(topo)
+        if across >= len(levels):
+            return math.inf
+        index = {g: i for i, g in enumerate(gpus)}
+        for hosts, _, _ in levels[across]:
+            own = [index[g] for h in hosts for g in topo.gpus(h)]
+            fast[np.ix_(own, own)] = math.inf
+        below = sum(map(len, levels[:across]))  # the tree lists units level by level: these lie inside the free ones
+        tree = [(own, children, math.inf if k < below else cap) for k, (own, children, cap) in enumerate(tree)]
     np.fill_diagonal(fast, 0.0)
-    values = set(np.unique(fast[fast > 0]).tolist())
+    values = set(np.unique(fast[(fast > 0) & np.isfinite(fast)]).tolist())
     for members, _, cap in tree:
-        values.update(cap / j for j in range(1, len(members) + 1) if cap > 0)
+        values.update(cap / j for j in range(1, len(members) + 1) if 0 < cap < math.inf)
     values = sorted(values)
 
     def fits(t: float) -> bool:
@@ -69,7 +84,7 @@ def _bound(topo: Topology, gpus: list[str], rates: np.ndarray, rings: int, size:
     if not values:
         return math.inf
     if fits(values[-1]):  # no two GPUs join above the fastest route: no ring runs faster
-        return values[-1]
+        return values[-1] if across is None else math.inf  # (rings may all stay inside units: none between them)
     lo, hi = -1, len(values) - 1  # values[lo] holds the rings (lo = -1: none known to), values[hi] does not
     while hi - lo > 1:
         mid = (lo + hi) // 2
@@ -134,8 +149,9 @@ Option = tuple[int, int, int, int]
 
 
 def _exits(cap: float, t: float, own: np.ndarray) -> int:
-    """Flows at ``t`` a unit's links out carry (one per run through it)."""
-    return math.floor(cap / t * (1 + _EPS)) if t > 0 else len(own)
+    """Flows at ``t`` a unit's links out carry (one per run through it; any number out of a unit whose hops out are
+    free)."""
+    return math.floor(cap / t * (1 + _EPS)) if 0 < t and cap < math.inf else len(own)
 
 
 def _rings_of_runs(tree: list[tuple[np.ndarray, list[int], float]], pieces: list[tuple[int, np.ndarray]], t: float,

@@ -45,7 +45,9 @@ term no better than what no placement beats (``topology.cost.step_bound``):
   the fastest rate and the shortest latency of a route between two of them
   (``HopLatency.least``); a unit whose GPUs are no whole number of rings,
   with too few GPUs to spare to make them so, sends a hop over its own
-  routes out.
+  routes out; and where the hosts' exits cannot carry the rings' runs at
+  a rate, a hop between hosts runs no faster, at a route's latency
+  between hosts.
 * all-to-all of the whole order: at least the joint floor of all groups
   over the pool (``topology.planning.bounds.a2a_floor``), when the caller gives it, and the
   ring and all-to-all together at least their joint floor
