@@ -29,9 +29,16 @@ COMMANDS = {
 }
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, its errors in one line like every other ringleader error (the usage is one ``--help`` away)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}; see `{self.prog} --help`\n")
+
+
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The parser; only ``command``'s module is imported, so each command starts fast."""
-    parser = argparse.ArgumentParser(prog="ringleader", description="Topology-aware launcher for long-context training on Ray.")
+    parser = _Parser(prog="ringleader", description="Topology-aware launcher for long-context training on Ray.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (module_name, help_text) in COMMANDS.items():

@@ -89,3 +89,17 @@ def test_real_command_exit_codes(tmp_path):
                           "-o", str(tmp_path / "p.json")], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "Traceback" not in bad.stderr and len(bad.stderr.splitlines()) == 1
     assert not (tmp_path / "p.json").exists()
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["plan", "--topology", "g6e-1x", "--gpus", "eight", "--ring", "4"], "argument --gpus: invalid int value: 'eight'"),
+    (["plan", "--topology", "g6e-1x", "--gpus", "8"], "required: --ring"),
+    (["plann"], "invalid choice: 'plann'"),
+])
+def test_malformed_flags_are_one_line_with_where_to_look(capsys, argv, match):
+    """argparse's own errors (a word for a number, a flag left out, a misspelt command) are one line and exit 2 like
+    every other bad input, and say where the usage is."""
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and err.count("\n") == 1 and match in err and "--help`" in err
