@@ -60,8 +60,12 @@ Algorithms
   taking one host's run of ranks to the border of two other runs. The
   gradient ring changes at three places; every rank between shifts, so the
   rings cut the hosts elsewhere.
-* Annealing, last, for a problem searched exactly but left unproven and
-  still ``RUN_GAP`` above the bound: ``ANNEAL_MOVES`` moves of simulated
+* Switch groups, then annealing, last, for a problem searched exactly but
+  left unproven and still ``RUN_GAP`` above the bound. The search over the
+  whole pool tries children lowest bound first, and where they tie it
+  spends its nodes under the first switch: every other switch group that
+  holds the world is searched alone, with ``GROUP_SHARE`` of the budget.
+  Then ``ANNEAL_MOVES`` moves of simulated
   annealing from the best order (``topology.planning.search.anneal``), which
   takes worse moves too and so crosses ridges local search stops at (a
   Ulysses group split over two hosts: its first move slows the
@@ -87,7 +91,7 @@ import random
 import time
 from dataclasses import dataclass
 
-from topology.planning.bounds.rates import ring_bandwidth_bound
+from topology.planning.bounds.rates import ring_bandwidth_bound, unit_levels
 from topology.planning.constructions.cycle_rings import tiled_orders
 from topology.cost import StepModel, step_bound
 from topology.planning.search.anneal import anneal
@@ -139,6 +143,8 @@ TURN_PASSES = 3
 """Passes of ``turn_groups`` over its periodic group turns (each pass prices about ``2 u`` turns per set of groups)."""
 TURN_GPUS = 64
 """Constructions of plans up to this many GPUs get their Ulysses groups turned (``turn_groups``) before scoring."""
+GROUP_SHARE = 0.25
+"""Share of the exact search's node budget each other switch group's own search gets (``_other_groups``)."""
 ANNEAL_MOVES = 10_000
 """Moves of the annealing that ends an unproven exact search still ``RUN_GAP`` above the bound (``topology.planning.search.anneal``:
 each priced in full, about a second for 16 GPUs with Ulysses groups); an order with more than ``EXACT_FLOWS`` flows gets
@@ -327,7 +333,15 @@ def optimise(sm: StepModel, candidates: dict[str, list[str]], pool: list[str], b
         if result.step_s <= bound * (1 + REL_TOL):
             result.optimal, result.proof = True, "meets bound"
     if exact and not result.optimal and not few and result.step_s > bound * (1 + RUN_GAP):
-        # Small and still short of the bound: annealing, which crosses the ridges local search stops at.
+        # Small and still short of the bound: each other switch group that holds the world searched alone, where the
+        # search over the whole pool spent its nodes under the first; then annealing, which crosses the ridges local
+        # search stops at.
+        for group in _other_groups(sm, pool, result.order):
+            order, step, _, nodes = branch_and_bound(sm, group, result.order, result.step_s, cap * GROUP_SHARE, joint,
+                                                     attention, guide)
+            result.nodes += nodes
+            if step < result.step_s * (1 - REL_TOL):
+                result.order, result.step_s, result.construction = order, step, "exhaustive in one switch group"
         moves = int(ANNEAL_MOVES * min(1.0, EXACT_FLOWS / flows))
         order, step = anneal(sm, result.order, result.step_s, pool, seed + 3, moves, budget_s)
         if step < result.step_s * (1 - REL_TOL):
@@ -337,6 +351,20 @@ def optimise(sm: StepModel, candidates: dict[str, list[str]], pool: list[str], b
     if not result.optimal:
         result.gap = result.step_s / bound - 1
     return result
+
+
+def _other_groups(sm: StepModel, pool: list[str], order: list[str]) -> list[list[str]]:
+    """The pool's GPUs under each switch (any level) that hold the world, but not all of the pool nor every GPU of
+    ``order``: where else a small plan may lie."""
+    used = {sm.topo.host_of(g) for g in order}
+    in_pool = set(pool)
+    groups: list[list[str]] = []
+    for units in unit_levels(sm.topo)[1:]:
+        for hosts, _, _ in units:
+            gpus = [g for h in hosts for g in sm.topo.gpus(h) if g in in_pool]
+            if sm.world <= len(gpus) < len(pool) and not used <= set(hosts) and gpus not in groups:
+                groups.append(gpus)
+    return groups
 
 
 def _attention(sm: StepModel, order: list[str]) -> float:
