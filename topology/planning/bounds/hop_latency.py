@@ -35,11 +35,10 @@ the hops inside them run at (``piece_exit_bound(across=level)``), some hop
 between two of them runs no faster than that, and no sooner than a route
 between two of them: a socket link shared by four hops inside a host may be
 as slow, but the hop the cards force is the one that pays the cable's
-latency. Either that hop is
-the slowest (as slow as the
-slowest, and at least as late: ties go to the latest), or the slowest
-runs at an achievable rate below it (``RoutePatterns.below``). The smaller
-of the two prices bounds the slowest hop's (``HopLatency.least``).
+latency. Either that hop is the slowest (as slow as the slowest, and at
+least as late: ties go to the latest), or the slowest runs at an
+achievable rate below it (``RoutePatterns.below``). The smaller of the two
+prices bounds the slowest hop's (``HopLatency.least``).
 """
 
 from __future__ import annotations
