@@ -180,11 +180,11 @@ class HopLatency:
                     if sizes[u] % sm.ring > spare:  # no GPUs left out make the unit's rings whole
                         crossings.update(self.patterns.border(unit, hosts))
             for level, units in enumerate(unit_levels(sm.topo)):
-                unit_of = {h: k for k, (hosts, _, _) in enumerate(units) for h in hosts}
-                if any(h not in unit_of for h in self.patterns.hosts):
-                    continue
-                between = self.patterns.across(unit_of)
                 slowest = piece_exit_bound(sm.topo, sm.dp * sm.ulysses, sm.ring, across=level)
+                unit_of = {h: k for k, (hosts, _, _) in enumerate(units) for h in hosts}
+                if math.isinf(slowest) or any(h not in unit_of for h in self.patterns.hosts):
+                    continue  # no claim (most levels, and every cluster the pair routes are not read on): no pair scan
+                between = self.patterns.across(unit_of)
                 if between is not None and slowest < between[0]:  # the exits force a slower hop between units
                     crossings.add((slowest, between[1]))
             self.crossings = sorted(crossings)
